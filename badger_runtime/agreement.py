@@ -1,0 +1,41 @@
+"""The agreement rule: when a communication stage ends.
+
+A stage runs rounds of message exchange; after each round the rule decides, per
+episode, whether the experts have agreed:
+
+- ``fixed``: exactly ``rounds`` rounds.
+- ``convergence``: stop once no message changed by more than ``eps`` (max abs) in
+  the last round, or after ``rounds`` rounds.
+- ``quorum``: every expert emits a vote in (0, 1) (its learned 'done' head); stop
+  once at least ``quorum`` of the experts vote above 0.5, or after ``rounds``.
+
+Each rule needs only quantities an expert can see or broadcast (its own change,
+its own vote): the actor runtime evaluates them without a global lock-step.
+"""
+
+from __future__ import annotations
+
+from .config import AgreementConfig
+
+
+def max_rounds(cfg: AgreementConfig) -> int:
+    return cfg.rounds
+
+
+def still_talking(ops, cfg: AgreementConfig, rounds_done: int, active, prev_value, new_value, vote):
+    """Which episodes go on to another round after ``rounds_done`` rounds.
+
+    active: [B] bool; prev_value/new_value: [B, N, Dm] messages before/after the
+    round; vote: [B, N] the experts' 'done' votes in (0, 1).
+    """
+    if rounds_done >= cfg.rounds:
+        return active & False
+    if cfg.rule == "fixed":
+        return active
+    if cfg.rule == "convergence":
+        delta = ops.amax(ops.abs(ops.detach(new_value) - ops.detach(prev_value)), axis=(-1, -2))
+        return active & (delta >= cfg.eps)
+    if cfg.rule == "quorum":
+        frac = ops.mean(ops.float_(ops.detach(vote) > 0.5), axis=-1)
+        return active & (frac < cfg.quorum)
+    raise ValueError(f"unknown agreement rule {cfg.rule!r}")

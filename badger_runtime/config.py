@@ -1,0 +1,309 @@
+"""Typed settings: the expert policy's sizes, routing, agreement, task and training.
+
+Every setting has a default; a TOML file and ``section.key=value`` overrides
+change them. Unknown keys and bad values are refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ROUTINGS = ("dense", "topk", "hardwired", "homogeneous", "random")
+AGREEMENTS = ("fixed", "convergence", "quorum")
+FEEDBACKS = ("scalar", "per_dim", "one_expert")
+OBJECTIVES = ("last", "mean", "weighted")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used, with the reason."""
+
+
+@dataclass
+class PolicySpec:
+    """Sizes of the one expert policy all experts share (and of its message heads)."""
+
+    hidden: int = 64  # GRU state per expert
+    msg_dim: int = 16  # message value size
+    key_dim: int = 8  # routing query/key size
+    addr_dim: int = 8  # address size (first 2 entries: slot kind flags)
+    read_heads: int = 2  # attention heads reading the input slots
+    id_dim: int = 0  # random identity features per expert (0 = none)
+    init_noise: float = 1.0  # std of the random part of each expert's initial state
+
+    def validate(self):
+        for name in ("hidden", "msg_dim", "key_dim", "addr_dim", "read_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"policy.{name} must be >= 1, got {getattr(self, name)}")
+        if self.addr_dim < 3:
+            raise ConfigError("policy.addr_dim must be >= 3 (2 kind flags + an address)")
+        if self.id_dim < 0 or self.init_noise < 0:
+            raise ConfigError("policy.id_dim and policy.init_noise must be >= 0")
+
+    @property
+    def sensed_dim(self) -> int:
+        return self.read_heads * (1 + self.addr_dim) + self.id_dim
+
+    @property
+    def heads(self) -> list[tuple[str, int]]:
+        """Layout of the policy's 'heads' output, in order."""
+        return [
+            ("query", self.key_dim),
+            ("key", self.key_dim),
+            ("value", self.msg_dim),
+            ("vote", 1),
+            ("read_query", self.read_heads * self.addr_dim),
+            ("push_key", self.addr_dim),
+            ("push_value", 1 + self.addr_dim),
+        ]
+
+    @property
+    def heads_dim(self) -> int:
+        return sum(n for _, n in self.heads)
+
+
+@dataclass
+class RoutingConfig:
+    """Who hears whom in a communication round."""
+
+    kind: str = "dense"
+    k: int = 8  # top-k: senders kept per receiver
+    degree: int = 4  # random graph: senders per receiver
+    self_loops: bool = True  # may an expert hear its own last message
+
+    def validate(self):
+        if self.kind not in ROUTINGS:
+            raise ConfigError(f"routing.kind must be one of {ROUTINGS}, got {self.kind!r}")
+        if self.k < 1 or self.degree < 1:
+            raise ConfigError("routing.k and routing.degree must be >= 1")
+
+
+@dataclass
+class AgreementConfig:
+    """When a communication stage ends."""
+
+    rule: str = "fixed"
+    rounds: int = 1  # fixed: exactly this many; others: at most this many
+    eps: float = 1e-3  # convergence: max message change below which the stage ends
+    quorum: float = 0.5  # quorum: fraction of experts voting 'done'
+
+    def validate(self):
+        if self.rule not in AGREEMENTS:
+            raise ConfigError(f"agreement.rule must be one of {AGREEMENTS}, got {self.rule!r}")
+        if self.rounds < 1:
+            raise ConfigError(f"agreement.rounds must be >= 1, got {self.rounds}")
+        if not 0 < self.quorum <= 1:
+            raise ConfigError("agreement.quorum must be in (0, 1]")
+
+
+@dataclass
+class AgentConfig:
+    policy: PolicySpec = field(default_factory=PolicySpec)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    agreement: AgreementConfig = field(default_factory=AgreementConfig)
+
+    def validate(self):
+        self.policy.validate()
+        self.routing.validate()
+        self.agreement.validate()
+        return self
+
+
+@dataclass
+class TaskConfig:
+    """An environment family and the ranges its episodes are drawn from."""
+
+    name: str = "guessing"
+    feedback: str = "scalar"
+    dims: tuple[int, int] = (3, 3)  # inclusive range of d
+    experts: tuple[int, int] = (20, 20)  # inclusive range of N
+    steps: int = 20  # inner steps per episode
+    addresses: str = "random"  # 'random' per episode, or 'fixed'
+    address_seed: int = 0  # seed of the fixed addresses
+    jump_every: tuple[int, int] = (0, 0)  # non-stationary: targets jump every U[a,b] steps (0 = never)
+
+    def validate(self):
+        if self.name != "guessing":
+            raise ConfigError(f"task.name must be 'guessing', got {self.name!r}")
+        if self.feedback not in FEEDBACKS:
+            raise ConfigError(f"task.feedback must be one of {FEEDBACKS}, got {self.feedback!r}")
+        if self.addresses not in ("random", "fixed"):
+            raise ConfigError("task.addresses must be 'random' or 'fixed'")
+        for name in ("dims", "experts"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                raise ConfigError(f"task.{name} must be a range [lo, hi] with 1 <= lo <= hi, got {[lo, hi]}")
+        if self.steps < 1:
+            raise ConfigError("task.steps must be >= 1")
+        a, b = self.jump_every
+        if a < 0 or b < a:
+            raise ConfigError("task.jump_every must be [a, b] with 0 <= a <= b")
+        return self
+
+
+@dataclass
+class Stage:
+    """One curriculum stage: overrides of the task settings until batch ``until``."""
+
+    until: int
+    dims: tuple[int, int] | None = None
+    experts: tuple[int, int] | None = None
+    addresses: str | None = None
+    change_every: int = 0  # fixed addresses: redraw them every this many batches (0 = never)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batches: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_decay: list[tuple[int, float]] = field(default_factory=list)  # [(at_batch, lr), ...]
+    clip: float = 1.0
+    objective: str = "weighted"
+    rounds: tuple[int, int] = (1, 1)  # rounds sampled per batch (fixed rule), inclusive
+    ponder_cost: float = 0.0  # quorum rule: weight of the rounds-used penalty
+    stages: list[Stage] = field(default_factory=list)
+    threads: int = 1
+    log_every: int = 50
+    ckpt_every: int = 500
+    eval_episodes: int = 500
+
+    def validate(self):
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.batches < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("train.batches, train.batch_size and train.lr must be positive")
+        lo, hi = self.rounds
+        if not 1 <= lo <= hi:
+            raise ConfigError("train.rounds must be a range [lo, hi] with 1 <= lo <= hi")
+        return self
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything a training run needs; saved in checkpoints and policy cards."""
+
+    name: str = "experiment"
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self):
+        self.agent.validate()
+        self.task.validate()
+        self.train.validate()
+        return self
+
+
+# --- dict / TOML round trip -------------------------------------------------------------
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _coerce(tp, value, where):
+    """Convert a TOML/JSON value to the annotated type (tuples, nested dataclasses, lists)."""
+    origin = getattr(tp, "__origin__", None)
+    if isinstance(tp, str):  # postponed annotations are resolved by _build's caller
+        raise AssertionError(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(tp.__args__):
+            raise ConfigError(f"{where}: expected a list of {len(tp.__args__)}, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(tp.__args__, value))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (arg,) = tp.__args__
+        return [_coerce(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is not None and type(None) in getattr(tp, "__args__", ()):  # Optional[X]
+        if value is None:
+            return None
+        (arg,) = [a for a in tp.__args__ if a is not type(None)]
+        return _coerce(arg, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _hints(cls):
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _build(cls, data: dict, where: str = ""):
+    hints = _hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)} in [{where or cls.__name__}]; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"[{where or cls.__name__}]: {e}") from None
+
+
+def from_dict(cls, data: dict):
+    return _build(cls, data)
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word is a string
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (TOML values) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        path, text = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a table")
+        node[keys[-1]] = _parse_value(text.strip())
+    return data
+
+
+def load_experiment(path: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    apply_overrides(data, overrides or [])
+    return from_dict(ExperimentConfig, data).validate()

@@ -1,0 +1,42 @@
+"""The expert policy in torch: the only learned part of a Badger agent.
+
+One GRU cell and one linear layer of heads, shared by every expert. Its input is
+the expert's inbox (routed messages) and what it sensed through the membrane; its
+output is the expert's new state and its heads (routing query/key, message value,
+'done' vote, read queries, push key and value). The GRU keeps every state entry in
+(-1, 1) by construction (a convex mix of the old state and a tanh), whatever the
+input, for as long as the agent runs.
+
+Everything else in the inner loop (routing, agreement, membrane) is the shared
+math in ``badger_runtime.rollout``, run here with torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import PolicySpec
+from ..xp import TorchOps
+
+
+class ExpertPolicy(nn.Module):
+    def __init__(self, spec: PolicySpec):
+        super().__init__()
+        self.spec = spec
+        self.cell = nn.GRUCell(spec.msg_dim + spec.sensed_dim, spec.hidden)
+        self.heads = nn.Linear(spec.hidden, spec.heads_dim)
+        self.h0 = nn.Parameter(torch.zeros(spec.hidden))
+        nn.init.normal_(self.heads.weight, std=0.5 / spec.hidden**0.5)
+        nn.init.zeros_(self.heads.bias)
+
+    def forward(self, state, inbox, sensed):
+        h = self.cell(torch.cat([inbox, sensed], dim=-1), state)
+        return h, self.heads(h)
+
+    def step(self, h, inbox, sensed):
+        return self(h, inbox, sensed)
+
+
+def torch_ops() -> TorchOps:
+    return TorchOps(torch)
