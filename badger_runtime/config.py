@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -207,26 +208,24 @@ def to_dict(obj) -> dict:
 
 def _coerce(tp, value, where):
     """Convert a TOML/JSON value to the annotated type (tuples, nested dataclasses, lists)."""
-    origin = getattr(tp, "__origin__", None)
-    if isinstance(tp, str):  # postponed annotations are resolved by _build's caller
-        raise AssertionError(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
         return _build(tp, value, where)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(tp.__args__):
-            raise ConfigError(f"{where}: expected a list of {len(tp.__args__)}, got {value!r}")
-        return tuple(_coerce(a, v, where) for a, v in zip(tp.__args__, value))
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)}, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (arg,) = tp.__args__
+        (arg,) = args
         return [_coerce(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is not None and type(None) in getattr(tp, "__args__", ()):  # Optional[X]
+    if type(None) in args:  # X | None
         if value is None:
             return None
-        (arg,) = [a for a in tp.__args__ if a is not type(None)]
+        (arg,) = [a for a in args if a is not type(None)]
         return _coerce(arg, value, where)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -250,8 +249,6 @@ def _coerce(tp, value, where):
 
 
 def _hints(cls):
-    import typing
-
     return typing.get_type_hints(cls)
 
 

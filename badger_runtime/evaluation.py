@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,14 +30,23 @@ def fixed_address_table(task: TaskConfig, d: int, addr_dim: int) -> np.ndarray |
     return guessing.fixed_addresses(task.address_seed, d, addr_dim)
 
 
+@dataclass
+class Episodes:
+    errors: np.ndarray  # [T, E] 3 x MSE of each step's output
+    guesses: np.ndarray  # [T, E, d]
+    rounds: np.ndarray  # [T, E] communication rounds used
+    targets: np.ndarray  # [E, d] (the first targets when they jump)
+    traces: list  # [(episode, wiring, Rollout)] of the first chunk when recorded
+
+
 def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int, experts: int, episodes: int,
                  seed: int, steps: int | None = None, rounds: int | None = None, chunk: int = 250,
-                 record: bool = False):
-    """Roll out ``episodes`` seeded episodes; returns (errors [T, E], rounds [T, E], targets [E, d], traces)."""
+                 record: bool = False) -> Episodes:
+    """Roll out ``episodes`` seeded episodes (in chunks) with the shared inner-loop math."""
     steps = steps or task.steps
     rng_task, rng_wire = episode_rngs(seed)
     addresses = fixed_address_table(task, dims, agent.policy.addr_dim)
-    errs, used, tgts, traces = [], [], [], []
+    errs, guesses, used, tgts, traces = [], [], [], [], []
     done = 0
     while done < episodes:
         b = min(chunk, episodes - done)
@@ -44,12 +54,14 @@ def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int
         wiring = sample_wiring(rng_wire, agent, b, experts)
         out = rollout(ops, policy, agent, ep, wiring, steps=steps, rounds=rounds, record=record)
         errs.append(ops.to_numpy(out.errors))
+        guesses.append(ops.to_numpy(out.guesses))
         used.append(ops.to_numpy(out.rounds))
         tgts.append(ep.targets if ep.targets.ndim == 2 else ep.targets[0])
         if record and not traces:
             traces = [(ep, wiring, out)]
         done += b
-    return np.concatenate(errs, axis=1), np.concatenate(used, axis=1), np.concatenate(tgts, axis=0), traces
+    return Episodes(np.concatenate(errs, axis=1), np.concatenate(guesses, axis=1), np.concatenate(used, axis=1),
+                    np.concatenate(tgts, axis=0), traces)
 
 
 def evaluate(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int, experts: int, episodes: int = 1000,
@@ -59,8 +71,9 @@ def evaluate(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int, ex
 
     steps = steps or task.steps
     t0 = time.perf_counter()
-    errs, used, targets, _ = run_episodes(ops, policy, agent, task, dims=dims, experts=experts, episodes=episodes,
-                                          seed=seed, steps=steps, rounds=rounds)
+    res = run_episodes(ops, policy, agent, task, dims=dims, experts=experts, episodes=episodes, seed=seed,
+                       steps=steps, rounds=rounds)
+    errs, used, targets = res.errors, res.rounds, res.targets
     report = {
         "task": dataclasses.asdict(task) | {"dims": dims, "experts": experts},
         "episodes": episodes,

@@ -131,8 +131,15 @@ def error(ops, guess, target):
 
 
 def observe(ops, ep: Episode, prev_guess, t: int):
-    """Slot values at inner step t, given the previous guess (zeros before the first)."""
-    target = ops.asarray(ep.targets_at(max(t - 1, 0)))
+    """Slot values at inner step t: the previous guess and the feedback on it.
+
+    At t = 0 nothing has been guessed yet: every slot is 0. So at step t the agent
+    has had exactly t feedbacks, as a classical optimizer making its (t+1)-th guess.
+    """
+    if t == 0:
+        n_fb = 1 if ep.feedback == "scalar" else ep.dims
+        return ops.zeros((ep.batch, ep.dims + n_fb))
+    target = ops.asarray(ep.targets_at(t - 1))
     if ep.feedback == "scalar":
         fb = error(ops, prev_guess, target)[:, None]
     else:

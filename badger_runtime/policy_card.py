@@ -1,0 +1,144 @@
+"""A shipped policy: an ONNX graph of the expert step plus its card (JSON).
+
+``NAME.onnx`` holds the expert policy's step ``(state, inbox, sensed) -> (state_out,
+heads)`` with a dynamic batch axis; ``NAME.json`` (the card) holds everything else a
+runtime needs: sizes, the heads layout, the learned initial state, routing and
+agreement settings, the training task and command, evaluation numbers, versions,
+and the sha256 of the .onnx file. Loading checks the hash, the format version and
+the graph's signature against the card, and refuses a mismatch with a clear error.
+
+No torch here: this is the deploy path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import AgentConfig, ConfigError, ExperimentConfig, PolicySpec, TaskConfig, from_dict
+
+CARD_FORMAT = "badger-policy/1"
+INPUTS = ("state", "inbox", "sensed")
+OUTPUTS = ("state_out", "heads")
+
+
+class PolicyError(ValueError):
+    """A policy file or card that cannot be used, with the reason."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def signature(spec: PolicySpec) -> dict:
+    """Names, shapes ('batch' = dynamic) and dtypes of the graph's inputs and outputs."""
+    b = "batch"
+    return {
+        "inputs": {"state": [b, spec.hidden], "inbox": [b, spec.msg_dim], "sensed": [b, spec.sensed_dim]},
+        "outputs": {"state_out": [b, spec.hidden], "heads": [b, spec.heads_dim]},
+        "dtype": "float32",
+    }
+
+
+def card_paths(path: str | Path) -> tuple[Path, Path]:
+    """(onnx, card) paths from either file's path."""
+    p = Path(path)
+    if p.suffix == ".json":
+        return p.with_suffix(".onnx"), p
+    return p, p.with_suffix(".json")
+
+
+@dataclass
+class OnnxPolicy:
+    """The expert policy run by onnxruntime; the object the numpy rollout and the actors call."""
+
+    spec: PolicySpec
+    h0: np.ndarray
+    agent: AgentConfig
+    task: TaskConfig
+    card: dict
+    path: Path
+    session: object
+
+    def step(self, h, inbox, sensed):
+        feeds = {"state": np.ascontiguousarray(h, np.float32), "inbox": np.ascontiguousarray(inbox, np.float32),
+                 "sensed": np.ascontiguousarray(sensed, np.float32)}
+        state_out, heads = self.session.run(OUTPUTS, feeds)
+        return state_out, heads
+
+    @property
+    def name(self) -> str:
+        return self.card.get("name", self.path.stem)
+
+
+def _check_graph(session, spec: PolicySpec, path: Path):
+    sig = signature(spec)
+    got_in = {i.name: i for i in session.get_inputs()}
+    got_out = {o.name: o for o in session.get_outputs()}
+    if set(got_in) != set(INPUTS) or set(got_out) != set(OUTPUTS):
+        raise PolicyError(f"{path}: graph inputs {sorted(got_in)} / outputs {sorted(got_out)} do not match the card's "
+                          f"{list(INPUTS)} / {list(OUTPUTS)}")
+    for group, got in (("inputs", got_in), ("outputs", got_out)):
+        for name, shape in sig[group].items():
+            g = got[name]
+            if g.type != "tensor(float)":
+                raise PolicyError(f"{path}: {name} has type {g.type}, the card says float32")
+            if len(g.shape) != 2 or g.shape[1] != shape[1]:
+                raise PolicyError(f"{path}: {name} has shape {g.shape}, the card says {shape}")
+            if isinstance(g.shape[0], int):
+                raise PolicyError(f"{path}: {name} has a fixed batch axis {g.shape[0]}; a dynamic one is required")
+
+
+def load_policy(path: str | Path, threads: int = 1) -> OnnxPolicy:
+    """Load ``NAME.onnx`` + ``NAME.json``; raise PolicyError if anything does not match."""
+    onnx_path, card_path = card_paths(path)
+    if not onnx_path.is_file():
+        raise PolicyError(f"policy file not found: {onnx_path}")
+    if not card_path.is_file():
+        raise PolicyError(f"policy card not found: {card_path} (every .onnx policy ships with its card)")
+    try:
+        card = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PolicyError(f"{card_path} is not valid JSON: {e}") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        got = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise PolicyError(f"{card_path}: card format {got!r} is not {CARD_FORMAT!r}")
+    digest = sha256_file(onnx_path)
+    if digest != card.get("sha256"):
+        raise PolicyError(f"{onnx_path}: sha256 {digest[:16]}... does not match the card's "
+                          f"{str(card.get('sha256'))[:16]}...: the file is not the one the card describes")
+    try:
+        exp = from_dict(ExperimentConfig, card["config"]).validate()
+    except (KeyError, ConfigError) as e:
+        raise PolicyError(f"{card_path}: bad config in card: {e}") from None
+    spec = exp.agent.policy
+    h0 = np.asarray(card.get("initial_state", []), np.float32)
+    if h0.shape != (spec.hidden,):
+        raise PolicyError(f"{card_path}: initial_state has shape {h0.shape}, expected ({spec.hidden},)")
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad graphs
+        raise PolicyError(f"{onnx_path}: onnxruntime cannot load it: {e}") from None
+    _check_graph(session, spec, onnx_path)
+    return OnnxPolicy(spec, h0, exp.agent, exp.task, card, onnx_path, session)
+
+
+def write_card(card: dict, card_path: Path):
+    tmp = card_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, card_path)

@@ -1,0 +1,86 @@
+"""Export a trained expert policy to ONNX with its card, and check what was written."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import to_dict
+from ..policy_card import CARD_FORMAT, INPUTS, OUTPUTS, card_paths, sha256_file, signature, write_card
+from .train import load_checkpoint, policy_from_checkpoint
+
+OPSET = 17
+EXPORT_TOLERANCE = 1e-5
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
+
+
+def export(checkpoint: str | Path, out: str | Path, *, name: str | None = None, extra: dict | None = None) -> dict:
+    """Write ``out`` (.onnx) and its card; returns the card. Raises if the check fails."""
+    import onnx
+    import onnxruntime as ort
+
+    ck = load_checkpoint(checkpoint)
+    policy, cfg = policy_from_checkpoint(ck)
+    spec = cfg.agent.policy
+    onnx_path, card_path = card_paths(out)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    # Example batch >= 2 (a batch-1 example can specialise the graph to batch 1).
+    g = torch.Generator().manual_seed(0)
+    ex = (torch.rand(4, spec.hidden, generator=g) * 2 - 1, torch.randn(4, spec.msg_dim, generator=g),
+          torch.randn(4, spec.sensed_dim, generator=g))
+    dyn = {n: {0: "batch"} for n in (*INPUTS, *OUTPUTS)}
+    tmp = onnx_path.with_suffix(".onnx.tmp")
+    with torch.no_grad():
+        torch.onnx.export(policy, ex, str(tmp), input_names=list(INPUTS), output_names=list(OUTPUTS),
+                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
+    model = onnx.load(str(tmp))
+    onnx.checker.check_model(model, full_check=True)
+    # numeric check against torch at several batch sizes
+    sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for b in (1, 7, 64):
+        x = (torch.rand(b, spec.hidden, generator=g) * 2 - 1, torch.randn(b, spec.msg_dim, generator=g) * 2,
+             torch.randn(b, spec.sensed_dim, generator=g) * 2)
+        with torch.no_grad():
+            ref = policy(*x)
+        got = sess.run(list(OUTPUTS), {n: v.numpy() for n, v in zip(INPUTS, x)})
+        worst = max(worst, *(float(np.abs(r.numpy() - o).max()) for r, o in zip(ref, got)))
+    if worst > EXPORT_TOLERANCE:
+        tmp.unlink()
+        raise RuntimeError(f"exported graph differs from torch by {worst:.2e} > {EXPORT_TOLERANCE}")
+    tmp.replace(onnx_path)
+    card = {
+        "format": CARD_FORMAT,
+        "name": name or onnx_path.stem,
+        "onnx": onnx_path.name,
+        "sha256": sha256_file(onnx_path),
+        "signature": signature(spec),
+        "heads": [[n, s] for n, s in spec.heads],
+        "initial_state": [float(v) for v in policy.h0.detach().numpy()],  # h0 = tanh(this + noise)
+        "state_bound": "every state entry stays in (-1, 1): initial state tanh(h0 + noise), then GRU updates "
+                       "(a convex mix of the old state and a tanh)",
+        "config": to_dict(cfg),
+        "training": {"batches": ck["batch"], "wall_seconds": round(ck["wall_seconds"], 1),
+                     "sec_per_batch": round(ck["wall_seconds"] / max(1, ck["batch"]), 4),
+                     "checkpoint_sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()},
+        "export": {"opset": OPSET, "exporter": "torch.onnx.export (TorchScript-based, dynamic batch axis)",
+                   "max_abs_diff_vs_torch": worst},
+        "versions": {"torch": torch.__version__, "onnx": _version("onnx"), "onnxruntime": ort.__version__,
+                     "numpy": np.__version__, "badger-runtime": _version("badger-runtime"),
+                     "python": platform.python_version()},
+    }
+    if extra:
+        card.update(extra)
+    write_card(card, card_path)
+    return card

@@ -1,0 +1,35 @@
+"""Shared fixtures: a small untrained policy, its checkpoint and its ONNX export."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def tiny_experiment(**task):
+    from badger_runtime.config import AgentConfig, ExperimentConfig, PolicySpec, TaskConfig, TrainConfig
+
+    spec = PolicySpec(hidden=16, msg_dim=6, key_dim=4, addr_dim=6, read_heads=2, id_dim=2, init_noise=0.5)
+    t = TaskConfig(**({"feedback": "per_dim", "dims": (2, 3), "experts": (3, 5), "steps": 6} | task))
+    tr = TrainConfig(seed=0, batches=30, batch_size=16, lr=1e-2, log_every=10, ckpt_every=10, eval_episodes=32,
+                     objective="mean")
+    return ExperimentConfig(name="tiny", agent=AgentConfig(policy=spec), task=t, train=tr).validate()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A 30-batch training run of a tiny policy: (run dir, summary)."""
+    from badger_runtime.training.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    summary = train(tiny_experiment(), out, progress=False, final_eval=False, log=lambda *a: None)
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_run, tmp_path_factory):
+    """The tiny run exported to ONNX: path of the .onnx (card beside it)."""
+    from badger_runtime.training.export import export
+
+    out = tmp_path_factory.mktemp("tiny_policy") / "tiny.onnx"
+    export(tiny_run[0] / "checkpoint.pt", out)
+    return out

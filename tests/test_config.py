@@ -1,0 +1,49 @@
+import pytest
+
+from badger_runtime.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_experiment, to_dict
+
+
+def test_defaults_round_trip():
+    cfg = ExperimentConfig().validate()
+    assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
+
+
+def test_toml_and_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('name = "x"\n[task]\nfeedback = "per_dim"\ndims = [2, 4]\n[[train.stages]]\nuntil = 5\ndims = [1, 1]\n')
+    cfg = load_experiment(str(p), ["train.lr=3e-4", "agent.routing.kind=topk", "agent.routing.k=3"])
+    assert cfg.name == "x" and cfg.task.dims == (2, 4) and cfg.task.feedback == "per_dim"
+    assert cfg.train.lr == 3e-4 and cfg.agent.routing.kind == "topk" and cfg.agent.routing.k == 3
+    assert cfg.train.stages[0].until == 5 and cfg.train.stages[0].dims == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("agent.routing.kind=star", "routing.kind"),
+        ("task.dims=[4, 2]", "task.dims"),
+        ("train.lr=-1", "train.lr"),
+        ("task.colour=1", "unknown setting"),
+        ("train.batches=1.5", "integer"),
+        ("agent.agreement.rule=vote", "agreement.rule"),
+        ("task.feedback=loud", "task.feedback"),
+        ("nonsense", "section.key=value"),
+    ],
+)
+def test_bad_settings_are_refused_clearly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(None, [override])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_experiment(str(tmp_path / "nope.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_experiment(str(bad))
+
+
+def test_override_values_parse_as_toml():
+    d = apply_overrides({}, ["a.b=1", "a.c=[1, 2]", "a.d=word", "a.e=true"])
+    assert d == {"a": {"b": 1, "c": [1, 2], "d": "word", "e": True}}

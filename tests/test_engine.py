@@ -1,0 +1,172 @@
+"""The torch-free engine: ONNX export, card checks, parity with the torch model, import hygiene."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from badger_runtime.config import AgentConfig
+from badger_runtime.engine import BatchedAgent, InputError, numpy_ops
+from badger_runtime.evaluation import run_episodes
+from badger_runtime.policy_card import PolicyError, load_policy
+from badger_runtime.training.model import torch_ops
+from badger_runtime.training.train import load_checkpoint, policy_from_checkpoint
+
+ROUTINGS = ["dense", "topk", "hardwired", "homogeneous", "random"]
+RULES = ["fixed", "convergence", "quorum"]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_run, tiny_policy):
+    tp, cfg = policy_from_checkpoint(load_checkpoint(tiny_run[0] / "checkpoint.pt"))
+    return tp, load_policy(tiny_policy), cfg
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    routing=st.sampled_from(ROUTINGS),
+    rule=st.sampled_from(RULES),
+    rounds=st.integers(1, 3),
+    n=st.integers(1, 24),
+    d=st.integers(1, 9),
+    feedback=st.sampled_from(["scalar", "per_dim", "one_expert"]),
+    seed=st.integers(0, 2**16),
+    k=st.integers(1, 6),
+)
+def test_rollout_parity_with_torch(pair, routing, rule, rounds, n, d, feedback, seed, k):
+    """Same seeds, episodes, N, d, rounds and routing: the ONNX engine equals torch to 1e-5.
+
+    N and d range past the tiny policy's training range (d in [2, 3], N in [3, 5])."""
+    tp, op, cfg = pair
+    agent = AgentConfig(policy=cfg.agent.policy, routing=type(cfg.agent.routing)(kind=routing, k=k, degree=k),
+                        agreement=type(cfg.agent.agreement)(rule=rule, rounds=rounds, eps=1e-2))
+    task = type(cfg.task)(**{**cfg.task.__dict__, "feedback": feedback})
+    kw = dict(dims=d, experts=n, episodes=6, seed=seed, steps=5)
+    a = run_episodes(numpy_ops(), op, agent, task, **kw)
+    with torch.no_grad():
+        b = run_episodes(torch_ops(), tp, agent, task, **kw)
+    assert np.abs(a.guesses - b.guesses).max() <= 1e-5  # the rollout's outputs
+    assert np.allclose(a.errors, b.errors, rtol=1e-5, atol=1e-5)  # errors are squares of them
+    assert np.array_equal(a.rounds, b.rounds)
+    assert np.all(a.rounds <= rounds) and np.all(a.rounds >= 1)
+
+
+def test_card_records_what_a_runtime_needs(tiny_policy):
+    card = json.loads(tiny_policy.with_suffix(".json").read_text())
+    for key in ("format", "sha256", "signature", "heads", "initial_state", "config", "training", "export", "versions"):
+        assert key in card
+    assert card["export"]["max_abs_diff_vs_torch"] <= 1e-5
+    assert card["versions"]["onnxruntime"]
+
+
+def _copy(policy, tmp_path):
+    dst = tmp_path / "p.onnx"
+    shutil.copy(policy, dst)
+    shutil.copy(policy.with_suffix(".json"), dst.with_suffix(".json"))
+    return dst
+
+
+def test_a_changed_onnx_file_is_refused(tiny_policy, tmp_path):
+    p = _copy(tiny_policy, tmp_path)
+    data = bytearray(p.read_bytes())
+    data[-10] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(PolicyError, match="sha256"):
+        load_policy(p)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(format="badger-policy/99"), "card format"),
+        (lambda c: c["config"]["agent"]["policy"].update(hidden=c["config"]["agent"]["policy"]["hidden"] + 1),
+         "initial_state|shape"),
+        (lambda c: c["config"]["agent"]["policy"].update(msg_dim=3), "shape"),
+        (lambda c: c["config"]["agent"]["routing"].update(kind="star"), "bad config"),
+    ],
+)
+def test_a_card_that_does_not_match_is_refused(tiny_policy, tmp_path, edit, message):
+    p = _copy(tiny_policy, tmp_path)
+    card = json.loads(p.with_suffix(".json").read_text())
+    edit(card)
+    p.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(PolicyError, match=message):
+        load_policy(p)
+
+
+def test_missing_card_or_file(tiny_policy, tmp_path):
+    p = tmp_path / "lonely.onnx"
+    shutil.copy(tiny_policy, p)
+    with pytest.raises(PolicyError, match="card not found"):
+        load_policy(p)
+    with pytest.raises(PolicyError, match="not found"):
+        load_policy(tmp_path / "absent.onnx")
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"garbage")
+    card = json.loads(tiny_policy.with_suffix(".json").read_text())
+    import hashlib
+
+    card["sha256"] = hashlib.sha256(b"garbage").hexdigest()
+    bad.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(PolicyError, match="cannot load"):
+        load_policy(bad)
+
+
+def test_stepwise_agent_refuses_bad_observations_and_keeps_its_state(tiny_policy):
+    agent = BatchedAgent(load_policy(tiny_policy)).reset(batch=2, experts=4, dims=3, seed=0)
+    obs = np.zeros((2, agent.slots), np.float32)
+    agent.step(obs)
+    before = agent.state.h.copy()
+    for bad in (np.full((2, agent.slots), np.nan), np.full((2, agent.slots), np.inf), np.zeros((2, 1)),
+                np.full((2, agent.slots), 1e9), [["a"] * agent.slots] * 2):
+        with pytest.raises(InputError):
+            agent.step(bad)
+        assert np.array_equal(agent.state.h, before) and agent.t == 1
+    out, info = agent.step(obs)
+    assert out.shape == (2, 3) and np.isfinite(out).all()
+
+
+def test_engine_runs_with_torch_unimportable(tiny_policy, tmp_path):
+    """The deploy path never imports torch: run it where `import torch` fails."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    code = textwrap.dedent(f"""
+        import sys, json
+        import badger_runtime, badger_runtime.engine, badger_runtime.evaluation, badger_runtime.cli
+        from badger_runtime.engine import numpy_ops
+        from badger_runtime.evaluation import evaluate
+        from badger_runtime.policy_card import load_policy
+        p = load_policy({str(tiny_policy)!r})
+        r = evaluate(numpy_ops(), p, p.agent, p.task, dims=3, experts=4, episodes=8, seed=0)
+        assert 'torch' not in sys.modules
+        print(json.dumps(r['final_mse']))
+    """)
+    env = dict(os.environ, PYTHONPATH=f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert np.isfinite(json.loads(res.stdout))
+
+
+def test_eval_cli_same_json_for_checkpoint_and_policy(tiny_run, tiny_policy, capsys):
+    from badger_runtime.cli import main
+
+    flags = ["--dims", "3", "--experts", "4", "--episodes", "16", "--seed", "3", "--json"]
+    assert main(["eval", "--policy", str(tiny_policy), *flags]) == 0
+    a = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--checkpoint", str(tiny_run[0] / "checkpoint.pt"), *flags]) == 0
+    b = json.loads(capsys.readouterr().out)
+    assert set(a) - {"policy", "seconds"} == set(b) - {"checkpoint", "seconds"}
+    assert np.allclose(a["mse_by_step"], b["mse_by_step"], atol=1e-5)
+    for key in ("chance", "mean_solution", "optimizer", "final_mse"):
+        assert key in a
+    assert a["optimizer"]["name"] == "adam"  # per-dim feedback: Adam baseline
+    assert main(["eval", "--policy", str(tiny_policy), "--dims", "0"]) == 2

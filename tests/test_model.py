@@ -1,0 +1,154 @@
+"""The torch model: shapes, invariances, gradients, a tiny training run, checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from badger_runtime.config import ConfigError
+from badger_runtime.rollout import Wiring, rollout, sample_wiring
+from badger_runtime.tasks import guessing
+from badger_runtime.training.model import ExpertPolicy, torch_ops
+from badger_runtime.training.train import load_checkpoint, policy_from_checkpoint, train
+
+from .conftest import tiny_experiment
+
+
+def _episode(cfg, d, n, b=8, seed=0, feedback=None):
+    rng = np.random.default_rng(seed)
+    task = cfg.task if feedback is None else type(cfg.task)(**{**cfg.task.__dict__, "feedback": feedback})
+    ep = guessing.sample(rng, task, b, d, n, cfg.agent.policy.addr_dim)
+    return ep, sample_wiring(rng, cfg.agent, b, n)
+
+
+@pytest.mark.parametrize("d, n", [(1, 1), (3, 5), (10, 2), (4, 40)])
+@pytest.mark.parametrize("feedback", ["scalar", "per_dim", "one_expert"])
+def test_any_number_of_experts_and_dims(d, n, feedback):
+    cfg = tiny_experiment()
+    pol = ExpertPolicy(cfg.agent.policy)
+    ep, w = _episode(cfg, d, n, feedback=feedback)
+    with torch.no_grad():
+        out = rollout(torch_ops(), pol, cfg.agent, ep, w, steps=5)
+    assert out.guesses.shape == (5, 8, d) and out.errors.shape == (5, 8)
+    assert torch.isfinite(out.guesses).all()
+    assert out.state.h.shape == (8, n, cfg.agent.policy.hidden)
+
+
+@pytest.mark.parametrize("routing", ["dense", "topk", "homogeneous"])
+def test_outputs_do_not_depend_on_expert_order(routing):
+    cfg = tiny_experiment()
+    cfg.agent.routing.kind = routing
+    cfg.agent.routing.k = 3
+    pol = ExpertPolicy(cfg.agent.policy)
+    ep, w = _episode(cfg, 3, 6)
+    perm = np.random.default_rng(1).permutation(6)
+    w2 = Wiring(w.noise[:, perm], None, w.can_sense, w.can_push, w.ids[:, perm])
+    with torch.no_grad():
+        a = rollout(torch_ops(), pol, cfg.agent, ep, w, steps=6)
+        b = rollout(torch_ops(), pol, cfg.agent, ep, w2, steps=6)
+    assert torch.allclose(a.guesses, b.guesses, atol=1e-5)
+    assert torch.allclose(a.state.h[:, perm], b.state.h, atol=1e-5)
+    # and a different wiring does change the outcome (the test can fail)
+    w3 = Wiring(w.noise[:, ::-1] * 0.3, None, w.can_sense, w.can_push, w.ids)
+    with torch.no_grad():
+        c = rollout(torch_ops(), pol, cfg.agent, ep, w3, steps=6)
+    assert not torch.allclose(a.guesses, c.guesses, atol=1e-5)
+
+
+def test_gradients_reach_every_shared_weight():
+    cfg = tiny_experiment()
+    cfg.agent.agreement.rounds = 2
+    pol = ExpertPolicy(cfg.agent.policy)
+    ep, w = _episode(cfg, 3, 4)
+    out = rollout(torch_ops(), pol, cfg.agent, ep, w, steps=4)
+    out.errors.mean().backward()
+    for name, p in pol.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+def test_state_stays_bounded_whatever_the_input():
+    cfg = tiny_experiment()
+    pol = ExpertPolicy(cfg.agent.policy)
+    with torch.no_grad():
+        for p in pol.parameters():
+            p.mul_(50.0)  # a wild policy
+        h = torch.rand(64, cfg.agent.policy.hidden) * 2 - 1
+        for _ in range(50):
+            h, _ = pol(h, torch.randn(64, cfg.agent.policy.msg_dim) * 1e4,
+                       torch.randn(64, cfg.agent.policy.sensed_dim) * 1e4)
+    assert torch.all(h.abs() <= 1.0)
+
+
+def test_tiny_training_lowers_the_loss(tiny_run):
+    out, summary = tiny_run
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in rows] == [10, 20, 30]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert summary["sec_per_batch"] > 0
+
+
+def test_checkpoint_round_trip_and_resume(tiny_run, tmp_path):
+    out, _ = tiny_run
+    ck = load_checkpoint(out / "checkpoint.pt")
+    pol, cfg = policy_from_checkpoint(ck)
+    assert ck["batch"] == 30 and cfg.name == "tiny"
+    ref = ExpertPolicy(cfg.agent.policy)
+    ref.load_state_dict(ck["model"])
+    x = (torch.zeros(2, cfg.agent.policy.hidden), torch.ones(2, cfg.agent.policy.msg_dim),
+         torch.ones(2, cfg.agent.policy.sensed_dim))
+    assert torch.equal(pol(*x)[1], ref(*x)[1])
+    # resuming a finished run with more batches continues where it stopped
+    import shutil
+
+    run = tmp_path / "resume"
+    shutil.copytree(out, run)
+    cfg2 = tiny_experiment()
+    with pytest.raises(ConfigError, match="another config"):
+        cfg2.train.lr = 1.0
+        train(cfg2, run, resume=True, progress=False, final_eval=False, log=lambda *a: None)
+
+
+def test_resume_gives_the_same_weights_as_one_run(tmp_path):
+    cfg = tiny_experiment()
+    cfg.train.batches, cfg.train.ckpt_every, cfg.train.log_every = 8, 4, 4
+    train(cfg, tmp_path / "one", progress=False, final_eval=False, log=lambda *a: None)
+    cfg_half = tiny_experiment()
+    cfg_half.train.batches, cfg_half.train.ckpt_every, cfg_half.train.log_every = 8, 4, 4
+    # stop after 4 batches by training a copy whose checkpoint we then resume
+    import badger_runtime.training.train as T
+
+    class Stop(Exception):
+        pass
+
+    orig = T._atomic_save
+
+    def save_then_stop(obj, path):
+        orig(obj, path)
+        if obj["batch"] == 4:
+            raise Stop
+
+    T._atomic_save = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            train(cfg_half, tmp_path / "two", progress=False, final_eval=False, log=lambda *a: None)
+    finally:
+        T._atomic_save = orig
+    train(cfg_half, tmp_path / "two", resume=True, progress=False, final_eval=False, log=lambda *a: None)
+    a = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+        load_checkpoint(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": 1}, other)
+    with pytest.raises(ConfigError, match="not a badger checkpoint"):
+        load_checkpoint(other)
