@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--command-line", default=None, help="the training command, recorded in the card")
     x.set_defaults(fn=cmd_export)
 
+    # Subcommands that live beside the code they drive (each module has register(sub)):
+    # @register-actors@
+    # @register-serve@
+    # @register-demo@
+    # @register-bench@
     return p
 
 

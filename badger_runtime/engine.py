@@ -5,7 +5,7 @@ policy's ONNX graph: one onnxruntime call per communication round for all expert
 of all episodes. This is the speed limit the actor runtime is measured against,
 and the reference it must agree with.
 
-``BatchedAgent`` is the step-by-step form (a served session, a long-running agent):
+``Agent`` is the step-by-step form (a served session, a long-running agent):
 reset once, then ``step(observation)`` as the environment feeds it.
 """
 
@@ -17,6 +17,7 @@ from .config import AgentConfig
 from .membrane import KIND_FEEDBACK, KIND_OBSERVATION
 from .policy_card import OnnxPolicy
 from .rollout import AgentState, Wiring, agent_step, initial_state, sample_wiring
+from .routing import membrane_masks, topology
 from .tasks import guessing
 from .xp import NumpyOps
 
@@ -50,11 +51,15 @@ def check_values(name: str, x, shape: tuple[int, ...]) -> np.ndarray:
     return a
 
 
-class BatchedAgent:
-    """B agents of N experts on d-dimensional guessing-style inputs, stepped one inner step at a time.
+class Agent:
+    """B agents of N experts with d outputs, stepped one inner step at a time (the deploy form).
 
-    Observation of a step: the previous output (d values) and feedback (1 scalar error,
-    or d per-dimension errors), as in the guessing game; addresses are drawn at reset.
+    Each step's observation is the agent's previous output (d values) and the feedback on
+    it (1 scalar error, or d per-dimension errors), as the guessing game's membrane
+    defines; addresses are drawn at ``reset``. Experts can be added (``clone`` copies a
+    living expert's state, ``fresh`` starts from the policy's initial state) or removed
+    between steps; nothing else changes. Bad observations raise ``InputError`` and leave
+    the agent as it was.
     """
 
     def __init__(self, policy: OnnxPolicy, agent: AgentConfig | None = None, feedback: str | None = None):
@@ -65,22 +70,39 @@ class BatchedAgent:
         self.wiring: Wiring | None = None
         self.t = 0
 
+    # -- lifecycle ------------------------------------------------------------------
     def reset(self, batch: int, experts: int, dims: int, seed: int, addresses: np.ndarray | None = None):
-        rng_task, rng_wire = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
+        if batch < 1 or experts < 1 or dims < 1:
+            raise InputError("batch, experts and dims must be >= 1")
+        self.seed = seed
+        rng_task = np.random.default_rng([seed, 0])
+        self._rng = np.random.default_rng([seed, 1])
         task = type(self.policy.task)(**{**self.policy.task.__dict__, "feedback": self.feedback})
         self.episode = guessing.sample(rng_task, task, batch, dims, experts, self.cfg.policy.addr_dim, steps=1,
                                        addresses=addresses)
-        self.wiring = sample_wiring(rng_wire, self.cfg, batch, experts)
+        self.wiring = sample_wiring(self._rng, self.cfg, batch, experts)
         self.state = initial_state(OPS, self.policy, self.wiring)
         self.t = 0
         return self
 
     @property
+    def n_experts(self) -> int:
+        return self.wiring.n_experts
+
+    @property
     def slots(self) -> int:
         return self.episode.slot_addr.shape[1]
 
+    def observation(self, prev_output, feedback) -> np.ndarray:
+        """Slot values from the previous output [B, d] and its feedback [B, 1 or d]."""
+        B, d = self.episode.batch, self.episode.dims
+        n_fb = 1 if self.feedback == "scalar" else d
+        prev = check_values("previous output", prev_output, (B, d))
+        fb = check_values("feedback", feedback, (B, n_fb))
+        return np.concatenate([prev, fb], axis=-1)
+
     def step(self, slot_values, rounds: int | None = None, record: bool = False):
-        """Advance one inner step. slot_values: [B, J] (previous outputs then feedback)."""
+        """Advance one inner step. slot_values: [B, J] (previous outputs, then feedback)."""
         if self.state is None:
             raise RuntimeError("reset() the agent before stepping it")
         vals = check_values("observation", slot_values, (self.episode.batch, self.slots))
@@ -90,5 +112,80 @@ class BatchedAgent:
         self.t += 1
         return out, info
 
+    # -- growing and shrinking ----------------------------------------------------------
+    def _rewire(self, noise, ids, h, heads):
+        n = noise.shape[1]
+        B = noise.shape[0]
+        mask = topology(self.cfg.routing, n, B, self._rng)
+        can_sense, can_push = membrane_masks(self.cfg.routing, n)
+        self.wiring = Wiring(noise, mask, can_sense, can_push, ids)
+        self.episode = self.episode.with_experts(n)
+        self.state = AgentState(h, heads)
 
-__all__ = ["BatchedAgent", "InputError", "numpy_ops", "KIND_FEEDBACK", "KIND_OBSERVATION"]
+    def add_experts(self, n: int, init: str = "clone", source: int | None = None) -> list[int]:
+        """Add n experts; returns their indices. ``clone`` copies expert ``source`` (default: a
+        random living expert per new one), ``fresh`` draws a new initial state."""
+        if n < 1:
+            raise InputError("add at least one expert")
+        if init not in ("clone", "fresh"):
+            raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
+        w, st = self.wiring, self.state
+        B, N, H = st.h.shape
+        spec = self.cfg.policy
+        noise = self._rng.standard_normal((B, n, H)).astype(np.float32)
+        ids = None if w.ids is None else self._rng.standard_normal((B, n, spec.id_dim)).astype(np.float32)
+        if init == "clone":
+            if source is not None and not 0 <= source < N:
+                raise InputError(f"no expert {source} to clone (the agent has {N})")
+            src = np.full(n, source) if source is not None else self._rng.integers(0, N, size=n)
+            h_new, heads_new = st.h[:, src].copy(), st.heads[:, src].copy()
+            noise = w.noise[:, src].copy()
+        else:
+            h_new = np.tanh(self.policy.h0 + spec.init_noise * noise).astype(np.float32)
+            heads_new = np.zeros((B, n, spec.heads_dim), np.float32)
+        cat = lambda a, b: None if a is None else np.concatenate([a, b], axis=1)  # noqa: E731
+        self._rewire(cat(w.noise, noise), cat(w.ids, ids), cat(st.h, h_new), cat(st.heads, heads_new))
+        return list(range(N, N + n))
+
+    def remove_experts(self, indices) -> int:
+        """Remove experts by index; returns how many remain (at least one must)."""
+        idx = sorted(set(int(i) for i in indices))
+        N = self.n_experts
+        if any(i < 0 or i >= N for i in idx):
+            raise InputError(f"expert indices must be in [0, {N}), got {idx}")
+        keep = np.array([i for i in range(N) if i not in set(idx)], dtype=np.int64)
+        if keep.size == 0:
+            raise InputError("cannot remove every expert: an agent needs at least one")
+        w, st = self.wiring, self.state
+        sel = lambda a: None if a is None else a[:, keep].copy()  # noqa: E731
+        self._rewire(sel(w.noise), sel(w.ids), sel(st.h), sel(st.heads))
+        return int(keep.size)
+
+    # -- snapshots --------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Everything needed to continue this agent exactly (arrays + small metadata)."""
+        w, st, ep = self.wiring, self.state, self.episode
+        return {"t": self.t, "seed": self.seed, "feedback": self.feedback, "h": st.h, "heads": st.heads,
+                "noise": w.noise, "ids": w.ids, "route_mask": w.route_mask, "targets": ep.targets,
+                "out_addr": ep.out_addr, "slot_addr": ep.slot_addr, "rng": self._rng.bit_generator.state}
+
+    def restore(self, snap: dict):
+        spec = self.cfg.policy
+        h = np.asarray(snap["h"], np.float32)
+        if h.ndim != 3 or h.shape[2] != spec.hidden:
+            raise InputError(f"snapshot state has shape {h.shape}; this policy's experts hold {spec.hidden} values")
+        self.feedback, self.seed, self.t = snap["feedback"], snap["seed"], snap["t"]
+        self._rng = np.random.default_rng()
+        self._rng.bit_generator.state = snap["rng"]
+        B, N, _ = h.shape
+        can_sense, can_push = membrane_masks(self.cfg.routing, N)
+        self.wiring = Wiring(np.asarray(snap["noise"], np.float32), snap["route_mask"], can_sense, can_push,
+                             snap["ids"])
+        vis = guessing._visibility(self.feedback, N, snap["out_addr"].shape[1])
+        self.episode = guessing.Episode(self.feedback, snap["targets"], snap["out_addr"], snap["slot_addr"], vis, N)
+        self.state = AgentState(h, np.asarray(snap["heads"], np.float32))
+        return self
+
+
+__all__ = ["Agent", "InputError", "numpy_ops", "KIND_FEEDBACK", "KIND_OBSERVATION"]
+

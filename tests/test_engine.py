@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from badger_runtime.config import AgentConfig
-from badger_runtime.engine import BatchedAgent, InputError, numpy_ops
+from badger_runtime.engine import Agent, InputError, numpy_ops
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import PolicyError, load_policy
 from badger_runtime.training.model import torch_ops
@@ -121,7 +121,7 @@ def test_missing_card_or_file(tiny_policy, tmp_path):
 
 
 def test_stepwise_agent_refuses_bad_observations_and_keeps_its_state(tiny_policy):
-    agent = BatchedAgent(load_policy(tiny_policy)).reset(batch=2, experts=4, dims=3, seed=0)
+    agent = Agent(load_policy(tiny_policy)).reset(batch=2, experts=4, dims=3, seed=0)
     obs = np.zeros((2, agent.slots), np.float32)
     agent.step(obs)
     before = agent.state.h.copy()
