@@ -37,6 +37,11 @@ _WIRE_DTYPES: dict[str, np.dtype] = {
     "bool": np.dtype("?"),
 }
 ALLOWED_DTYPES: tuple[str, ...] = tuple(_WIRE_DTYPES)
+# dtype -> wire name, both byte orders (a dict lookup is ~20x faster than dtype.name)
+_NAME_BY_DTYPE: dict[np.dtype, str] = {}
+for _name, _wire in _WIRE_DTYPES.items():
+    _NAME_BY_DTYPE[_wire.newbyteorder("<")] = _name
+    _NAME_BY_DTYPE[_wire.newbyteorder(">")] = _name
 FLOAT_DTYPES = frozenset({"float32", "float64"})
 ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
 
@@ -58,10 +63,12 @@ def pack_array(a: np.ndarray, *, allow_nonfinite: bool = True, max_bytes: int = 
     """
     if not isinstance(a, np.ndarray):
         raise CodecError(f"{_where(field)}expected a numpy array, got {type(a).__name__}")
-    name = a.dtype.name
-    wire = _WIRE_DTYPES.get(name)
-    if wire is None or a.dtype.kind not in "fib":
-        raise CodecError(f"{_where(field)}dtype {a.dtype} not allowed (allowed: {', '.join(ALLOWED_DTYPES)})")
+    name = _NAME_BY_DTYPE.get(a.dtype)
+    if name is None:
+        if a.dtype.kind not in "fib" or a.dtype.name not in _WIRE_DTYPES:
+            raise CodecError(f"{_where(field)}dtype {a.dtype} not allowed (allowed: {', '.join(ALLOWED_DTYPES)})")
+        name = a.dtype.name
+    wire = _WIRE_DTYPES[name]
     if a.ndim > MAX_NDIM:
         raise CodecError(f"{_where(field)}{a.ndim} dimensions, at most {MAX_NDIM} allowed")
     if a.nbytes > max_bytes:
@@ -127,7 +134,7 @@ def unpack_array(obj: Any, *, allow_nonfinite: bool = False, max_bytes: int = MA
         raise CodecError(f"{w}float array contains NaN or inf")
     if copy:
         arr = arr.astype(wire.newbyteorder("="), copy=True)
-    elif arr.flags.writeable:  # data was a bytearray: do not alias a mutable buffer silently
+    elif type(data) is not bytes:  # a bytearray: do not hand out a writable alias of it
         arr.flags.writeable = False
     return arr
 

@@ -73,8 +73,11 @@ class MessageError(ValueError):
 
 # ---- per-kind payload rules ---------------------------------------------------------------------
 
+_F32 = np.dtype(np.float32)
+
+
 def _float32_array(name: str, v: Any) -> None:
-    if not isinstance(v, np.ndarray) or v.dtype != np.float32:
+    if not isinstance(v, np.ndarray) or v.dtype != _F32:
         got = f"{v.dtype} array" if isinstance(v, np.ndarray) else type(v).__name__
         raise MessageError(f"payload[{name!r}]: must be a float32 array, got {got}")
 
@@ -167,7 +170,11 @@ def _header(kind: Any, sender: Any, receivers: Any, episode: Any, step: Any, rnd
         raise MessageError(f"receivers: must be a list of ints, got {type(receivers).__name__}")
     if len(receivers) > MAX_RECEIVERS:
         raise MessageError(f"receivers: {len(receivers)} receivers, at most {MAX_RECEIVERS}")
-    recv = tuple(_int_field(f"receivers[{i}]", r) for i, r in enumerate(receivers))
+    recv = tuple(receivers)
+    for r in recv:  # fast path; on anything unusual redo it with per-entry names and conversions
+        if type(r) is not int or not 0 <= r <= MAX_INT:
+            recv = tuple(_int_field(f"receivers[{i}]", r) for i, r in enumerate(receivers))
+            break
     if len(set(recv)) != len(recv):
         raise MessageError("receivers: duplicate receiver ids")
     return (kind, sender, recv, _int_field("episode", episode), _int_field("step", step),
