@@ -71,14 +71,15 @@ class RoutingConfig:
 
     kind: str = "dense"
     k: int = 8  # top-k: senders kept per receiver
+    candidates: int = 0  # top-k: senders each receiver scores (0 = all: exact, O(N^2); C > 0: O(N C))
     degree: int = 4  # random graph: senders per receiver
     self_loops: bool = True  # may an expert hear its own last message
 
     def validate(self):
         if self.kind not in ROUTINGS:
             raise ConfigError(f"routing.kind must be one of {ROUTINGS}, got {self.kind!r}")
-        if self.k < 1 or self.degree < 1:
-            raise ConfigError("routing.k and routing.degree must be >= 1")
+        if self.k < 1 or self.degree < 1 or self.candidates < 0:
+            raise ConfigError("routing.k and routing.degree must be >= 1, routing.candidates >= 0")
 
 
 @dataclass
@@ -166,6 +167,9 @@ class TrainConfig:
     objective: str = "weighted"
     rounds: tuple[int, int] = (1, 1)  # rounds sampled per batch (fixed rule), inclusive
     ponder_cost: float = 0.0  # quorum rule: weight of the rounds-used penalty
+    horizon: tuple[int, int] = (0, 0)  # episode length drawn per batch from [lo, hi] (0 = task.steps)
+    tbptt: int = 0  # back-propagate through at most this many inner steps (0 = the whole episode)
+    init_from: str = ""  # start from this checkpoint's weights (fine-tuning)
     stages: list[Stage] = field(default_factory=list)
     threads: int = 1
     log_every: int = 50
@@ -180,6 +184,11 @@ class TrainConfig:
         lo, hi = self.rounds
         if not 1 <= lo <= hi:
             raise ConfigError("train.rounds must be a range [lo, hi] with 1 <= lo <= hi")
+        lo, hi = self.horizon
+        if not (lo == hi == 0 or 1 <= lo <= hi):
+            raise ConfigError("train.horizon must be [0, 0] (the task's steps) or [lo, hi] with 1 <= lo <= hi")
+        if self.tbptt < 0:
+            raise ConfigError("train.tbptt must be >= 0")
         return self
 
 

@@ -17,7 +17,7 @@ from .config import AgentConfig
 from .membrane import KIND_FEEDBACK, KIND_OBSERVATION
 from .policy_card import OnnxPolicy
 from .rollout import AgentState, Wiring, agent_step, initial_state, sample_wiring
-from .routing import membrane_masks, topology
+from .routing import Neighbors, membrane_masks, topology
 from .tasks import guessing
 from .xp import NumpyOps
 
@@ -166,7 +166,9 @@ class Agent:
         """Everything needed to continue this agent exactly (arrays + small metadata)."""
         w, st, ep = self.wiring, self.state, self.episode
         return {"t": self.t, "seed": self.seed, "feedback": self.feedback, "h": st.h, "heads": st.heads,
-                "noise": w.noise, "ids": w.ids, "route_mask": w.route_mask, "targets": ep.targets,
+                "noise": w.noise, "ids": w.ids, "targets": ep.targets,
+                "route_mask": w.route_mask if isinstance(w.route_mask, np.ndarray) else None,
+                "route_neighbors": w.route_mask.idx if isinstance(w.route_mask, Neighbors) else None,
                 "out_addr": ep.out_addr, "slot_addr": ep.slot_addr, "rng": self._rng.bit_generator.state}
 
     def restore(self, snap: dict):
@@ -179,8 +181,10 @@ class Agent:
         self._rng.bit_generator.state = snap["rng"]
         B, N, _ = h.shape
         can_sense, can_push = membrane_masks(self.cfg.routing, N)
-        self.wiring = Wiring(np.asarray(snap["noise"], np.float32), snap["route_mask"], can_sense, can_push,
-                             snap["ids"])
+        route = snap["route_mask"]
+        if snap.get("route_neighbors") is not None:
+            route = Neighbors(np.asarray(snap["route_neighbors"], np.int64))
+        self.wiring = Wiring(np.asarray(snap["noise"], np.float32), route, can_sense, can_push, snap["ids"])
         vis = guessing._visibility(self.feedback, N, snap["out_addr"].shape[1])
         self.episode = guessing.Episode(self.feedback, snap["targets"], snap["out_addr"], snap["slot_addr"], vis, N)
         self.state = AgentState(h, np.asarray(snap["heads"], np.float32))

@@ -44,7 +44,7 @@ class Wiring:
     """Per-episode structure of an agent: topology, membrane roles, identities, initial noise."""
 
     noise: np.ndarray  # [B, N, H] standard normal: each expert's own initial state
-    route_mask: np.ndarray | None  # [B, N, N] or None (everyone hears everyone)
+    route_mask: np.ndarray | routing.Neighbors | None  # [B, N, N] bool, sender lists, or None (all)
     can_sense: np.ndarray  # [N] bool
     can_push: np.ndarray  # [N] bool
     ids: np.ndarray | None = None  # [B, N, id_dim] identity features
@@ -102,7 +102,9 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
                             None if vis is None else ops.asbool(vis))
     if wiring.ids is not None:
         sensed = ops.concat([sensed, ops.asarray(wiring.ids)], axis=-1)
-    mask = None if wiring.route_mask is None else ops.asbool(wiring.route_mask)
+    mask = wiring.route_mask
+    if isinstance(mask, np.ndarray):
+        mask = ops.asbool(mask)
 
     h, hd = state.h, state.heads
     active = ops.ones_bool((B,))
@@ -113,9 +115,12 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
         inbox, w_route = routing.route(ops, cfg.routing, heads["query"], heads["key"], heads["value"], mask)
         h_new, hd_new = policy.step(h.reshape(B * N, H), inbox.reshape(B * N, -1), sensed.reshape(B * N, -1))
         h_new, hd_new = h_new.reshape(B, N, H), hd_new.reshape(B, N, -1)
-        a = active[:, None, None]
         prev_value = heads["value"]
-        h, hd = ops.where(a, h_new, h), ops.where(a, hd_new, hd)
+        if r == 0:  # every episode takes the first round
+            h, hd = h_new, hd_new
+        else:  # episodes that agreed keep their state
+            a = active[:, None, None]
+            h, hd = ops.where(a, h_new, h), ops.where(a, hd_new, hd)
         used = used + ops.float_(active)
         new_heads = split_heads(spec, hd)
         active = agreement.still_talking(ops, acfg, r + 1, active, prev_value, new_heads["value"],

@@ -9,6 +9,9 @@ runs in numpy (deploy) and torch (training).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 from .config import ConfigError, RoutingConfig
@@ -41,12 +44,53 @@ def membrane_masks(cfg: RoutingConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
     return r == 0, r == 2
 
 
-def topology(cfg: RoutingConfig, n: int, batch: int, rng: np.random.Generator | None = None) -> np.ndarray | None:
-    """The mask of allowed (receiver, sender) pairs, or None for 'everyone hears everyone'."""
-    if cfg.kind in ("dense", "topk") and n * n * batch > MAX_DENSE_ENTRIES:
+@dataclass
+class Neighbors:
+    """A sparse topology: receiver m of episode b may hear senders idx[b, m, :] (and only them)."""
+
+    idx: np.ndarray  # [B, N, C] int64
+
+    @property
+    def shape(self):
+        return self.idx.shape
+
+
+# Random graphs up to this size draw distinct senders exactly (O(N^2) keys); larger ones draw
+# with replacement (O(N C)), where a repeated sender is rare and harmless.
+EXACT_DRAW_MAX_N = 2048
+
+
+def _draw_senders(rng: np.random.Generator, batch: int, n: int, c: int) -> np.ndarray:
+    """c senders per receiver, never the receiver itself: [B, N, c]."""
+    if n <= EXACT_DRAW_MAX_N:
+        keys = rng.random((batch, n, n))
+        keys[:, np.arange(n), np.arange(n)] = np.inf
+        return np.sort(np.argsort(keys, axis=-1)[..., :c], axis=-1)
+    draw = rng.integers(0, n - 1, size=(batch, n, c))
+    return draw + (draw >= np.arange(n)[None, :, None])  # skip the receiver's own index
+
+
+def _neighbors(cfg: RoutingConfig, rng, batch: int, n: int, c: int) -> Neighbors:
+    c = min(c, n - 1)
+    idx = _draw_senders(rng, batch, n, c) if c > 0 else np.zeros((batch, n, 0), np.int64)
+    if cfg.self_loops or c == 0:
+        own = np.broadcast_to(np.arange(n)[None, :, None], (batch, n, 1))
+        idx = np.concatenate([own, idx], axis=-1)
+    return Neighbors(idx.astype(np.int64))
+
+
+def topology(cfg: RoutingConfig, n: int, batch: int, rng: np.random.Generator | None = None):
+    """Who may hear whom: None (everyone hears everyone), a bool mask [B, N, N], or Neighbors."""
+    sparse = (cfg.kind == "random") or (cfg.kind == "topk" and 0 < cfg.candidates < n)
+    if sparse:
+        if rng is None:
+            raise ConfigError(f"{cfg.kind} routing needs a random generator to draw its graph")
+        return _neighbors(cfg, rng, batch, n, cfg.degree if cfg.kind == "random" else cfg.candidates)
+    if n * n * batch > MAX_DENSE_ENTRIES:
         raise ConfigError(
             f"{cfg.kind} routing scores every pair of experts: batch {batch} x {n}^2 = {batch * n * n:,} "
-            f"scores exceeds the limit of {MAX_DENSE_ENTRIES:,}; use fewer experts or a smaller batch"
+            f"scores exceeds the limit of {MAX_DENSE_ENTRIES:,}; use top-k routing with candidates "
+            f"(routing.candidates = C scores C senders per receiver), fewer experts or a smaller batch"
         )
     eye = np.eye(n, dtype=bool)
     if cfg.kind in ("dense", "topk", "homogeneous"):
@@ -66,21 +110,6 @@ def topology(cfg: RoutingConfig, n: int, batch: int, rng: np.random.Generator | 
         else:
             allowed &= ~eye if n > 1 else allowed
         return np.broadcast_to(allowed, (batch, n, n)).copy()
-    if cfg.kind == "random":
-        if rng is None:
-            raise ConfigError("random routing needs a random generator to draw its graph")
-        m = np.zeros((batch, n, n), dtype=bool)
-        others = n - 1
-        deg = min(cfg.degree, others)
-        if deg > 0:
-            # for each receiver pick `deg` distinct senders other than itself
-            keys = rng.random((batch, n, n))
-            keys[:, eye] = np.inf
-            picks = np.argsort(keys, axis=-1)[..., :deg]
-            np.put_along_axis(m, picks, True, axis=-1)
-        if cfg.self_loops or n == 1:
-            m |= eye
-        return m
     raise ConfigError(f"unknown routing kind {cfg.kind!r}")
 
 
@@ -88,8 +117,11 @@ def route(ops, cfg: RoutingConfig, query, key, value, mask=None):
     """Deliver messages: inbox[b, r] = sum_s w[b, r, s] * value[b, s].
 
     query, key: [B, N, Dk]; value: [B, N, Dm]; mask: [B, N, N] bool or None.
-    Returns (inbox [B, N, Dm], weights [B, N, N]).
+    Returns (inbox [B, N, Dm], weights [B, N, N]); with a ``Neighbors`` topology the
+    weights are [B, N, C] over each receiver's listed senders.
     """
+    if isinstance(mask, Neighbors):
+        return _route_sparse(ops, cfg, query, key, value, mask.idx)
     n = value.shape[-2]
     if cfg.kind == "homogeneous":
         if mask is None:
@@ -106,3 +138,25 @@ def route(ops, cfg: RoutingConfig, query, key, value, mask=None):
         mask = keep if mask is None else (keep & mask)
     w = softmax(ops, scores, mask, axis=-1)
     return ops.matmul(w, value), w
+
+
+def _route_sparse(ops, cfg: RoutingConfig, query, key, value, idx):
+    """Routing over listed senders: the same attention, O(N C) instead of O(N^2).
+
+    Top-k scores the C listed senders with their keys, then gathers the values of the
+    k kept ones only. Returned weights are over the kept senders ([B, N, k]) for top-k,
+    over all listed senders ([B, N, C]) otherwise.
+    """
+    c = idx.shape[-1]
+    if cfg.kind == "homogeneous":
+        w = ops.zeros(idx.shape) + (1.0 / c)
+    else:
+        keys = ops.gather_rows(key, idx)  # [B, N, C, Dk]
+        scores = ops.matmul(keys, query[..., None])[..., 0] * (1.0 / math.sqrt(query.shape[-1]))
+        if cfg.kind == "topk" and cfg.k < c:
+            pos = ops.topk_indices(ops.detach(scores), cfg.k, axis=-1)
+            scores = ops.take_along(scores, pos, axis=-1)
+            idx = np.take_along_axis(idx, ops.to_numpy(pos), axis=-1)
+        w = softmax(ops, scores, None, axis=-1)
+    vals = ops.gather_rows(value, idx)  # [B, N, k or C, Dm]
+    return ops.matmul(w[..., None, :], vals)[..., 0, :], w

@@ -91,6 +91,21 @@ class NumpyOps:
     def item_any(self, x) -> bool:
         return bool(np.any(x))
 
+    def gather_rows(self, x, idx):
+        """x [B, N, D], idx [B, M, C] int -> x[b, idx[b, m, c]]: [B, M, C, D]."""
+        B, N, D = x.shape
+        flat = np.ascontiguousarray(x).reshape(B * N, D)
+        if B > 1:
+            idx = idx + (np.arange(B) * N)[:, None, None]
+        return np.take(flat, idx, axis=0)
+
+    def topk_indices(self, x, k, axis=-1):
+        """Positions of the k largest entries along the last axis (any order)."""
+        return np.argpartition(-x, k - 1, axis=axis)[..., :k]
+
+    def take_along(self, x, idx, axis=-1):
+        return np.take_along_axis(x, idx, axis=axis)
+
     def float_(self, x):
         return x.astype(self.dtype, copy=False)
 
@@ -189,6 +204,18 @@ class TorchOps:
 
     def item_any(self, x) -> bool:
         return bool(x.any().item())
+
+    def gather_rows(self, x, idx):
+        t = self.torch
+        idx = t.as_tensor(idx, dtype=t.long, device=x.device)
+        return x[t.arange(x.shape[0], device=x.device)[:, None, None], idx]
+
+    def topk_indices(self, x, k, axis=-1):
+        return self.torch.topk(x, k, dim=axis).indices
+
+    def take_along(self, x, idx, axis=-1):
+        t = self.torch
+        return t.take_along_dim(x, t.as_tensor(idx, dtype=t.long, device=x.device), dim=axis)
 
     def float_(self, x):
         return x.to(self.dtype)

@@ -40,13 +40,14 @@ def pair(tiny_run, tiny_policy):
     feedback=st.sampled_from(["scalar", "per_dim", "one_expert"]),
     seed=st.integers(0, 2**16),
     k=st.integers(1, 6),
+    candidates=st.sampled_from([0, 2, 5]),
 )
-def test_rollout_parity_with_torch(pair, routing, rule, rounds, n, d, feedback, seed, k):
+def test_rollout_parity_with_torch(pair, routing, rule, rounds, n, d, feedback, seed, k, candidates):
     """Same seeds, episodes, N, d, rounds and routing: the ONNX engine equals torch to 1e-5.
 
     N and d range past the tiny policy's training range (d in [2, 3], N in [3, 5])."""
     tp, op, cfg = pair
-    agent = AgentConfig(policy=cfg.agent.policy, routing=type(cfg.agent.routing)(kind=routing, k=k, degree=k),
+    agent = AgentConfig(policy=cfg.agent.policy, routing=type(cfg.agent.routing)(kind=routing, k=k, degree=k, candidates=candidates),
                         agreement=type(cfg.agent.agreement)(rule=rule, rounds=rounds, eps=1e-2))
     task = type(cfg.task)(**{**cfg.task.__dict__, "feedback": feedback})
     kw = dict(dims=d, experts=n, episodes=6, seed=seed, steps=5)
@@ -170,3 +171,45 @@ def test_eval_cli_same_json_for_checkpoint_and_policy(tiny_run, tiny_policy, cap
         assert key in a
     assert a["optimizer"]["name"] == "adam"  # per-dim feedback: Adam baseline
     assert main(["eval", "--policy", str(tiny_policy), "--dims", "0"]) == 2
+
+
+def test_snapshot_restore_continues_exactly(tiny_policy):
+    from badger_runtime.config import RoutingConfig
+
+    pol = load_policy(tiny_policy)
+    for routing in (RoutingConfig(kind="random", degree=2), RoutingConfig(kind="topk", k=2, candidates=3),
+                    RoutingConfig(kind="hardwired")):
+        cfg = AgentConfig(policy=pol.spec, routing=routing, agreement=pol.agent.agreement)
+        a = Agent(pol, cfg).reset(batch=2, experts=7, dims=3, seed=5)
+        obs = np.zeros((2, a.slots), np.float32)
+        a.step(obs)
+        a.add_experts(2, init="clone")
+        snap = a.snapshot()
+        b = Agent(pol, cfg).restore(snap)
+        for _ in range(3):
+            oa, _ = a.step(obs)
+            ob, _ = b.step(obs)
+            assert np.array_equal(oa, ob)
+        assert a.n_experts == b.n_experts == 9
+
+
+def test_growing_and_shrinking_keep_the_agent_running(tiny_policy):
+    pol = load_policy(tiny_policy)
+    a = Agent(pol).reset(batch=1, experts=4, dims=2, seed=0)
+    obs = np.zeros((1, a.slots), np.float32)
+    a.step(obs)
+    h_before = a.state.h.copy()
+    new = a.add_experts(3, init="clone", source=1)
+    assert new == [4, 5, 6] and a.n_experts == 7
+    assert np.array_equal(a.state.h[:, 4], h_before[:, 1])  # a clone starts as its source
+    a.add_experts(1, init="fresh")
+    assert a.remove_experts([0, 2]) == 6
+    out, _ = a.step(obs)
+    assert out.shape == (1, 2) and np.isfinite(out).all()
+    with pytest.raises(InputError):
+        a.remove_experts(range(6))
+    with pytest.raises(InputError):
+        a.add_experts(1, init="copy")
+    with pytest.raises(InputError):
+        a.remove_experts([99])
+    assert a.n_experts == 6

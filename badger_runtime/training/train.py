@@ -65,6 +65,30 @@ def lr_at(cfg: ExperimentConfig, batch: int) -> float:
     return lr
 
 
+def _episode_loss(cfg: ExperimentConfig, ops, policy, ep, wiring, steps: int, rounds: int):
+    """Roll out one batch and back-propagate its loss (in chunks of ``tbptt`` steps if set).
+
+    Returns (error per step [T] detached, total loss)."""
+    chunk = cfg.train.tbptt or steps
+    weights = objective_weights(cfg.train.objective, steps)
+    state, guess, per_step, total = None, None, [], 0.0
+    for t0 in range(0, steps, chunk):
+        k = min(chunk, steps - t0)
+        res = rollout(ops, policy, cfg.agent, ep, wiring, steps=k, rounds=rounds, state=state, prev_guess=guess,
+                      t0=t0)
+        errs = res.errors.mean(dim=1)
+        loss = (weights[t0 : t0 + k] * errs).sum()
+        if cfg.train.ponder_cost:
+            loss = loss + cfg.train.ponder_cost * res.rounds.mean() * k / steps
+        loss.backward()
+        total += float(loss.detach())
+        per_step.append(errs.detach())
+        # cut the graph: the next chunk starts from the detached state
+        state = type(res.state)(res.state.h.detach(), res.state.heads.detach())
+        guess = res.guesses[-1].detach()
+    return torch.cat(per_step), torch.tensor(total)
+
+
 def _atomic_save(obj, path: Path):
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as f:
@@ -113,6 +137,12 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     policy = ExpertPolicy(cfg.agent.policy)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.train.lr)
     start, wall = 0, 0.0
+    if cfg.train.init_from:
+        src_policy, _ = policy_from_checkpoint(load_checkpoint(cfg.train.init_from))
+        try:
+            policy.load_state_dict(src_policy.state_dict())
+        except RuntimeError as e:
+            raise ConfigError(f"train.init_from: {cfg.train.init_from} does not fit this policy: {e}") from None
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
         if ck["config"] != to_dict(cfg):
@@ -150,18 +180,15 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
             d = int(rng.integers(task.dims[0], task.dims[1] + 1))
             n = int(rng.integers(task.experts[0], task.experts[1] + 1))
             rounds = int(rng.integers(cfg.train.rounds[0], cfg.train.rounds[1] + 1))
-            ep = guessing.sample(rng, task, cfg.train.batch_size, d, n, spec.addr_dim,
+            lo, hi = cfg.train.horizon
+            steps = int(rng.integers(lo, hi + 1)) if hi else task.steps
+            ep = guessing.sample(rng, task, cfg.train.batch_size, d, n, spec.addr_dim, steps=steps,
                                  addresses=fixed_address_table(task, d, spec.addr_dim))
             wiring = sample_wiring(rng, cfg.agent, cfg.train.batch_size, n)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, b)
-            res = rollout(ops, policy, cfg.agent, ep, wiring, steps=task.steps, rounds=rounds)
-            per_step = res.errors.mean(dim=1)  # [T]
-            loss = (objective_weights(cfg.train.objective, task.steps) * per_step).sum()
-            if cfg.train.ponder_cost:
-                loss = loss + cfg.train.ponder_cost * res.rounds.mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            per_step, loss = _episode_loss(cfg, ops, policy, ep, wiring, steps, rounds)
             gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.clip)
             if not math.isfinite(float(gnorm)):
                 log(f"batch {b}: non-finite gradient, step skipped")

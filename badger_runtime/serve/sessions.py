@@ -1,0 +1,501 @@
+"""The served agent without any IO: validated request dicts in, reply dicts out.
+
+``SessionManager.handle(request)`` takes a request checked by ``protocol.validate_request``
+and returns ``protocol.reply_ok`` / ``reply_error``. It owns one ``engine.Agent`` (batch 1)
+per session, checkpoints every change to the ``SessionStore`` before it replies, and
+restores every session from the store at start. Nothing a client sends can raise out of
+``handle``: bad input is an error reply and leaves the session as it was.
+
+Thread-safety: the server calls ``handle`` from worker threads. The session table and the
+metrics have their own locks; each session has a lock held for a whole request, so the
+requests of one session are serialised and different sessions run side by side.
+
+Reply bodies and error codes are documented in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..config import ConfigError
+from ..engine import Agent, InputError
+from ..evaluation import fixed_address_table
+from .protocol import reply_error, reply_ok
+from .store import FORMAT, FORMAT_VERSION, SessionStore, StoreError, agent_record, restore_agent
+from .telemetry import Metrics, no_log
+
+# error codes (besides protocol's bad_frame / bad_request / unknown_kind)
+E_BAD_REQUEST = "bad_request"  # a body field missing, unknown or of the wrong type
+E_BAD_INPUT = "bad_input"  # values the agent refuses: shapes, dtypes, NaN/inf, ranges
+E_NO_SESSION = "no_session"
+E_SESSION_EXISTS = "session_exists"
+E_LIMIT = "limit"  # too many sessions / experts / dims / rounds
+E_WRONG_STEP = "wrong_step"  # the request's "t" (or "episode") is not where the session is
+E_STORAGE = "storage"  # the checkpoint could not be written; the change was undone
+E_INTERNAL = "internal"
+
+SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+MAX_SEED = (1 << 63) - 1
+
+
+class ServeError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Limits:
+    max_sessions: int = 1024
+    max_experts: int = 1024  # per session (dense routing scores N^2 pairs)
+    max_dims: int = 256
+    max_rounds: int = 64
+
+
+@dataclass
+class Session:
+    name: str
+    agent: Agent
+    seed: int  # the open request's seed; episode k's default seed is seed + k
+    rounds: int | None  # communication rounds per step (None: the policy's)
+    created: float
+    updated: float
+    episode: int = 0
+    steps_total: int = 0  # over all episodes
+    last_outputs: np.ndarray | None = None  # the latest step's outputs [d]
+    pending: int = 0  # steps since the last checkpoint
+    writes: int = 0
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def dims(self) -> int:
+        return self.agent.episode.dims
+
+    @property
+    def feedback_size(self) -> int:
+        return 1 if self.agent.feedback == "scalar" else self.dims
+
+    # the fields a failed checkpoint write must put back, besides the agent's
+    _UNDO = ("agent", "seed", "rounds", "updated", "episode", "steps_total", "last_outputs", "pending")
+
+
+# ---- body field checks -------------------------------------------------------------------------
+
+def _check_keys(body: dict, allowed: set[str]):
+    extra = body.keys() - allowed
+    if extra:
+        raise ServeError(E_BAD_REQUEST, f"unknown body fields {sorted(str(k)[:40] for k in extra)} "
+                                        f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
+
+
+def _int(body: dict, key: str, default: Any = ..., lo: int = 0, hi: int = MAX_SEED, code: str = E_BAD_INPUT):
+    if key not in body or body[key] is None:
+        if default is ...:
+            raise ServeError(E_BAD_REQUEST, f"body field {key!r} is required")
+        return default
+    v = body[key]
+    if type(v) is not int:
+        raise ServeError(E_BAD_REQUEST, f"body field {key!r} must be an int, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise ServeError(code, f"body field {key!r} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _vector(name: str, x: Any, size: int) -> np.ndarray:
+    """A float vector of ``size`` values from a float32/float64 array, a list of numbers, or
+    (size 1) a bare number. Shape, dtype and type errors are InputError."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind != "f":
+            raise InputError(f"{name} must be float32 or float64, got {x.dtype.name}")
+        a = x
+    elif isinstance(x, list):
+        if not all(type(v) in (int, float) for v in x):
+            bad = next(type(v).__name__ for v in x if type(v) not in (int, float))
+            raise InputError(f"{name} must be a list of numbers, found a {bad}")
+        a = np.asarray(x, dtype=np.float64) if x else np.zeros(0)
+    elif type(x) in (int, float) and size == 1:
+        a = np.asarray([x], dtype=np.float64)
+    else:
+        raise InputError(f"{name} must be an array or a list of {size} numbers, got {type(x).__name__}")
+    if a.shape != (size,):
+        raise InputError(f"{name} must have shape [{size}], got {list(a.shape)}")
+    return a
+
+
+# ---- the manager -----------------------------------------------------------------------------------
+
+class SessionManager:
+    """Sessions of one policy, keyed by name; see the module docstring."""
+
+    def __init__(self, policy, store: SessionStore | None = None, *, limits: Limits | None = None,
+                 default_experts: int | None = None, checkpoint_every: int = 1,
+                 log: Callable[..., None] = no_log, metrics: Metrics | None = None):
+        self.policy = policy
+        self.store = store
+        self.limits = limits or Limits()
+        t = policy.task
+        self.default_experts = default_experts or (t.experts[0] if t.experts[0] == t.experts[1] else 20)
+        if checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0")
+        self.checkpoint_every = checkpoint_every
+        self.log = log
+        self.metrics = metrics or Metrics()
+        self.sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.ready = store is None  # a store-backed manager is ready once restore_all() ran
+        # the server adds its view here (connections, draining, tasks); called on stats/health
+        self.status_hook: Callable[[], dict] = dict
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def handle(self, req: dict) -> dict:
+        kind, rid = req["kind"], req["id"]
+        t0 = time.perf_counter()
+        try:
+            fn = getattr(self, "_k_" + kind, None)
+            if fn is None:
+                raise ServeError("unknown_kind", f"request kind {kind!r} is not served")
+            reply = reply_ok(rid, fn(req["session"], req["body"]))
+        except ServeError as e:
+            reply = reply_error(rid, e.code, str(e))
+        except (InputError, ConfigError) as e:
+            reply = reply_error(rid, E_BAD_INPUT, str(e))
+        except Exception as e:  # a bug: answer it, log it, keep serving
+            self.log("error", "internal_error", kind=kind, session=req.get("session"),
+                     error=f"{type(e).__name__}: {e}")
+            reply = reply_error(rid, E_INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        self.metrics.inc(f"requests.{kind}")
+        if not reply["ok"]:
+            self.metrics.inc(f"errors.{reply['error']['code']}")
+        self.metrics.observe(kind, time.perf_counter() - t0)
+        return reply
+
+    def _get(self, name: str | None) -> Session:
+        if name is None:
+            raise ServeError(E_BAD_REQUEST, "this request needs a 'session'")
+        with self._lock:
+            s = self.sessions.get(name)
+        if s is None:
+            raise ServeError(E_NO_SESSION, f"no session {name[:80]!r}")
+        return s
+
+    def _locked(self, name: str | None, fn: Callable[[Session], dict]) -> dict:
+        s = self._get(name)
+        with s.lock:
+            if s.closed:
+                raise ServeError(E_NO_SESSION, f"no session {name[:80]!r} (closed)")
+            return fn(s)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def record(self, s: Session) -> dict:
+        """The session's record: what its checkpoint holds and ``snapshot`` returns."""
+        return {"format": FORMAT, "version": FORMAT_VERSION, "session": s.name,
+                "policy": {"name": self.policy.name, "sha256": self.policy.card.get("sha256")},
+                "created": s.created, "updated": s.updated, "seed": s.seed, "rounds": s.rounds,
+                "episode": s.episode, "steps_total": s.steps_total, "last_outputs": s.last_outputs,
+                "agent": agent_record(s.agent)}
+
+    def _write(self, s: Session):
+        if self.store is None:
+            s.pending = 0
+            return
+        t0 = time.perf_counter()
+        try:
+            self.store.write(s.name, self.record(s))
+        except Exception as e:
+            self.metrics.inc("checkpoint.failed")
+            self.log("error", "checkpoint_failed", session=s.name, error=f"{type(e).__name__}: {e}")
+            raise ServeError(E_STORAGE, f"checkpoint failed ({type(e).__name__}: {e}); the change was undone")
+        self.metrics.observe("checkpoint", time.perf_counter() - t0)
+        self.metrics.inc("checkpoint.writes")
+        s.pending = 0
+        s.writes += 1
+
+    def _commit(self, s: Session, change: Callable[[], Any], *, step: bool = False):
+        """Apply ``change`` to the session, then checkpoint it (steps: every ``checkpoint_every``).
+        If the change raises or the write fails, everything is put back (agent, its generator,
+        the session's fields) and the error propagates (a failed write as ``storage``)."""
+        agent = s.agent
+        saved_agent = dict(agent.__dict__)
+        saved_rng = agent._rng.bit_generator.state
+        saved = {k: getattr(s, k) for k in Session._UNDO}
+        try:
+            out = change()
+            s.updated = time.time()
+            if step:
+                s.pending += 1
+                if not self.checkpoint_every or s.pending < self.checkpoint_every:
+                    return out
+            self._write(s)
+            return out
+        except BaseException:
+            agent.__dict__.clear()
+            agent.__dict__.update(saved_agent)
+            agent._rng.bit_generator.state = saved_rng
+            for k, v in saved.items():
+                setattr(s, k, v)
+            raise
+
+    def checkpoint_all(self) -> int:
+        """Write every session with steps not yet checkpointed (at shutdown); returns how many."""
+        n = 0
+        for s in list(self.sessions.values()):
+            with s.lock:
+                if not s.closed and s.pending:
+                    try:
+                        self._write(s)
+                        n += 1
+                    except ServeError:
+                        pass  # logged by _write
+        return n
+
+    def restore_all(self) -> dict:
+        """Load every checkpoint in the store. A file that cannot be used (corrupt, another
+        version, another policy) is moved to ``rejected/`` and logged; the rest are served."""
+        restored, rejected = [], []
+        if self.store is not None:
+            for name, rec in self.store.load_all():
+                try:
+                    if isinstance(rec, StoreError):
+                        raise rec
+                    s = self._session_from_record(name, rec)
+                except StoreError as e:
+                    where = self.store.reject(name)
+                    self.log("error", "restore_rejected", session=name, error=str(e), moved_to=str(where))
+                    self.metrics.inc("restore.rejected")
+                    rejected.append({"session": name, "error": str(e)})
+                    continue
+                self.sessions[name] = s
+                self.metrics.inc("restore.sessions")
+                self.log("info", "session_restored", session=name, t=s.agent.t, episode=s.episode,
+                         experts=s.agent.n_experts, dims=s.dims)
+                restored.append(name)
+        self.ready = True
+        return {"restored": restored, "rejected": rejected}
+
+    def _session_from_record(self, name: str, rec: Any) -> Session:
+        if not isinstance(rec, dict):
+            raise StoreError("a session record must be a map")
+        if rec.get("format") != FORMAT or rec.get("version") != FORMAT_VERSION:
+            raise StoreError(f"record format {rec.get('format')!r} version {rec.get('version')!r}; "
+                             f"expected {FORMAT!r} version {FORMAT_VERSION}")
+        pol = rec.get("policy")
+        sha = self.policy.card.get("sha256")
+        if not isinstance(pol, dict) or pol.get("sha256") != sha:
+            got = pol.get("sha256") if isinstance(pol, dict) else None
+            raise StoreError(f"record was made with policy sha256 {str(got)[:16]}..., this server runs "
+                             f"{str(sha)[:16]}...")
+        agent = restore_agent(self.policy, rec.get("agent"), max_experts=self.limits.max_experts,
+                              max_dims=self.limits.max_dims)
+        ints = {k: rec.get(k) for k in ("seed", "episode", "steps_total")}
+        if any(type(v) is not int or v < 0 for v in ints.values()):
+            raise StoreError(f"record fields seed, episode, steps_total must be non-negative ints: {ints}")
+        rounds = rec.get("rounds")
+        if rounds is not None and (type(rounds) is not int or not 1 <= rounds <= self.limits.max_rounds):
+            raise StoreError(f"record field rounds must be nil or in [1, {self.limits.max_rounds}]")
+        last = rec.get("last_outputs")
+        if last is not None and (not isinstance(last, np.ndarray) or last.shape != (agent.episode.dims,)
+                                 or not np.isfinite(last).all()):
+            raise StoreError("record field last_outputs must be nil or a finite array [d]")
+        now = time.time()
+        times = [rec.get(k) if type(rec.get(k)) in (int, float) else now for k in ("created", "updated")]
+        return Session(name, agent, ints["seed"], rounds, float(times[0]), float(times[1]), episode=ints["episode"],
+                       steps_total=ints["steps_total"],
+                       last_outputs=None if last is None else np.array(last, np.float32))
+
+    # -- request kinds ---------------------------------------------------------------------------
+    def info(self, s: Session) -> dict:
+        a = s.agent
+        return {"session": s.name, "t": a.t, "episode": s.episode, "experts": a.n_experts, "dims": s.dims,
+                "feedback": a.feedback, "feedback_size": s.feedback_size, "slots": a.slots,
+                "rounds": s.rounds or self.policy.agent.agreement.rounds, "seed": s.seed,
+                "steps_total": s.steps_total, "last_outputs": s.last_outputs}
+
+    def _new_agent(self, experts: int, dims: int, seed: int) -> Agent:
+        addresses = fixed_address_table(self.policy.task, dims, self.policy.spec.addr_dim)
+        return Agent(self.policy).reset(1, experts, dims, seed, addresses=addresses)
+
+    def _k_open(self, name: str | None, body: dict) -> dict:
+        _check_keys(body, {"experts", "dims", "seed", "rounds", "resume", "snapshot"})
+        L = self.limits
+        resume = body.get("resume", False)
+        if type(resume) is not bool:
+            raise ServeError(E_BAD_REQUEST, "body field 'resume' must be a bool")
+        if name is None:
+            name = "s-" + secrets.token_hex(6)
+        elif not SESSION_NAME.fullmatch(name):
+            raise ServeError(E_BAD_REQUEST, "session names are 1-64 characters of A-Z a-z 0-9 _ . - "
+                                            "starting with a letter or digit")
+        if resume:
+            with self._lock:
+                s = self.sessions.get(name)
+            if s is not None:
+                return self._locked(name, lambda s: self.info(s) | {"resumed": True})
+        now = time.time()
+        if "snapshot" in body:
+            if body.keys() & {"experts", "dims", "seed", "rounds"}:
+                raise ServeError(E_BAD_REQUEST, "give either a snapshot or experts/dims/seed/rounds, not both")
+            try:
+                s = self._session_from_record(name, body["snapshot"])
+            except StoreError as e:
+                raise ServeError(E_BAD_INPUT, f"snapshot refused: {e}") from None
+            s.created = s.updated = now
+        else:
+            experts = _int(body, "experts", self.default_experts, 1, L.max_experts, E_LIMIT)
+            dims = _int(body, "dims", ..., 1, L.max_dims, E_LIMIT)
+            seed = _int(body, "seed", 0)
+            rounds = _int(body, "rounds", None, 1, L.max_rounds, E_LIMIT)
+            s = Session(name, self._new_agent(experts, dims, seed), seed, rounds, now, now)
+        with s.lock:
+            with self._lock:
+                if name in self.sessions:
+                    raise ServeError(E_SESSION_EXISTS, f"session {name!r} exists (open with resume=true to attach)")
+                if len(self.sessions) >= L.max_sessions:
+                    raise ServeError(E_LIMIT, f"the server holds its limit of {L.max_sessions} sessions")
+                self.sessions[name] = s
+            try:
+                self._write(s)
+            except ServeError:
+                with self._lock:
+                    del self.sessions[name]
+                raise
+        self.metrics.inc("sessions.opened")
+        self.log("info", "session_opened", session=name, experts=s.agent.n_experts, dims=s.dims, seed=s.seed,
+                 from_snapshot="snapshot" in body)
+        return self.info(s) | {"resumed": False}
+
+    def _k_reset(self, name: str | None, body: dict) -> dict:
+        _check_keys(body, {"seed", "experts", "dims"})
+
+        def reset(s: Session) -> dict:
+            experts = _int(body, "experts", s.agent.n_experts, 1, self.limits.max_experts, E_LIMIT)
+            dims = _int(body, "dims", s.dims, 1, self.limits.max_dims, E_LIMIT)
+            seed = _int(body, "seed", (s.seed + s.episode + 1) % (MAX_SEED + 1))
+            agent = self._new_agent(experts, dims, seed)
+
+            def change():
+                s.agent, s.episode, s.last_outputs, s.pending = agent, s.episode + 1, None, 0
+            self._commit(s, change)
+            return self.info(s)
+        return self._locked(name, reset)
+
+    def _k_step(self, name: str | None, body: dict) -> dict:
+        _check_keys(body, {"observation", "feedback", "slots", "t", "episode"})
+
+        def step(s: Session) -> dict:
+            a = s.agent
+            if "t" in body and _int(body, "t", code=E_BAD_REQUEST) != a.t:
+                raise ServeError(E_WRONG_STEP, f"session {s.name!r} is at step t={a.t} of episode {s.episode}; "
+                                               f"this request is for t={body['t']}")
+            if "episode" in body and _int(body, "episode", code=E_BAD_REQUEST) != s.episode:
+                raise ServeError(E_WRONG_STEP, f"session {s.name!r} is in episode {s.episode} at t={a.t}; "
+                                               f"this request is for episode {body['episode']}")
+            if "slots" in body:
+                if body.keys() & {"observation", "feedback"}:
+                    raise ServeError(E_BAD_REQUEST, "give either slots or observation + feedback, not both")
+                vals = _vector("slots", body["slots"], a.slots)[None]
+            else:
+                if "observation" not in body or "feedback" not in body:
+                    raise ServeError(E_BAD_REQUEST, "a step needs observation and feedback (or slots)")
+                vals = a.observation(_vector("observation", body["observation"], s.dims)[None],
+                                     _vector("feedback", body["feedback"], s.feedback_size)[None])
+
+            def change():
+                out, info = a.step(vals, rounds=s.rounds)
+                s.last_outputs = np.asarray(out[0], np.float32)
+                s.steps_total += 1
+                return int(info.rounds[0])
+            rounds = self._commit(s, change, step=True)
+            self.metrics.inc("steps")
+            n = a.n_experts
+            return {"outputs": s.last_outputs, "t": a.t, "episode": s.episode, "rounds": rounds,
+                    "messages": {"sent": rounds * n, "dropped": 0}, "experts": n}
+        return self._locked(name, step)
+
+    def _k_add_experts(self, name: str | None, body: dict) -> dict:
+        _check_keys(body, {"n", "init", "source"})
+
+        def add(s: Session) -> dict:
+            n = _int(body, "n", 1, 1, self.limits.max_experts, E_LIMIT)
+            if s.agent.n_experts + n > self.limits.max_experts:
+                raise ServeError(E_LIMIT, f"{s.agent.n_experts} + {n} experts exceeds the limit of "
+                                          f"{self.limits.max_experts}")
+            init = body.get("init", "clone")
+            if not isinstance(init, str):
+                raise ServeError(E_BAD_REQUEST, "body field 'init' must be a str")
+            source = _int(body, "source", None, 0, MAX_SEED)
+            idx = self._commit(s, lambda: s.agent.add_experts(n, init=init, source=source))
+            self.metrics.inc("experts.added", n)
+            return {"indices": idx, "experts": s.agent.n_experts, "t": s.agent.t, "episode": s.episode}
+        return self._locked(name, add)
+
+    def _k_remove_experts(self, name: str | None, body: dict) -> dict:
+        _check_keys(body, {"indices"})
+
+        def remove(s: Session) -> dict:
+            idx = body.get("indices")
+            if isinstance(idx, np.ndarray) and idx.dtype.kind == "i" and idx.ndim == 1:
+                idx = idx.tolist()
+            if not isinstance(idx, list) or not idx or not all(type(i) is int for i in idx):
+                raise ServeError(E_BAD_REQUEST, "body field 'indices' must be a non-empty list of ints")
+            left = self._commit(s, lambda: s.agent.remove_experts(idx))
+            self.metrics.inc("experts.removed", len(set(idx)))
+            return {"experts": left, "t": s.agent.t, "episode": s.episode}
+        return self._locked(name, remove)
+
+    def _k_snapshot(self, name: str | None, body: dict) -> dict:
+        _check_keys(body, set())
+
+        def snap(s: Session) -> dict:
+            if s.pending:
+                self._write(s)
+            return {"record": self.record(s)}
+        return self._locked(name, snap)
+
+    def _k_close(self, name: str | None, body: dict) -> dict:
+        _check_keys(body, set())
+
+        def close(s: Session) -> dict:
+            if self.store is not None:
+                try:
+                    self.store.delete(s.name)
+                except OSError as e:
+                    raise ServeError(E_STORAGE, f"cannot delete the checkpoint: {e}") from None
+            s.closed = True
+            with self._lock:
+                self.sessions.pop(s.name, None)
+            self.metrics.inc("sessions.closed")
+            self.log("info", "session_closed", session=s.name, t=s.agent.t, steps_total=s.steps_total)
+            return {"session": s.name, "closed": True, "t": s.agent.t, "episode": s.episode,
+                    "steps_total": s.steps_total}
+        return self._locked(name, close)
+
+    def _k_stats(self, name: str | None, body: dict) -> dict:
+        _check_keys(body, set())
+        if name is not None:
+            return self._locked(name, lambda s: self.info(s) | {
+                "checkpoint": {"writes": s.writes, "pending": s.pending}, "created": s.created,
+                "updated": s.updated})
+        with self._lock:
+            n = len(self.sessions)
+        return {"sessions": n, "uptime_s": round(time.time() - self.started, 3),
+                "policy": {"name": self.policy.name, "sha256": self.policy.card.get("sha256")},
+                "checkpoint_every": self.checkpoint_every,
+                "fsync": bool(self.store and self.store.fsync)} | self.metrics.to_dict() | self.status_hook()
+
+    def _k_health(self, name: str | None, body: dict) -> dict:
+        _check_keys(body, set())
+        extra = self.status_hook()
+        ready = self.ready and not extra.get("draining", False)
+        with self._lock:
+            n = len(self.sessions)
+        return {"status": "ok" if ready else ("draining" if extra.get("draining") else "starting"),
+                "live": True, "ready": ready, "sessions": n, "uptime_s": round(time.time() - self.started, 3)}

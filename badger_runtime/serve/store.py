@@ -1,0 +1,215 @@
+"""Session checkpoints: one versioned file per session, written atomically.
+
+A checkpoint file is::
+
+    magic   8 bytes  b"BADGERSS"
+    version 4 bytes  big-endian unsigned (FORMAT_VERSION)
+    crc32   4 bytes  big-endian unsigned, of the body
+    body    msgpack map: the session record (arrays as the shared codec's array maps)
+
+The record (``session_record``) holds the session's metadata and its agent's snapshot
+(``engine.Agent.snapshot``: expert states, wiring, addresses, the random generator's
+state), so a restored session continues bit for bit. The same record is what the
+``snapshot`` request returns and what ``open`` accepts to restore a session from.
+
+Writes go to ``NAME.ckpt.tmp``, are fsynced, renamed over ``NAME.ckpt``, and the folder is
+fsynced: a reader sees the old file or the new one, never a torn one, and with
+``fsync=True`` the new one survives a power cut once ``write`` returns. Without fsync the
+file still survives the process being killed (the kernel holds the data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..codec import CodecError, packb, unpackb
+from ..engine import Agent, InputError
+
+MAGIC = b"BADGERSS"
+FORMAT = "badger-serve-session"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct(">8sII")
+SUFFIX = ".ckpt"
+FEEDBACKS = ("scalar", "per_dim", "one_expert")
+
+
+class StoreError(ValueError):
+    """A checkpoint that cannot be read or used (bad magic, version, checksum, contents)."""
+
+
+# ---- records ----------------------------------------------------------------------------------
+
+def agent_record(agent: Agent) -> dict:
+    """The agent's snapshot as msgpack-ready values (the generator state as a JSON string:
+    its integers are 128-bit)."""
+    snap = agent.snapshot()
+    snap["rng"] = json.dumps(snap["rng"])
+    return snap
+
+
+def _array(rec: dict, key: str, shape: tuple, dtype=np.float32, optional: bool = False) -> np.ndarray | None:
+    a = rec.get(key)
+    if a is None and optional:
+        return None
+    if not isinstance(a, np.ndarray):
+        raise StoreError(f"agent.{key} must be an array, got {type(a).__name__}")
+    if a.dtype.name != np.dtype(dtype).name:
+        raise StoreError(f"agent.{key} must be {np.dtype(dtype).name}, got {a.dtype.name}")
+    if a.shape != shape:
+        raise StoreError(f"agent.{key} has shape {a.shape}, expected {shape}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise StoreError(f"agent.{key} contains NaN or inf")
+    return np.array(a, dtype=dtype)  # a writable copy of its own
+
+
+def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 16, max_dims: int = 1 << 12) -> Agent:
+    """An ``engine.Agent`` (batch 1) continued from ``agent_record`` output; everything is
+    checked against the policy first, so a bad record raises StoreError, never a crash later."""
+    if not isinstance(rec, dict):
+        raise StoreError(f"agent record must be a map, got {type(rec).__name__}")
+    spec = policy.spec
+    h = rec.get("h")
+    if not isinstance(h, np.ndarray) or h.ndim != 3 or h.shape[0] != 1 or h.shape[2] != spec.hidden:
+        raise StoreError(f"agent.h must be an array [1, N, {spec.hidden}] for this policy, got "
+                         f"{getattr(h, 'shape', type(h).__name__)}")
+    n = h.shape[1]
+    if not 1 <= n <= max_experts:
+        raise StoreError(f"agent has {n} experts; allowed 1..{max_experts}")
+    feedback = rec.get("feedback")
+    if feedback not in FEEDBACKS:
+        raise StoreError(f"agent.feedback must be one of {FEEDBACKS}, got {feedback!r}")
+    targets = rec.get("targets")
+    d = targets.shape[-1] if isinstance(targets, np.ndarray) and targets.ndim == 2 else -1
+    if not 1 <= d <= max_dims:
+        raise StoreError(f"agent.targets must be an array [1, d] with 1 <= d <= {max_dims}")
+    slots = d + (1 if feedback == "scalar" else d)
+    A = spec.addr_dim
+    t, seed = rec.get("t"), rec.get("seed")
+    if type(t) is not int or t < 0 or type(seed) is not int or seed < 0:
+        raise StoreError("agent.t and agent.seed must be non-negative ints")
+    snap = {
+        "t": t, "seed": seed, "feedback": feedback,
+        "h": _array(rec, "h", (1, n, spec.hidden)),
+        "heads": _array(rec, "heads", (1, n, spec.heads_dim)),
+        "noise": _array(rec, "noise", (1, n, spec.hidden)),
+        "ids": _array(rec, "ids", (1, n, spec.id_dim)) if spec.id_dim else None,
+        "route_mask": _array(rec, "route_mask", (1, n, n), bool, optional=True),
+        "targets": _array(rec, "targets", (1, d)),
+        "out_addr": _array(rec, "out_addr", (1, d, A)),
+        "slot_addr": _array(rec, "slot_addr", (1, slots, A)),
+    }
+    try:
+        snap["rng"] = json.loads(rec["rng"])
+        agent = Agent(policy, feedback=feedback).restore(snap)
+    except (KeyError, TypeError, ValueError, InputError) as e:
+        raise StoreError(f"agent record cannot be restored: {type(e).__name__}: {e}") from None
+    return agent
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+def encode(record: dict) -> bytes:
+    body = packb(record)
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body)) + body
+
+
+def decode(data: bytes) -> dict:
+    if len(data) < _HEADER.size:
+        raise StoreError(f"checkpoint of {len(data)} bytes is shorter than its header")
+    magic, version, crc = _HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise StoreError(f"not a session checkpoint (magic {magic!r})")
+    if version != FORMAT_VERSION:
+        raise StoreError(f"checkpoint format version {version}; this server reads version {FORMAT_VERSION}")
+    body = data[_HEADER.size:]
+    if zlib.crc32(body) != crc:
+        raise StoreError("checkpoint checksum mismatch (the file is corrupt)")
+    try:
+        record = unpackb(body, arrays=True, copy=True)
+    except CodecError as e:
+        raise StoreError(f"checkpoint body: {e}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != FORMAT_VERSION:
+        raise StoreError("checkpoint body is not a session record of this version")
+    return record
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SessionStore:
+    """The ``--state-dir``: ``sessions/NAME.ckpt`` per session, ``rejected/`` for files that
+    could not be restored (kept for a human, never deleted)."""
+
+    def __init__(self, root: str | Path, *, fsync: bool = True):
+        self.root = Path(root)
+        self.dir = self.root / "sessions"
+        self.rejected_dir = self.root / "rejected"
+        self.fsync = fsync
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if fsync:
+            _fsync_dir(self.root)
+
+    def path(self, name: str) -> Path:
+        return self.dir / (name + SUFFIX)
+
+    def write(self, name: str, record: dict) -> int:
+        """Atomically replace NAME's checkpoint; returns the bytes written. Raises OSError."""
+        data = encode(record)
+        final = self.path(name)
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+        if self.fsync:
+            _fsync_dir(self.dir)
+        return len(data)
+
+    def delete(self, name: str):
+        try:
+            self.path(name).unlink()
+        except FileNotFoundError:
+            return
+        if self.fsync:
+            _fsync_dir(self.dir)
+
+    def names(self) -> list[str]:
+        return sorted(p.name[: -len(SUFFIX)] for p in self.dir.glob("*" + SUFFIX))
+
+    def load_all(self) -> Iterator[tuple[str, dict | StoreError]]:
+        """(name, record) for every checkpoint, or (name, StoreError) for one that cannot be read.
+        Leftover ``.tmp`` files (a write cut short) are removed: their rename never happened."""
+        for tmp in self.dir.glob("*" + SUFFIX + ".tmp"):
+            tmp.unlink(missing_ok=True)
+        for name in self.names():
+            try:
+                yield name, decode(self.path(name).read_bytes())
+            except StoreError as e:
+                yield name, e
+            except OSError as e:
+                yield name, StoreError(f"cannot read: {e}")
+
+    def reject(self, name: str) -> Path:
+        """Move NAME's checkpoint aside to ``rejected/`` (with a unique suffix); returns where."""
+        self.rejected_dir.mkdir(exist_ok=True)
+        dst = self.rejected_dir / (name + SUFFIX)
+        i = 1
+        while dst.exists():
+            dst = self.rejected_dir / f"{name}{SUFFIX}.{i}"
+            i += 1
+        os.replace(self.path(name), dst)
+        return dst
