@@ -145,6 +145,24 @@ def cmd_export(args):
     print(json.dumps({"onnx": str(args.out), "sha256": card["sha256"], "export": card["export"]}))
 
 
+def cmd_longrun(args):
+    from .longrun import horizon_report, jump_report
+    from .policy_card import load_policy
+
+    pol = load_policy(args.policy)
+    if args.jump_every:
+        a, b = args.jump_every
+        if not 1 <= a <= b:
+            raise ConfigError("--jump-every A B needs 1 <= A <= B")
+        report = jump_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed, jump_every=(a, b),
+                             threshold=args.threshold)
+        if not args.full:
+            report = {k: v for k, v in report.items() if "by_step" not in k}
+    else:
+        report = horizon_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed)
+    print(json.dumps(report, indent=None if args.json else 2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="badger", description="Badger agents: many experts, one shared policy.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -171,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--eval-episodes", type=int, default=1000, help="episodes for the card's evaluation (0: none)")
     x.add_argument("--command-line", default=None, help="the training command, recorded in the card")
     x.set_defaults(fn=cmd_export)
+
+    lr = sub.add_parser("longrun", help="long-horizon stability, or recovery after target jumps (no reset)")
+    lr.add_argument("--policy", required=True)
+    lr.add_argument("--steps", type=int, default=10_000)
+    lr.add_argument("--episodes", type=int, default=100)
+    lr.add_argument("--seed", type=int, default=0)
+    lr.add_argument("--jump-every", type=int, nargs=2, metavar=("A", "B"), default=None,
+                    help="targets jump every U[A, B] steps; report recovery times")
+    lr.add_argument("--threshold", type=float, default=0.05, help="recovered = error back under this")
+    lr.add_argument("--full", action="store_true", help="include the error curves")
+    lr.add_argument("--json", action="store_true", help="one line of JSON")
+    lr.set_defaults(fn=cmd_longrun)
 
     # Subcommands that live beside the code they drive (each module has register(sub)):
     # @register-actors@

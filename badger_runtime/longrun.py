@@ -1,0 +1,133 @@
+"""Agents that run for ever: long-horizon stability and re-adaptation after target jumps.
+
+- ``horizon_report``: error at steps 20, 100, 1000, 10000 of one long episode, and the
+  largest state entry seen (the card's bound says every entry stays in (-1, 1)).
+- ``jump_report``: the non-stationary guessing game (targets jump every U[a, b] steps, the
+  agent is never reset). For each jump: the error just before it, and the recovery time
+  (inner steps from the jump until the error is back under ``threshold``). Compared with
+  the same agent reset at every jump, and the tuned classical optimizer restarted at every
+  jump: both face a fresh episode after each jump, so their recovery time is that of a
+  fresh episode, measured here on fresh episodes of the same targets distribution.
+
+Torch-free: runs the shared rollout with numpy ops and an ONNX policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .evaluation import episode_rngs, fixed_address_table
+from .rollout import initial_state, rollout, sample_wiring
+from .tasks import baselines, guessing
+from .xp import NumpyOps
+
+OPS = NumpyOps()
+
+
+def _experts(task) -> int:
+    return task.experts[0] if task.experts[0] == task.experts[1] else 20
+
+
+def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | None = None,
+                 experts: int | None = None, jump_every: tuple[int, int] = (0, 0), chunk_steps: int = 500):
+    """Run ``episodes`` agents for ``steps`` inner steps without reset.
+
+    Returns (errors [T, E], jumps [T, E] bool or None, max |state| seen)."""
+    task = dataclasses.replace(policy.task, jump_every=tuple(jump_every))
+    d = dims or task.dims[1]
+    n = experts or _experts(task)
+    rng_task, rng_wire = episode_rngs(seed)
+    addresses = fixed_address_table(task, d, policy.spec.addr_dim)
+    ep = guessing.sample(rng_task, task, episodes, d, n, policy.spec.addr_dim, steps=steps, addresses=addresses)
+    wiring = sample_wiring(rng_wire, policy.agent, episodes, n)
+    state, guess = initial_state(OPS, policy, wiring), None
+    errs, hmax = [], 0.0
+    for t0 in range(0, steps, chunk_steps):
+        k = min(chunk_steps, steps - t0)
+        out = rollout(OPS, policy, policy.agent, ep, wiring, steps=k, state=state, prev_guess=guess, t0=t0)
+        state, guess = out.state, out.guesses[-1]
+        hmax = max(hmax, float(np.abs(state.h).max()))
+        errs.append(out.errors)
+    return np.concatenate(errs, axis=0), ep.jumps, hmax
+
+
+def horizon_report(policy, *, steps: int = 10_000, episodes: int = 100, seed: int = 0,
+                   checkpoints=(20, 100, 1000, 10_000)) -> dict:
+    errs, _, hmax = long_rollout(policy, steps=steps, episodes=episodes, seed=seed)
+    mean = errs.mean(axis=1)
+    settled = float(mean[min(19, steps - 1)])
+    return {
+        "policy": policy.name, "steps": steps, "episodes": episodes, "seed": seed,
+        "error_at": {str(s): float(mean[s - 1]) for s in checkpoints if s <= steps},
+        "max_error_after_20": float(mean[20:].max()) if steps > 20 else settled,
+        "max_abs_state": hmax,
+        "finite": bool(np.isfinite(errs).all()),
+    }
+
+
+def recovery_times(errs: np.ndarray, jumps: np.ndarray, threshold: float):
+    """Per jump: (error just before it, steps to get back under threshold or None if censored)."""
+    T, E = errs.shape
+    before, rec, censored = [], [], 0
+    for e in range(E):
+        js = np.flatnonzero(jumps[:, e])
+        ends = list(js[1:]) + [T]
+        for j, end in zip(js, ends):
+            before.append(errs[j - 1, e])
+            below = np.flatnonzero(errs[j:end, e] < threshold)
+            if below.size:
+                rec.append(int(below[0]))
+            else:
+                censored += 1
+    return np.asarray(before), np.asarray(rec), censored
+
+
+def fresh_recovery(errs: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
+    """Recovery time of fresh episodes: first step under threshold (errs [T, E])."""
+    rec, censored = [], 0
+    for e in range(errs.shape[1]):
+        below = np.flatnonzero(errs[:, e] < threshold)
+        if below.size:
+            rec.append(int(below[0]))
+        else:
+            censored += 1
+    return np.asarray(rec), censored
+
+
+def _summary(rec: np.ndarray, censored: int) -> dict:
+    n = len(rec) + censored
+    return {"mean": float(rec.mean()) if len(rec) else None, "median": float(np.median(rec)) if len(rec) else None,
+            "p90": float(np.percentile(rec, 90)) if len(rec) else None, "recovered": len(rec), "jumps": n,
+            "censored_fraction": censored / max(1, n)}
+
+
+def jump_report(policy, *, steps: int = 1000, episodes: int = 200, seed: int = 0, jump_every=(20, 60),
+                threshold: float = 0.05, fresh_steps: int = 60) -> dict:
+    errs, jumps, hmax = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, jump_every=jump_every)
+    before, rec, cens = recovery_times(errs, jumps, threshold)
+    # the same agent, reset at every jump: a fresh episode after each jump
+    fresh_task = dataclasses.replace(policy.task, jump_every=(0, 0))
+    f_errs, _, _ = long_rollout(dataclasses.replace(policy, task=fresh_task), steps=fresh_steps,
+                                episodes=episodes * 4, seed=seed + 1)
+    f_rec, f_cens = fresh_recovery(f_errs, threshold)
+    # the tuned optimizer restarted at every jump
+    targets = np.random.default_rng([seed, 2]).uniform(-1, 1, size=(episodes * 4, policy.task.dims[1]))
+    opt = baselines.tuned(policy.task.feedback, targets.astype(np.float32), fresh_steps, seed=seed)
+    o_curve = np.asarray(opt["mse_by_step"])
+    agent = _summary(rec, cens)
+    reset = _summary(f_rec, f_cens)
+    return {
+        "policy": policy.name, "steps": steps, "episodes": episodes, "seed": seed, "jump_every": list(jump_every),
+        "threshold": threshold,
+        "error_before_jump": {"mean": float(before.mean()), "median": float(np.median(before))},
+        "recovery_steps": {"agent_never_reset": agent, "agent_reset_at_jumps": reset,
+                           "optimizer_restarted": {"name": opt["name"], "param": opt["param"],
+                                                   "mean_curve_steps_to_threshold":
+                                                       baselines.steps_to_reach(o_curve, threshold)}},
+        "ratio_to_reset": (agent["mean"] / reset["mean"]) if agent["mean"] and reset["mean"] else None,
+        "max_abs_state": hmax,
+        "error_by_step_first_episode": [float(v) for v in errs[:, 0]],
+        "mean_error_by_step": [float(v) for v in errs.mean(axis=1)],
+    }

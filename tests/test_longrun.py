@@ -1,0 +1,49 @@
+"""Agents that run for ever: bounded state far past the training horizon, recovery metrics."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from badger_runtime.longrun import fresh_recovery, long_rollout, recovery_times
+from badger_runtime.policy_card import load_policy
+
+SHIPPED = sorted(Path(__file__).resolve().parents[1].joinpath("policies").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_policies_stay_bounded_for_10000_steps(path):
+    pol = load_policy(path)
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert "(-1, 1)" in card["state_bound"]  # the bound the card states ...
+    errs, _, hmax = long_rollout(pol, steps=10_000, episodes=2, seed=0, chunk_steps=2000)
+    assert np.isfinite(errs).all()
+    assert hmax < 1.0  # ... holds
+
+
+def test_there_are_shipped_policies():
+    assert len(SHIPPED) >= 2
+
+
+def test_recovery_times_count_steps_from_each_jump():
+    errs = np.array([[1.0], [0.01], [0.01], [0.9], [0.5], [0.01], [0.8], [0.7]])
+    jumps = np.zeros_like(errs, dtype=bool)
+    jumps[3, 0] = jumps[6, 0] = True
+    before, rec, censored = recovery_times(errs, jumps, 0.05)
+    assert before.tolist() == [0.01, 0.01] and rec.tolist() == [2] and censored == 1
+    rec2, c2 = fresh_recovery(errs[:3], 0.05)
+    assert rec2.tolist() == [1] and c2 == 0
+
+
+def test_longrun_cli_reports_recovery(capsys):
+    from badger_runtime.cli import main
+
+    p = str(SHIPPED[0])
+    assert main(["longrun", "--policy", p, "--steps", "200", "--episodes", "8", "--jump-every", "20", "40",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["recovery_steps"]["agent_reset_at_jumps"]["jumps"] > 0
+    assert main(["longrun", "--policy", p, "--steps", "120", "--episodes", "4", "--json"]) == 0
+    h = json.loads(capsys.readouterr().out)
+    assert set(h["error_at"]) == {"20", "100"} and h["finite"]
