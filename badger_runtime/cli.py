@@ -205,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommands that live beside the code they drive (each module has register(sub)):
     # @register-actors@
     # @register-serve@
-    # @register-demo@
-    # @register-bench@
+    from .demo.cli import register as _reg_demo; _reg_demo(sub)  # noqa: E702
+    from .bench.cli import register as _reg_bench
+
+    _reg_bench(sub)  # other bench kinds register on the returned subparsers
     return p
 
 
