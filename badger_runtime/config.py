@@ -170,6 +170,7 @@ class TrainConfig:
     horizon: tuple[int, int] = (0, 0)  # episode length drawn per batch from [lo, hi] (0 = task.steps)
     tbptt: int = 0  # back-propagate through at most this many inner steps (0 = the whole episode)
     init_from: str = ""  # start from this checkpoint's weights (fine-tuning)
+    continue_prob: float = 0.0  # chance that a batch continues the last batch's agents (never reset)
     stages: list[Stage] = field(default_factory=list)
     threads: int = 1
     log_every: int = 50
@@ -189,6 +190,8 @@ class TrainConfig:
             raise ConfigError("train.horizon must be [0, 0] (the task's steps) or [lo, hi] with 1 <= lo <= hi")
         if self.tbptt < 0:
             raise ConfigError("train.tbptt must be >= 0")
+        if not 0 <= self.continue_prob < 1:
+            raise ConfigError("train.continue_prob must be in [0, 1)")
         return self
 
 

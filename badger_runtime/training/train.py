@@ -26,6 +26,7 @@ from ..tasks import guessing
 from .model import ExpertPolicy, torch_ops
 
 CHECKPOINT_FORMAT = "badger-checkpoint/1"
+MAX_AGE = 5000  # continued agents (train.continue_prob) are reset past this many inner steps
 
 
 def objective_weights(kind: str, steps: int) -> torch.Tensor:
@@ -65,17 +66,20 @@ def lr_at(cfg: ExperimentConfig, batch: int) -> float:
     return lr
 
 
-def _episode_loss(cfg: ExperimentConfig, ops, policy, ep, wiring, steps: int, rounds: int):
+def _episode_loss(cfg: ExperimentConfig, ops, policy, ep, wiring, steps: int, rounds: int, state=None, guess=None,
+                  start: int = 0):
     """Roll out one batch and back-propagate its loss (in chunks of ``tbptt`` steps if set).
 
-    Returns (error per step [T] detached, total loss)."""
+    ``state``/``guess``/``start`` continue agents from an earlier batch (their state is
+    detached: no gradient crosses batches). Returns (error per step [T] detached, total
+    loss, final state, final guess)."""
     chunk = cfg.train.tbptt or steps
     weights = objective_weights(cfg.train.objective, steps)
-    state, guess, per_step, total = None, None, [], 0.0
+    per_step, total = [], 0.0
     for t0 in range(0, steps, chunk):
         k = min(chunk, steps - t0)
         res = rollout(ops, policy, cfg.agent, ep, wiring, steps=k, rounds=rounds, state=state, prev_guess=guess,
-                      t0=t0)
+                      t0=start + t0)
         errs = res.errors.mean(dim=1)
         loss = (weights[t0 : t0 + k] * errs).sum()
         if cfg.train.ponder_cost:
@@ -86,7 +90,7 @@ def _episode_loss(cfg: ExperimentConfig, ops, policy, ep, wiring, steps: int, ro
         # cut the graph: the next chunk starts from the detached state
         state = type(res.state)(res.state.h.detach(), res.state.heads.detach())
         guess = res.guesses[-1].detach()
-    return torch.cat(per_step), torch.tensor(total)
+    return torch.cat(per_step), torch.tensor(total), state, guess
 
 
 def _atomic_save(obj, path: Path):
@@ -172,23 +176,34 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                        TextColumn("{task.fields[info]}"), TimeRemainingColumn())
         bar.start()
         tid = bar.add_task(cfg.name, total=cfg.train.batches, completed=start, info="")
-    window, t_last = [], time.perf_counter()
+    window, t_last, carry = [], time.perf_counter(), None
     with open(metrics_path, "a") as mf:
         for b in range(start, cfg.train.batches):
             t0 = time.perf_counter()
             task, _ = task_at(cfg, b)
-            d = int(rng.integers(task.dims[0], task.dims[1] + 1))
-            n = int(rng.integers(task.experts[0], task.experts[1] + 1))
-            rounds = int(rng.integers(cfg.train.rounds[0], cfg.train.rounds[1] + 1))
             lo, hi = cfg.train.horizon
             steps = int(rng.integers(lo, hi + 1)) if hi else task.steps
-            ep = guessing.sample(rng, task, cfg.train.batch_size, d, n, spec.addr_dim, steps=steps,
-                                 addresses=fixed_address_table(task, d, spec.addr_dim))
-            wiring = sample_wiring(rng, cfg.agent, cfg.train.batch_size, n)
+            go_on = (carry is not None and carry[0] == task and carry[5] < MAX_AGE
+                     and rng.random() < cfg.train.continue_prob)
+            if go_on:  # the same agents live on; a jumping task draws fresh targets (a jump)
+                _, ep, wiring, state, guess, start, d, n, rounds = carry
+                if task.jump_every[1]:  # the episode is indexed by absolute step: cover start + steps
+                    ep = guessing.sample(rng, task, cfg.train.batch_size, d, n, spec.addr_dim, steps=start + steps,
+                                         addresses=fixed_address_table(task, d, spec.addr_dim))
+            else:
+                d = int(rng.integers(task.dims[0], task.dims[1] + 1))
+                n = int(rng.integers(task.experts[0], task.experts[1] + 1))
+                rounds = int(rng.integers(cfg.train.rounds[0], cfg.train.rounds[1] + 1))
+                ep = guessing.sample(rng, task, cfg.train.batch_size, d, n, spec.addr_dim, steps=steps,
+                                     addresses=fixed_address_table(task, d, spec.addr_dim))
+                wiring = sample_wiring(rng, cfg.agent, cfg.train.batch_size, n)
+                state, guess, start = None, None, 0
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, b)
             opt.zero_grad(set_to_none=True)
-            per_step, loss = _episode_loss(cfg, ops, policy, ep, wiring, steps, rounds)
+            per_step, loss, state, guess = _episode_loss(cfg, ops, policy, ep, wiring, steps, rounds, state, guess,
+                                                         start)
+            carry = (task, ep, wiring, state, guess, start + steps, d, n, rounds) if cfg.train.continue_prob else None
             gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.clip)
             if not math.isfinite(float(gnorm)):
                 log(f"batch {b}: non-finite gradient, step skipped")
