@@ -129,7 +129,7 @@ def cmd_export(args):
         from .policy_card import card_paths, load_policy, write_card
 
         pol = load_policy(args.out)
-        t = pol.task
+        t = dataclasses.replace(pol.task, jump_every=(0, 0), steps=20 if pol.task.jump_every[1] else pol.task.steps)
         dims = sorted({t.dims[0], t.dims[1]})
         n = t.experts[0] if t.experts[0] == t.experts[1] else 20
         card["evaluation"] = []
@@ -141,6 +141,14 @@ def cmd_export(args):
                                        "mse_by_step": [round(v, 6) for v in r["mse_by_step"]],
                                        "chance": r["chance"], "mean_solution": r["mean_solution"],
                                        "optimizer": {k: r["optimizer"][k] for k in ("name", "param", "final_mse")}})
+        if pol.task.jump_every[1]:
+            from .longrun import jump_report
+
+            a, b = pol.task.jump_every
+            r = jump_report(pol, steps=1000, episodes=200, seed=0, jump_every=(a, b))
+            card["evaluation_jumps"] = {k: v for k, v in r.items() if "by_step" not in k} | {
+                "command": f"badger longrun --policy {args.out} --steps 1000 --episodes 200 --seed 0 "
+                           f"--jump-every {a} {b} --json"}
         write_card(card, card_paths(args.out)[1])  # the .onnx is unchanged, so its sha256 still holds
     print(json.dumps({"onnx": str(args.out), "sha256": card["sha256"], "export": card["export"]}))
 
@@ -203,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     lr.set_defaults(fn=cmd_longrun)
 
     # Subcommands that live beside the code they drive (each module has register(sub)):
-    # @register-actors@
-    # @register-serve@
+    from .actors.cli import register as _reg_actors; _reg_actors(sub)  # noqa: E702
+    from .serve.cli import register as _reg_serve; _reg_serve(sub)  # noqa: E702
     from .demo.cli import register as _reg_demo; _reg_demo(sub)  # noqa: E702
     from .bench.cli import register as _reg_bench
 
