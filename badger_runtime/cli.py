@@ -18,7 +18,8 @@ TASKS = ("guessing", "dimensions")
 
 def _add_eval_flags(p: argparse.ArgumentParser):
     p.add_argument("--task", choices=TASKS, default=None,
-                   help="guessing: the policy's own task; dimensions: the same with random addresses per episode")
+                   help="default: the policy's own task; guessing: the stationary guessing game with the policy's "
+                        "addresses; dimensions: the same with random addresses per episode")
     p.add_argument("--dims", type=int, default=None, help="d, the number of outputs (default: the trained maximum)")
     p.add_argument("--experts", type=int, default=None, help="N, the number of experts (default: as trained)")
     p.add_argument("--episodes", type=int, default=1000)
@@ -41,6 +42,8 @@ def _resolve(args, agent, task):
     if args.rounds is not None:
         agent.agreement.rounds = args.rounds
     agent.validate()
+    if args.task is not None:  # the stationary game (a policy trained with target jumps runs without them)
+        task = dataclasses.replace(task, jump_every=(0, 0))
     if args.task == "dimensions":
         task = dataclasses.replace(task, addresses="random")
     if args.steps is not None:

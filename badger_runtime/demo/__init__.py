@@ -7,3 +7,9 @@
   per paper figure, each with a caption saying what the paper reports.
 - ``cli.py``: the ``badger demo`` subcommand (rich tables, ``results.json``).
 """
+
+# Defaults live here (not in run.py) so that registering the CLI imports no matplotlib.
+DEFAULT_POLICY = "policies/guessing-converge-v1.onnx"  # paper Fig. 9 setting: the main demo
+DEFAULT_ONE_EXPERT_POLICY = "policies/guessing-one-expert-v1.onnx"  # paper Fig. 6 / 8 setting
+DEFAULT_DIMS_POLICY = "policies/dimensions-v1.onnx"  # paper Fig. 7 setting, and growing
+DEMOS = ("main", "guessing", "dimensions", "growing", "communication")

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
 # Colours after the paper's Fig. 6: orange outputs, green inputs, red targets, blue messages.
 C_OUT, C_IN, C_TGT, C_MSG = "#ff7f0e", "#2ca02c", "#d62728", "#1f77b4"
@@ -66,31 +68,29 @@ def fig6_rollouts(path, *, outputs, targets, inputs, messages, caption: str, tit
     proj = (messages - mu) @ vt[0]  # [T, R, N]
     cols = min(5, R)
     rows = int(np.ceil(R / cols))
-    fig = _figure(3.0 * cols, 3.6 * rows + 1.0)
-    gs = fig.add_gridspec(2 * rows, cols, height_ratios=[3, 1.2] * rows, hspace=0.12, wspace=0.28,
-                          top=0.86, bottom=0.1 + 0.02 * rows, left=0.05, right=0.99)
+    fig = _figure(3.0 * cols, 3.6 * rows + 1.2)
+    outer = fig.add_gridspec(rows, 1, hspace=0.22, top=0.86, bottom=0.1 + 0.02 * rows, left=0.05, right=0.99)
     x = np.arange(T)
     styles = ["-", "--", ":", "-.", (0, (3, 1, 1, 1))]
     span = float(np.max(np.abs(outputs))) * 1.08 + 0.1
     mspan = float(np.max(np.abs(proj))) * 1.1 + 1e-6
-    handles = {}
     for r in range(R):
         i, j = divmod(r, cols)
-        ax = fig.add_subplot(gs[2 * i, j])
-        axm = fig.add_subplot(gs[2 * i + 1, j], sharex=ax)
+        if j == 0:
+            inner = outer[i].subgridspec(2, cols, height_ratios=[3, 1.2], hspace=0.08, wspace=0.28)
+        ax = fig.add_subplot(inner[0, j])
+        axm = fig.add_subplot(inner[1, j], sharex=ax)
         for k in range(d):
             ls = styles[k % len(styles)]
-            handles["input (feedback to expert 0)"], = ax.plot(x, inputs[:, r, k], color=C_IN, lw=0.9, alpha=0.7,
-                                                             ls=ls)
-            handles["output"], = ax.plot(x, outputs[:, r, k], color=C_OUT, lw=1.6, ls=ls, marker=".", ms=3)
-            handles["target"] = ax.axhline(targets[r, k], color=C_TGT, lw=1.0, ls=ls)
+            ax.plot(x, inputs[:, r, k], color=C_IN, lw=0.9, alpha=0.7, ls=ls)
+            ax.plot(x, outputs[:, r, k], color=C_OUT, lw=1.6, ls=ls, marker=".", ms=3)
+            ax.axhline(targets[r, k], color=C_TGT, lw=1.0, ls=ls)
         ax.set_ylim(-span, span)
         ax.set_title(f"rollout {r + 1}", fontsize=9)
         ax.tick_params(labelbottom=False, labelsize=7)
         ax.axvline(T - 1, color="#bbbbbb", lw=0.8, zorder=0)
         for e in range(N):
-            handles["message (1st PC), one line per expert"], = axm.plot(x, proj[:, r, e], color=C_MSG, ls="--",
-                                                                         lw=1.0, alpha=1.0 - 0.25 * e)
+            axm.plot(x, proj[:, r, e], color=C_MSG, ls="--", lw=1.0, alpha=1.0 - 0.6 * e / max(1, N - 1))
         axm.set_ylim(-mspan, mspan)
         axm.tick_params(labelsize=7)
         if i == rows - 1:
@@ -98,8 +98,14 @@ def fig6_rollouts(path, *, outputs, targets, inputs, messages, caption: str, tit
         if j == 0:
             ax.set_ylabel("value", fontsize=8)
             axm.set_ylabel("message", fontsize=8)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=4, fontsize=8.5,
-               bbox_to_anchor=(0.5, 0.935), frameon=False)
+    handles = [Line2D([], [], color=C_OUT, lw=1.8, marker=".", label="agent output"),
+               Line2D([], [], color=C_TGT, lw=1.2, label="target"),
+               Line2D([], [], color=C_IN, lw=1.0, label="input: feedback (output - target) to expert 0"),
+               Line2D([], [], color=C_MSG, lw=1.0, ls="--", label=f"message of each of the {N} experts (1st PC)")]
+    handles += [Line2D([], [], color="#777777", lw=1.0, ls=styles[k % len(styles)], label=f"dim {k}")
+                for k in range(d)]
+    fig.legend(handles=handles, loc="upper center", ncol=4 + min(d, 4), fontsize=8.5, bbox_to_anchor=(0.5, 0.935),
+               frameon=False)
     fig.suptitle(title, fontsize=12, y=0.985)
     _caption(fig, caption, width=190)
     return _save(fig, path, dpi)
@@ -108,31 +114,32 @@ def fig6_rollouts(path, *, outputs, targets, inputs, messages, caption: str, tit
 # --- Fig. 7 -------------------------------------------------------------------------------
 
 
-def fig7_dimensions(path, *, dims, agent, agent_sem, chance, mean_solution, optimizer, optimizer_name: str,
+def fig7_dimensions(path, *, dims, agent, agent_sem, mean_solution, optimizer, optimizer_name: str,
                     trained: tuple[int, int], caption: str, title: str, dpi=None) -> Path:
     """Final-step error vs the number of dimensions d, with chance and mean-solution lines."""
     dims = np.asarray(dims)
     fig = _figure(8.0, 5.6)
     ax = fig.add_axes([0.1, 0.24, 0.86, 0.66])
-    ax.plot(dims, chance, color=C_CHANCE, lw=1.8, label="chance (guess 0)")
+    ax.axhline(1.0, color=C_CHANCE, lw=1.8, label="chance (guess 0): 1.0 in expectation")
     ax.plot(dims, mean_solution, color=C_MEAN, lw=1.6, ls="--", label="mean solution (all outputs = target mean)")
     if optimizer is not None:
         ax.plot(dims, optimizer, color=C_OPT, lw=1.2, ls=":", marker="s", ms=4, label=f"tuned {optimizer_name}")
     ax.errorbar(dims, agent, yerr=agent_sem, color=C_AGENT, lw=2.0, marker="o", ms=6, capsize=3,
                 label="Badger agent (ours)")
     lo, hi = trained
-    top = max(np.max(chance), np.max(agent), np.max(mean_solution)) * 1.12
+    top = max(1.0, np.max(agent), np.max(mean_solution)) * 1.32
     ax.set_ylim(0, top)
-    ax.hlines(top * 0.03, lo, hi, color=C_AGENT, lw=6, alpha=0.5)
-    ax.text((lo + hi) / 2, top * 0.06, f"trained d in [{lo}, {hi}]", ha="center", va="bottom", fontsize=8.5,
-            color=C_AGENT)
+    if lo < hi:
+        ax.axvspan(lo, hi, color="#2ca02c", alpha=0.1, label=f"trained d in [{lo}, {hi}]")
+    else:
+        ax.axvline(lo, color="#2ca02c", lw=6, alpha=0.3, label=f"trained d = {lo}")
     ax.set_xticks(dims)
     ax.set_xlabel("number of dimensions d")
     ax.set_ylabel("error at the last inner step (3 x MSE)")
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8.5, loc="upper left")
-    _caption(fig, caption, width=120)
+    ax.legend(fontsize=8.5, loc="upper left", ncol=2)
+    _caption(fig, caption, width=110)
     return _save(fig, path, dpi)
 
 
@@ -165,8 +172,8 @@ def fig8_communication(path, *, route, route_mean, push_mean, caption: str, titl
             ax.set_ylabel("receiver", fontsize=7)
         if i == rows - 1:
             ax.set_xlabel("sender", fontsize=7)
-    cax = fig.add_subplot(gs[:rows, cols])
-    fig.colorbar(im, cax=cax).set_label("attention weight", fontsize=8)
+    cax = fig.add_subplot(gs[:rows + 1, cols])
+    fig.colorbar(im, cax=cax).set_label("routing attention weight", fontsize=8)
 
     # Every receiver <- sender pair over the steps (mean over episodes), and the push weights.
     ax = fig.add_subplot(gs[rows, :cols])
@@ -178,7 +185,11 @@ def fig8_communication(path, *, route, route_mean, push_mean, caption: str, titl
     ax.set_title("mean over episodes: routing weight of each pair per step", fontsize=9)
     ax.tick_params(labelbottom=False, labelsize=7)
     ax2 = fig.add_subplot(gs[rows + 1, :cols], sharex=ax)
-    ax2.imshow(push_mean.reshape(T, d * N).T, vmin=0, vmax=1, cmap="magma", aspect="auto", interpolation="nearest")
+    im2 = ax2.imshow(push_mean.reshape(T, d * N).T, vmin=0, vmax=1, cmap="magma", aspect="auto",
+                     interpolation="nearest")
+    cb2 = fig.colorbar(im2, cax=fig.add_subplot(gs[rows + 1, cols]))
+    cb2.set_label("push weight", fontsize=8)
+    cb2.ax.tick_params(labelsize=7)
     ax2.set_yticks(range(d * N))
     ax2.set_yticklabels([f"out {k}<-{e}" for k in range(d) for e in range(N)], fontsize=6 if d * N <= 12 else 4)
     ax2.set_title("mean over episodes: which expert drives each output (membrane push weights)", fontsize=9)
@@ -215,8 +226,8 @@ def fig9_convergence(path, *, agent, agent_episodes, optimizer, optimizer_label:
     ax.set_xticks(x if T <= 25 else np.linspace(0, T - 1, 11).astype(int))
     ax.grid(alpha=0.3, which="both")
     ax.set_title(title, fontsize=11)
-    ax.legend(fontsize=8.5, loc="lower left")
-    _caption(fig, caption, width=120)
+    ax.legend(fontsize=8.5, loc="upper right", framealpha=0.92)
+    _caption(fig, caption, width=110)
     return _save(fig, path, dpi)
 
 
@@ -240,31 +251,41 @@ def growing(path, *, experts, curves: dict, chance: dict, mean_solution: dict, t
     if chance:
         ax.axhline(float(np.mean(list(chance.values()))), color=C_CHANCE, lw=1.4, label="chance")
     lo, hi = trained
-    ax.axvspan(lo, hi, color="#2ca02c", alpha=0.1, label=f"trained N in [{lo}, {hi}]")
+    if lo < hi:
+        ax.axvspan(lo, hi, color="#2ca02c", alpha=0.1, label=f"trained N in [{lo}, {hi}]")
+    else:
+        ax.axvline(lo, color="#2ca02c", lw=6, alpha=0.3, label=f"trained N = {lo}")
     ax.set_xscale("log")
     ax.set_xticks(experts)
     ax.set_xticklabels([str(n) for n in experts])
-    ax.minorticks_off()
-    ax.set_ylim(0, None)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("number of experts N (same policy, no retraining)")
-    ax.set_ylabel("error at the last inner step (3 x MSE)")
+    ax.set_ylabel("error at the last inner step (3 x MSE), log scale")
     ax.set_title("growing: more experts than ever seen in training", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, loc="best")
+    ax.legend(fontsize=7.5, loc="center right")
 
     ax2 = fig.add_axes([0.56, 0.25, 0.41, 0.63])
     styles = [("-", "o"), ("--", "^"), (":", "v"), ("-.", "s")]
     for (label, curve), (ls, mk), c in zip(hot.items(), styles, [C_AGENT, C_OPT, "#2ca02c", C_OTHER]):
         ax2.plot(np.arange(len(curve)), curve, ls=ls, marker=mk, ms=3.5, lw=1.6, color=c, label=label)
     ax2.axvline(add_step - 0.5, color="#888888", lw=1.2)
-    ax2.text(add_step - 0.4, 0.98, " experts added", transform=ax2.get_xaxis_transform(), va="top", fontsize=8.5,
-             color="#555555")
+    ax2.text(add_step - 0.4, 0.02, " experts added", transform=ax2.get_xaxis_transform(), va="bottom",
+             fontsize=8.5, color="#555555")
     ax2.set_yscale("log")
+    ax2.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax2.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax2.yaxis.set_minor_formatter(NullFormatter())
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_xlabel("inner step")
     ax2.set_ylabel("error (3 x MSE), log scale")
     ax2.set_title(hot_note, fontsize=10)
     ax2.grid(alpha=0.3, which="both")
-    ax2.legend(fontsize=8, loc="best")
+    ax2.legend(fontsize=8, loc="upper right")
     fig.suptitle(title, fontsize=12, y=0.975)
     _caption(fig, caption, width=190)
     return _save(fig, path, dpi)

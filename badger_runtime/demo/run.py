@@ -1,0 +1,506 @@
+"""The sub-demos of `badger demo`: the paper's experiments re-run with the shipped policies.
+
+Each ``demo_*`` function takes ``DemoOptions``, rolls out seeded episodes with the shipped
+ONNX policies (numpy + onnxruntime; torch is never imported), computes the baselines on
+the same episodes (``tasks/baselines.py``), writes its figures into ``options.out`` and
+returns a JSON-able dict: ``{"demo", "policy", "runtime", "figures", "numbers", "notes",
+"seconds"}``; a demo whose policy is missing returns ``{"demo", "skipped": reason}``.
+
+- ``main``: the default policy on its own task (paper Fig. 9 setting): loss by step vs
+  tuned Adam and the mean solution, messages and rounds; Fig. 9 and a Fig. 8-style plot.
+- ``guessing``: Fig. 6 (10 rollouts of the last-step policy) and Fig. 9 (the converge
+  policy vs tuned Adam, log scale).
+- ``dimensions``: Fig. 7 (final loss vs d = 1..10) with the dimension policy.
+- ``growing``: final loss vs N = 5 .. 160 experts (beyond the trained range) and a hot-add
+  of experts mid-episode with ``engine.Agent.add_experts``.
+- ``communication``: Fig. 8 (routing attention among the 3 experts over the inner loop).
+
+Episodes run through ``_run_guessing``: the one place that picks the actor runtime
+(``actors/episodes.py``; the main demo's default) or the batched engine (the sub-demos, and
+whatever needs attention weights recorded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import routing
+from ..engine import Agent, numpy_ops
+from ..evaluation import fixed_address_table, run_episodes
+from ..policy_card import OnnxPolicy, load_policy
+from ..tasks import baselines as bl
+from ..tasks import guessing
+from . import DEFAULT_DIMS_POLICY, DEFAULT_ONE_EXPERT_POLICY, DEFAULT_POLICY, DEMOS, figures
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DemoOptions:
+    out: Path = Path("demo-output")
+    quick: bool = False  # a few seconds per demo (tests): fewer episodes, lower resolution
+    seed: int = 0
+    policy: str = DEFAULT_POLICY
+    one_expert_policy: str = DEFAULT_ONE_EXPERT_POLICY
+    dims_policy: str = DEFAULT_DIMS_POLICY
+    episodes: int | None = None  # override the number of evaluation episodes of every demo
+    runtime: str = "actors"  # the main demo's runtime: 'actors' or 'engine' (sub-demos use the engine)
+    dpi: int | None = None
+    log: Callable[[str], None] = field(default=lambda msg: None)
+
+    def n(self, full: int, quick: int) -> int:
+        if self.episodes is not None:
+            return self.episodes
+        return quick if self.quick else full
+
+    @property
+    def figure_dpi(self) -> int:
+        return self.dpi or (72 if self.quick else figures.DPI)
+
+
+def find_policy(path: str | Path) -> Path | None:
+    """The policy file at ``path``; a relative path missing from the working directory is
+    also looked up in the repository this package lives in. None if neither exists."""
+    p = Path(path)
+    onnx = p if p.suffix == ".onnx" else p.with_suffix(".onnx")
+    if onnx.is_file():
+        return onnx
+    if not p.is_absolute() and (REPO_ROOT / onnx).is_file():
+        return REPO_ROOT / onnx
+    return None
+
+
+def _load(path: str | Path) -> OnnxPolicy:
+    found = find_policy(path)
+    return load_policy(found if found is not None else path)  # load_policy explains a missing file
+
+
+def _default_experts(task) -> int:
+    return task.experts[0] if task.experts[0] == task.experts[1] else 20
+
+
+# --- the switch: actor runtime or batched engine -------------------------------------------
+
+
+@dataclass
+class GuessingRun:
+    errors: np.ndarray  # [T, E] 3 x MSE of each step's output
+    guesses: np.ndarray  # [T, E, d]
+    rounds: np.ndarray  # [T, E] communication rounds used per step
+    targets: np.ndarray  # [E, d]
+    messages: int  # expert -> expert messages: one per (sender, receiver that may hear it) per round
+    runtime: str
+    traces: list = field(default_factory=list)  # evaluation.Episodes.traces when recorded
+    message_stats: dict = field(default_factory=dict)  # the actor runtime's counters (sent/delivered/dropped...)
+
+
+ACTORS, ENGINE = "actors", "engine"
+
+
+def _run_guessing(policy: OnnxPolicy, task, *, dims: int, experts: int, episodes: int, seed: int,
+                  record: bool = False, runtime: str = ENGINE) -> GuessingRun:
+    """Run seeded guessing-game episodes. THE SWITCH between the two runtimes lives here.
+
+    ``runtime="actors"``: the actor runtime (``actors.episodes.run_actor_episodes``: every
+    expert a trio task, messages as msgpack frames, policy calls micro-batched per round),
+    which also counts the messages it sends, delivers and drops. ``runtime="engine"`` (or
+    when something must be recorded, or the actor runtime is not installed): the batched
+    engine (``evaluation.run_episodes``: numpy + onnxruntime, one call per round for every
+    expert of every episode), ~20x faster. Both draw the same episodes and wiring from the
+    seed and compute the same errors (to float rounding). The engine's message count is
+    what the actors would send: rounds used x the (receiver, sender) pairs of the topology.
+    """
+    if runtime == ACTORS and not record:
+        actor = _actor_runner()
+        if actor is not None:
+            res = actor(policy, policy.agent, task, dims=dims, experts=experts, episodes=episodes, seed=seed)
+            c = res.counters
+            stats = {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "bad_frames": c.bad_frames,
+                     "policy_calls": res.policy_calls, "policy_rows": res.policy_rows}
+            return GuessingRun(res.errors, res.guesses, res.rounds, res.targets, int(c.sent),
+                               "actors (trio tasks, msgpack messages, micro-batched policy calls)",
+                               message_stats=stats)
+    res = run_episodes(numpy_ops(), policy, policy.agent, task, dims=dims, experts=experts, episodes=episodes,
+                       seed=seed, record=record)
+    messages = int(res.rounds.sum()) * _pairs(policy, experts)
+    return GuessingRun(res.errors, res.guesses, res.rounds, res.targets, messages,
+                       "engine (numpy + onnxruntime, batched)", res.traces)
+
+
+def _actor_runner():
+    """The actor runtime's episode runner (same seeds and errors as run_episodes), or None."""
+    try:
+        from ..actors.episodes import run_actor_episodes
+    except ImportError:
+        return None
+    return run_actor_episodes
+
+
+def _pairs(policy: OnnxPolicy, n: int) -> int:
+    """(receiver, sender) pairs of the policy's topology for n experts: messages per round."""
+    top = routing.topology(policy.agent.routing, n, 1, np.random.default_rng(0))
+    if top is None:
+        return n * n
+    if isinstance(top, routing.Neighbors):
+        return int(top.idx.shape[1] * top.idx.shape[2])
+    return int(np.asarray(top)[0].sum())
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _baselines(task, targets: np.ndarray, steps: int, seed: int, quick: bool) -> dict:
+    tune = None
+    if quick:  # fewer tuning episodes: Nelder-Mead runs one Python generator per episode
+        tune = np.random.default_rng(seed + 12345).uniform(-1, 1, size=(64, targets.shape[1])).astype(np.float32)
+    return {
+        "chance": float(bl.zero_guess(targets, steps)[-1]),
+        "mean_solution": float(bl.mean_solution(targets, steps)[-1]),
+        "optimizer": bl.tuned(task.feedback, targets, steps, seed=seed, tune_targets=tune),
+    }
+
+
+def _opt_label(opt: dict) -> str:
+    (k, v), = opt["param"].items()
+    name = {"adam": "Adam", "nelder_mead": "Nelder-Mead"}.get(opt["name"], opt["name"])
+    return f"tuned {name} ({k}={v:.3g})"
+
+
+def _stack_traces(run: GuessingRun):
+    """(route [T, B, N, N], push [T, B, d, N], messages [T, B, N, Dm]) of the recorded chunk."""
+    _, wiring, roll = run.traces[0]
+    st = roll.traces
+    route = np.stack([np.asarray(s.route_weights) for s in st])
+    T, B, N, C = route.shape
+    if C != N or isinstance(wiring.route_mask, routing.Neighbors):  # sparse: weights over listed senders
+        dense = np.zeros((T, B, N, N), route.dtype)
+        idx = np.broadcast_to(wiring.route_mask.idx[None], route.shape)
+        t_, b_, r_ = np.meshgrid(np.arange(T), np.arange(B), np.arange(N), indexing="ij")
+        np.add.at(dense, (t_[..., None], b_[..., None], r_[..., None], idx), route)
+        route = dense
+    return (route, np.stack([np.asarray(s.push_weights) for s in st]), np.stack([np.asarray(s.messages) for s in st]))
+
+
+def _sem(x: np.ndarray) -> float:
+    return float(x.std() / np.sqrt(max(1, x.size)))
+
+
+def _finish(name: str, t0: float, **kw) -> dict:
+    return {"demo": name, **kw, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _setting(pol: OnnxPolicy, dims: int, experts: int, episodes: int, seed: int) -> str:
+    fb = {"one_expert": "per-dim error to expert 0 only", "per_dim": "per-dim error", "scalar": "scalar error"}
+    return (f"{pol.name}: N={experts} experts, d={dims}, {fb.get(pol.task.feedback, pol.task.feedback)}, "
+            f"{episodes} episodes, seed {seed}")
+
+
+def _communication_numbers(route: np.ndarray) -> dict:
+    """route [T, B, N, N] -> per-step mean self weight and mean weight on expert 0 (the one
+    that hears the error in the one-expert setting) from the other experts."""
+    T, B, N, _ = route.shape
+    self_w = np.einsum("tbii->tb", route) / N
+    to0 = route[:, :, 1:, 0].mean(axis=(1, 2)) if N > 1 else np.zeros(T)
+    return {"self_weight_by_step": [round(float(v), 4) for v in self_w.mean(axis=1)],
+            "others_to_expert0_by_step": [round(float(v), 4) for v in to0]}
+
+
+def _communication_figure(o: DemoOptions, pol: OnnxPolicy, run: GuessingRun, path: Path, setting: str,
+                          what: str) -> tuple[Path, dict]:
+    route, push, _ = _stack_traces(run)
+    comm = _communication_numbers(route)
+    to0 = comm["others_to_expert0_by_step"]
+    fig = figures.fig8_communication(
+        path, route=route[:, 0], route_mean=route.mean(axis=1), push_mean=push.mean(axis=1),
+        title=f"Communication among experts over the inner loop ({what})",
+        caption=("Paper Fig. 8 visualises the dynamics of communication among the three experts of the Fig. 6 "
+                 "agent. Ours: the routing attention weights (softmax of query . key between experts, "
+                 f"receiver x sender) at every inner step; {setting}. The weight the other experts give to expert "
+                 f"0 (the one that hears the error) goes from {to0[0]:.2f} at step 0 to {to0[-1]:.2f} at step "
+                 f"{len(to0) - 1}."),
+        dpi=o.figure_dpi)
+    return fig, comm
+
+
+# --- main: the default policy on its own task ----------------------------------------------------
+
+
+def demo_main(o: DemoOptions) -> dict:
+    t0 = time.perf_counter()
+    pol = _load(o.policy)
+    task = pol.task
+    dims, experts, T = task.dims[1], _default_experts(task), task.steps
+    E = o.n(500, 20)
+    o.log(f"main: {pol.name}, {E} episodes of the guessing game (N={experts}, d={dims}, {T} steps)")
+    run = _run_guessing(pol, task, dims=dims, experts=experts, episodes=E, seed=o.seed, runtime=o.runtime)
+    notes = []
+    if o.runtime == ACTORS and not run.runtime.startswith(ACTORS):
+        notes.append("the actor runtime (badger_runtime/actors/episodes.py) is not installed: ran the batched engine")
+    base = _baselines(task, run.targets, T, o.seed, o.quick)
+    agent = run.errors.mean(axis=1)
+    opt = base["optimizer"]
+    setting = _setting(pol, dims, experts, E, o.seed)
+    figs = [figures.fig9_convergence(
+        o.out / "main_convergence.png", agent=agent, agent_episodes=run.errors, optimizer=opt["mse_by_step"],
+        optimizer_label=_opt_label(opt), mean_solution=base["mean_solution"], chance=base["chance"],
+        title=f"Fast convergence: {pol.name} vs {_opt_label(opt)}",
+        caption=("Paper Fig. 9: trained on the mean error over the inner loop, the agent converges on the target "
+                 "as fast as possible and then stays there, instead of oscillating as in Fig. 6. "
+                 f"Ours: {setting}, run by the {run.runtime.split(' (')[0]} runtime; Adam's learning rate tuned "
+                 "on separate episodes."),
+        dpi=o.figure_dpi)]
+    rec = _run_guessing(pol, task, dims=dims, experts=experts, episodes=min(E, 200), seed=o.seed, record=True)
+    fig8, comm = _communication_figure(o, pol, rec, o.out / "main_communication.png",
+                                       _setting(pol, dims, experts, min(E, 200), o.seed), pol.name)
+    figs.append(fig8)
+    numbers = {
+        "episodes": E, "dims": dims, "experts": experts, "steps": T,
+        "agent_mse_by_step": [float(v) for v in agent],
+        "agent_final": float(agent[-1]), "agent_final_sem": _sem(run.errors[-1]),
+        "optimizer": {k: opt[k] for k in ("name", "param", "final_mse", "mse_by_step")},
+        "mean_solution": base["mean_solution"], "chance": base["chance"],
+        "messages_total": run.messages, "messages_per_episode": run.messages / E, "message_stats": run.message_stats,
+        "rounds_total": int(run.rounds.sum()), "rounds_per_step": float(run.rounds.mean()),
+        "communication": comm,
+    }
+    return _finish("main", t0, policy=str(pol.path), runtime=run.runtime, figures=[str(f) for f in figs],
+                   numbers=numbers, notes=notes)
+
+
+# --- guessing: Fig. 6 and Fig. 9 ----------------------------------------------------------------
+
+
+def demo_guessing(o: DemoOptions) -> dict:
+    t0 = time.perf_counter()
+    one, conv = _load(o.one_expert_policy), _load(o.policy)
+    figs, numbers = [], {}
+
+    # Fig. 6: 10 rollouts of the last-step policy, with the messages between its experts.
+    task = one.task
+    dims, experts, T = task.dims[1], _default_experts(task), task.steps
+    rec = _run_guessing(one, task, dims=dims, experts=experts, episodes=10, seed=o.seed, record=True)
+    _, _, msgs = _stack_traces(rec)
+    g, tg = rec.guesses, rec.targets
+    inputs = np.concatenate([np.zeros_like(g[:1]), g[:-1] - tg[None]], axis=0)  # feedback seen at each step
+    E = o.n(1000, 100)
+    full_one = _run_guessing(one, task, dims=dims, experts=experts, episodes=E, seed=o.seed)
+    one_curve = full_one.errors.mean(axis=1)
+    figs.append(figures.fig6_rollouts(
+        o.out / "fig6_rollouts.png", outputs=g, targets=tg, inputs=inputs, messages=msgs,
+        title=f"10 rollouts of {one.name} on the guessing game (N={experts}, d={dims}, error to expert 0 only)",
+        caption=("Paper Fig. 6: trained on the last-step error, the expert policy oscillates the agent's output "
+                 f"until it hits the target at step {T} of the inner loop; only one expert receives the error, so "
+                 "it must communicate it to the other two. Ours: orange = outputs, red = targets, green = the "
+                 "feedback (output - target) expert 0 receives, one line style per dimension; blue dashed = each "
+                 "expert's message projected on its first principal component. Mean final error over "
+                 f"{E} episodes: {one_curve[-1]:.2g} (seed {o.seed})."),
+        dpi=o.figure_dpi))
+    numbers["fig6"] = {"policy": one.name, "episodes": E, "agent_mse_by_step": [float(v) for v in one_curve],
+                       "agent_final": float(one_curve[-1]), "peak_mse": float(one_curve.max()),
+                       "peak_step": int(one_curve.argmax())}
+
+    # Fig. 9: the converge policy vs tuned Adam on the same episodes.
+    task = conv.task
+    dims, experts, T = task.dims[1], _default_experts(task), task.steps
+    run = _run_guessing(conv, task, dims=dims, experts=experts, episodes=E, seed=o.seed)
+    base = _baselines(task, run.targets, T, o.seed, o.quick)
+    agent, opt = run.errors.mean(axis=1), base["optimizer"]
+    same = one.task.dims == conv.task.dims and one.task.feedback == conv.task.feedback
+    figs.append(figures.fig9_convergence(
+        o.out / "fig9_convergence.png", agent=agent, agent_episodes=run.errors, optimizer=opt["mse_by_step"],
+        optimizer_label=_opt_label(opt), mean_solution=base["mean_solution"], chance=base["chance"],
+        other=one_curve if same else None, other_label=f"{one.name} (last-step trained, Fig. 6)",
+        title=f"Fast convergence: {conv.name} vs {_opt_label(opt)}",
+        caption=("Paper Fig. 9: in the Fig. 6 setting but trained to converge as fast as possible, the agent "
+                 "finds a different strategy: rather than oscillating, it converges on the target and stays "
+                 f"there. Ours: {_setting(conv, dims, experts, E, o.seed)}; the purple line is the Fig. 6 policy "
+                 "on the same episodes."),
+        dpi=o.figure_dpi))
+    numbers["fig9"] = {"policy": conv.name, "episodes": E, "agent_mse_by_step": [float(v) for v in agent],
+                       "agent_final": float(agent[-1]), "agent_final_sem": _sem(run.errors[-1]),
+                       "optimizer": {k: opt[k] for k in ("name", "param", "final_mse", "mse_by_step")},
+                       "mean_solution": base["mean_solution"], "chance": base["chance"],
+                       "steps_to_beat_mean_solution": bl.steps_to_reach(agent, base["mean_solution"]),
+                       "optimizer_steps_to_beat_mean_solution": bl.steps_to_reach(opt["mse_by_step"],
+                                                                                   base["mean_solution"])}
+    return _finish("guessing", t0, policy=[str(one.path), str(conv.path)], runtime=run.runtime,
+                   figures=[str(f) for f in figs], numbers=numbers, notes=[])
+
+
+# --- dimensions: Fig. 7 -----------------------------------------------------------------------------
+
+
+def _missing_dims(o: DemoOptions) -> str:
+    return (f"dimension policy {o.dims_policy} not found: the Fig. 7 policy (dimensions-v1, scalar feedback, "
+            "trained d in [3, 6], N in [5, 40]) has not been shipped yet; pass --dims-policy PATH to use another")
+
+
+def demo_dimensions(o: DemoOptions) -> dict:
+    t0 = time.perf_counter()
+    path = find_policy(o.dims_policy)
+    if path is None:
+        return _finish("dimensions", t0, skipped=_missing_dims(o))
+    pol = load_policy(path)
+    task = dataclasses.replace(pol.task, addresses="random")  # new addresses every episode
+    experts = 20 if pol.task.experts[0] <= 20 <= pol.task.experts[1] else _default_experts(pol.task)
+    T, E = task.steps, o.n(500, 48)
+    ds = list(range(1, 11))
+    rows = []
+    runtime = ""
+    for d in ds:
+        run = _run_guessing(pol, task, dims=d, experts=experts, episodes=E, seed=o.seed)
+        runtime = run.runtime
+        base = _baselines(task, run.targets, T, o.seed, o.quick)
+        fin = run.errors[-1]
+        rows.append({"d": d, "agent_final": float(fin.mean()), "agent_final_sem": _sem(fin),
+                     "chance": base["chance"], "mean_solution": base["mean_solution"],
+                     "optimizer_final": base["optimizer"]["final_mse"], "optimizer": base["optimizer"]["name"],
+                     "optimizer_param": base["optimizer"]["param"]})
+        o.log(f"dimensions: d={d} agent {fin.mean():.3f}")
+    col = lambda k: np.array([r[k] for r in rows])  # noqa: E731
+    opt_name = {"adam": "Adam", "nelder_mead": "Nelder-Mead"}.get(rows[0]["optimizer"], rows[0]["optimizer"])
+    lo, hi = pol.task.dims
+    fig = figures.fig7_dimensions(
+        o.out / "fig7_dimensions.png", dims=ds, agent=col("agent_final"), agent_sem=col("agent_final_sem"),
+        mean_solution=col("mean_solution"), optimizer=col("optimizer_final"),
+        optimizer_name=f"{opt_name} ({T} evaluations)", trained=(lo, hi),
+        title=f"Generalisation over the number of dimensions: {pol.name} (N={experts}, {T} steps)",
+        caption=("Paper Fig. 7: a policy trained on d in [3, 6] (random addresses, N in [5, 40]) generalises "
+                 "well to lower d and up to d = 10, staying better than chance (solid black) and than the "
+                 "solution that ignores the dimensions (dashed: all outputs set to the target mean). "
+                 f"Ours: scalar error feedback, {E} episodes per d, seed {o.seed}; errors at the last inner step, "
+                 "bars = standard error."),
+        dpi=o.figure_dpi)
+    return _finish("dimensions", t0, policy=str(pol.path), runtime=runtime, figures=[str(fig)],
+                   numbers={"experts": experts, "episodes": E, "trained_dims": [lo, hi], "by_dims": rows}, notes=[])
+
+
+# --- growing: more experts, and experts added mid-episode -----------------------------------------------
+
+
+def _drive(agent: Agent, steps: int, add_at: int | None = None, add: int = 0, init: str = "clone") -> np.ndarray:
+    """Step a reset ``engine.Agent`` through its episode; returns errors [T, B]."""
+    ops = numpy_ops()
+    ep = agent.episode
+    guess = np.zeros((ep.batch, ep.dims), np.float32)
+    errs = []
+    for t in range(steps):
+        if add_at is not None and t == add_at:
+            agent.add_experts(add, init=init)
+        vals = guessing.observe(ops, agent.episode, guess, t)
+        guess, _ = agent.step(vals)
+        errs.append(guessing.error(ops, guess, agent.episode.targets_at(t)))
+    return np.stack(errs)
+
+
+def demo_growing(o: DemoOptions) -> dict:
+    t0 = time.perf_counter()
+    notes = []
+    path = find_policy(o.dims_policy)
+    if path is None:
+        notes.append(_missing_dims(o) + f"; growing {Path(o.policy).stem} (trained at N=3) instead")
+        path = find_policy(o.policy) or o.policy
+    pol = load_policy(path)
+    task = pol.task
+    n_lo, n_hi = task.experts
+    T = task.steps
+    Ns = [5, 10, 20, 40, 80, 160] if n_lo >= 5 else [n_lo, 5, 10, 20, 40, 80, 160]
+    dims_list = sorted({task.dims[0], task.dims[1]})
+    if o.quick:
+        dims_list = dims_list[:1]
+    E = o.n(300, 16)
+    curves, chance, mean_sol, rows = {}, {}, {}, []
+    runtime = ""
+    for d in dims_list:
+        finals, sems = [], []
+        for n in Ns:
+            run = _run_guessing(pol, task, dims=d, experts=n, episodes=E, seed=o.seed)
+            runtime = run.runtime
+            fin = run.errors[-1]
+            finals.append(float(fin.mean()))
+            sems.append(_sem(fin))
+            rows.append({"d": d, "experts": n, "agent_final": finals[-1], "agent_final_sem": sems[-1],
+                         "messages_per_episode": run.messages / E})
+            o.log(f"growing: d={d} N={n} agent {finals[-1]:.3f}")
+        label = f"d={d}"
+        curves[label] = (np.array(finals), np.array(sems))
+        chance[label] = float(bl.zero_guess(run.targets, T)[-1])
+        mean_sol[label] = float(bl.mean_solution(run.targets, T)[-1])
+
+    # Hot-add: N0 experts for the first half of the episode, then more experts (no retraining).
+    d = dims_list[0]
+    n0 = n_lo
+    n1 = 4 * n0 if n_lo >= 5 else 2 * n0
+    add_at = T // 2
+    Eh = o.n(300, 16)
+    addresses = fixed_address_table(task, d, pol.agent.policy.addr_dim)
+
+    def fresh_agent(n):
+        return Agent(pol).reset(batch=Eh, experts=n, dims=d, seed=o.seed, addresses=addresses)
+
+    hot = {
+        f"N={n0} throughout": _drive(fresh_agent(n0), T),
+        f"N={n0}, +{n1 - n0} cloned experts at step {add_at}": _drive(fresh_agent(n0), T, add_at, n1 - n0, "clone"),
+        f"N={n0}, +{n1 - n0} fresh experts at step {add_at}": _drive(fresh_agent(n0), T, add_at, n1 - n0, "fresh"),
+        f"N={n1} throughout": _drive(fresh_agent(n1), T),
+    }
+    hot_mean = {k: v.mean(axis=1) for k, v in hot.items()}
+    hot_rows = [{"variant": k, "before_add": float(v[add_at - 1]), "final": float(v[-1]),
+                 "final_sem": _sem(hot[k][-1])} for k, v in hot_mean.items()]
+    lo_d, hi_d = task.dims
+    trained_txt = (f"trained at N in [{n_lo}, {n_hi}], d in [{lo_d}, {hi_d}]" if (n_lo, lo_d) != (n_hi, hi_d)
+                   else f"trained at N={n_lo}, d={lo_d}")
+    fig = figures.growing(
+        o.out / "growing_experts.png", experts=Ns, curves=curves, chance=chance, mean_solution=mean_sol,
+        trained=(n_lo, n_hi), hot=hot_mean, add_step=add_at,
+        hot_note=f"hot-add with engine.Agent.add_experts (d={d}, {Eh} episodes)",
+        title=f"Growing without retraining: {pol.name} ({trained_txt})",
+        caption=("Paper, Scalability and Growing: since all experts share one policy, an agent can be grown "
+                 "without retraining by cloning or instantiating experts; the paper observes that on related "
+                 "tasks the asymptotic performance scales with the number of experts even beyond those seen in "
+                 f"training. Ours: left, the error at the last of {T} steps for N up to 160 ({E} episodes each, "
+                 f"seed {o.seed}); right, experts added at step {add_at} of a running episode, keeping every "
+                 "other expert's state." + (" NOTE: " + notes[0] if notes else "")),
+        dpi=o.figure_dpi)
+    numbers = {"episodes": E, "by_experts": rows, "chance": chance, "mean_solution": mean_sol,
+               "trained_experts": [n_lo, n_hi], "hot_add": {"dims": d, "episodes": Eh, "add_at": add_at,
+                                                             "from": n0, "to": n1, "variants": hot_rows}}
+    return _finish("growing", t0, policy=str(pol.path), runtime=runtime, figures=[str(fig)], numbers=numbers,
+                   notes=notes)
+
+
+# --- communication: Fig. 8 -----------------------------------------------------------------------------
+
+
+def demo_communication(o: DemoOptions) -> dict:
+    t0 = time.perf_counter()
+    pol = _load(o.one_expert_policy)
+    task = pol.task
+    dims, experts = task.dims[1], _default_experts(task)
+    E = min(o.n(200, 32), 250)
+    run = _run_guessing(pol, task, dims=dims, experts=experts, episodes=E, seed=o.seed, record=True)
+    fig, comm = _communication_figure(o, pol, run, o.out / "fig8_communication.png",
+                                      _setting(pol, dims, experts, E, o.seed), pol.name)
+    agent = run.errors.mean(axis=1)
+    numbers = {"episodes": E, "dims": dims, "experts": experts, "agent_final": float(agent[-1]),
+               "mean_solution": float(bl.mean_solution(run.targets, task.steps)[-1]), **comm}
+    return _finish("communication", t0, policy=str(pol.path), runtime=run.runtime, figures=[str(fig)],
+                   numbers=numbers, notes=[])
+
+
+RUNNERS = {"main": demo_main, "guessing": demo_guessing, "dimensions": demo_dimensions, "growing": demo_growing,
+           "communication": demo_communication}
+
+
+def run_demo(name: str, options: DemoOptions) -> dict:
+    if name not in RUNNERS:
+        raise ValueError(f"unknown demo {name!r}; choose one of {', '.join(DEMOS)}")
+    options.out = Path(options.out)
+    options.out.mkdir(parents=True, exist_ok=True)
+    return RUNNERS[name](options)

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Compute the tables of docs/results.md from the shipped policies (torch-free, seeded).
+
+    python demos/results_tables.py --seed 0 > docs/results_tables.md
+
+Every row names the `badger` command that gives the same number on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import numpy as np
+
+from badger_runtime.engine import numpy_ops
+from badger_runtime.evaluation import evaluate
+from badger_runtime.longrun import horizon_report, jump_report
+from badger_runtime.policy_card import load_policy
+from badger_runtime.tasks import baselines as bl
+
+REF_FIG7 = {1: 0.07, 2: 0.02, 3: 0.03, 4: 0.05, 5: 0.08, 6: 0.14, 7: 0.25, 8: 0.35, 9: 0.45, 10: 0.50}
+REF_GROW = {1: 1.2, 6: 0.35, 11: 0.2, 16: 0.15}
+
+
+def f(x, n=4):
+    return "-" if x is None else f"{x:.{n}f}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=int, default=500)
+    p.add_argument("--dims-policy", default="policies/dimensions-v1.onnx")
+    args = p.parse_args(argv)
+    E, S = args.episodes, args.seed
+    ops = numpy_ops()
+    out = []
+    w = out.append
+    t0 = time.perf_counter()
+
+    # Fig. 6 and Fig. 9
+    w("### Fig. 6 and Fig. 9 (3 experts, d = 3, per-dimension error to expert 0 only)\n")
+    w("| policy | final error (step 19) | first step < 0.01 | command |")
+    w("|---|---|---|---|")
+    for name in ("guessing-one-expert-v1", "guessing-converge-v1", "guessing-nonstationary-v1"):
+        pol = load_policy(f"policies/{name}.onnx")
+        task = dataclasses.replace(pol.task, jump_every=(0, 0), steps=20)
+        r = evaluate(ops, pol, pol.agent, task, dims=3, experts=3, episodes=1000, seed=S)
+        s = bl.steps_to_reach(np.asarray(r["mse_by_step"]), 0.01)
+        w(f"| {name} | {f(r['final_mse'], 6)} | {s} | `badger eval --policy policies/{name}.onnx --task guessing --steps 20 "
+          f"--episodes 1000 --seed {S} --json` |")
+        adam = r["optimizer"]
+    targets = np.random.default_rng([S, 0]).uniform(-1, 1, (1000, 3)).astype(np.float32)
+    best = min(((bl.steps_to_reach(bl.adam(targets, 100, lr), 0.01) or 999, lr) for lr in bl.ADAM_LR_GRID))
+    w(f"| Adam, lr tuned on mean error over 20 steps (lr={adam['param']['lr']:.3g}) | {f(adam['final_mse'])} | "
+      f"{bl.steps_to_reach(np.asarray(adam['mse_by_step']), 0.01)} | (same command: `optimizer`) |")
+    w(f"| Adam, lr tuned for the fewest steps to < 0.01 (lr={best[1]:.3g}, 100-step budget) | - | {best[0]} | "
+      f"`tasks.baselines.adam` over `ADAM_LR_GRID` |")
+    w("")
+
+    # Fig. 7
+    pol = load_policy(args.dims_policy)
+    w(f"### Fig. 7: dimension generalization ({pol.name}, scalar feedback, trained d in "
+      f"[{pol.task.dims[0]}, {pol.task.dims[1]}], N in [{pol.task.experts[0]}, {pol.task.experts[1]}]), N = 20\n")
+    w("| d | agent (final step) | mean-solution | chance | tuned Nelder-Mead | 2019 reference | command |")
+    w("|---|---|---|---|---|---|---|")
+    for d in range(1, 11):
+        r = evaluate(ops, pol, pol.agent, pol.task, dims=d, experts=20, episodes=E, seed=S)
+        w(f"| {d} | {f(r['final_mse'], 3)} | {f(r['mean_solution'], 3)} | {f(r['chance'], 3)} | "
+          f"{f(r['optimizer']['final_mse'], 3)} | {REF_FIG7[d]} | `badger eval --policy {args.dims_policy} --dims {d} "
+          f"--experts 20 --episodes {E} --seed {S} --json` |")
+    w("")
+    w(f"### Growing: the same policy at d = 6, N = 1 .. 160 (trained N in [{pol.task.experts[0]}, "
+      f"{pol.task.experts[1]}])\n")
+    w("| N | agent (final step) | 2019 reference | command |")
+    w("|---|---|---|---|")
+    for n in (1, 5, 10, 20, 40, 80, 160):
+        r = evaluate(ops, pol, pol.agent, pol.task, dims=6, experts=n, episodes=E, seed=S, baselines=False)
+        w(f"| {n} | {f(r['final_mse'], 3)} | {REF_GROW.get(n, '0.14-0.16' if n >= 16 else '-')} | "
+          f"`badger eval --policy {args.dims_policy} --dims 6 --experts {n} --episodes {E} --seed {S} --json` |")
+    w("")
+
+    # long horizons
+    w("### Long horizons: error at inner step 20, 100, 1,000, 10,000 (one episode, never reset)\n")
+    w("| policy | 20 | 100 | 1,000 | 10,000 | max abs state | command |")
+    w("|---|---|---|---|---|---|---|")
+    for name in ("guessing-one-expert-v1", "guessing-converge-v1", "guessing-nonstationary-v1", "dimensions-v1"):
+        pol = load_policy(f"policies/{name}.onnx")
+        r = horizon_report(pol, steps=10_000, episodes=50, seed=S)
+        e = r["error_at"]
+        w(f"| {name} | {f(e['20'])} | {f(e['100'])} | {f(e['1000'])} | {f(e['10000'])} | "
+          f"{r['max_abs_state']:.5f} | `badger longrun --policy policies/{name}.onnx --steps 10000 --episodes 50 "
+          f"--seed {S} --json` |")
+    w("")
+
+    # non-stationary
+    w("### Non-stationary targets (jump every U[20, 60] steps, never reset; recovered = error < 0.05)\n")
+    w("| policy | error just before a jump | recovery (mean / median / p90 steps) | reset at every jump "
+      "(mean / median / p90) | ratio | Adam restarted (mean curve) | command |")
+    w("|---|---|---|---|---|---|---|")
+    for name in ("guessing-converge-v1", "guessing-nonstationary-v1"):
+        pol = load_policy(f"policies/{name}.onnx")
+        r = jump_report(pol, steps=1000, episodes=200, seed=S, jump_every=(20, 60))
+        a, z = r["recovery_steps"]["agent_never_reset"], r["recovery_steps"]["agent_reset_at_jumps"]
+        cens = f" ({a['censored_fraction']:.0%} never recover)" if a["censored_fraction"] > 0.01 else ""
+        w(f"| {name} | {f(r['error_before_jump']['mean'])} | {f(a['mean'], 2)} / {a['median']} / {a['p90']}{cens} | "
+          f"{f(z['mean'], 2)} / {z['median']} / {z['p90']} | {f(r['ratio_to_reset'], 2)} | "
+          f"{r['recovery_steps']['optimizer_restarted']['mean_curve_steps_to_threshold']} | "
+          f"`badger longrun --policy policies/{name}.onnx --steps 1000 --episodes 200 --seed {S} "
+          f"--jump-every 20 60 --json` |")
+    w("")
+    w(f"_Tables made by `python demos/results_tables.py --seed {S} --episodes {E}` in "
+      f"{time.perf_counter() - t0:.0f} s._")
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
