@@ -171,6 +171,7 @@ class TrainConfig:
     tbptt: int = 0  # back-propagate through at most this many inner steps (0 = the whole episode)
     init_from: str = ""  # start from this checkpoint's weights (fine-tuning)
     continue_prob: float = 0.0  # chance that a batch continues the last batch's agents (never reset)
+    grow_prob: float = 0.0  # chance that a batch adds 1..N experts (fresh or cloned) at a random inner step
     stages: list[Stage] = field(default_factory=list)
     threads: int = 1
     log_every: int = 50
@@ -192,6 +193,8 @@ class TrainConfig:
             raise ConfigError("train.tbptt must be >= 0")
         if not 0 <= self.continue_prob < 1:
             raise ConfigError("train.continue_prob must be in [0, 1)")
+        if not 0 <= self.grow_prob <= 1:
+            raise ConfigError("train.grow_prob must be in [0, 1]")
         return self
 
 

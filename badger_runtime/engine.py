@@ -16,7 +16,7 @@ import numpy as np
 from .config import AgentConfig
 from .membrane import KIND_FEEDBACK, KIND_OBSERVATION
 from .policy_card import OnnxPolicy
-from .rollout import AgentState, Wiring, agent_step, initial_state, sample_wiring
+from .rollout import AgentState, Wiring, agent_step, grow, initial_state, sample_wiring
 from .routing import Neighbors, membrane_masks, topology
 from .tasks import guessing
 from .xp import NumpyOps
@@ -129,22 +129,14 @@ class Agent:
             raise InputError("add at least one expert")
         if init not in ("clone", "fresh"):
             raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
-        w, st = self.wiring, self.state
-        B, N, H = st.h.shape
-        spec = self.cfg.policy
-        noise = self._rng.standard_normal((B, n, H)).astype(np.float32)
-        ids = None if w.ids is None else self._rng.standard_normal((B, n, spec.id_dim)).astype(np.float32)
+        N = self.n_experts
+        sources = None
         if init == "clone":
             if source is not None and not 0 <= source < N:
                 raise InputError(f"no expert {source} to clone (the agent has {N})")
-            src = np.full(n, source) if source is not None else self._rng.integers(0, N, size=n)
-            h_new, heads_new = st.h[:, src].copy(), st.heads[:, src].copy()
-            noise = w.noise[:, src].copy()
-        else:
-            h_new = np.tanh(self.policy.h0 + spec.init_noise * noise).astype(np.float32)
-            heads_new = np.zeros((B, n, spec.heads_dim), np.float32)
-        cat = lambda a, b: None if a is None else np.concatenate([a, b], axis=1)  # noqa: E731
-        self._rewire(cat(w.noise, noise), cat(w.ids, ids), cat(st.h, h_new), cat(st.heads, heads_new))
+            sources = np.full(n, source) if source is not None else self._rng.integers(0, N, size=n)
+        self.wiring, self.state = grow(OPS, self.policy, self.cfg, self._rng, self.wiring, self.state, n, sources)
+        self.episode = self.episode.with_experts(self.n_experts)
         return list(range(N, N + n))
 
     def remove_experts(self, indices) -> int:

@@ -77,6 +77,32 @@ def initial_state(ops, policy, wiring: Wiring) -> AgentState:
     return AgentState(h, ops.zeros((B, N, spec.heads_dim)))
 
 
+def grow(ops, policy, cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring, state: AgentState, n: int,
+         sources: np.ndarray | None = None) -> tuple[Wiring, AgentState]:
+    """Add n experts to running agents (the paper's growing, without retraining).
+
+    ``sources`` [n] clones those experts (their state, messages and initial noise);
+    None adds fresh experts (the policy's initial state, zero messages). New experts get
+    new identity features; the topology is redrawn for the new size.
+    """
+    B, N = wiring.noise.shape[:2]
+    spec = policy.spec
+    ids = None if wiring.ids is None else rng.standard_normal((B, n, spec.id_dim)).astype(np.float32)
+    if sources is not None:
+        noise = wiring.noise[:, sources]
+        h_new, heads_new = state.h[:, sources], state.heads[:, sources]
+    else:
+        noise = rng.standard_normal((B, n, spec.hidden)).astype(np.float32)
+        fresh = initial_state(ops, policy, Wiring(noise, None, wiring.can_sense[:n], wiring.can_push[:n]))
+        h_new, heads_new = fresh.h, fresh.heads
+    cat = lambda a, b: None if a is None else np.concatenate([a, b], axis=1)  # noqa: E731
+    total = N + n
+    can_sense, can_push = routing.membrane_masks(cfg.routing, total)
+    new_wiring = Wiring(cat(wiring.noise, noise), routing.topology(cfg.routing, total, B, rng), can_sense, can_push,
+                        cat(wiring.ids, ids))
+    return new_wiring, AgentState(ops.concat([state.h, h_new], axis=1), ops.concat([state.heads, heads_new], axis=1))
+
+
 @dataclass
 class StepInfo:
     rounds: Any  # [B] rounds used

@@ -152,3 +152,34 @@ def test_bad_checkpoints_are_refused(tmp_path):
     torch.save({"weights": 1}, other)
     with pytest.raises(ConfigError, match="not a badger checkpoint"):
         load_checkpoint(other)
+
+
+def test_training_with_growing_and_continued_agents(tmp_path):
+    """Experts added mid-episode (fresh or cloned) and agents living across batches train without error,
+    and the gradient flows through the growth."""
+    cfg = tiny_experiment()
+    cfg.train.batches, cfg.train.grow_prob, cfg.train.continue_prob, cfg.train.tbptt = 6, 1.0, 0.5, 3
+    cfg.train.log_every = cfg.train.ckpt_every = 3
+    train(cfg, tmp_path, progress=False, final_eval=False, log=lambda *a: None)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_grow_adds_experts_to_running_agents():
+    from badger_runtime.rollout import grow, initial_state
+
+    cfg = tiny_experiment()
+    pol = ExpertPolicy(cfg.agent.policy)
+    ep, w = _episode(cfg, 3, 4)
+    res = rollout(torch_ops(), pol, cfg.agent, ep, w, steps=3)
+    rng = np.random.default_rng(0)
+    w2, st2 = grow(torch_ops(), pol, cfg.agent, rng, w, res.state, 2, np.array([1, 1]))
+    assert w2.n_experts == 6 and st2.h.shape[1] == 6
+    assert torch.equal(st2.h[:, 4], res.state.h[:, 1]) and torch.equal(st2.h[:, 5], res.state.h[:, 1])
+    w3, st3 = grow(torch_ops(), pol, cfg.agent, rng, w2, st2, 3, None)
+    fresh = initial_state(torch_ops(), pol, w3)
+    assert torch.allclose(st3.h[:, 6:], fresh.h[:, 6:]) and float(st3.heads[:, 6:].abs().sum()) == 0
+    out = rollout(torch_ops(), pol, cfg.agent, ep.with_experts(9), w3, steps=2, state=st3, prev_guess=res.guesses[-1],
+                  t0=3)
+    out.errors.mean().backward()
+    assert pol.h0.grad is not None and float(pol.h0.grad.abs().sum()) > 0

@@ -21,7 +21,8 @@ import torch
 
 from ..config import ConfigError, ExperimentConfig, Stage, TaskConfig, from_dict, to_dict
 from ..evaluation import evaluate, fixed_address_table
-from ..rollout import rollout, sample_wiring
+from ..rollout import grow as grow_agents
+from ..rollout import initial_state, rollout, sample_wiring
 from ..tasks import guessing
 from .model import ExpertPolicy, torch_ops
 
@@ -67,30 +68,40 @@ def lr_at(cfg: ExperimentConfig, batch: int) -> float:
 
 
 def _episode_loss(cfg: ExperimentConfig, ops, policy, ep, wiring, steps: int, rounds: int, state=None, guess=None,
-                  start: int = 0):
+                  start: int = 0, grow=None):
     """Roll out one batch and back-propagate its loss (in chunks of ``tbptt`` steps if set).
 
     ``state``/``guess``/``start`` continue agents from an earlier batch (their state is
-    detached: no gradient crosses batches). Returns (error per step [T] detached, total
-    loss, final state, final guess)."""
+    detached: no gradient crosses batches). ``grow = (step, (n, sources), rng)`` adds n
+    experts before that step (``sources`` None: fresh). Returns (error per step [T]
+    detached, total loss, final state, final guess, final wiring, episode)."""
     chunk = cfg.train.tbptt or steps
     weights = objective_weights(cfg.train.objective, steps)
-    per_step, total = [], 0.0
-    for t0 in range(0, steps, chunk):
-        k = min(chunk, steps - t0)
-        res = rollout(ops, policy, cfg.agent, ep, wiring, steps=k, rounds=rounds, state=state, prev_guess=guess,
-                      t0=start + t0)
+    cuts = set(range(chunk, steps, chunk))  # where the graph is cut (truncated BPTT)
+    bounds = sorted(cuts | ({grow[0]} if grow else set()) | {steps})
+    per_step, total, loss, t0 = [], 0.0, 0.0, 0
+    for t1 in bounds:
+        if grow and t0 == grow[0]:  # add experts to the running agents (no retraining in deployment)
+            state = state or initial_state(ops, policy, wiring)
+            wiring, state = grow_agents(ops, policy, cfg.agent, grow[2], wiring, state, grow[1][0], grow[1][1])
+            ep = ep.with_experts(wiring.n_experts)
+        res = rollout(ops, policy, cfg.agent, ep, wiring, steps=t1 - t0, rounds=rounds, state=state,
+                      prev_guess=guess, t0=start + t0)
         errs = res.errors.mean(dim=1)
-        loss = (weights[t0 : t0 + k] * errs).sum()
+        loss = loss + (weights[t0:t1] * errs).sum()
         if cfg.train.ponder_cost:
-            loss = loss + cfg.train.ponder_cost * res.rounds.mean() * k / steps
-        loss.backward()
-        total += float(loss.detach())
+            loss = loss + cfg.train.ponder_cost * res.rounds.mean() * (t1 - t0) / steps
         per_step.append(errs.detach())
-        # cut the graph: the next chunk starts from the detached state
-        state = type(res.state)(res.state.h.detach(), res.state.heads.detach())
-        guess = res.guesses[-1].detach()
-    return torch.cat(per_step), torch.tensor(total), state, guess
+        state, guess = res.state, res.guesses[-1]
+        if t1 in cuts or t1 == steps:
+            loss.backward()
+            total += float(loss.detach())
+            loss = 0.0
+            # cut the graph: the next chunk starts from the detached state
+            state = type(res.state)(res.state.h.detach(), res.state.heads.detach())
+            guess = guess.detach()
+        t0 = t1
+    return torch.cat(per_step), torch.tensor(total), state, guess, wiring, ep
 
 
 def _atomic_save(obj, path: Path):
@@ -184,7 +195,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
             lo, hi = cfg.train.horizon
             steps = int(rng.integers(lo, hi + 1)) if hi else task.steps
             go_on = (carry is not None and carry[0] == task and carry[5] < MAX_AGE
-                     and rng.random() < cfg.train.continue_prob)
+                     and carry[7] <= 2 * task.experts[1] and rng.random() < cfg.train.continue_prob)
             if go_on:  # the same agents live on; a jumping task draws fresh targets (a jump)
                 _, ep, wiring, state, guess, start, d, n, rounds = carry
                 if task.jump_every[1]:  # the episode is indexed by absolute step: cover start + steps
@@ -201,8 +212,14 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, b)
             opt.zero_grad(set_to_none=True)
-            per_step, loss, state, guess = _episode_loss(cfg, ops, policy, ep, wiring, steps, rounds, state, guess,
-                                                         start)
+            grow = None
+            if cfg.train.grow_prob and steps > 1 and rng.random() < cfg.train.grow_prob:
+                n_new = int(rng.integers(1, n + 1))
+                sources = rng.integers(0, n, size=n_new) if rng.random() < 0.5 else None
+                grow = (int(rng.integers(1, steps)), (n_new, sources), rng)
+            per_step, loss, state, guess, wiring, ep = _episode_loss(cfg, ops, policy, ep, wiring, steps, rounds,
+                                                                     state, guess, start, grow)
+            n = wiring.n_experts
             carry = (task, ep, wiring, state, guess, start + steps, d, n, rounds) if cfg.train.continue_prob else None
             gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.clip)
             if not math.isfinite(float(gnorm)):
