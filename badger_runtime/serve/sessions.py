@@ -130,6 +130,12 @@ def _vector(name: str, x: Any, size: int) -> np.ndarray:
     return a
 
 
+def new_agent(policy, experts: int, dims: int, seed: int) -> Agent:
+    """A served session's agent: batch 1, the policy's address scheme, seeded."""
+    addresses = fixed_address_table(policy.task, dims, policy.spec.addr_dim)
+    return Agent(policy).reset(1, experts, dims, seed, addresses=addresses)
+
+
 # ---- the manager -----------------------------------------------------------------------------------
 
 class SessionManager:
@@ -247,7 +253,9 @@ class SessionManager:
     def checkpoint_all(self) -> int:
         """Write every session with steps not yet checkpointed (at shutdown); returns how many."""
         n = 0
-        for s in list(self.sessions.values()):
+        with self._lock:
+            sessions = list(self.sessions.values())
+        for s in sessions:
             with s.lock:
                 if not s.closed and s.pending:
                     try:
@@ -319,10 +327,6 @@ class SessionManager:
                 "rounds": s.rounds or self.policy.agent.agreement.rounds, "seed": s.seed,
                 "steps_total": s.steps_total, "last_outputs": s.last_outputs}
 
-    def _new_agent(self, experts: int, dims: int, seed: int) -> Agent:
-        addresses = fixed_address_table(self.policy.task, dims, self.policy.spec.addr_dim)
-        return Agent(self.policy).reset(1, experts, dims, seed, addresses=addresses)
-
     def _k_open(self, name: str | None, body: dict) -> dict:
         _check_keys(body, {"experts", "dims", "seed", "rounds", "resume", "snapshot"})
         L = self.limits
@@ -353,7 +357,7 @@ class SessionManager:
             dims = _int(body, "dims", ..., 1, L.max_dims, E_LIMIT)
             seed = _int(body, "seed", 0)
             rounds = _int(body, "rounds", None, 1, L.max_rounds, E_LIMIT)
-            s = Session(name, self._new_agent(experts, dims, seed), seed, rounds, now, now)
+            s = Session(name, new_agent(self.policy, experts, dims, seed), seed, rounds, now, now)
         with s.lock:
             with self._lock:
                 if name in self.sessions:
@@ -379,7 +383,7 @@ class SessionManager:
             experts = _int(body, "experts", s.agent.n_experts, 1, self.limits.max_experts, E_LIMIT)
             dims = _int(body, "dims", s.dims, 1, self.limits.max_dims, E_LIMIT)
             seed = _int(body, "seed", (s.seed + s.episode + 1) % (MAX_SEED + 1))
-            agent = self._new_agent(experts, dims, seed)
+            agent = new_agent(self.policy, experts, dims, seed)
 
             def change():
                 s.agent, s.episode, s.last_outputs, s.pending = agent, s.episode + 1, None, 0

@@ -69,6 +69,18 @@ def _array(rec: dict, key: str, shape: tuple, dtype=np.float32, optional: bool =
     return np.array(a, dtype=dtype)  # a writable copy of its own
 
 
+def _neighbors(rec: dict, n: int) -> np.ndarray | None:
+    """Sparse routing's sender lists [1, N, C] (int64 indices of other experts), or None."""
+    idx = rec.get("route_neighbors")
+    if idx is None:
+        return None
+    if not isinstance(idx, np.ndarray) or idx.dtype.name != "int64" or idx.ndim != 3 or idx.shape[:2] != (1, n):
+        raise StoreError(f"agent.route_neighbors must be an int64 array [1, {n}, C]")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise StoreError(f"agent.route_neighbors must index experts 0..{n - 1}")
+    return np.array(idx)
+
+
 def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 16, max_dims: int = 1 << 12) -> Agent:
     """An ``engine.Agent`` (batch 1) continued from ``agent_record`` output; everything is
     checked against the policy first, so a bad record raises StoreError, never a crash later."""
@@ -101,6 +113,7 @@ def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 16, max_dims: int
         "noise": _array(rec, "noise", (1, n, spec.hidden)),
         "ids": _array(rec, "ids", (1, n, spec.id_dim)) if spec.id_dim else None,
         "route_mask": _array(rec, "route_mask", (1, n, n), bool, optional=True),
+        "route_neighbors": _neighbors(rec, n),
         "targets": _array(rec, "targets", (1, d)),
         "out_addr": _array(rec, "out_addr", (1, d, A)),
         "slot_addr": _array(rec, "slot_addr", (1, slots, A)),
