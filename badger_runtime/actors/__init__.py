@@ -1,0 +1,31 @@
+"""The actor runtime: every expert a trio task with its own state, talking only by messages.
+
+- ``messages``: the versioned msgpack schema of the frames (``Message``, ``encode``, ``decode``).
+- ``expert``: ``ExpertCore``, one expert as a sans-IO state machine (the shared maths on B = 1).
+- ``directory``: membership and wiring (what it holds and why: its docstring).
+- ``batcher``: policy evaluation, one onnxruntime call per round or per expert.
+- ``runtime``: ``ActorAgent`` (nursery, mailboxes, membrane, supervision, counters, faults).
+- ``episodes``: seeded guessing-game episodes on actors; ``badger run``'s report.
+
+Names are imported lazily so ``import badger_runtime.actors.messages`` does not load trio.
+"""
+
+from __future__ import annotations
+
+_EXPORTS = {
+    "ActorAgent": "runtime", "Counters": "runtime", "Supervision": "runtime", "StepInfo": "runtime",
+    "StepTimeout": "runtime", "ExpertCrash": "runtime", "MEMBRANE": "runtime",
+    "ExpertCore": "expert", "Directory": "directory", "PolicyBatcher": "batcher",
+    "run_actor_episodes": "episodes", "evaluate_actors": "episodes", "play": "episodes",
+    "episode_slice": "episodes", "wiring_slice": "episodes",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

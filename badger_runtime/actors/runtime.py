@@ -1,0 +1,719 @@
+"""The actor runtime: every expert is a trio task with its own state and a mailbox.
+
+``ActorAgent`` is one agent (one episode) whose experts are tasks in a nursery it owns.
+Experts share nothing: each holds an ``ExpertCore`` (its state, its view of its neighbours)
+and a trio memory channel as its mailbox; everything it learns arrives there as a msgpack
+frame of the versioned schema in ``messages`` (``encode=False`` passes the ``Message``
+objects themselves, for speed; the checks of ``decode`` are then skipped).
+
+One inner step (``await agent.step(slot_values)``) is the paper's agent step:
+
+1. The **membrane** (the agent's only interface to the environment, run by the caller of
+   ``step``) sends every expert taking part an ``observe`` frame with the input slots it
+   may read (addresses and values; which slots an expert sees is wiring, see
+   ``guessing`` and ``routing.membrane_masks``).
+2. Each expert senses, then runs rounds: send its (key, value) to its out-neighbours
+   (``msg`` frames, one encode per round, one envelope per receiver), wait until it has a
+   message or a loss notice from every in-neighbour, compute its inbox with its own query
+   (``ExpertCore.round_inbox``), and step the policy (``PolicyBatcher``).
+3. **Agreement.** Fixed rounds need no coordination at all: every expert counts its own
+   rounds, and with ``micro_batch=False`` experts run through them at their own pace,
+   bounded only by the messages they wait for. Convergence and quorum are predicates over
+   *all* experts (the largest message change; the fraction voting done), so after each
+   round every expert sends the membrane a ``vote`` frame (its vote and its change) and
+   waits for the verdict; the membrane applies ``agreement.still_talking`` (the same
+   function as the batched engine) and broadcasts continue/stop. This is the one place
+   with a per-round barrier, and only these two rules have it; all experts then use the
+   same number of rounds, as in the batched engine.
+4. At the end of the stage each expert that may push sends its push (key, value); the
+   others send a ``done`` vote. The membrane mixes the pushes by its output addresses
+   (``membrane.push``) and returns the outputs when every expert has finished the stage.
+
+**Delivery accounting.** Expert-to-expert messages are counted per receiver: ``sent`` when
+the transport takes an envelope, then exactly one of ``delivered`` (used in a receiver's
+inbox) or ``dropped``, with a reason (``dropped_by``): ``fault`` (injected), ``bad_frame``
+(corrupt), ``receiver_removed`` / ``no_receiver`` (the receiver is gone), ``sender_removed``
+(its sender was removed before it was used), ``unknown_sender``, ``stale`` (arrived after
+its round), ``duplicate``, ``shutdown`` (in flight when the agent closed). ``in_flight =
+sent - delivered - dropped`` is 0 whenever the agent is quiescent. When the transport loses
+a message it tells the receiver (a ``Lost`` notice, as a dead-letter office would), so
+nobody waits forever for a message that will not come; a receiver then computes its inbox
+over the messages it has.
+
+**Membership changes** (``add_experts``, ``remove_experts``) are plain synchronous calls,
+safe from any task of the same trio run, while a step is running: nothing is paused. A new
+expert joins at the next inner step; its neighbours learn of it by ``control`` frames. A
+removed expert's task is cancelled at once, its mailbox and buffered messages are counted
+dropped, its pending policy request is withdrawn, and the others are told by ``control``
+frames (a receiver stops waiting for it; messages from it not yet used are dropped).
+
+**Supervision** (after Erlang/OTP's one_for_one): an expert whose task raises is restarted
+from its last state (its mailbox is kept, so no message is lost), or removed; more than
+``max_restarts`` restarts of one expert escalate to removal. Every crash is logged (logger
+``badger_runtime.actors``), counted and kept in ``events``.
+
+**Fault injection** (tests): ``fault(sender, receiver, step, round)`` returns None (deliver),
+``"drop"``, ``"corrupt"`` (the frame's bytes are damaged: the receiver counts a bad frame) or
+an int n >= 1 (deliver after n scheduler passes: late and out of order). ``crash(eid)``
+makes an expert raise at its next round start. ``inject_frame(eid, data)`` puts raw bytes
+into a mailbox (a bad frame is counted and ignored, never crashes the expert).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import trio
+
+from .. import agreement, membrane, routing
+from ..config import AgentConfig
+from ..engine import InputError, check_values
+from ..rollout import Wiring, initial_state
+from ..tasks import guessing
+from ..xp import NumpyOps
+from .batcher import PolicyBatcher
+from .directory import Directory
+from .expert import COLLECT, DONE, IDLE, SEND, VOTE, ExpertCore
+from .messages import Message, MessageError, decode, encode
+
+log = logging.getLogger("badger_runtime.actors")
+OPS = NumpyOps()
+
+MEMBRANE = 1 << 62  # the membrane's address in frames (expert ids are smaller)
+
+Fault = Callable[[int, int, int, int], "None | str | int"]
+
+
+class ExpertCrash(RuntimeError):
+    """Raised inside an expert by ``ActorAgent.crash`` (fault injection)."""
+
+
+class StepTimeout(RuntimeError):
+    """An inner step did not finish in ``step_timeout`` seconds: a runtime bug (the text says who
+    waits for whom). The agent is then mid-step: close it."""
+
+
+class Frame:
+    """One encoded message as the transport carries it. A multicast frame is shared by its
+    receivers' envelopes: the first receiver decodes (and validates) it, the others reuse the
+    read-only result. With ``encode=False`` it carries the ``Message`` itself."""
+
+    __slots__ = ("data", "msg")
+
+    def __init__(self, data: bytes | None = None, msg: Message | None = None):
+        self.data, self.msg = data, msg
+
+    def message(self) -> Message:
+        if self.msg is None:
+            self.msg = decode(self.data)
+        return self.msg
+
+
+@dataclass
+class Envelope:
+    """What travels in a mailbox: a frame, plus the transport's note of an expert message."""
+
+    frame: Frame
+    meta: tuple[int, int, int] | None = None  # (sender, step, round) for counted expert messages
+
+
+@dataclass
+class Lost:
+    """The transport's notice that a message to this mailbox was lost."""
+
+    sender: int
+    step: int
+    round: int
+
+
+@dataclass
+class Supervision:
+    rule: str = "restart"  # 'restart' from the last state, or 'remove'
+    max_restarts: int = 3  # per expert; one more crash removes it
+
+    def __post_init__(self):
+        if self.rule not in ("restart", "remove"):
+            raise ValueError(f"supervision rule must be 'restart' or 'remove', got {self.rule!r}")
+
+
+@dataclass
+class Counters:
+    sent: int = 0  # expert->expert envelopes (one per receiver)
+    delivered: int = 0  # used in a receiver's inbox
+    dropped: int = 0
+    dropped_by: dict = field(default_factory=dict)  # reason -> count
+    bad_frames: int = 0  # frames that failed to decode or validate (any mailbox)
+    frames: int = 0  # every frame handled by a mailbox (messages, observations, votes, control)
+    crashes: int = 0
+    restarts: int = 0
+    removed_on_crash: int = 0
+    added: int = 0
+    removed: int = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.sent - self.delivered - self.dropped
+
+    def drop(self, reason: str, n: int = 1):
+        if n:
+            self.dropped += n
+            self.dropped_by[reason] = self.dropped_by.get(reason, 0) + n
+
+    def add(self, other: "Counters"):
+        for k in ("sent", "delivered", "dropped", "bad_frames", "frames", "crashes", "restarts",
+                  "removed_on_crash", "added", "removed"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        for k, v in other.dropped_by.items():
+            self.dropped_by[k] = self.dropped_by.get(k, 0) + v
+
+    def as_dict(self) -> dict:
+        return {"sent": self.sent, "delivered": self.delivered, "dropped": self.dropped,
+                "bad_frames": self.bad_frames, "dropped_by": dict(self.dropped_by), "crashes": self.crashes,
+                "restarts": self.restarts}
+
+
+@dataclass
+class StepInfo:
+    rounds: int  # rounds the stage used
+    expert_rounds: dict  # expert id -> rounds it ran (all <= the limit)
+    experts: int  # experts that took part
+
+
+@dataclass
+class _Record:
+    core: ExpertCore
+    send: trio.MemorySendChannel
+    recv: trio.MemoryReceiveChannel
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    snapshot: object = None
+    restarts: int = 0
+    crash_at: str | None = None
+    removed: bool = False
+
+
+class ActorAgent:
+    """One agent of N experts as trio actors, stepped by its membrane (see the module doc).
+
+    ``episode`` and ``wiring`` describe one episode (batch 1: slices of the batched ones, see
+    ``episodes.episode_slice``): slot and output addresses, which experts sense / push, the
+    topology, initial noise and identity features. ``expert_ids`` names the experts (default
+    0..N-1, in wiring order; messages are ordered by id, so ids in wiring order reproduce the
+    batched engine's summation order), ``spawn_order`` the order their tasks start.
+    """
+
+    def __init__(self, policy, cfg: AgentConfig, episode: guessing.Episode, wiring: Wiring, *,
+                 expert_ids=None, spawn_order=None, micro_batch: bool = True, encode: bool = True,
+                 supervision: Supervision | None = None, fault: Fault | None = None, episode_index: int = 0,
+                 seed: int = 0, step_timeout: float | None = 60.0):
+        if episode.batch != 1 or wiring.noise.shape[0] != 1:
+            raise ValueError("an ActorAgent runs one episode: pass batch-1 slices (episodes.episode_slice)")
+        self.policy = policy
+        self.cfg = cfg
+        self.spec = cfg.policy
+        self.episode = episode
+        self.slot_addr = np.asarray(episode.slot_addr[0], np.float32)
+        self.out_addr = np.asarray(episode.out_addr[0], np.float32)
+        self.encode = encode
+        self.supervision = supervision or Supervision()
+        self.fault = fault
+        self.episode_index = episode_index
+        self.step_timeout = step_timeout
+        self.rng = np.random.default_rng([seed, episode_index, 2])
+        self.counters = Counters()
+        self.events: deque = deque(maxlen=1000)  # (what, expert, detail) of crashes, restarts, changes
+        # test hook, called when an expert computes its inbox: (receiver, step, round, senders)
+        self.on_deliver: Callable | None = None
+        n = wiring.n_experts
+        ids = list(range(n)) if expert_ids is None else [int(i) for i in expert_ids]
+        if len(ids) != n:
+            raise ValueError(f"{len(ids)} expert ids for {n} experts")
+        topo = wiring.route_mask
+        topo = routing.Neighbors(topo.idx[0:1]) if isinstance(topo, routing.Neighbors) else (
+            None if topo is None else topo[0])
+        self.directory = Directory.from_wiring(cfg.routing, ids, topo, wiring.can_sense, wiring.can_push, self.rng)
+        self.batcher = PolicyBatcher(policy, micro_batch, expected=lambda: len(self.directory.active()))
+        st = initial_state(OPS, policy, wiring)
+        self._records: dict[int, _Record] = {}
+        for i, e in enumerate(ids):
+            ident = None if wiring.ids is None else wiring.ids[0, i]
+            self._new_record(e, st.h[0, i], st.heads[0, i], ident)
+        self._next_id = max(ids) + 1
+        self._spawn_order = list(ids) if spawn_order is None else [int(i) for i in spawn_order]
+        if sorted(self._spawn_order) != sorted(ids):
+            raise ValueError("spawn_order must list every expert id once")
+        self._mb_send, self._mb_recv = trio.open_memory_channel(math.inf)
+        self._nursery: trio.Nursery | None = None
+        self._closed = trio.Event()
+        self.stopped = trio.Event()  # set when run() has ended and everything is accounted
+        self.t = 0
+        self._stepping = False
+        # the membrane's view of the current stage
+        self._votes: dict[tuple[int, int], dict[int, tuple[float, float]]] = {}
+        self._finished: dict[int, tuple[int, int]] = {}  # expert -> (step, rounds)
+        self._pushes: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # expert -> (step, key, value)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def _new_record(self, eid: int, h, heads, ident) -> _Record:
+        m = self.directory.members[eid]
+        core = ExpertCore(eid, self.spec, self.cfg.routing, h, heads, ident, can_sense=m.can_sense,
+                          can_push=m.can_push, senders=self.directory.senders_of(eid),
+                          receivers=self.directory.receivers_of(eid))
+        send, recv = trio.open_memory_channel(math.inf)
+        rec = _Record(core, send, recv)
+        rec.snapshot = core.snapshot()
+        self._records[eid] = rec
+        return rec
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        """Own the expert tasks until ``close()`` (use with ``nursery.start``)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for e in self._spawn_order:
+                    nursery.start_soon(self._supervise, e, self._records[e])
+                task_status.started(self)
+                await self._closed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._shutdown()
+            self.stopped.set()
+
+    @asynccontextmanager
+    async def running(self):
+        """``async with agent.running():`` the experts live inside the block."""
+        async with trio.open_nursery() as n:
+            await n.start(self.run)
+            try:
+                yield self
+            finally:
+                self.close()
+
+    def close(self):
+        self._closed.set()
+
+    def _shutdown(self):
+        """Count what is still in flight as dropped ('shutdown') and close the mailboxes."""
+        for rec in self._records.values():
+            self.counters.drop("shutdown", self._drain(rec) + rec.core.discard_all())
+        self._records.clear()
+        self._nursery = None
+
+    def _drain(self, rec: _Record) -> int:
+        n = 0
+        while True:
+            try:
+                item = rec.recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if isinstance(item, Envelope) and item.meta is not None:
+                n += 1
+        rec.send.close()
+        rec.recv.close()
+        return n
+
+    # -- membership ----------------------------------------------------------------------
+    def live_ids(self) -> list[int]:
+        return self.directory.live()
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.directory.members)
+
+    def add_experts(self, n: int, init: str = "clone", source: int | None = None) -> list[int]:
+        """Add n experts while the agent runs (they join at the next inner step); returns their ids.
+
+        ``clone`` copies a living expert's current state and messages (``source``, or a random
+        one per new expert), ``fresh`` starts from the policy's initial state with new noise,
+        as ``rollout.grow`` does. Unlike ``rollout.grow``, nobody else is rewired: the newcomer
+        gets edges by the directory's growing rule (see ``directory``)."""
+        if n < 1:
+            raise InputError("add at least one expert")
+        if init not in ("clone", "fresh"):
+            raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
+        if source is not None and source not in self._records:
+            raise InputError(f"no expert {source} to clone")
+        new = []
+        for _ in range(n):
+            eid = self._next_id
+            self._next_id += 1
+            if init == "clone":
+                src = source if source is not None else int(self.rng.choice(self.live_ids()))
+                core = self._records[src].core
+                h, heads = core.h.copy(), core.heads.copy()
+            else:
+                src = None
+                noise = self.rng.standard_normal((1, 1, self.spec.hidden)).astype(np.float32)
+                fresh = initial_state(OPS, self.policy, Wiring(noise, None, np.ones(1, bool), np.ones(1, bool)))
+                h, heads = fresh.h[0, 0], fresh.heads[0, 0]
+            ident = (self.rng.standard_normal(self.spec.id_dim).astype(np.float32) if self.spec.id_dim else None)
+            member, senders, receivers = self.directory.plan_add(eid, src)
+            self.directory.add(member, senders, receivers)
+            rec = self._new_record(eid, h, heads, ident)
+            for e in (senders | receivers) - {eid}:
+                self._post(e, Message("control", MEMBRANE, (e,), self.episode_index, member.join, 0,
+                                      {"op": "add", "id": eid, "join": member.join,
+                                       "hears_me": int(e in senders), "i_hear": int(e in receivers)}))
+            self.counters.added += 1
+            self.events.append(("add", eid, {"init": init, "source": src, "join": member.join}))
+            log.info("expert %d added (%s of %s), joins at step %d", eid, init, src, member.join)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._supervise, eid, rec)
+            else:
+                self._spawn_order.append(eid)
+            new.append(eid)
+        return new
+
+    def remove_experts(self, ids, reason: str = "removed") -> int:
+        """Remove experts at once, even mid-step; returns how many remain (at least one must)."""
+        ids = sorted({int(i) for i in ids})
+        unknown = [i for i in ids if i not in self._records]
+        if unknown:
+            raise InputError(f"no experts {unknown} (live: {self.live_ids()})")
+        if len(ids) >= len(self._records):
+            raise InputError("cannot remove every expert: an agent needs at least one")
+        for e in ids:
+            rec = self._records.pop(e)
+            self.directory.remove(e)
+            rec.removed = True
+            rec.scope.cancel()
+            self.batcher.withdraw(e)
+            self.counters.drop("receiver_removed", self._drain(rec) + rec.core.discard_all())
+            self.counters.removed += 1
+            self.events.append(("remove", e, reason))
+            log.info("expert %d removed (%s)", e, reason)
+        payload = {"op": "remove", "ids": np.asarray(ids, np.int64)}
+        for e in self._records:
+            self._post(e, Message("control", MEMBRANE, (e,), self.episode_index, max(self.t, 0), 0, payload))
+        lone = self.directory.lone_hears_itself()
+        if lone is not None:  # as routing.topology: a lone expert hears itself rather than no one
+            join = self.directory.next_join()  # from the next step: this one's messages are sent
+            self._post(lone, Message("control", MEMBRANE, (lone,), self.episode_index, max(self.t, 0), 0,
+                                     {"op": "add", "id": lone, "join": join, "hears_me": 1, "i_hear": 1}))
+        self._to_membrane(Message("control", MEMBRANE, (MEMBRANE,), self.episode_index, max(self.t, 0), 0, payload))
+        if self.batcher.micro_batch:
+            self.batcher.poke()
+        return len(self._records)
+
+    # -- fault injection (tests) -------------------------------------------------------------
+    def crash(self, eid: int, at: str = "send"):
+        """Make expert ``eid`` raise at its next ``at`` point ('send': a round start; 'observe')."""
+        self._records[eid].crash_at = at
+
+    def inject_frame(self, eid: int, data):
+        """Put raw bytes (or a Message) into expert ``eid``'s mailbox, outside the transport."""
+        frame = Frame(None, data) if isinstance(data, Message) else Frame(data)
+        self._records[eid].send.send_nowait(Envelope(frame))
+
+    def snapshot(self) -> dict:
+        """Each live expert's state and wiring (for tests and references; experts never read it)."""
+        out = {}
+        for e in self.live_ids():
+            c, m = self._records[e].core, self.directory.members[e]
+            out[e] = {"h": c.h.copy(), "heads": c.heads.copy(), "ident": None if c.ident is None else c.ident.copy(),
+                      "can_sense": m.can_sense, "can_push": m.can_push, "join": m.join}
+        return out
+
+    # -- the transport -------------------------------------------------------------------
+    def _frame(self, msg: Message) -> Frame:
+        return Frame(encode(msg)) if self.encode else Frame(None, msg)
+
+    def _post(self, eid: int, msg: Message):
+        """Runtime -> expert frames (observations, verdicts, control): reliable, not counted."""
+        rec = self._records.get(eid)
+        if rec is not None:
+            rec.send.send_nowait(Envelope(self._frame(msg)))
+
+    def _to_membrane(self, msg: Message):
+        self._mb_send.send_nowait(Envelope(self._frame(msg)))
+
+    def _send_msg(self, sender: int, t: int, r: int, payload: dict, to: list[int]):
+        if not to:
+            return
+        msg = Message("msg", sender, tuple(to), self.episode_index, t, r, payload)
+        frame = self._frame(msg)
+        meta = (sender, t, r)
+        for rcv in to:
+            self.counters.sent += 1
+            action = None if self.fault is None else self.fault(sender, rcv, t, r)
+            if action is None:
+                self._deliver(rcv, Envelope(frame, meta))
+            elif action == "drop":
+                self._lose(rcv, meta, "fault")
+            elif action == "corrupt":
+                raw = bytearray(frame.data if frame.data is not None else encode(msg))
+                raw[len(raw) // 2 :] = b"\xc1" * (len(raw) - len(raw) // 2)  # 0xc1: never valid msgpack
+                self._deliver(rcv, Envelope(Frame(bytes(raw)), meta))
+            elif isinstance(action, int) and action >= 1 and self._nursery is not None:
+                self._nursery.start_soon(self._deliver_later, rcv, Envelope(frame, meta), action)
+            else:
+                raise ValueError(f"fault hook returned {action!r}: None, 'drop', 'corrupt' or an int >= 1")
+
+    def _deliver(self, rcv: int, env: Envelope):
+        rec = self._records.get(rcv)
+        if rec is None:
+            self.counters.drop("no_receiver")
+            return
+        rec.send.send_nowait(env)
+
+    def _lose(self, rcv: int, meta, reason: str):
+        self.counters.drop(reason)
+        rec = self._records.get(rcv)
+        if rec is not None:
+            rec.send.send_nowait(Lost(*meta))
+
+    async def _deliver_later(self, rcv: int, env: Envelope, passes: int):
+        try:
+            for _ in range(passes):
+                await trio.sleep(0)
+        except trio.Cancelled:
+            self.counters.drop("shutdown")
+            raise
+        self._deliver(rcv, env)
+
+    # -- an expert ---------------------------------------------------------------------
+    async def _supervise(self, eid: int, rec: _Record):
+        with rec.scope:
+            while True:
+                try:
+                    await self._expert(eid, rec)
+                    return
+                except Exception as exc:  # the supervision boundary: an expert's failure stays its own
+                    self.counters.crashes += 1
+                    self.events.append(("crash", eid, repr(exc)))
+                    log.warning("expert %d crashed at step %d round %d: %r", eid, rec.core.t, rec.core.r, exc)
+                    alone = len(self._records) == 1
+                    if self.supervision.rule == "restart" and rec.restarts < self.supervision.max_restarts:
+                        restart = True
+                    elif alone:  # the last expert cannot be removed
+                        if rec.restarts >= 10 * max(1, self.supervision.max_restarts):
+                            raise
+                        restart = True
+                    else:
+                        restart = False
+                    if restart:
+                        rec.restarts += 1
+                        self.counters.restarts += 1
+                        rec.core.restore(rec.snapshot)
+                        self.events.append(("restart", eid, rec.restarts))
+                        log.warning("expert %d restarted from its last state (restart %d)", eid, rec.restarts)
+                        continue
+                    self.counters.removed_on_crash += 1
+                    self.remove_experts([eid], reason="crashed")
+                    return
+
+    def _crash_point(self, rec: _Record, where: str):
+        if rec.crash_at == where:
+            rec.crash_at = None
+            raise ExpertCrash(f"injected crash of expert {rec.core.eid} at {where}")
+
+    async def _pump(self, eid: int, rec: _Record, ready: Callable[[], bool]):
+        """Handle mail until ``ready()``. Everything already in the mailbox is handled first, so
+        an expert acts on the latest news (e.g. never uses a message from an expert whose
+        removal notice is waiting)."""
+        while True:
+            while True:
+                try:
+                    item = rec.recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                self._handle(eid, rec, item)
+            if ready():
+                return
+            item = await rec.recv.receive()
+            if rec.removed:  # handed over just before the removal: it dies with the expert
+                if isinstance(item, Envelope) and item.meta is not None:
+                    self.counters.drop("receiver_removed")
+                await trio.lowlevel.checkpoint()  # raises Cancelled
+            self._handle(eid, rec, item)
+
+    async def _still_here(self, rec: _Record):
+        """After an await: a removed expert does nothing more (its cancelled scope ends it here)."""
+        if rec.removed:
+            await trio.lowlevel.checkpoint()
+
+    def _handle(self, eid: int, rec: _Record, item):
+        core = rec.core
+        if isinstance(item, Lost):
+            core.on_lost(item.sender, item.step, item.round)
+            return
+        self.counters.frames += 1
+        try:
+            msg = item.frame.message()
+            if msg.kind == "msg":
+                if item.meta is None or item.meta != (msg.sender, msg.step, msg.round):
+                    raise MessageError("msg frame that the transport did not carry")
+                why = core.on_message(msg)
+                if why is not None:
+                    self.counters.drop(why)
+            elif msg.sender != MEMBRANE:
+                raise MessageError(f"{msg.kind} frame from expert {msg.sender}: only the membrane sends those")
+            elif msg.kind == "observe":
+                core.on_observe(msg, self.cfg.agreement.rule == "fixed")
+            elif msg.kind == "vote":
+                core.on_decision(msg.step, msg.round, msg.payload.get("decision") == "stop")
+            elif msg.kind == "control":
+                op = msg.payload["op"]
+                if op == "add":
+                    p = msg.payload
+                    core.on_peer_added(int(p["id"]), int(p["join"]), bool(p["hears_me"]), bool(p["i_hear"]))
+                elif op == "remove":
+                    self.counters.drop("sender_removed", core.on_peers_removed(msg.payload["ids"].tolist()))
+            else:
+                raise MessageError(f"{msg.kind} frames are not for experts")
+        except (MessageError, KeyError, TypeError, ValueError, AttributeError) as e:
+            self.counters.bad_frames += 1
+            log.warning("expert %d: bad frame rejected: %s", eid, e)
+            if item.meta is not None:
+                self.counters.drop("bad_frame")
+                core.on_lost(*item.meta)
+
+    async def _expert(self, eid: int, rec: _Record):
+        core = rec.core
+        while True:
+            rec.snapshot = core.snapshot()
+            ph = core.phase
+            if ph == IDLE:
+                await self._pump(eid, rec, core.has_observation)
+                await self._still_here(rec)
+                self._crash_point(rec, "observe")
+                core.begin_step()
+            elif ph == SEND:
+                self._crash_point(rec, "send")
+                t, r = core.t, core.r
+                payload, to = core.outbox()
+                self._send_msg(eid, t, r, payload, to)
+            elif ph == COLLECT:
+                await self._pump(eid, rec, core.round_ready)
+                await self._still_here(rec)
+                inbox, senders = core.round_inbox()
+                if self.on_deliver is not None:
+                    self.on_deliver(eid, core.t, core.r, senders)
+                h, heads = await self.batcher.step(eid, core.h, inbox, core.sensed)
+                await self._still_here(rec)
+                t, r = core.t, core.r
+                vote, change, used = core.apply(h, heads)
+                self.counters.delivered += used
+                if core.phase == VOTE:
+                    self._to_membrane(Message("vote", eid, (MEMBRANE,), self.episode_index, t, r,
+                                              {"vote": vote, "change": change}))
+            elif ph == VOTE:
+                await self._pump(eid, rec, core.has_decision)
+                await self._still_here(rec)
+                core.take_decision()
+            elif ph == DONE:
+                t, rounds = core.t, core.r
+                push = core.finish()
+                payload = push if push is not None else {"done": rounds}
+                self._to_membrane(Message("push" if push is not None else "vote", eid, (MEMBRANE,),
+                                          self.episode_index, t, rounds, payload))
+
+    # -- the membrane ----------------------------------------------------------------------
+    def _membrane_handle(self, item: Envelope):
+        self.counters.frames += 1
+        A = self.spec.addr_dim
+        try:
+            msg = item.frame.message()
+            if msg.kind == "control" and msg.sender == MEMBRANE:
+                return  # a membership change: the wait conditions re-read the directory
+            if msg.sender not in self.directory.members:
+                return  # a frame from an expert removed since it was sent
+            if msg.kind == "push":
+                k, v = msg.payload["key"], msg.payload["value"]
+                if k.shape != (A,) or v.shape != (1 + A,):
+                    raise MessageError(f"push: key {k.shape} / value {v.shape}, expected ({A},) / ({1 + A},)")
+                self._pushes[msg.sender] = (msg.step, k, v)
+                self._finished[msg.sender] = (msg.step, msg.round)
+            elif msg.kind == "vote" and "done" in msg.payload:
+                self._finished[msg.sender] = (msg.step, msg.round)
+            elif msg.kind == "vote":
+                self._votes.setdefault((msg.step, msg.round), {})[msg.sender] = (
+                    float(msg.payload["vote"]), float(msg.payload["change"]))
+            else:
+                raise MessageError(f"{msg.kind} frames are not for the membrane")
+        except (MessageError, KeyError, TypeError, ValueError, AttributeError) as e:
+            self.counters.bad_frames += 1
+            log.warning("membrane: bad frame rejected: %s", e)
+
+    async def _membrane_wait(self, ready: Callable[[], bool]):
+        while not ready():
+            self._membrane_handle(await self._mb_recv.receive())
+
+    def _visible(self, active: list[int]) -> np.ndarray:
+        """[n, J] which slots each taking-part expert may read (by rank, as the batched engine)."""
+        J = self.slot_addr.shape[0]
+        vis = self.episode.with_experts(len(active)).visible
+        v = np.ones((len(active), J), bool) if vis is None else np.asarray(vis[0], bool).copy()
+        v &= np.array([self.directory.members[e].can_sense for e in active], bool)[:, None]
+        return v
+
+    async def step(self, slot_values, rounds: int | None = None) -> tuple[np.ndarray, StepInfo]:
+        """One inner step: observation [J] (previous outputs, then feedback) -> outputs [d]."""
+        if self._nursery is None:
+            raise RuntimeError("the agent is not running: use `async with agent.running():`")
+        if self._stepping:
+            raise RuntimeError("a step is already running: the membrane feeds one observation at a time")
+        vals = check_values("observation", slot_values, (self.slot_addr.shape[0],))
+        R = self.cfg.agreement.rounds if rounds is None else int(rounds)
+        if R < 1:
+            raise InputError("rounds must be >= 1")
+        scope = trio.fail_after(self.step_timeout) if self.step_timeout else nullcontext()
+        self._stepping = True
+        try:
+            with scope:
+                return await self._step(vals, R)
+        except trio.TooSlowError:
+            waiting = {e: (r.core.phase, r.core.t, r.core.r, r.core.missing())
+                       for e, r in self._records.items() if r.core.phase != IDLE}
+            raise StepTimeout(f"step {self.t} did not finish in {self.step_timeout}s; experts not idle "
+                              f"(phase, step, round, waiting for): {waiting}") from None
+        finally:
+            self._stepping = False
+
+    async def _step(self, vals: np.ndarray, R: int) -> tuple[np.ndarray, StepInfo]:
+        t = self.t
+        self.directory.begin_step(t)
+        active = self.directory.active()
+        vis = self._visible(active)
+        for i, e in enumerate(active):
+            self._post(e, Message("observe", MEMBRANE, (e,), self.episode_index, t, 0,
+                                  {"slot_addr": self.slot_addr[vis[i]], "slot_val": vals[vis[i]], "rounds": R}))
+        used = R
+        acfg = type(self.cfg.agreement)(**{**self.cfg.agreement.__dict__, "rounds": R})
+        if acfg.rule != "fixed":
+            for r in range(R - 1):
+                await self._membrane_wait(lambda: set(self.directory.active()) <= self._votes.get((t, r), {}).keys())
+                who = self.directory.active()
+                if not who:  # everyone taking part was removed mid-step (only newcomers are left)
+                    used = r + 1
+                    break
+                got = self._votes.pop((t, r))
+                votes = np.array([[got[e][0] for e in who]], np.float32)
+                change = np.array([[[got[e][1]] for e in who]], np.float32)
+                go = agreement.still_talking(OPS, acfg, r + 1, np.ones(1, bool), np.zeros_like(change), change, votes)
+                stop = not bool(go[0])
+                for e in who:
+                    self._post(e, Message("vote", MEMBRANE, (e,), self.episode_index, t, r,
+                                          {"decision": "stop" if stop else "continue"}))
+                if stop:
+                    used = r + 1
+                    break
+        await self._membrane_wait(lambda: all(self._finished.get(e, (-1,))[0] == t for e in self.directory.active()))
+        who = self.directory.active()
+        pushers = [e for e in who if self.directory.members[e].can_push]
+        if pushers:
+            pk = np.stack([self._pushes[e][1] for e in pushers])[None]
+            pv = np.stack([self._pushes[e][2] for e in pushers])[None]
+            out, _ = membrane.push(OPS, pk, pv, self.out_addr[None], None)
+            out = np.asarray(out[0], np.float32)
+        else:
+            out = np.zeros(self.out_addr.shape[0], np.float32)
+        info = StepInfo(used, {e: self._finished[e][1] for e in who}, len(who))
+        self._votes = {k: v for k, v in self._votes.items() if k[0] > t}
+        self.t += 1
+        return out, info

@@ -1,0 +1,632 @@
+"""The actor runtime's fast path: experts in shards, one gathered tick per communication round.
+
+The per-expert runtime (``runtime.ActorAgent``) makes every expert a trio task and every routed
+message a frame in a mailbox; at ~5-10 us of Python per message, it is the *messages*, not the
+policy, that cost. ``ShardedAgent`` keeps the actor model (actors that share nothing and talk only
+by messages) but makes the actor a **shard** of many experts, so a round costs S^2 messages
+instead of N x in-degree:
+
+- **Shards** (trio tasks, ``shards`` of them, default one per core) partition the experts into
+  contiguous ranges. A shard owns its experts' state (``h``, the heads of their last policy step,
+  what they sensed) as arrays; nobody else reads or writes them.
+- **A round is one gathered tick.** Each shard publishes its experts' (key, query, value) block
+  as ONE ``msg`` message (``messages.Message``; msgpack-encoded with ``encode=True``, passed as
+  the object otherwise) to the shards that may hear any of them (the wiring says which). Each
+  shard copies the blocks it receives into its own sender arrays ``[B, N, Dk]`` / ``[B, N, Dm]``
+  and computes its receivers' inboxes with ``routing.route`` (dense, top-k, homogeneous,
+  hardwired masks, or the sparse O(N C) sender lists) over those arrays, in tiles of at most
+  ``tile`` receivers so the temporaries stay in cache.
+- **One policy evaluation per round.** Every shard hands its rows (state, inbox, sensed) to the
+  shared ``RowBatcher``; the last one to arrive runs the policy on all rows of all shards and
+  wakes the others, who take their rows back. onnxruntime is slower per row on one huge batch
+  than on cache-sized ones (a 100,000-row call took ~2.5x as long as 25 calls of 4,096 rows on
+  the 2-core machine), so the evaluation is split into calls of at most ``policy_chunk`` rows
+  (0: one call), bound once to preallocated buffers (IOBinding, no copies of the outputs).
+- **Agreement.** Fixed rounds need no coordination beyond the batcher. Convergence and quorum
+  are predicates over all experts: after each round each shard sends the membrane one ``vote``
+  message (its largest message change per episode, its experts' votes); the membrane applies
+  ``agreement.still_talking`` (the batched engine's function) and sends back the episodes still
+  talking; episodes that agreed keep their state, as in ``rollout.agent_step``.
+- **The membrane** (the caller of ``step``) hands each shard the observation (one ``observe``
+  message), and mixes the shards' ``push`` blocks with ``membrane.push``.
+
+Each shard computes exactly the rows of ``rollout.agent_step`` for its experts, with the shared
+functions (``membrane.sense``, ``routing.route``, ``agreement.still_talking``, ``membrane.push``,
+``rollout.split_heads``), so the rollout equals the batched engine's (``run_sharded_episodes``
+against ``evaluation.run_episodes``: tests/test_sharded.py, 1e-5 on the guesses) whatever the
+number of shards. A ``ShardedAgent`` runs B episodes at once (batch-B wiring, as
+``engine.Agent``).
+
+Not here (the per-expert runtime has them): growing and shrinking, supervision and restarts,
+fault injection, per-message delivery accounting. A failing policy call or shard ends the step
+with its exception. Everything runs in one thread: shards interleave, they do not run in
+parallel (onnxruntime's ``threads`` are the parallel part).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import trio
+
+from .. import agreement, membrane, routing
+from ..config import AgentConfig
+from ..engine import InputError, check_values
+from ..evaluation import episode_rngs, fixed_address_table
+from ..rollout import AgentState, Wiring, initial_state, sample_wiring, split_heads
+from ..tasks import guessing
+from ..xp import NumpyOps
+from .messages import Message, MessageError, decode, encode
+
+OPS = NumpyOps()
+MEMBRANE = 1 << 62  # the membrane's address in frames (as in runtime.py)
+DEFAULT_TILE = 4096  # receivers routed at once inside a shard
+DEFAULT_POLICY_CHUNK = 4096  # rows per onnxruntime call
+
+
+def default_shards(n_experts: int) -> int:
+    """One shard per core (never more shards than experts)."""
+    return max(1, min(n_experts, os.cpu_count() or 1))
+
+
+def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal expert ranges [lo, hi) for ``shards`` shards (none empty)."""
+    shards = max(1, min(int(shards), n))
+    edges = np.linspace(0, n, shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def in_degrees(topo, n: int, batch: int) -> np.ndarray:
+    """Messages each receiver hears per round, [B, N]: the topology's in-degrees (N for everyone
+    hears everyone; the listed senders for sender lists)."""
+    if topo is None:
+        return np.full((batch, n), n, np.int64)
+    if isinstance(topo, routing.Neighbors):
+        return np.full((batch, n), topo.idx.shape[-1], np.int64)
+    return np.asarray(topo, bool).sum(axis=-1).astype(np.int64)
+
+
+class _Frame:
+    """One message as a mailbox carries it: encoded bytes (decoded once, by the first reader) or
+    the ``Message`` itself (``encode=False``)."""
+
+    __slots__ = ("data", "msg")
+
+    def __init__(self, data: bytes | None = None, msg: Message | None = None):
+        self.data, self.msg = data, msg
+
+    def message(self) -> Message:
+        if self.msg is None:
+            self.msg = decode(self.data)
+        return self.msg
+
+
+# ---- the shared policy batcher ---------------------------------------------------------------------
+
+class RowBatcher:
+    """Gathers every shard's policy rows of a round into one evaluation, then scatters the results.
+
+    Rows live in preallocated buffers, shard i at rows ``[B lo_i, B hi_i)`` (its [B, n_i] rows,
+    episode-major). The shard that completes the round runs the policy on all rows (in calls of at
+    most ``chunk`` rows; 0 = one call) and wakes the others; each takes back views of its rows of
+    the output buffers, valid until the next round's evaluation (which needs its next request, so
+    it always copies them first). The sensed rows are constant during an inner step: a shard
+    sends them with its first round only.
+    """
+
+    def __init__(self, policy, bounds: list[tuple[int, int]], batch: int, chunk: int = DEFAULT_POLICY_CHUNK):
+        spec = policy.spec
+        self.policy = policy
+        self.bounds = bounds
+        self.batch = batch
+        rows = batch * bounds[-1][1]
+        self.rows_total = rows
+        self.h = np.zeros((rows, spec.hidden), np.float32)
+        self.inbox = np.zeros((rows, spec.msg_dim), np.float32)
+        self.sensed = np.zeros((rows, spec.sensed_dim), np.float32)
+        self.h_out = np.zeros((rows, spec.hidden), np.float32)
+        self.heads_out = np.zeros((rows, spec.heads_dim), np.float32)
+        chunk = rows if chunk <= 0 else int(chunk)
+        self.chunks = [(a, min(a + chunk, rows)) for a in range(0, rows, chunk)]
+        self._bindings = self._bind()
+        self.calls = 0  # onnxruntime calls
+        self.rounds = 0  # gathered evaluations (one per round)
+        self.rows = 0  # expert steps evaluated
+        self._waiting: dict[int, trio.Event] = {}
+        self._error: BaseException | None = None
+
+    def _bind(self):
+        """IOBinding per chunk onto the buffers (None: call ``policy.step`` and copy)."""
+        sess = getattr(self.policy, "session", None)
+        if sess is None or not hasattr(sess, "io_binding"):
+            return None
+        out = []
+        for a, b in self.chunks:
+            bind = sess.io_binding()
+            bind.bind_cpu_input("state", self.h[a:b])
+            bind.bind_cpu_input("inbox", self.inbox[a:b])
+            bind.bind_cpu_input("sensed", self.sensed[a:b])
+            for name, buf in (("state_out", self.h_out[a:b]), ("heads", self.heads_out[a:b])):
+                bind.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            out.append(bind)
+        return out
+
+    def _rows(self, shard: int) -> slice:
+        lo, hi = self.bounds[shard]
+        return slice(self.batch * lo, self.batch * hi)
+
+    async def step(self, shard: int, h, inbox, sensed=None):
+        """Shard ``shard``'s rows for this round -> (h' [B, n, H], heads [B, n, heads_dim]) views."""
+        if shard in self._waiting:
+            raise RuntimeError(f"shard {shard} already has rows in this round")
+        rows = self._rows(shard)
+        n = rows.stop - rows.start
+        self.h[rows] = h.reshape(n, -1)
+        self.inbox[rows] = inbox.reshape(n, -1)
+        if sensed is not None:
+            self.sensed[rows] = sensed.reshape(n, -1)
+        done = trio.Event()
+        self._waiting[shard] = done
+        if len(self._waiting) == len(self.bounds):
+            self._flush()
+        await done.wait()
+        if self._error is not None:
+            raise self._error
+        B = self.batch
+        return self.h_out[rows].reshape(B, n // B, -1), self.heads_out[rows].reshape(B, n // B, -1)
+
+    def _flush(self):
+        waiting, self._waiting = self._waiting, {}
+        self._error = None
+        try:
+            if self._bindings is not None:
+                run = self.policy.session.run_with_iobinding
+                for bind in self._bindings:
+                    run(bind)
+            else:
+                for a, b in self.chunks:
+                    h2, hd = self.policy.step(self.h[a:b], self.inbox[a:b], self.sensed[a:b])
+                    self.h_out[a:b], self.heads_out[a:b] = h2, hd
+        except Exception as e:  # every waiting shard gets the error
+            self._error = e
+        self.calls += len(self.chunks)
+        self.rounds += 1
+        self.rows += self.rows_total
+        for ev in waiting.values():
+            ev.set()
+
+
+# ---- one shard (sans-IO) -------------------------------------------------------------------------
+
+@dataclass
+class Counters:
+    frames: int = 0  # messages handled by a mailbox (blocks, observations, votes, pushes)
+    blocks: int = 0  # (key, value) blocks delivered shard -> shard
+    block_bytes: int = 0  # their encoded size (encode=True)
+    delivered: int = 0  # logical expert -> expert messages: receivers' in-degrees, per round taken
+    bad_frames: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class ShardCore:
+    """One shard: the state of experts [lo, hi) of B episodes and the shard's part of the maths.
+
+    No IO and no awaiting (the trio shell is ``ShardedAgent``): ``sense`` at the start of an inner
+    step, ``take_block`` for each (key, value) block heard, ``inbox`` for the round, ``apply``
+    the policy's rows, ``push_block`` at the end.
+    """
+
+    def __init__(self, index: int, bounds: list[tuple[int, int]], policy, cfg: AgentConfig, wiring: Wiring,
+                 h, heads, visible, tile: int = DEFAULT_TILE):
+        self.index = index
+        self.lo, self.hi = bounds[index]
+        lo, hi = self.lo, self.hi
+        self.spec = spec = cfg.policy
+        self.cfg = cfg
+        self.h = np.array(h[:, lo:hi], np.float32)  # owned copies
+        self.heads = np.array(heads[:, lo:hi], np.float32)
+        B, N = wiring.noise.shape[:2]
+        self.B, self.N, self.n = B, N, hi - lo
+        self.ids = None if wiring.ids is None else np.asarray(wiring.ids[:, lo:hi], np.float32)
+        self.visible = None if visible is None else visible[:, lo:hi]  # [1 or B, n, J] or None (all)
+        topo = wiring.route_mask
+        if isinstance(topo, routing.Neighbors):
+            self.topo = routing.Neighbors(topo.idx[:, lo:hi])
+        elif topo is None:
+            self.topo = None
+        else:
+            self.topo = np.asarray(topo, bool)[:, lo:hi]
+        self.tile = max(1, int(tile))
+        # the shards whose experts some expert of mine may hear
+        starts = np.array([a for a, _ in bounds])
+        if self.topo is None:
+            need = set(range(len(bounds)))
+        elif isinstance(self.topo, routing.Neighbors):
+            need = set(np.unique(np.searchsorted(starts, self.topo.idx, side="right") - 1).tolist())
+        else:
+            heard = self.topo.any(axis=(0, 1))  # [N]
+            need = {j for j, (a, b) in enumerate(bounds) if heard[a:b].any()}
+        self.needs = sorted(need)
+        self.indeg = in_degrees(self.topo, N, B)[:, :self.n].sum(axis=1) if self.topo is None else \
+            in_degrees(self.topo, N, B).sum(axis=1)  # [B] messages my experts hear per round
+        if self.topo is None:
+            self.indeg = np.full(B, self.n * N, np.int64)
+        self.keys = np.zeros((B, N, spec.key_dim), np.float32)  # senders' keys and values, as heard
+        self.values = np.zeros((B, N, spec.msg_dim), np.float32)
+        self.inbox_buf = np.zeros((B, self.n, spec.msg_dim), np.float32)
+        self.sensed: np.ndarray | None = None
+
+    # -- an inner step ----------------------------------------------------------------
+    def sense(self, slot_addr, slot_val):
+        """What my experts read from the input slots: rows of ``membrane.sense``."""
+        rq = split_heads(self.spec, self.heads)["read_query"]
+        parts = []
+        for a in range(0, self.n, self.tile):
+            b = min(a + self.tile, self.n)
+            vis = None if self.visible is None else self.visible[:, a:b]
+            parts.append(membrane.sense(OPS, rq[:, a:b], slot_addr, slot_val, vis))
+        sensed = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        if self.ids is not None:
+            sensed = np.concatenate([sensed, self.ids], axis=-1)
+        self.sensed = np.ascontiguousarray(sensed, np.float32)
+        return self.sensed
+
+    def block(self) -> dict[str, np.ndarray]:
+        """My experts' message of this round (the heads of their last step): [B, n, ...] views."""
+        hd = split_heads(self.spec, self.heads)
+        return {"key": hd["key"], "query": hd["query"], "value": hd["value"]}
+
+    def take_block(self, lo: int, key, value):
+        """Copy a block heard from the shard owning experts [lo, lo + n)."""
+        n = key.shape[1]
+        if key.shape != (self.B, n, self.spec.key_dim) or value.shape != (self.B, n, self.spec.msg_dim):
+            raise MessageError(f"block: key {key.shape} / value {value.shape} do not fit "
+                               f"({self.B}, n, {self.spec.key_dim}) / ({self.B}, n, {self.spec.msg_dim})")
+        if lo < 0 or lo + n > self.N:
+            raise MessageError(f"block: experts [{lo}, {lo + n}) outside [0, {self.N})")
+        self.keys[:, lo:lo + n] = key
+        self.values[:, lo:lo + n] = value
+
+    def inbox(self) -> np.ndarray:
+        """My receivers' inboxes this round: rows of ``routing.route`` over the senders heard."""
+        q = split_heads(self.spec, self.heads)["query"]
+        cfg = self.cfg.routing
+        for a in range(0, self.n, self.tile):
+            b = min(a + self.tile, self.n)
+            if isinstance(self.topo, routing.Neighbors):
+                mask = routing.Neighbors(self.topo.idx[:, a:b])
+            elif self.topo is None:
+                # everyone hears everyone: route's homogeneous rule builds its own [N, N] weights,
+                # so give it this tile's (all-true) rows instead
+                mask = np.ones((self.B, b - a, self.N), bool) if cfg.kind == "homogeneous" else None
+            else:
+                mask = self.topo[:, a:b]
+            inbox, _ = routing.route(OPS, cfg, q[:, a:b], self.keys, self.values, mask)
+            self.inbox_buf[:, a:b] = inbox
+        return self.inbox_buf
+
+    def apply(self, h_new, heads_new, active: np.ndarray, rule: str):
+        """Commit the round's policy step (episodes no longer ``active`` keep their state).
+        Returns (largest message change per episode [B], votes [B, n]) for the membrane."""
+        Dk = self.spec.key_dim
+        change = None
+        if rule == "convergence":
+            v0, v1 = 2 * Dk, 2 * Dk + self.spec.msg_dim
+            change = np.abs(heads_new[..., v0:v1] - self.heads[..., v0:v1]).max(axis=(1, 2)).astype(np.float32)
+        if active.all():
+            np.copyto(self.h, h_new)
+            np.copyto(self.heads, heads_new)
+        else:
+            np.copyto(self.h, h_new, where=active[:, None, None])
+            np.copyto(self.heads, heads_new, where=active[:, None, None])
+        vote = None
+        if rule == "quorum":
+            vote = np.asarray(OPS.sigmoid(split_heads(self.spec, self.heads)["vote"][..., 0]), np.float32)
+        return change, vote
+
+    def push_block(self) -> dict[str, np.ndarray]:
+        hd = split_heads(self.spec, self.heads)
+        return {"key": hd["push_key"], "value": hd["push_value"]}
+
+
+# ---- the agent ----------------------------------------------------------------------------------
+
+@dataclass
+class StepInfo:
+    rounds: np.ndarray  # [B] rounds each episode used (as the batched engine's StepInfo.rounds)
+    messages: int  # logical expert -> expert messages delivered in this step
+    frames: int  # shard messages (blocks, observations, votes, pushes) in this step
+
+
+@dataclass
+class _Shard:
+    core: ShardCore
+    send: trio.MemorySendChannel
+    recv: trio.MemoryReceiveChannel
+    feeds: list[int] = field(default_factory=list)  # the shards that need my block
+    stash: dict = field(default_factory=dict)  # (kind, step, round) -> [messages] that came early
+
+
+class ShardedAgent:
+    """B episodes of N experts in S shards (see the module doc); stepped by its membrane.
+
+    ``episode`` and ``wiring`` are batched as for ``rollout.agent_step`` (``engine.Agent``'s
+    ``episode`` / ``wiring`` can be passed as they are). Use as::
+
+        agent = ShardedAgent(policy, cfg, episode, wiring, shards=4)
+        async with agent.running():
+            out, info = await agent.step(slot_values)  # [B, J] -> [B, d]
+    """
+
+    def __init__(self, policy, cfg: AgentConfig, episode: guessing.Episode, wiring: Wiring, *,
+                 shards: int | None = None, tile: int = DEFAULT_TILE, policy_chunk: int = DEFAULT_POLICY_CHUNK,
+                 encode: bool = False, episode_index: int = 0, step_timeout: float | None = None,
+                 state: AgentState | None = None):
+        B, N = wiring.noise.shape[:2]
+        if episode.batch != B:
+            raise ValueError(f"episode batch {episode.batch} != wiring batch {B}")
+        self.policy, self.cfg, self.spec = policy, cfg, cfg.policy
+        self.episode = episode
+        self.B, self.N = B, N
+        self.encode = encode
+        self.episode_index = episode_index
+        self.step_timeout = step_timeout
+        self.slot_addr = np.asarray(episode.slot_addr, np.float32)
+        self.out_addr = np.asarray(episode.out_addr, np.float32)
+        self.can_push = None if wiring.can_push.all() else np.asarray(wiring.can_push[None, :], bool)
+        vis = wiring.can_sense[None, :, None]
+        if episode.visible is not None:
+            vis = vis & episode.visible
+        vis = None if vis.all() else np.asarray(vis, bool)
+        st = state if state is not None else initial_state(OPS, policy, wiring)
+        self.bounds = shard_bounds(N, shards if shards is not None else default_shards(N))
+        self.S = len(self.bounds)
+        self.batcher = RowBatcher(policy, self.bounds, B, policy_chunk)
+        self.counters = Counters()
+        self._shards: list[_Shard] = []
+        for i in range(self.S):
+            core = ShardCore(i, self.bounds, policy, cfg, wiring, st.h, st.heads, vis, tile)
+            send, recv = trio.open_memory_channel(math.inf)
+            self._shards.append(_Shard(core, send, recv))
+        for i, sh in enumerate(self._shards):
+            for j in sh.core.needs:
+                if j != i:
+                    self._shards[j].feeds.append(i)
+        self._mb_send, self._mb_recv = trio.open_memory_channel(math.inf)
+        self._mb_stash: dict = {}
+        self._nursery: trio.Nursery | None = None
+        self._closed = trio.Event()
+        self._stepping = False
+        self.t = 0
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        """Own the shard tasks until ``close()`` (use with ``nursery.start``)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for sh in self._shards:
+                nursery.start_soon(self._shard_task, sh)
+            task_status.started()
+            await self._closed.wait()
+            nursery.cancel_scope.cancel()
+        self._nursery = None
+
+    def close(self):
+        self._closed.set()
+
+    @asynccontextmanager
+    async def running(self):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            try:
+                yield self
+            finally:
+                self.close()
+
+    @property
+    def shards(self) -> int:
+        return self.S
+
+    def state(self) -> AgentState:
+        """The experts' state gathered from the shards (tests, references; shards never read it)."""
+        return AgentState(np.concatenate([s.core.h for s in self._shards], axis=1),
+                          np.concatenate([s.core.heads for s in self._shards], axis=1))
+
+    # -- the transport ----------------------------------------------------------------
+    def _frame(self, msg: Message) -> _Frame:
+        if self.encode:
+            data = encode(msg)
+            if msg.kind == "msg":
+                self.counters.block_bytes += len(data) * len(msg.receivers)
+            return _Frame(data)
+        return _Frame(None, msg)
+
+    def _post(self, to: int, msg: Message):
+        self._shards[to].send.send_nowait(self._frame(msg))
+
+    async def _receive(self, recv, stash: dict, kind: str, t: int, r: int, sender_ok=None):
+        """The next message of ``kind`` for (step t, round r); others of the same kind that come
+        early wait in ``stash``."""
+        key = (kind, t, r)
+        if stash.get(key):
+            return stash[key].pop()
+        while True:
+            frame = await recv.receive()
+            self.counters.frames += 1
+            try:
+                msg = frame.message()
+            except MessageError:
+                self.counters.bad_frames += 1
+                raise
+            k = (msg.kind, msg.step, msg.round)
+            if k == key:
+                return msg
+            stash.setdefault(k, []).append(msg)
+
+    # -- a shard ----------------------------------------------------------------------
+    async def _shard_task(self, sh: _Shard):
+        core, i = sh.core, sh.core.index
+        rule = self.cfg.agreement.rule
+        while True:
+            t = self.t
+            ob = await self._receive(sh.recv, sh.stash, "observe", t, 0)
+            p = ob.payload
+            R = int(p["rounds"])
+            core.sense(p["slot_addr"], p["slot_val"])
+            active = np.ones(self.B, bool)
+            for r in range(R):
+                blk = core.block()
+                if sh.feeds:
+                    self._post_block(sh, t, r, blk)
+                core.take_block(core.lo, blk["key"], blk["value"])
+                for _ in range(len(core.needs) - (i in core.needs)):
+                    msg = await self._receive(sh.recv, sh.stash, "msg", t, r)
+                    core.take_block(int(msg.payload["lo"]), msg.payload["key"], msg.payload["value"])
+                    self.counters.blocks += 1
+                inbox = core.inbox()
+                self.counters.delivered += int(core.indeg[active].sum())
+                h2, hd2 = await self.batcher.step(i, core.h, inbox, core.sensed if r == 0 else None)
+                change, vote = core.apply(h2, hd2, active, rule)
+                if rule != "fixed" and r + 1 < R:
+                    payload = {"vote": vote if vote is not None else np.zeros((self.B, core.n), np.float32),
+                               "change": change if change is not None else np.zeros(self.B, np.float32)}
+                    self._mb_send.send_nowait(self._frame(Message("vote", i, (MEMBRANE,), self.episode_index,
+                                                                  t, r, payload)))
+                    d = await self._receive(sh.recv, sh.stash, "vote", t, r)
+                    active = np.asarray(d.payload["active"], bool).copy()
+                    if not active.any():
+                        break
+            self._mb_send.send_nowait(self._frame(Message("push", i, (MEMBRANE,), self.episode_index, t, 0,
+                                                          {**core.push_block(), "lo": core.lo})))
+            while self.t == t:  # the membrane ends the step
+                await self._step_done.wait()
+
+    def _post_block(self, sh: _Shard, t: int, r: int, blk: dict):
+        msg = Message("msg", sh.core.index, tuple(sh.feeds), self.episode_index, t, r, {**blk, "lo": sh.core.lo})
+        frame = self._frame(msg)
+        for j in sh.feeds:
+            self._shards[j].send.send_nowait(frame)
+
+    # -- the membrane -----------------------------------------------------------------
+    async def step(self, slot_values, rounds: int | None = None) -> tuple[np.ndarray, StepInfo]:
+        """One inner step: observation [B, J] (previous outputs, then feedback) -> outputs [B, d]."""
+        if self._nursery is None:
+            raise RuntimeError("the agent is not running: use `async with agent.running():`")
+        if self._stepping:
+            raise RuntimeError("a step is already running: the membrane feeds one observation at a time")
+        vals = check_values("observation", slot_values, (self.B, self.slot_addr.shape[1]))
+        R = self.cfg.agreement.rounds if rounds is None else int(rounds)
+        if R < 1:
+            raise InputError("rounds must be >= 1")
+        self._stepping = True
+        scope = trio.fail_after(self.step_timeout) if self.step_timeout else nullcontext()
+        try:
+            with scope:
+                return await self._step(vals, R)
+        finally:
+            self._stepping = False
+
+    async def _step(self, vals: np.ndarray, R: int):
+        t = self.t
+        frames0, delivered0 = self.counters.frames, self.counters.delivered
+        self._step_done = trio.Event()
+        obs = {"slot_addr": self.slot_addr, "slot_val": vals, "rounds": R}
+        for i in range(self.S):
+            self._post(i, Message("observe", MEMBRANE, (i,), self.episode_index, t, 0, obs))
+        acfg = type(self.cfg.agreement)(**{**self.cfg.agreement.__dict__, "rounds": R})
+        active = np.ones(self.B, bool)
+        used = np.zeros(self.B, np.float32)
+        for r in range(agreement.max_rounds(acfg)):
+            used += active
+            if acfg.rule == "fixed" or r + 1 >= R:
+                continue  # nothing to decide: every shard counts its rounds
+            votes = np.zeros((self.B, self.N), np.float32)
+            change = np.zeros((self.B, self.S, 1), np.float32)
+            for _ in range(self.S):
+                m = await self._receive(self._mb_recv, self._mb_stash, "vote", t, r)
+                lo, hi = self.bounds[m.sender]
+                votes[:, lo:hi] = m.payload["vote"]
+                change[:, m.sender, 0] = m.payload["change"]
+            active = agreement.still_talking(OPS, acfg, r + 1, active, np.zeros_like(change), change, votes)
+            for i in range(self.S):
+                self._post(i, Message("vote", MEMBRANE, (i,), self.episode_index, t, r, {"active": active}))
+            if not active.any():
+                break
+        A = self.spec.addr_dim
+        pk = np.zeros((self.B, self.N, A), np.float32)
+        pv = np.zeros((self.B, self.N, 1 + A), np.float32)
+        for _ in range(self.S):
+            m = await self._receive(self._mb_recv, self._mb_stash, "push", t, 0)
+            lo = int(m.payload["lo"])
+            n = m.payload["key"].shape[1]
+            pk[:, lo:lo + n], pv[:, lo:lo + n] = m.payload["key"], m.payload["value"]
+        out, _ = membrane.push(OPS, pk, pv, self.out_addr, self.can_push)
+        self.t += 1
+        self._step_done.set()
+        info = StepInfo(used, self.counters.delivered - delivered0, self.counters.frames - frames0)
+        return np.asarray(out, np.float32), info
+
+
+# ---- seeded episodes ----------------------------------------------------------------------------
+
+@dataclass
+class ShardedEpisodes:
+    """Like ``evaluation.Episodes``, plus the runtime's counters."""
+
+    errors: np.ndarray  # [T, E]
+    guesses: np.ndarray  # [T, E, d]
+    rounds: np.ndarray  # [T, E]
+    targets: np.ndarray  # [E, d]
+    counters: Counters
+    policy_calls: int = 0
+    policy_rounds: int = 0
+
+
+def run_sharded_episodes(policy, agent: AgentConfig, task, *, dims: int, experts: int, episodes: int, seed: int,
+                         steps: int | None = None, rounds: int | None = None, chunk: int = 250,
+                         **agent_kw) -> ShardedEpisodes:
+    """``evaluation.run_episodes`` computed by sharded agents: the same seeded episodes and wiring,
+    drawn in the same chunks; each chunk of episodes is one ``ShardedAgent`` (batch = chunk)."""
+    steps = steps or task.steps
+    rng_task, rng_wire = episode_rngs(seed)
+    addresses = fixed_address_table(task, dims, agent.policy.addr_dim)
+    errs, guesses, used, tgts = [], [], [], []
+    total = Counters()
+    calls = [0, 0]
+
+    async def play(ep, wiring, index):
+        a = ShardedAgent(policy, agent, ep, wiring, episode_index=index, **agent_kw)
+        g_all, e_all, r_all = [], [], []
+        async with a.running():
+            guess = OPS.zeros((ep.batch, ep.dims))
+            for t in range(steps):
+                slot_val = guessing.observe(OPS, ep, guess, t)
+                guess, info = await a.step(slot_val, rounds=rounds)
+                g_all.append(guess)
+                e_all.append(guessing.error(OPS, guess, OPS.asarray(ep.targets_at(t))))
+                r_all.append(info.rounds)
+        for k in ("frames", "blocks", "block_bytes", "delivered", "bad_frames"):
+            setattr(total, k, getattr(total, k) + getattr(a.counters, k))
+        calls[0] += a.batcher.calls
+        calls[1] += a.batcher.rounds
+        return np.stack(g_all), np.stack(e_all), np.stack(r_all)
+
+    done = 0
+    while done < episodes:
+        b = min(chunk, episodes - done)
+        ep = guessing.sample(rng_task, task, b, dims, experts, agent.policy.addr_dim, steps=steps, addresses=addresses)
+        wiring = sample_wiring(rng_wire, agent, b, experts)
+        g, e, r = trio.run(play, ep, wiring, done)
+        guesses.append(g)
+        errs.append(e)
+        used.append(r)
+        tgts.append(ep.targets if ep.targets.ndim == 2 else ep.targets[0])
+        done += b
+    return ShardedEpisodes(np.concatenate(errs, axis=1), np.concatenate(guesses, axis=1),
+                           np.concatenate(used, axis=1), np.concatenate(tgts, axis=0), total, calls[0], calls[1])
