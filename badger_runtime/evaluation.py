@@ -67,16 +67,24 @@ def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int
 def evaluate(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int, experts: int, episodes: int = 1000,
              seed: int = 0, steps: int | None = None, rounds: int | None = None, baselines: bool = True) -> dict:
     """The JSON report of ``badger eval``: the agent's errors by step and the baselines."""
-    from .tasks import baselines as bl
-
     steps = steps or task.steps
     t0 = time.perf_counter()
     res = run_episodes(ops, policy, agent, task, dims=dims, experts=experts, episodes=episodes, seed=seed,
                        steps=steps, rounds=rounds)
-    errs, used, targets = res.errors, res.rounds, res.targets
+    return make_report(agent, task, res.errors, res.rounds, res.targets, dims=dims, experts=experts, seed=seed,
+                       seconds=time.perf_counter() - t0, baselines=baselines)
+
+
+def make_report(agent: AgentConfig, task: TaskConfig, errs: np.ndarray, used: np.ndarray, targets: np.ndarray, *,
+                dims: int, experts: int, seed: int, seconds: float, baselines: bool = True) -> dict:
+    """The evaluation report from errors [T, E], rounds used [T, E] and the targets [E, d]
+    (whichever runtime computed them), with the baselines on the same targets."""
+    from .tasks import baselines as bl
+
+    steps = errs.shape[0]
     report = {
         "task": dataclasses.asdict(task) | {"dims": dims, "experts": experts},
-        "episodes": episodes,
+        "episodes": int(errs.shape[1]),
         "seed": seed,
         "steps": steps,
         "routing": agent.routing.kind,
@@ -85,7 +93,7 @@ def evaluate(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int, ex
         "final_mse": float(errs[-1].mean()),
         "final_mse_sem": float(errs[-1].std() / np.sqrt(errs.shape[1])),
         "rounds_mean": float(used.mean()),
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
     }
     if baselines and task.jump_every[1] == 0:
         zero = bl.zero_guess(targets, steps)

@@ -8,7 +8,6 @@ guesses equal the batched engine's (tests/test_actors.py checks 1e-5 for every r
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -134,34 +133,15 @@ def evaluate_actors(policy, agent: AgentConfig, task: TaskConfig, *, dims: int, 
                     encode: bool = True, concurrency: int = 4, baselines: bool = True) -> dict:
     """``evaluation.evaluate``'s report (same keys, same baselines), computed by the actor runtime,
     plus ``messages`` (sent / delivered / dropped / bad_frames) and ``policy_calls``."""
-    from ..tasks import baselines as bl
+    from ..evaluation import make_report
 
     steps = steps or task.steps
     t0 = time.perf_counter()
     res = run_actor_episodes(policy, agent, task, dims=dims, experts=experts, episodes=episodes, seed=seed,
                              steps=steps, rounds=rounds, micro_batch=micro_batch, encode=encode,
                              concurrency=concurrency)
-    errs, used, targets = res.errors, res.rounds, res.targets
-    # the same keys and computations as evaluation.evaluate (tests/test_actors.py compares them)
-    report = {
-        "task": dataclasses.asdict(task) | {"dims": dims, "experts": experts},
-        "episodes": episodes,
-        "seed": seed,
-        "steps": steps,
-        "routing": agent.routing.kind,
-        "agreement": agent.agreement.rule,
-        "mse_by_step": errs.mean(axis=1).tolist(),
-        "final_mse": float(errs[-1].mean()),
-        "final_mse_sem": float(errs[-1].std() / np.sqrt(errs.shape[1])),
-        "rounds_mean": float(used.mean()),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    if baselines and task.jump_every[1] == 0:
-        zero = bl.zero_guess(targets, steps)
-        report["chance"] = float(zero[-1])
-        report["random_guess"] = float(bl.random_guess(targets, steps, np.random.default_rng(seed))[-1])
-        report["mean_solution"] = float(bl.mean_solution(targets, steps)[-1])
-        report["optimizer"] = bl.tuned(task.feedback, targets, steps, seed=seed)
+    report = make_report(agent, task, res.errors, res.rounds, res.targets, dims=dims, experts=experts, seed=seed,
+                         seconds=time.perf_counter() - t0, baselines=baselines)
     c = res.counters
     report["runtime"] = "actors"
     report["messages"] = {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "bad_frames": c.bad_frames}

@@ -253,10 +253,12 @@ class ShardCore:
             heard = self.topo.any(axis=(0, 1))  # [N]
             need = {j for j, (a, b) in enumerate(bounds) if heard[a:b].any()}
         self.needs = sorted(need)
-        self.indeg = in_degrees(self.topo, N, B)[:, :self.n].sum(axis=1) if self.topo is None else \
-            in_degrees(self.topo, N, B).sum(axis=1)  # [B] messages my experts hear per round
-        if self.topo is None:
+        if self.topo is None:  # [B] messages my experts hear per round
             self.indeg = np.full(B, self.n * N, np.int64)
+        elif isinstance(self.topo, routing.Neighbors):
+            self.indeg = np.full(B, self.n * self.topo.idx.shape[-1], np.int64)
+        else:
+            self.indeg = self.topo.sum(axis=(1, 2)).astype(np.int64)
         self.keys = np.zeros((B, N, spec.key_dim), np.float32)  # senders' keys and values, as heard
         self.values = np.zeros((B, N, spec.msg_dim), np.float32)
         self.inbox_buf = np.zeros((B, self.n, spec.msg_dim), np.float32)
@@ -473,8 +475,8 @@ class ShardedAgent:
     async def _shard_task(self, sh: _Shard):
         core, i = sh.core, sh.core.index
         rule = self.cfg.agreement.rule
+        t = self.t
         while True:
-            t = self.t
             ob = await self._receive(sh.recv, sh.stash, "observe", t, 0)
             p = ob.payload
             R = int(p["rounds"])
@@ -484,7 +486,8 @@ class ShardedAgent:
                 blk = core.block()
                 if sh.feeds:
                     self._post_block(sh, t, r, blk)
-                core.take_block(core.lo, blk["key"], blk["value"])
+                if i in core.needs:
+                    core.take_block(core.lo, blk["key"], blk["value"])
                 for _ in range(len(core.needs) - (i in core.needs)):
                     msg = await self._receive(sh.recv, sh.stash, "msg", t, r)
                     core.take_block(int(msg.payload["lo"]), msg.payload["key"], msg.payload["value"])
@@ -504,8 +507,7 @@ class ShardedAgent:
                         break
             self._mb_send.send_nowait(self._frame(Message("push", i, (MEMBRANE,), self.episode_index, t, 0,
                                                           {**core.push_block(), "lo": core.lo})))
-            while self.t == t:  # the membrane ends the step
-                await self._step_done.wait()
+            t += 1
 
     def _post_block(self, sh: _Shard, t: int, r: int, blk: dict):
         msg = Message("msg", sh.core.index, tuple(sh.feeds), self.episode_index, t, r, {**blk, "lo": sh.core.lo})
@@ -535,7 +537,6 @@ class ShardedAgent:
     async def _step(self, vals: np.ndarray, R: int):
         t = self.t
         frames0, delivered0 = self.counters.frames, self.counters.delivered
-        self._step_done = trio.Event()
         obs = {"slot_addr": self.slot_addr, "slot_val": vals, "rounds": R}
         for i in range(self.S):
             self._post(i, Message("observe", MEMBRANE, (i,), self.episode_index, t, 0, obs))
@@ -568,7 +569,6 @@ class ShardedAgent:
             pk[:, lo:lo + n], pv[:, lo:lo + n] = m.payload["key"], m.payload["value"]
         out, _ = membrane.push(OPS, pk, pv, self.out_addr, self.can_push)
         self.t += 1
-        self._step_done.set()
         info = StepInfo(used, self.counters.delivered - delivered0, self.counters.frames - frames0)
         return np.asarray(out, np.float32), info
 
