@@ -166,7 +166,7 @@ class TrainConfig:
     clip: float = 1.0
     objective: str = "weighted"
     rounds: tuple[int, int] = (1, 1)  # rounds sampled per batch (fixed rule), inclusive
-    ponder_cost: float = 0.0  # quorum rule: weight of the rounds-used penalty
+    vote_weight: float = 0.0  # weight of the 'done'-vote loss: a vote predicts that the expert's message has settled
     horizon: tuple[int, int] = (0, 0)  # episode length drawn per batch from [lo, hi] (0 = task.steps)
     tbptt: int = 0  # back-propagate through at most this many inner steps (0 = the whole episode)
     init_from: str = ""  # start from this checkpoint's weights (fine-tuning)

@@ -109,11 +109,14 @@ class StepInfo:
     route_weights: Any = None  # [B, N, N] of the last round (when recorded)
     push_weights: Any = None  # [B, d, N]
     messages: Any = None  # [B, N, Dm]
+    vote_loss: Any = None  # summed 'done'-vote loss over rounds (when asked for)
 
 
 def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState, slot_addr, slot_val,
-               visible, out_addr, rounds: int | None = None, record: bool = False):
-    """One inner step of the agent. Returns (new state, outputs [B, d], StepInfo)."""
+               visible, out_addr, rounds: int | None = None, record: bool = False, vote_loss=None):
+    """One inner step of the agent. Returns (new state, outputs [B, d], StepInfo).
+
+    ``vote_loss`` (a number, e.g. 0.0) asks for the votes' training loss in ``StepInfo``."""
     spec = policy.spec
     B, N, H = state.h.shape
     acfg = cfg.agreement if rounds is None else type(cfg.agreement)(**{**cfg.agreement.__dict__, "rounds": rounds})
@@ -149,15 +152,17 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
             h, hd = ops.where(a, h_new, h), ops.where(a, hd_new, hd)
         used = used + ops.float_(active)
         new_heads = split_heads(spec, hd)
-        active = agreement.still_talking(ops, acfg, r + 1, active, prev_value, new_heads["value"],
-                                         ops.sigmoid(new_heads["vote"][..., 0]))
+        vote = ops.sigmoid(new_heads["vote"][..., 0])
+        if vote_loss is not None and r > 0:  # training signal of the 'done' vote (see agreement.vote_target)
+            vote_loss = vote_loss + agreement.vote_loss(ops, acfg, vote, prev_value, new_heads["value"])
+        active = agreement.still_talking(ops, acfg, r + 1, active, prev_value, new_heads["value"], vote)
         if not ops.item_any(active):
             break
 
     heads = split_heads(spec, hd)
     can_push = None if wiring.can_push.all() else ops.asbool(wiring.can_push[None, :])
     out, w_push = membrane.push(ops, heads["push_key"], heads["push_value"], ops.asarray(out_addr), can_push)
-    info = StepInfo(used)
+    info = StepInfo(used, vote_loss=vote_loss)
     if record:
         info.route_weights, info.push_weights, info.messages = w_route, w_push, heads["value"]
     return AgentState(h, hd), out, info
@@ -170,23 +175,27 @@ class Rollout:
     rounds: Any  # [T, B]
     state: AgentState
     traces: list[StepInfo] = field(default_factory=list)
+    vote_loss: Any = 0.0  # mean over steps of the summed vote loss (with_vote_loss=True)
 
 
 def rollout(ops, policy, cfg: AgentConfig, ep: guessing.Episode, wiring: Wiring, *, steps: int,
             rounds: int | None = None, record: bool = False, state: AgentState | None = None,
-            prev_guess=None, t0: int = 0) -> Rollout:
+            prev_guess=None, t0: int = 0, with_vote_loss: bool = False) -> Rollout:
     """Run an agent through a guessing-game episode for ``steps`` inner steps."""
     T = steps
     state = state if state is not None else initial_state(ops, policy, wiring)
     guess = prev_guess if prev_guess is not None else ops.zeros((ep.batch, ep.dims))
-    guesses, errors, used, traces = [], [], [], []
+    guesses, errors, used, traces, vote_loss = [], [], [], [], 0.0
     for t in range(t0, t0 + T):
         slot_val = guessing.observe(ops, ep, guess, t)
         state, guess, info = agent_step(ops, policy, cfg, wiring, state, ep.slot_addr, slot_val, ep.visible,
-                                        ep.out_addr, rounds=rounds, record=record)
+                                        ep.out_addr, rounds=rounds, record=record,
+                                        vote_loss=0.0 if with_vote_loss else None)
+        if with_vote_loss:
+            vote_loss = vote_loss + info.vote_loss / T
         guesses.append(guess)
         errors.append(guessing.error(ops, guess, ops.asarray(ep.targets_at(t))))
         used.append(info.rounds)
         if record:
             traces.append(info)
-    return Rollout(ops.stack(guesses), ops.stack(errors), ops.stack(used), state, traces)
+    return Rollout(ops.stack(guesses), ops.stack(errors), ops.stack(used), state, traces, vote_loss)

@@ -61,6 +61,9 @@ class NumpyOps:
     def tanh(self, x):
         return np.tanh(x)
 
+    def log(self, x):
+        return np.log(x)
+
     def sigmoid(self, x):
         return 1.0 / (1.0 + np.exp(-x))
 
@@ -167,6 +170,9 @@ class TorchOps:
 
     def tanh(self, x):
         return self.torch.tanh(x)
+
+    def log(self, x):
+        return self.torch.log(x)
 
     def sigmoid(self, x):
         return self.torch.sigmoid(x)

@@ -183,3 +183,28 @@ def test_grow_adds_experts_to_running_agents():
                   t0=3)
     out.errors.mean().backward()
     assert pol.h0.grad is not None and float(pol.h0.grad.abs().sum()) > 0
+
+
+def test_vote_training_teaches_votes_to_predict_settled_messages(tmp_path):
+    """With train.vote_weight the 'done' votes learn their target (the expert's message settled)."""
+    from badger_runtime import agreement
+
+    cfg = tiny_experiment()
+    cfg.agent.agreement.rounds, cfg.agent.agreement.eps = 3, 0.05
+    cfg.train.rounds, cfg.train.vote_weight, cfg.train.batches = (3, 3), 20.0, 90
+    cfg.train.log_every = cfg.train.ckpt_every = 30
+
+    def vote_accuracy(policy):
+        ep, w = _episode(cfg, 3, 4, b=32, seed=7)
+        with torch.no_grad():
+            out = rollout(torch_ops(), policy, cfg.agent, ep, w, steps=6, with_vote_loss=True)
+        return float(out.vote_loss)
+
+    before = vote_accuracy(ExpertPolicy(cfg.agent.policy))
+    train(cfg, tmp_path, progress=False, final_eval=False, log=lambda *a: None)
+    pol, _ = policy_from_checkpoint(load_checkpoint(tmp_path / "checkpoint.pt"))
+    after = vote_accuracy(pol)
+    assert after < 0.7 * before
+    ops = torch_ops()
+    y = agreement.vote_target(ops, cfg.agent.agreement, torch.zeros(1, 2, 3), torch.tensor([[[0.01] * 3, [0.2] * 3]]))
+    assert y.tolist() == [[1.0, 0.0]]

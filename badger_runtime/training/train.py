@@ -86,11 +86,11 @@ def _episode_loss(cfg: ExperimentConfig, ops, policy, ep, wiring, steps: int, ro
             wiring, state = grow_agents(ops, policy, cfg.agent, grow[2], wiring, state, grow[1][0], grow[1][1])
             ep = ep.with_experts(wiring.n_experts)
         res = rollout(ops, policy, cfg.agent, ep, wiring, steps=t1 - t0, rounds=rounds, state=state,
-                      prev_guess=guess, t0=start + t0)
+                      prev_guess=guess, t0=start + t0, with_vote_loss=bool(cfg.train.vote_weight))
         errs = res.errors.mean(dim=1)
         loss = loss + (weights[t0:t1] * errs).sum()
-        if cfg.train.ponder_cost:
-            loss = loss + cfg.train.ponder_cost * res.rounds.mean() * (t1 - t0) / steps
+        if cfg.train.vote_weight:
+            loss = loss + cfg.train.vote_weight * res.vote_loss * (t1 - t0) / steps
         per_step.append(errs.detach())
         state, guess = res.state, res.guesses[-1]
         if t1 in cuts or t1 == steps:
