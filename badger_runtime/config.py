@@ -280,7 +280,23 @@ def _build(cls, data: dict, where: str = ""):
         raise ConfigError(f"[{where or cls.__name__}]: {e}") from None
 
 
+# Settings that older configs (checkpoints, policy cards) may still hold, and the value at
+# which dropping them changes nothing. Anything else unknown is still refused.
+RETIRED = {("train", "ponder_cost"): 0.0}
+
+
+def migrate(data: dict) -> dict:
+    """Drop retired settings that hold their neutral value (a copy; the input is unchanged)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for (section, key), neutral in RETIRED.items():
+        if isinstance(data.get(section), dict) and data[section].get(key, neutral) == neutral:
+            data[section].pop(key, None)
+    return data
+
+
 def from_dict(cls, data: dict):
+    if cls is ExperimentConfig:
+        data = migrate(data)
     return _build(cls, data)
 
 

@@ -47,3 +47,12 @@ def test_missing_and_broken_files(tmp_path):
 def test_override_values_parse_as_toml():
     d = apply_overrides({}, ["a.b=1", "a.c=[1, 2]", "a.d=word", "a.e=true"])
     assert d == {"a": {"b": 1, "c": [1, 2], "d": "word", "e": True}}
+
+
+def test_retired_settings_in_old_configs_are_dropped_only_when_neutral():
+    old = to_dict(ExperimentConfig())
+    old["train"]["ponder_cost"] = 0.0  # what cards written before its removal hold
+    assert from_dict(ExperimentConfig, old) == ExperimentConfig()
+    old["train"]["ponder_cost"] = 0.5  # a setting that did something: refuse rather than ignore
+    with pytest.raises(ConfigError, match="ponder_cost"):
+        from_dict(ExperimentConfig, old)
