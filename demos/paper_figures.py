@@ -7,8 +7,8 @@
 Runs every sub-demo of `badger demo` (main, guessing = Fig. 6 + 9, communication = Fig. 8,
 dimensions = Fig. 7, growing) at full size and higher resolution, and prints one JSON object:
 {"seed", "episodes", "out", "demos": {name: {policy, runtime, figures, numbers, seconds}}}.
-Fig. 7 and the growing curve need policies/dimensions-v1.onnx; without it Fig. 7 is skipped
-(reported under "skipped") and growing uses the Fig. 9 policy. torch is never imported.
+Fig. 7 needs policies/dimensions-v1.onnx and the growing curve policies/dimensions-v2.onnx; without
+them Fig. 7 is skipped (reported under "skipped") and growing uses the Fig. 9 policy. torch is never imported.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from badger_runtime.demo.run import (DEFAULT_DIMS_POLICY, DEFAULT_ONE_EXPERT_POLICY, DEFAULT_POLICY, DEMOS,
+from badger_runtime.demo.run import (DEFAULT_DIMS_POLICY, DEFAULT_GROW_POLICY, DEFAULT_ONE_EXPERT_POLICY,
+                                     DEFAULT_POLICY, DEMOS,
                                      DemoOptions, run_demo)
 from badger_runtime.policy_card import PolicyError
 
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--dpi", type=int, default=150)
     p.add_argument("--policy", default=DEFAULT_POLICY, help="the Fig. 9 / main policy")
     p.add_argument("--one-expert-policy", default=DEFAULT_ONE_EXPERT_POLICY, help="the Fig. 6 / 8 policy")
-    p.add_argument("--dims-policy", default=DEFAULT_DIMS_POLICY, help="the Fig. 7 / growing policy")
+    p.add_argument("--dims-policy", default=DEFAULT_DIMS_POLICY, help="the Fig. 7 policy")
+    p.add_argument("--grow-policy", default=DEFAULT_GROW_POLICY, help="the growing policy")
     p.add_argument("--only", nargs="*", choices=DEMOS, default=list(DEMOS), help="run only these demos")
     args = p.parse_args(argv)
     if args.episodes is not None and args.episodes < 1:
@@ -47,6 +49,7 @@ def main(argv=None) -> int:
     for name in args.only:
         o = DemoOptions(out=out, seed=args.seed, episodes=args.episodes, dpi=args.dpi, policy=args.policy,
                         one_expert_policy=args.one_expert_policy, dims_policy=args.dims_policy,
+                        grow_policy=args.grow_policy,
                         log=lambda msg: print(msg, file=sys.stderr))
         try:
             res = run_demo(name, o)

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from . import DEFAULT_DIMS_POLICY, DEFAULT_ONE_EXPERT_POLICY, DEFAULT_POLICY, DEMOS
+from . import DEFAULT_DIMS_POLICY, DEFAULT_GROW_POLICY, DEFAULT_ONE_EXPERT_POLICY, DEFAULT_POLICY, DEMOS
 
 SUB = tuple(d for d in DEMOS if d != "main")
 
@@ -35,7 +35,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--one-expert-policy", default=DEFAULT_ONE_EXPERT_POLICY,
                    help="the Fig. 6 policy (last-step trained) used by guessing and communication")
     p.add_argument("--dims-policy", default=DEFAULT_DIMS_POLICY,
-                   help="the Fig. 7 policy (scalar feedback, many d and N) used by dimensions and growing")
+                   help="the Fig. 7 policy (scalar feedback, trained d in [3, 6]) used by dimensions")
+    p.add_argument("--grow-policy", default=DEFAULT_GROW_POLICY,
+                   help="the policy grown by the growing demo (trained with experts added mid-episode)")
     p.add_argument("--runtime", choices=("actors", "engine"), default="actors",
                    help="the main demo's runtime: actors (experts as trio tasks exchanging msgpack messages) or "
                         "engine (batched numpy + onnxruntime, ~20x faster); sub-demos use the engine")
@@ -48,7 +50,7 @@ def options_from_args(args):
     from .run import DemoOptions
 
     o = DemoOptions(out=Path(args.out), quick=args.quick, seed=args.seed, one_expert_policy=args.one_expert_policy,
-                    dims_policy=args.dims_policy, episodes=args.episodes, runtime=args.runtime)
+                    dims_policy=args.dims_policy, grow_policy=args.grow_policy, episodes=args.episodes, runtime=args.runtime)
     which = args.which or "main"
     if args.policy:
         if which in ("dimensions", "growing"):

@@ -36,7 +36,7 @@ from ..evaluation import fixed_address_table, run_episodes
 from ..policy_card import OnnxPolicy, load_policy
 from ..tasks import baselines as bl
 from ..tasks import guessing
-from . import DEFAULT_DIMS_POLICY, DEFAULT_ONE_EXPERT_POLICY, DEFAULT_POLICY, DEMOS, figures
+from . import DEFAULT_DIMS_POLICY, DEFAULT_GROW_POLICY, DEFAULT_ONE_EXPERT_POLICY, DEFAULT_POLICY, DEMOS, figures
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,6 +49,7 @@ class DemoOptions:
     policy: str = DEFAULT_POLICY
     one_expert_policy: str = DEFAULT_ONE_EXPERT_POLICY
     dims_policy: str = DEFAULT_DIMS_POLICY
+    grow_policy: str = DEFAULT_GROW_POLICY
     episodes: int | None = None  # override the number of evaluation episodes of every demo
     runtime: str = "actors"  # the main demo's runtime: 'actors' or 'engine' (sub-demos use the engine)
     dpi: int | None = None
@@ -402,7 +403,7 @@ def _drive(agent: Agent, steps: int, add_at: int | None = None, add: int = 0, in
 def demo_growing(o: DemoOptions) -> dict:
     t0 = time.perf_counter()
     notes = []
-    path = find_policy(o.dims_policy)
+    path = find_policy(o.grow_policy) or find_policy(o.dims_policy)
     if path is None:
         notes.append(_missing_dims(o) + f"; growing {Path(o.policy).stem} (trained at N=3) instead")
         path = find_policy(o.policy) or o.policy
