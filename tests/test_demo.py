@@ -139,7 +139,7 @@ def test_dimensions_demo_skips_without_its_policy(tmp_path, capsys):
 
 def test_growing_demo(tmp_path, capsys, dims_policy):
     path, trained = dims_policy
-    out = run_demo(capsys, "growing", "--quick", "--out", str(tmp_path), "--dims-policy", path)
+    out = run_demo(capsys, "growing", "--quick", "--out", str(tmp_path), "--dims-policy", path, "--grow-policy", path)
     check_pngs(tmp_path, ["growing_experts.png"])
     f = final_numbers(out)
     n = results(tmp_path, "growing")["numbers"]
