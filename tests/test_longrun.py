@@ -16,10 +16,10 @@ SHIPPED = sorted(Path(__file__).resolve().parents[1].joinpath("policies").glob("
 def test_shipped_policies_stay_bounded_for_10000_steps(path):
     pol = load_policy(path)
     card = json.loads(path.with_suffix(".json").read_text())
-    assert "(-1, 1)" in card["state_bound"]  # the bound the card states ...
+    assert "[-1, 1]" in card["state_bound"]  # the bound the card states ...
     errs, _, hmax = long_rollout(pol, steps=10_000, episodes=2, seed=0, chunk_steps=2000)
     assert np.isfinite(errs).all()
-    assert hmax < 1.0  # ... holds
+    assert hmax <= 1.0  # ... holds
 
 
 def test_there_are_shipped_policies():

@@ -16,6 +16,8 @@ from .train import load_checkpoint, policy_from_checkpoint
 
 OPSET = 17
 EXPORT_TOLERANCE = 1e-5
+STATE_BOUND = ("every state entry stays in [-1, 1] (in exact arithmetic (-1, 1); float32 tanh can round to "
+               "+-1): initial state tanh(h0 + noise), then GRU updates (a convex mix of the old state and a tanh)")
 
 
 def _version(pkg: str) -> str | None:
@@ -68,8 +70,7 @@ def export(checkpoint: str | Path, out: str | Path, *, name: str | None = None, 
         "signature": signature(spec),
         "heads": [[n, s] for n, s in spec.heads],
         "initial_state": [float(v) for v in policy.h0.detach().numpy()],  # h0 = tanh(this + noise)
-        "state_bound": "every state entry stays in (-1, 1): initial state tanh(h0 + noise), then GRU updates "
-                       "(a convex mix of the old state and a tanh)",
+        "state_bound": STATE_BOUND,
         "config": to_dict(cfg),
         "training": {"batches": ck["batch"], "wall_seconds": round(ck["wall_seconds"], 1),
                      "sec_per_batch": round(ck["wall_seconds"] / max(1, ck["batch"]), 4),
