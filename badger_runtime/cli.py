@@ -167,6 +167,12 @@ def cmd_longrun(args):
             raise ConfigError("--jump-every A B needs 1 <= A <= B")
         report = jump_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed, jump_every=(a, b),
                              threshold=args.threshold)
+        if args.plot:
+            from .longrun import jump_traces, plot_jump_traces
+
+            plot_jump_traces(jump_traces(pol, steps=min(args.steps, 300), seed=args.seed, jump_every=(a, b)),
+                             args.plot, title=f"{pol.name}: targets jump every U[{a}, {b}] steps, never reset")
+            report["plot"] = args.plot
         if not args.full:
             report = {k: v for k, v in report.items() if "by_step" not in k}
     else:
@@ -210,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="targets jump every U[A, B] steps; report recovery times")
     lr.add_argument("--threshold", type=float, default=0.05, help="recovered = error back under this")
     lr.add_argument("--full", action="store_true", help="include the error curves")
+    lr.add_argument("--plot", default=None, metavar="PNG", help="with --jump-every: plot error over time")
     lr.add_argument("--json", action="store_true", help="one line of JSON")
     lr.set_defaults(fn=cmd_longrun)
 

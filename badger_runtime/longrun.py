@@ -131,3 +131,62 @@ def jump_report(policy, *, steps: int = 1000, episodes: int = 200, seed: int = 0
         "error_by_step_first_episode": [float(v) for v in errs[:, 0]],
         "mean_error_by_step": [float(v) for v in errs.mean(axis=1)],
     }
+
+
+def jump_traces(policy, *, steps: int = 300, seed: int = 0, jump_every=(20, 60), episodes: int = 3) -> dict:
+    """Error over time of a few never-reset agents across target jumps, with the same agent
+    reset at every jump and the tuned optimizer restarted at every jump, on the same targets."""
+    errs, jumps, _ = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, jump_every=jump_every)
+    task = dataclasses.replace(policy.task, jump_every=tuple(jump_every))
+    d, n = task.dims[1], _experts(task)
+    rng_task, rng_wire = episode_rngs(seed)
+    ep = guessing.sample(rng_task, task, episodes, d, n, policy.spec.addr_dim, steps=steps,
+                         addresses=fixed_address_table(task, d, policy.spec.addr_dim))  # the same draws
+    fresh = np.random.default_rng([seed, 3])
+    opt = baselines.tuned(policy.task.feedback, fresh.uniform(-1, 1, (256, d)).astype(np.float32), 20, seed=seed)
+    lr = opt["param"].get("lr")
+    out = {"steps": steps, "jump_every": list(jump_every), "optimizer": opt["name"], "optimizer_param": opt["param"],
+           "episodes": []}
+    for e in range(episodes):
+        starts = [0] + list(np.flatnonzero(jumps[:, e]))
+        reset, restarted = np.empty(steps), np.empty(steps)
+        for a, b in zip(starts, starts[1:] + [steps]):
+            seg = dataclasses.replace(ep, targets=ep.targets[a, e][None], out_addr=ep.out_addr[e : e + 1],
+                                      slot_addr=ep.slot_addr[e : e + 1], jumps=None)
+            w = sample_wiring(fresh, policy.agent, 1, n)
+            r = rollout(OPS, policy, policy.agent, seg, w, steps=b - a)
+            reset[a:b] = r.errors[:, 0]
+            if lr is not None:
+                restarted[a:b] = baselines.adam(seg.targets, b - a, lr)
+            else:
+                restarted[a:b] = baselines.nelder_mead(seg.targets, b - a, opt["param"]["scale"])
+        out["episodes"].append({"agent": errs[:, e].tolist(), "agent_reset_at_jumps": reset.tolist(),
+                                "optimizer_restarted": restarted.tolist(), "jumps": starts[1:]})
+    return out
+
+
+def plot_jump_traces(traces: dict, path, title: str = ""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = traces["episodes"]
+    fig, axes = plt.subplots(len(eps), 1, figsize=(11, 2.6 * len(eps)), sharex=True, squeeze=False)
+    for ax, e in zip(axes[:, 0], eps):
+        t = np.arange(len(e["agent"]))
+        ax.plot(t, e["optimizer_restarted"], color="tab:gray", lw=1, label=f"{traces['optimizer']} restarted at jumps")
+        ax.plot(t, e["agent_reset_at_jumps"], color="tab:orange", lw=1.2, label="agent reset at jumps")
+        ax.plot(t, e["agent"], color="tab:blue", lw=1.6, label="agent never reset")
+        for j in e["jumps"]:
+            ax.axvline(j, color="k", lw=0.6, ls=":")
+        ax.axhline(0.05, color="tab:red", lw=0.8, ls="--", label="recovered (0.05)")
+        ax.set_yscale("log")
+        ax.set_ylim(1e-4, 20)
+        ax.set_ylabel("error (3 x MSE)")
+    axes[0, 0].legend(loc="upper right", fontsize=8, ncol=4)
+    axes[-1, 0].set_xlabel("inner step (dotted: the targets jump)")
+    fig.suptitle(title or "Targets jump, the agent is never reset")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

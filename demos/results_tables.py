@@ -29,11 +29,28 @@ def f(x, n=4):
     return "-" if x is None else f"{x:.{n}f}"
 
 
+def hot_add(pol, d, n0, add, init, episodes, seed, steps=20, at=10):
+    """Final-step error of agents of n0 experts that get ``add`` experts at step ``at``."""
+    from badger_runtime.engine import Agent
+    from badger_runtime.evaluation import fixed_address_table
+    from badger_runtime.tasks import guessing
+
+    agent = Agent(pol).reset(batch=episodes, experts=n0, dims=d, seed=seed,
+                          addresses=fixed_address_table(pol.task, d, pol.spec.addr_dim))
+    ops, guess = numpy_ops(), np.zeros((episodes, d), np.float32)
+    for t in range(steps):
+        if t == at and add:
+            agent.add_experts(add, init=init)
+        guess, _ = agent.step(guessing.observe(ops, agent.episode, guess, t))
+    return float(guessing.error(ops, guess, agent.episode.targets_at(steps - 1)).mean())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--episodes", type=int, default=500)
     p.add_argument("--dims-policy", default="policies/dimensions-v1.onnx")
+    p.add_argument("--dims-policy-v2", default="policies/dimensions-v2.onnx")
     args = p.parse_args(argv)
     E, S = args.episodes, args.seed
     ops = numpy_ops()
@@ -62,32 +79,45 @@ def main(argv=None):
     w("")
 
     # Fig. 7
-    pol = load_policy(args.dims_policy)
-    w(f"### Fig. 7: dimension generalization ({pol.name}, scalar feedback, trained d in "
-      f"[{pol.task.dims[0]}, {pol.task.dims[1]}], N in [{pol.task.experts[0]}, {pol.task.experts[1]}]), N = 20\n")
-    w("| d | agent (final step) | mean-solution | chance | tuned Nelder-Mead | 2019 reference | command |")
-    w("|---|---|---|---|---|---|---|")
+    pols = [load_policy(p) for p in (args.dims_policy, args.dims_policy_v2)]
+    w("### Fig. 7: dimension generalization (scalar feedback, N = 20, final step)\n")
+    w(f"`{pols[0].name}`: trained d in [{pols[0].task.dims[0]}, {pols[0].task.dims[1]}], N in "
+      f"[{pols[0].task.experts[0]}, {pols[0].task.experts[1]}] (the paper's setting). `{pols[1].name}`: then "
+      f"fine-tuned on d in [{pols[1].task.dims[0]}, {pols[1].task.dims[1]}] with experts added mid-episode.\n")
+    w(f"| d | {pols[0].name} | {pols[1].name} | mean-solution | chance | tuned Nelder-Mead | 2019 reference | "
+      "command (per policy) |")
+    w("|---|---|---|---|---|---|---|---|")
     for d in range(1, 11):
-        r = evaluate(ops, pol, pol.agent, pol.task, dims=d, experts=20, episodes=E, seed=S)
-        w(f"| {d} | {f(r['final_mse'], 3)} | {f(r['mean_solution'], 3)} | {f(r['chance'], 3)} | "
-          f"{f(r['optimizer']['final_mse'], 3)} | {REF_FIG7[d]} | `badger eval --policy {args.dims_policy} --dims {d} "
-          f"--experts 20 --episodes {E} --seed {S} --json` |")
+        r = [evaluate(ops, p, p.agent, p.task, dims=d, experts=20, episodes=E, seed=S) for p in pols]
+        w(f"| {d} | {f(r[0]['final_mse'], 3)} | {f(r[1]['final_mse'], 3)} | {f(r[0]['mean_solution'], 3)} | "
+          f"{f(r[0]['chance'], 3)} | {f(r[0]['optimizer']['final_mse'], 3)} | {REF_FIG7[d]} | "
+          f"`badger eval --policy POLICY --dims {d} --experts 20 --episodes {E} --seed {S} --json` |")
     w("")
-    w(f"### Growing: the same policy at d = 6, N = 1 .. 160 (trained N in [{pol.task.experts[0]}, "
-      f"{pol.task.experts[1]}])\n")
-    w("| N | agent (final step) | 2019 reference | command |")
-    w("|---|---|---|---|")
+    w("### Growing: the same policies at d = 6, N = 1 .. 160 (trained N in [5, 40])\n")
+    w(f"| N | {pols[0].name} | {pols[1].name} | 2019 reference | command (per policy) |")
+    w("|---|---|---|---|---|")
     for n in (1, 5, 10, 20, 40, 80, 160):
-        r = evaluate(ops, pol, pol.agent, pol.task, dims=6, experts=n, episodes=E, seed=S, baselines=False)
-        w(f"| {n} | {f(r['final_mse'], 3)} | {REF_GROW.get(n, '0.14-0.16' if n >= 16 else '-')} | "
-          f"`badger eval --policy {args.dims_policy} --dims 6 --experts {n} --episodes {E} --seed {S} --json` |")
+        r = [evaluate(ops, p, p.agent, p.task, dims=6, experts=n, episodes=E, seed=S, baselines=False) for p in pols]
+        w(f"| {n} | {f(r[0]['final_mse'], 3)} | {f(r[1]['final_mse'], 3)} | "
+          f"{REF_GROW.get(n, '0.14-0.16' if n >= 16 else '-')} | "
+          f"`badger eval --policy POLICY --dims 6 --experts {n} --episodes {E} --seed {S} --json` |")
+    w("")
+    w("### Hot-adding experts to a running agent (N = 5, +15 experts at step 10 of 20, final step)\n")
+    w("| policy | d | N = 5 throughout | +15 cloned | +15 fresh | N = 20 throughout |")
+    w("|---|---|---|---|---|---|")
+    for p in pols:
+        for d in (3, 6):
+            arms = [hot_add(p, d, 5, 0, None, E, S), hot_add(p, d, 5, 15, "clone", E, S),
+                    hot_add(p, d, 5, 15, "fresh", E, S), hot_add(p, d, 20, 0, None, E, S)]
+            w(f"| {p.name} | {d} | " + " | ".join(f(a, 3) for a in arms) + " |")
     w("")
 
     # long horizons
     w("### Long horizons: error at inner step 20, 100, 1,000, 10,000 (one episode, never reset)\n")
     w("| policy | 20 | 100 | 1,000 | 10,000 | max abs state | command |")
     w("|---|---|---|---|---|---|---|")
-    for name in ("guessing-one-expert-v1", "guessing-converge-v1", "guessing-nonstationary-v1", "dimensions-v1"):
+    for name in ("guessing-one-expert-v1", "guessing-converge-v1", "guessing-nonstationary-v1", "dimensions-v1",
+                 "dimensions-v2"):
         pol = load_policy(f"policies/{name}.onnx")
         r = horizon_report(pol, steps=10_000, episodes=50, seed=S)
         e = r["error_at"]
