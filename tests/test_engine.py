@@ -213,3 +213,27 @@ def test_growing_and_shrinking_keep_the_agent_running(tiny_policy):
     with pytest.raises(InputError):
         a.remove_experts([99])
     assert a.n_experts == 6
+
+
+def test_every_shipped_policy_runs_an_episode_without_torch(tmp_path):
+    """A base install (no torch) loads each shipped policy and runs an episode with it."""
+    from pathlib import Path
+
+    shipped = sorted(Path(__file__).resolve().parents[1].joinpath("policies").glob("*.onnx"))
+    assert shipped, "no shipped policies"
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    code = textwrap.dedent(f"""
+        import sys, json
+        from badger_runtime.cli import main
+        for p in {[str(p) for p in shipped]!r}:
+            assert main(["eval", "--policy", p, "--task", "guessing", "--episodes", "4", "--seed", "1", "--json"]) == 0
+        assert 'torch' not in sys.modules
+    """)
+    env = dict(os.environ, PYTHONPATH=f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    reports = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(reports) == len(shipped)
+    assert all(np.isfinite(r["final_mse"]) and r["final_mse"] < r["chance"] for r in reports)
