@@ -4,17 +4,284 @@ records them with the command that produced them)."""
 from __future__ import annotations
 
 import json
+import sys
 
 
 def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+    return [int(float(v)) for v in text.replace("_", "").split(",") if v]
 
 
 def cmd_bench_train(args):
-    from .train import bench_train
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+    else:
+        from .train import bench_train
 
-    print(json.dumps(bench_train(experts=_ints(args.experts), steps=_ints(args.steps), batch=args.batch,
-                                 repeats=args.repeats, threads=args.threads, seed=args.seed)))
+        report = bench_train(experts=_ints(args.experts), steps=_ints(args.steps), batch=args.batch,
+                             repeats=args.repeats, threads=args.threads, seed=args.seed)
+    if args.plot:
+        plot_train(report, args.plot)
+    print(json.dumps(report))
+
+
+def plot_train(report: dict, path):
+    """Training throughput against N, one line per inner-step count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for T in sorted({r["steps"] for r in report["rows"]}):
+        rs = sorted((r for r in report["rows"] if r["steps"] == T), key=lambda r: r["experts"])
+        n = [r["experts"] for r in rs]
+        axes[0].plot(n, [r["expert_steps_per_s"] for r in rs], "o-", label=f"T = {T} inner steps")
+        axes[1].plot(n, [r["sec_per_batch"] for r in rs], "o-", label=f"T = {T} inner steps")
+    axes[0].set_ylabel("expert-steps / s (episodes x N x T / s)")
+    axes[1].set_ylabel("seconds per training batch")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("experts N")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    b = report["rows"][0]["batch"] if report["rows"] else "?"
+    fig.suptitle(f"badger bench train: batch {b}, torch {report.get('torch')}, {report.get('threads')} thread(s)",
+                 fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- bench runtime ------------------------------------------------------------------------------------
+
+def cmd_bench_runtime(args):
+    from .runtime import (
+        RuntimeBench,
+        bench_runtime,
+        growth,
+        markdown_table,
+        plot_runtime,
+    )
+
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+        report.setdefault("growth", growth(report["rows"]))
+    else:
+        spec = RuntimeBench(
+            policy=args.policy, experts=_ints(args.experts), engines=[e for e in args.engines.split(",") if e],
+            routing=args.routing, k=args.k, candidates=args.candidates, candidates_above=args.candidates_above,
+            degree=args.degree, rounds=args.rounds, dims=args.dims, steps=args.steps, warmup=args.warmup,
+            seed=args.seed, threads=args.threads, blas_threads=args.blas_threads, shards=args.shards, tile=args.tile,
+            policy_chunk=args.policy_chunk, encode=args.encode, actor_encode=not args.actor_no_encode,
+            actor_max_n=args.actor_max_n, max_seconds=args.max_seconds, memory=not args.no_memory,
+            isolate=not args.in_process)
+        log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        report = bench_runtime(spec, log=log)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.plot:
+        plot_runtime(report, args.plot)
+    print(markdown_table(report) if args.markdown else json.dumps(report))
+
+
+def _add_runtime(bsub):
+    from ..config import ROUTINGS
+    from .runtime import DEFAULT_POLICY, ENGINES
+
+    r = bsub.add_parser("runtime", help="expert-steps/s, messages/s and memory vs N: batched engine, sharded "
+                                        "actor runtime (fast path), per-expert actors, side by side")
+    r.add_argument("--experts", default="10,100,1000,10000,100000", help="comma-separated N values")
+    r.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
+    r.add_argument("--routing", default="topk", choices=ROUTINGS)
+    r.add_argument("--k", type=int, default=8, help="top-k: senders kept per receiver")
+    r.add_argument("--candidates", type=int, default=32, help="top-k: senders scored per receiver when N > "
+                                                              "--candidates-above (O(N C) instead of O(N^2))")
+    r.add_argument("--candidates-above", type=int, default=1000)
+    r.add_argument("--degree", type=int, default=4, help="random graph: senders per receiver")
+    r.add_argument("--rounds", type=int, default=4, help="communication rounds per inner step (fixed rule)")
+    r.add_argument("--dims", type=int, default=3)
+    r.add_argument("--steps", type=int, default=3, help="timed inner steps per engine and N")
+    r.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--policy", default=DEFAULT_POLICY)
+    r.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    r.add_argument("--blas-threads", type=int, default=1, help="OPENBLAS/OMP/MKL_NUM_THREADS of the measuring "
+                                                               "processes")
+    r.add_argument("--shards", type=int, default=None, help="sharded: shard actors (default: one per core)")
+    r.add_argument("--tile", type=int, default=4096, help="sharded: receivers routed at once")
+    r.add_argument("--policy-chunk", type=int, default=4096, help="sharded: rows per onnxruntime call (0: one call)")
+    r.add_argument("--encode", action="store_true", help="sharded: msgpack-encode the shard messages")
+    r.add_argument("--actor-no-encode", action="store_true", help="per-expert actors: pass Message objects")
+    r.add_argument("--actor-max-n", type=int, default=1000, help="per-expert actors only up to this N")
+    r.add_argument("--max-seconds", type=float, default=60.0, help="per engine and N: stop timing after this")
+    r.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    r.add_argument("--in-process", action="store_true", help="time in this process (no subprocess per N)")
+    r.add_argument("--out", default=None, help="also write the JSON report here")
+    r.add_argument("--plot", default=None, help="write the figure (PNG) here")
+    r.add_argument("--from-json", default=None, help="re-plot / re-tabulate a saved report instead of running")
+    r.add_argument("--markdown", action="store_true", help="print a markdown table instead of JSON")
+    r.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    r.add_argument("--json", action="store_true", help="(output is JSON unless --markdown)")
+    r.set_defaults(fn=cmd_bench_runtime)
+
+
+# ---- bench serve ------------------------------------------------------------------------------------
+
+def _load_demo():
+    """demos/load.py (the serve engineer's load test) as a module; it lives in the source checkout."""
+    import importlib.util
+    from pathlib import Path
+
+    from ..config import ConfigError
+
+    path = Path(__file__).resolve().parents[2] / "demos" / "load.py"
+    if not path.is_file():
+        raise ConfigError(f"bench serve wraps demos/load.py, not found at {path} (run from a source checkout)")
+    spec = importlib.util.spec_from_file_location("badger_demo_load", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_serve(policy: str, experts: list[int], clients: int = 4, steps: int = 200, dims: int = 3, rounds: int = 4,
+                checkpoint_every: int = 1, fsync: bool = True, threads: int = 1, blas_threads: int | None = 1,
+                log=None) -> dict:
+    """Step latency (p50/p99, client side) and throughput of `badger serve` for each N: a fresh
+    server per N (demos/load.py's ``start_server``), C clients x S steps (its ``run``). The server
+    runs with ``OPENBLAS_NUM_THREADS`` etc. = ``blas_threads`` (None: as inherited): on 2 shared
+    cores a 2-thread BLAS made N = 1000 steps ~3x slower."""
+    import os
+
+    from ..config import ConfigError
+    from .runtime import _policy_path, machine
+
+    if clients < 1 or steps < 1 or any(n < 1 for n in experts):
+        raise ConfigError("--clients, --steps and every N must be >= 1")
+    load = _load_demo()
+    log = log or (lambda *a: None)
+    policy = _policy_path(policy)
+    rows = []
+    blas_keys = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in blas_keys}
+    if blas_threads is not None:  # the server process inherits them
+        os.environ.update({k: str(blas_threads) for k in blas_keys})
+    try:
+        for n in experts:
+            log(f"N = {n:,}: {clients} clients x {steps} steps")
+            rows.append(_serve_one(load, policy, n, clients, steps, dims, rounds, checkpoint_every, fsync, threads))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"bench": "serve", "policy": policy, "machine": machine(), "blas_threads": blas_threads, "rows": rows}
+
+
+def _serve_one(load, policy, n, clients, steps, dims, rounds, checkpoint_every, fsync, threads) -> dict:
+    """One fresh server (load.start_server) and load.run's clients against it."""
+    import argparse
+    import os
+    import tempfile
+
+    import trio
+
+    extra = ["--checkpoint-every", str(checkpoint_every), "--max-experts", str(max(n, 1)),
+             "--threads", str(threads)] + ([] if fsync else ["--no-fsync"])
+    with tempfile.TemporaryDirectory(prefix="badger-bench-serve-") as state:
+        proc, address = load.start_server(policy, state, extra)
+        try:
+            args = argparse.Namespace(clients=clients, steps=steps, experts=n, dims=dims, rounds=rounds)
+            return trio.run(load.run, address, os.environ.get("BADGER_TOKEN"), args)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def plot_serve(report: dict, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    rows = sorted(report["rows"], key=lambda r: r["experts"])
+    n = [r["experts"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(n, [r["p50_ms"] for r in rows], "o-", label="p50")
+    axes[0].plot(n, [r["p99_ms"] for r in rows], "s-", label="p99")
+    axes[0].set_ylabel("step latency, client side (ms)")
+    axes[1].plot(n, [r["steps_per_s"] for r in rows], "o-", color="tab:green")
+    axes[1].set_ylabel("steps / s (all clients)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("experts N per session")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    r0 = rows[0] if rows else {}
+    fig.suptitle(f"badger bench serve: {r0.get('clients')} clients, {r0.get('rounds')} rounds, d = {r0.get('dims')}",
+                 fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_bench_serve(args):
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+    else:
+        log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        report = bench_serve(args.policy, _ints(args.experts), clients=args.clients, steps=args.steps, dims=args.dims,
+                             rounds=args.rounds, checkpoint_every=args.checkpoint_every, fsync=not args.no_fsync,
+                             threads=args.threads, blas_threads=args.blas_threads, log=log)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.plot:
+        plot_serve(report, args.plot)
+    if args.markdown:
+        print("| N | clients x steps | rounds | steps/s | p50 ms | p99 ms | server step p50 ms | server step p99 ms |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in report["rows"]:
+            print(f"| {r['experts']:,} | {r['clients']} x {r['steps']} | {r['rounds']} | {r['steps_per_s']} | "
+                  f"{r['p50_ms']} | {r['p99_ms']} | {r['server_step_p50_ms']} | {r['server_step_p99_ms']} |")
+    else:
+        print(json.dumps(report))
+
+
+def _add_serve(bsub):
+    from .runtime import DEFAULT_POLICY
+
+    s = bsub.add_parser("serve", help="step latency p50/p99 and throughput through `badger serve` vs N "
+                                      "(wraps demos/load.py: a fresh server per N)")
+    s.add_argument("--policy", default=DEFAULT_POLICY)
+    s.add_argument("--experts", default="10,100,1000", help="comma-separated N values (the policy's own routing)")
+    s.add_argument("--clients", type=int, default=4)
+    s.add_argument("--steps", type=int, default=200, help="steps per client")
+    s.add_argument("--dims", type=int, default=3)
+    s.add_argument("--rounds", type=int, default=4)
+    s.add_argument("--checkpoint-every", type=int, default=1, help="passed to the server (0: only at shutdown)")
+    s.add_argument("--no-fsync", action="store_true", help="passed to the server")
+    s.add_argument("--threads", type=int, default=1, help="the server's onnxruntime threads")
+    s.add_argument("--blas-threads", type=int, default=1, help="the server's OPENBLAS/OMP/MKL_NUM_THREADS")
+    s.add_argument("--out", default=None)
+    s.add_argument("--plot", default=None)
+    s.add_argument("--from-json", default=None)
+    s.add_argument("--markdown", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--json", action="store_true", help="(output is JSON unless --markdown)")
+    s.set_defaults(fn=cmd_bench_serve)
 
 
 def register(sub):
@@ -27,6 +294,10 @@ def register(sub):
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--plot", default=None, help="write the figure (PNG) here")
+    t.add_argument("--from-json", default=None, help="re-plot a saved report instead of running")
     t.add_argument("--json", action="store_true", help="(output is always JSON)")
     t.set_defaults(fn=cmd_bench_train)
+    _add_runtime(bsub)
+    _add_serve(bsub)
     return bsub

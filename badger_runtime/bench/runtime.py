@@ -1,0 +1,477 @@
+"""`badger bench runtime`: the three ways to run one agent, side by side, against N experts.
+
+Engines (one agent of N experts, the guessing game, R communication rounds per inner step):
+
+- ``batched``: ``engine.Agent``, the numpy + onnxruntime engine (``rollout.agent_step``): the limit.
+- ``sharded``: ``actors.sharded.ShardedAgent``, the actor runtime's fast path (S shard actors,
+  one gathered tick per round).
+- ``actors``: ``actors.runtime.ActorAgent``, the per-expert actor runtime (one trio task per
+  expert, one message per sender and receiver), only up to ``actor_max_n`` experts (it is slow).
+
+For each N, all engines step the same seeded episode (same wiring and initial state) in one
+process, one after the other: ``warmup`` untimed steps, then up to ``steps`` timed ones (fewer if
+``max_seconds`` is spent). Reported per (N, engine):
+
+- ``expert_steps_per_s`` = N x timed steps / seconds (an inner step with R rounds counts once);
+- ``messages_per_s``: expert -> expert messages delivered per second: per round every receiver
+  hears its in-degree (N with everyone-hears-everyone topologies, the C listed senders with top-k
+  over candidates); the batched engine's messages are counted the same way (logically), the
+  per-expert actors' are their ``delivered`` counter;
+- ``peak_mib`` and ``kib_per_expert``: peak RSS (``ru_maxrss``) of a fresh subprocess per
+  (engine, N) that builds the agent and runs one step, minus the same process's peak after
+  imports and policy load (so onnxruntime's arena growth during the step is included);
+- ``max_diff_vs_batched``: the largest difference of its outputs from the batched engine's on
+  the same steps (the engines compute the same rollout).
+
+Timing runs in a subprocess per N (``isolate``), with ``OPENBLAS_NUM_THREADS`` etc. set to
+``blas_threads``: with the machine's 2 cores shared, a multi-threaded BLAS stalls in its thread
+barriers (a 500 x 1000 x 16 matmul took 0.2 ms single-threaded and 0.1-8 ms with 2 threads).
+Dense routing (and top-k without candidates) scores N^2 pairs: sizes over
+``routing.MAX_DENSE_ENTRIES`` are refused before anything runs (``routing.topology``'s error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ENGINES = ("batched", "sharded", "actors")
+DEFAULT_POLICY = "policies/guessing-converge-v1.onnx"
+
+
+@dataclass
+class RuntimeBench:
+    policy: str = DEFAULT_POLICY
+    experts: list = field(default_factory=lambda: [10, 100, 1000, 10_000, 100_000])
+    engines: list = field(default_factory=lambda: list(ENGINES))
+    routing: str = "topk"
+    k: int = 8
+    candidates: int = 32  # top-k: senders each receiver scores, for N > candidates_above
+    candidates_above: int = 1000
+    degree: int = 4  # random graph
+    rounds: int = 4
+    dims: int = 3
+    steps: int = 3  # timed inner steps per (engine, N)
+    warmup: int = 1
+    seed: int = 0
+    threads: int = 1  # onnxruntime intra-op threads
+    blas_threads: int = 1
+    shards: int | None = None  # sharded: None = one per core
+    tile: int = 4096
+    policy_chunk: int = 4096
+    encode: bool = False  # sharded: msgpack-encode the shard messages
+    actor_encode: bool = True  # per-expert actors: msgpack frames (their default)
+    actor_max_n: int = 1000
+    max_seconds: float = 60.0  # per (engine, N): stop timing once this is spent
+    memory: bool = True
+    isolate: bool = True
+
+    def routing_for(self, n: int) -> dict:
+        c = self.candidates if (self.routing == "topk" and n > self.candidates_above) else 0
+        return {"kind": self.routing, "k": self.k, "candidates": c, "degree": self.degree}
+
+
+# ---- building the same agent three ways ---------------------------------------------------------------
+
+def _policy_path(path: str) -> str:
+    p = Path(path)
+    if p.exists() or p.with_suffix(".json").exists():
+        return str(p)
+    repo = Path(__file__).resolve().parents[2] / path  # a source checkout: policies/ beside the package
+    return str(repo) if repo.exists() else str(p)
+
+
+def agent_config(policy, spec: RuntimeBench, n: int):
+    a = policy.agent
+    return dataclasses.replace(a, routing=dataclasses.replace(a.routing, **spec.routing_for(n)),
+                               agreement=dataclasses.replace(a.agreement, rule="fixed", rounds=spec.rounds))
+
+
+def check_sizes(spec: RuntimeBench):
+    """Refuse, before running anything, sizes whose routing would score N^2 pairs past the limit."""
+    from .. import routing
+    from ..config import ConfigError, RoutingConfig
+
+    for n in spec.experts:
+        if n < 1:
+            raise ConfigError(f"--experts must be >= 1, got {n}")
+        cfg = RoutingConfig(**spec.routing_for(n))
+        cfg.validate()
+        sparse = cfg.kind == "random" or (cfg.kind == "topk" and 0 < cfg.candidates < n)
+        if not sparse and n * n > routing.MAX_DENSE_ENTRIES:
+            try:
+                routing.topology(cfg, n, 1, np.random.default_rng(0))  # raises before allocating
+            except ConfigError as e:
+                raise ConfigError(f"bench runtime: N = {n:,}: {e}") from None
+    for e in spec.engines:
+        if e not in ENGINES:
+            raise ConfigError(f"unknown engine {e!r} (engines: {', '.join(ENGINES)})")
+    if spec.steps < 1 or spec.rounds < 1 or spec.warmup < 0 or spec.max_seconds <= 0:
+        raise ConfigError("--steps and --rounds must be >= 1, --warmup >= 0, --max-seconds > 0")
+
+
+class _Stepper:
+    """One engine behind a common interface: step(observation [1, J]) -> outputs [1, d], messages."""
+
+    def __init__(self, engine: str, policy, cfg, base, spec: RuntimeBench):
+        from ..actors.sharded import in_degrees
+
+        self.engine = engine
+        self.rounds = spec.rounds
+        self.n = base.n_experts
+        if engine == "batched":  # the base agent itself (fresh: not stepped yet)
+            self.agent = base
+            self.per_round = int(in_degrees(self.agent.wiring.route_mask, self.n, 1).sum())
+        elif engine == "sharded":
+            from ..actors.sharded import ShardedAgent
+
+            self.agent = ShardedAgent(policy, cfg, base.episode, base.wiring, shards=spec.shards, tile=spec.tile,
+                                      policy_chunk=spec.policy_chunk, encode=spec.encode)
+        else:
+            from ..actors.runtime import ActorAgent
+
+            self.agent = ActorAgent(policy, cfg, base.episode, base.wiring, encode=spec.actor_encode,
+                                    step_timeout=None)
+
+    async def step(self, obs):
+        if self.engine == "batched":
+            out, info = self.agent.step(obs, rounds=self.rounds)
+            return out, self.per_round * int(np.asarray(info.rounds).sum())
+        if self.engine == "sharded":
+            out, info = await self.agent.step(obs, rounds=self.rounds)
+            return out, info.messages
+        d0 = self.agent.counters.delivered
+        out, info = await self.agent.step(obs[0], rounds=self.rounds)
+        return out[None], self.agent.counters.delivered - d0
+
+    def running(self):
+        from contextlib import asynccontextmanager
+
+        if self.engine == "batched":
+            @asynccontextmanager
+            async def nothing():
+                yield self
+            return nothing()
+        return self.agent.running()
+
+    def extra(self) -> dict:
+        if self.engine == "sharded":
+            a = self.agent
+            return {"shards": a.shards, "policy_calls_per_round": len(a.batcher.chunks),
+                    "shard_messages": a.counters.frames, "block_bytes": a.counters.block_bytes}
+        if self.engine == "actors":
+            c = self.agent.counters
+            return {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped,
+                    "policy_calls": self.agent.batcher.calls}
+        return {}
+
+
+def _base(policy, spec: RuntimeBench, n: int):
+    """The seeded episode and wiring every engine runs (engine.Agent's reset draws them)."""
+    from ..engine import Agent
+
+    return Agent(policy, agent_config(policy, spec, n)).reset(1, n, spec.dims, spec.seed)
+
+
+def _drive(stepper: _Stepper, episode, spec: RuntimeBench, max_steps: int, deadline: float | None):
+    """Step the guessing game; returns [(seconds, messages, output)] per step."""
+    import trio
+
+    from ..tasks import guessing
+    from ..xp import NumpyOps
+
+    ops = NumpyOps()
+    out: list = []
+
+    async def main():
+        async with stepper.running():
+            guess = ops.zeros((1, episode.dims))
+            for t in range(max_steps):
+                obs = guessing.observe(ops, episode, guess, t)
+                t0 = time.perf_counter()
+                guess, msgs = await stepper.step(obs)
+                out.append((time.perf_counter() - t0, msgs, np.asarray(guess, np.float32)))
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+
+    trio.run(main)
+    return out
+
+
+def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
+    """Time every engine of ``spec`` at N = n in this process (same episode, same steps)."""
+    from ..policy_card import load_policy
+
+    policy = load_policy(_policy_path(spec.policy), threads=spec.threads)
+    cfg = agent_config(policy, spec, n)
+    base = _base(policy, spec, n)
+    rows, ref = [], None
+    for engine in sorted(spec.engines, key=ENGINES.index):  # the batched engine first: the reference
+        row = {"experts": n, "engine": engine, "routing": cfg.routing.kind, "k": cfg.routing.k,
+               "candidates": cfg.routing.candidates, "rounds": spec.rounds}
+        if engine == "actors" and n > spec.actor_max_n:
+            rows.append(row | {"skipped": f"per-expert actors run only up to --actor-max-n {spec.actor_max_n}"})
+            continue
+        if engine == "batched" and base.t > 0:
+            base = _base(policy, spec, n)
+        t0 = time.perf_counter()
+        stepper = _Stepper(engine, policy, cfg, base, spec)
+        setup = time.perf_counter() - t0
+        res = _drive(stepper, base.episode, spec, spec.warmup + spec.steps, time.perf_counter() + spec.max_seconds)
+        timed = res[spec.warmup:] or res[-1:]  # a single (slow) step that used the budget is the measurement
+        sec = sum(r[0] for r in timed)
+        msgs = sum(r[1] for r in timed)
+        outs = np.stack([r[2] for r in res])
+        if ref is None and engine == "batched":
+            ref = outs
+        row |= {"setup_s": round(setup, 4), "steps_timed": len(timed), "warmup_used": len(res) <= spec.warmup,
+                "seconds_per_step": sec / len(timed), "expert_steps_per_s": n * len(timed) / sec,
+                "messages_per_step": msgs / len(timed), "messages_per_s": msgs / sec}
+        if ref is not None and engine != "batched":
+            m = min(len(ref), len(outs))
+            row["max_diff_vs_batched"] = float(np.abs(ref[:m] - outs[:m]).max())
+        row |= stepper.extra()
+        rows.append(row)
+        del stepper
+    return rows
+
+
+def memory_probe(spec: RuntimeBench, engine: str, n: int) -> dict:
+    """Peak RSS of building the agent and running one step, above this process's peak after imports."""
+    import resource
+
+    import trio  # noqa: F401  (imported before the baseline, as every engine's imports)
+
+    from ..actors import runtime as _rt  # noqa: F401
+    from ..actors import sharded as _sh  # noqa: F401
+    from ..engine import Agent as _Agent  # noqa: F401
+    from ..policy_card import load_policy
+
+    policy = load_policy(_policy_path(spec.policy), threads=spec.threads)
+    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cfg = agent_config(policy, spec, n)
+    b = _base(policy, spec, n)
+    stepper = _Stepper(engine, policy, cfg, b, spec)
+    if engine != "batched":
+        b.state = None  # the other engines hold their own copies
+    _drive(stepper, b.episode, spec, 1, None)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"baseline_mib": base_kib / 1024, "peak_mib": (peak_kib - base_kib) / 1024,
+            "kib_per_expert": (peak_kib - base_kib) / n}
+
+
+# ---- subprocesses ------------------------------------------------------------------------------------
+
+def _env(spec: RuntimeBench) -> dict:
+    env = dict(os.environ)
+    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[k] = str(spec.blas_threads)
+    return env
+
+
+def _subprocess(spec: RuntimeBench, job: dict, timeout: float):
+    cmd = [sys.executable, "-m", "badger_runtime.bench.runtime", json.dumps(job | {"spec": dataclasses.asdict(spec)})]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(spec), check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if p.returncode != 0:
+        tail = (p.stderr or "").strip().splitlines()[-3:]
+        return {"error": f"exit {p.returncode}: {' | '.join(tail)}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def bench_runtime(spec: RuntimeBench, log=None) -> dict:
+    """Run the benchmark (see the module doc); returns the JSON-able report."""
+    check_sizes(spec)
+    log = log or (lambda *a: None)
+    rows = []
+    per_run = spec.max_seconds * (spec.warmup + 2) * len(spec.engines) + 120
+    for n in spec.experts:
+        log(f"N = {n:,}: timing {', '.join(spec.engines)}")
+        if spec.isolate:
+            got = _subprocess(spec, {"job": "time", "n": n}, per_run)
+            if isinstance(got, dict):  # the whole run failed
+                got = [{"experts": n, "engine": e, **got} for e in spec.engines]
+        else:
+            got = time_engines(spec, n)
+        for row in got:
+            if spec.memory and "skipped" not in row and "error" not in row:
+                log(f"N = {n:,}: memory of {row['engine']}")
+                mem = _subprocess(spec, {"job": "memory", "engine": row["engine"], "n": n},
+                                  spec.max_seconds * 4 + 120)
+                row |= {k: v for k, v in mem.items() if k != "error"}
+                if "error" in mem:
+                    row["memory_error"] = mem["error"]
+            rows.append(row)
+    return {"bench": "runtime", "machine": machine(), "settings": dataclasses.asdict(spec), "rows": rows,
+            "targets": targets(rows), "growth": growth(rows)}
+
+
+def machine() -> dict:
+    import onnxruntime
+    import trio
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"cpus": os.cpu_count(), "machine": platform.machine(), "processor": _cpu_name(),
+            "python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
+            "trio": trio.__version__, "loadavg_at_end": load}
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def targets(rows: list[dict]) -> dict:
+    """Issue 7's targets, where the rows measure them."""
+    by = {(r["experts"], r["engine"]): r for r in rows if "expert_steps_per_s" in r}
+    out = {}
+    if (1000, "batched") in by and (1000, "sharded") in by:
+        ratio = by[(1000, "sharded")]["expert_steps_per_s"] / by[(1000, "batched")]["expert_steps_per_s"]
+        out["sharded_vs_batched_at_1000"] = {"ratio": round(ratio, 3), "target": ">= 0.5", "met": ratio >= 0.5}
+    act = {n: r["messages_per_s"] for (n, e), r in by.items() if e == "actors"}
+    if act:
+        n_best = max(act, key=act.get)
+        out["actors_messages_per_s"] = {"best": round(act[n_best]), "at_n": n_best, "target": ">= 100000",
+                                        "met": act[n_best] >= 100_000,
+                                        "by_n": {str(n): round(v) for n, v in sorted(act.items())}}
+    if (100_000, "sharded") in by:
+        r = by[(100_000, "sharded")]
+        out["sharded_step_at_100000"] = {"seconds": round(r["seconds_per_step"], 3), "target": "< 2 s",
+                                         "met": r["seconds_per_step"] < 2.0}
+        if "peak_mib" in r:
+            out["sharded_memory_at_100000"] = {"peak_gib": round(r["peak_mib"] / 1024, 3), "target": "< 4 GiB",
+                                               "met": r["peak_mib"] < 4096}
+    return out
+
+
+def growth(rows: list[dict]) -> dict:
+    """How step time grows with N: the least-squares slope of log(seconds per step) against log(N),
+    per engine and routing regime (1.0 = linear in N, 2.0 = quadratic), over N >= 1000 for the
+    sparse regime (top-k over C candidates, random graphs) and N >= 100 for the others (where fixed
+    per-step costs no longer dominate)."""
+    out: dict = {}
+    groups: dict = {}
+    for r in rows:
+        if "seconds_per_step" not in r:
+            continue
+        sparse = r.get("routing") == "random" or (r.get("routing") == "topk" and r.get("candidates", 0) > 0)
+        if r["experts"] >= (1000 if sparse else 100):
+            groups.setdefault((r["engine"], "sparse" if sparse else "dense"), []).append(r)
+    for (engine, regime), rs in sorted(groups.items()):
+        if len({r["experts"] for r in rs}) < 2:
+            continue
+        x = np.log([r["experts"] for r in rs])
+        y = np.log([r["seconds_per_step"] for r in rs])
+        slope = float(np.polyfit(x, y, 1)[0])
+        out.setdefault(engine, {})[regime] = {"slope": round(slope, 2), "n": [int(min(np.exp(x).round())),
+                                                                               int(max(np.exp(x).round()))]}
+    return out
+
+
+# ---- the figure --------------------------------------------------------------------------------------
+
+def plot_runtime(report: dict, path: str | Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if "expert_steps_per_s" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    styles = {"batched": ("tab:blue", "o", "batched engine (limit)"),
+              "sharded": ("tab:green", "s", "sharded actor runtime (fast path)"),
+              "actors": ("tab:red", "^", "per-expert actors")}
+    for engine, (color, marker, label) in styles.items():
+        rs = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["experts"])
+        if not rs:
+            continue
+        n = [r["experts"] for r in rs]
+        axes[0].plot(n, [r["expert_steps_per_s"] for r in rs], marker=marker, color=color, label=label)
+        axes[1].plot(n, [r["seconds_per_step"] for r in rs], marker=marker, color=color, label=label)
+        mem = [(r["experts"], r["peak_mib"]) for r in rs if (r.get("peak_mib") or 0) > 0]
+        if mem:
+            axes[2].plot(*zip(*mem), marker=marker, color=color, label=label)
+    ns = sorted({r["experts"] for r in rows})
+    if ns:
+        sh = {r["experts"]: r["seconds_per_step"] for r in rows if r["engine"] == "sharded"}
+        if sh:
+            n0 = max(sh)
+            axes[1].plot(ns, [sh[n0] * n / n0 for n in ns], ":", color="gray", label="linear in N (through the last point)")
+    s = report.get("settings", {})
+    if s.get("routing") == "topk" and s.get("candidates") and ns and min(ns) <= s.get("candidates_above", 0) < max(ns):
+        for ax in axes:
+            ax.axvline(s["candidates_above"], color="gray", lw=0.8, ls="--")
+        axes[0].annotate(f"exact top-k (O(N^2)) | top-k over C = {s['candidates']} candidates (O(N C))",
+                         (s["candidates_above"], 0.96), xycoords=("data", "axes fraction"), ha="center",
+                         fontsize=7, color="dimgray")
+    axes[0].set_ylabel("expert-steps / s")
+    axes[1].set_ylabel("seconds per inner step")
+    axes[2].set_ylabel("peak memory above baseline (MiB)")
+    titles = ["throughput", f"step time ({s.get('rounds', '?')} rounds per step)", "memory"]
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("experts N")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=8)
+    route = s.get("routing", "topk")
+    where = (f"for N > {s.get('candidates_above')}" if s.get("candidates_above") else "(every N > C)")
+    fig.suptitle(f"badger bench runtime: {route} routing, k = {s.get('k')}, candidates C = {s.get('candidates')} "
+                 f"{where}; {report.get('machine', {}).get('cpus')} cores", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(report: dict) -> str:
+    head = ("| N | engine | routing | s / step | expert-steps/s | messages/s | peak MiB | KiB / expert | "
+            "max diff vs batched |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in report["rows"]:
+        route = r.get("routing", "?") + (f" k={r['k']}" if r.get("routing") == "topk" else "") + (
+            f" C={r['candidates']}" if r.get("candidates") else "")
+        if "expert_steps_per_s" not in r:
+            why = r.get("skipped") or r.get("error", "")
+            lines.append(f"| {r['experts']:,} | {r['engine']} | {route} | - | - | - | - | - | {why} |")
+            continue
+        mem = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
+        per = f"{r['kib_per_expert']:.2f}" if r.get("kib_per_expert") is not None else "-"
+        diff = f"{r['max_diff_vs_batched']:.1e}" if "max_diff_vs_batched" in r else "-"
+        lines.append(f"| {r['experts']:,} | {r['engine']} | {route} | {r['seconds_per_step']:.4g} | "
+                     f"{r['expert_steps_per_s']:,.0f} | {r['messages_per_s']:,.0f} | {mem} | {per} | {diff} |")
+    return "\n".join(lines)
+
+
+def _worker(arg: str):
+    job = json.loads(arg)
+    spec = RuntimeBench(**job.pop("spec"))
+    if job["job"] == "time":
+        out = time_engines(spec, job["n"])
+    else:
+        out = memory_probe(spec, job["engine"], job["n"])
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
