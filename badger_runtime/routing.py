@@ -55,19 +55,30 @@ class Neighbors:
         return self.idx.shape
 
 
-# Random graphs up to this size draw distinct senders exactly (O(N^2) keys); larger ones draw
-# with replacement (O(N C)), where a repeated sender is rare and harmless.
+# Random graphs up to this size draw distinct senders from a full permutation (O(N^2) keys);
+# larger ones (with C <= N/4) draw in O(N C) and redraw repeated senders until every list is
+# distinct.
 EXACT_DRAW_MAX_N = 2048
 
 
 def _draw_senders(rng: np.random.Generator, batch: int, n: int, c: int) -> np.ndarray:
-    """c senders per receiver, never the receiver itself: [B, N, c]."""
-    if n <= EXACT_DRAW_MAX_N:
+    """c distinct senders per receiver, never the receiver itself, ascending: [B, N, c]."""
+    if n <= EXACT_DRAW_MAX_N or c > n // 4:  # (redrawing a dense list would take long)
         keys = rng.random((batch, n, n))
         keys[:, np.arange(n), np.arange(n)] = np.inf
         return np.sort(np.argsort(keys, axis=-1)[..., :c], axis=-1)
+    own = np.arange(n)[None, :, None]
     draw = rng.integers(0, n - 1, size=(batch, n, c))
-    return draw + (draw >= np.arange(n)[None, :, None])  # skip the receiver's own index
+    draw = np.sort(draw + (draw >= own), axis=-1)  # skip the receiver's own index
+    while True:
+        dup = np.zeros(draw.shape, bool)
+        dup[..., 1:] = draw[..., 1:] == draw[..., :-1]
+        if not dup.any():
+            return draw
+        new = rng.integers(0, n - 1, size=int(dup.sum()))
+        b, m, _ = np.nonzero(dup)
+        draw[dup] = new + (new >= m)
+        draw.sort(axis=-1)
 
 
 def _neighbors(cfg: RoutingConfig, rng, batch: int, n: int, c: int) -> Neighbors:

@@ -237,3 +237,13 @@ def test_every_shipped_policy_runs_an_episode_without_torch(tmp_path):
     reports = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(reports) == len(shipped)
     assert all(np.isfinite(r["final_mse"]) and r["final_mse"] < r["chance"] for r in reports)
+
+
+def test_large_random_graphs_draw_distinct_senders():
+    from badger_runtime.routing import EXACT_DRAW_MAX_N, _draw_senders
+
+    n = EXACT_DRAW_MAX_N + 500
+    idx = _draw_senders(np.random.default_rng(0), 2, n, 64)
+    assert idx.shape == (2, n, 64)
+    assert not (idx[..., 1:] == idx[..., :-1]).any()  # ascending and distinct
+    assert not (idx == np.arange(n)[None, :, None]).any()  # never the receiver itself

@@ -64,6 +64,8 @@ class Directory:
         self.members: dict[int, Member] = {}
         self.hears: dict[int, set[int]] = {}  # receiver -> the senders it may hear
         self.step = -1  # the last inner step begun
+        self._changes = 0  # membership changes so far (invalidates the cached active count)
+        self._n_active = None
 
     @classmethod
     def from_wiring(cls, cfg: RoutingConfig, ids, topology, can_sense, can_push, rng=None) -> "Directory":
@@ -93,6 +95,13 @@ class Directory:
         """Experts taking part in inner step ``step`` (default: the current one), by id."""
         t = self.step if step is None else step
         return sorted(e for e, m in self.members.items() if m.join <= t)
+
+    def n_active(self) -> int:
+        """How many experts take part in the current step (cached: asked once per policy request)."""
+        key = (self.step, len(self.members), self._changes)
+        if self._n_active is None or self._n_active[0] != key:
+            self._n_active = (key, sum(1 for m in self.members.values() if m.join <= self.step))
+        return self._n_active[1]
 
     def next_join(self) -> int:
         return self.step + 1
@@ -149,6 +158,7 @@ class Directory:
         if e in self.members:
             raise ValueError(f"expert {e} already exists")
         self.members[e] = member
+        self._changes += 1
         self.hears[e] = set(senders)
         for r in receivers:
             if r != e:
@@ -156,6 +166,7 @@ class Directory:
 
     def remove(self, eid: int):
         del self.members[eid]
+        self._changes += 1
         del self.hears[eid]
         for hs in self.hears.values():
             hs.discard(eid)

@@ -115,7 +115,7 @@ class ExpertCore:
         if key.shape != (self.spec.key_dim,) or value.shape != (self.spec.msg_dim,):
             raise MessageError(f"msg: key {key.shape} / value {value.shape} do not fit this policy "
                                f"({self.spec.key_dim},) / ({self.spec.msg_dim},)")
-        if self.eid not in msg.receivers:
+        if not _addressed_to(msg, self.eid):
             raise MessageError(f"msg from {msg.sender} is not addressed to expert {self.eid}")
         at = (msg.step, msg.round)
         if msg.sender not in self.senders:
@@ -264,3 +264,13 @@ class ExpertCore:
         self.sensed = None if s.sensed is None else s.sensed.copy()
         self.phase, self.t, self.r, self.rounds, self.fixed, self.consumed = (
             s.phase, s.t, s.r, s.rounds, s.fixed, s.consumed)
+
+
+def _addressed_to(msg, eid: int) -> bool:
+    """Is expert ``eid`` among the message's receivers? The set is built once per message
+    object: a fan-out delivers the same object to every receiver (without encoding), which
+    made the plain tuple scan O(N) per delivery, O(N^2) per round."""
+    rs = msg.__dict__.get("_receiver_set")
+    if rs is None:
+        rs = msg.__dict__["_receiver_set"] = frozenset(msg.receivers)
+    return eid in rs

@@ -237,7 +237,7 @@ class ActorAgent:
         topo = routing.Neighbors(topo.idx[0:1]) if isinstance(topo, routing.Neighbors) else (
             None if topo is None else topo[0])
         self.directory = Directory.from_wiring(cfg.routing, ids, topo, wiring.can_sense, wiring.can_push, self.rng)
-        self.batcher = PolicyBatcher(policy, micro_batch, expected=lambda: len(self.directory.active()))
+        self.batcher = PolicyBatcher(policy, micro_batch, expected=self.directory.n_active)
         st = initial_state(OPS, policy, wiring)
         self._records: dict[int, _Record] = {}
         for i, e in enumerate(ids):
