@@ -198,9 +198,10 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                      and carry[7] <= 2 * task.experts[1] and rng.random() < cfg.train.continue_prob)
             if go_on:  # the same agents live on; a jumping task draws fresh targets (a jump)
                 _, ep, wiring, state, guess, start, d, n, rounds = carry
-                if task.jump_every[1]:  # the episode is indexed by absolute step: cover start + steps
-                    ep = guessing.sample(rng, task, cfg.train.batch_size, d, n, spec.addr_dim, steps=start + steps,
-                                         addresses=fixed_address_table(task, d, spec.addr_dim))
+                if task.jump_every[1]:  # new targets (indexed by absolute step), the same addresses
+                    fresh = guessing.sample(rng, task, cfg.train.batch_size, d, n, spec.addr_dim,
+                                            steps=start + steps, addresses=fixed_address_table(task, d, spec.addr_dim))
+                    ep = replace(ep, targets=fresh.targets, jumps=fresh.jumps)
             else:
                 d = int(rng.integers(task.dims[0], task.dims[1] + 1))
                 n = int(rng.integers(task.experts[0], task.experts[1] + 1))
