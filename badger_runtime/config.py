@@ -165,7 +165,7 @@ class TrainConfig:
     lr_decay: list[tuple[int, float]] = field(default_factory=list)  # [(at_batch, lr), ...]
     clip: float = 1.0
     objective: str = "weighted"
-    rounds: tuple[int, int] = (1, 1)  # rounds sampled per batch (fixed rule), inclusive
+    rounds: tuple[int, int] = (1, 1)  # rounds per batch, drawn from [lo, hi] (the maximum for convergence/quorum)
     vote_weight: float = 0.0  # weight of the 'done'-vote loss: a vote predicts that the expert's message has settled
     horizon: tuple[int, int] = (0, 0)  # episode length drawn per batch from [lo, hi] (0 = task.steps)
     tbptt: int = 0  # back-propagate through at most this many inner steps (0 = the whole episode)
