@@ -197,7 +197,24 @@ class _Record:
     removed: bool = False
 
 
-class ActorAgent:
+class Lifecycle:
+    """``async with agent.running():`` the agent's tasks live inside the block (a nursery owns
+    them); ``close()`` ends them. The class provides ``run(task_status=...)`` and ``_closed``."""
+
+    @asynccontextmanager
+    async def running(self):
+        async with trio.open_nursery() as n:
+            await n.start(self.run)
+            try:
+                yield self
+            finally:
+                self.close()
+
+    def close(self):
+        self._closed.set()
+
+
+class ActorAgent(Lifecycle):
     """One agent of N experts as trio actors, stepped by its membrane (see the module doc).
 
     ``episode`` and ``wiring`` describe one episode (batch 1: slices of the batched ones, see
@@ -284,18 +301,6 @@ class ActorAgent:
             self._shutdown()
             self.stopped.set()
 
-    @asynccontextmanager
-    async def running(self):
-        """``async with agent.running():`` the experts live inside the block."""
-        async with trio.open_nursery() as n:
-            await n.start(self.run)
-            try:
-                yield self
-            finally:
-                self.close()
-
-    def close(self):
-        self._closed.set()
 
     def _shutdown(self):
         """Count what is still in flight as dropped ('shutdown') and close the mailboxes."""

@@ -48,7 +48,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +62,7 @@ from ..rollout import AgentState, Wiring, initial_state, sample_wiring, split_he
 from ..tasks import guessing
 from ..xp import NumpyOps
 from .messages import Message, MessageError, decode, encode
+from .runtime import Lifecycle
 
 OPS = NumpyOps()
 MEMBRANE = 1 << 62  # the membrane's address in frames (as in runtime.py)
@@ -356,7 +357,7 @@ class _Shard:
     stash: dict = field(default_factory=dict)  # (kind, step, round) -> [messages] that came early
 
 
-class ShardedAgent:
+class ShardedAgent(Lifecycle):
     """B episodes of N experts in S shards (see the module doc); stepped by its membrane.
 
     ``episode`` and ``wiring`` are batched as for ``rollout.agent_step`` (``engine.Agent``'s
@@ -420,17 +421,6 @@ class ShardedAgent:
             nursery.cancel_scope.cancel()
         self._nursery = None
 
-    def close(self):
-        self._closed.set()
-
-    @asynccontextmanager
-    async def running(self):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.run)
-            try:
-                yield self
-            finally:
-                self.close()
 
     @property
     def shards(self) -> int:
