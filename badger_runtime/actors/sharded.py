@@ -61,8 +61,9 @@ from ..evaluation import episode_rngs, fixed_address_table
 from ..rollout import AgentState, Wiring, initial_state, sample_wiring, split_heads
 from ..tasks import guessing
 from ..xp import NumpyOps
-from .messages import Message, MessageError, decode, encode
-from .runtime import Lifecycle
+from .messages import Message, MessageError, encode
+from .episodes import ActorEpisodes
+from .runtime import Frame, Lifecycle
 
 OPS = NumpyOps()
 MEMBRANE = 1 << 62  # the membrane's address in frames (as in runtime.py)
@@ -90,21 +91,6 @@ def in_degrees(topo, n: int, batch: int) -> np.ndarray:
     if isinstance(topo, routing.Neighbors):
         return np.full((batch, n), topo.idx.shape[-1], np.int64)
     return np.asarray(topo, bool).sum(axis=-1).astype(np.int64)
-
-
-class _Frame:
-    """One message as a mailbox carries it: encoded bytes (decoded once, by the first reader) or
-    the ``Message`` itself (``encode=False``)."""
-
-    __slots__ = ("data", "msg")
-
-    def __init__(self, data: bytes | None = None, msg: Message | None = None):
-        self.data, self.msg = data, msg
-
-    def message(self) -> Message:
-        if self.msg is None:
-            self.msg = decode(self.data)
-        return self.msg
 
 
 # ---- the shared policy batcher ---------------------------------------------------------------------
@@ -432,13 +418,13 @@ class ShardedAgent(Lifecycle):
                           np.concatenate([s.core.heads for s in self._shards], axis=1))
 
     # -- the transport ----------------------------------------------------------------
-    def _frame(self, msg: Message) -> _Frame:
+    def _frame(self, msg: Message) -> Frame:
         if self.encode:
             data = encode(msg)
             if msg.kind == "msg":
                 self.counters.block_bytes += len(data) * len(msg.receivers)
-            return _Frame(data)
-        return _Frame(None, msg)
+            return Frame(data)
+        return Frame(None, msg)
 
     def _post(self, to: int, msg: Message):
         self._shards[to].send.send_nowait(self._frame(msg))
@@ -567,15 +553,10 @@ class ShardedAgent(Lifecycle):
 # ---- seeded episodes ----------------------------------------------------------------------------
 
 @dataclass
-class ShardedEpisodes:
-    """Like ``evaluation.Episodes``, plus the runtime's counters."""
+class ShardedEpisodes(ActorEpisodes):
+    """``ActorEpisodes`` (errors, guesses, rounds, targets, counters, policy_calls) with the
+    sharded runtime's counters and ``policy_rounds``: gathered policy evaluations (one per round)."""
 
-    errors: np.ndarray  # [T, E]
-    guesses: np.ndarray  # [T, E, d]
-    rounds: np.ndarray  # [T, E]
-    targets: np.ndarray  # [E, d]
-    counters: Counters
-    policy_calls: int = 0
     policy_rounds: int = 0
 
 
@@ -620,4 +601,5 @@ def run_sharded_episodes(policy, agent: AgentConfig, task, *, dims: int, experts
         tgts.append(ep.targets if ep.targets.ndim == 2 else ep.targets[0])
         done += b
     return ShardedEpisodes(np.concatenate(errs, axis=1), np.concatenate(guesses, axis=1),
-                           np.concatenate(used, axis=1), np.concatenate(tgts, axis=0), total, calls[0], calls[1])
+                           np.concatenate(used, axis=1), np.concatenate(tgts, axis=0), counters=total,
+                           policy_calls=calls[0], policy_rounds=calls[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def _ints(text: str) -> list[int]:
@@ -30,8 +31,6 @@ def plot_train(report: dict, path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from pathlib import Path
-
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -43,14 +42,22 @@ def plot_train(report: dict, path):
     axes[0].set_ylabel("expert-steps / s (episodes x N x T / s)")
     axes[1].set_ylabel("seconds per training batch")
     for ax in axes:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("experts N")
-        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     b = report["rows"][0]["batch"] if report["rows"] else "?"
-    fig.suptitle(f"badger bench train: batch {b}, torch {report.get('torch')}, {report.get('threads')} thread(s)",
-                 fontsize=10)
+    _save_loglog(fig, axes, path, "experts N",
+                 f"badger bench train: batch {b}, torch {report.get('torch')}, {report.get('threads')} thread(s)")
+
+
+def _save_loglog(fig, axes, path, xlabel: str, title: str):
+    """Log-log axes, grid, title, and the PNG written to ``path`` (the bench figures' common end)."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -209,8 +216,6 @@ def plot_serve(report: dict, path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from pathlib import Path
-
     import matplotlib.pyplot as plt
 
     rows = sorted(report["rows"], key=lambda r: r["experts"])
@@ -221,19 +226,10 @@ def plot_serve(report: dict, path):
     axes[0].set_ylabel("step latency, client side (ms)")
     axes[1].plot(n, [r["steps_per_s"] for r in rows], "o-", color="tab:green")
     axes[1].set_ylabel("steps / s (all clients)")
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("experts N per session")
-        ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
     r0 = rows[0] if rows else {}
-    fig.suptitle(f"badger bench serve: {r0.get('clients')} clients, {r0.get('rounds')} rounds, d = {r0.get('dims')}",
-                 fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_loglog(fig, axes, path, "experts N per session",
+                 f"badger bench serve: {r0.get('clients')} clients, {r0.get('rounds')} rounds, d = {r0.get('dims')}")
 
 
 def cmd_bench_serve(args):
