@@ -194,16 +194,16 @@ def test_vote_training_teaches_votes_to_predict_settled_messages(tmp_path):
     cfg.train.rounds, cfg.train.vote_weight, cfg.train.batches = (3, 3), 20.0, 90
     cfg.train.log_every = cfg.train.ckpt_every = 30
 
-    def vote_accuracy(policy):
+    def vote_loss_of(policy):
         ep, w = _episode(cfg, 3, 4, b=32, seed=7)
         with torch.no_grad():
             out = rollout(torch_ops(), policy, cfg.agent, ep, w, steps=6, with_vote_loss=True)
         return float(out.vote_loss)
 
-    before = vote_accuracy(ExpertPolicy(cfg.agent.policy))
+    before = vote_loss_of(ExpertPolicy(cfg.agent.policy))
     train(cfg, tmp_path, progress=False, final_eval=False, log=lambda *a: None)
     pol, _ = policy_from_checkpoint(load_checkpoint(tmp_path / "checkpoint.pt"))
-    after = vote_accuracy(pol)
+    after = vote_loss_of(pol)
     assert after < 0.7 * before
     ops = torch_ops()
     y = agreement.vote_target(ops, cfg.agent.agreement, torch.zeros(1, 2, 3), torch.tensor([[[0.01] * 3, [0.2] * 3]]))
