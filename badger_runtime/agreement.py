@@ -25,34 +25,45 @@ def max_rounds(cfg: AgreementConfig) -> int:
     return cfg.rounds
 
 
-def still_talking(ops, cfg: AgreementConfig, rounds_done: int, active, prev_value, new_value, vote):
+def message_change(ops, prev_value, new_value):
+    """How far each expert's message moved in a round: max |new - prev| over its entries.
+
+    prev_value, new_value: [..., N, Dm] -> [..., N] (no gradient: a stopping signal)."""
+    return ops.amax(ops.abs(ops.detach(new_value) - ops.detach(prev_value)), axis=-1)
+
+
+def votes(ops, vote_head):
+    """The experts' 'done' votes in (0, 1) from their vote head [..., N, 1] -> [..., N]."""
+    return ops.sigmoid(vote_head[..., 0])
+
+
+def still_talking(ops, cfg: AgreementConfig, rounds_done: int, active, change, vote):
     """Which episodes go on to another round after ``rounds_done`` rounds.
 
-    active: [B] bool; prev_value/new_value: [B, N, Dm] messages before/after the
-    round; vote: [B, N] the experts' 'done' votes in (0, 1).
+    active: [B] bool; change: [B] the largest message change of any expert in the last round
+    (``message_change``, max over experts); vote: [B, N] the experts' 'done' votes (``votes``).
+    Each input is something an expert knows of itself and can broadcast.
     """
     if rounds_done >= cfg.rounds:
         return active & False
     if cfg.rule == "fixed":
         return active
     if cfg.rule == "convergence":
-        delta = ops.amax(ops.abs(ops.detach(new_value) - ops.detach(prev_value)), axis=(-1, -2))
-        return active & (delta >= cfg.eps)
+        return active & (change >= cfg.eps)
     if cfg.rule == "quorum":
         frac = ops.mean(ops.float_(ops.detach(vote) > 0.5), axis=-1)
         return active & (frac < cfg.quorum)
     raise ValueError(f"unknown agreement rule {cfg.rule!r}")
 
 
-def vote_target(ops, cfg: AgreementConfig, prev_value, new_value):
+def vote_target(ops, cfg: AgreementConfig, change):
     """What an expert's 'done' vote is trained to say after a round: 1 when its own message
-    changed by less than ``eps`` (max abs) in that round. [B, N] in {0, 1}."""
-    change = ops.amax(ops.abs(ops.detach(new_value) - ops.detach(prev_value)), axis=-1)
+    changed by less than ``eps`` (``message_change``, [B, N]) in that round. [B, N] in {0, 1}."""
     return ops.float_(change < cfg.eps)
 
 
-def vote_loss(ops, cfg: AgreementConfig, vote, prev_value, new_value):
+def vote_loss(ops, cfg: AgreementConfig, vote, change):
     """Binary cross-entropy of the votes [B, N] against ``vote_target`` (mean over experts)."""
-    y = vote_target(ops, cfg, prev_value, new_value)
+    y = vote_target(ops, cfg, change)
     p = vote * (1 - 2e-6) + 1e-6
     return -ops.mean(y * ops.log(p) + (1 - y) * ops.log(1 - p))

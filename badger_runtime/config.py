@@ -14,7 +14,6 @@ from typing import Any
 
 ROUTINGS = ("dense", "topk", "hardwired", "homogeneous", "random")
 AGREEMENTS = ("fixed", "convergence", "quorum")
-FEEDBACKS = ("scalar", "per_dim", "one_expert")
 OBJECTIVES = ("last", "mean", "weighted")
 
 
@@ -115,22 +114,27 @@ class AgentConfig:
 
 @dataclass
 class TaskConfig:
-    """An environment family and the ranges its episodes are drawn from."""
+    """A task family and the ranges its episodes are drawn from: the settings every task has.
+
+    Each registered task (``badger_runtime.tasks``) has its own subclass with its own settings
+    (``name`` picks it when a config is read); ``dims`` is the range of d, the number of outputs
+    (the guessing game's dimensions, a classifier's classes, a bandit's arms).
+    """
 
     name: str = "guessing"
-    feedback: str = "scalar"
-    dims: tuple[int, int] = (3, 3)  # inclusive range of d
+    dims: tuple[int, int] = (3, 3)  # inclusive range of d (the number of outputs)
     experts: tuple[int, int] = (20, 20)  # inclusive range of N
     steps: int = 20  # inner steps per episode
-    addresses: str = "random"  # 'random' per episode, or 'fixed'
+    addresses: str = "random"  # output addresses: 'random' per episode, or 'fixed' (a table per d)
     address_seed: int = 0  # seed of the fixed addresses
-    jump_every: tuple[int, int] = (0, 0)  # non-stationary: targets jump every U[a,b] steps (0 = never)
 
     def validate(self):
-        if self.name != "guessing":
-            raise ConfigError(f"task.name must be 'guessing', got {self.name!r}")
-        if self.feedback not in FEEDBACKS:
-            raise ConfigError(f"task.feedback must be one of {FEEDBACKS}, got {self.feedback!r}")
+        from .tasks import task_names
+
+        if self.name not in task_names():
+            raise ConfigError(f"task.name must be one of {task_names()}, got {self.name!r}")
+        if type(self) is TaskConfig:
+            raise ConfigError(f"task {self.name!r} needs its own settings class (tasks.config_class)")
         if self.addresses not in ("random", "fixed"):
             raise ConfigError("task.addresses must be 'random' or 'fixed'")
         for name in ("dims", "experts"):
@@ -139,9 +143,6 @@ class TaskConfig:
                 raise ConfigError(f"task.{name} must be a range [lo, hi] with 1 <= lo <= hi, got {[lo, hi]}")
         if self.steps < 1:
             raise ConfigError("task.steps must be >= 1")
-        a, b = self.jump_every
-        if a < 0 or b < a:
-            raise ConfigError("task.jump_every must be [a, b] with 0 <= a <= b")
         return self
 
 
@@ -204,7 +205,7 @@ class ExperimentConfig:
 
     name: str = "experiment"
     agent: AgentConfig = field(default_factory=AgentConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskConfig = field(default_factory=lambda: task_config_class("guessing")())
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self):
@@ -227,6 +228,8 @@ def _coerce(tp, value, where):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
+        if isinstance(tp, type) and issubclass(tp, TaskConfig):
+            tp = task_config_class(value.get("name", "guessing"), where)
         return _build(tp, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -261,6 +264,15 @@ def _coerce(tp, value, where):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+def task_config_class(name, where: str = "task") -> type:
+    """The settings class of the registered task ``name`` (a ConfigError names the known ones)."""
+    from .tasks import config_class, task_names
+
+    if not isinstance(name, str) or name not in task_names():
+        raise ConfigError(f"{where}.name: unknown task {name!r}; registered tasks: {task_names()}")
+    return config_class(name)
 
 
 def _hints(cls):

@@ -1,24 +1,32 @@
-"""The batched deploy engine: numpy + onnxruntime, no torch.
+"""The batched runtime: the shared inner-loop math over B agents at once.
 
-It runs the shared inner-loop math (``rollout.agent_step``) with numpy ops and the
-policy's ONNX graph: one onnxruntime call per communication round for all experts
-of all episodes. This is the speed limit the actor runtime is measured against,
-and the reference it must agree with.
+``Agent`` runs ``rollout.agent_step`` for B agents of N experts, one inner step per call.
+With numpy ops and the policy's ONNX graph (the default) it is the deploy engine: one
+onnxruntime call per communication round for all experts of all agents, the speed limit
+the actor runtimes are measured against and the reference they must agree with. With torch
+ops and the torch policy it is what training differentiates through (``rollout.rollout``).
 
-``Agent`` is the step-by-step form (a served session, a long-running agent):
-reset once, then ``step(observation)`` as the environment feeds it.
+Every runtime (this one, ``actors.ActorAgent``, ``actors.ShardedAgent``, a served session)
+has the same interface, which ``episodes.drive`` relies on:
+
+    interface                            the membrane's view of the episodes (membrane.Interface)
+    n_experts, expert_ids()              who is there
+    step(slot_values [B, J], rounds=None) -> (outputs [B, d], rollout.StepInfo)   (async for actors)
+    add_experts(n, init="clone"|"fresh", source=None) -> new ids
+    remove_experts(ids) -> experts left
+
+It never sees a task: a task's episode hands it an ``Interface`` and the driver hands it slot
+values. Bad inputs raise ``InputError`` and leave the agent as it was.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .config import AgentConfig
-from .membrane import KIND_FEEDBACK, KIND_OBSERVATION
-from .policy_card import OnnxPolicy
-from .rollout import AgentState, Wiring, agent_step, grow, initial_state, sample_wiring
-from .routing import Neighbors, membrane_masks, topology
-from .tasks import guessing
+from .config import AgentConfig, TaskConfig
+from .membrane import KIND_FEEDBACK, KIND_OBSERVATION, Interface, Visibility
+from .rollout import AgentState, StepInfo, Wiring, agent_step, grow, initial_state, sample_wiring, shrink
+from .routing import Neighbors, membrane_masks
 from .xp import NumpyOps
 
 OPS = NumpyOps()
@@ -51,92 +59,133 @@ def check_values(name: str, x, shape: tuple[int, ...]) -> np.ndarray:
     return a
 
 
-class Agent:
-    """B agents of N experts with d outputs, stepped one inner step at a time (the deploy form).
+def draw_interface(policy, task: TaskConfig | None, batch: int, experts: int, dims: int, seed: int) -> Interface:
+    """The interface of ``batch`` fresh episodes of ``task`` (default: the policy's own), drawn from
+    the task stream of ``seed`` (``episodes.episode_rngs``): the same addresses an evaluation
+    with this seed gives its first episodes."""
+    from .tasks import make_task
 
-    Each step's observation is the agent's previous output (d values) and the feedback on
-    it (1 scalar error, or d per-dimension errors), as the guessing game's membrane
-    defines; addresses are drawn at ``reset``. Experts can be added (``clone`` copies a
-    living expert's state, ``fresh`` starts from the policy's initial state) or removed
-    between steps; nothing else changes. Bad observations raise ``InputError`` and leave
-    the agent as it was.
+    task = task if task is not None else policy.task
+    rng_task = np.random.default_rng([seed, 0])
+    return make_task(task).sample(rng_task, batch, dims=dims, experts=experts, steps=1,
+                                  addr_dim=policy.spec.addr_dim).interface
+
+
+class Agent:
+    """B agents of N experts, stepped one inner step at a time (the batched runtime).
+
+    ``start(interface, wiring)`` sets it up for given episodes and wiring; ``reset(batch,
+    experts, dims, seed)`` draws both (the interface from the policy's task). Experts can be
+    added (``clone`` copies a living expert's state, ``fresh`` starts from the policy's initial
+    state) or removed between steps; nothing else changes.
     """
 
-    def __init__(self, policy: OnnxPolicy, agent: AgentConfig | None = None, feedback: str | None = None):
+    def __init__(self, policy, agent: AgentConfig | None = None, *, ops=None, check_inputs: bool = True):
         self.policy = policy
         self.cfg = agent or policy.agent
-        self.feedback = feedback or policy.task.feedback
+        self.ops = ops or OPS
+        self.check_inputs = check_inputs
         self.state: AgentState | None = None
         self.wiring: Wiring | None = None
+        self.interface: Interface | None = None
+        self.seed = 0
         self.t = 0
+        self._rng = np.random.default_rng([0, 1])
+        self._indeg: np.ndarray | None = None
 
     # -- lifecycle ------------------------------------------------------------------
-    def reset(self, batch: int, experts: int, dims: int, seed: int, addresses: np.ndarray | None = None):
+    def start(self, interface: Interface, wiring: Wiring, *, state: AgentState | None = None,
+              rng: np.random.Generator | None = None, t: int = 0) -> "Agent":
+        """Run on the episodes of ``interface`` with ``wiring`` (and ``state``, default: each expert's
+        initial state). ``rng`` draws what growing needs (new experts, a new topology)."""
+        if interface.batch != wiring.batch:
+            raise ValueError(f"interface batch {interface.batch} != wiring batch {wiring.batch}")
+        self.interface, self.wiring, self.t = interface, wiring, t
+        self.state = state if state is not None else initial_state(self.ops, self.policy, wiring)
+        if rng is not None:
+            self._rng = rng
+        self._indeg = None
+        return self
+
+    def reset(self, batch: int, experts: int, dims: int, seed: int, *, task: TaskConfig | None = None) -> "Agent":
+        """Fresh agents on fresh episodes of ``task`` (default: the policy's own task), seeded:
+        the interface from the task stream of ``seed``, the wiring from its agent stream."""
         if batch < 1 or experts < 1 or dims < 1:
             raise InputError("batch, experts and dims must be >= 1")
+        interface = draw_interface(self.policy, task, batch, experts, dims, seed)
+        rng = np.random.default_rng([seed, 1])
         self.seed = seed
-        rng_task = np.random.default_rng([seed, 0])
-        self._rng = np.random.default_rng([seed, 1])
-        task = type(self.policy.task)(**{**self.policy.task.__dict__, "feedback": self.feedback})
-        self.episode = guessing.sample(rng_task, task, batch, dims, experts, self.cfg.policy.addr_dim, steps=1,
-                                       addresses=addresses)
-        self.wiring = sample_wiring(self._rng, self.cfg, batch, experts)
-        self.state = initial_state(OPS, self.policy, self.wiring)
-        self.t = 0
-        return self
+        return self.start(interface, sample_wiring(rng, self.cfg, batch, experts), rng=rng)
 
     @property
     def n_experts(self) -> int:
         return self.wiring.n_experts
 
     @property
-    def slots(self) -> int:
-        return self.episode.slot_addr.shape[1]
+    def batch(self) -> int:
+        return self.interface.batch
 
-    def observation(self, prev_output, feedback) -> np.ndarray:
-        """Slot values from the previous output [B, d] and its feedback [B, 1 or d]."""
-        B, d = self.episode.batch, self.episode.dims
-        n_fb = 1 if self.feedback == "scalar" else d
-        prev = check_values("previous output", prev_output, (B, d))
-        fb = check_values("feedback", feedback, (B, n_fb))
-        return np.concatenate([prev, fb], axis=-1)
+    @property
+    def slots(self) -> int:
+        return self.interface.slots
+
+    @property
+    def dims(self) -> int:
+        return self.interface.dims
+
+    def expert_ids(self) -> list[int]:
+        return list(range(self.n_experts))
+
+    def observation(self, parts: dict) -> np.ndarray:
+        """Slot values [B, J] from the interface's named parts {name: [B, size]} (checked)."""
+        unknown = set(parts) - {p for p, _ in self.interface.parts}
+        if unknown:
+            raise InputError(f"unknown input parts {sorted(unknown)}; this agent takes "
+                             f"{[p for p, _ in self.interface.parts]}")
+        checked = {}
+        for name, size in self.interface.parts:
+            if name not in parts:
+                raise InputError(f"input part {name!r} ({size} values) is missing")
+            checked[name] = check_values(name, parts[name], (self.batch, size))
+        return self.interface.join(checked)
 
     def step(self, slot_values, rounds: int | None = None, record: bool = False):
-        """Advance one inner step. slot_values: [B, J] (previous outputs, then feedback)."""
+        """Advance one inner step. slot_values: [B, J] (see ``interface.parts``) -> (outputs [B, d], StepInfo)."""
         if self.state is None:
-            raise RuntimeError("reset() the agent before stepping it")
-        vals = check_values("observation", slot_values, (self.episode.batch, self.slots))
-        self.state, out, info = agent_step(OPS, self.policy, self.cfg, self.wiring, self.state,
-                                           self.episode.slot_addr, vals, self.episode.visible,
-                                           self.episode.out_addr, rounds=rounds, record=record)
+            raise RuntimeError("start() or reset() the agent before stepping it")
+        if self.check_inputs:
+            slot_values = check_values("observation", slot_values, (self.batch, self.slots))
+            if rounds is not None and rounds < 1:
+                raise InputError("rounds must be >= 1")
+        self.state, out, info = agent_step(self.ops, self.policy, self.cfg, self.wiring, self.state, self.interface,
+                                           slot_values, rounds=rounds, record=record)
+        if self.ops is OPS:
+            if self._indeg is None:
+                self._indeg = self.wiring.in_degrees().sum(axis=1)
+            info.messages = int((np.asarray(info.rounds) * self._indeg).sum())
         self.t += 1
         return out, info
 
     # -- growing and shrinking ----------------------------------------------------------
-    def _rewire(self, noise, ids, h, heads):
-        n = noise.shape[1]
-        B = noise.shape[0]
-        mask = topology(self.cfg.routing, n, B, self._rng)
-        can_sense, can_push = membrane_masks(self.cfg.routing, n)
-        self.wiring = Wiring(noise, mask, can_sense, can_push, ids)
-        self.episode = self.episode.with_experts(n)
-        self.state = AgentState(h, heads)
-
-    def add_experts(self, n: int, init: str = "clone", source: int | None = None) -> list[int]:
+    def add_experts(self, n: int, init: str = "clone", source: int | None = None,
+                    sources: np.ndarray | None = None) -> list[int]:
         """Add n experts; returns their indices. ``clone`` copies expert ``source`` (default: a
-        random living expert per new one), ``fresh`` draws a new initial state."""
+        random living expert per new one; ``sources`` [n] names one per new expert), ``fresh``
+        draws a new initial state."""
         if n < 1:
             raise InputError("add at least one expert")
         if init not in ("clone", "fresh"):
             raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
         N = self.n_experts
-        sources = None
         if init == "clone":
             if source is not None and not 0 <= source < N:
                 raise InputError(f"no expert {source} to clone (the agent has {N})")
-            sources = np.full(n, source) if source is not None else self._rng.integers(0, N, size=n)
-        self.wiring, self.state = grow(OPS, self.policy, self.cfg, self._rng, self.wiring, self.state, n, sources)
-        self.episode = self.episode.with_experts(self.n_experts)
+            if sources is None:
+                sources = np.full(n, source) if source is not None else self._rng.integers(0, N, size=n)
+        else:
+            sources = None
+        self.wiring, self.state = grow(self.ops, self.policy, self.cfg, self._rng, self.wiring, self.state, n, sources)
+        self._indeg = None
         return list(range(N, N + n))
 
     def remove_experts(self, indices) -> int:
@@ -144,31 +193,32 @@ class Agent:
         idx = sorted(set(int(i) for i in indices))
         N = self.n_experts
         if any(i < 0 or i >= N for i in idx):
-            raise InputError(f"expert indices must be in [0, {N}), got {idx}")
-        keep = np.array([i for i in range(N) if i not in set(idx)], dtype=np.int64)
+            raise InputError(f"expert indices must be in [0, {N}), got {idx[:20]}")
+        gone = set(idx)
+        keep = np.array([i for i in range(N) if i not in gone], dtype=np.int64)
         if keep.size == 0:
             raise InputError("cannot remove every expert: an agent needs at least one")
-        w, st = self.wiring, self.state
-        sel = lambda a: None if a is None else a[:, keep].copy()  # noqa: E731
-        self._rewire(sel(w.noise), sel(w.ids), sel(st.h), sel(st.heads))
+        self.wiring, self.state = shrink(self.cfg, self._rng, self.wiring, self.state, keep)
+        self._indeg = None
         return int(keep.size)
 
     # -- snapshots --------------------------------------------------------------------
     def snapshot(self) -> dict:
-        """Everything needed to continue this agent exactly (arrays + small metadata)."""
-        w, st, ep = self.wiring, self.state, self.episode
-        return {"t": self.t, "seed": self.seed, "feedback": self.feedback, "h": st.h, "heads": st.heads,
-                "noise": w.noise, "ids": w.ids, "targets": ep.targets,
+        """Everything needed to continue this agent exactly (numpy arrays + small metadata)."""
+        w, st, itf = self.wiring, self.state, self.interface
+        return {"t": self.t, "seed": self.seed, "h": np.asarray(st.h), "heads": np.asarray(st.heads),
+                "noise": w.noise, "ids": w.ids,
                 "route_mask": w.route_mask if isinstance(w.route_mask, np.ndarray) else None,
                 "route_neighbors": w.route_mask.idx if isinstance(w.route_mask, Neighbors) else None,
-                "out_addr": ep.out_addr, "slot_addr": ep.slot_addr, "rng": self._rng.bit_generator.state}
+                "out_addr": itf.out_addr, "slot_addr": itf.slot_addr, "visibility": itf.visibility.to_dict(),
+                "parts": [[p, n] for p, n in itf.parts], "rng": self._rng.bit_generator.state}
 
-    def restore(self, snap: dict):
+    def restore(self, snap: dict) -> "Agent":
         spec = self.cfg.policy
         h = np.asarray(snap["h"], np.float32)
         if h.ndim != 3 or h.shape[2] != spec.hidden:
             raise InputError(f"snapshot state has shape {h.shape}; this policy's experts hold {spec.hidden} values")
-        self.feedback, self.seed, self.t = snap["feedback"], snap["seed"], snap["t"]
+        self.seed, self.t = snap["seed"], snap["t"]
         self._rng = np.random.default_rng()
         self._rng.bit_generator.state = snap["rng"]
         B, N, _ = h.shape
@@ -177,11 +227,12 @@ class Agent:
         if snap.get("route_neighbors") is not None:
             route = Neighbors(np.asarray(snap["route_neighbors"], np.int64))
         self.wiring = Wiring(np.asarray(snap["noise"], np.float32), route, can_sense, can_push, snap["ids"])
-        vis = guessing._visibility(self.feedback, N, snap["out_addr"].shape[1])
-        self.episode = guessing.Episode(self.feedback, snap["targets"], snap["out_addr"], snap["slot_addr"], vis, N)
+        self.interface = Interface(np.asarray(snap["slot_addr"], np.float32), np.asarray(snap["out_addr"], np.float32),
+                                   Visibility.from_dict(snap["visibility"]), tuple(map(tuple, snap["parts"])))
         self.state = AgentState(h, np.asarray(snap["heads"], np.float32))
+        self._indeg = None
         return self
 
 
-__all__ = ["Agent", "InputError", "numpy_ops", "KIND_FEEDBACK", "KIND_OBSERVATION"]
-
+__all__ = ["Agent", "InputError", "StepInfo", "check_values", "draw_interface", "numpy_ops", "KIND_FEEDBACK",
+           "KIND_OBSERVATION"]

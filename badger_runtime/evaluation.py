@@ -1,104 +1,132 @@
-"""Seeded evaluation of a policy on the guessing game, with baselines on the same episodes.
+"""Seeded evaluation of a policy on any task, in any runtime, with the task's baselines.
 
-Works for any policy object the rollout accepts: a torch ``ExpertPolicy`` (with
-torch ops) or an ONNX policy (numpy ops). Output errors are 3 x MSE, averaged over
-episodes.
+``run_episodes`` draws the seeded batches (``episodes.sample_batches``) and drives each
+through a runtime: ``engine`` (``engine.Agent``: numpy + onnxruntime, or torch ops for a
+checkpoint), ``sharded`` (``actors.ShardedAgent``, one per batch) or ``actors``
+(``actors.ActorAgent``, one per episode). ``evaluate`` turns the result into the JSON report of
+``badger eval`` / ``badger run``: the runtime-independent keys here, the task's own keys
+(its metrics by step and its baselines on the same episodes) from ``Task.report``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import AgentConfig, TaskConfig
-from .rollout import rollout, sample_wiring
-from .tasks import guessing
+from .config import AgentConfig, ConfigError, TaskConfig
+from .episodes import CHUNK, Change, Driver, drive, episode_rngs, sample_batches
 
+RUNTIMES = ("engine", "sharded", "actors")
 
-def episode_rngs(seed: int):
-    """Separate streams for the task and for the agent's wiring, so the same seed gives
-    the same episodes whatever the number of experts."""
-    return np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
-
-
-def fixed_address_table(task: TaskConfig, d: int, addr_dim: int) -> np.ndarray | None:
-    if task.addresses != "fixed":
-        return None
-    return guessing.fixed_addresses(task.address_seed, d, addr_dim)
+__all__ = ["Episodes", "RUNTIMES", "episode_rngs", "evaluate", "make_report", "run_episodes"]
 
 
 @dataclass
 class Episodes:
-    errors: np.ndarray  # [T, E] 3 x MSE of each step's output
-    guesses: np.ndarray  # [T, E, d]
+    """What a seeded evaluation recorded (E episodes, T steps)."""
+
+    metrics: dict  # name -> [T, E] (the task's metrics of each step's outputs)
+    outputs: np.ndarray  # [T, E, d]
     rounds: np.ndarray  # [T, E] communication rounds used
-    targets: np.ndarray  # [E, d] (the first targets when they jump)
-    traces: list  # [(episode, wiring, Rollout)] of the first chunk when recorded
+    episodes: list  # the task's episode batches, in order (for the baselines)
+    traces: list = field(default_factory=list)  # [(episode, wiring, Trajectory)] of the first batch (record)
+    messages: int = 0  # expert -> expert messages delivered (runtimes that count them)
+    runtime: dict = field(default_factory=dict)  # the runtime's own counters
+
+    @property
+    def errors(self) -> np.ndarray:
+        """The guessing game's error [T, E] (3 x MSE)."""
+        return self.metrics["error"]
+
+
+def _engine_batch(ops, policy, agent, ep, wiring, *, start, steps, rounds, record, changes, seed, rng, **_):
+    from .engine import Agent
+
+    # growing draws from the agent stream, after this batch's wiring (as engine.Agent.reset does)
+    runtime = Agent(policy, agent, ops=ops, check_inputs=False).start(ep.interface, wiring, rng=rng)
+    traj = drive(runtime, Driver(ops, ep, steps, rounds=rounds, record=record, changes=changes, with_losses=False,
+                                 seed=seed + start))
+    return traj, {}
 
 
 def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int, experts: int, episodes: int,
-                 seed: int, steps: int | None = None, rounds: int | None = None, chunk: int = 250,
-                 record: bool = False) -> Episodes:
-    """Roll out ``episodes`` seeded episodes (in chunks) with the shared inner-loop math."""
+                 seed: int, steps: int | None = None, rounds: int | None = None, chunk: int = CHUNK,
+                 record: bool = False, changes: tuple[Change, ...] = (), runtime: str = "engine",
+                 **runtime_kw) -> Episodes:
+    """Roll out ``episodes`` seeded episodes of ``task`` through ``runtime`` (see the module doc)."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime == "engine":
+        run_batch = _engine_batch
+    elif runtime == "sharded":
+        from .actors.episodes import sharded_batch as run_batch
+    else:
+        from .actors.episodes import actor_batch as run_batch
     steps = steps or task.steps
-    rng_task, rng_wire = episode_rngs(seed)
-    addresses = fixed_address_table(task, dims, agent.policy.addr_dim)
-    errs, guesses, used, tgts, traces = [], [], [], [], []
-    done = 0
-    while done < episodes:
-        b = min(chunk, episodes - done)
-        ep = guessing.sample(rng_task, task, b, dims, experts, agent.policy.addr_dim, steps=steps, addresses=addresses)
-        wiring = sample_wiring(rng_wire, agent, b, experts)
-        out = rollout(ops, policy, agent, ep, wiring, steps=steps, rounds=rounds, record=record)
-        errs.append(ops.to_numpy(out.errors))
-        guesses.append(ops.to_numpy(out.guesses))
-        used.append(ops.to_numpy(out.rounds))
-        tgts.append(ep.targets if ep.targets.ndim == 2 else ep.targets[0])
+    metrics, outputs, used, eps, traces, counters = {}, [], [], [], [], {}
+    messages = 0
+    rngs = episode_rngs(seed)
+    if runtime == "engine":
+        runtime_kw["rng"] = rngs[1]
+    for start, ep, wiring in sample_batches(task, agent, dims=dims, experts=experts, episodes=episodes, seed=seed,
+                                            steps=steps, chunk=chunk, rngs=rngs):
+        traj, extra = run_batch(ops, policy, agent, ep, wiring, start=start, steps=steps, rounds=rounds,
+                                record=record, changes=changes, seed=seed, **runtime_kw)
+        for k, v in traj.metrics.items():
+            metrics.setdefault(k, []).append(v)
+        outputs.append(ops.to_numpy(traj.outputs))
+        used.append(traj.rounds)
+        eps.append(ep)
+        messages += traj.messages
+        for k, v in extra.items():
+            counters[k] = counters.get(k, 0) + v
         if record and not traces:
-            traces = [(ep, wiring, out)]
-        done += b
-    return Episodes(np.concatenate(errs, axis=1), np.concatenate(guesses, axis=1), np.concatenate(used, axis=1),
-                    np.concatenate(tgts, axis=0), traces)
+            traces = [(ep, wiring, traj)]
+    return Episodes({k: np.concatenate(v, axis=1) for k, v in metrics.items()}, np.concatenate(outputs, axis=1),
+                    np.concatenate(used, axis=1), eps, traces, messages, counters)
 
 
 def evaluate(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int, experts: int, episodes: int = 1000,
-             seed: int = 0, steps: int | None = None, rounds: int | None = None, baselines: bool = True) -> dict:
-    """The JSON report of ``badger eval``: the agent's errors by step and the baselines."""
+             seed: int = 0, steps: int | None = None, rounds: int | None = None, baselines: bool = True,
+             changes: tuple[Change, ...] = (), runtime: str = "engine", **runtime_kw) -> dict:
+    """The JSON report of ``badger eval``: the agent's metrics by step and the task's baselines."""
     steps = steps or task.steps
     t0 = time.perf_counter()
     res = run_episodes(ops, policy, agent, task, dims=dims, experts=experts, episodes=episodes, seed=seed,
-                       steps=steps, rounds=rounds)
-    return make_report(agent, task, res.errors, res.rounds, res.targets, dims=dims, experts=experts, seed=seed,
-                       seconds=time.perf_counter() - t0, baselines=baselines)
+                       steps=steps, rounds=rounds, changes=changes, runtime=runtime, **runtime_kw)
+    report = make_report(agent, task, res, dims=dims, experts=experts, seed=seed,
+                         seconds=time.perf_counter() - t0, baselines=baselines)
+    if changes:
+        report["changes"] = [dataclasses.asdict(c) for c in changes]
+    if runtime == "engine":
+        report["messages"] = {"delivered": res.messages}
+    else:
+        counters = dict(res.runtime)
+        report["runtime"] = runtime
+        report["policy_calls"] = counters.pop("policy_calls", None)
+        report["messages"] = counters
+    return report
 
 
-def make_report(agent: AgentConfig, task: TaskConfig, errs: np.ndarray, used: np.ndarray, targets: np.ndarray, *,
-                dims: int, experts: int, seed: int, seconds: float, baselines: bool = True) -> dict:
-    """The evaluation report from errors [T, E], rounds used [T, E] and the targets [E, d]
-    (whichever runtime computed them), with the baselines on the same targets."""
-    from .tasks import baselines as bl
+def make_report(agent: AgentConfig, task: TaskConfig, res: Episodes, *, dims: int, experts: int, seed: int,
+                seconds: float, baselines: bool = True) -> dict:
+    """The evaluation report of ``res`` (whichever runtime computed it): the runtime-independent
+    keys, then the task's (``Task.report``: its metrics by step, its baselines)."""
+    from .tasks import make_task
 
-    steps = errs.shape[0]
+    steps = res.rounds.shape[0]
     report = {
         "task": dataclasses.asdict(task) | {"dims": dims, "experts": experts},
-        "episodes": int(errs.shape[1]),
+        "episodes": int(res.rounds.shape[1]),
         "seed": seed,
         "steps": steps,
         "routing": agent.routing.kind,
         "agreement": agent.agreement.rule,
-        "mse_by_step": errs.mean(axis=1).tolist(),
-        "final_mse": float(errs[-1].mean()),
-        "final_mse_sem": float(errs[-1].std() / np.sqrt(errs.shape[1])),
-        "rounds_mean": float(used.mean()),
+        "rounds_mean": float(res.rounds.mean()),
         "seconds": round(seconds, 3),
     }
-    if baselines and task.jump_every[1] == 0:
-        zero = bl.zero_guess(targets, steps)
-        report["chance"] = float(zero[-1])
-        report["random_guess"] = float(bl.random_guess(targets, steps, np.random.default_rng(seed))[-1])
-        report["mean_solution"] = float(bl.mean_solution(targets, steps)[-1])
-        report["optimizer"] = bl.tuned(task.feedback, targets, steps, seed=seed)
+    report.update(make_task(task).report(res.metrics, res.episodes, steps=steps, seed=seed, baselines=baselines))
     return report

@@ -18,9 +18,10 @@ import dataclasses
 
 import numpy as np
 
-from .evaluation import episode_rngs, fixed_address_table
-from .rollout import initial_state, rollout, sample_wiring
-from .tasks import baselines, guessing
+from .engine import Agent
+from .episodes import Driver, drive, episode_rngs
+from .rollout import rollout, sample_wiring
+from .tasks import baselines, guessing, make_task
 from .xp import NumpyOps
 
 OPS = NumpyOps()
@@ -39,17 +40,14 @@ def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | No
     d = dims or task.dims[1]
     n = experts or _experts(task)
     rng_task, rng_wire = episode_rngs(seed)
-    addresses = fixed_address_table(task, d, policy.spec.addr_dim)
-    ep = guessing.sample(rng_task, task, episodes, d, n, policy.spec.addr_dim, steps=steps, addresses=addresses)
-    wiring = sample_wiring(rng_wire, policy.agent, episodes, n)
-    state, guess = initial_state(OPS, policy, wiring), None
-    errs, hmax = [], 0.0
+    ep = make_task(task).sample(rng_task, episodes, dims=d, experts=n, steps=steps, addr_dim=policy.spec.addr_dim)
+    agent = Agent(policy).start(ep.interface, sample_wiring(rng_wire, policy.agent, episodes, n))
+    guess, errs, hmax = None, [], 0.0
     for t0 in range(0, steps, chunk_steps):
-        k = min(chunk_steps, steps - t0)
-        out = rollout(OPS, policy, policy.agent, ep, wiring, steps=k, state=state, prev_guess=guess, t0=t0)
-        state, guess = out.state, out.guesses[-1]
-        hmax = max(hmax, float(np.abs(state.h).max()))
-        errs.append(out.errors)
+        traj = drive(agent, Driver(OPS, ep, min(chunk_steps, steps - t0), t0=t0, prev_output=guess, with_losses=False))
+        guess = traj.outputs[-1]
+        hmax = max(hmax, float(np.abs(agent.state.h).max()))
+        errs.append(traj.metrics["error"])
     return np.concatenate(errs, axis=0), ep.jumps, hmax
 
 
@@ -140,8 +138,8 @@ def jump_traces(policy, *, steps: int = 300, seed: int = 0, jump_every=(20, 60),
     task = dataclasses.replace(policy.task, jump_every=tuple(jump_every))
     d, n = task.dims[1], _experts(task)
     rng_task, rng_wire = episode_rngs(seed)
-    ep = guessing.sample(rng_task, task, episodes, d, n, policy.spec.addr_dim, steps=steps,
-                         addresses=fixed_address_table(task, d, policy.spec.addr_dim))  # the same draws
+    ep = make_task(task).sample(rng_task, episodes, dims=d, experts=n, steps=steps,
+                                addr_dim=policy.spec.addr_dim)  # the same draws
     fresh = np.random.default_rng([seed, 3])
     opt = baselines.tuned(policy.task.feedback, fresh.uniform(-1, 1, (256, d)).astype(np.float32), 20, seed=seed)
     lr = opt["param"].get("lr")
@@ -151,11 +149,10 @@ def jump_traces(policy, *, steps: int = 300, seed: int = 0, jump_every=(20, 60),
         starts = [0] + list(np.flatnonzero(jumps[:, e]))
         reset, restarted = np.empty(steps), np.empty(steps)
         for a, b in zip(starts, starts[1:] + [steps]):
-            seg = dataclasses.replace(ep, targets=ep.targets[a, e][None], out_addr=ep.out_addr[e : e + 1],
-                                      slot_addr=ep.slot_addr[e : e + 1], jumps=None)
+            seg = guessing.Episode(ep.feedback, ep.targets[a, e][None], ep.interface.select(slice(e, e + 1)))
             w = sample_wiring(fresh, policy.agent, 1, n)
             r = rollout(OPS, policy, policy.agent, seg, w, steps=b - a)
-            reset[a:b] = r.errors[:, 0]
+            reset[a:b] = r.losses[:, 0]
             if lr is not None:
                 restarted[a:b] = baselines.adam(seg.targets, b - a, lr)
             else:

@@ -13,6 +13,10 @@ and one expert can still drive several dimensions with different values.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import numpy as np
+
 from .xp import scaled_dot, softmax
 
 KIND_OBSERVATION = 0
@@ -54,3 +58,126 @@ def push(ops, push_key, push_value, out_addr, can_push=None):
     u = push_value[..., 1:]  # [B, N, A]
     per_expert = ops.swap(c) + ops.matmul(out_addr, ops.swap(u))  # [B, d, N]
     return ops.sum(w * per_expert, axis=-1), w
+
+
+# ---- the membrane's view of a batch of episodes ------------------------------------------------
+
+@dataclass(frozen=True)
+class Visibility:
+    """Which expert may read which input slot: a rule of (expert rank, slot index), so it holds
+    for any number of experts (an agent that grows or shrinks keeps it).
+
+    - ``all``: every expert reads every slot;
+    - ``first``: only the first expert reads slots [lo, hi) (paper Fig. 6/9: the error goes to
+      one expert, the others must learn it through messages);
+    - ``fraction``: expert e reads slot j of [lo, hi) when a hash of (seed, e, j) falls below
+      ``fraction`` (each expert hears a random part of the feedback; what the others heard
+      reaches it only in messages).
+
+    Slots outside [lo, hi) are read by every expert.
+    """
+
+    kind: str = "all"
+    lo: int = 0
+    hi: int = 0
+    fraction: float = 1.0
+    seed: int = 0
+
+    KINDS = ("all", "first", "fraction")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise ValueError(f"visibility kind must be one of {self.KINDS}, got {self.kind!r}")
+        if not 0 <= self.lo <= self.hi or not 0.0 <= self.fraction <= 1.0:
+            raise ValueError("visibility needs 0 <= lo <= hi and fraction in [0, 1]")
+
+    def mask(self, n: int, slots: int) -> np.ndarray | None:
+        """[1, n, slots] bool (True: may read), or None when every expert reads every slot."""
+        if self.kind == "all" or self.hi <= self.lo:
+            return None
+        vis = np.ones((1, n, slots), dtype=bool)
+        lo, hi = self.lo, min(self.hi, slots)
+        if self.kind == "first":
+            vis[:, 1:, lo:hi] = False
+        else:
+            e = np.arange(n, dtype=np.uint64)[:, None]
+            j = np.arange(lo, hi, dtype=np.uint64)[None, :]
+            vis[0, :, lo:hi] = _unit_hash(self.seed, e, j) < self.fraction
+        return vis
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "lo": self.lo, "hi": self.hi, "fraction": self.fraction, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Visibility":
+        return cls(str(d["kind"]), int(d["lo"]), int(d["hi"]), float(d["fraction"]), int(d["seed"]))
+
+
+def _unit_hash(seed: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A deterministic uniform number in [0, 1) per (seed, a, b) (splitmix64 of a mixed key)."""
+    with np.errstate(over="ignore"):
+        x = (np.uint64(seed & (2**64 - 1)) * np.uint64(0x9E3779B97F4A7C15) + a * np.uint64(0xBF58476D1CE4E5B9)
+             + b * np.uint64(0x94D049BB133111EB))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+@dataclass
+class Interface:
+    """What the agent's skin knows about a batch of B episodes; all a runtime ever sees of a task.
+
+    ``slot_addr`` [B, J, A]: the input slots' addresses (entries 0-1 flag the slot's kind);
+    ``out_addr`` [B, d, A]: the output dimensions' addresses; ``visibility``: which expert reads
+    which slot; ``parts``: the named groups of input slots, in order (e.g. ``observation`` d
+    slots, then ``feedback`` 1), so a client can send them by name (``join``).
+    """
+
+    slot_addr: np.ndarray
+    out_addr: np.ndarray
+    visibility: Visibility = field(default_factory=Visibility)
+    parts: tuple[tuple[str, int], ...] = ()
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)  # n -> visible(n)
+
+    def __post_init__(self):
+        if self.slot_addr.ndim != 3 or self.out_addr.ndim != 3 or self.slot_addr.shape[0] != self.out_addr.shape[0]:
+            raise ValueError(f"interface: slot_addr {self.slot_addr.shape} / out_addr {self.out_addr.shape} must be "
+                             f"[B, J, A] / [B, d, A]")
+        self.parts = tuple((str(p), int(n)) for p, n in self.parts) or (("slots", self.slots),)
+        if sum(n for _, n in self.parts) != self.slots:
+            raise ValueError(f"interface parts {self.parts} do not add up to {self.slots} slots")
+
+    @property
+    def batch(self) -> int:
+        return self.out_addr.shape[0]
+
+    @property
+    def dims(self) -> int:
+        """d, the number of outputs."""
+        return self.out_addr.shape[1]
+
+    @property
+    def slots(self) -> int:
+        """J, the number of input slots."""
+        return self.slot_addr.shape[1]
+
+    def visible(self, n: int) -> np.ndarray | None:
+        """[1, n, J] bool for an agent of n experts, or None (every expert reads every slot)."""
+        if n not in self._masks:
+            if len(self._masks) > 8:
+                self._masks.clear()
+            self._masks[n] = self.visibility.mask(n, self.slots)
+        return self._masks[n]
+
+    def select(self, idx) -> "Interface":
+        """The interface of some of the episodes (``idx``: a slice or indices on the batch axis)."""
+        return Interface(self.slot_addr[idx], self.out_addr[idx], self.visibility, self.parts)
+
+    def join(self, values: dict) -> np.ndarray:
+        """Slot values [B, J] from named parts {name: [B, size]} (every part, in order)."""
+        missing = [p for p, _ in self.parts if p not in values]
+        if missing:
+            raise KeyError(f"missing input parts {missing} (this interface takes {[p for p, _ in self.parts]})")
+        return np.concatenate([np.asarray(values[p], np.float32).reshape(self.batch, n) for p, n in self.parts],
+                              axis=-1)

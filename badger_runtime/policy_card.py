@@ -49,6 +49,38 @@ def signature(spec: PolicySpec) -> dict:
     }
 
 
+def shipped_dir() -> Path | None:
+    """The folder of the policies shipped with the package (``policies/`` of the source tree,
+    installed as ``badger_runtime.policies``), or None if it is not there."""
+    try:
+        from importlib.resources import files
+
+        d = Path(str(files("badger_runtime.policies")))
+    except (ModuleNotFoundError, TypeError):
+        d = Path(__file__).resolve().parents[1] / "policies"
+    return d if d.is_dir() else None
+
+
+def shipped_policies() -> list[str]:
+    """Names of the shipped policies (``badger eval --policy NAME`` finds them from any folder)."""
+    d = shipped_dir()
+    return sorted(p.stem for p in d.glob("*.onnx")) if d else []
+
+
+def resolve_policy(path: str | Path) -> Path:
+    """A policy file from a path (``policies/NAME.onnx``, ``NAME.json``) or a shipped policy's name
+    (``dimensions-v2``). A path that exists wins; then a shipped policy of that name (or file name)."""
+    p = Path(path)
+    onnx = p if p.suffix == ".onnx" else (p.with_suffix(".onnx") if p.suffix == ".json" else Path(f"{p}.onnx"))
+    if onnx.is_file():
+        return onnx
+    d = shipped_dir()
+    if d is not None and (d / onnx.name).is_file():
+        return d / onnx.name
+    known = ", ".join(shipped_policies()) or "none installed"
+    raise PolicyError(f"policy file not found: {onnx} (shipped policies, usable by name: {known})")
+
+
 def card_paths(path: str | Path) -> tuple[Path, Path]:
     """(onnx, card) paths from either file's path."""
     p = Path(path)
@@ -99,10 +131,9 @@ def _check_graph(session, spec: PolicySpec, path: Path):
 
 
 def load_policy(path: str | Path, threads: int = 1) -> OnnxPolicy:
-    """Load ``NAME.onnx`` + ``NAME.json``; raise PolicyError if anything does not match."""
-    onnx_path, card_path = card_paths(path)
-    if not onnx_path.is_file():
-        raise PolicyError(f"policy file not found: {onnx_path}")
+    """Load ``NAME.onnx`` + ``NAME.json`` (a path, or a shipped policy's name); raise PolicyError
+    if anything does not match."""
+    onnx_path, card_path = card_paths(resolve_policy(path))
     if not card_path.is_file():
         raise PolicyError(f"policy card not found: {card_path} (every .onnx policy ships with its card)")
     try:

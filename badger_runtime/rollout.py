@@ -5,11 +5,12 @@ slots with addresses) and returns new states and the outputs:
 
     sense (membrane) -> rounds of [route -> policy step] until agreement -> push (membrane)
 
-``rollout`` runs agent steps through a task episode. Both are generic over the
-array namespace (``xp``): the torch model trains through them with autograd, the
-deploy engine runs them on numpy with the policy in onnxruntime, and the actor
-runtime runs the per-expert pieces of the same functions. The policy is the only
-learned part; it is any object with
+``rollout`` runs agent steps through a task episode (``engine.Agent`` driven by
+``episodes.Driver``). Both are generic over the array namespace (``xp``): the torch model
+trains through them with autograd, the deploy engine runs them on numpy with the policy
+in onnxruntime, and the actor runtimes run the per-expert pieces of the same functions.
+No task is imported here: an episode is seen through its ``membrane.Interface``. The
+policy is the only learned part; it is any object with
 
     spec: PolicySpec
     h0: array [H]                      # learned mean initial state
@@ -28,7 +29,7 @@ import numpy as np
 
 from . import agreement, membrane, routing
 from .config import AgentConfig, PolicySpec
-from .tasks import guessing
+from .membrane import Interface
 
 
 def split_heads(spec: PolicySpec, heads) -> dict[str, Any]:
@@ -52,6 +53,23 @@ class Wiring:
     @property
     def n_experts(self) -> int:
         return self.noise.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.noise.shape[0]
+
+    def in_degrees(self) -> np.ndarray:
+        """[B, N] messages each expert hears per round (``routing.in_degrees``)."""
+        return routing.in_degrees(self.route_mask, self.n_experts, self.batch)
+
+    def select(self, idx) -> "Wiring":
+        """The wiring of some of the episodes (``idx``: a slice or indices on the batch axis)."""
+        topo = self.route_mask
+        if isinstance(topo, routing.Neighbors):
+            topo = routing.Neighbors(topo.idx[idx])
+        elif topo is not None:
+            topo = topo[idx]
+        return Wiring(self.noise[idx], topo, self.can_sense, self.can_push, None if self.ids is None else self.ids[idx])
 
 
 def sample_wiring(rng: np.random.Generator, cfg: AgentConfig, batch: int, n: int) -> Wiring:
@@ -103,31 +121,52 @@ def grow(ops, policy, cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring
     return new_wiring, AgentState(ops.concat([state.h, h_new], axis=1), ops.concat([state.heads, heads_new], axis=1))
 
 
+def shrink(cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring, state: AgentState,
+           keep: np.ndarray) -> tuple[Wiring, AgentState]:
+    """Keep only experts ``keep`` (indices, ascending) of running agents; the topology is redrawn
+    for the new size (the rule every runtime that removes by index follows)."""
+    sel = lambda a: None if a is None else a[:, keep]  # noqa: E731
+    n, B = len(keep), wiring.batch
+    can_sense, can_push = routing.membrane_masks(cfg.routing, n)
+    new = Wiring(np.array(sel(wiring.noise)), routing.topology(cfg.routing, n, B, rng), can_sense, can_push,
+                 None if wiring.ids is None else np.array(sel(wiring.ids)))
+    return new, AgentState(sel(state.h), sel(state.heads))
+
+
 @dataclass
 class StepInfo:
-    rounds: Any  # [B] rounds used
-    route_weights: Any = None  # [B, N, N] of the last round (when recorded)
+    """What one inner step reports, whichever runtime computed it."""
+
+    rounds: Any  # [B] communication rounds each episode used
+    messages: int | None = None  # expert -> expert messages delivered in the step (None: not counted)
+    experts: int | None = None  # experts that took part
+    frames: int | None = None  # runtime frames handled (the actor runtimes)
+    expert_rounds: dict | None = None  # expert id -> rounds it ran (the per-expert actors)
+    route_weights: Any = None  # [B, N, N or C] of the last round (when recorded)
     push_weights: Any = None  # [B, d, N]
-    messages: Any = None  # [B, N, Dm]
+    messages_sent: Any = None  # [B, N, Dm] the experts' last message values (when recorded)
     vote_loss: Any = None  # summed 'done'-vote loss over rounds (when asked for)
 
 
-def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState, slot_addr, slot_val,
-               visible, out_addr, rounds: int | None = None, record: bool = False, vote_loss=None):
+def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState, interface: Interface, slot_val,
+               rounds: int | None = None, record: bool = False, vote_loss=None):
     """One inner step of the agent. Returns (new state, outputs [B, d], StepInfo).
 
-    ``vote_loss`` (a number, e.g. 0.0) asks for the votes' training loss in ``StepInfo``."""
+    ``interface`` is the membrane's view of the episodes (addresses, who reads which slot);
+    ``slot_val`` [B, J] the input slot values. ``vote_loss`` (a number, e.g. 0.0) asks for the
+    votes' training loss in ``StepInfo``."""
     spec = policy.spec
     B, N, H = state.h.shape
     acfg = cfg.agreement if rounds is None else type(cfg.agreement)(**{**cfg.agreement.__dict__, "rounds": rounds})
     heads = split_heads(spec, state.heads)
 
     vis = wiring.can_sense[None, :, None]
+    visible = interface.visible(N)
     if visible is not None:
         vis = vis & visible
     if vis.all():
         vis = None
-    sensed = membrane.sense(ops, heads["read_query"], ops.asarray(slot_addr), slot_val,
+    sensed = membrane.sense(ops, heads["read_query"], ops.asarray(interface.slot_addr), slot_val,
                             None if vis is None else ops.asbool(vis))
     if wiring.ids is not None:
         sensed = ops.concat([sensed, ops.asarray(wiring.ids)], axis=-1)
@@ -152,50 +191,45 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
             h, hd = ops.where(a, h_new, h), ops.where(a, hd_new, hd)
         used = used + ops.float_(active)
         new_heads = split_heads(spec, hd)
-        vote = ops.sigmoid(new_heads["vote"][..., 0])
+        vote = agreement.votes(ops, new_heads["vote"])
+        change = agreement.message_change(ops, prev_value, new_heads["value"])  # [B, N]
         if vote_loss is not None and r > 0:  # training signal of the 'done' vote (see agreement.vote_target)
-            vote_loss = vote_loss + agreement.vote_loss(ops, acfg, vote, prev_value, new_heads["value"])
-        active = agreement.still_talking(ops, acfg, r + 1, active, prev_value, new_heads["value"], vote)
+            vote_loss = vote_loss + agreement.vote_loss(ops, acfg, vote, change)
+        active = agreement.still_talking(ops, acfg, r + 1, active, ops.amax(change, axis=-1), vote)
         if not ops.item_any(active):
             break
 
     heads = split_heads(spec, hd)
     can_push = None if wiring.can_push.all() else ops.asbool(wiring.can_push[None, :])
-    out, w_push = membrane.push(ops, heads["push_key"], heads["push_value"], ops.asarray(out_addr), can_push)
-    info = StepInfo(used, vote_loss=vote_loss)
+    out, w_push = membrane.push(ops, heads["push_key"], heads["push_value"], ops.asarray(interface.out_addr), can_push)
+    info = StepInfo(used, experts=N, vote_loss=vote_loss)
     if record:
-        info.route_weights, info.push_weights, info.messages = w_route, w_push, heads["value"]
+        info.route_weights, info.push_weights, info.messages_sent = w_route, w_push, heads["value"]
     return AgentState(h, hd), out, info
 
 
 @dataclass
 class Rollout:
-    guesses: Any  # [T, B, d]
-    errors: Any  # [T, B] 3 x MSE of each step's guess
+    outputs: Any  # [T, B, d] each step's outputs
+    losses: Any  # [T, B] each step's training loss (the task's; the guessing game's 3 x MSE)
     rounds: Any  # [T, B]
     state: AgentState
     traces: list[StepInfo] = field(default_factory=list)
     vote_loss: Any = 0.0  # mean over steps of the summed vote loss (with_vote_loss=True)
+    metrics: dict = field(default_factory=dict)  # name -> [T, B] numpy (with_metrics=True)
 
 
-def rollout(ops, policy, cfg: AgentConfig, ep: guessing.Episode, wiring: Wiring, *, steps: int,
-            rounds: int | None = None, record: bool = False, state: AgentState | None = None,
-            prev_guess=None, t0: int = 0, with_vote_loss: bool = False) -> Rollout:
-    """Run an agent through a guessing-game episode for ``steps`` inner steps."""
-    T = steps
-    state = state if state is not None else initial_state(ops, policy, wiring)
-    guess = prev_guess if prev_guess is not None else ops.zeros((ep.batch, ep.dims))
-    guesses, errors, used, traces, vote_loss = [], [], [], [], 0.0
-    for t in range(t0, t0 + T):
-        slot_val = guessing.observe(ops, ep, guess, t)
-        state, guess, info = agent_step(ops, policy, cfg, wiring, state, ep.slot_addr, slot_val, ep.visible,
-                                        ep.out_addr, rounds=rounds, record=record,
-                                        vote_loss=0.0 if with_vote_loss else None)
-        if with_vote_loss:
-            vote_loss = vote_loss + info.vote_loss / T
-        guesses.append(guess)
-        errors.append(guessing.error(ops, guess, ops.asarray(ep.targets_at(t))))
-        used.append(info.rounds)
-        if record:
-            traces.append(info)
-    return Rollout(ops.stack(guesses), ops.stack(errors), ops.stack(used), state, traces, vote_loss)
+def rollout(ops, policy, cfg: AgentConfig, episode, wiring: Wiring, *, steps: int, rounds: int | None = None,
+            record: bool = False, state: AgentState | None = None, prev_output=None, t0: int = 0,
+            with_vote_loss: bool = False, with_metrics: bool = False) -> Rollout:
+    """Run an agent through a batch of task episodes (``tasks.TaskEpisode``) for ``steps`` inner
+    steps: ``engine.Agent`` (with these ops) driven by ``episodes.Driver``."""
+    from .engine import Agent
+    from .episodes import Driver, drive
+
+    agent = Agent(policy, cfg, ops=ops, check_inputs=False).start(episode.interface, wiring, state=state, t=t0)
+    driver = Driver(ops, episode, steps, t0=t0, prev_output=prev_output, rounds=rounds, record=record,
+                    with_vote_loss=with_vote_loss, with_metrics=with_metrics)
+    traj = drive(agent, driver)
+    return Rollout(traj.outputs, traj.losses, traj.rounds, agent.state, traj.infos if record else [],
+                   traj.vote_loss, traj.metrics)

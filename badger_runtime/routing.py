@@ -171,3 +171,13 @@ def _route_sparse(ops, cfg: RoutingConfig, query, key, value, idx):
         w = softmax(ops, scores, None, axis=-1)
     vals = ops.gather_rows(value, idx)  # [B, N, k or C, Dm]
     return ops.matmul(w[..., None, :], vals)[..., 0, :], w
+
+
+def in_degrees(topo, n: int, batch: int) -> np.ndarray:
+    """Messages each receiver hears per round, [B, N]: the topology's in-degrees (N for everyone
+    hears everyone; the listed senders for sender lists)."""
+    if topo is None:
+        return np.full((batch, n), n, np.int64)
+    if isinstance(topo, Neighbors):
+        return np.full((batch, n), topo.idx.shape[-1], np.int64)
+    return np.asarray(topo, bool).sum(axis=-1).astype(np.int64)

@@ -30,19 +30,14 @@ def f(x, n=4):
 
 
 def hot_add(pol, d, n0, add, init, episodes, seed, steps=20, at=10):
-    """Final-step error of agents of n0 experts that get ``add`` experts at step ``at``."""
-    from badger_runtime.engine import Agent
-    from badger_runtime.evaluation import fixed_address_table
-    from badger_runtime.tasks import guessing
+    """Final-step error of agents of n0 experts that get ``add`` experts at step ``at``: the number
+    `badger eval --policy P --dims d --experts n0 --add-at at --add add --init init` prints."""
+    from badger_runtime.episodes import schedule
 
-    agent = Agent(pol).reset(batch=episodes, experts=n0, dims=d, seed=seed,
-                          addresses=fixed_address_table(pol.task, d, pol.spec.addr_dim))
-    ops, guess = numpy_ops(), np.zeros((episodes, d), np.float32)
-    for t in range(steps):
-        if t == at and add:
-            agent.add_experts(add, init=init)
-        guess, _ = agent.step(guessing.observe(ops, agent.episode, guess, t))
-    return float(guessing.error(ops, guess, agent.episode.targets_at(steps - 1)).mean())
+    changes = schedule(at, add, init) if add else ()
+    r = evaluate(numpy_ops(), pol, pol.agent, pol.task, dims=d, experts=n0, episodes=episodes, seed=seed, steps=steps,
+                 changes=changes, baselines=False)
+    return r["final_mse"]
 
 
 def main(argv=None):

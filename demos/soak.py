@@ -50,13 +50,8 @@ from pathlib import Path
 import numpy as np
 import trio
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-from load import start_server  # demos/load.py
-
 from badger_runtime.serve import store
+from badger_runtime.serve.load import start_server
 from badger_runtime.serve.client import AsyncClient
 from badger_runtime.serve.protocol import encode_frame
 

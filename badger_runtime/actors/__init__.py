@@ -5,7 +5,8 @@
 - ``directory``: membership and wiring (what it holds and why: its docstring).
 - ``batcher``: policy evaluation, one onnxruntime call per round or per expert.
 - ``runtime``: ``ActorAgent`` (nursery, mailboxes, membrane, supervision, counters, faults).
-- ``episodes``: seeded guessing-game episodes on actors; ``badger run``'s report.
+- ``sharded``: ``ShardedAgent``, the fast path (experts in shards, one gathered tick per round).
+- ``episodes``: the seeded batches of ``evaluation.run_episodes`` run on actors or shards.
 
 Names are imported lazily so ``import badger_runtime.actors.messages`` does not load trio.
 """
@@ -13,11 +14,10 @@ Names are imported lazily so ``import badger_runtime.actors.messages`` does not 
 from __future__ import annotations
 
 _EXPORTS = {
-    "ActorAgent": "runtime", "Counters": "runtime", "Supervision": "runtime", "StepInfo": "runtime",
+    "ActorAgent": "runtime", "Counters": "runtime", "Supervision": "runtime",
     "StepTimeout": "runtime", "ExpertCrash": "runtime", "MEMBRANE": "runtime",
-    "ExpertCore": "expert", "Directory": "directory", "PolicyBatcher": "batcher",
-    "run_actor_episodes": "episodes", "evaluate_actors": "episodes", "play": "episodes",
-    "episode_slice": "episodes", "wiring_slice": "episodes",
+    "ExpertCore": "expert", "Directory": "directory", "PolicyBatcher": "batcher", "ShardedAgent": "sharded",
+    "actor_batch": "episodes", "sharded_batch": "episodes",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import membrane, routing
+from .. import agreement, membrane, routing
 from ..config import PolicySpec, RoutingConfig
 from ..rollout import split_heads
 from ..xp import NumpyOps
@@ -223,8 +223,8 @@ class ExpertCore:
         heads = np.asarray(heads, np.float32).reshape(self.spec.heads_dim)
         old_v = split_heads(self.spec, self.heads)["value"]
         new = split_heads(self.spec, heads)
-        change = float(np.max(np.abs(new["value"] - old_v)))
-        vote = float(OPS.sigmoid(new["vote"])[0])
+        change = float(agreement.message_change(OPS, old_v, new["value"]))
+        vote = float(agreement.votes(OPS, new["vote"]))
         self.h, self.heads = h.copy(), heads.copy()
         at = (self.t, self.r)
         used = len(self._got.pop(at, {}))

@@ -74,8 +74,8 @@ import trio
 from .. import agreement, membrane, routing
 from ..config import AgentConfig
 from ..engine import InputError, check_values
-from ..rollout import Wiring, initial_state
-from ..tasks import guessing
+from ..membrane import Interface
+from ..rollout import StepInfo, Wiring, initial_state
 from ..xp import NumpyOps
 from .batcher import PolicyBatcher
 from .directory import Directory
@@ -179,13 +179,6 @@ class Counters:
 
 
 @dataclass
-class StepInfo:
-    rounds: int  # rounds the stage used
-    expert_rounds: dict  # expert id -> rounds it ran (all <= the limit)
-    experts: int  # experts that took part
-
-
-@dataclass
 class _Record:
     core: ExpertCore
     send: trio.MemorySendChannel
@@ -217,25 +210,25 @@ class Lifecycle:
 class ActorAgent(Lifecycle):
     """One agent of N experts as trio actors, stepped by its membrane (see the module doc).
 
-    ``episode`` and ``wiring`` describe one episode (batch 1: slices of the batched ones, see
-    ``episodes.episode_slice``): slot and output addresses, which experts sense / push, the
-    topology, initial noise and identity features. ``expert_ids`` names the experts (default
+    ``interface`` and ``wiring`` describe one episode (batch 1: ``select`` of the batched ones):
+    slot and output addresses, which experts sense / push, the topology, initial noise and
+    identity features. ``expert_ids`` names the experts (default
     0..N-1, in wiring order; messages are ordered by id, so ids in wiring order reproduce the
     batched engine's summation order), ``spawn_order`` the order their tasks start.
     """
 
-    def __init__(self, policy, cfg: AgentConfig, episode: guessing.Episode, wiring: Wiring, *,
+    def __init__(self, policy, cfg: AgentConfig, interface: Interface, wiring: Wiring, *,
                  expert_ids=None, spawn_order=None, micro_batch: bool = True, encode: bool = True,
                  supervision: Supervision | None = None, fault: Fault | None = None, episode_index: int = 0,
                  seed: int = 0, step_timeout: float | None = 60.0):
-        if episode.batch != 1 or wiring.noise.shape[0] != 1:
-            raise ValueError("an ActorAgent runs one episode: pass batch-1 slices (episodes.episode_slice)")
+        if interface.batch != 1 or wiring.noise.shape[0] != 1:
+            raise ValueError("an ActorAgent runs one episode: pass batch-1 selections (interface.select([b]))")
         self.policy = policy
         self.cfg = cfg
         self.spec = cfg.policy
-        self.episode = episode
-        self.slot_addr = np.asarray(episode.slot_addr[0], np.float32)
-        self.out_addr = np.asarray(episode.out_addr[0], np.float32)
+        self.interface = interface
+        self.slot_addr = np.asarray(interface.slot_addr[0], np.float32)
+        self.out_addr = np.asarray(interface.out_addr[0], np.float32)
         self.encode = encode
         self.supervision = supervision or Supervision()
         self.fault = fault
@@ -325,6 +318,9 @@ class ActorAgent(Lifecycle):
     # -- membership ----------------------------------------------------------------------
     def live_ids(self) -> list[int]:
         return self.directory.live()
+
+    def expert_ids(self) -> list[int]:
+        return self.live_ids()
 
     @property
     def n_experts(self) -> int:
@@ -652,18 +648,18 @@ class ActorAgent(Lifecycle):
     def _visible(self, active: list[int]) -> np.ndarray:
         """[n, J] which slots each taking-part expert may read (by rank, as the batched engine)."""
         J = self.slot_addr.shape[0]
-        vis = self.episode.with_experts(len(active)).visible
+        vis = self.interface.visible(len(active))
         v = np.ones((len(active), J), bool) if vis is None else np.asarray(vis[0], bool).copy()
         v &= np.array([self.directory.members[e].can_sense for e in active], bool)[:, None]
         return v
 
     async def step(self, slot_values, rounds: int | None = None) -> tuple[np.ndarray, StepInfo]:
-        """One inner step: observation [J] (previous outputs, then feedback) -> outputs [d]."""
+        """One inner step: slot values [1, J] (``interface.parts``) -> outputs [1, d]."""
         if self._nursery is None:
             raise RuntimeError("the agent is not running: use `async with agent.running():`")
         if self._stepping:
             raise RuntimeError("a step is already running: the membrane feeds one observation at a time")
-        vals = check_values("observation", slot_values, (self.slot_addr.shape[0],))
+        vals = check_values("observation", slot_values, (1, self.slot_addr.shape[0]))[0]
         R = self.cfg.agreement.rounds if rounds is None else int(rounds)
         if R < 1:
             raise InputError("rounds must be >= 1")
@@ -682,6 +678,7 @@ class ActorAgent(Lifecycle):
 
     async def _step(self, vals: np.ndarray, R: int) -> tuple[np.ndarray, StepInfo]:
         t = self.t
+        delivered0, frames0 = self.counters.delivered, self.counters.frames
         self.directory.begin_step(t)
         active = self.directory.active()
         vis = self._visible(active)
@@ -699,8 +696,8 @@ class ActorAgent(Lifecycle):
                     break
                 got = self._votes.pop((t, r))
                 votes = np.array([[got[e][0] for e in who]], np.float32)
-                change = np.array([[[got[e][1]] for e in who]], np.float32)
-                go = agreement.still_talking(OPS, acfg, r + 1, np.ones(1, bool), np.zeros_like(change), change, votes)
+                change = np.array([max(got[e][1] for e in who)], np.float32)
+                go = agreement.still_talking(OPS, acfg, r + 1, np.ones(1, bool), change, votes)
                 stop = not bool(go[0])
                 for e in who:
                     self._post(e, Message("vote", MEMBRANE, (e,), self.episode_index, t, r,
@@ -718,7 +715,9 @@ class ActorAgent(Lifecycle):
             out = np.asarray(out[0], np.float32)
         else:
             out = np.zeros(self.out_addr.shape[0], np.float32)
-        info = StepInfo(used, {e: self._finished[e][1] for e in who}, len(who))
+        info = StepInfo(np.array([used]), messages=self.counters.delivered - delivered0,
+                        experts=len(who), frames=self.counters.frames - frames0,
+                        expert_rounds={e: self._finished[e][1] for e in who})
         self._votes = {k: v for k, v in self._votes.items() if k[0] > t}
         self.t += 1
-        return out, info
+        return out[None], info

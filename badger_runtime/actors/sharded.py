@@ -37,8 +37,10 @@ against ``evaluation.run_episodes``: tests/test_sharded.py, 1e-5 on the guesses)
 number of shards. A ``ShardedAgent`` runs B episodes at once (batch-B wiring, as
 ``engine.Agent``).
 
-Not here (the per-expert runtime has them): growing and shrinking, supervision and restarts,
-fault injection, per-message delivery accounting. A failing policy call or shard ends the step
+Not here (the per-expert runtime has them): supervision and restarts, fault injection,
+per-message delivery accounting. Growing and shrinking happen between inner steps: the shards'
+states are gathered, changed with ``rollout.grow`` (the batched engine's rule) or a selection,
+and the experts re-partitioned into shards. A failing policy call or shard ends the step
 with its exception. Everything runs in one thread: shards interleave, they do not run in
 parallel (onnxruntime's ``threads`` are the parallel part).
 """
@@ -57,12 +59,10 @@ import trio
 from .. import agreement, membrane, routing
 from ..config import AgentConfig
 from ..engine import InputError, check_values
-from ..evaluation import episode_rngs, fixed_address_table
-from ..rollout import AgentState, Wiring, initial_state, sample_wiring, split_heads
-from ..tasks import guessing
+from ..membrane import Interface
+from ..rollout import AgentState, StepInfo, Wiring, grow, initial_state, shrink, split_heads
 from ..xp import NumpyOps
 from .messages import Message, MessageError, encode
-from .episodes import ActorEpisodes
 from .runtime import Frame, Lifecycle
 
 OPS = NumpyOps()
@@ -81,16 +81,6 @@ def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     shards = max(1, min(int(shards), n))
     edges = np.linspace(0, n, shards + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
-
-
-def in_degrees(topo, n: int, batch: int) -> np.ndarray:
-    """Messages each receiver hears per round, [B, N]: the topology's in-degrees (N for everyone
-    hears everyone; the listed senders for sender lists)."""
-    if topo is None:
-        return np.full((batch, n), n, np.int64)
-    if isinstance(topo, routing.Neighbors):
-        return np.full((batch, n), topo.idx.shape[-1], np.int64)
-    return np.asarray(topo, bool).sum(axis=-1).astype(np.int64)
 
 
 # ---- the shared policy batcher ---------------------------------------------------------------------
@@ -241,12 +231,7 @@ class ShardCore:
             heard = self.topo.any(axis=(0, 1))  # [N]
             need = {j for j, (a, b) in enumerate(bounds) if heard[a:b].any()}
         self.needs = sorted(need)
-        if self.topo is None:  # [B] messages my experts hear per round
-            self.indeg = np.full(B, self.n * N, np.int64)
-        elif isinstance(self.topo, routing.Neighbors):
-            self.indeg = np.full(B, self.n * self.topo.idx.shape[-1], np.int64)
-        else:
-            self.indeg = self.topo.sum(axis=(1, 2)).astype(np.int64)
+        self.indeg = routing.in_degrees(self.topo, N, B).sum(axis=1)  # [B] messages my experts hear per round
         self.keys = np.zeros((B, N, spec.key_dim), np.float32)  # senders' keys and values, as heard
         self.values = np.zeros((B, N, spec.msg_dim), np.float32)
         self.inbox_buf = np.zeros((B, self.n, spec.msg_dim), np.float32)
@@ -304,11 +289,10 @@ class ShardCore:
     def apply(self, h_new, heads_new, active: np.ndarray, rule: str):
         """Commit the round's policy step (episodes no longer ``active`` keep their state).
         Returns (largest message change per episode [B], votes [B, n]) for the membrane."""
-        Dk = self.spec.key_dim
         change = None
         if rule == "convergence":
-            v0, v1 = 2 * Dk, 2 * Dk + self.spec.msg_dim
-            change = np.abs(heads_new[..., v0:v1] - self.heads[..., v0:v1]).max(axis=(1, 2)).astype(np.float32)
+            old, new = split_heads(self.spec, self.heads)["value"], split_heads(self.spec, heads_new)["value"]
+            change = np.asarray(agreement.message_change(OPS, old, new).max(axis=1), np.float32)
         if active.all():
             np.copyto(self.h, h_new)
             np.copyto(self.heads, heads_new)
@@ -317,7 +301,7 @@ class ShardCore:
             np.copyto(self.heads, heads_new, where=active[:, None, None])
         vote = None
         if rule == "quorum":
-            vote = np.asarray(OPS.sigmoid(split_heads(self.spec, self.heads)["vote"][..., 0]), np.float32)
+            vote = np.asarray(agreement.votes(OPS, split_heads(self.spec, self.heads)["vote"]), np.float32)
         return change, vote
 
     def push_block(self) -> dict[str, np.ndarray]:
@@ -326,13 +310,6 @@ class ShardCore:
 
 
 # ---- the agent ----------------------------------------------------------------------------------
-
-@dataclass
-class StepInfo:
-    rounds: np.ndarray  # [B] rounds each episode used (as the batched engine's StepInfo.rounds)
-    messages: int  # logical expert -> expert messages delivered in this step
-    frames: int  # shard messages (blocks, observations, votes, pushes) in this step
-
 
 @dataclass
 class _Shard:
@@ -346,67 +323,128 @@ class _Shard:
 class ShardedAgent(Lifecycle):
     """B episodes of N experts in S shards (see the module doc); stepped by its membrane.
 
-    ``episode`` and ``wiring`` are batched as for ``rollout.agent_step`` (``engine.Agent``'s
-    ``episode`` / ``wiring`` can be passed as they are). Use as::
+    ``interface`` and ``wiring`` are batched as for ``rollout.agent_step`` (``engine.Agent``'s can
+    be passed as they are). Use as::
 
-        agent = ShardedAgent(policy, cfg, episode, wiring, shards=4)
+        agent = ShardedAgent(policy, cfg, interface, wiring, shards=4)
         async with agent.running():
             out, info = await agent.step(slot_values)  # [B, J] -> [B, d]
     """
 
-    def __init__(self, policy, cfg: AgentConfig, episode: guessing.Episode, wiring: Wiring, *,
+    def __init__(self, policy, cfg: AgentConfig, interface: Interface, wiring: Wiring, *,
                  shards: int | None = None, tile: int = DEFAULT_TILE, policy_chunk: int = DEFAULT_POLICY_CHUNK,
                  encode: bool = False, episode_index: int = 0, step_timeout: float | None = None,
-                 state: AgentState | None = None):
-        B, N = wiring.noise.shape[:2]
-        if episode.batch != B:
-            raise ValueError(f"episode batch {episode.batch} != wiring batch {B}")
+                 state: AgentState | None = None, rng: np.random.Generator | None = None):
+        if interface.batch != wiring.batch:
+            raise ValueError(f"interface batch {interface.batch} != wiring batch {wiring.batch}")
         self.policy, self.cfg, self.spec = policy, cfg, cfg.policy
-        self.episode = episode
-        self.B, self.N = B, N
+        self.interface = interface
+        self.B = wiring.batch
         self.encode = encode
         self.episode_index = episode_index
         self.step_timeout = step_timeout
-        self.slot_addr = np.asarray(episode.slot_addr, np.float32)
-        self.out_addr = np.asarray(episode.out_addr, np.float32)
+        self.slot_addr = np.asarray(interface.slot_addr, np.float32)
+        self.out_addr = np.asarray(interface.out_addr, np.float32)
+        self._shards_wanted, self._tile, self._policy_chunk = shards, tile, policy_chunk
+        self._rng = rng if rng is not None else np.random.default_rng([episode_index, 2])
+        self.counters = Counters()
+        self._mb_send, self._mb_recv = trio.open_memory_channel(math.inf)
+        self._mb_stash: dict = {}
+        self._nursery: trio.Nursery | None = None
+        self._shard_scope: trio.CancelScope | None = None
+        self._closed = trio.Event()
+        self._stepping = False
+        self.t = 0
+        self._build(wiring, state if state is not None else initial_state(OPS, policy, wiring))
+
+    def _build(self, wiring: Wiring, st: AgentState):
+        """Partition the experts into shards (at start, and after a membership change)."""
+        self.wiring = wiring
+        self.N = N = wiring.n_experts
         self.can_push = None if wiring.can_push.all() else np.asarray(wiring.can_push[None, :], bool)
         vis = wiring.can_sense[None, :, None]
-        if episode.visible is not None:
-            vis = vis & episode.visible
+        visible = self.interface.visible(N)
+        if visible is not None:
+            vis = vis & visible
         vis = None if vis.all() else np.asarray(vis, bool)
-        st = state if state is not None else initial_state(OPS, policy, wiring)
-        self.bounds = shard_bounds(N, shards if shards is not None else default_shards(N))
+        self.bounds = shard_bounds(N, self._shards_wanted if self._shards_wanted is not None else default_shards(N))
         self.S = len(self.bounds)
-        self.batcher = RowBatcher(policy, self.bounds, B, policy_chunk)
-        self.counters = Counters()
+        self.batcher = RowBatcher(self.policy, self.bounds, self.B, self._policy_chunk)
         self._shards: list[_Shard] = []
         for i in range(self.S):
-            core = ShardCore(i, self.bounds, policy, cfg, wiring, st.h, st.heads, vis, tile)
+            core = ShardCore(i, self.bounds, self.policy, self.cfg, wiring, st.h, st.heads, vis, self._tile)
             send, recv = trio.open_memory_channel(math.inf)
             self._shards.append(_Shard(core, send, recv))
         for i, sh in enumerate(self._shards):
             for j in sh.core.needs:
                 if j != i:
                     self._shards[j].feeds.append(i)
-        self._mb_send, self._mb_recv = trio.open_memory_channel(math.inf)
-        self._mb_stash: dict = {}
-        self._nursery: trio.Nursery | None = None
-        self._closed = trio.Event()
-        self._stepping = False
-        self.t = 0
 
     # -- lifecycle --------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         """Own the shard tasks until ``close()`` (use with ``nursery.start``)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for sh in self._shards:
-                nursery.start_soon(self._shard_task, sh)
+            self._start_shards()
             task_status.started()
             await self._closed.wait()
             nursery.cancel_scope.cancel()
         self._nursery = None
 
+    def _start_shards(self):
+        scope = self._shard_scope = trio.CancelScope()
+
+        async def shard(sh):
+            with scope:
+                await self._shard_task(sh)
+
+        for sh in self._shards:
+            self._nursery.start_soon(shard, sh)
+
+    def _resize(self, wiring: Wiring, st: AgentState):
+        if self._stepping:
+            raise RuntimeError("experts join or leave a sharded agent between inner steps")
+        if self._shard_scope is not None:
+            self._shard_scope.cancel()  # the shards wait for the next observation: nothing is lost
+        self._build(wiring, st)
+        if self._nursery is not None:
+            self._start_shards()
+
+    # -- membership (between inner steps) ------------------------------------------------
+    def expert_ids(self) -> list[int]:
+        return list(range(self.N))
+
+    @property
+    def n_experts(self) -> int:
+        return self.N
+
+    def add_experts(self, n: int, init: str = "clone", source: int | None = None) -> list[int]:
+        """Add n experts by the batched engine's rule (``rollout.grow``), re-partitioned into shards."""
+        if n < 1:
+            raise InputError("add at least one expert")
+        if init not in ("clone", "fresh"):
+            raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
+        N = self.N
+        sources = None
+        if init == "clone":
+            if source is not None and not 0 <= source < N:
+                raise InputError(f"no expert {source} to clone (the agent has {N})")
+            sources = np.full(n, source) if source is not None else self._rng.integers(0, N, size=n)
+        wiring, st = grow(OPS, self.policy, self.cfg, self._rng, self.wiring, self.state(), n, sources)
+        self._resize(wiring, st)
+        return list(range(N, N + n))
+
+    def remove_experts(self, ids) -> int:
+        """Remove experts by index (as ``engine.Agent.remove_experts``); returns how many remain."""
+        idx = sorted({int(i) for i in ids})
+        if any(i < 0 or i >= self.N for i in idx):
+            raise InputError(f"expert indices must be in [0, {self.N}), got {idx[:20]}")
+        keep = np.setdiff1d(np.arange(self.N), idx)
+        if keep.size == 0:
+            raise InputError("cannot remove every expert: an agent needs at least one")
+        wiring, st = shrink(self.cfg, self._rng, self.wiring, self.state(), keep)
+        self._resize(wiring, st)
+        return int(keep.size)
 
     @property
     def shards(self) -> int:
@@ -525,13 +563,13 @@ class ShardedAgent(Lifecycle):
             if acfg.rule == "fixed" or r + 1 >= R:
                 continue  # nothing to decide: every shard counts its rounds
             votes = np.zeros((self.B, self.N), np.float32)
-            change = np.zeros((self.B, self.S, 1), np.float32)
+            change = np.zeros((self.B, self.S), np.float32)
             for _ in range(self.S):
                 m = await self._receive(self._mb_recv, self._mb_stash, "vote", t, r)
                 lo, hi = self.bounds[m.sender]
                 votes[:, lo:hi] = m.payload["vote"]
-                change[:, m.sender, 0] = m.payload["change"]
-            active = agreement.still_talking(OPS, acfg, r + 1, active, np.zeros_like(change), change, votes)
+                change[:, m.sender] = m.payload["change"]
+            active = agreement.still_talking(OPS, acfg, r + 1, active, change.max(axis=1), votes)
             for i in range(self.S):
                 self._post(i, Message("vote", MEMBRANE, (i,), self.episode_index, t, r, {"active": active}))
             if not active.any():
@@ -546,60 +584,6 @@ class ShardedAgent(Lifecycle):
             pk[:, lo:lo + n], pv[:, lo:lo + n] = m.payload["key"], m.payload["value"]
         out, _ = membrane.push(OPS, pk, pv, self.out_addr, self.can_push)
         self.t += 1
-        info = StepInfo(used, self.counters.delivered - delivered0, self.counters.frames - frames0)
+        info = StepInfo(used, messages=self.counters.delivered - delivered0, experts=self.N,
+                        frames=self.counters.frames - frames0)
         return np.asarray(out, np.float32), info
-
-
-# ---- seeded episodes ----------------------------------------------------------------------------
-
-@dataclass
-class ShardedEpisodes(ActorEpisodes):
-    """``ActorEpisodes`` (errors, guesses, rounds, targets, counters, policy_calls) with the
-    sharded runtime's counters and ``policy_rounds``: gathered policy evaluations (one per round)."""
-
-    policy_rounds: int = 0
-
-
-def run_sharded_episodes(policy, agent: AgentConfig, task, *, dims: int, experts: int, episodes: int, seed: int,
-                         steps: int | None = None, rounds: int | None = None, chunk: int = 250,
-                         **agent_kw) -> ShardedEpisodes:
-    """``evaluation.run_episodes`` computed by sharded agents: the same seeded episodes and wiring,
-    drawn in the same chunks; each chunk of episodes is one ``ShardedAgent`` (batch = chunk)."""
-    steps = steps or task.steps
-    rng_task, rng_wire = episode_rngs(seed)
-    addresses = fixed_address_table(task, dims, agent.policy.addr_dim)
-    errs, guesses, used, tgts = [], [], [], []
-    total = Counters()
-    calls = [0, 0]
-
-    async def play(ep, wiring, index):
-        a = ShardedAgent(policy, agent, ep, wiring, episode_index=index, **agent_kw)
-        g_all, e_all, r_all = [], [], []
-        async with a.running():
-            guess = OPS.zeros((ep.batch, ep.dims))
-            for t in range(steps):
-                slot_val = guessing.observe(OPS, ep, guess, t)
-                guess, info = await a.step(slot_val, rounds=rounds)
-                g_all.append(guess)
-                e_all.append(guessing.error(OPS, guess, OPS.asarray(ep.targets_at(t))))
-                r_all.append(info.rounds)
-        for k in ("frames", "blocks", "block_bytes", "delivered", "bad_frames"):
-            setattr(total, k, getattr(total, k) + getattr(a.counters, k))
-        calls[0] += a.batcher.calls
-        calls[1] += a.batcher.rounds
-        return np.stack(g_all), np.stack(e_all), np.stack(r_all)
-
-    done = 0
-    while done < episodes:
-        b = min(chunk, episodes - done)
-        ep = guessing.sample(rng_task, task, b, dims, experts, agent.policy.addr_dim, steps=steps, addresses=addresses)
-        wiring = sample_wiring(rng_wire, agent, b, experts)
-        g, e, r = trio.run(play, ep, wiring, done)
-        guesses.append(g)
-        errs.append(e)
-        used.append(r)
-        tgts.append(ep.targets if ep.targets.ndim == 2 else ep.targets[0])
-        done += b
-    return ShardedEpisodes(np.concatenate(errs, axis=1), np.concatenate(guesses, axis=1),
-                           np.concatenate(used, axis=1), np.concatenate(tgts, axis=0), counters=total,
-                           policy_calls=calls[0], policy_rounds=calls[1])

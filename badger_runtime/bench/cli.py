@@ -141,39 +141,24 @@ def _add_runtime(bsub):
 
 # ---- bench serve ------------------------------------------------------------------------------------
 
-def _load_demo():
-    """demos/load.py (the serve engineer's load test) as a module; it lives in the source checkout."""
-    import importlib.util
-    from pathlib import Path
-
-    from ..config import ConfigError
-
-    path = Path(__file__).resolve().parents[2] / "demos" / "load.py"
-    if not path.is_file():
-        raise ConfigError(f"bench serve wraps demos/load.py, not found at {path} (run from a source checkout)")
-    spec = importlib.util.spec_from_file_location("badger_demo_load", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def bench_serve(policy: str, experts: list[int], clients: int = 4, steps: int = 200, dims: int = 3, rounds: int = 4,
                 checkpoint_every: int = 1, fsync: bool = True, threads: int = 1, blas_threads: int | None = 1,
                 log=None) -> dict:
     """Step latency (p50/p99, client side) and throughput of `badger serve` for each N: a fresh
-    server per N (demos/load.py's ``start_server``), C clients x S steps (its ``run``). The server
+    server per N (``serve.load.start_server``), C clients x S steps (its ``run``). The server
     runs with ``OPENBLAS_NUM_THREADS`` etc. = ``blas_threads`` (None: as inherited): on 2 shared
     cores a 2-thread BLAS made N = 1000 steps ~3x slower."""
     import os
 
     from ..config import ConfigError
-    from .runtime import _policy_path, machine
+    from ..policy_card import resolve_policy
+    from ..serve import load
+    from .runtime import machine
 
     if clients < 1 or steps < 1 or any(n < 1 for n in experts):
         raise ConfigError("--clients, --steps and every N must be >= 1")
-    load = _load_demo()
     log = log or (lambda *a: None)
-    policy = _policy_path(policy)
+    policy = str(resolve_policy(policy))
     rows = []
     blas_keys = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
     saved = {k: os.environ.get(k) for k in blas_keys}

@@ -82,14 +82,6 @@ class RuntimeBench:
 
 # ---- building the same agent three ways ---------------------------------------------------------------
 
-def _policy_path(path: str) -> str:
-    p = Path(path)
-    if p.exists() or p.with_suffix(".json").exists():
-        return str(p)
-    repo = Path(__file__).resolve().parents[2] / path  # a source checkout: policies/ beside the package
-    return str(repo) if repo.exists() else str(p)
-
-
 def agent_config(policy, spec: RuntimeBench, n: int):
     a = policy.agent
     return dataclasses.replace(a, routing=dataclasses.replace(a.routing, **spec.routing_for(n)),
@@ -119,39 +111,24 @@ def check_sizes(spec: RuntimeBench):
         raise ConfigError("--steps and --rounds must be >= 1, --warmup >= 0, --max-seconds > 0")
 
 
-class _Stepper:
-    """One engine behind a common interface: step(observation [1, J]) -> outputs [1, d], messages."""
+class _Timed:
+    """A runtime behind ``episodes.adrive`` that times each step (plain or coroutine ``step``)."""
 
-    def __init__(self, engine: str, policy, cfg, base, spec: RuntimeBench):
-        from ..actors.sharded import in_degrees
+    def __init__(self, engine: str, runtime, deadline: float | None):
+        self.engine, self.runtime, self.deadline = engine, runtime, deadline
+        self.steps: list = []  # (seconds, messages, outputs)
 
-        self.engine = engine
-        self.rounds = spec.rounds
-        self.n = base.n_experts
-        if engine == "batched":  # the base agent itself (fresh: not stepped yet)
-            self.agent = base
-            self.per_round = int(in_degrees(self.agent.wiring.route_mask, self.n, 1).sum())
-        elif engine == "sharded":
-            from ..actors.sharded import ShardedAgent
+    def expert_ids(self):
+        return self.runtime.expert_ids()
 
-            self.agent = ShardedAgent(policy, cfg, base.episode, base.wiring, shards=spec.shards, tile=spec.tile,
-                                      policy_chunk=spec.policy_chunk, encode=spec.encode)
-        else:
-            from ..actors.runtime import ActorAgent
-
-            self.agent = ActorAgent(policy, cfg, base.episode, base.wiring, encode=spec.actor_encode,
-                                    step_timeout=None)
-
-    async def step(self, obs):
-        if self.engine == "batched":
-            out, info = self.agent.step(obs, rounds=self.rounds)
-            return out, self.per_round * int(np.asarray(info.rounds).sum())
-        if self.engine == "sharded":
-            out, info = await self.agent.step(obs, rounds=self.rounds)
-            return out, info.messages
-        d0 = self.agent.counters.delivered
-        out, info = await self.agent.step(obs[0], rounds=self.rounds)
-        return out[None], self.agent.counters.delivered - d0
+    async def step(self, obs, rounds=None):
+        t0 = time.perf_counter()
+        out = self.runtime.step(obs, rounds=rounds)
+        if self.engine != "batched":
+            out = await out
+        outputs, info = out
+        self.steps.append((time.perf_counter() - t0, info.messages or 0, np.asarray(outputs, np.float32)))
+        return outputs, info
 
     def running(self):
         from contextlib import asynccontextmanager
@@ -161,59 +138,71 @@ class _Stepper:
             async def nothing():
                 yield self
             return nothing()
-        return self.agent.running()
+        return self.runtime.running()
 
     def extra(self) -> dict:
+        a = self.runtime
         if self.engine == "sharded":
-            a = self.agent
             return {"shards": a.shards, "policy_calls_per_round": len(a.batcher.chunks),
                     "shard_messages": a.counters.frames, "block_bytes": a.counters.block_bytes}
         if self.engine == "actors":
-            c = self.agent.counters
-            return {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped,
-                    "policy_calls": self.agent.batcher.calls}
+            c = a.counters
+            return {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "policy_calls": a.batcher.calls}
         return {}
 
 
 def _base(policy, spec: RuntimeBench, n: int):
-    """The seeded episode and wiring every engine runs (engine.Agent's reset draws them)."""
-    from ..engine import Agent
+    """The seeded episode and wiring every engine runs (the draws of ``engine.Agent.reset``)."""
+    from ..episodes import sample_batches
 
-    return Agent(policy, agent_config(policy, spec, n)).reset(1, n, spec.dims, spec.seed)
+    _, ep, wiring = next(sample_batches(policy.task, agent_config(policy, spec, n), dims=spec.dims, experts=n,
+                                        episodes=1, seed=spec.seed, steps=spec.warmup + spec.steps))
+    return ep, wiring
 
 
-def _drive(stepper: _Stepper, episode, spec: RuntimeBench, max_steps: int, deadline: float | None):
-    """Step the guessing game; returns [(seconds, messages, output)] per step."""
+def _runtime(engine: str, policy, cfg, ep, wiring, spec: RuntimeBench):
+    if engine == "batched":
+        from ..engine import Agent
+
+        return Agent(policy, cfg).start(ep.interface, wiring)
+    if engine == "sharded":
+        from ..actors.sharded import ShardedAgent
+
+        return ShardedAgent(policy, cfg, ep.interface, wiring, shards=spec.shards, tile=spec.tile,
+                            policy_chunk=spec.policy_chunk, encode=spec.encode)
+    from ..actors.runtime import ActorAgent
+
+    return ActorAgent(policy, cfg, ep.interface, wiring, encode=spec.actor_encode, step_timeout=None)
+
+
+def _drive(timed: _Timed, episode, spec: RuntimeBench, max_steps: int) -> list:
+    """Run the task through the timed runtime (the one driver loop); returns [(seconds, messages, outputs)]."""
     import trio
 
-    from ..tasks import guessing
+    from ..episodes import Driver, adrive
     from ..xp import NumpyOps
 
-    ops = NumpyOps()
-    out: list = []
+    class _Deadline(Driver):
+        @property
+        def finished(self):
+            late = timed.deadline is not None and timed.steps and time.perf_counter() > timed.deadline
+            return super().finished or bool(late)
 
     async def main():
-        async with stepper.running():
-            guess = ops.zeros((1, episode.dims))
-            for t in range(max_steps):
-                obs = guessing.observe(ops, episode, guess, t)
-                t0 = time.perf_counter()
-                guess, msgs = await stepper.step(obs)
-                out.append((time.perf_counter() - t0, msgs, np.asarray(guess, np.float32)))
-                if deadline is not None and time.perf_counter() > deadline:
-                    break
+        async with timed.running():
+            await adrive(timed, _Deadline(NumpyOps(), episode, max_steps, rounds=spec.rounds, with_losses=False))
 
     trio.run(main)
-    return out
+    return timed.steps
 
 
 def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
     """Time every engine of ``spec`` at N = n in this process (same episode, same steps)."""
     from ..policy_card import load_policy
 
-    policy = load_policy(_policy_path(spec.policy), threads=spec.threads)
+    policy = load_policy(spec.policy, threads=spec.threads)
     cfg = agent_config(policy, spec, n)
-    base = _base(policy, spec, n)
+    ep, wiring = _base(policy, spec, n)
     rows, ref = [], None
     for engine in sorted(spec.engines, key=ENGINES.index):  # the batched engine first: the reference
         row = {"experts": n, "engine": engine, "routing": cfg.routing.kind, "k": cfg.routing.k,
@@ -221,12 +210,11 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
         if engine == "actors" and n > spec.actor_max_n:
             rows.append(row | {"skipped": f"per-expert actors run only up to --actor-max-n {spec.actor_max_n}"})
             continue
-        if engine == "batched" and base.t > 0:
-            base = _base(policy, spec, n)
         t0 = time.perf_counter()
-        stepper = _Stepper(engine, policy, cfg, base, spec)
+        timed = _Timed(engine, _runtime(engine, policy, cfg, ep, wiring, spec), None)
         setup = time.perf_counter() - t0
-        res = _drive(stepper, base.episode, spec, spec.warmup + spec.steps, time.perf_counter() + spec.max_seconds)
+        timed.deadline = time.perf_counter() + spec.max_seconds
+        res = _drive(timed, ep, spec, spec.warmup + spec.steps)
         timed = res[spec.warmup:] or res[-1:]  # a single (slow) step that used the budget is the measurement
         sec = sum(r[0] for r in timed)
         msgs = sum(r[1] for r in timed)
@@ -239,9 +227,9 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
         if ref is not None and engine != "batched":
             m = min(len(ref), len(outs))
             row["max_diff_vs_batched"] = float(np.abs(ref[:m] - outs[:m]).max())
-        row |= stepper.extra()
+        row |= timed.extra()
         rows.append(row)
-        del stepper
+        del timed
     return rows
 
 
@@ -256,14 +244,11 @@ def memory_probe(spec: RuntimeBench, engine: str, n: int) -> dict:
     from ..engine import Agent as _Agent  # noqa: F401
     from ..policy_card import load_policy
 
-    policy = load_policy(_policy_path(spec.policy), threads=spec.threads)
+    policy = load_policy(spec.policy, threads=spec.threads)
     base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg = agent_config(policy, spec, n)
-    b = _base(policy, spec, n)
-    stepper = _Stepper(engine, policy, cfg, b, spec)
-    if engine != "batched":
-        b.state = None  # the other engines hold their own copies
-    _drive(stepper, b.episode, spec, 1, None)
+    ep, wiring = _base(policy, spec, n)
+    _drive(_Timed(engine, _runtime(engine, policy, cfg, ep, wiring, spec), None), ep, spec, 1)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"baseline_mib": base_kib / 1024, "peak_mib": (peak_kib - base_kib) / 1024,
             "kib_per_expert": (peak_kib - base_kib) / n}

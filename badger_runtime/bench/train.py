@@ -17,15 +17,15 @@ def bench_train(experts=(5, 20, 40, 80), steps=(10, 20, 40), batch: int = 64, re
                 threads: int = 1, seed: int = 0) -> dict:
     import torch
 
-    from ..config import AgentConfig, TaskConfig
+    from ..config import AgentConfig
     from ..rollout import rollout, sample_wiring
-    from ..tasks import guessing
+    from ..tasks import default_config, make_task
     from ..training.model import ExpertPolicy, torch_ops
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     cfg = AgentConfig().validate()
-    task = TaskConfig(feedback="scalar")
+    task = make_task(default_config("guessing", feedback="scalar"))
     policy = ExpertPolicy(cfg.policy)
     opt = torch.optim.Adam(policy.parameters(), 1e-4)
     ops = torch_ops()
@@ -35,12 +35,12 @@ def bench_train(experts=(5, 20, 40, 80), steps=(10, 20, 40), batch: int = 64, re
         for T in steps:
             times = []
             for r in range(repeats + 1):
-                ep = guessing.sample(rng, task, batch, dims, n, cfg.policy.addr_dim, steps=T)
+                ep = task.sample(rng, batch, dims=dims, experts=n, steps=T, addr_dim=cfg.policy.addr_dim)
                 w = sample_wiring(rng, cfg, batch, n)
                 t0 = time.perf_counter()
                 out = rollout(ops, policy, cfg, ep, w, steps=T)
                 opt.zero_grad(set_to_none=True)
-                out.errors.mean().backward()
+                out.losses.mean().backward()
                 opt.step()
                 if r:  # the first is a warm-up
                     times.append(time.perf_counter() - t0)

@@ -32,14 +32,12 @@ import numpy as np
 
 from .. import routing
 from ..engine import Agent, numpy_ops
-from ..evaluation import fixed_address_table, run_episodes
-from ..policy_card import OnnxPolicy, load_policy
+from ..episodes import schedule
+from ..evaluation import run_episodes
+from ..policy_card import OnnxPolicy, PolicyError, load_policy, resolve_policy
 from ..tasks import baselines as bl
 from ..tasks import guessing
 from . import DEFAULT_DIMS_POLICY, DEFAULT_GROW_POLICY, DEFAULT_ONE_EXPERT_POLICY, DEFAULT_POLICY, DEMOS, figures
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 @dataclass
 class DemoOptions:
@@ -66,15 +64,11 @@ class DemoOptions:
 
 
 def find_policy(path: str | Path) -> Path | None:
-    """The policy file at ``path``; a relative path missing from the working directory is
-    also looked up in the repository this package lives in. None if neither exists."""
-    p = Path(path)
-    onnx = p if p.suffix == ".onnx" else p.with_suffix(".onnx")
-    if onnx.is_file():
-        return onnx
-    if not p.is_absolute() and (REPO_ROOT / onnx).is_file():
-        return REPO_ROOT / onnx
-    return None
+    """The policy file at ``path``, or the shipped policy of that name (any folder); None if neither."""
+    try:
+        return resolve_policy(path)
+    except PolicyError:
+        return None
 
 
 def _load(path: str | Path) -> OnnxPolicy:
@@ -108,49 +102,22 @@ def _run_guessing(policy: OnnxPolicy, task, *, dims: int, experts: int, episodes
                   record: bool = False, runtime: str = ENGINE) -> GuessingRun:
     """Run seeded guessing-game episodes. THE SWITCH between the two runtimes lives here.
 
-    ``runtime="actors"``: the actor runtime (``actors.episodes.run_actor_episodes``: every
-    expert a trio task, messages as msgpack frames, policy calls micro-batched per round),
-    which also counts the messages it sends, delivers and drops. ``runtime="engine"`` (or
-    when something must be recorded, or the actor runtime is not installed): the batched
-    engine (``evaluation.run_episodes``: numpy + onnxruntime, one call per round for every
-    expert of every episode), ~20x faster. Both draw the same episodes and wiring from the
-    seed and compute the same errors (to float rounding). The engine's message count is
-    what the actors would send: rounds used x the (receiver, sender) pairs of the topology.
-    """
-    if runtime == ACTORS and not record:
-        actor = _actor_runner()
-        if actor is not None:
-            res = actor(policy, policy.agent, task, dims=dims, experts=experts, episodes=episodes, seed=seed)
-            c = res.counters
-            stats = {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "bad_frames": c.bad_frames,
-                     "policy_calls": res.policy_calls, "policy_rows": res.policy_rows}
-            return GuessingRun(res.errors, res.guesses, res.rounds, res.targets, int(c.sent),
-                               "actors (trio tasks, msgpack messages, micro-batched policy calls)",
-                               message_stats=stats)
+    ``runtime="actors"``: the actor runtime (every expert a trio task, messages as msgpack
+    frames, policy calls micro-batched per round), which also counts the messages it sends,
+    delivers and drops. ``runtime="engine"`` (or when something must be recorded): the batched
+    engine (numpy + onnxruntime, one call per round for every expert of every episode), ~20x
+    faster. Both are ``evaluation.run_episodes``: the same episodes and wiring from the seed,
+    the same errors (to float rounding)."""
+    which = ACTORS if runtime == ACTORS and not record else ENGINE
     res = run_episodes(numpy_ops(), policy, policy.agent, task, dims=dims, experts=experts, episodes=episodes,
-                       seed=seed, record=record)
-    messages = int(res.rounds.sum()) * _pairs(policy, experts)
-    return GuessingRun(res.errors, res.guesses, res.rounds, res.targets, messages,
+                       seed=seed, record=record, runtime=which)
+    targets = np.concatenate([ep.first_targets() for ep in res.episodes], axis=0)
+    if which == ACTORS:
+        stats = dict(res.runtime)
+        return GuessingRun(res.errors, res.outputs, res.rounds, targets, int(stats["sent"]),
+                           "actors (trio tasks, msgpack messages, micro-batched policy calls)", message_stats=stats)
+    return GuessingRun(res.errors, res.outputs, res.rounds, targets, res.messages,
                        "engine (numpy + onnxruntime, batched)", res.traces)
-
-
-def _actor_runner():
-    """The actor runtime's episode runner (same seeds and errors as run_episodes), or None."""
-    try:
-        from ..actors.episodes import run_actor_episodes
-    except ImportError:
-        return None
-    return run_actor_episodes
-
-
-def _pairs(policy: OnnxPolicy, n: int) -> int:
-    """(receiver, sender) pairs of the policy's topology for n experts: messages per round."""
-    top = routing.topology(policy.agent.routing, n, 1, np.random.default_rng(0))
-    if top is None:
-        return n * n
-    if isinstance(top, routing.Neighbors):
-        return int(top.idx.shape[1] * top.idx.shape[2])
-    return int(np.asarray(top)[0].sum())
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -175,8 +142,8 @@ def _opt_label(opt: dict) -> str:
 
 def _stack_traces(run: GuessingRun):
     """(route [T, B, N, N], push [T, B, d, N], messages [T, B, N, Dm]) of the recorded chunk."""
-    _, wiring, roll = run.traces[0]
-    st = roll.traces
+    _, wiring, traj = run.traces[0]
+    st = traj.infos
     route = np.stack([np.asarray(s.route_weights) for s in st])
     T, B, N, C = route.shape
     if C != N or isinstance(wiring.route_mask, routing.Neighbors):  # sparse: weights over listed senders
@@ -185,7 +152,7 @@ def _stack_traces(run: GuessingRun):
         t_, b_, r_ = np.meshgrid(np.arange(T), np.arange(B), np.arange(N), indexing="ij")
         np.add.at(dense, (t_[..., None], b_[..., None], r_[..., None], idx), route)
         route = dense
-    return (route, np.stack([np.asarray(s.push_weights) for s in st]), np.stack([np.asarray(s.messages) for s in st]))
+    return (route, np.stack([np.asarray(s.push_weights) for s in st]), np.stack([np.asarray(s.messages_sent) for s in st]))
 
 
 def _sem(x: np.ndarray) -> float:
@@ -385,21 +352,6 @@ def demo_dimensions(o: DemoOptions) -> dict:
 # --- growing: more experts, and experts added mid-episode -----------------------------------------------
 
 
-def _drive(agent: Agent, steps: int, add_at: int | None = None, add: int = 0, init: str = "clone") -> np.ndarray:
-    """Step a reset ``engine.Agent`` through its episode; returns errors [T, B]."""
-    ops = numpy_ops()
-    ep = agent.episode
-    guess = np.zeros((ep.batch, ep.dims), np.float32)
-    errs = []
-    for t in range(steps):
-        if add_at is not None and t == add_at:
-            agent.add_experts(add, init=init)
-        vals = guessing.observe(ops, agent.episode, guess, t)
-        guess, _ = agent.step(vals)
-        errs.append(guessing.error(ops, guess, agent.episode.targets_at(t)))
-    return np.stack(errs)
-
-
 def demo_growing(o: DemoOptions) -> dict:
     t0 = time.perf_counter()
     notes = []
@@ -441,16 +393,16 @@ def demo_growing(o: DemoOptions) -> dict:
     n1 = 4 * n0 if n_lo >= 5 else 2 * n0
     add_at = T // 2
     Eh = o.n(300, 16)
-    addresses = fixed_address_table(task, d, pol.agent.policy.addr_dim)
 
-    def fresh_agent(n):
-        return Agent(pol).reset(batch=Eh, experts=n, dims=d, seed=o.seed, addresses=addresses)
+    def errors(n, changes=()):  # one batch of Eh episodes: the draws of engine.Agent.reset(batch=Eh)
+        return run_episodes(numpy_ops(), pol, pol.agent, task, dims=d, experts=n, episodes=Eh, seed=o.seed,
+                            chunk=Eh, changes=changes).errors
 
     hot = {
-        f"N={n0} throughout": _drive(fresh_agent(n0), T),
-        f"N={n0}, +{n1 - n0} cloned experts at step {add_at}": _drive(fresh_agent(n0), T, add_at, n1 - n0, "clone"),
-        f"N={n0}, +{n1 - n0} fresh experts at step {add_at}": _drive(fresh_agent(n0), T, add_at, n1 - n0, "fresh"),
-        f"N={n1} throughout": _drive(fresh_agent(n1), T),
+        f"N={n0} throughout": errors(n0),
+        f"N={n0}, +{n1 - n0} cloned experts at step {add_at}": errors(n0, schedule(add_at, n1 - n0, "clone")),
+        f"N={n0}, +{n1 - n0} fresh experts at step {add_at}": errors(n0, schedule(add_at, n1 - n0, "fresh")),
+        f"N={n1} throughout": errors(n1),
     }
     hot_mean = {k: v.mean(axis=1) for k, v in hot.items()}
     hot_rows = [{"variant": k, "before_add": float(v[add_at - 1]), "final": float(v[-1]),

@@ -26,9 +26,8 @@ import numpy as np
 
 from ..config import ConfigError
 from ..engine import Agent, InputError
-from ..evaluation import fixed_address_table
 from .protocol import reply_error, reply_ok
-from .store import FORMAT, FORMAT_VERSION, SessionStore, StoreError, agent_record, restore_agent
+from .store import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, SessionStore, StoreError, agent_record, restore_agent
 from .telemetry import Metrics, no_log
 
 # error codes (besides protocol's bad_frame / bad_request / unknown_kind)
@@ -67,6 +66,7 @@ class Session:
     rounds: int | None  # communication rounds per step (None: the policy's)
     created: float
     updated: float
+    task: str = ""  # the task whose interface the session's agent has (default: the policy's)
     episode: int = 0
     steps_total: int = 0  # over all episodes
     last_outputs: np.ndarray | None = None  # the latest step's outputs [d]
@@ -77,14 +77,15 @@ class Session:
 
     @property
     def dims(self) -> int:
-        return self.agent.episode.dims
+        return self.agent.dims
 
     @property
-    def feedback_size(self) -> int:
-        return 1 if self.agent.feedback == "scalar" else self.dims
+    def parts(self) -> dict[str, int]:
+        """The named input parts a step takes (e.g. observation: d, feedback: 1 or d)."""
+        return dict(self.agent.interface.parts)
 
     # the fields a failed checkpoint write must put back, besides the agent's
-    _UNDO = ("agent", "seed", "rounds", "updated", "episode", "steps_total", "last_outputs", "pending")
+    _UNDO = ("agent", "seed", "rounds", "updated", "episode", "steps_total", "last_outputs", "pending", "task")
 
 
 # ---- body field checks -------------------------------------------------------------------------
@@ -130,10 +131,10 @@ def _vector(name: str, x: Any, size: int) -> np.ndarray:
     return a
 
 
-def new_agent(policy, experts: int, dims: int, seed: int) -> Agent:
-    """A served session's agent: batch 1, the policy's address scheme, seeded."""
-    addresses = fixed_address_table(policy.task, dims, policy.spec.addr_dim)
-    return Agent(policy).reset(1, experts, dims, seed, addresses=addresses)
+def new_agent(policy, experts: int, dims: int, seed: int, task=None) -> Agent:
+    """A served session's agent: batch 1, seeded, with the interface of ``task`` (default: the
+    policy's own task, its address scheme and feedback)."""
+    return Agent(policy).reset(1, experts, dims, seed, task=task)
 
 
 # ---- the manager -----------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ class SessionManager:
         """The session's record: what its checkpoint holds and ``snapshot`` returns."""
         return {"format": FORMAT, "version": FORMAT_VERSION, "session": s.name,
                 "policy": {"name": self.policy.name, "sha256": self.policy.card.get("sha256")},
-                "created": s.created, "updated": s.updated, "seed": s.seed, "rounds": s.rounds,
+                "created": s.created, "updated": s.updated, "seed": s.seed, "rounds": s.rounds, "task": s.task,
                 "episode": s.episode, "steps_total": s.steps_total, "last_outputs": s.last_outputs,
                 "agent": agent_record(s.agent)}
 
@@ -230,8 +231,7 @@ class SessionManager:
         If the change raises or the write fails, everything is put back (agent, its generator,
         the session's fields) and the error propagates (a failed write as ``storage``)."""
         agent = s.agent
-        saved_agent = dict(agent.__dict__)
-        saved_rng = agent._rng.bit_generator.state
+        saved_agent = agent.snapshot()  # references (a step replaces arrays, never writes into them)
         saved = {k: getattr(s, k) for k in Session._UNDO}
         try:
             out = change()
@@ -243,11 +243,9 @@ class SessionManager:
             self._write(s)
             return out
         except BaseException:
-            agent.__dict__.clear()
-            agent.__dict__.update(saved_agent)
-            agent._rng.bit_generator.state = saved_rng
             for k, v in saved.items():
                 setattr(s, k, v)
+            s.agent.restore(saved_agent)
             raise
 
     def checkpoint_all(self) -> int:
@@ -292,8 +290,8 @@ class SessionManager:
     def _session_from_record(self, name: str, rec: Any) -> Session:
         if not isinstance(rec, dict):
             raise StoreError("a session record must be a map")
-        if rec.get("format") != FORMAT or rec.get("version") != FORMAT_VERSION:
-            raise StoreError(f"record format {rec.get('format')!r} version {rec.get('version')!r}; "
+        if rec.get("format") != FORMAT or rec.get("version") not in READABLE_VERSIONS:
+            raise StoreError(f"record format {str(rec.get('format'))[:40]!r} version {str(rec.get('version'))[:20]}; "
                              f"expected {FORMAT!r} version {FORMAT_VERSION}")
         pol = rec.get("policy")
         sha = self.policy.card.get("sha256")
@@ -310,25 +308,40 @@ class SessionManager:
         if rounds is not None and (type(rounds) is not int or not 1 <= rounds <= self.limits.max_rounds):
             raise StoreError(f"record field rounds must be nil or in [1, {self.limits.max_rounds}]")
         last = rec.get("last_outputs")
-        if last is not None and (not isinstance(last, np.ndarray) or last.shape != (agent.episode.dims,)
+        if last is not None and (not isinstance(last, np.ndarray) or last.shape != (agent.dims,)
                                  or not np.isfinite(last).all()):
             raise StoreError("record field last_outputs must be nil or a finite array [d]")
         now = time.time()
         times = [rec.get(k) if type(rec.get(k)) in (int, float) else now for k in ("created", "updated")]
-        return Session(name, agent, ints["seed"], rounds, float(times[0]), float(times[1]), episode=ints["episode"],
-                       steps_total=ints["steps_total"],
+        task = rec.get("task", self.policy.task.name)
+        if not isinstance(task, str) or len(task) > 64:
+            raise StoreError("record field task must be a task name")
+        return Session(name, agent, ints["seed"], rounds, float(times[0]), float(times[1]), task,
+                       episode=ints["episode"], steps_total=ints["steps_total"],
                        last_outputs=None if last is None else np.array(last, np.float32))
+
+    def _task_config(self, name: str):
+        """The settings of task ``name`` for a new session: the policy's own, or that task's defaults."""
+        from ..tasks import default_config, task_names
+
+        if name == self.policy.task.name:
+            return self.policy.task
+        if name not in task_names():
+            raise ServeError(E_BAD_INPUT, f"unknown task {name[:64]!r}; registered: {task_names()}")
+        return default_config(name)
 
     # -- request kinds ---------------------------------------------------------------------------
     def info(self, s: Session) -> dict:
         a = s.agent
+        parts = s.parts
         return {"session": s.name, "t": a.t, "episode": s.episode, "experts": a.n_experts, "dims": s.dims,
-                "feedback": a.feedback, "feedback_size": s.feedback_size, "slots": a.slots,
+                "task": s.task, "parts": [[k, v] for k, v in parts.items()],
+                "feedback_size": parts.get("feedback"), "slots": a.slots,
                 "rounds": s.rounds or self.policy.agent.agreement.rounds, "seed": s.seed,
                 "steps_total": s.steps_total, "last_outputs": s.last_outputs}
 
     def _k_open(self, name: str | None, body: dict) -> dict:
-        _check_keys(body, {"experts", "dims", "seed", "rounds", "resume", "snapshot"})
+        _check_keys(body, {"experts", "dims", "seed", "rounds", "resume", "snapshot", "task"})
         L = self.limits
         resume = body.get("resume", False)
         if type(resume) is not bool:
@@ -345,8 +358,8 @@ class SessionManager:
                 return self._locked(name, lambda s: self.info(s) | {"resumed": True})
         now = time.time()
         if "snapshot" in body:
-            if body.keys() & {"experts", "dims", "seed", "rounds"}:
-                raise ServeError(E_BAD_REQUEST, "give either a snapshot or experts/dims/seed/rounds, not both")
+            if body.keys() & {"experts", "dims", "seed", "rounds", "task"}:
+                raise ServeError(E_BAD_REQUEST, "give either a snapshot or experts/dims/seed/rounds/task, not both")
             try:
                 s = self._session_from_record(name, body["snapshot"])
             except StoreError as e:
@@ -357,7 +370,11 @@ class SessionManager:
             dims = _int(body, "dims", ..., 1, L.max_dims, E_LIMIT)
             seed = _int(body, "seed", 0)
             rounds = _int(body, "rounds", None, 1, L.max_rounds, E_LIMIT)
-            s = Session(name, new_agent(self.policy, experts, dims, seed), seed, rounds, now, now)
+            task = body.get("task", self.policy.task.name)
+            if not isinstance(task, str):
+                raise ServeError(E_BAD_REQUEST, "body field 'task' must be a task name (str)")
+            agent = new_agent(self.policy, experts, dims, seed, self._task_config(task))
+            s = Session(name, agent, seed, rounds, now, now, task)
         with s.lock:
             with self._lock:
                 if name in self.sessions:
@@ -383,7 +400,7 @@ class SessionManager:
             experts = _int(body, "experts", s.agent.n_experts, 1, self.limits.max_experts, E_LIMIT)
             dims = _int(body, "dims", s.dims, 1, self.limits.max_dims, E_LIMIT)
             seed = _int(body, "seed", (s.seed + s.episode + 1) % (MAX_SEED + 1))
-            agent = new_agent(self.policy, experts, dims, seed)
+            agent = new_agent(self.policy, experts, dims, seed, self._task_config(s.task))
 
             def change():
                 s.agent, s.episode, s.last_outputs, s.pending = agent, s.episode + 1, None, 0
@@ -392,36 +409,35 @@ class SessionManager:
         return self._locked(name, reset)
 
     def _k_step(self, name: str | None, body: dict) -> dict:
-        _check_keys(body, {"observation", "feedback", "slots", "t", "episode"})
-
         def step(s: Session) -> dict:
             a = s.agent
+            parts = s.parts
+            _check_keys(body, set(parts) | {"slots", "t", "episode"})
             if "t" in body and _int(body, "t", code=E_BAD_REQUEST) != a.t:
                 raise ServeError(E_WRONG_STEP, f"session {s.name!r} is at step t={a.t} of episode {s.episode}; "
                                                f"this request is for t={body['t']}")
             if "episode" in body and _int(body, "episode", code=E_BAD_REQUEST) != s.episode:
                 raise ServeError(E_WRONG_STEP, f"session {s.name!r} is in episode {s.episode} at t={a.t}; "
                                                f"this request is for episode {body['episode']}")
+            names = " + ".join(parts)
             if "slots" in body:
-                if body.keys() & {"observation", "feedback"}:
-                    raise ServeError(E_BAD_REQUEST, "give either slots or observation + feedback, not both")
+                if body.keys() & set(parts):
+                    raise ServeError(E_BAD_REQUEST, f"give either slots or {names}, not both")
                 vals = _vector("slots", body["slots"], a.slots)[None]
             else:
-                if "observation" not in body or "feedback" not in body:
-                    raise ServeError(E_BAD_REQUEST, "a step needs observation and feedback (or slots)")
-                vals = a.observation(_vector("observation", body["observation"], s.dims)[None],
-                                     _vector("feedback", body["feedback"], s.feedback_size)[None])
+                if not set(parts) <= body.keys():
+                    raise ServeError(E_BAD_REQUEST, f"a step needs {names} (or slots)")
+                vals = a.observation({k: _vector(k, body[k], n)[None] for k, n in parts.items()})
 
             def change():
                 out, info = a.step(vals, rounds=s.rounds)
                 s.last_outputs = np.asarray(out[0], np.float32)
                 s.steps_total += 1
-                return int(info.rounds[0])
-            rounds = self._commit(s, change, step=True)
+                return info
+            info = self._commit(s, change, step=True)
             self.metrics.inc("steps")
-            n = a.n_experts
-            return {"outputs": s.last_outputs, "t": a.t, "episode": s.episode, "rounds": rounds,
-                    "messages": {"sent": rounds * n, "dropped": 0}, "experts": n}
+            return {"outputs": s.last_outputs, "t": a.t, "episode": s.episode, "rounds": int(info.rounds[0]),
+                    "messages": {"delivered": int(info.messages), "dropped": 0}, "experts": a.n_experts}
         return self._locked(name, step)
 
     def _k_add_experts(self, name: str | None, body: dict) -> dict:

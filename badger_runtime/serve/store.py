@@ -34,7 +34,8 @@ from ..engine import Agent, InputError
 
 MAGIC = b"BADGERSS"
 FORMAT = "badger-serve-session"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the agent record holds its interface (addresses, visibility, input parts)
+READABLE_VERSIONS = (1, 2)  # version 1 records (guessing-game agents) are read and migrated
 _HEADER = struct.Struct(">8sII")
 SUFFIX = ".ckpt"
 FEEDBACKS = ("scalar", "per_dim", "one_expert")
@@ -94,36 +95,74 @@ def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 16, max_dims: int
     n = h.shape[1]
     if not 1 <= n <= max_experts:
         raise StoreError(f"agent has {n} experts; allowed 1..{max_experts}")
-    feedback = rec.get("feedback")
-    if feedback not in FEEDBACKS:
-        raise StoreError(f"agent.feedback must be one of {FEEDBACKS}, got {feedback!r}")
-    targets = rec.get("targets")
-    d = targets.shape[-1] if isinstance(targets, np.ndarray) and targets.ndim == 2 else -1
+    if "visibility" not in rec:  # a record of format version 1 (the guessing game's agent)
+        rec = _from_v1(rec)
+    out = rec.get("out_addr")
+    d = out.shape[1] if isinstance(out, np.ndarray) and out.ndim == 3 else -1
     if not 1 <= d <= max_dims:
-        raise StoreError(f"agent.targets must be an array [1, d] with 1 <= d <= {max_dims}")
-    slots = d + (1 if feedback == "scalar" else d)
+        raise StoreError(f"agent.out_addr must be an array [1, d, A] with 1 <= d <= {max_dims}")
+    parts = _parts(rec.get("parts"))
+    slots = sum(size for _, size in parts)
+    visibility = _visibility(rec.get("visibility"), slots)
     A = spec.addr_dim
     t, seed = rec.get("t"), rec.get("seed")
-    if type(t) is not int or t < 0 or type(seed) is not int or seed < 0:
-        raise StoreError("agent.t and agent.seed must be non-negative ints")
+    if type(t) is not int or not 0 <= t < 2**62 or type(seed) is not int or not 0 <= seed < 2**63:
+        raise StoreError("agent.t and agent.seed must be non-negative ints (below 2^62 / 2^63)")
     snap = {
-        "t": t, "seed": seed, "feedback": feedback,
+        "t": t, "seed": seed,
         "h": _array(rec, "h", (1, n, spec.hidden)),
         "heads": _array(rec, "heads", (1, n, spec.heads_dim)),
         "noise": _array(rec, "noise", (1, n, spec.hidden)),
         "ids": _array(rec, "ids", (1, n, spec.id_dim)) if spec.id_dim else None,
         "route_mask": _array(rec, "route_mask", (1, n, n), bool, optional=True),
         "route_neighbors": _neighbors(rec, n),
-        "targets": _array(rec, "targets", (1, d)),
         "out_addr": _array(rec, "out_addr", (1, d, A)),
         "slot_addr": _array(rec, "slot_addr", (1, slots, A)),
+        "visibility": visibility, "parts": parts,
     }
     try:
         snap["rng"] = json.loads(rec["rng"])
-        agent = Agent(policy, feedback=feedback).restore(snap)
+        agent = Agent(policy).restore(snap)
     except (KeyError, TypeError, ValueError, InputError) as e:
         raise StoreError(f"agent record cannot be restored: {type(e).__name__}: {e}") from None
     return agent
+
+
+def _from_v1(rec: dict) -> dict:
+    """A version-1 agent record (guessing game: ``feedback`` and ``targets``) in today's terms."""
+    feedback = rec.get("feedback")
+    if feedback not in FEEDBACKS:
+        raise StoreError(f"agent.feedback must be one of {FEEDBACKS}, got {feedback!r}")
+    targets = rec.get("targets")
+    d = targets.shape[-1] if isinstance(targets, np.ndarray) and targets.ndim == 2 else -1
+    if d < 1:
+        raise StoreError("agent.targets must be an array [1, d]")
+    fb = 1 if feedback == "scalar" else d
+    vis = {"kind": "first", "lo": d, "hi": 2 * d, "fraction": 1.0, "seed": 0} if feedback == "one_expert" else \
+        {"kind": "all", "lo": 0, "hi": 0, "fraction": 1.0, "seed": 0}
+    return {**rec, "parts": [["observation", d], ["feedback", fb]], "visibility": vis}
+
+
+def _parts(parts) -> list[tuple[str, int]]:
+    """The interface's named input parts: a non-empty list of [name, size] with sizes >= 1."""
+    ok = isinstance(parts, (list, tuple)) and 0 < len(parts) <= 64 and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and 0 < len(p[0]) <= 64
+        and type(p[1]) is int and 1 <= p[1] <= 1 << 20 for p in parts)
+    if not ok:
+        raise StoreError("agent.parts must be a list of [name, size] pairs (names of 1-64 characters, sizes >= 1)")
+    return [(p[0], p[1]) for p in parts]
+
+
+def _visibility(vis, slots: int) -> dict:
+    from ..membrane import Visibility
+
+    try:
+        v = Visibility.from_dict(vis)
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"agent.visibility is not a visibility rule: {type(e).__name__}: {e}") from None
+    if v.hi > slots:
+        raise StoreError(f"agent.visibility covers slots up to {v.hi}, the agent has {slots}")
+    return v.to_dict()
 
 
 # ---- files ----------------------------------------------------------------------------------
@@ -139,8 +178,8 @@ def decode(data: bytes) -> dict:
     magic, version, crc = _HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise StoreError(f"not a session checkpoint (magic {magic!r})")
-    if version != FORMAT_VERSION:
-        raise StoreError(f"checkpoint format version {version}; this server reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise StoreError(f"checkpoint format version {version}; this server reads versions {READABLE_VERSIONS}")
     body = data[_HEADER.size:]
     if zlib.crc32(body) != crc:
         raise StoreError("checkpoint checksum mismatch (the file is corrupt)")
@@ -148,7 +187,7 @@ def decode(data: bytes) -> dict:
         record = unpackb(body, arrays=True, copy=True)
     except CodecError as e:
         raise StoreError(f"checkpoint body: {e}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != FORMAT_VERSION:
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") not in READABLE_VERSIONS:
         raise StoreError("checkpoint body is not a session record of this version")
     return record
 

@@ -13,8 +13,9 @@ Errors are reported as 3 x MSE, so guessing 0 scores 1.0 ("chance").
 With ``jump_every = [a, b]`` the targets jump to fresh values every U[a, b]
 steps without resetting the agent (the non-stationary variant).
 
-Sampling is numpy (seeded); ``observe`` and ``loss`` are written against ``xp``
-ops so the same code feeds the torch model and the deploy engines.
+Sampling is numpy (seeded); ``observe`` and ``error`` are written against ``xp``
+ops so the same code feeds the torch model and the deploy engines. Registered as the
+task ``guessing`` (``GuessingTask``; settings ``GuessingConfig``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import TaskConfig
-from ..membrane import KIND_FEEDBACK, KIND_OBSERVATION, N_KIND_FLAGS
+from ..config import ConfigError, TaskConfig
+from ..membrane import KIND_FEEDBACK, KIND_OBSERVATION, N_KIND_FLAGS, Interface, Visibility
+from . import Task, TaskEpisode
+
+FEEDBACKS = ("scalar", "per_dim", "one_expert")
 
 
 def random_addresses(rng: np.random.Generator, shape: tuple[int, ...], addr_dim: int) -> np.ndarray:
@@ -42,52 +46,93 @@ def with_kind(addr: np.ndarray, kind: int | None) -> np.ndarray:
 
 
 @dataclass
-class Episode:
-    """A batch of B guessing-game episodes for agents of N experts."""
+class GuessingConfig(TaskConfig):
+    """The guessing game's settings (``dims``: the range of d, the numbers to guess)."""
+
+    name: str = "guessing"
+    feedback: str = "scalar"  # scalar | per_dim | one_expert
+    jump_every: tuple[int, int] = (0, 0)  # non-stationary: targets jump every U[a,b] steps (0 = never)
+
+    def validate(self):
+        super().validate()
+        if self.feedback not in FEEDBACKS:
+            raise ConfigError(f"task.feedback must be one of {FEEDBACKS}, got {self.feedback!r}")
+        a, b = self.jump_every
+        if a < 0 or b < a:
+            raise ConfigError("task.jump_every must be [a, b] with 0 <= a <= b")
+        return self
+
+
+def interface(feedback: str, base: np.ndarray) -> Interface:
+    """The membrane's view of guessing episodes with output address parts ``base`` [B, d, A-2]:
+    d observation slots (the last guess), then the feedback slots (1 scalar or d per-dimension)."""
+    B, d = base.shape[:2]
+    addr_dim = base.shape[-1] + N_KIND_FLAGS
+    out_addr = with_kind(base, None)
+    if feedback == "scalar":
+        err_addr = np.zeros((B, 1, addr_dim), np.float32)
+        err_addr[..., KIND_FEEDBACK] = 1.0
+        slot_addr = np.concatenate([with_kind(base, KIND_OBSERVATION), err_addr], axis=1)
+    else:
+        slot_addr = np.concatenate([with_kind(base, KIND_OBSERVATION), with_kind(base, KIND_FEEDBACK)], axis=1)
+    vis = Visibility("first", d, 2 * d) if feedback == "one_expert" else Visibility()
+    return Interface(slot_addr, out_addr, vis, (("observation", d), ("feedback", 1 if feedback == "scalar" else d)))
+
+
+@dataclass
+class Episode(TaskEpisode):
+    """A batch of B guessing-game episodes."""
 
     feedback: str
     targets: np.ndarray  # [B, d], or [T, B, d] when targets jump over time
-    out_addr: np.ndarray  # [B, d, A] output addresses
-    slot_addr: np.ndarray  # [B, J, A] input slot addresses
-    visible: np.ndarray | None  # [1, N, J] which expert sees which slot (None = all)
-    n_experts: int
+    interface: Interface
     jumps: np.ndarray | None = None  # [T, B] bool: targets changed at this step
 
     @property
-    def batch(self) -> int:
-        return self.out_addr.shape[0]
+    def out_addr(self) -> np.ndarray:
+        return self.interface.out_addr
 
     @property
-    def dims(self) -> int:
-        return self.out_addr.shape[1]
+    def slot_addr(self) -> np.ndarray:
+        return self.interface.slot_addr
 
     def targets_at(self, t: int) -> np.ndarray:
         return self.targets if self.targets.ndim == 2 else self.targets[min(t, len(self.targets) - 1)]
 
-    def with_experts(self, n: int) -> "Episode":
-        """The same episodes for an agent of n experts (after growing or shrinking)."""
-        vis = None if self.visible is None else _visibility(self.feedback, n, self.dims)
-        return Episode(self.feedback, self.targets, self.out_addr, self.slot_addr, vis, n, self.jumps)
+    def first_targets(self) -> np.ndarray:
+        return self.targets if self.targets.ndim == 2 else self.targets[0]
 
+    def select(self, idx) -> "Episode":
+        targets = self.targets[idx] if self.targets.ndim == 2 else self.targets[:, idx]
+        jumps = None if self.jumps is None else self.jumps[:, idx]
+        return Episode(self.feedback, targets, self.interface.select(idx), jumps)
 
-def _visibility(feedback: str, n: int, d: int) -> np.ndarray | None:
-    if feedback != "one_expert":
-        return None
-    vis = np.ones((1, n, 2 * d), dtype=bool)
-    vis[:, 1:, d:] = False  # feedback slots: expert 0 only
-    return vis
+    def observe(self, ops, t: int, prev_output):
+        return observe(ops, self, prev_output, t)
+
+    def loss(self, ops, t: int, output):
+        return error(ops, output, ops.asarray(self.targets_at(t)))
+
+    def metrics(self, t: int, output: np.ndarray) -> dict[str, np.ndarray]:
+        return {"error": np.asarray(error(_NP, np.asarray(output, np.float32), self.targets_at(t)))}
 
 
 def fixed_addresses(seed: int, d: int, addr_dim: int) -> np.ndarray:
     return random_addresses(np.random.default_rng([seed, d]), (d,), addr_dim)
 
 
+def address_table(cfg: TaskConfig, d: int, addr_dim: int) -> np.ndarray | None:
+    """The fixed output addresses [d, A-2] of a task with ``addresses = 'fixed'``, else None."""
+    if cfg.addresses != "fixed":
+        return None
+    return fixed_addresses(cfg.address_seed, d, addr_dim)
+
+
 def sample(
     rng: np.random.Generator,
-    cfg: TaskConfig,
+    cfg: GuessingConfig,
     batch: int,
     d: int,
-    n: int,
     addr_dim: int,
     steps: int | None = None,
     addresses: np.ndarray | None = None,
@@ -100,28 +145,27 @@ def sample(
     else:
         base = np.broadcast_to(addresses, (batch, d, addr_dim - N_KIND_FLAGS)).astype(np.float32)
     jumps = None
+    if cfg.jump_every[1] > 0:
+        targets, jumps = _jumping(rng, cfg, targets, T)
+    return Episode(cfg.feedback, targets, interface(cfg.feedback, base), jumps)
+
+
+def _jumping(rng, cfg: GuessingConfig, targets: np.ndarray, T: int):
+    """[T, B, d] targets that jump every U[a, b] steps from ``targets``, and the jumps [T, B]."""
     a, b = cfg.jump_every
-    if b > 0:
-        seq = np.empty((T, batch, d), np.float32)
-        jumps = np.zeros((T, batch), bool)
-        next_jump = rng.integers(a, b + 1, size=batch)
-        cur = targets.copy()
-        for t in range(T):
-            hit = next_jump <= t
-            if t > 0 and hit.any():
-                cur[hit] = rng.uniform(-1.0, 1.0, size=(int(hit.sum()), d))
-                jumps[t, hit] = True
-                next_jump[hit] = t + rng.integers(a, b + 1, size=int(hit.sum()))
-            seq[t] = cur
-        targets = seq
-    out_addr = with_kind(base, None)
-    if cfg.feedback == "scalar":
-        err_addr = np.zeros((batch, 1, addr_dim), np.float32)
-        err_addr[..., KIND_FEEDBACK] = 1.0
-        slot_addr = np.concatenate([with_kind(base, KIND_OBSERVATION), err_addr], axis=1)
-    else:
-        slot_addr = np.concatenate([with_kind(base, KIND_OBSERVATION), with_kind(base, KIND_FEEDBACK)], axis=1)
-    return Episode(cfg.feedback, targets, out_addr, slot_addr, _visibility(cfg.feedback, n, d), n, jumps)
+    batch, d = targets.shape
+    seq = np.empty((T, batch, d), np.float32)
+    jumps = np.zeros((T, batch), bool)
+    next_jump = rng.integers(a, b + 1, size=batch)
+    cur = targets.copy()
+    for t in range(T):
+        hit = next_jump <= t
+        if t > 0 and hit.any():
+            cur[hit] = rng.uniform(-1.0, 1.0, size=(int(hit.sum()), d))
+            jumps[t, hit] = True
+            next_jump[hit] = t + rng.integers(a, b + 1, size=int(hit.sum()))
+        seq[t] = cur
+    return seq, jumps
 
 
 def error(ops, guess, target):
@@ -136,7 +180,7 @@ def observe(ops, ep: Episode, prev_guess, t: int):
     At t = 0 nothing has been guessed yet: every slot is 0. So at step t the agent
     has had exactly t feedbacks, as a classical optimizer making its (t+1)-th guess.
     """
-    if t == 0:
+    if t == 0 or prev_guess is None:
         n_fb = 1 if ep.feedback == "scalar" else ep.dims
         return ops.zeros((ep.batch, ep.dims + n_fb))
     target = ops.asarray(ep.targets_at(t - 1))
@@ -147,7 +191,64 @@ def observe(ops, ep: Episode, prev_guess, t: int):
     return ops.concat([prev_guess, fb], axis=-1)
 
 
-def mean_solution(ep: Episode, t: int = 0) -> np.ndarray:
-    """Every output set to the mean of its episode's targets (the paper's dashed line)."""
-    tg = ep.targets_at(t)
-    return np.repeat(tg.mean(axis=-1, keepdims=True), tg.shape[-1], axis=-1)
+class GuessingTask(Task):
+    """The guessing game as a registered task (see the module doc)."""
+
+    name = "guessing"
+    config_class = GuessingConfig
+    size_name = "dims"
+    loss_name = "error"
+
+    @classmethod
+    def evaluation_config(cls, cfg: GuessingConfig) -> GuessingConfig:
+        """The stationary game (a policy trained with target jumps runs without them)."""
+        import dataclasses
+
+        return dataclasses.replace(cfg, jump_every=(0, 0))
+
+    def card_evaluations(self) -> list[tuple[int, int, int]]:
+        """The smallest and largest trained d (20 steps for a policy trained with target jumps)."""
+        steps = 20 if self.cfg.jump_every[1] else self.cfg.steps
+        return [(d, self.default_experts(), steps) for d in sorted({self.cfg.dims[0], self.cfg.dims[1]})]
+
+    def sample(self, rng: np.random.Generator, batch: int, *, dims: int, experts: int, steps: int,
+               addr_dim: int) -> Episode:
+        return sample(rng, self.cfg, batch, dims, addr_dim, steps=steps, addresses=address_table(self.cfg, dims, addr_dim))
+
+    def extend(self, rng: np.random.Generator, episode: Episode, steps: int) -> Episode:
+        """A never-reset agent's next batch: the same targets, or (jumping targets) fresh ones drawn
+        for steps 0..steps-1 on the same addresses."""
+        if not self.cfg.jump_every[1]:
+            return episode
+        fresh = sample(rng, self.cfg, episode.batch, episode.dims, episode.interface.out_addr.shape[-1],
+                       steps=steps, addresses=address_table(self.cfg, episode.dims, episode.out_addr.shape[-1]))
+        return Episode(episode.feedback, fresh.targets, episode.interface, fresh.jumps)
+
+    def report(self, metrics: dict[str, np.ndarray], episodes: list[Episode], *, steps: int, seed: int,
+               baselines: bool = True) -> dict:
+        """``mse_by_step`` (3 x MSE, mean over episodes), ``final_mse`` (+ its standard error) and,
+        for stationary targets, the baselines on the same targets: ``chance`` (guess 0),
+        ``random_guess``, ``mean_solution`` and the tuned classical ``optimizer``."""
+        from . import baselines as bl
+
+        errs = metrics["error"]
+        report = {"mse_by_step": errs.mean(axis=1).tolist(), "final_mse": float(errs[-1].mean()),
+                  "final_mse_sem": float(errs[-1].std() / np.sqrt(errs.shape[1]))}
+        if baselines and self.cfg.jump_every[1] == 0:
+            targets = np.concatenate([ep.first_targets() for ep in episodes], axis=0)
+            report["chance"] = float(bl.zero_guess(targets, steps)[-1])
+            report["random_guess"] = float(bl.random_guess(targets, steps, np.random.default_rng(seed))[-1])
+            report["mean_solution"] = float(bl.mean_solution(targets, steps)[-1])
+            report["optimizer"] = bl.tuned(self.cfg.feedback, targets, steps, seed=seed)
+        return report
+
+
+class _NumpyFloat:
+    """The two ops ``error`` needs, on float32 numpy arrays (metrics are numpy, never torch)."""
+
+    @staticmethod
+    def mean(x, axis=None):
+        return np.mean(x, axis=axis)
+
+
+_NP = _NumpyFloat()

@@ -85,3 +85,39 @@ def export(checkpoint: str | Path, out: str | Path, *, name: str | None = None, 
         card.update(extra)
     write_card(card, card_path)
     return card
+
+
+def write_card_evaluation(onnx: str | Path, *, episodes: int = 1000, seed: int = 0) -> dict:
+    """Evaluate an exported policy on its own task (torch-free, seeded; the settings its task names
+    in ``Task.card_evaluations``) and record the numbers, with their commands, in its card."""
+    from ..engine import numpy_ops
+    from ..evaluation import evaluate
+    from ..policy_card import card_paths, load_policy
+    from ..tasks import task_class
+
+    pol = load_policy(onnx)
+    cls = task_class(pol.task.name)
+    task = cls.evaluation_config(pol.task)
+    card = dict(pol.card)
+    card["evaluation"] = []
+    for dims, experts, steps in cls(pol.task).card_evaluations():
+        t = type(task)(**{**task.__dict__, "steps": steps})
+        r = evaluate(numpy_ops(), pol, pol.agent, t, dims=dims, experts=experts, episodes=episodes, seed=seed)
+        flags = f" --task {task.name}" if task is not pol.task else ""
+        row = {"command": f"badger eval --policy {onnx}{flags} --dims {dims} --experts {experts} --steps {steps} "
+                          f"--episodes {episodes} --seed {seed} --json", "dims": dims, "experts": experts}
+        row |= {k: v for k, v in r.items() if isinstance(v, float) and k not in ("seconds", "rounds_mean")}
+        row |= {k: [round(x, 6) for x in v] for k, v in r.items() if k.endswith("_by_step")}
+        if "optimizer" in r:
+            row["optimizer"] = {k: r["optimizer"][k] for k in ("name", "param", "final_mse")}
+        card["evaluation"].append(row)
+    if pol.task.name == "guessing" and pol.task.jump_every[1]:
+        from ..longrun import jump_report
+
+        a, b = pol.task.jump_every
+        r = jump_report(pol, steps=1000, episodes=200, seed=seed, jump_every=(a, b))
+        card["evaluation_jumps"] = {k: v for k, v in r.items() if "by_step" not in k} | {
+            "command": f"badger longrun --policy {onnx} --steps 1000 --episodes 200 --seed {seed} "
+                       f"--jump-every {a} {b} --json"}
+    write_card(card, card_paths(onnx)[1])  # the .onnx is unchanged, so its sha256 still holds
+    return card

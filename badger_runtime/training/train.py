@@ -1,8 +1,9 @@
-"""The outer loop: learn the shared expert policy across many guessing-game tasks.
+"""The outer loop: learn the shared expert policy across many episodes of a task family.
 
-Adam on the inner-loop errors, back-propagated through every inner step and
-communication round; gradient clipping; a curriculum of stages (the paper's
-fixed addresses first, then random ones); JSONL metrics; atomic checkpoints with
+Adam on the task's inner-loop losses, back-propagated through every inner step and
+communication round (the batched runtime, ``engine.Agent``, with torch ops, fed by the same
+``episodes.Driver`` as every evaluation); gradient clipping; a curriculum of stages (the
+paper's fixed addresses first, then random ones); JSONL metrics; atomic checkpoints with
 resume; a seeded final evaluation.
 """
 
@@ -20,10 +21,11 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, ExperimentConfig, Stage, TaskConfig, from_dict, to_dict
-from ..evaluation import evaluate, fixed_address_table
-from ..rollout import grow as grow_agents
-from ..rollout import initial_state, rollout, sample_wiring
-from ..tasks import guessing
+from ..engine import Agent
+from ..episodes import Driver, drive
+from ..evaluation import evaluate
+from ..rollout import sample_wiring
+from ..tasks import make_task
 from .model import ExpertPolicy, torch_ops
 
 CHECKPOINT_FORMAT = "badger-checkpoint/1"
@@ -67,41 +69,40 @@ def lr_at(cfg: ExperimentConfig, batch: int) -> float:
     return lr
 
 
-def _episode_loss(cfg: ExperimentConfig, ops, policy, ep, wiring, steps: int, rounds: int, state=None, guess=None,
-                  start: int = 0, grow=None):
-    """Roll out one batch and back-propagate its loss (in chunks of ``tbptt`` steps if set).
+def _episode_loss(cfg: ExperimentConfig, ops, agent: Agent, ep, steps: int, rounds: int, prev=None, start: int = 0,
+                  grow=None):
+    """Roll ``agent`` through one batch and back-propagate its loss (in chunks of ``tbptt`` steps).
 
-    ``state``/``guess``/``start`` continue agents from an earlier batch (their state is
-    detached: no gradient crosses batches). ``grow = (step, (n, sources), rng)`` adds n
-    experts before that step (``sources`` None: fresh). Returns (error per step [T]
-    detached, total loss, final state, final guess, final wiring, episode)."""
+    ``prev``/``start`` continue agents from an earlier batch (their state is detached: no
+    gradient crosses batches). ``grow = (step, n, sources)`` adds n experts before that step
+    (``sources`` None: fresh). Returns (loss per step [T] detached, total loss, last output)."""
     chunk = cfg.train.tbptt or steps
     weights = objective_weights(cfg.train.objective, steps)
     cuts = set(range(chunk, steps, chunk))  # where the graph is cut (truncated BPTT)
     bounds = sorted(cuts | ({grow[0]} if grow else set()) | {steps})
     per_step, total, loss, t0 = [], 0.0, 0.0, 0
+    with_votes = bool(cfg.train.vote_weight)
     for t1 in bounds:
         if grow and t0 == grow[0]:  # add experts to the running agents (no retraining in deployment)
-            state = state or initial_state(ops, policy, wiring)
-            wiring, state = grow_agents(ops, policy, cfg.agent, grow[2], wiring, state, grow[1][0], grow[1][1])
-            ep = ep.with_experts(wiring.n_experts)
-        res = rollout(ops, policy, cfg.agent, ep, wiring, steps=t1 - t0, rounds=rounds, state=state,
-                      prev_guess=guess, t0=start + t0, with_vote_loss=bool(cfg.train.vote_weight))
-        errs = res.errors.mean(dim=1)
+            n, sources = grow[1], grow[2]
+            agent.add_experts(n, init="fresh" if sources is None else "clone", sources=sources)
+        traj = drive(agent, Driver(ops, ep, t1 - t0, t0=start + t0, prev_output=prev, rounds=rounds,
+                                   with_vote_loss=with_votes, with_metrics=False))
+        errs = traj.losses.mean(dim=1)
         loss = loss + (weights[t0:t1] * errs).sum()
-        if cfg.train.vote_weight:
-            loss = loss + cfg.train.vote_weight * res.vote_loss * (t1 - t0) / steps
+        if with_votes:
+            loss = loss + cfg.train.vote_weight * traj.vote_loss * (t1 - t0) / steps
         per_step.append(errs.detach())
-        state, guess = res.state, res.guesses[-1]
+        prev = traj.outputs[-1]
         if t1 in cuts or t1 == steps:
             loss.backward()
             total += float(loss.detach())
             loss = 0.0
             # cut the graph: the next chunk starts from the detached state
-            state = type(res.state)(res.state.h.detach(), res.state.heads.detach())
-            guess = guess.detach()
+            agent.state = type(agent.state)(agent.state.h.detach(), agent.state.heads.detach())
+            prev = prev.detach()
         t0 = t1
-    return torch.cat(per_step), torch.tensor(total), state, guess, wiring, ep
+    return torch.cat(per_step), torch.tensor(total), prev
 
 
 def _atomic_save(obj, path: Path):
@@ -151,7 +152,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     rng = np.random.default_rng(cfg.train.seed)
     policy = ExpertPolicy(cfg.agent.policy)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.train.lr)
-    start, wall = 0, 0.0
+    first_batch, wall = 0, 0.0
     if cfg.train.init_from:
         src_policy, _ = policy_from_checkpoint(load_checkpoint(cfg.train.init_from))
         try:
@@ -166,8 +167,8 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
         opt.load_state_dict(ck["optimizer"])
         rng.bit_generator.state = ck["rng"]
         torch.set_rng_state(ck["torch_rng"])
-        start, wall = ck["batch"], ck["wall_seconds"]
-        log(f"resumed from {ck_path} at batch {start}")
+        first_batch, wall = ck["batch"], ck["wall_seconds"]
+        log(f"resumed from {ck_path} at batch {first_batch}")
     elif metrics_path.exists():
         metrics_path.unlink()
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -186,42 +187,41 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                        TextColumn("{task.fields[info]}"), TimeRemainingColumn())
         bar.start()
-        tid = bar.add_task(cfg.name, total=cfg.train.batches, completed=start, info="")
+        tid = bar.add_task(cfg.name, total=cfg.train.batches, completed=first_batch, info="")
     window, t_last, carry = [], time.perf_counter(), None
     with open(metrics_path, "a") as mf:
-        for b in range(start, cfg.train.batches):
+        for b in range(first_batch, cfg.train.batches):
             t0 = time.perf_counter()
-            task, _ = task_at(cfg, b)
+            task_cfg, _ = task_at(cfg, b)
+            task = make_task(task_cfg)
             lo, hi = cfg.train.horizon
-            steps = int(rng.integers(lo, hi + 1)) if hi else task.steps
-            go_on = (carry is not None and carry[0] == task and carry[5] < MAX_AGE
-                     and carry[7] <= 2 * task.experts[1] and rng.random() < cfg.train.continue_prob)
-            if go_on:  # the same agents live on; a jumping task draws fresh targets (a jump)
-                _, ep, wiring, state, guess, start, d, n, rounds = carry
-                if task.jump_every[1]:  # new targets (indexed by absolute step), the same addresses
-                    fresh = guessing.sample(rng, task, cfg.train.batch_size, d, n, spec.addr_dim,
-                                            steps=start + steps, addresses=fixed_address_table(task, d, spec.addr_dim))
-                    ep = replace(ep, targets=fresh.targets, jumps=fresh.jumps)
+            steps = int(rng.integers(lo, hi + 1)) if hi else task_cfg.steps
+            go_on = (carry is not None and carry["task"] == task_cfg and carry["t"] < MAX_AGE
+                     and carry["agent"].n_experts <= 2 * task_cfg.experts[1] and rng.random() < cfg.train.continue_prob)
+            if go_on:  # the same agents live on (a jumping task draws fresh targets: a jump)
+                agent, prev, ep_start, d, rounds = (carry[k] for k in ("agent", "prev", "t", "d", "rounds"))
+                ep = task.extend(rng, carry["ep"], ep_start + steps)
             else:
-                d = int(rng.integers(task.dims[0], task.dims[1] + 1))
-                n = int(rng.integers(task.experts[0], task.experts[1] + 1))
+                d = int(rng.integers(task_cfg.dims[0], task_cfg.dims[1] + 1))
+                n = int(rng.integers(task_cfg.experts[0], task_cfg.experts[1] + 1))
                 rounds = int(rng.integers(cfg.train.rounds[0], cfg.train.rounds[1] + 1))
-                ep = guessing.sample(rng, task, cfg.train.batch_size, d, n, spec.addr_dim, steps=steps,
-                                     addresses=fixed_address_table(task, d, spec.addr_dim))
+                ep = task.sample(rng, cfg.train.batch_size, dims=d, experts=n, steps=steps, addr_dim=spec.addr_dim)
                 wiring = sample_wiring(rng, cfg.agent, cfg.train.batch_size, n)
-                state, guess, start = None, None, 0
+                agent = Agent(policy, cfg.agent, ops=ops, check_inputs=False).start(ep.interface, wiring, rng=rng)
+                prev, ep_start = None, 0
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, b)
             opt.zero_grad(set_to_none=True)
             grow = None
+            n = agent.n_experts
             if cfg.train.grow_prob and steps > 1 and rng.random() < cfg.train.grow_prob:
                 n_new = int(rng.integers(1, n + 1))
                 sources = rng.integers(0, n, size=n_new) if rng.random() < 0.5 else None
-                grow = (int(rng.integers(1, steps)), (n_new, sources), rng)
-            per_step, loss, state, guess, wiring, ep = _episode_loss(cfg, ops, policy, ep, wiring, steps, rounds,
-                                                                     state, guess, start, grow)
-            n = wiring.n_experts
-            carry = (task, ep, wiring, state, guess, start + steps, d, n, rounds) if cfg.train.continue_prob else None
+                grow = (int(rng.integers(1, steps)), n_new, sources)
+            per_step, loss, prev = _episode_loss(cfg, ops, agent, ep, steps, rounds, prev, ep_start, grow)
+            n = agent.n_experts
+            carry = ({"task": task_cfg, "ep": ep, "agent": agent, "prev": prev, "t": ep_start + steps, "d": d,
+                      "rounds": rounds} if cfg.train.continue_prob else None)
             gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.clip)
             if not math.isfinite(float(gnorm)):
                 log(f"batch {b}: non-finite gradient, step skipped")
@@ -234,27 +234,29 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                 dt = time.perf_counter() - t_last
                 t_last = time.perf_counter()
                 row = {"batch": b + 1, "loss": float(np.mean([w[0] for w in window])),
-                       "final_mse": float(np.mean([w[1] for w in window])), "lr": lr_at(cfg, b),
+                       "final_loss": float(np.mean([w[1] for w in window])), "lr": lr_at(cfg, b),
                        "sec_per_batch": dt / len(window), "episodes_per_s": len(window) * cfg.train.batch_size / dt,
-                       "wall_seconds": round(wall, 1), "addresses": task.addresses}
+                       "wall_seconds": round(wall, 1), "addresses": task_cfg.addresses}
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
                 window = []
                 if bar is not None:
-                    bar.update(tid, completed=b + 1, info=f"loss {row['loss']:.3f} final {row['final_mse']:.3f}")
+                    bar.update(tid, completed=b + 1, info=f"loss {row['loss']:.3f} final {row['final_loss']:.3f}")
             if (b + 1) % cfg.train.ckpt_every == 0 or b + 1 == cfg.train.batches:
                 save(b + 1)
     if bar is not None:
         bar.stop()
+    trained = cfg.train.batches - first_batch  # in this call (a resumed run's wall time includes earlier calls)
     summary = {"name": cfg.name, "batches": cfg.train.batches, "wall_seconds": round(wall, 1),
-               "sec_per_batch": wall / max(1, cfg.train.batches - start) if cfg.train.batches > start else None,
+               "sec_per_batch": round(wall / cfg.train.batches, 4) if trained > 0 else None,
                "seed": cfg.train.seed}
     if final_eval:
-        d = cfg.task.dims[1]
-        n = cfg.task.experts[0] if cfg.task.experts[0] == cfg.task.experts[1] else 20
+        task = make_task(cfg.task)
+        d, n = task.default_dims(), task.default_experts()
         with torch.no_grad():
             summary["eval"] = evaluate(ops, policy, cfg.agent, cfg.task, dims=d, experts=n,
                                        episodes=cfg.train.eval_episodes, seed=10_000 + cfg.train.seed)
-        log(f"final eval (d={d}, N={n}): final_mse {summary['eval']['final_mse']:.4f}")
+        shown = {k: v for k, v in summary["eval"].items() if k.startswith("final_") and isinstance(v, float)}
+        log(f"final eval (d={d}, N={n}): " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

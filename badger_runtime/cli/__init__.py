@@ -1,0 +1,49 @@
+"""`badger ...`: a thin command line over the library (parses, calls, prints).
+
+One module per group of commands (``train``: train and export; ``evaluate``: eval and run;
+``longrun``), the shared flags in ``common``; ``serve``, ``demo`` and ``bench`` register their
+commands from their own packages. torch is imported only by the commands that need it
+(train, export, eval of a checkpoint); everything else runs on a base install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..bench.cli import register as register_bench
+    from ..demo.cli import register as register_demo
+    from ..serve.cli import register as register_serve
+    from . import evaluate, longrun, train
+
+    p = argparse.ArgumentParser(prog="badger", description="Badger agents: many experts, one shared policy.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for register in (train.register, evaluate.register, longrun.register, register_serve, register_demo,
+                     register_bench):
+        register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..policy_card import PolicyError
+
+    try:
+        args.fn(args)
+    except (ConfigError, PolicyError) as e:
+        print(f"badger: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # an optional extra that is not installed
+        if "pip install" not in str(e):
+            raise
+        print(f"badger: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""What several commands share: checked number types, the evaluation flags, the report printer.
+
+Imports nothing of the command modules (they import this), so the ``cli`` package has no cycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+
+from ..config import AgentConfig, ConfigError, TaskConfig
+
+MAX_ROUNDS = 64
+MAX_SEED = 2**63 - 1
+
+
+def int_in(lo: int, hi: int | None = None, what: str = "a value"):
+    """An argparse type: an integer in [lo, hi] (a clear error otherwise, never a traceback)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{what} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}")
+        return v
+
+    return parse
+
+
+def float_in(lo: float, hi: float, what: str = "a value"):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        if not math.isfinite(v) or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{what} must be a finite number in [{lo}, {hi}], got {text}")
+        return v
+
+    return parse
+
+
+SEED = int_in(0, MAX_SEED, "--seed")
+
+
+def add_eval_flags(p: argparse.ArgumentParser, runtime_default: str = "engine"):
+    """The flags of ``badger eval`` / ``badger run``: which task, sizes, seeds, routing, changes."""
+    from ..tasks import task_names
+
+    names = task_names()
+    p.add_argument("--task", default=None, metavar="NAME",
+                   help=f"the task to run the policy on; registered: {', '.join(names)} (default: the policy's own; "
+                        f"naming the policy's own task runs its stationary evaluation setting)")
+    p.add_argument("--dims", "--classes", "--arms", dest="dims", type=int_in(1, 100_000, "--dims"), default=None,
+                   help="d, the number of outputs: the guessing game's dimensions, a classifier's classes, a "
+                        "bandit's arms (default: the task's largest trained value)")
+    p.add_argument("--dataset", default=None, help="classification tasks: the dataset (a task setting)")
+    p.add_argument("--arm-dist", dest="arm_dist", default=None, help="bandit tasks: the arms' distribution")
+    p.add_argument("--addresses", choices=("random", "fixed"), default=None,
+                   help="output addresses: random per episode, or the task's fixed table")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting of the task, e.g. --option feedback=per_dim")
+    p.add_argument("--experts", type=int_in(1, 1_000_000, "--experts"), default=None,
+                   help="N, the number of experts (default: as trained)")
+    p.add_argument("--episodes", type=int_in(1, 10_000_000, "--episodes"), default=1000)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--steps", type=int_in(1, 10_000_000, "--steps"), default=None,
+                   help="inner steps (default: the task's episode length)")
+    p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS, "--rounds"), default=None,
+                   help="communication rounds per step (the maximum for non-fixed rules)")
+    p.add_argument("--routing", default=None, help="override the routing kind (dense, topk, hardwired, homogeneous, "
+                                                   "random)")
+    p.add_argument("--candidates", type=int_in(0, 1_000_000, "--candidates"), default=None,
+                   help="top-k routing: senders each receiver scores (0: all; C > 0: O(N C) sparse)")
+    p.add_argument("--k", type=int_in(1, 1_000_000, "--k"), default=None, help="top-k routing: senders kept")
+    p.add_argument("--agreement", default=None, help="override the agreement rule (fixed, convergence, quorum)")
+    p.add_argument("--add-at", type=int_in(0, 10_000_000, "--add-at"), default=None, metavar="T",
+                   help="hot-add experts before inner step T")
+    p.add_argument("--add", type=int_in(1, 1_000_000, "--add"), default=0, metavar="M", help="how many to add")
+    p.add_argument("--init", choices=("fresh", "clone"), default="fresh", help="added experts: fresh or cloned")
+    p.add_argument("--remove-at", type=int_in(0, 10_000_000, "--remove-at"), default=None, metavar="T",
+                   help="remove experts before inner step T")
+    p.add_argument("--remove", type=int_in(1, 1_000_000, "--remove"), default=0, metavar="M",
+                   help="how many to remove (chosen at random by the seed)")
+    p.add_argument("--runtime", choices=("engine", "sharded", "actors"), default=runtime_default,
+                   help="engine: batched numpy + onnxruntime; sharded: the sharded actor runtime; actors: one "
+                        "trio task per expert")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _parse_option(item: str) -> tuple[str, object]:
+    from ..config import _parse_value
+
+    if "=" not in item:
+        raise ConfigError(f"--option {item!r} is not of the form KEY=VALUE")
+    k, v = item.split("=", 1)
+    return k.strip(), _parse_value(v.strip())
+
+
+def resolve_task(args, own: TaskConfig) -> TaskConfig:
+    """The task settings an evaluation runs: the policy's own (or, with ``--task``, that task's
+    evaluation setting), with the flags applied and validated."""
+    from ..config import _coerce, _hints
+    from ..tasks import task_class
+
+    name = args.task or own.name
+    cls = task_class(name)
+    if name == own.name:
+        task = own if args.task is None else cls.evaluation_config(own)
+    else:
+        task = cls.config_class(name=name, experts=own.experts, steps=own.steps)
+    changes = dict(_parse_option(o) for o in args.option)
+    for flag in ("dataset", "arm_dist", "addresses"):
+        if getattr(args, flag, None) is not None:
+            changes[flag] = getattr(args, flag)
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    hints = _hints(type(task))
+    for k, v in changes.items():
+        if k not in hints or k == "name":
+            raise ConfigError(f"task {name!r} has no setting {k!r}; its settings: "
+                              f"{sorted(h for h in hints if h != 'name')}")
+        changes[k] = _coerce(hints[k], v, f"task.{k}")
+    return dataclasses.replace(task, **changes).validate()
+
+
+def resolve_agent(args, agent: AgentConfig) -> AgentConfig:
+    agent = dataclasses.replace(agent, routing=dataclasses.replace(agent.routing),
+                                agreement=dataclasses.replace(agent.agreement))
+    if args.routing:
+        agent.routing.kind = args.routing
+    if args.candidates is not None:
+        agent.routing.candidates = args.candidates
+    if args.k is not None:
+        agent.routing.k = args.k
+    if args.agreement:
+        agent.agreement.rule = args.agreement
+    if args.rounds is not None:
+        agent.agreement.rounds = args.rounds
+    return agent.validate()
+
+
+def resolve_eval(args, agent: AgentConfig, task: TaskConfig):
+    """Apply the eval flags to a policy's configs: (agent, task, dims, experts, changes)."""
+    from ..episodes import schedule
+    from ..tasks import make_task
+
+    agent = resolve_agent(args, agent)
+    task = resolve_task(args, task)
+    t = make_task(task)
+    dims = t.default_dims() if args.dims is None else args.dims
+    experts = args.experts if args.experts is not None else t.default_experts()
+    changes = schedule(args.add_at, args.add, args.init, args.remove_at, args.remove)
+    return agent, task, dims, experts, changes
+
+
+def print_report(report: dict, as_json: bool):
+    if as_json:
+        print(json.dumps(report))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    curves = {k: v for k, v in report.items() if k.endswith("_by_step") and isinstance(v, list)}
+    t = Table(title=f"{report['task']['name']} d={report['task']['dims']} N={report['task']['experts']} "
+                    f"({report['episodes']} episodes, seed {report['seed']})")
+    t.add_column("step", justify="right")
+    for k in curves:
+        t.add_column(k.removesuffix("_by_step"), justify="right")
+    opt = report.get("optimizer")
+    if opt:
+        t.add_column(opt["name"], justify="right")
+    T = max(len(v) for v in curves.values()) if curves else 0
+    stride = max(1, T // 40)
+    for i in range(0, T, stride):
+        row = [str(i)] + [f"{v[i]:.4f}" for v in curves.values()]
+        if opt:
+            row.append(f"{opt['mse_by_step'][i]:.4f}")
+        t.add_row(*row)
+    Console().print(t)
+    summary = {k: v for k, v in report.items() if isinstance(v, float) and k != "seconds"}
+    print("  ".join(f"{k} {v:.4g}" for k, v in summary.items()))

@@ -1,0 +1,47 @@
+"""`badger longrun`: long-horizon stability, or recovery when the targets jump (never reset)."""
+
+from __future__ import annotations
+
+import json
+
+from .common import SEED, int_in
+
+
+def register(sub):
+    lr = sub.add_parser("longrun", help="long-horizon stability, or recovery after target jumps (no reset)")
+    lr.add_argument("--policy", required=True, help="a shipped policy's name or a path to NAME.onnx")
+    lr.add_argument("--steps", type=int_in(1, 10_000_000, "--steps"), default=10_000)
+    lr.add_argument("--episodes", type=int_in(1, 100_000, "--episodes"), default=100)
+    lr.add_argument("--seed", type=SEED, default=0)
+    lr.add_argument("--jump-every", type=int_in(1, 10_000_000, "--jump-every"), nargs=2, metavar=("A", "B"),
+                    default=None, help="targets jump every U[A, B] steps; report recovery times")
+    lr.add_argument("--threshold", type=float, default=0.05, help="recovered = error back under this")
+    lr.add_argument("--full", action="store_true", help="include the error curves")
+    lr.add_argument("--plot", default=None, metavar="PNG", help="with --jump-every: plot error over time")
+    lr.add_argument("--json", action="store_true", help="one line of JSON")
+    lr.set_defaults(fn=cmd_longrun)
+
+
+def cmd_longrun(args):
+    from ..config import ConfigError
+    from ..longrun import horizon_report, jump_report
+    from ..policy_card import load_policy
+
+    pol = load_policy(args.policy)
+    if args.jump_every:
+        a, b = args.jump_every
+        if not 1 <= a <= b:
+            raise ConfigError("--jump-every A B needs 1 <= A <= B")
+        report = jump_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed, jump_every=(a, b),
+                             threshold=args.threshold)
+        if args.plot:
+            from ..longrun import jump_traces, plot_jump_traces
+
+            plot_jump_traces(jump_traces(pol, steps=min(args.steps, 300), seed=args.seed, jump_every=(a, b)),
+                             args.plot, title=f"{pol.name}: targets jump every U[{a}, {b}] steps, never reset")
+            report["plot"] = args.plot
+        if not args.full:
+            report = {k: v for k, v in report.items() if "by_step" not in k}
+    else:
+        report = horizon_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed)
+    print(json.dumps(report, indent=None if args.json else 2))

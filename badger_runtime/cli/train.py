@@ -1,0 +1,47 @@
+"""`badger train` and `badger export` (both need the 'train' extra: torch)."""
+
+from __future__ import annotations
+
+import json
+
+from .common import int_in
+
+
+def register(sub):
+    t = sub.add_parser("train", help="learn an expert policy (needs the 'train' extra: torch)")
+    t.add_argument("config", nargs="?", default=None, help="TOML config (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4")
+    t.add_argument("--out", required=True, help="run folder: checkpoint, metrics, summary")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train)
+
+    x = sub.add_parser("export", help="write the expert policy to ONNX with its card")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True, help="policies/NAME.onnx")
+    x.add_argument("--name", default=None)
+    x.add_argument("--eval-episodes", type=int_in(0, 1_000_000, "--eval-episodes"), default=1000,
+                   help="episodes for the card's evaluation (0: none)")
+    x.add_argument("--command-line", default=None, help="the training command, recorded in the card")
+    x.set_defaults(fn=cmd_export)
+
+
+def cmd_train(args):
+    from ..config import load_experiment
+    from ..training.train import train
+
+    cfg = load_experiment(args.config, args.set)
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, final_eval=not args.no_eval)
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval"} |
+                     ({"final_mse": summary["eval"].get("final_mse")} if "eval" in summary else {})))
+
+
+def cmd_export(args):
+    from ..training.export import export, write_card_evaluation
+
+    extra = {"training_command": args.command_line} if args.command_line else None
+    card = export(args.checkpoint, args.out, name=args.name, extra=extra)
+    if args.eval_episodes:
+        card = write_card_evaluation(args.out, episodes=args.eval_episodes)
+    print(json.dumps({"onnx": str(args.out), "sha256": card["sha256"], "export": card["export"]}))
