@@ -85,6 +85,8 @@ class Agent:
         self.cfg = agent or policy.agent
         self.ops = ops or OPS
         self.check_inputs = check_inputs
+        self.record = False  # keep each step's attention weights and messages in its StepInfo
+        self.vote_loss = False  # training: report the 'done' votes' loss in each StepInfo
         self.state: AgentState | None = None
         self.wiring: Wiring | None = None
         self.interface: Interface | None = None
@@ -149,7 +151,7 @@ class Agent:
             checked[name] = check_values(name, parts[name], (self.batch, size))
         return self.interface.join(checked)
 
-    def step(self, slot_values, rounds: int | None = None, record: bool = False):
+    def step(self, slot_values, rounds: int | None = None, record: bool | None = None):
         """Advance one inner step. slot_values: [B, J] (see ``interface.parts``) -> (outputs [B, d], StepInfo)."""
         if self.state is None:
             raise RuntimeError("start() or reset() the agent before stepping it")
@@ -158,7 +160,9 @@ class Agent:
             if rounds is not None and rounds < 1:
                 raise InputError("rounds must be >= 1")
         self.state, out, info = agent_step(self.ops, self.policy, self.cfg, self.wiring, self.state, self.interface,
-                                           slot_values, rounds=rounds, record=record)
+                                           slot_values, rounds=rounds,
+                                           record=self.record if record is None else record,
+                                           vote_loss=0.0 if self.vote_loss else None)
         if self.ops is OPS:
             if self._indeg is None:
                 self._indeg = self.wiring.in_degrees().sum(axis=1)

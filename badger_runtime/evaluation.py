@@ -47,6 +47,7 @@ def _engine_batch(ops, policy, agent, ep, wiring, *, start, steps, rounds, recor
 
     # growing draws from the agent stream, after this batch's wiring (as engine.Agent.reset does)
     runtime = Agent(policy, agent, ops=ops, check_inputs=False).start(ep.interface, wiring, rng=rng)
+    runtime.record = record
     traj = drive(runtime, Driver(ops, ep, steps, rounds=rounds, record=record, changes=changes, with_losses=False,
                                  seed=seed + start))
     return traj, {}

@@ -228,6 +228,7 @@ def rollout(ops, policy, cfg: AgentConfig, episode, wiring: Wiring, *, steps: in
     from .episodes import Driver, drive
 
     agent = Agent(policy, cfg, ops=ops, check_inputs=False).start(episode.interface, wiring, state=state, t=t0)
+    agent.record, agent.vote_loss = record, with_vote_loss
     driver = Driver(ops, episode, steps, t0=t0, prev_output=prev_output, rounds=rounds, record=record,
                     with_vote_loss=with_vote_loss, with_metrics=with_metrics)
     traj = drive(agent, driver)

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import trio
 
-from badger_runtime.actors.episodes import play, run_concurrently, sample_episodes
-from badger_runtime.actors.runtime import ActorAgent, Counters
+from badger_runtime.engine import numpy_ops
+from badger_runtime.episodes import schedule
+from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import load_policy
 
 DEFAULT_POLICIES = ("policies/dimensions-v1.onnx", "policies/guessing-one-expert-v1.onnx")
@@ -35,34 +35,11 @@ DEFAULT_POLICIES = ("policies/dimensions-v1.onnx", "policies/guessing-one-expert
 
 def run_arm(pol, agent_cfg, task, *, dims, experts, episodes, seed, steps, add_at=None, add_n=0, init="clone",
             concurrency=4):
-    """Errors [T, E] of one arm; experts are hot-added at step ``add_at`` from another task."""
-    jobs = sample_episodes(agent_cfg, task, dims=dims, experts=experts, episodes=episodes, seed=seed, steps=steps)
-    errors = np.zeros((steps, episodes), np.float32)
-    total = Counters()
-
-    async def one(i, ep, wiring):
-        agent = ActorAgent(pol, agent_cfg, ep, wiring, episode_index=i, seed=seed)
-        reached = trio.Event()
-
-        async def grower():
-            await reached.wait()
-            for _ in range(3):  # let the step get going: the add lands mid-step
-                await trio.sleep(0)
-            agent.add_experts(add_n, init=init)
-
-        async with trio.open_nursery() as nursery, agent.running():
-            if add_at is not None and add_n > 0:
-                nursery.start_soon(grower)
-            guess = None
-            for t in range(steps):
-                if t == add_at:
-                    reached.set()
-                _, e, _, guess = await play(agent, ep, 1, t0=t, guess=guess)
-                errors[t, i] = e[0]
-        total.add(agent.counters)
-
-    trio.run(run_concurrently, jobs, one, concurrency)
-    return errors, total
+    """Errors [T, E] and message counters of one arm; ``add_n`` experts join after step ``add_at``."""
+    changes = schedule(add_at + 1, add_n, init) if add_at is not None and add_n > 0 else ()
+    res = run_episodes(numpy_ops(), pol, agent_cfg, task, dims=dims, experts=experts, episodes=episodes, seed=seed,
+                       steps=steps, changes=changes, runtime="actors", concurrency=concurrency)
+    return res.errors, res.runtime
 
 
 def plot(path: Path, curves: dict, add_at: int, title: str):
@@ -127,7 +104,7 @@ def main(argv=None) -> int:
     for label, n, add_at, init in arms:
         err, c = run_arm(pol, agent_cfg, task, experts=n, add_at=add_at, add_n=k, init=init, **kw)
         curves[label] = err
-        messages[label] = {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "added": c.added}
+        messages[label] = {k2: c[k2] for k2 in ("sent", "delivered", "dropped", "added")}
         print(f"{label}: error at step {at} {err[at].mean():.4f}, final {err[-1].mean():.4f}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,11 @@ import pytest
 
 
 def tiny_experiment(**task):
-    from badger_runtime.config import AgentConfig, ExperimentConfig, PolicySpec, TaskConfig, TrainConfig
+    from badger_runtime.config import AgentConfig, ExperimentConfig, PolicySpec, TrainConfig
+    from badger_runtime.tasks.guessing import GuessingConfig
 
     spec = PolicySpec(hidden=16, msg_dim=6, key_dim=4, addr_dim=6, read_heads=2, id_dim=2, init_noise=0.5)
-    t = TaskConfig(**({"feedback": "per_dim", "dims": (2, 3), "experts": (3, 5), "steps": 6} | task))
+    t = GuessingConfig(**({"feedback": "per_dim", "dims": (2, 3), "experts": (3, 5), "steps": 6} | task))
     tr = TrainConfig(seed=0, batches=30, batch_size=16, lr=1e-2, log_every=10, ckpt_every=10, eval_episodes=32,
                      objective="mean")
     return ExperimentConfig(name="tiny", agent=AgentConfig(policy=spec), task=t, train=tr).validate()

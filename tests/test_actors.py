@@ -13,14 +13,13 @@ import pytest
 import trio
 
 from badger_runtime.actors import expert as ex
-from badger_runtime.actors.episodes import play, run_actor_episodes
 from badger_runtime.actors.messages import Message, encode
 from badger_runtime.actors.runtime import MEMBRANE, ActorAgent, Supervision
 from badger_runtime.engine import numpy_ops
-from badger_runtime.evaluation import episode_rngs, run_episodes
+from badger_runtime.episodes import Driver, sample_batches
+from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import load_policy
-from badger_runtime.rollout import rollout, sample_wiring
-from badger_runtime.tasks import guessing
+from badger_runtime.rollout import rollout
 
 # (routing kind, extra routing settings): every routing option of the model
 ROUTINGS = [("dense", {}), ("topk", {"k": 2}), ("topk", {"k": 2, "candidates": 3}), ("hardwired", {}),
@@ -41,13 +40,17 @@ def cfg_with(pol, kind="dense", rule="fixed", rounds=1, eps=1e-3, **routing):
 
 def one_episode(pol, agent, *, n=5, d=3, seed=0, steps=6, feedback=None):
     task = dataclasses.replace(pol.task, feedback=feedback or pol.task.feedback)
-    rng_task, rng_wire = episode_rngs(seed)
-    ep = guessing.sample(rng_task, task, 1, d, n, agent.policy.addr_dim, steps=steps)
-    return ep, sample_wiring(rng_wire, agent, 1, n)
+    _, ep, w = next(sample_batches(task, agent, dims=d, experts=n, episodes=1, seed=seed, steps=steps))
+    return ep, w
 
 
 def reference(pol, agent, ep, w, steps):
-    return rollout(numpy_ops(), pol, agent, ep, w, steps=steps).guesses[:, 0]  # [T, d]
+    return rollout(numpy_ops(), pol, agent, ep, w, steps=steps).outputs[:, 0]  # [T, d]
+
+
+def run_actor_episodes(pol, agent, task, **kw):
+    """The actor runtime through the one seeded evaluation (``runtime="actors"``)."""
+    return run_episodes(numpy_ops(), pol, agent, task, runtime="actors", **kw)
 
 
 def drive(pol, agent, ep, w, steps, hook=None, **kw):
@@ -55,14 +58,15 @@ def drive(pol, agent, ep, w, steps, hook=None, **kw):
     out = []
 
     async def main():
-        a = ActorAgent(pol, agent, ep, w, **kw)
+        a = ActorAgent(pol, agent, ep.interface, w, **kw)
+        driver = Driver(numpy_ops(), ep, steps)
         async with trio.open_nursery() as nursery:
             async with a.running():
-                guess = None
-                for t in range(steps):
+                while not driver.finished:
                     if hook is not None:
-                        await hook(a, t, nursery)
-                    g, _, _, guess = await play(a, ep, 1, t0=t, guess=guess)
+                        await hook(a, driver.t, nursery)
+                    g, info = await a.step(driver.observation())
+                    driver.record(g, info)
                     out.append(g[0])
         out.append(a)
 
@@ -85,14 +89,14 @@ def test_parity_with_batched_engine(pol, kind, extra, micro_batch):
         kw = dict(dims=3, experts=6, episodes=3, seed=11 + rounds, steps=5)
         a = run_episodes(numpy_ops(), pol, agent, task, **kw)
         b = run_actor_episodes(pol, agent, task, micro_batch=micro_batch, **kw)
-        diff = float(np.abs(a.guesses - b.guesses).max())
+        diff = float(np.abs(a.outputs - b.outputs).max())
         MAX_DIFF[(kind, bool(extra.get("candidates")), micro_batch, rounds)] = diff
         assert diff <= 1e-5, (kind, rounds, diff)
         assert np.array_equal(a.rounds, b.rounds)
-        c = b.counters
-        assert c.sent == c.delivered > 0 and c.dropped == 0 and c.bad_frames == 0
+        c = b.runtime
+        assert c["sent"] == c["delivered"] > 0 and c["dropped"] == 0 and c["bad_frames"] == 0
         if micro_batch:  # one onnxruntime call per round of each episode
-            assert b.policy_calls == 3 * 5 * rounds
+            assert c["policy_calls"] == 3 * 5 * rounds
 
 
 def test_parity_without_encoding(pol):
@@ -100,7 +104,7 @@ def test_parity_without_encoding(pol):
     kw = dict(dims=2, experts=4, episodes=2, seed=5, steps=4)
     a = run_episodes(numpy_ops(), pol, agent, pol.task, **kw)
     b = run_actor_episodes(pol, agent, pol.task, encode=False, **kw)
-    assert np.abs(a.guesses - b.guesses).max() <= 1e-5
+    assert np.abs(a.outputs - b.outputs).max() <= 1e-5
 
 
 @pytest.mark.parametrize("rule,eps", [("convergence", 0.05), ("quorum", 1e-3)])
@@ -114,7 +118,7 @@ def test_convergence_and_quorum_end_within_the_round_limit(pol, rule, eps):
         assert b.rounds.min() >= 1 and b.rounds.max() <= 4
         # the same rule, applied by the membrane to the experts' reported votes and changes
         assert np.array_equal(a.rounds, b.rounds)
-        assert np.abs(a.guesses - b.guesses).max() <= 1e-5
+        assert np.abs(a.outputs - b.outputs).max() <= 1e-5
 
 
 def test_convergence_can_stop_early(pol):

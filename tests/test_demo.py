@@ -81,10 +81,6 @@ def test_main_demo(tmp_path, capsys):
 
 def test_main_demo_runtimes_agree(tmp_path, capsys):
     """The actor runtime and the batched engine: same episodes, same errors, same message count."""
-    from badger_runtime.demo.run import _actor_runner
-
-    if _actor_runner() is None:
-        pytest.skip("the actor runtime is not installed")
     nums = {}
     for rt in ("actors", "engine"):
         run_demo(capsys, "--quick", "--episodes", "8", "--runtime", rt, "--out", str(tmp_path / rt))

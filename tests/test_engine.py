@@ -54,7 +54,7 @@ def test_rollout_parity_with_torch(pair, routing, rule, rounds, n, d, feedback, 
     a = run_episodes(numpy_ops(), op, agent, task, **kw)
     with torch.no_grad():
         b = run_episodes(torch_ops(), tp, agent, task, **kw)
-    assert np.abs(a.guesses - b.guesses).max() <= 1e-5  # the rollout's outputs
+    assert np.abs(a.outputs - b.outputs).max() <= 1e-5  # the rollout's outputs
     assert np.allclose(a.errors, b.errors, rtol=1e-4, atol=1e-4)  # derived from the outputs (squared)
     assert np.array_equal(a.rounds, b.rounds)
     assert np.all(a.rounds <= rounds) and np.all(a.rounds >= 1)

@@ -18,7 +18,7 @@ from .conftest import tiny_experiment
 def _episode(cfg, d, n, b=8, seed=0, feedback=None):
     rng = np.random.default_rng(seed)
     task = cfg.task if feedback is None else type(cfg.task)(**{**cfg.task.__dict__, "feedback": feedback})
-    ep = guessing.sample(rng, task, b, d, n, cfg.agent.policy.addr_dim)
+    ep = guessing.sample(rng, task, b, d, cfg.agent.policy.addr_dim)
     return ep, sample_wiring(rng, cfg.agent, b, n)
 
 
@@ -30,8 +30,8 @@ def test_any_number_of_experts_and_dims(d, n, feedback):
     ep, w = _episode(cfg, d, n, feedback=feedback)
     with torch.no_grad():
         out = rollout(torch_ops(), pol, cfg.agent, ep, w, steps=5)
-    assert out.guesses.shape == (5, 8, d) and out.errors.shape == (5, 8)
-    assert torch.isfinite(out.guesses).all()
+    assert out.outputs.shape == (5, 8, d) and out.losses.shape == (5, 8)
+    assert torch.isfinite(out.outputs).all()
     assert out.state.h.shape == (8, n, cfg.agent.policy.hidden)
 
 
@@ -47,13 +47,13 @@ def test_outputs_do_not_depend_on_expert_order(routing):
     with torch.no_grad():
         a = rollout(torch_ops(), pol, cfg.agent, ep, w, steps=6)
         b = rollout(torch_ops(), pol, cfg.agent, ep, w2, steps=6)
-    assert torch.allclose(a.guesses, b.guesses, atol=1e-5)
+    assert torch.allclose(a.outputs, b.outputs, atol=1e-5)
     assert torch.allclose(a.state.h[:, perm], b.state.h, atol=1e-5)
     # and a different wiring does change the outcome (the test can fail)
     w3 = Wiring(w.noise[:, ::-1] * 0.3, None, w.can_sense, w.can_push, w.ids)
     with torch.no_grad():
         c = rollout(torch_ops(), pol, cfg.agent, ep, w3, steps=6)
-    assert not torch.allclose(a.guesses, c.guesses, atol=1e-5)
+    assert not torch.allclose(a.outputs, c.outputs, atol=1e-5)
 
 
 def test_gradients_reach_every_shared_weight():
@@ -62,7 +62,7 @@ def test_gradients_reach_every_shared_weight():
     pol = ExpertPolicy(cfg.agent.policy)
     ep, w = _episode(cfg, 3, 4)
     out = rollout(torch_ops(), pol, cfg.agent, ep, w, steps=4)
-    out.errors.mean().backward()
+    out.losses.mean().backward()
     for name, p in pol.named_parameters():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
 
@@ -179,9 +179,9 @@ def test_grow_adds_experts_to_running_agents():
     w3, st3 = grow(torch_ops(), pol, cfg.agent, rng, w2, st2, 3, None)
     fresh = initial_state(torch_ops(), pol, w3)
     assert torch.allclose(st3.h[:, 6:], fresh.h[:, 6:]) and float(st3.heads[:, 6:].detach().abs().sum()) == 0
-    out = rollout(torch_ops(), pol, cfg.agent, ep.with_experts(9), w3, steps=2, state=st3, prev_guess=res.guesses[-1],
+    out = rollout(torch_ops(), pol, cfg.agent, ep, w3, steps=2, state=st3, prev_output=res.outputs[-1],
                   t0=3)
-    out.errors.mean().backward()
+    out.losses.mean().backward()
     assert pol.h0.grad is not None and float(pol.h0.grad.abs().sum()) > 0
 
 
@@ -206,5 +206,6 @@ def test_vote_training_teaches_votes_to_predict_settled_messages(tmp_path):
     after = vote_loss_of(pol)
     assert after < 0.7 * before
     ops = torch_ops()
-    y = agreement.vote_target(ops, cfg.agent.agreement, torch.zeros(1, 2, 3), torch.tensor([[[0.01] * 3, [0.2] * 3]]))
+    change = agreement.message_change(ops, torch.zeros(1, 2, 3), torch.tensor([[[0.01] * 3, [0.2] * 3]]))
+    y = agreement.vote_target(ops, cfg.agent.agreement, change)
     assert y.tolist() == [[1.0, 0.0]]

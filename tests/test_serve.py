@@ -61,7 +61,7 @@ def drive(rng, d, fb_size):
 
 
 def ref_step(agent, obs, fb):
-    out, info = agent.step(agent.observation(obs[None], fb[None]))
+    out, info = agent.step(agent.observation({'observation': obs[None], 'feedback': fb[None]}))
     return out[0], int(info.rounds[0])
 
 
@@ -95,7 +95,8 @@ def test_steps_grow_shrink_match_a_reference_agent(policy, tmp_path):
         out, rounds = ref_step(ref, obs, fb)
         assert np.array_equal(r["outputs"], out)
         assert r["t"] == t + 1 and r["rounds"] == rounds
-        assert r["messages"] == {"sent": rounds * ref.n_experts, "dropped": 0}
+        n = ref.n_experts  # dense routing: every expert hears all N each round
+        assert r["messages"] == {"sent": rounds * n * n, "delivered": rounds * n * n, "dropped": 0}
     # slots: the same step written as one vector
     obs, fb = drive(rng, 3, 3)
     r = ok(m, "step", "a", slots=np.concatenate([obs, fb]).tolist())

@@ -87,7 +87,7 @@ class Driver:
 
     def ref_step(self):
         obs, fb = self.inputs()
-        out, info = self.ref.step(self.ref.observation(obs[None], fb[None]))
+        out, info = self.ref.step(self.ref.observation({'observation': obs[None], 'feedback': fb[None]}))
         self.prev = out[0].astype(np.float32)
         return self.prev
 
@@ -96,7 +96,7 @@ class Driver:
         r = c.step(self.name, obs, fb, t=self.ref.t)
         expect = self.ref_step()
         assert np.array_equal(r["outputs"], expect), (self.name, self.ref.t, self.ref.n_experts, r["outputs"], expect)
-        assert r["t"] == self.ref.t and r["messages"]["sent"] == r["rounds"] * self.ref.n_experts
+        assert r["t"] == self.ref.t and r["messages"]["sent"] == r["rounds"] * self.ref.n_experts ** 2
         return r
 
 
@@ -107,7 +107,7 @@ def test_kill9_restart_continue_and_sigterm(policy, tiny_policy, tmp_path):
     with srv.client() as c:
         assert c.health()["ready"]
         for d in (a, b):
-            info = c.open(dims=d.ref.episode.dims, experts=d.ref.n_experts, seed=d.ref.seed, session=d.name)
+            info = c.open(dims=d.ref.dims, experts=d.ref.n_experts, seed=d.ref.seed, session=d.name)
             assert info["t"] == 0
         for t in range(6):
             a.step(c)

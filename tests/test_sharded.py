@@ -9,19 +9,14 @@ import numpy as np
 import pytest
 import trio
 
-from badger_runtime.actors.episodes import play, run_actor_episodes
 from badger_runtime.actors.runtime import ActorAgent
-from badger_runtime.actors.sharded import (
-    ShardedAgent,
-    in_degrees,
-    run_sharded_episodes,
-    shard_bounds,
-)
+from badger_runtime.actors.sharded import ShardedAgent, shard_bounds
 from badger_runtime.engine import Agent, InputError, numpy_ops
+from badger_runtime.episodes import Driver, sample_batches
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import load_policy
 from badger_runtime.rollout import rollout
-from badger_runtime.tasks import guessing
+from badger_runtime.routing import in_degrees
 
 ROUTINGS = [("dense", {}), ("topk", {"k": 2}), ("topk", {"k": 2, "candidates": 3}), ("hardwired", {}),
             ("homogeneous", {}), ("random", {"degree": 2})]
@@ -41,6 +36,20 @@ def cfg_with(pol, kind="dense", rule="fixed", rounds=1, eps=1e-3, quorum=0.5, **
                                                              quorum=quorum))
 
 
+def run_sharded_episodes(pol, agent, task, **kw):
+    return run_episodes(numpy_ops(), pol, agent, task, runtime="sharded", **kw)
+
+
+def run_actor_episodes(pol, agent, task, **kw):
+    return run_episodes(numpy_ops(), pol, agent, task, runtime="actors", **kw)
+
+
+def engine_episode(pol, agent, batch, n, d, seed, steps=8):
+    """A seeded batch of episodes and engine.Agent on it (the draws of Agent.reset)."""
+    _, ep, w = next(sample_batches(pol.task, agent, dims=d, experts=n, episodes=batch, seed=seed, steps=steps))
+    return ep, Agent(pol, agent).start(ep.interface, w)
+
+
 # -- parity ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,extra", ROUTINGS, ids=[k + ("-C" if "candidates" in e else "") for k, e in ROUTINGS])
 def test_parity_with_batched_engine(pol, kind, extra):
@@ -53,10 +62,10 @@ def test_parity_with_batched_engine(pol, kind, extra):
         kw = {"dims": 3, "experts": 7, "episodes": 4, "seed": 20 + rounds, "steps": 4}
         a = run_episodes(numpy_ops(), pol, agent, task, **kw)
         b = run_sharded_episodes(pol, agent, task, shards=3, tile=2, policy_chunk=5, **kw)
-        assert np.abs(a.guesses - b.guesses).max() <= 1e-5, (kind, rounds)
+        assert np.abs(a.outputs - b.outputs).max() <= 1e-5, (kind, rounds)
         assert np.array_equal(a.rounds, b.rounds)
-        assert b.policy_rounds == 4 * rounds  # one gathered policy evaluation per round
-        assert b.policy_calls == 4 * rounds * int(np.ceil(4 * 7 / 5))  # ... in calls of <= 5 rows
+        assert b.runtime['policy_rounds'] == 4 * rounds  # one gathered policy evaluation per round
+        assert b.runtime['policy_calls'] == 4 * rounds * int(np.ceil(4 * 7 / 5))  # ... in calls of <= 5 rows
 
 
 @pytest.mark.parametrize("rule,eps,quorum", [("convergence", 0.2, 0.5), ("quorum", 1e-3, 0.6)])
@@ -69,7 +78,7 @@ def test_convergence_and_quorum_match_the_batched_engine(pol, rule, eps, quorum)
     for shards in (1, 4):
         b = run_sharded_episodes(pol, agent, pol.task, shards=shards, **kw)
         assert np.array_equal(a.rounds, b.rounds)
-        assert np.abs(a.guesses - b.guesses).max() <= 1e-5
+        assert np.abs(a.outputs - b.outputs).max() <= 1e-5
         assert b.rounds.min() >= 1 and b.rounds.max() <= 4
         assert len(np.unique(b.rounds)) > 1  # the rule decided: episodes of one batch stop at different rounds
 
@@ -88,10 +97,10 @@ def test_shard_count_does_not_change_the_rollout(pol, kind, extra):
     ref = run_sharded_episodes(pol, agent, pol.task, shards=1, tile=4096, policy_chunk=0, **kw)
     for shards, tile, chunk, enc in [(2, 3, 4, False), (3, 1, 1, True), (9, 4096, 0, False), (50, 2, 7, True)]:
         b = run_sharded_episodes(pol, agent, pol.task, shards=shards, tile=tile, policy_chunk=chunk, encode=enc, **kw)
-        assert np.abs(ref.guesses - b.guesses).max() <= 1e-6, (shards, tile, chunk, enc)
-        assert b.counters.delivered == ref.counters.delivered
+        assert np.abs(ref.outputs - b.outputs).max() <= 1e-6, (shards, tile, chunk, enc)
+        assert b.runtime['delivered'] == ref.runtime['delivered']
         if enc:
-            assert b.counters.block_bytes > 0
+            assert b.runtime['block_bytes'] > 0
 
 
 def test_same_rollout_as_the_per_expert_actors(pol):
@@ -101,24 +110,25 @@ def test_same_rollout_as_the_per_expert_actors(pol):
     kw = {"dims": 3, "experts": 8, "episodes": 2, "seed": 9, "steps": 4}
     a = run_actor_episodes(pol, agent, task, **kw)
     b = run_sharded_episodes(pol, agent, task, shards=3, **kw)
-    assert np.abs(a.guesses - b.guesses).max() <= 1e-5
-    assert a.counters.delivered == b.counters.delivered == 2 * 4 * 3 * 8 * 4  # episodes x steps x rounds x N x (C+1)
+    assert np.abs(a.outputs - b.outputs).max() <= 1e-5
+    assert a.runtime['delivered'] == b.runtime['delivered'] == 2 * 4 * 3 * 8 * 4  # episodes x steps x rounds x N x (C+1)
 
 
 def test_one_episode_step_by_step_matches_engine_agent(pol):
     """The stepwise form beside engine.Agent (as the bench runs it), on a sparse graph larger than a tile."""
     agent = cfg_with(pol, "topk", rounds=2, k=4, candidates=6)
-    eng = Agent(pol, agent).reset(1, 300, 3, seed=1)
-    sh = ShardedAgent(pol, agent, eng.episode, eng.wiring, shards=3, tile=64, policy_chunk=128, encode=True)
+    ep, eng = engine_episode(pol, agent, 1, 300, 3, seed=1)
+    sh = ShardedAgent(pol, agent, eng.interface, eng.wiring, shards=3, tile=64, policy_chunk=128, encode=True)
     outs = []
 
     async def main():
         async with sh.running():
-            guess = np.zeros((1, 3), np.float32)
-            for t in range(4):
-                obs = guessing.observe(numpy_ops(), eng.episode, guess, t)
+            driver = Driver(numpy_ops(), ep, 4)
+            while not driver.finished:
+                obs = driver.observation()
                 ref, _ = eng.step(obs)
                 guess, info = await sh.step(obs)
+                driver.record(guess, info)
                 outs.append(np.abs(ref - guess).max())
                 assert info.messages == 300 * 7 * 2  # (C + 1 self-loop) senders per receiver and round
                 assert info.rounds.tolist() == [2.0]
@@ -133,7 +143,7 @@ def test_one_episode_step_by_step_matches_engine_agent(pol):
 def test_membrane_refuses_bad_use(pol):
     agent = cfg_with(pol, "dense", rounds=1)
     eng = Agent(pol, agent).reset(2, 5, 2, seed=0)
-    sh = ShardedAgent(pol, agent, eng.episode, eng.wiring, shards=2)
+    sh = ShardedAgent(pol, agent, eng.interface, eng.wiring, shards=2)
 
     async def main():
         with pytest.raises(RuntimeError, match="not running"):
@@ -155,7 +165,7 @@ def test_shards_hear_only_the_shards_they_need(pol):
     """Hardwired layers: the input layer hears no one but itself, so its shard gets no blocks."""
     agent = cfg_with(pol, "hardwired", rounds=2, self_loops=False)
     eng = Agent(pol, agent).reset(1, 9, 2, seed=0)
-    sh = ShardedAgent(pol, agent, eng.episode, eng.wiring, shards=3)  # one shard per layer
+    sh = ShardedAgent(pol, agent, eng.interface, eng.wiring, shards=3)  # one shard per layer
     assert [s.core.needs for s in sh._shards] == [[], [0, 1], [1]]
 
     async def main():
@@ -182,24 +192,18 @@ def test_helpers():
 def test_actor_agent_and_sharded_agent_step_the_same_episode(pol):
     """The bench's setting: one episode, ActorAgent and ShardedAgent built from engine.Agent's wiring."""
     agent = cfg_with(pol, "topk", rounds=2, k=3)
-    eng = Agent(pol, agent).reset(1, 12, 2, seed=3)
+    ep, eng = engine_episode(pol, agent, 1, 12, 2, seed=3)
     outs = {}
 
     async def main():
-        for name, a in (("actors", ActorAgent(pol, agent, eng.episode, eng.wiring)),
-                        ("sharded", ShardedAgent(pol, agent, eng.episode, eng.wiring, shards=5))):
+        from badger_runtime.episodes import adrive
+
+        for name, a in (("actors", ActorAgent(pol, agent, eng.interface, eng.wiring)),
+                        ("sharded", ShardedAgent(pol, agent, eng.interface, eng.wiring, shards=5))):
             async with a.running():
-                if name == "actors":
-                    g, _, _, _ = await play(a, eng.episode, 3)
-                else:
-                    guess, gs = np.zeros((1, 2), np.float32), []
-                    for t in range(3):
-                        guess, _ = await a.step(guessing.observe(numpy_ops(), eng.episode, guess, t))
-                        gs.append(guess[0])
-                    g = np.stack(gs)
-            outs[name] = g
+                outs[name] = (await adrive(a, Driver(numpy_ops(), ep, 3))).outputs[:, 0]
 
     trio.run(main)
-    ref = rollout(numpy_ops(), pol, agent, eng.episode, eng.wiring, steps=3).guesses[:, 0]
+    ref = rollout(numpy_ops(), pol, agent, ep, eng.wiring, steps=3).outputs[:, 0]
     assert np.abs(outs["actors"] - ref).max() <= 1e-5
     assert np.abs(outs["sharded"] - ref).max() <= 1e-5

@@ -231,7 +231,13 @@ class ShardCore:
             heard = self.topo.any(axis=(0, 1))  # [N]
             need = {j for j, (a, b) in enumerate(bounds) if heard[a:b].any()}
         self.needs = sorted(need)
-        self.indeg = routing.in_degrees(self.topo, N, B).sum(axis=1)  # [B] messages my experts hear per round
+        # [B] messages my experts hear per round (each of my n receivers: N senders, its C listed ones, or its mask row)
+        if self.topo is None:
+            self.indeg = np.full(B, self.n * N, np.int64)
+        elif isinstance(self.topo, routing.Neighbors):
+            self.indeg = np.full(B, self.n * self.topo.idx.shape[-1], np.int64)
+        else:
+            self.indeg = self.topo.sum(axis=(1, 2)).astype(np.int64)
         self.keys = np.zeros((B, N, spec.key_dim), np.float32)  # senders' keys and values, as heard
         self.values = np.zeros((B, N, spec.msg_dim), np.float32)
         self.inbox_buf = np.zeros((B, self.n, spec.msg_dim), np.float32)
@@ -392,14 +398,17 @@ class ShardedAgent(Lifecycle):
         self._nursery = None
 
     def _start_shards(self):
+        """Start this partition's shard tasks as one group (a later resize cancels the group)."""
         scope = self._shard_scope = trio.CancelScope()
+        shards = list(self._shards)
 
-        async def shard(sh):
+        async def group():
             with scope:
-                await self._shard_task(sh)
+                async with trio.open_nursery() as n:
+                    for sh in shards:
+                        n.start_soon(self._shard_task, sh)
 
-        for sh in self._shards:
-            self._nursery.start_soon(shard, sh)
+        self._nursery.start_soon(group)
 
     def _resize(self, wiring: Wiring, st: AgentState):
         if self._stepping:

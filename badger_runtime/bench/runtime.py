@@ -211,10 +211,10 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
             rows.append(row | {"skipped": f"per-expert actors run only up to --actor-max-n {spec.actor_max_n}"})
             continue
         t0 = time.perf_counter()
-        timed = _Timed(engine, _runtime(engine, policy, cfg, ep, wiring, spec), None)
+        runner = _Timed(engine, _runtime(engine, policy, cfg, ep, wiring, spec), None)
         setup = time.perf_counter() - t0
-        timed.deadline = time.perf_counter() + spec.max_seconds
-        res = _drive(timed, ep, spec, spec.warmup + spec.steps)
+        runner.deadline = time.perf_counter() + spec.max_seconds
+        res = _drive(runner, ep, spec, spec.warmup + spec.steps)
         timed = res[spec.warmup:] or res[-1:]  # a single (slow) step that used the budget is the measurement
         sec = sum(r[0] for r in timed)
         msgs = sum(r[1] for r in timed)
@@ -227,9 +227,9 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
         if ref is not None and engine != "batched":
             m = min(len(ref), len(outs))
             row["max_diff_vs_batched"] = float(np.abs(ref[:m] - outs[:m]).max())
-        row |= timed.extra()
+        row |= runner.extra()
         rows.append(row)
-        del timed
+        del runner
     return rows
 
 

@@ -437,7 +437,8 @@ class SessionManager:
             info = self._commit(s, change, step=True)
             self.metrics.inc("steps")
             return {"outputs": s.last_outputs, "t": a.t, "episode": s.episode, "rounds": int(info.rounds[0]),
-                    "messages": {"delivered": int(info.messages), "dropped": 0}, "experts": a.n_experts}
+                    "messages": {"sent": int(info.messages), "delivered": int(info.messages), "dropped": 0},
+                    "experts": a.n_experts}
         return self._locked(name, step)
 
     def _k_add_experts(self, name: str | None, body: dict) -> dict:

@@ -208,6 +208,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                 ep = task.sample(rng, cfg.train.batch_size, dims=d, experts=n, steps=steps, addr_dim=spec.addr_dim)
                 wiring = sample_wiring(rng, cfg.agent, cfg.train.batch_size, n)
                 agent = Agent(policy, cfg.agent, ops=ops, check_inputs=False).start(ep.interface, wiring, rng=rng)
+                agent.vote_loss = bool(cfg.train.vote_weight)
                 prev, ep_start = None, 0
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, b)

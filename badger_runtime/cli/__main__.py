@@ -1,0 +1,7 @@
+"""`python -m badger_runtime.cli ...` (the same as `badger ...`)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
