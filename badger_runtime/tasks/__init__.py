@@ -130,6 +130,12 @@ class TaskEpisode:
         """What is reported of step t's outputs: name -> [B] (numpy)."""
         raise NotImplementedError
 
+    def trajectory_loss(self, ops, t0: int, outputs) -> Any:
+        """An extra training loss (a scalar) over the outputs [T, B, d] of steps t0 .. t0 + T - 1, for
+        what a per-step loss cannot say (e.g. a score-function term for a discrete choice whose
+        effect comes later). Training adds it with weight T / episode length. Default: None."""
+        return None
+
     def select(self, idx) -> "TaskEpisode":
         """Some of the episodes (``idx``: a slice or an index array on the batch axis)."""
         changes: dict[str, Any] = {"interface": self.interface.select(idx)}

@@ -92,6 +92,9 @@ def _episode_loss(cfg: ExperimentConfig, ops, agent: Agent, ep, steps: int, roun
         loss = loss + (weights[t0:t1] * errs).sum()
         if with_votes:
             loss = loss + cfg.train.vote_weight * traj.vote_loss * (t1 - t0) / steps
+        extra = ep.trajectory_loss(ops, start + t0, traj.outputs)
+        if extra is not None:
+            loss = loss + extra * (t1 - t0) / steps
         per_step.append(errs.detach())
         prev = traj.outputs[-1]
         if t1 in cuts or t1 == steps:
