@@ -70,7 +70,7 @@ def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int
     metrics, outputs, used, eps, traces, counters = {}, [], [], [], [], {}
     messages = 0
     rngs = episode_rngs(seed)
-    if runtime == "engine":
+    if runtime != "actors":  # growing draws from the agent stream, after each batch's wiring
         runtime_kw["rng"] = rngs[1]
     for start, ep, wiring in sample_batches(task, agent, dims=dims, experts=experts, episodes=episodes, seed=seed,
                                             steps=steps, chunk=chunk, rngs=rngs):

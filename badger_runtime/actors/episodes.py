@@ -68,12 +68,13 @@ def actor_batch(ops, policy, agent, ep, wiring, *, start: int, steps: int, round
 
 
 def sharded_batch(ops, policy, agent, ep, wiring, *, start: int, steps: int, rounds=None, record=False, changes=(),
-                  seed: int = 0, **agent_kw):
-    """Run a batch with one ``ShardedAgent``; returns (Trajectory, counters)."""
+                  seed: int = 0, rng=None, **agent_kw):
+    """Run a batch with one ``ShardedAgent`` (``rng``: what growing draws from, as the engine's);
+    returns (Trajectory, counters)."""
 
     async def main():
         a = ShardedAgent(policy, agent, ep.interface, wiring, episode_index=start,
-                         rng=np.random.default_rng([seed, 2, start]), **agent_kw)
+                         rng=rng if rng is not None else np.random.default_rng([seed, 2, start]), **agent_kw)
         async with a.running():
             traj = await adrive(a, Driver(ops, ep, steps, rounds=rounds, changes=changes, record=record,
                                           with_losses=False, seed=seed + start))
