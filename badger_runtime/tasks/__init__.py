@@ -41,6 +41,7 @@ from ..membrane import Interface
 REGISTRY: dict[str, str] = {
     "guessing": "badger_runtime.tasks.guessing:GuessingTask",
     "scale": "badger_runtime.tasks.scale:ScaleTask",
+    "gym": "badger_runtime.tasks.gym:GymTask",
 }
 _BUILTIN = frozenset(REGISTRY)
 _loaded: dict[str, type["Task"]] = {}
