@@ -155,6 +155,7 @@ class Stage:
     experts: tuple[int, int] | None = None
     addresses: str | None = None
     change_every: int = 0  # fixed addresses: redraw them every this many batches (0 = never)
+    settings: dict = field(default_factory=dict)  # other task settings of this stage (validated by the task)
 
 
 @dataclass
@@ -212,6 +213,11 @@ class ExperimentConfig:
         self.agent.validate()
         self.task.validate()
         self.train.validate()
+        for st in self.train.stages:  # every stage's task settings must be valid for this task
+            fields_ = {f.name for f in fields(self.task)}
+            bad = set(st.settings) - fields_ | ({"name"} & set(st.settings))
+            if bad:
+                raise ConfigError(f"train.stages: task {self.task.name!r} has no settings {sorted(bad)}")
         return self
 
 
@@ -259,6 +265,10 @@ def _coerce(tp, value, where):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")

@@ -14,7 +14,9 @@ import trio
 
 from badger_runtime.actors import expert as ex
 from badger_runtime.actors.messages import Message, encode
-from badger_runtime.actors.runtime import MEMBRANE, ActorAgent, Supervision
+from badger_runtime.actors.runtime import ActorAgent
+from badger_runtime.actors.supervisor import Supervision
+from badger_runtime.actors.transport import MEMBRANE
 from badger_runtime.engine import numpy_ops
 from badger_runtime.episodes import Driver, sample_batches
 from badger_runtime.evaluation import run_episodes
@@ -164,13 +166,14 @@ def test_expert_core_without_an_event_loop(pol):
 # -- bad frames -------------------------------------------------------------------------------
 def bad_frames():
     good = {"key": np.ones(4, np.float32), "query": np.ones(4, np.float32), "value": np.ones(6, np.float32)}
+    obs = {"slot_addr": np.ones((3, 6), np.float32), "slot_val": np.ones(3, np.float32), "rounds": 1}
     return [
         b"\xc1\xc1 not msgpack",
         msgpack.packb([1, 2, 3]),
         msgpack.packb({"version": 99, "kind": "msg"}),
         encode(Message("msg", 0, (0,), 0, 0, 0, good)),  # a schema-valid msg the transport did not carry
-        encode(Message("observe", 3, (0,), 0, 0, 0, {})),  # observations come from the membrane only
-        encode(Message("observe", MEMBRANE, (0,), 0, 0, 0, {"slot_addr": np.ones(3, np.float32)})),
+        encode(Message("observe", 3, (0,), 0, 0, 0, obs)),  # observations come from the membrane only
+        encode(Message("observe", MEMBRANE, (0,), 0, 0, 0, {**obs, "slot_addr": np.ones(3, np.float32)})),  # 1-D
         encode(Message("push", MEMBRANE, (0,), 0, 0, 0, {"key": good["key"], "value": good["value"]})),
         encode(Message("control", MEMBRANE, (0,), 0, 0, 0, {"op": "add"})),  # missing fields
     ]
@@ -197,7 +200,7 @@ def test_bad_frames_are_counted_and_never_crash_an_expert(pol, caplog):
 
 
 def _raw_envelope(data):
-    from badger_runtime.actors.runtime import Envelope, Frame
+    from badger_runtime.actors.transport import Envelope, Frame
 
     return Envelope(Frame(data))
 

@@ -36,7 +36,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 from badger_runtime.actors import expert as ex
 from badger_runtime.actors import runtime as rt
-from badger_runtime.actors.runtime import ActorAgent, Supervision
+from badger_runtime.actors.runtime import ActorAgent
+from badger_runtime.actors.supervisor import Supervision
 from badger_runtime.engine import numpy_ops
 from badger_runtime.evaluation import episode_rngs
 from badger_runtime.policy_card import load_policy

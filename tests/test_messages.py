@@ -56,6 +56,11 @@ def messages(draw, finite=True):
             payload[k] = draw(f32_vectors())
     elif kind == "control":
         payload["op"] = draw(st.sampled_from(m.CONTROL_OPS))
+    elif kind == "observe":
+        payload.update(slot_addr=draw(f32_vectors()), slot_val=draw(f32_vectors()), rounds=draw(st.integers(1, 64)))
+    elif kind == "vote":
+        form = draw(st.sampled_from(m.PAYLOAD_FORMS["vote"]))
+        payload.update({f: draw(SCALARS) for f in form if f not in payload})
     receivers = tuple(draw(st.lists(IDS, max_size=6, unique=True)))
     return Message(kind, draw(IDS), receivers, draw(IDS), draw(IDS), draw(IDS), payload)
 
@@ -66,6 +71,10 @@ def valid_msg(**over) -> Message:
                            "value": np.arange(64, dtype=np.float32), "hops": 1, "w": 0.5, "tag": "x"})
     fields.update(over)
     return Message(**fields)
+
+
+def observe_payload(**extra) -> dict:
+    return {"slot_addr": np.zeros((2, 4), np.float32), "slot_val": np.zeros(2, np.float32), "rounds": 1, **extra}
 
 
 def raw(msg: Message) -> dict:
@@ -116,14 +125,14 @@ def test_array_codec_bitwise(a, order):
 
 def test_noncontiguous_array_round_trips():
     a = np.arange(24, dtype=np.float64).reshape(4, 6)[:, ::2].T
-    msg = valid_msg(kind="observe", payload={"x": a})
+    msg = valid_msg(kind="observe", payload=observe_payload(**{"x": a}))
     out = decode(encode(msg)).payload["x"]
     assert np.array_equal(out, a) and out.shape == a.shape
 
 
 def test_negative_zero_and_subnormal_exact():
     a = np.array([-0.0, 1e-45, np.finfo(np.float32).max], dtype=np.float32)
-    out = decode(encode(valid_msg(kind="observe", payload={"x": a, "z": -0.0}))).payload
+    out = decode(encode(valid_msg(kind="observe", payload=observe_payload(**{"x": a, "z": -0.0})))).payload
     assert out["x"].tobytes() == a.tobytes() and math.copysign(1, out["z"]) == -1
 
 
@@ -243,13 +252,14 @@ def test_nan_and_inf_rejected_unless_allowed():
     for bad in (np.nan, np.inf, -np.inf):
         a = np.array([0.0, bad], dtype=np.float32)
         with pytest.raises(MessageError, match=r"payload\['x'\].*NaN"):
-            encode(valid_msg(kind="observe", payload={"x": a}))
-        data = encode(valid_msg(kind="observe", payload={"x": a}), allow_nonfinite=True)
+            encode(valid_msg(kind="observe", payload=observe_payload(x=a)))
+        data = encode(valid_msg(kind="observe", payload=observe_payload(x=a)), allow_nonfinite=True)
         rejects(data, r"payload\['x'\].*NaN or inf")
         assert decode(data, allow_nonfinite=True).payload["x"].tobytes() == a.tobytes()
-        with pytest.raises(MessageError, match=r"payload\['f'\]: float"):
-            encode(valid_msg(kind="vote", payload={"f": float(bad)}))
-        rejects(encode(valid_msg(kind="vote", payload={"f": float(bad)}), allow_nonfinite=True), r"payload\['f'\]")
+        with pytest.raises(MessageError, match=r"payload\['vote'\]: float"):
+            encode(valid_msg(kind="vote", payload={"vote": float(bad), "change": 0.0}))
+        rejects(encode(valid_msg(kind="vote", payload={"vote": float(bad), "change": 0.0}), allow_nonfinite=True),
+                r"payload\['vote'\]")
 
 
 def test_nan_in_required_vector_rejected():
@@ -263,11 +273,11 @@ def test_nan_in_required_vector_rejected():
 
 def test_oversize_array_and_frame_rejected():
     big = {"dtype": "int64", "shape": [m.MAX_ARRAY_BYTES // 8 + 1], "data": bytes(m.MAX_ARRAY_BYTES + 8)}
-    obj = raw(valid_msg(kind="observe", payload={}))
+    obj = raw(valid_msg(kind="observe", payload=observe_payload()))
     obj["payload"]["x"] = big
     rejects(obj, r"payload\['x'\].*exceeds the limit")
     with pytest.raises(MessageError, match="exceeds the limit"):
-        encode(valid_msg(kind="observe", payload={"x": np.zeros(m.MAX_ARRAY_BYTES // 8 + 1, np.int64)}))
+        encode(valid_msg(kind="observe", payload=observe_payload(**{"x": np.zeros(m.MAX_ARRAY_BYTES // 8 + 1, np.int64)})))
     rejects(bytes(m.MAX_FRAME + 1), "exceeds the limit")
 
 
@@ -306,25 +316,28 @@ def test_int_fields_checked():
 
 
 def test_payload_values_checked():
-    obj = raw(valid_msg(kind="observe", payload={}))
+    obj = raw(valid_msg(kind="observe", payload=observe_payload()))
     for val, match in [(True, "got bool"), (None, "got NoneType"), ([1.0], "got list"), (b"xy", "got bytes"),
                        (2**64 - 1, "outside the int64 range")]:
         rejects({**obj, "payload": {"x": val}}, rf"payload\['x'\].*{match}")
     rejects({**obj, "payload": {"": 1}}, "field name length")
     rejects({**obj, "payload": {b"k": 1}}, "field names must be str")
     rejects({**obj, "payload": [1]}, "payload: must be a map")
+    rejects({**obj, "payload": {"slot_addr": obj["payload"]["slot_addr"]}}, "requires field 'slot_val'")
+    vote = raw(valid_msg(kind="vote", payload={"decision": "stop"}))
+    rejects({**vote, "payload": {"verdict": "stop"}}, "needs the fields of one of")
     with pytest.raises(MessageError, match=r"payload\['x'\]"):
-        encode(valid_msg(kind="observe", payload={"x": [1, 2]}))
+        encode(valid_msg(kind="observe", payload=observe_payload(x=[1, 2])))
     with pytest.raises(MessageError, match="payload: must be a dict"):
         encode(valid_msg(kind="observe", payload=[("x", 1)]))
 
 
 def test_array_maps_checked():
     good = codec.pack_array(np.arange(6, dtype=np.int32).reshape(2, 3))
-    obj = raw(valid_msg(kind="observe", payload={}))
+    obj = raw(valid_msg(kind="observe", payload=observe_payload()))
 
     def bad(arr, match):
-        rejects({**obj, "payload": {"a": arr}}, rf"payload\['a'\]: .*{match}")
+        rejects({**obj, "payload": {**obj["payload"], "a": arr}}, rf"payload\['a'\]: .*{match}")
 
     bad({**good, "dtype": "float16"}, "dtype 'float16' not allowed")
     bad({**good, "dtype": "object"}, "not allowed")
@@ -341,7 +354,8 @@ def test_array_maps_checked():
     bad({"dtype": "int32", "shape": [6]}, "exactly the keys")
     bad({**good, "extra": 1}, "exactly the keys")
     bad({"dtype": "bool", "shape": [3], "data": b"\x00\x01\x02"}, "bool array bytes must be 0 or 1")
-    assert decode(pack({**obj, "payload": {"a": {"dtype": "bool", "shape": [2], "data": b"\x00\x01"}}})
+    assert decode(pack({**obj, "payload": {**obj["payload"], "a": {"dtype": "bool", "shape": [2],
+                                                                    "data": b"\x00\x01"}}})
                   ).payload["a"].tolist() == [False, True]
 
 
@@ -351,7 +365,7 @@ def test_encode_rejects_bad_arrays():
                      (np.zeros(3, np.complex64), "not allowed"),
                      (np.zeros(3, np.uint8), "not allowed")]:
         with pytest.raises(MessageError, match=match):
-            encode(valid_msg(kind="observe", payload={"a": a}))
+            encode(valid_msg(kind="observe", payload=observe_payload(**{"a": a})))
     with pytest.raises(MessageError, match="expected a Message"):
         encode({"kind": "msg"})
 
@@ -373,7 +387,7 @@ def test_kind_rules():
         assert decode(encode(valid_msg(kind="control", payload={"op": op, "n": 2}))).payload["op"] == op
     with pytest.raises(MessageError, match=r"payload\['op'\]: must be one of"):
         encode(valid_msg(kind="control", payload={"op": "explode"}))
-    obj = raw(valid_msg(kind="control", payload={"op": "stop"}))
+    obj = raw(valid_msg(kind="control", payload={"op": "remove"}))
     obj["payload"]["op"] = "explode"
     rejects(obj, r"payload\['op'\]: must be one of")
 

@@ -1,4 +1,5 @@
-"""Policy evaluation for the actors: one onnxruntime call per round (micro-batched) or per expert.
+"""Policy evaluation for the actors: ``PolicyBatcher`` (per-expert actors: one onnxruntime call per
+round, micro-batched, or per expert) and ``RowBatcher`` (shards: one gathered evaluation per round).
 
 Every expert steps the same policy once per communication round. A batch-1 onnxruntime call
 costs ~14 us; one call for 1000 rows costs well under a millisecond. So in ``micro_batch``
@@ -89,3 +90,99 @@ class PolicyBatcher:
         for i, r in enumerate(reqs):
             r.result = (h2[i], hd[i])
             r.done.set()
+
+
+DEFAULT_POLICY_CHUNK = 4096  # rows per onnxruntime call of a RowBatcher
+
+
+class RowBatcher:
+    """Gathers every shard's policy rows of a round into one evaluation, then scatters the results.
+
+    Rows live in preallocated buffers, shard i at rows ``[B lo_i, B hi_i)`` (its [B, n_i] rows,
+    episode-major). The shard that completes the round runs the policy on all rows (in calls of at
+    most ``chunk`` rows; 0 = one call) and wakes the others; each takes back views of its rows of
+    the output buffers, valid until the next round's evaluation (which needs its next request, so
+    it always copies them first). The sensed rows are constant during an inner step: a shard
+    sends them with its first round only.
+    """
+
+    def __init__(self, policy, bounds: list[tuple[int, int]], batch: int, chunk: int = DEFAULT_POLICY_CHUNK):
+        spec = policy.spec
+        self.policy = policy
+        self.bounds = bounds
+        self.batch = batch
+        rows = batch * bounds[-1][1]
+        self.rows_total = rows
+        self.h = np.zeros((rows, spec.hidden), np.float32)
+        self.inbox = np.zeros((rows, spec.msg_dim), np.float32)
+        self.sensed = np.zeros((rows, spec.sensed_dim), np.float32)
+        self.h_out = np.zeros((rows, spec.hidden), np.float32)
+        self.heads_out = np.zeros((rows, spec.heads_dim), np.float32)
+        chunk = rows if chunk <= 0 else int(chunk)
+        self.chunks = [(a, min(a + chunk, rows)) for a in range(0, rows, chunk)]
+        self._bindings = self._bind()
+        self.calls = 0  # onnxruntime calls
+        self.rounds = 0  # gathered evaluations (one per round)
+        self.rows = 0  # expert steps evaluated
+        self._waiting: dict[int, trio.Event] = {}
+        self._error: BaseException | None = None
+
+    def _bind(self):
+        """IOBinding per chunk onto the buffers (None: call ``policy.step`` and copy)."""
+        sess = getattr(self.policy, "session", None)
+        if sess is None or not hasattr(sess, "io_binding"):
+            return None
+        out = []
+        for a, b in self.chunks:
+            bind = sess.io_binding()
+            bind.bind_cpu_input("state", self.h[a:b])
+            bind.bind_cpu_input("inbox", self.inbox[a:b])
+            bind.bind_cpu_input("sensed", self.sensed[a:b])
+            for name, buf in (("state_out", self.h_out[a:b]), ("heads", self.heads_out[a:b])):
+                bind.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            out.append(bind)
+        return out
+
+    def _rows(self, shard: int) -> slice:
+        lo, hi = self.bounds[shard]
+        return slice(self.batch * lo, self.batch * hi)
+
+    async def step(self, shard: int, h, inbox, sensed=None):
+        """Shard ``shard``'s rows for this round -> (h' [B, n, H], heads [B, n, heads_dim]) views."""
+        if shard in self._waiting:
+            raise RuntimeError(f"shard {shard} already has rows in this round")
+        rows = self._rows(shard)
+        n = rows.stop - rows.start
+        self.h[rows] = h.reshape(n, -1)
+        self.inbox[rows] = inbox.reshape(n, -1)
+        if sensed is not None:
+            self.sensed[rows] = sensed.reshape(n, -1)
+        done = trio.Event()
+        self._waiting[shard] = done
+        if len(self._waiting) == len(self.bounds):
+            self._flush()
+        await done.wait()
+        if self._error is not None:
+            raise self._error
+        B = self.batch
+        return self.h_out[rows].reshape(B, n // B, -1), self.heads_out[rows].reshape(B, n // B, -1)
+
+    def _flush(self):
+        waiting, self._waiting = self._waiting, {}
+        self._error = None
+        try:
+            if self._bindings is not None:
+                run = self.policy.session.run_with_iobinding
+                for bind in self._bindings:
+                    run(bind)
+            else:
+                for a, b in self.chunks:
+                    h2, hd = self.policy.step(self.h[a:b], self.inbox[a:b], self.sensed[a:b])
+                    self.h_out[a:b], self.heads_out[a:b] = h2, hd
+        except Exception as e:  # noqa: BLE001  (every waiting shard gets the error and raises it)
+            self._error = e
+        self.calls += len(self.chunks)
+        self.rounds += 1
+        self.rows += self.rows_total
+        for ev in waiting.values():
+            ev.set()

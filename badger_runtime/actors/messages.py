@@ -20,14 +20,18 @@ writable arrays.
 
 Kinds (``KINDS``) and the payload fields each one requires (``PAYLOAD_RULES``):
 
-- ``msg``: an expert's routed message; float32 arrays ``key``, ``query``, ``value``.
-- ``observe``: membrane -> expert, the sensed input (no required fields).
+- ``msg``: an expert's (or a shard's) routed message; float32 arrays ``key``, ``query``, ``value``.
+- ``observe``: membrane -> expert (or shard): float32 arrays ``slot_addr``, ``slot_val`` (the
+  slots it may read) and an int ``rounds`` >= 1 (the stage's round limit).
 - ``push``: expert -> membrane; float32 arrays ``key``, ``value``.
-- ``vote``: an expert's 'done' vote (no required fields).
-- ``control``: ``op`` a str in ``CONTROL_OPS`` (add / remove / stop).
+- ``vote``: one of the forms in ``PAYLOAD_FORMS``: an expert's ``vote`` and message ``change``
+  after a round; the membrane's ``decision`` (stop / continue); an expert's ``done`` (rounds
+  run, when it may not push); the sharded membrane's ``active`` episodes.
+- ``control``: ``op`` a str in ``CONTROL_OPS`` (add / remove).
 
-To add a kind, add it to ``KINDS`` and give it an entry in ``PAYLOAD_RULES``; fields not
-named in a rule are free (any allowed payload value). Changing the meaning of an existing
+To add a kind, add it to ``KINDS`` and give it an entry in ``PAYLOAD_RULES`` (and, if its
+payload has alternative forms, in ``PAYLOAD_FORMS``); fields not named in a rule are free (any
+allowed payload value). Changing the meaning of an existing
 field or the top-level layout means bumping ``SCHEMA_VERSION``.
 """
 
@@ -43,7 +47,7 @@ import numpy as np
 from ..codec import MAX_ARRAY_BYTES, MiB, CodecError, pack_array, unpack_array
 
 __all__ = [
-    "SCHEMA_VERSION", "KINDS", "CONTROL_OPS", "PAYLOAD_RULES", "MAX_FRAME", "MAX_ARRAY_BYTES",
+    "SCHEMA_VERSION", "KINDS", "CONTROL_OPS", "PAYLOAD_RULES", "PAYLOAD_FORMS", "MAX_FRAME", "MAX_ARRAY_BYTES",
     "MAX_RECEIVERS", "MAX_PAYLOAD_FIELDS", "MAX_STR_BYTES", "MAX_INT",
     "MessageError", "Message", "encode", "decode", "validate",
 ]
@@ -51,7 +55,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 KINDS: tuple[str, ...] = ("msg", "observe", "push", "vote", "control")
-CONTROL_OPS: tuple[str, ...] = ("add", "remove", "stop")
+CONTROL_OPS: tuple[str, ...] = ("add", "remove")
 
 MAX_FRAME = 64 * MiB            # a whole encoded message
 MAX_RECEIVERS = 1 << 16
@@ -90,14 +94,24 @@ def _one_of(options: tuple[str, ...]) -> Callable[[str, Any], None]:
 
 
 # kind -> {required field: check(name, value) raising MessageError}
+def _rounds(name: str, v: Any) -> None:
+    if type(v) is not int or v < 1:
+        raise MessageError(f"payload[{name!r}]: must be an int >= 1, got {_short(v)}")
+
+
 PAYLOAD_RULES: dict[str, dict[str, Callable[[str, Any], None]]] = {
     "msg": {"key": _float32_array, "query": _float32_array, "value": _float32_array},
-    "observe": {},
+    "observe": {"slot_addr": _float32_array, "slot_val": _float32_array, "rounds": _rounds},
     "push": {"key": _float32_array, "value": _float32_array},
     "vote": {},
     "control": {"op": _one_of(CONTROL_OPS)},
 }
 assert set(PAYLOAD_RULES) == set(KINDS), "every kind needs a PAYLOAD_RULES entry"
+
+# kind -> alternative sets of required fields (a payload must hold every field of one of them)
+PAYLOAD_FORMS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "vote": (("vote", "change"), ("decision",), ("done",), ("active",)),
+}
 
 
 # ---- the message -------------------------------------------------------------------------------
@@ -223,6 +237,9 @@ def _apply_rules(kind: str, payload: dict) -> None:
         if name not in payload:
             raise MessageError(f"payload: kind {kind!r} requires field {name!r}")
         check(name, payload[name])
+    forms = PAYLOAD_FORMS.get(kind)
+    if forms and not any(all(f in payload for f in form) for form in forms):
+        raise MessageError(f"payload: kind {kind!r} needs the fields of one of {[list(f) for f in forms]}")
 
 
 # ---- encode / decode --------------------------------------------------------------------------

@@ -64,30 +64,31 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import trio
 
-from .. import agreement, membrane, routing
+from .. import routing
 from ..config import AgentConfig
 from ..engine import InputError, check_values
 from ..membrane import Interface
 from ..rollout import StepInfo, Wiring, initial_state
 from ..xp import NumpyOps
 from .batcher import PolicyBatcher
+from .lifecycle import Lifecycle
+from .supervisor import Supervision
+from .transport import MEMBRANE, Counters, Envelope, Fault, Frame, Lost
 from .directory import Directory
 from .expert import COLLECT, DONE, IDLE, SEND, VOTE, ExpertCore
-from .messages import Message, MessageError, decode, encode
+from .membrane_core import MembraneCore
+from .messages import Message, MessageError, encode
 
 log = logging.getLogger("badger_runtime.actors")
 OPS = NumpyOps()
 
-MEMBRANE = 1 << 62  # the membrane's address in frames (expert ids are smaller)
-
-Fault = Callable[[int, int, int, int], "None | str | int"]
 
 
 class ExpertCrash(RuntimeError):
@@ -97,85 +98,6 @@ class ExpertCrash(RuntimeError):
 class StepTimeout(RuntimeError):
     """An inner step did not finish in ``step_timeout`` seconds: a runtime bug (the text says who
     waits for whom). The agent is then mid-step: close it."""
-
-
-class Frame:
-    """One encoded message as the transport carries it. A multicast frame is shared by its
-    receivers' envelopes: the first receiver decodes (and validates) it, the others reuse the
-    read-only result. With ``encode=False`` it carries the ``Message`` itself."""
-
-    __slots__ = ("data", "msg")
-
-    def __init__(self, data: bytes | None = None, msg: Message | None = None):
-        self.data, self.msg = data, msg
-
-    def message(self) -> Message:
-        if self.msg is None:
-            self.msg = decode(self.data)
-        return self.msg
-
-
-@dataclass
-class Envelope:
-    """What travels in a mailbox: a frame, plus the transport's note of an expert message."""
-
-    frame: Frame
-    meta: tuple[int, int, int] | None = None  # (sender, step, round) for counted expert messages
-
-
-@dataclass
-class Lost:
-    """The transport's notice that a message to this mailbox was lost."""
-
-    sender: int
-    step: int
-    round: int
-
-
-@dataclass
-class Supervision:
-    rule: str = "restart"  # 'restart' from the last state, or 'remove'
-    max_restarts: int = 3  # per expert; one more crash removes it
-
-    def __post_init__(self):
-        if self.rule not in ("restart", "remove"):
-            raise ValueError(f"supervision rule must be 'restart' or 'remove', got {self.rule!r}")
-
-
-@dataclass
-class Counters:
-    sent: int = 0  # expert->expert envelopes (one per receiver)
-    delivered: int = 0  # used in a receiver's inbox
-    dropped: int = 0
-    dropped_by: dict = field(default_factory=dict)  # reason -> count
-    bad_frames: int = 0  # frames that failed to decode or validate (any mailbox)
-    frames: int = 0  # every frame handled by a mailbox (messages, observations, votes, control)
-    crashes: int = 0
-    restarts: int = 0
-    removed_on_crash: int = 0
-    added: int = 0
-    removed: int = 0
-
-    @property
-    def in_flight(self) -> int:
-        return self.sent - self.delivered - self.dropped
-
-    def drop(self, reason: str, n: int = 1):
-        if n:
-            self.dropped += n
-            self.dropped_by[reason] = self.dropped_by.get(reason, 0) + n
-
-    def add(self, other: "Counters"):
-        for k in ("sent", "delivered", "dropped", "bad_frames", "frames", "crashes", "restarts",
-                  "removed_on_crash", "added", "removed"):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
-        for k, v in other.dropped_by.items():
-            self.dropped_by[k] = self.dropped_by.get(k, 0) + v
-
-    def as_dict(self) -> dict:
-        return {"sent": self.sent, "delivered": self.delivered, "dropped": self.dropped,
-                "bad_frames": self.bad_frames, "dropped_by": dict(self.dropped_by), "crashes": self.crashes,
-                "restarts": self.restarts}
 
 
 @dataclass
@@ -188,23 +110,6 @@ class _Record:
     restarts: int = 0
     crash_at: str | None = None
     removed: bool = False
-
-
-class Lifecycle:
-    """``async with agent.running():`` the agent's tasks live inside the block (a nursery owns
-    them); ``close()`` ends them. The class provides ``run(task_status=...)`` and ``_closed``."""
-
-    @asynccontextmanager
-    async def running(self):
-        async with trio.open_nursery() as n:
-            await n.start(self.run)
-            try:
-                yield self
-            finally:
-                self.close()
-
-    def close(self):
-        self._closed.set()
 
 
 class ActorAgent(Lifecycle):
@@ -263,10 +168,7 @@ class ActorAgent(Lifecycle):
         self.stopped = trio.Event()  # set when run() has ended and everything is accounted
         self.t = 0
         self._stepping = False
-        # the membrane's view of the current stage
-        self._votes: dict[tuple[int, int], dict[int, tuple[float, float]]] = {}
-        self._finished: dict[int, tuple[int, int]] = {}  # expert -> (step, rounds)
-        self._pushes: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # expert -> (step, key, value)
+        self.membrane = MembraneCore(self.spec, interface, self.directory)  # the membrane's view of a stage
 
     # -- lifecycle ----------------------------------------------------------------------
     def _new_record(self, eid: int, h, heads, ident) -> _Record:
@@ -488,16 +390,10 @@ class ActorAgent(Lifecycle):
                     self.counters.crashes += 1
                     self.events.append(("crash", eid, repr(exc)))
                     log.warning("expert %d crashed at step %d round %d: %r", eid, rec.core.t, rec.core.r, exc)
-                    alone = len(self._records) == 1
-                    if self.supervision.rule == "restart" and rec.restarts < self.supervision.max_restarts:
-                        restart = True
-                    elif alone:  # the last expert cannot be removed
-                        if rec.restarts >= 10 * max(1, self.supervision.max_restarts):
-                            raise
-                        restart = True
-                    else:
-                        restart = False
-                    if restart:
+                    action = self.supervision.decide(rec.restarts, alone=len(self._records) == 1)
+                    if action == "escalate":
+                        raise
+                    if action == "restart":
                         rec.restarts += 1
                         self.counters.restarts += 1
                         rec.core.restore(rec.snapshot)
@@ -617,26 +513,9 @@ class ActorAgent(Lifecycle):
     # -- the membrane ----------------------------------------------------------------------
     def _membrane_handle(self, item: Envelope):
         self.counters.frames += 1
-        A = self.spec.addr_dim
         try:
             msg = item.frame.message()
-            if msg.kind == "control" and msg.sender == MEMBRANE:
-                return  # a membership change: the wait conditions re-read the directory
-            if msg.sender not in self.directory.members:
-                return  # a frame from an expert removed since it was sent
-            if msg.kind == "push":
-                k, v = msg.payload["key"], msg.payload["value"]
-                if k.shape != (A,) or v.shape != (1 + A,):
-                    raise MessageError(f"push: key {k.shape} / value {v.shape}, expected ({A},) / ({1 + A},)")
-                self._pushes[msg.sender] = (msg.step, k, v)
-                self._finished[msg.sender] = (msg.step, msg.round)
-            elif msg.kind == "vote" and "done" in msg.payload:
-                self._finished[msg.sender] = (msg.step, msg.round)
-            elif msg.kind == "vote":
-                self._votes.setdefault((msg.step, msg.round), {})[msg.sender] = (
-                    float(msg.payload["vote"]), float(msg.payload["change"]))
-            else:
-                raise MessageError(f"{msg.kind} frames are not for the membrane")
+            self.membrane.on_frame(msg, msg.sender == MEMBRANE)
         except (MessageError, KeyError, TypeError, ValueError, AttributeError) as e:
             self.counters.bad_frames += 1
             log.warning("membrane: bad frame rejected: %s", e)
@@ -644,14 +523,6 @@ class ActorAgent(Lifecycle):
     async def _membrane_wait(self, ready: Callable[[], bool]):
         while not ready():
             self._membrane_handle(await self._mb_recv.receive())
-
-    def _visible(self, active: list[int]) -> np.ndarray:
-        """[n, J] which slots each taking-part expert may read (by rank, as the batched engine)."""
-        J = self.slot_addr.shape[0]
-        vis = self.interface.visible(len(active))
-        v = np.ones((len(active), J), bool) if vis is None else np.asarray(vis[0], bool).copy()
-        v &= np.array([self.directory.members[e].can_sense for e in active], bool)[:, None]
-        return v
 
     async def step(self, slot_values, rounds: int | None = None) -> tuple[np.ndarray, StepInfo]:
         """One inner step: slot values [1, J] (``interface.parts``) -> outputs [1, d]."""
@@ -677,47 +548,26 @@ class ActorAgent(Lifecycle):
             self._stepping = False
 
     async def _step(self, vals: np.ndarray, R: int) -> tuple[np.ndarray, StepInfo]:
-        t = self.t
+        t, core = self.t, self.membrane
         delivered0, frames0 = self.counters.delivered, self.counters.frames
         self.directory.begin_step(t)
-        active = self.directory.active()
-        vis = self._visible(active)
-        for i, e in enumerate(active):
-            self._post(e, Message("observe", MEMBRANE, (e,), self.episode_index, t, 0,
-                                  {"slot_addr": self.slot_addr[vis[i]], "slot_val": vals[vis[i]], "rounds": R}))
+        for e, payload in core.observations(vals, R):
+            self._post(e, Message("observe", MEMBRANE, (e,), self.episode_index, t, 0, payload))
         used = R
         acfg = type(self.cfg.agreement)(**{**self.cfg.agreement.__dict__, "rounds": R})
         if acfg.rule != "fixed":
             for r in range(R - 1):
-                await self._membrane_wait(lambda: set(self.directory.active()) <= self._votes.get((t, r), {}).keys())
-                who = self.directory.active()
-                if not who:  # everyone taking part was removed mid-step (only newcomers are left)
-                    used = r + 1
-                    break
-                got = self._votes.pop((t, r))
-                votes = np.array([[got[e][0] for e in who]], np.float32)
-                change = np.array([max(got[e][1] for e in who)], np.float32)
-                go = agreement.still_talking(OPS, acfg, r + 1, np.ones(1, bool), change, votes)
-                stop = not bool(go[0])
-                for e in who:
-                    self._post(e, Message("vote", MEMBRANE, (e,), self.episode_index, t, r,
-                                          {"decision": "stop" if stop else "continue"}))
+                await self._membrane_wait(lambda: core.votes_ready(t, r))
+                stop, verdicts = core.verdicts(acfg, t, r)
+                for e, payload in verdicts:
+                    self._post(e, Message("vote", MEMBRANE, (e,), self.episode_index, t, r, payload))
                 if stop:
                     used = r + 1
                     break
-        await self._membrane_wait(lambda: all(self._finished.get(e, (-1,))[0] == t for e in self.directory.active()))
-        who = self.directory.active()
-        pushers = [e for e in who if self.directory.members[e].can_push]
-        if pushers:
-            pk = np.stack([self._pushes[e][1] for e in pushers])[None]
-            pv = np.stack([self._pushes[e][2] for e in pushers])[None]
-            out, _ = membrane.push(OPS, pk, pv, self.out_addr[None], None)
-            out = np.asarray(out[0], np.float32)
-        else:
-            out = np.zeros(self.out_addr.shape[0], np.float32)
+        await self._membrane_wait(lambda: core.stage_done(t))
+        out, expert_rounds = core.outputs(t)
         info = StepInfo(np.array([used]), messages=self.counters.delivered - delivered0,
-                        experts=len(who), frames=self.counters.frames - frames0,
-                        expert_rounds={e: self._finished[e][1] for e in who})
-        self._votes = {k: v for k, v in self._votes.items() if k[0] > t}
+                        experts=len(expert_rounds), frames=self.counters.frames - frames0,
+                        expert_rounds=expert_rounds)
         self.t += 1
         return out[None], info

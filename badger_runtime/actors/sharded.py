@@ -56,19 +56,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from .. import agreement, membrane, routing
+from .. import agreement, membrane
 from ..config import AgentConfig
 from ..engine import InputError, check_values
 from ..membrane import Interface
-from ..rollout import AgentState, StepInfo, Wiring, grow, initial_state, shrink, split_heads
+from ..rollout import AgentState, StepInfo, Wiring, grow, initial_state, shrink
 from ..xp import NumpyOps
+from .batcher import DEFAULT_POLICY_CHUNK, RowBatcher
+from .lifecycle import Lifecycle
 from .messages import Message, MessageError, encode
-from .runtime import Frame, Lifecycle
+from .shard import DEFAULT_TILE, Counters, ShardCore
+from .transport import MEMBRANE, Frame
 
 OPS = NumpyOps()
-MEMBRANE = 1 << 62  # the membrane's address in frames (as in runtime.py)
-DEFAULT_TILE = 4096  # receivers routed at once inside a shard
-DEFAULT_POLICY_CHUNK = 4096  # rows per onnxruntime call
 
 
 def default_shards(n_experts: int) -> int:
@@ -81,238 +81,6 @@ def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     shards = max(1, min(int(shards), n))
     edges = np.linspace(0, n, shards + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
-
-
-# ---- the shared policy batcher ---------------------------------------------------------------------
-
-class RowBatcher:
-    """Gathers every shard's policy rows of a round into one evaluation, then scatters the results.
-
-    Rows live in preallocated buffers, shard i at rows ``[B lo_i, B hi_i)`` (its [B, n_i] rows,
-    episode-major). The shard that completes the round runs the policy on all rows (in calls of at
-    most ``chunk`` rows; 0 = one call) and wakes the others; each takes back views of its rows of
-    the output buffers, valid until the next round's evaluation (which needs its next request, so
-    it always copies them first). The sensed rows are constant during an inner step: a shard
-    sends them with its first round only.
-    """
-
-    def __init__(self, policy, bounds: list[tuple[int, int]], batch: int, chunk: int = DEFAULT_POLICY_CHUNK):
-        spec = policy.spec
-        self.policy = policy
-        self.bounds = bounds
-        self.batch = batch
-        rows = batch * bounds[-1][1]
-        self.rows_total = rows
-        self.h = np.zeros((rows, spec.hidden), np.float32)
-        self.inbox = np.zeros((rows, spec.msg_dim), np.float32)
-        self.sensed = np.zeros((rows, spec.sensed_dim), np.float32)
-        self.h_out = np.zeros((rows, spec.hidden), np.float32)
-        self.heads_out = np.zeros((rows, spec.heads_dim), np.float32)
-        chunk = rows if chunk <= 0 else int(chunk)
-        self.chunks = [(a, min(a + chunk, rows)) for a in range(0, rows, chunk)]
-        self._bindings = self._bind()
-        self.calls = 0  # onnxruntime calls
-        self.rounds = 0  # gathered evaluations (one per round)
-        self.rows = 0  # expert steps evaluated
-        self._waiting: dict[int, trio.Event] = {}
-        self._error: BaseException | None = None
-
-    def _bind(self):
-        """IOBinding per chunk onto the buffers (None: call ``policy.step`` and copy)."""
-        sess = getattr(self.policy, "session", None)
-        if sess is None or not hasattr(sess, "io_binding"):
-            return None
-        out = []
-        for a, b in self.chunks:
-            bind = sess.io_binding()
-            bind.bind_cpu_input("state", self.h[a:b])
-            bind.bind_cpu_input("inbox", self.inbox[a:b])
-            bind.bind_cpu_input("sensed", self.sensed[a:b])
-            for name, buf in (("state_out", self.h_out[a:b]), ("heads", self.heads_out[a:b])):
-                bind.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
-            out.append(bind)
-        return out
-
-    def _rows(self, shard: int) -> slice:
-        lo, hi = self.bounds[shard]
-        return slice(self.batch * lo, self.batch * hi)
-
-    async def step(self, shard: int, h, inbox, sensed=None):
-        """Shard ``shard``'s rows for this round -> (h' [B, n, H], heads [B, n, heads_dim]) views."""
-        if shard in self._waiting:
-            raise RuntimeError(f"shard {shard} already has rows in this round")
-        rows = self._rows(shard)
-        n = rows.stop - rows.start
-        self.h[rows] = h.reshape(n, -1)
-        self.inbox[rows] = inbox.reshape(n, -1)
-        if sensed is not None:
-            self.sensed[rows] = sensed.reshape(n, -1)
-        done = trio.Event()
-        self._waiting[shard] = done
-        if len(self._waiting) == len(self.bounds):
-            self._flush()
-        await done.wait()
-        if self._error is not None:
-            raise self._error
-        B = self.batch
-        return self.h_out[rows].reshape(B, n // B, -1), self.heads_out[rows].reshape(B, n // B, -1)
-
-    def _flush(self):
-        waiting, self._waiting = self._waiting, {}
-        self._error = None
-        try:
-            if self._bindings is not None:
-                run = self.policy.session.run_with_iobinding
-                for bind in self._bindings:
-                    run(bind)
-            else:
-                for a, b in self.chunks:
-                    h2, hd = self.policy.step(self.h[a:b], self.inbox[a:b], self.sensed[a:b])
-                    self.h_out[a:b], self.heads_out[a:b] = h2, hd
-        except Exception as e:  # noqa: BLE001  (every waiting shard gets the error and raises it)
-            self._error = e
-        self.calls += len(self.chunks)
-        self.rounds += 1
-        self.rows += self.rows_total
-        for ev in waiting.values():
-            ev.set()
-
-
-# ---- one shard (sans-IO) -------------------------------------------------------------------------
-
-@dataclass
-class Counters:
-    frames: int = 0  # messages handled by a mailbox (blocks, observations, votes, pushes)
-    blocks: int = 0  # (key, value) blocks delivered shard -> shard
-    block_bytes: int = 0  # their encoded size (encode=True)
-    delivered: int = 0  # logical expert -> expert messages: receivers' in-degrees, per round taken
-    bad_frames: int = 0
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-class ShardCore:
-    """One shard: the state of experts [lo, hi) of B episodes and the shard's part of the maths.
-
-    No IO and no awaiting (the trio shell is ``ShardedAgent``): ``sense`` at the start of an inner
-    step, ``take_block`` for each (key, value) block heard, ``inbox`` for the round, ``apply``
-    the policy's rows, ``push_block`` at the end.
-    """
-
-    def __init__(self, index: int, bounds: list[tuple[int, int]], policy, cfg: AgentConfig, wiring: Wiring,
-                 h, heads, visible, tile: int = DEFAULT_TILE):
-        self.index = index
-        self.lo, self.hi = bounds[index]
-        lo, hi = self.lo, self.hi
-        self.spec = spec = cfg.policy
-        self.cfg = cfg
-        self.h = np.array(h[:, lo:hi], np.float32)  # owned copies
-        self.heads = np.array(heads[:, lo:hi], np.float32)
-        B, N = wiring.noise.shape[:2]
-        self.B, self.N, self.n = B, N, hi - lo
-        self.ids = None if wiring.ids is None else np.asarray(wiring.ids[:, lo:hi], np.float32)
-        self.visible = None if visible is None else visible[:, lo:hi]  # [1 or B, n, J] or None (all)
-        topo = wiring.route_mask
-        if isinstance(topo, routing.Neighbors):
-            self.topo = routing.Neighbors(topo.idx[:, lo:hi])
-        elif topo is None:
-            self.topo = None
-        else:
-            self.topo = np.asarray(topo, bool)[:, lo:hi]
-        self.tile = max(1, int(tile))
-        # the shards whose experts some expert of mine may hear
-        starts = np.array([a for a, _ in bounds])
-        if self.topo is None:
-            need = set(range(len(bounds)))
-        elif isinstance(self.topo, routing.Neighbors):
-            need = set(np.unique(np.searchsorted(starts, self.topo.idx, side="right") - 1).tolist())
-        else:
-            heard = self.topo.any(axis=(0, 1))  # [N]
-            need = {j for j, (a, b) in enumerate(bounds) if heard[a:b].any()}
-        self.needs = sorted(need)
-        # [B] messages my experts hear per round (each of my n receivers: N senders, its C listed ones, or its mask row)
-        if self.topo is None:
-            self.indeg = np.full(B, self.n * N, np.int64)
-        elif isinstance(self.topo, routing.Neighbors):
-            self.indeg = np.full(B, self.n * self.topo.idx.shape[-1], np.int64)
-        else:
-            self.indeg = self.topo.sum(axis=(1, 2)).astype(np.int64)
-        self.keys = np.zeros((B, N, spec.key_dim), np.float32)  # senders' keys and values, as heard
-        self.values = np.zeros((B, N, spec.msg_dim), np.float32)
-        self.inbox_buf = np.zeros((B, self.n, spec.msg_dim), np.float32)
-        self.sensed: np.ndarray | None = None
-
-    # -- an inner step ----------------------------------------------------------------
-    def sense(self, slot_addr, slot_val):
-        """What my experts read from the input slots: rows of ``membrane.sense``."""
-        rq = split_heads(self.spec, self.heads)["read_query"]
-        parts = []
-        for a in range(0, self.n, self.tile):
-            b = min(a + self.tile, self.n)
-            vis = None if self.visible is None else self.visible[:, a:b]
-            parts.append(membrane.sense(OPS, rq[:, a:b], slot_addr, slot_val, vis))
-        sensed = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-        if self.ids is not None:
-            sensed = np.concatenate([sensed, self.ids], axis=-1)
-        self.sensed = np.ascontiguousarray(sensed, np.float32)
-        return self.sensed
-
-    def block(self) -> dict[str, np.ndarray]:
-        """My experts' message of this round (the heads of their last step): [B, n, ...] views."""
-        hd = split_heads(self.spec, self.heads)
-        return {"key": hd["key"], "query": hd["query"], "value": hd["value"]}
-
-    def take_block(self, lo: int, key, value):
-        """Copy a block heard from the shard owning experts [lo, lo + n)."""
-        n = key.shape[1]
-        if key.shape != (self.B, n, self.spec.key_dim) or value.shape != (self.B, n, self.spec.msg_dim):
-            raise MessageError(f"block: key {key.shape} / value {value.shape} do not fit "
-                               f"({self.B}, n, {self.spec.key_dim}) / ({self.B}, n, {self.spec.msg_dim})")
-        if lo < 0 or lo + n > self.N:
-            raise MessageError(f"block: experts [{lo}, {lo + n}) outside [0, {self.N})")
-        self.keys[:, lo:lo + n] = key
-        self.values[:, lo:lo + n] = value
-
-    def inbox(self) -> np.ndarray:
-        """My receivers' inboxes this round: rows of ``routing.route`` over the senders heard."""
-        q = split_heads(self.spec, self.heads)["query"]
-        cfg = self.cfg.routing
-        for a in range(0, self.n, self.tile):
-            b = min(a + self.tile, self.n)
-            if isinstance(self.topo, routing.Neighbors):
-                mask = routing.Neighbors(self.topo.idx[:, a:b])
-            elif self.topo is None:
-                # everyone hears everyone: route's homogeneous rule builds its own [N, N] weights,
-                # so give it this tile's (all-true) rows instead
-                mask = np.ones((self.B, b - a, self.N), bool) if cfg.kind == "homogeneous" else None
-            else:
-                mask = self.topo[:, a:b]
-            inbox, _ = routing.route(OPS, cfg, q[:, a:b], self.keys, self.values, mask)
-            self.inbox_buf[:, a:b] = inbox
-        return self.inbox_buf
-
-    def apply(self, h_new, heads_new, active: np.ndarray, rule: str):
-        """Commit the round's policy step (episodes no longer ``active`` keep their state).
-        Returns (largest message change per episode [B], votes [B, n]) for the membrane."""
-        change = None
-        if rule == "convergence":
-            old, new = split_heads(self.spec, self.heads)["value"], split_heads(self.spec, heads_new)["value"]
-            change = np.asarray(agreement.message_change(OPS, old, new).max(axis=1), np.float32)
-        if active.all():
-            np.copyto(self.h, h_new)
-            np.copyto(self.heads, heads_new)
-        else:
-            np.copyto(self.h, h_new, where=active[:, None, None])
-            np.copyto(self.heads, heads_new, where=active[:, None, None])
-        vote = None
-        if rule == "quorum":
-            vote = np.asarray(agreement.votes(OPS, split_heads(self.spec, self.heads)["vote"]), np.float32)
-        return change, vote
-
-    def push_block(self) -> dict[str, np.ndarray]:
-        hd = split_heads(self.spec, self.heads)
-        return {"key": hd["push_key"], "value": hd["push_value"]}
 
 
 # ---- the agent ----------------------------------------------------------------------------------

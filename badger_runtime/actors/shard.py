@@ -1,0 +1,154 @@
+"""One shard of the sharded runtime, without IO: ``ShardCore`` holds the state of experts
+[lo, hi) of B episodes and computes its part of the shared maths (sense, route, apply, push);
+``actors.sharded.ShardedAgent`` is the trio shell that moves its blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import agreement, membrane, routing
+from ..config import AgentConfig
+from ..rollout import Wiring, split_heads
+from ..xp import NumpyOps
+from .messages import MessageError
+
+OPS = NumpyOps()
+DEFAULT_TILE = 4096  # receivers routed at once inside a shard
+
+
+@dataclass
+class Counters:
+    frames: int = 0  # messages handled by a mailbox (blocks, observations, votes, pushes)
+    blocks: int = 0  # (key, value) blocks delivered shard -> shard
+    block_bytes: int = 0  # their encoded size (encode=True)
+    delivered: int = 0  # logical expert -> expert messages: receivers' in-degrees, per round taken
+    bad_frames: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class ShardCore:
+    """One shard: the state of experts [lo, hi) of B episodes and the shard's part of the maths.
+
+    No IO and no awaiting (the trio shell is ``ShardedAgent``): ``sense`` at the start of an inner
+    step, ``take_block`` for each (key, value) block heard, ``inbox`` for the round, ``apply``
+    the policy's rows, ``push_block`` at the end.
+    """
+
+    def __init__(self, index: int, bounds: list[tuple[int, int]], policy, cfg: AgentConfig, wiring: Wiring,
+                 h, heads, visible, tile: int = DEFAULT_TILE):
+        self.index = index
+        self.lo, self.hi = bounds[index]
+        lo, hi = self.lo, self.hi
+        self.spec = spec = cfg.policy
+        self.cfg = cfg
+        self.h = np.array(h[:, lo:hi], np.float32)  # owned copies
+        self.heads = np.array(heads[:, lo:hi], np.float32)
+        B, N = wiring.noise.shape[:2]
+        self.B, self.N, self.n = B, N, hi - lo
+        self.ids = None if wiring.ids is None else np.asarray(wiring.ids[:, lo:hi], np.float32)
+        self.visible = None if visible is None else visible[:, lo:hi]  # [1 or B, n, J] or None (all)
+        topo = wiring.route_mask
+        if isinstance(topo, routing.Neighbors):
+            self.topo = routing.Neighbors(topo.idx[:, lo:hi])
+        elif topo is None:
+            self.topo = None
+        else:
+            self.topo = np.asarray(topo, bool)[:, lo:hi]
+        self.tile = max(1, int(tile))
+        # the shards whose experts some expert of mine may hear
+        starts = np.array([a for a, _ in bounds])
+        if self.topo is None:
+            need = set(range(len(bounds)))
+        elif isinstance(self.topo, routing.Neighbors):
+            need = set(np.unique(np.searchsorted(starts, self.topo.idx, side="right") - 1).tolist())
+        else:
+            heard = self.topo.any(axis=(0, 1))  # [N]
+            need = {j for j, (a, b) in enumerate(bounds) if heard[a:b].any()}
+        self.needs = sorted(need)
+        # [B] messages my experts hear per round (each of my n receivers: N senders, its C listed ones, or its mask row)
+        if self.topo is None:
+            self.indeg = np.full(B, self.n * N, np.int64)
+        elif isinstance(self.topo, routing.Neighbors):
+            self.indeg = np.full(B, self.n * self.topo.idx.shape[-1], np.int64)
+        else:
+            self.indeg = self.topo.sum(axis=(1, 2)).astype(np.int64)
+        self.keys = np.zeros((B, N, spec.key_dim), np.float32)  # senders' keys and values, as heard
+        self.values = np.zeros((B, N, spec.msg_dim), np.float32)
+        self.inbox_buf = np.zeros((B, self.n, spec.msg_dim), np.float32)
+        self.sensed: np.ndarray | None = None
+
+    # -- an inner step ----------------------------------------------------------------
+    def sense(self, slot_addr, slot_val):
+        """What my experts read from the input slots: rows of ``membrane.sense``."""
+        rq = split_heads(self.spec, self.heads)["read_query"]
+        parts = []
+        for a in range(0, self.n, self.tile):
+            b = min(a + self.tile, self.n)
+            vis = None if self.visible is None else self.visible[:, a:b]
+            parts.append(membrane.sense(OPS, rq[:, a:b], slot_addr, slot_val, vis))
+        sensed = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        if self.ids is not None:
+            sensed = np.concatenate([sensed, self.ids], axis=-1)
+        self.sensed = np.ascontiguousarray(sensed, np.float32)
+        return self.sensed
+
+    def block(self) -> dict[str, np.ndarray]:
+        """My experts' message of this round (the heads of their last step): [B, n, ...] views."""
+        hd = split_heads(self.spec, self.heads)
+        return {"key": hd["key"], "query": hd["query"], "value": hd["value"]}
+
+    def take_block(self, lo: int, key, value):
+        """Copy a block heard from the shard owning experts [lo, lo + n)."""
+        n = key.shape[1]
+        if key.shape != (self.B, n, self.spec.key_dim) or value.shape != (self.B, n, self.spec.msg_dim):
+            raise MessageError(f"block: key {key.shape} / value {value.shape} do not fit "
+                               f"({self.B}, n, {self.spec.key_dim}) / ({self.B}, n, {self.spec.msg_dim})")
+        if lo < 0 or lo + n > self.N:
+            raise MessageError(f"block: experts [{lo}, {lo + n}) outside [0, {self.N})")
+        self.keys[:, lo:lo + n] = key
+        self.values[:, lo:lo + n] = value
+
+    def inbox(self) -> np.ndarray:
+        """My receivers' inboxes this round: rows of ``routing.route`` over the senders heard."""
+        q = split_heads(self.spec, self.heads)["query"]
+        cfg = self.cfg.routing
+        for a in range(0, self.n, self.tile):
+            b = min(a + self.tile, self.n)
+            if isinstance(self.topo, routing.Neighbors):
+                mask = routing.Neighbors(self.topo.idx[:, a:b])
+            elif self.topo is None:
+                # everyone hears everyone: route's homogeneous rule builds its own [N, N] weights,
+                # so give it this tile's (all-true) rows instead
+                mask = np.ones((self.B, b - a, self.N), bool) if cfg.kind == "homogeneous" else None
+            else:
+                mask = self.topo[:, a:b]
+            inbox, _ = routing.route(OPS, cfg, q[:, a:b], self.keys, self.values, mask)
+            self.inbox_buf[:, a:b] = inbox
+        return self.inbox_buf
+
+    def apply(self, h_new, heads_new, active: np.ndarray, rule: str):
+        """Commit the round's policy step (episodes no longer ``active`` keep their state).
+        Returns (largest message change per episode [B], votes [B, n]) for the membrane."""
+        change = None
+        if rule == "convergence":
+            old, new = split_heads(self.spec, self.heads)["value"], split_heads(self.spec, heads_new)["value"]
+            change = np.asarray(agreement.message_change(OPS, old, new).max(axis=1), np.float32)
+        if active.all():
+            np.copyto(self.h, h_new)
+            np.copyto(self.heads, heads_new)
+        else:
+            np.copyto(self.h, h_new, where=active[:, None, None])
+            np.copyto(self.heads, heads_new, where=active[:, None, None])
+        vote = None
+        if rule == "quorum":
+            vote = np.asarray(agreement.votes(OPS, split_heads(self.spec, self.heads)["vote"]), np.float32)
+        return change, vote
+
+    def push_block(self) -> dict[str, np.ndarray]:
+        hd = split_heads(self.spec, self.heads)
+        return {"key": hd["push_key"], "value": hd["push_value"]}
