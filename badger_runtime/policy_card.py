@@ -52,13 +52,11 @@ def signature(spec: PolicySpec) -> dict:
 def shipped_dir() -> Path | None:
     """The folder of the policies shipped with the package (``policies/`` of the source tree,
     installed as ``badger_runtime.policies``), or None if it is not there."""
-    try:
-        from importlib.resources import files
-
-        d = Path(str(files("badger_runtime.policies")))
-    except (ModuleNotFoundError, TypeError):
-        d = Path(__file__).resolve().parents[1] / "policies"
-    return d if d.is_dir() else None
+    here = Path(__file__).resolve().parent
+    for d in (here / "policies", here.parent / "policies"):  # installed; a source checkout
+        if d.is_dir() and any(d.glob("*.onnx")):
+            return d
+    return None
 
 
 def shipped_policies() -> list[str]:
