@@ -5,6 +5,19 @@ from __future__ import annotations
 import pytest
 
 
+def top_level_imports(path) -> set[str]:
+    """The top-level packages a module imports (absolute imports only)."""
+    import ast
+
+    mods = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            mods.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            mods.add(node.module.split(".")[0])
+    return mods
+
+
 def tiny_experiment(**task):
     from badger_runtime.config import AgentConfig, ExperimentConfig, PolicySpec, TrainConfig
     from badger_runtime.tasks.guessing import GuessingConfig

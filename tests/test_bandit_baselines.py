@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import ast
 import math
 
 import numpy as np
 import pytest
 
 from badger_runtime.tasks import bandit_baselines as bb
+
+from .conftest import top_level_imports
 
 POLICIES = {
     "thompson": bb.thompson,
@@ -34,13 +35,7 @@ def bernoulli_k10():
 
 
 def test_module_imports_numpy_only():
-    tree = ast.parse(open(bb.__file__).read())
-    mods = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            mods.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            mods.add(node.module.split(".")[0])
+    mods = top_level_imports(bb.__file__)
     assert mods <= {"__future__", "typing", "numpy"}
 
 

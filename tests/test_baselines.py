@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import math
 
 import numpy as np
@@ -10,19 +9,15 @@ import pytest
 
 from badger_runtime.tasks import baselines as bl
 
+from .conftest import top_level_imports
+
 
 def _targets(batch: int, d: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1.0, 1.0, size=(batch, d)).astype(np.float32)
 
 
 def test_module_imports_numpy_only():
-    tree = ast.parse(open(bl.__file__).read())
-    mods = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            mods.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            mods.add(node.module.split(".")[0])
+    mods = top_level_imports(bl.__file__)
     assert "torch" not in mods and "scipy" not in mods
     assert mods <= {"__future__", "typing", "numpy"}
 
