@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 ROUTINGS = ("dense", "topk", "hardwired", "homogeneous", "random")
+ABLATIONS = ("none", "cut", "shuffle")
 AGREEMENTS = ("fixed", "convergence", "quorum")
 OBJECTIVES = ("last", "mean", "weighted")
 
@@ -73,10 +74,13 @@ class RoutingConfig:
     candidates: int = 0  # top-k: senders each receiver scores (0 = all: exact, O(N^2); C > 0: O(N C))
     degree: int = 4  # random graph: senders per receiver
     self_loops: bool = True  # may an expert hear its own last message
+    ablation: str = "none"  # evaluation only: "cut" (every inbox empty) or "shuffle" (each expert gets another's)
 
     def validate(self):
         if self.kind not in ROUTINGS:
             raise ConfigError(f"routing.kind must be one of {ROUTINGS}, got {self.kind!r}")
+        if self.ablation not in ABLATIONS:
+            raise ConfigError(f"routing.ablation must be one of {ABLATIONS}, got {self.ablation!r}")
         if self.k < 1 or self.degree < 1 or self.candidates < 0:
             raise ConfigError("routing.k and routing.degree must be >= 1, routing.candidates >= 0")
 

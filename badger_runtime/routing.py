@@ -131,6 +131,15 @@ def route(ops, cfg: RoutingConfig, query, key, value, mask=None):
     Returns (inbox [B, N, Dm], weights [B, N, N]); with a ``Neighbors`` topology the
     weights are [B, N, C] over each receiver's listed senders.
     """
+    inbox, w = _route(ops, cfg, query, key, value, mask)
+    if cfg.ablation == "cut":  # evaluation ablation: nothing arrives
+        inbox = inbox * 0.0
+    elif cfg.ablation == "shuffle":  # evaluation ablation: each expert gets the next expert's inbox
+        inbox = ops.concat([inbox[..., 1:, :], inbox[..., :1, :]], axis=-2)
+    return inbox, w
+
+
+def _route(ops, cfg: RoutingConfig, query, key, value, mask):
     if isinstance(mask, Neighbors):
         return _route_sparse(ops, cfg, query, key, value, mask.idx)
     n = value.shape[-2]

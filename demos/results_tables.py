@@ -98,13 +98,15 @@ def main(argv=None):
           f"`badger eval --policy POLICY --dims 6 --experts {n} --episodes {E} --seed {S} --json` |")
     w("")
     w("### Hot-adding experts to a running agent (N = 5, +15 experts at step 10 of 20, final step)\n")
-    w("| policy | d | N = 5 throughout | +15 cloned | +15 fresh | N = 20 throughout |")
-    w("|---|---|---|---|---|---|")
+    w("| policy | d | N = 5 throughout | +15 cloned | +15 fresh | N = 20 throughout | command (+15 fresh) |")
+    w("|---|---|---|---|---|---|---|")
     for p in pols:
         for d in (3, 6):
             arms = [hot_add(p, d, 5, 0, None, E, S), hot_add(p, d, 5, 15, "clone", E, S),
                     hot_add(p, d, 5, 15, "fresh", E, S), hot_add(p, d, 20, 0, None, E, S)]
-            w(f"| {p.name} | {d} | " + " | ".join(f(a, 3) for a in arms) + " |")
+            w(f"| {p.name} | {d} | " + " | ".join(f(a, 3) for a in arms) +
+              f" | `badger eval --policy {p.name} --dims {d} --experts 5 --add-at 10 --add 15 --init fresh "
+              f"--episodes {E} --seed {S} --json` |")
     w("")
 
     # long horizons

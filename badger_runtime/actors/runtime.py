@@ -72,7 +72,7 @@ import numpy as np
 import trio
 
 from .. import routing
-from ..config import AgentConfig
+from ..config import AgentConfig, ConfigError
 from ..engine import InputError, check_values
 from ..membrane import Interface
 from ..rollout import StepInfo, Wiring, initial_state
@@ -126,6 +126,8 @@ class ActorAgent(Lifecycle):
                  expert_ids=None, spawn_order=None, micro_batch: bool = True, encode: bool = True,
                  supervision: Supervision | None = None, fault: Fault | None = None, episode_index: int = 0,
                  seed: int = 0, step_timeout: float | None = 60.0):
+        if cfg.routing.ablation == "shuffle":
+            raise ConfigError("the 'shuffle' messages ablation runs in the batched engine only")
         if interface.batch != 1 or wiring.noise.shape[0] != 1:
             raise ValueError("an ActorAgent runs one episode: pass batch-1 selections (interface.select([b]))")
         self.policy = policy

@@ -57,7 +57,7 @@ import numpy as np
 import trio
 
 from .. import agreement, membrane
-from ..config import AgentConfig
+from ..config import AgentConfig, ConfigError
 from ..engine import InputError, check_values
 from ..membrane import Interface
 from ..rollout import AgentState, StepInfo, Wiring, grow, initial_state, shrink
@@ -109,6 +109,8 @@ class ShardedAgent(Lifecycle):
                  shards: int | None = None, tile: int = DEFAULT_TILE, policy_chunk: int = DEFAULT_POLICY_CHUNK,
                  encode: bool = False, episode_index: int = 0, step_timeout: float | None = None,
                  state: AgentState | None = None, rng: np.random.Generator | None = None):
+        if cfg.routing.ablation == "shuffle":
+            raise ConfigError("the 'shuffle' messages ablation runs in the batched engine only")
         if interface.batch != wiring.batch:
             raise ValueError(f"interface batch {interface.batch} != wiring batch {wiring.batch}")
         self.policy, self.cfg, self.spec = policy, cfg, cfg.policy

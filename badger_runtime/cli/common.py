@@ -78,6 +78,9 @@ def add_eval_flags(p: argparse.ArgumentParser, runtime_default: str = "engine"):
                    help="top-k routing: senders each receiver scores (0: all; C > 0: O(N C) sparse)")
     p.add_argument("--k", type=int_in(1, 1_000_000, "--k"), default=None, help="top-k routing: senders kept")
     p.add_argument("--agreement", default=None, help="override the agreement rule (fixed, convergence, quorum)")
+    p.add_argument("--ablate", choices=("none", "cut", "shuffle"), default=None,
+                   help="messages ablation (batched engine): cut = every inbox empty, shuffle = each expert "
+                        "gets another expert's inbox")
     p.add_argument("--add-at", type=int_in(0, 10_000_000, "--add-at"), default=None, metavar="T",
                    help="hot-add experts before inner step T")
     p.add_argument("--add", type=int_in(1, 1_000_000, "--add"), default=0, metavar="M", help="how many to add")
@@ -137,6 +140,8 @@ def resolve_agent(args, agent: AgentConfig) -> AgentConfig:
         agent.routing.candidates = args.candidates
     if args.k is not None:
         agent.routing.k = args.k
+    if getattr(args, "ablate", None):
+        agent.routing.ablation = args.ablate
     if args.agreement:
         agent.agreement.rule = args.agreement
     if args.rounds is not None:
