@@ -247,3 +247,32 @@ def test_large_random_graphs_draw_distinct_senders():
     assert idx.shape == (2, n, 64)
     assert not (idx[..., 1:] == idx[..., :-1]).any()  # ascending and distinct
     assert not (idx == np.arange(n)[None, :, None]).any()  # never the receiver itself
+
+
+def test_message_ablations(tiny_policy):
+    """routing.ablation (eval only): 'cut' empties every inbox, 'shuffle' hands each expert the next
+    expert's inbox; both change the rollout, and the actor runtimes refuse the shuffle."""
+    import dataclasses
+
+    from badger_runtime import routing
+    from badger_runtime.config import ConfigError, RoutingConfig
+
+    ops = numpy_ops()
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 4, 3)).astype(np.float32) for _ in range(3))
+    full, _ = routing.route(ops, RoutingConfig(), q, k, v)
+    cut, _ = routing.route(ops, RoutingConfig(ablation="cut"), q, k, v)
+    shuf, _ = routing.route(ops, RoutingConfig(ablation="shuffle"), q, k, v)
+    assert not cut.any() and np.allclose(shuf, np.roll(full, -1, axis=1))
+    pol = load_policy(tiny_policy)
+    kw = dict(dims=3, experts=4, episodes=8, seed=0, steps=5)
+    outs = {}
+    for ab in ("none", "cut", "shuffle"):
+        agent = dataclasses.replace(pol.agent, routing=dataclasses.replace(pol.agent.routing, ablation=ab))
+        outs[ab] = run_episodes(ops, pol, agent, pol.task, **kw).outputs
+    assert np.abs(outs["none"] - outs["cut"]).max() > 1e-3 and np.abs(outs["none"] - outs["shuffle"]).max() > 1e-4
+    agent = dataclasses.replace(pol.agent, routing=dataclasses.replace(pol.agent.routing, ablation="shuffle"))
+    with pytest.raises(ConfigError, match="batched engine only"):
+        run_episodes(ops, pol, agent, pol.task, runtime="sharded", **kw)
+    with pytest.raises(ConfigError):
+        RoutingConfig(ablation="mute").validate()
