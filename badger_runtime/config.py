@@ -31,6 +31,7 @@ class PolicySpec:
     key_dim: int = 8  # routing query/key size
     addr_dim: int = 8  # address size (first 2 entries: slot kind flags)
     read_heads: int = 2  # attention heads reading the input slots
+    competitive_heads: int = 0  # of the read heads, how many compete for the slots (membrane.sense)
     id_dim: int = 0  # random identity features per expert (0 = none)
     init_noise: float = 1.0  # std of the random part of each expert's initial state
 
@@ -42,10 +43,12 @@ class PolicySpec:
             raise ConfigError("policy.addr_dim must be >= 3 (2 kind flags + an address)")
         if self.id_dim < 0 or self.init_noise < 0:
             raise ConfigError("policy.id_dim and policy.init_noise must be >= 0")
+        if not 0 <= self.competitive_heads <= self.read_heads:
+            raise ConfigError("policy.competitive_heads must be in [0, read_heads]")
 
     @property
     def sensed_dim(self) -> int:
-        return self.read_heads * (1 + self.addr_dim) + self.id_dim
+        return self.read_heads * (1 + self.addr_dim) + self.competitive_heads + self.id_dim
 
     @property
     def heads(self) -> list[tuple[str, int]]:

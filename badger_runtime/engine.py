@@ -40,6 +40,20 @@ class InputError(ValueError):
     """An observation the agent refuses (wrong shape, NaN/inf, out of range); the agent is unchanged."""
 
 
+class HorizonError(InputError):
+    """A step past an episodic policy's horizon without a reset (the agent is unchanged)."""
+
+
+def check_horizon(policy, t: int, past_horizon: bool):
+    """Refuse step ``t`` of an episodic policy (card ``lifetime``) at or past its horizon, unless the
+    caller asked to go past it (``past_horizon``): such a policy was never shown to stay sane there."""
+    horizon = getattr(policy, "horizon", None)
+    if horizon is not None and t >= horizon and not past_horizon:
+        raise HorizonError(f"policy {getattr(policy, 'name', '?')} is episodic with a horizon of {horizon} inner "
+                           f"steps (its card's lifetime): reset the agent, or ask to go past the horizon "
+                           f"explicitly (past_horizon=True; --past-horizon; open with past_horizon: true)")
+
+
 # Observations larger than this (in absolute value) are refused: the policy was trained on
 # values of order 1, and a huge value would saturate every gate it touches.
 MAX_ABS_INPUT = 1e3
@@ -80,8 +94,10 @@ class Agent:
     state) or removed between steps; nothing else changes.
     """
 
-    def __init__(self, policy, agent: AgentConfig | None = None, *, ops=None, check_inputs: bool = True):
+    def __init__(self, policy, agent: AgentConfig | None = None, *, ops=None, check_inputs: bool = True,
+                 past_horizon: bool = False):
         self.policy = policy
+        self.past_horizon = past_horizon  # step an episodic policy past its horizon (asked for explicitly)
         self.cfg = agent or policy.agent
         self.ops = ops or OPS
         self.check_inputs = check_inputs
@@ -155,6 +171,7 @@ class Agent:
         """Advance one inner step. slot_values: [B, J] (see ``interface.parts``) -> (outputs [B, d], StepInfo)."""
         if self.state is None:
             raise RuntimeError("start() or reset() the agent before stepping it")
+        check_horizon(self.policy, self.t, self.past_horizon)
         if self.check_inputs:
             slot_values = check_values("observation", slot_values, (self.batch, self.slots))
             if rounds is not None and rounds < 1:
@@ -238,5 +255,5 @@ class Agent:
         return self
 
 
-__all__ = ["Agent", "InputError", "StepInfo", "check_values", "draw_interface", "numpy_ops", "KIND_FEEDBACK",
+__all__ = ["Agent", "HorizonError", "InputError", "StepInfo", "check_horizon", "check_values", "draw_interface", "numpy_ops", "KIND_FEEDBACK",
            "KIND_OBSERVATION"]

@@ -20,6 +20,19 @@ from .config import AgentConfig, ConfigError, TaskConfig
 from .episodes import CHUNK, Change, Driver, drive, episode_rngs, sample_batches
 
 RUNTIMES = ("engine", "sharded", "actors")
+MEMORY_BUDGET = 2**26  # float32 entries the largest temporaries of one batch may take (~256 MiB each)
+
+
+def fit_chunk(chunk: int, agent: AgentConfig, *, dims: int, experts: int, slots: int) -> int:
+    """Episodes per batch so that one batch's largest temporaries stay within ``MEMORY_BUDGET``
+    (the sensing scores [B, N, K, J], the push weights [B, d, N], the routing scores). Only large
+    agents are cut into smaller batches; every evaluation small enough keeps its batches of ``chunk``."""
+    spec, r = agent.policy, agent.routing
+    n = experts
+    sparse = r.kind == "random" or (r.kind == "topk" and 0 < r.candidates < n)
+    route = n * (r.candidates + 1) * (spec.key_dim + spec.msg_dim) if sparse else n * n
+    per_episode = max(n * spec.read_heads * slots, dims * n, route)
+    return max(1, min(chunk, MEMORY_BUDGET // max(1, per_episode)))
 
 __all__ = ["Episodes", "RUNTIMES", "episode_rngs", "evaluate", "make_report", "run_episodes"]
 
@@ -42,11 +55,13 @@ class Episodes:
         return self.metrics["error"]
 
 
-def _engine_batch(ops, policy, agent, ep, wiring, *, start, steps, rounds, record, changes, seed, rng, **_):
+def _engine_batch(ops, policy, agent, ep, wiring, *, start, steps, rounds, record, changes, seed, rng,
+                  past_horizon=False, **_):
     from .engine import Agent
 
     # growing draws from the agent stream, after this batch's wiring (as engine.Agent.reset does)
-    runtime = Agent(policy, agent, ops=ops, check_inputs=False).start(ep.interface, wiring, rng=rng)
+    runtime = Agent(policy, agent, ops=ops, check_inputs=False, past_horizon=past_horizon).start(
+        ep.interface, wiring, rng=rng)
     runtime.record = record
     traj = drive(runtime, Driver(ops, ep, steps, rounds=rounds, record=record, changes=changes, with_losses=False,
                                  seed=seed + start))
@@ -70,6 +85,7 @@ def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int
     metrics, outputs, used, eps, traces, counters = {}, [], [], [], [], {}
     messages = 0
     rngs = episode_rngs(seed)
+    chunk = fit_chunk(chunk, agent, dims=dims, experts=experts, slots=2 * dims + 1)
     if runtime != "actors":  # growing draws from the agent stream, after each batch's wiring
         runtime_kw["rng"] = rngs[1]
     for start, ep, wiring in sample_batches(task, agent, dims=dims, experts=experts, episodes=episodes, seed=seed,

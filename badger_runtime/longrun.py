@@ -41,7 +41,8 @@ def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | No
     n = experts or _experts(task)
     rng_task, rng_wire = episode_rngs(seed)
     ep = make_task(task).sample(rng_task, episodes, dims=d, experts=n, steps=steps, addr_dim=policy.spec.addr_dim)
-    agent = Agent(policy).start(ep.interface, sample_wiring(rng_wire, policy.agent, episodes, n))
+    # the measurement of what happens past the horizon: asked for explicitly
+    agent = Agent(policy, past_horizon=True).start(ep.interface, sample_wiring(rng_wire, policy.agent, episodes, n))
     guess, errs, hmax = None, [], 0.0
     for t0 in range(0, steps, chunk_steps):
         traj = drive(agent, Driver(OPS, ep, min(chunk_steps, steps - t0), t0=t0, prev_output=guess, with_losses=False))

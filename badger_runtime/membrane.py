@@ -24,12 +24,20 @@ KIND_FEEDBACK = 1
 N_KIND_FLAGS = 2
 
 
-def sense(ops, read_query, slot_addr, slot_val, visible=None):
+def sense(ops, read_query, slot_addr, slot_val, visible=None, competitive: int = 0):
     """Read the input slots.
 
     read_query: [B, N, K*A]; slot_addr: [B, J, A]; slot_val: [B, J];
     visible: [B or 1, N, J] bool (which expert may see which slot) or None.
-    Returns sensed [B, N, K*(1+A)] = per head (read value, read address).
+    Returns sensed [B, N, K*(1+A) + competitive]: per head (read value, read address), then one
+    share per competitive head.
+
+    The first ``competitive`` heads compete for the slots (as slot attention does): a slot's
+    attention is normalised over the experts, not over the slots, so each slot is read mostly
+    by the experts whose queries match it best; an expert reads the weighted mean of the slots it
+    wins, and senses its share of them (the fraction of the J slots it won). With more experts
+    each wins fewer slots: the agent can divide the inputs among its experts. The other heads
+    are the usual attention over the slots (normalised over the slots).
     """
     B, N, KA = read_query.shape
     A = slot_addr.shape[-1]
@@ -37,8 +45,26 @@ def sense(ops, read_query, slot_addr, slot_val, visible=None):
     q = read_query.reshape(B, N * K, A)
     scores = scaled_dot(ops, q, slot_addr).reshape(B, N, K, -1)
     mask = None if visible is None else visible[:, :, None, :]
-    w = softmax(ops, scores, mask, axis=-1)  # [B, N, K, J]
-    w2 = w.reshape(B, N * K, -1)
+    parts = []
+    if competitive < K:
+        s_std = scores if not competitive else scores[:, :, competitive:]
+        m_std = None if mask is None else mask
+        w = softmax(ops, s_std, m_std, axis=-1)  # [B, N, K', J]
+        parts.append(_read(ops, w, slot_addr, slot_val))
+    if competitive:
+        c = softmax(ops, scores[:, :, :competitive], mask, axis=1)  # over the experts: [B, N, Kc, J]
+        mass = ops.sum(c, axis=-1, keepdims=True)  # [B, N, Kc, 1]
+        read = _read(ops, c / (mass + 1e-6), slot_addr, slot_val)  # [B, N, Kc*(1+A)]
+        share = (mass * (1.0 / slot_addr.shape[1])).reshape(B, N, competitive)
+        parts = [read] + parts + [share]
+    return parts[0] if len(parts) == 1 else ops.concat(parts, axis=-1)
+
+
+def _read(ops, w, slot_addr, slot_val):
+    """Weighted reads w [B, N, K, J] of the slots -> [B, N, K*(1+A)] (value, address per head)."""
+    B, N, K, J = w.shape
+    A = slot_addr.shape[-1]
+    w2 = w.reshape(B, N * K, J)
     val = ops.matmul(w2, slot_val[:, :, None]).reshape(B, N, K, 1)
     addr = ops.matmul(w2, slot_addr).reshape(B, N, K, A)
     return ops.concat([val, addr], axis=-1).reshape(B, N, K * (1 + A))

@@ -109,6 +109,22 @@ class OnnxPolicy:
     def name(self) -> str:
         return self.card.get("name", self.path.stem)
 
+    @property
+    def lifetime(self) -> dict:
+        """{"kind": "continual" | "episodic", "horizon": int | None, "why": str} from the card. A card
+        without one is episodic at its training horizon (never checked for long runs)."""
+        life = self.card.get("lifetime")
+        if isinstance(life, dict) and life.get("kind") in ("continual", "episodic"):
+            return life
+        t = self.task
+        return {"kind": "episodic", "horizon": int(t.steps), "why": "the card does not say: its training horizon"}
+
+    @property
+    def horizon(self) -> int | None:
+        """Inner steps an agent of this policy may take without a reset (None: continual)."""
+        life = self.lifetime
+        return None if life["kind"] == "continual" else int(life["horizon"])
+
 
 def _check_graph(session, spec: PolicySpec, path: Path):
     sig = signature(spec)

@@ -44,6 +44,11 @@ def tiny_policy(tiny_run, tmp_path_factory):
     """The tiny run exported to ONNX: path of the .onnx (card beside it)."""
     from badger_runtime.training.export import export
 
+    import json
+
     out = tmp_path_factory.mktemp("tiny_policy") / "tiny.onnx"
-    export(tiny_run[0] / "checkpoint.pt", out)
+    card = export(tiny_run[0] / "checkpoint.pt", out)
+    # tests step it past its 6-step training horizon; tests/test_horizon.py covers episodic policies
+    card["lifetime"] = {"kind": "continual", "horizon": None, "why": "a test fixture"}
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2))
     return out

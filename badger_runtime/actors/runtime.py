@@ -73,7 +73,7 @@ import trio
 
 from .. import routing
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_values
+from ..engine import InputError, check_horizon, check_values
 from ..membrane import Interface
 from ..rollout import StepInfo, Wiring, initial_state
 from ..xp import NumpyOps
@@ -125,7 +125,7 @@ class ActorAgent(Lifecycle):
     def __init__(self, policy, cfg: AgentConfig, interface: Interface, wiring: Wiring, *,
                  expert_ids=None, spawn_order=None, micro_batch: bool = True, encode: bool = True,
                  supervision: Supervision | None = None, fault: Fault | None = None, episode_index: int = 0,
-                 seed: int = 0, step_timeout: float | None = 60.0):
+                 seed: int = 0, step_timeout: float | None = 60.0, past_horizon: bool = False):
         if cfg.routing.ablation == "shuffle":
             raise ConfigError("the 'shuffle' messages ablation runs in the batched engine only")
         if interface.batch != 1 or wiring.noise.shape[0] != 1:
@@ -133,6 +133,7 @@ class ActorAgent(Lifecycle):
         self.policy = policy
         self.cfg = cfg
         self.spec = cfg.policy
+        self.past_horizon = past_horizon  # step an episodic policy past its horizon (asked for explicitly)
         self.interface = interface
         self.slot_addr = np.asarray(interface.slot_addr[0], np.float32)
         self.out_addr = np.asarray(interface.out_addr[0], np.float32)
@@ -532,6 +533,7 @@ class ActorAgent(Lifecycle):
             raise RuntimeError("the agent is not running: use `async with agent.running():`")
         if self._stepping:
             raise RuntimeError("a step is already running: the membrane feeds one observation at a time")
+        check_horizon(self.policy, self.t, self.past_horizon)
         vals = check_values("observation", slot_values, (1, self.slot_addr.shape[0]))[0]
         R = self.cfg.agreement.rounds if rounds is None else int(rounds)
         if R < 1:

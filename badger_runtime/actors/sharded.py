@@ -58,7 +58,7 @@ import trio
 
 from .. import agreement, membrane
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_values
+from ..engine import InputError, check_horizon, check_values
 from ..membrane import Interface
 from ..rollout import AgentState, StepInfo, Wiring, grow, initial_state, shrink
 from ..xp import NumpyOps
@@ -108,12 +108,14 @@ class ShardedAgent(Lifecycle):
     def __init__(self, policy, cfg: AgentConfig, interface: Interface, wiring: Wiring, *,
                  shards: int | None = None, tile: int = DEFAULT_TILE, policy_chunk: int = DEFAULT_POLICY_CHUNK,
                  encode: bool = False, episode_index: int = 0, step_timeout: float | None = None,
-                 state: AgentState | None = None, rng: np.random.Generator | None = None):
+                 state: AgentState | None = None, rng: np.random.Generator | None = None,
+                 past_horizon: bool = False):
         if cfg.routing.ablation == "shuffle":
             raise ConfigError("the 'shuffle' messages ablation runs in the batched engine only")
         if interface.batch != wiring.batch:
             raise ValueError(f"interface batch {interface.batch} != wiring batch {wiring.batch}")
         self.policy, self.cfg, self.spec = policy, cfg, cfg.policy
+        self.past_horizon = past_horizon  # step an episodic policy past its horizon (asked for explicitly)
         self.interface = interface
         self.B = wiring.batch
         self.encode = encode
@@ -316,6 +318,7 @@ class ShardedAgent(Lifecycle):
             raise RuntimeError("the agent is not running: use `async with agent.running():`")
         if self._stepping:
             raise RuntimeError("a step is already running: the membrane feeds one observation at a time")
+        check_horizon(self.policy, self.t, self.past_horizon)
         vals = check_values("observation", slot_values, (self.B, self.slot_addr.shape[1]))
         R = self.cfg.agreement.rounds if rounds is None else int(rounds)
         if R < 1:

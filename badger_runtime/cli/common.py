@@ -92,6 +92,8 @@ def add_eval_flags(p: argparse.ArgumentParser, runtime_default: str = "engine"):
     p.add_argument("--runtime", choices=("engine", "sharded", "actors"), default=runtime_default,
                    help="engine: batched numpy + onnxruntime; sharded: the sharded actor runtime; actors: one "
                         "trio task per expert")
+    p.add_argument("--past-horizon", action="store_true",
+                   help="step an episodic policy past its horizon (its card's lifetime); refused otherwise")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -29,10 +29,11 @@ def register(sub):
 
 
 def _runtime_kw(args) -> dict:
+    kw = {"past_horizon": args.past_horizon}
     if args.runtime != "actors":
-        return {}
-    return {"micro_batch": not getattr(args, "per_expert_calls", False),
-            "encode": not getattr(args, "no_encode", False), "concurrency": getattr(args, "concurrency", 4)}
+        return kw
+    return kw | {"micro_batch": not getattr(args, "per_expert_calls", False),
+                 "encode": not getattr(args, "no_encode", False), "concurrency": getattr(args, "concurrency", 4)}
 
 
 def cmd_eval(args):
