@@ -727,3 +727,23 @@ def test_the_real_process_logs_only_json_and_serves_metrics(tiny_policy, tmp_pat
     events = [json.loads(line)["event"] for line in lines]  # each line is JSON
     assert "metrics_listening" in events and "stopped" in events
     assert stat.S_IMODE((tmp_path / "s" / "sessions" / "a.ckpt").stat().st_mode) == 0o600
+
+
+def test_large_frames_are_decoded_off_the_event_loop_and_work(policy):
+    """A snapshot of a 1000-expert session is a frame over 64 KiB: reserved from the budget,
+    decoded in a worker thread, and restored like any other."""
+    m = make(policy)
+
+    async def test(port, server):
+        c = await AsyncClient.connect(f"127.0.0.1:{port}")
+        await c.open(dims=2, experts=1000, session="big")
+        await c.step("big", [0, 0], [1, 1], t=0)
+        rec = (await c.snapshot("big"))["record"]
+        assert len(encode_frame({"id": 1, "kind": "open", "body": {"snapshot": rec}})) > 64 * KiB
+        info = await c.open(session="copy", snapshot=rec)
+        assert info["experts"] == 1000 and info["t"] == 1
+        a = await c.step("big", [0, 0], [1, 1], t=1)
+        b = await c.step("copy", [0, 0], [1, 1], t=1)
+        assert np.array_equal(a["outputs"], b["outputs"])
+        assert server.budget.in_use == 0 and server._decode_limiter is not None
+    run_server(m, test)

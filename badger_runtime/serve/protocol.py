@@ -156,7 +156,7 @@ class DecodeLimits:
     max_array_len: int = 65536         # one msgpack array (list)
     max_map_len: int = 1024            # one msgpack map (keys)
     max_ext_len: int = 16              # the timestamp ext (4, 8 or 12 bytes) is the only ext allowed
-    max_items: int = 1 << 18           # elements of all arrays and maps of one frame together
+    max_items: int = 1 << 17           # elements of all arrays and maps of one frame together
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -353,7 +353,10 @@ class FrameDecoder:
         if self._buf:
             raise self._fail(ProtocolError(f"stream ended inside a frame ({len(self._buf)} bytes pending)"))
 
-    def next_frame(self) -> dict | None:
+    def next_body(self) -> bytes | bytearray | memoryview | None:
+        """The next complete frame's body, undecoded (None while incomplete): for a caller that
+        decodes large bodies elsewhere (``decode_body`` in a worker thread; on a ProtocolError
+        from it, call ``fail``). The frame's reservation is held as for ``next_frame``."""
         if self._error is not None:
             raise self._error
         self._release_held()
@@ -361,12 +364,31 @@ class FrameDecoder:
         if n is None or len(self._buf) < HEADER_BYTES + n:
             return None
         end = HEADER_BYTES + n
-        body = self._buf[HEADER_BYTES:end]
-        del self._buf[:end]
+        if n > SMALL_FRAME_BYTES:  # hand over the buffer itself rather than copy a large body
+            buf, self._buf = self._buf, bytearray(self._buf[end:])
+            body = memoryview(buf)[HEADER_BYTES:end]
+        else:
+            body = self._buf[HEADER_BYTES:end]
+            del self._buf[:end]
         self._held_reserved, self._pending_reserved = self._pending_reserved, 0
+        return body
+
+    def decode_body(self, body: bytes | bytearray | memoryview) -> dict:
+        """Decode a body from ``next_body`` with this decoder's settings. Touches no state of
+        the decoder: safe to run in another thread."""
+        return decode_frame_body(body, allow_nonfinite=self.allow_nonfinite, copy=self.copy_arrays,
+                                 max_array_bytes=self.max_array_bytes, limits=self.limits)
+
+    def fail(self, err: ProtocolError) -> ProtocolError:
+        """Put the decoder in the failed state with ``err`` (a ``decode_body`` error); returns it."""
+        return self._fail(err)
+
+    def next_frame(self) -> dict | None:
+        body = self.next_body()
+        if body is None:
+            return None
         try:
-            return decode_frame_body(body, allow_nonfinite=self.allow_nonfinite, copy=self.copy_arrays,
-                                     max_array_bytes=self.max_array_bytes, limits=self.limits)
+            return self.decode_body(body)
         except ProtocolError as e:
             raise self._fail(e) from None
 

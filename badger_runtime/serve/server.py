@@ -60,6 +60,8 @@ RECV_BYTES = 64 * 1024
 E_UNAUTHORIZED = "unauthorized"
 
 REFUSE_SEND_TIMEOUT = 0.2  # writing `busy` to a refused connection (a fresh socket: never blocks in practice)
+DECODE_THREADS = 2  # worker threads that decode large frames (apart from the steps' threads)
+LOG_LINES_PER_S = 10  # per kind of per-peer warning (refusals, timeouts, bad frames, auth)
 HEARTBEAT_S = 0.5  # the event loop notes the time this often (liveness, loop lag)
 
 
@@ -135,6 +137,8 @@ class Server:
         self._stop = trio.Event()
         self._conn_nursery: trio.Nursery | None = None
         self.heartbeat: float | None = None  # time.monotonic() of the event loop's last beat
+        self._decode_limiter: trio.CapacityLimiter | None = None  # threads decoding large frames
+        self._log_window: dict[str, list] = {}  # event -> [window start, lines in it, suppressed]
         self.loop_lag_s = 0.0  # how late that beat ran
         manager.status_hook = self.status
 
@@ -156,8 +160,10 @@ class Server:
                 "loop_lag_s": round(self.loop_lag_s, 6), "draining": self.draining}
 
     def status(self) -> dict:
-        """The server's part of ``stats`` and ``health`` (call on the trio thread)."""
-        return self.gauges() | {"tasks": count_tasks(), "limits": self.limits()}
+        """The server's part of ``stats`` and ``health`` (call on the trio thread). O(1): every
+        health probe calls it; ``stats`` adds ``gauges()``, the task count and the limits
+        (``_dispatch``)."""
+        return {"draining": self.draining, "connections": len(self._conns)}
 
     def shutdown(self):
         """Begin a graceful stop (from the trio thread)."""
@@ -168,7 +174,7 @@ class Server:
                   task_status=trio.TASK_STATUS_IGNORED):
         """Serve until ``shutdown()`` (or a signal). ``task_status.started`` gets the bound
         (host, port) pairs, once the listeners accept connections."""
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=min(4096, self.max_connections + 128))
+        listeners = await trio.open_tcp_listeners(port, host=host)  # backlog: the system's maximum
         addresses = [lst.socket.getsockname()[:2] for lst in listeners]
         async with trio.open_nursery() as root:
             if handle_signals:
@@ -220,6 +226,22 @@ class Server:
                     self.log("warning", "signal", signal=name, action="stop now (in-flight replies dropped)")
                     self._conn_nursery.cancel_scope.cancel()
 
+    def _log_peer(self, event: str, **fields):
+        """A warning about one peer, at most LOG_LINES_PER_S lines a second per event: under
+        attack the log must not become the next thing to fill up (the metrics count every one).
+        The first line after a suppressed stretch says how many were left out."""
+        now = time.monotonic()
+        w = self._log_window.setdefault(event, [now, 0, 0])
+        if now - w[0] >= 1.0:
+            w[0], w[1] = now, 0
+        if w[1] >= LOG_LINES_PER_S:
+            w[2] += 1
+            return
+        w[1] += 1
+        if w[2]:
+            fields["suppressed_before"], w[2] = w[2], 0
+        self.log("warning", event, **fields)
+
     # -- admission -----------------------------------------------------------------------------
     async def _connection(self, stream):
         host, peer = _peer(stream)
@@ -252,7 +274,7 @@ class Server:
         """``busy``, then close: a refused connection never holds a slot."""
         self.metrics.inc("connections.refused")
         self.metrics.inc(f"connections.refused.{reason}")
-        self.log("warning", "connection_refused", peer=conn.peer, reason=reason)
+        self._log_peer("connection_refused", peer=conn.peer, reason=reason)
         with trio.move_on_after(REFUSE_SEND_TIMEOUT):
             try:
                 await stream.send_all(encode_frame(reply_error(None, E_BUSY, message)))
@@ -325,7 +347,7 @@ class Server:
                     elif decoder.buffered:
                         reason = "frame_timeout"
                         self.metrics.inc("connections.frame_timeout")
-                        self.log("warning", "frame_timeout", peer=conn.peer, buffered=decoder.buffered)
+                        self._log_peer("frame_timeout", peer=conn.peer, buffered=decoder.buffered)
                         await self._send_quietly(stream, reply_error(
                             None, E_BAD_FRAME, f"frame not complete within {self.frame_timeout:g} s"))
                     else:
@@ -338,9 +360,12 @@ class Server:
                 if not decoder.buffered:
                     frame_deadline = trio.current_time() + self.frame_timeout  # its first byte arrived
                 decoder.feed(data)
+                del data  # the decoder holds a copy: keep one buffer per connection, not two
                 handled = False
-                for frame in decoder.frames():
+                while (body := decoder.next_body()) is not None:
                     handled = True
+                    frame = await self._decode(decoder, body)
+                    del body
                     reply, close = await self._dispatch(frame, conn)
                     await self._send(stream, reply)
                     if close:
@@ -355,12 +380,12 @@ class Server:
             reason = "bad_frame" if e.code != E_BUSY else "buffer_budget"
             self.metrics.inc("frames.bad" if e.code != E_BUSY else "frames.refused_budget")
             self.metrics.inc(f"errors.{e.code}")
-            self.log("warning", reason, peer=conn.peer, error=str(e)[:300])
+            self._log_peer(reason, peer=conn.peer, error=str(e)[:300])
             await self._send_quietly(stream, reply_error(e.request_id, e.code, str(e)))
         except _SendTimeout:
             reason = "send_timeout"
             self.metrics.inc("connections.send_timeout")
-            self.log("warning", "send_timeout", peer=conn.peer, seconds=self.send_timeout)
+            self._log_peer("send_timeout", peer=conn.peer, seconds=self.send_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             reason = "broken"
             self.metrics.inc("connections.broken")
@@ -373,6 +398,18 @@ class Server:
             decoder.close()
             await trio.aclose_forcefully(stream)
             self.log("debug", "connection_closed", peer=conn.peer, reason=reason)
+
+    async def _decode(self, decoder: FrameDecoder, body) -> dict:
+        """Small bodies on the event loop (microseconds); large ones (a snapshot, or something
+        hostile) in one of two worker threads, so a slow decode never stalls other connections."""
+        try:
+            if len(body) <= SMALL_FRAME_BYTES:
+                return decoder.decode_body(body)
+            if self._decode_limiter is None:
+                self._decode_limiter = trio.CapacityLimiter(DECODE_THREADS)
+            return await trio.to_thread.run_sync(decoder.decode_body, body, limiter=self._decode_limiter)
+        except ProtocolError as e:
+            raise decoder.fail(e) from None
 
     async def _send_quietly(self, stream, reply: dict):
         with trio.move_on_after(min(1.0, self.send_timeout)):
@@ -400,9 +437,14 @@ class Server:
             if got is None or not hmac.compare_digest(got.encode(), self.token):
                 self.metrics.inc("auth.refused")
                 self.metrics.inc(f"errors.{E_UNAUTHORIZED}")
-                self.log("warning", "auth_refused", peer=conn.peer, kind=req["kind"],
+                self._log_peer("auth_refused", peer=conn.peer, kind=req["kind"],
                          reason="missing token" if got is None else "wrong token")
                 return reply_error(req["id"], E_UNAUTHORIZED, "missing or wrong token"), True
-        if req["kind"] == "health" or (req["kind"] == "stats" and req["session"] is None):
+        if req["kind"] == "health":
             return self.manager.handle(req), False  # cheap; answered even when every worker is busy
+        if req["kind"] == "stats" and req["session"] is None:
+            reply = self.manager.handle(req)
+            if reply["ok"]:
+                reply["body"] |= self.gauges() | {"tasks": count_tasks(), "limits": self.limits()}
+            return reply, False
         return await trio.to_thread.run_sync(self.manager.handle, req), False
