@@ -347,14 +347,16 @@ def _bombs():
 def test_a_decode_bomb_is_refused_cheaply(name):
     body = _bombs()[name]
     # without limits each of these builds ~10^6..10^7 objects (hundreds of MB, ~1 s)
-    tracemalloc.start()
     t0 = time.perf_counter()
     with pytest.raises(ProtocolError, match="max_|elements"):
         decode_frame_body(body)
     elapsed = time.perf_counter() - t0
+    tracemalloc.start()  # (slows decoding ~20x: measured apart from the time)
+    with pytest.raises(ProtocolError):
+        decode_frame_body(body)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert elapsed < 0.5 and peak < 48 * MiB, (elapsed, peak)
+    assert elapsed < 0.25 and peak < 32 * MiB, (elapsed, peak)
 
 
 def test_decode_limits_leave_real_requests_alone():

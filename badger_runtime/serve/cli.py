@@ -283,8 +283,8 @@ def cmd_serve(args):
                     max_frame_bytes=max_frame, max_connections=args.max_connections,
                     max_connections_per_peer=args.max_connections_per_peer, frame_timeout=args.frame_timeout,
                     send_timeout=args.send_timeout, buffer_budget=int(args.buffer_budget_mib * MiB),
-                    decode_limits=DecodeLimits(max_bin_len=max_frame,
-                                               max_array_len=max(65536, args.max_experts)), log=log)
+                    decode_limits=DecodeLimits(max_bin_len=max_frame, max_array_len=max(65536, args.max_experts),
+                                               max_items=max(1 << 17, 2 * args.max_experts + 1024)), log=log)
     endpoint = None
     if exporter_cls is not None:
         try:
