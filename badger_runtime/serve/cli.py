@@ -65,9 +65,8 @@ def int_range(lo: int, hi: int | None = None):
     def parse(text: str) -> int:
         v = _number(text, int)
         if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi if hi is not None else 'inf'}), "
-                                             f"got {v}" if hi is None else
-                                             f"must be an integer in [{lo}, {hi}], got {v}")
+            span = f"[{lo}, inf)" if hi is None else f"[{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be an integer in {span}, got {v}")
         return v
     parse.__name__ = "integer"
     return parse
