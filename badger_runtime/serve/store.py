@@ -198,7 +198,8 @@ class SessionStore:
         tmp = final.with_name(final.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)  # a leftover .tmp keeps its mode through O_CREAT
+            if hasattr(os, "fchmod"):  # POSIX: a leftover .tmp would keep its mode through O_CREAT
+                os.fchmod(f.fileno(), FILE_MODE)
             f.write(data)
             if self.fsync:
                 f.flush()
