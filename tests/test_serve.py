@@ -168,12 +168,17 @@ def test_bad_steps_are_refused_and_change_nothing(policy, body, code):
 
 BAD_OTHER = [
     ("open", "b", {}, "bad_request"),  # no dims
-    ("open", "b", {"dims": 0}, "limit"),
-    ("open", "b", {"dims": 3, "experts": 0}, "limit"),
+    # the code rule (docs/protocol.md, Errors): below the protocol's range -> bad_request, above a
+    # limit of this server -> limit, refused by the session's state -> bad_input
+    ("open", "b", {"dims": 0}, "bad_request"),
+    ("open", "b", {"dims": 300}, "limit"),
+    ("open", "b", {"dims": 3, "experts": 0}, "bad_request"),
     ("open", "b", {"dims": 3, "experts": 10_000}, "limit"),
-    ("open", "b", {"dims": 3, "seed": -1}, "bad_input"),
+    ("open", "b", {"dims": 3, "seed": -1}, "bad_request"),
+    ("open", "b", {"dims": 3, "seed": 2**64 - 1}, "bad_request"),
     ("open", "b", {"dims": 3, "seed": 1.5}, "bad_request"),
-    ("open", "b", {"dims": 3, "rounds": 0}, "limit"),
+    ("open", "b", {"dims": 3, "rounds": 0}, "bad_request"),
+    ("open", "b", {"dims": 3, "rounds": 65}, "limit"),
     ("open", "b", {"dims": 3, "colour": "red"}, "bad_request"),
     ("open", "../etc", {"dims": 3}, "bad_request"),
     ("open", "a", {"dims": 3}, "session_exists"),
@@ -182,11 +187,12 @@ BAD_OTHER = [
     ("open", "b", {"snapshot": "x"}, "bad_input"),
     ("step", None, GOOD, "bad_request"),
     ("step", "nobody", GOOD, "no_session"),
-    ("reset", "a", {"dims": 0}, "limit"),
+    ("reset", "a", {"dims": 0}, "bad_request"),
     ("reset", "a", {"seed": "x"}, "bad_request"),
-    ("add_experts", "a", {"n": 0}, "limit"),
+    ("add_experts", "a", {"n": 0}, "bad_request"),
     ("add_experts", "a", {"n": 2000}, "limit"),
-    ("add_experts", "a", {"n": 1, "init": "weird"}, "bad_input"),
+    ("add_experts", "a", {"n": 1, "init": "weird"}, "bad_request"),
+    ("add_experts", "a", {"n": 1, "source": -1}, "bad_request"),
     ("add_experts", "a", {"n": 1, "init": 3}, "bad_request"),
     ("add_experts", "a", {"n": 1, "source": 99}, "bad_input"),
     ("remove_experts", "a", {"indices": []}, "bad_request"),

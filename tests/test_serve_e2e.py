@@ -228,6 +228,7 @@ def test_client_commands(tiny_policy, tmp_path, capsys, monkeypatch):
     assert client("remove", "c1", "--indices", "0,4")["experts"] == 3
     assert client("reset", "c1", "--seed", "3")["episode"] == 1
     assert client("snapshot", "c1", "--out", str(tmp_path / "c1.ckpt"))["bytes"] > 0
+    assert (tmp_path / "c1.ckpt").stat().st_mode & 0o777 == 0o600  # a session's state: private
     assert client("open", "--session", "c2", "--from-snapshot", str(tmp_path / "c1.ckpt"))["experts"] == 3
     assert client("stats", "c2")["episode"] == 1
     assert client("stats")["sessions"] == 2

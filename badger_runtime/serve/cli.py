@@ -9,12 +9,18 @@ BADGER_CONNECT (the client's address; else BADGER_LISTEN).
 after SIGTERM/SIGINT once in-flight requests finished and sessions are checkpointed.
 ``badger client`` prints each reply body as JSON; a refused request prints
 ``{"ok": false, "error": {...}}`` and exits 1, an unreachable server exits 3.
+
+Every flag is checked when the command line is parsed (the argparse ``type`` functions
+below): a bad value (``--max-frame-mib 0``, ``--idle-timeout nan``, a negative limit) is a
+usage error (exit 2, one line naming the flag), never a server that starts and then dies.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
+import math
 import os
 import sys
 from functools import partial
@@ -23,6 +29,8 @@ from pathlib import Path
 from ..config import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:7878"
+MIN_PUBLIC_TOKEN_CHARS = 16  # a token guards a non-loopback listen: at least this long
+MiB = 1 << 20
 
 
 def _env(name: str, default=None):
@@ -39,37 +47,122 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# ---- flag types: parse-time checks (argparse turns a ValueError/ArgumentTypeError into exit 2) ----
+
+def _number(text: str, kind=float) -> float:
+    try:
+        v = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    if kind is float and not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def int_range(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (hi None: no upper bound)."""
+    def parse(text: str) -> int:
+        v = _number(text, int)
+        if v < lo or (hi is not None and v > hi):
+            span = f"[{lo}, inf)" if hi is None else f"[{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be an integer in {span}, got {v}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_range(lo: float, hi: float | None = None, *, lo_open: bool = False):
+    """An argparse type: a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    def parse(text: str) -> float:
+        v = _number(text, float)
+        if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+            left = "(" if lo_open else "["
+            raise argparse.ArgumentTypeError(f"must be a number in {left}{lo:g}, "
+                                             f"{'inf)' if hi is None else f'{hi:g}]'}, got {text}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def log_level(text: str) -> str:
+    from .telemetry import LEVELS
+
+    if text not in LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LEVELS)}, got {text!r}")
+    return text
+
+
+def listen_address(text: str) -> str:
+    from .client import parse_address
+
+    try:
+        parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+positive_seconds = float_range(0, 7 * 86400, lo_open=True)
+port_number = int_range(0, 65535)
+
+
 def register(sub):
+    from .limits import (BUFFER_BUDGET, DRAIN_TIMEOUT, FRAME_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS,
+                         MAX_CONNECTIONS_PER_PEER, SEND_TIMEOUT)
+
     s = sub.add_parser("serve", help="serve agent sessions over TCP (length-prefixed msgpack, docs/protocol.md)")
     s.add_argument("--policy", default=_env("BADGER_POLICY"), help="policies/NAME.onnx (env BADGER_POLICY)")
-    s.add_argument("--listen", default=_env("BADGER_LISTEN", DEFAULT_LISTEN),
+    s.add_argument("--listen", type=listen_address, default=_env("BADGER_LISTEN", DEFAULT_LISTEN),
                    help="HOST:PORT (env BADGER_LISTEN; default %(default)s; port 0 picks a free one). "
-                        "A non-loopback host needs a token")
+                        f"A non-loopback host needs a token of at least {MIN_PUBLIC_TOKEN_CHARS} characters")
     s.add_argument("--state-dir", default=_env("BADGER_STATE_DIR"),
-                   help="session checkpoints; restored at start (env BADGER_STATE_DIR)")
-    s.add_argument("--experts", type=int, default=None, help="experts of a session opened without 'experts'")
+                   help="session checkpoints; restored at start (env BADGER_STATE_DIR); created 0700, files 0600")
+    s.add_argument("--experts", type=int_range(1), default=None, help="experts of a session opened without 'experts'")
     s.add_argument("--token", default=_env("BADGER_TOKEN"),
                    help="clients must send it (env BADGER_TOKEN, preferred: argv is public)")
-    s.add_argument("--checkpoint-every", type=int, default=int(_env("BADGER_CHECKPOINT_EVERY", "1")),
+    s.add_argument("--checkpoint-every", type=int_range(0), default=_env("BADGER_CHECKPOINT_EVERY", "1"),
                    help="checkpoint a session every K steps (1: every step, the kill -9 guarantee; "
-                        "0: only on other changes and at shutdown)")
+                        "0: only on other changes and at shutdown; env BADGER_CHECKPOINT_EVERY)")
     s.add_argument("--no-fsync", action="store_true",
                    help="rename without fsync: survives kill -9 (the kernel has the data), not a power cut")
-    s.add_argument("--max-sessions", type=int, default=1024)
-    s.add_argument("--max-experts", type=int, default=1024, help="per session")
-    s.add_argument("--max-frame-mib", type=float, default=16.0)
-    s.add_argument("--idle-timeout", type=float, default=300.0, help="close a silent connection after this")
-    s.add_argument("--drain-timeout", type=float, default=20.0, help="on SIGTERM, wait this long for in-flight")
-    s.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    s.add_argument("--log-level", default=_env("BADGER_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    s.add_argument("--max-sessions", type=int_range(1, 1 << 20), default=1024)
+    s.add_argument("--max-experts", type=int_range(1, 1 << 20), default=1024, help="per session")
+    s.add_argument("--max-frame-mib", type=float_range(1 / 16, 1024), default=16.0,
+                   help="largest frame in MiB, 1/16..1024 (default %(default)s)")
+    s.add_argument("--max-connections", type=int_range(1, 1 << 16), default=MAX_CONNECTIONS,
+                   help="connections served at once (default %(default)s); past it a few probe slots "
+                        "still answer health, the rest get busy")
+    s.add_argument("--max-connections-per-peer", type=int_range(0, 1 << 16), default=MAX_CONNECTIONS_PER_PEER,
+                   help="connections one peer IP may hold (default %(default)s; 0: no cap; behind a "
+                        "proxy every client has the proxy's address)")
+    s.add_argument("--idle-timeout", type=positive_seconds, default=IDLE_TIMEOUT,
+                   help="close a connection that sends no frame for this long (seconds, default %(default)s)")
+    s.add_argument("--frame-timeout", type=positive_seconds, default=FRAME_TIMEOUT,
+                   help="a frame must be complete this long after its first byte (seconds, default %(default)s)")
+    s.add_argument("--send-timeout", type=positive_seconds, default=SEND_TIMEOUT,
+                   help="drop a connection whose reply cannot be written for this long (a peer that does "
+                        "not read; seconds, default %(default)s)")
+    s.add_argument("--buffer-budget-mib", type=float_range(1 / 16, 1 << 16), default=BUFFER_BUDGET / MiB,
+                   help="bytes of large frames (over 64 KiB) buffered over all connections, MiB "
+                        "(default %(default)s); at least --max-frame-mib")
+    s.add_argument("--drain-timeout", type=float_range(0, 86400), default=DRAIN_TIMEOUT,
+                   help="on SIGTERM, wait this long for in-flight requests (seconds, default %(default)s)")
+    s.add_argument("--threads", type=int_range(1, 1024), default=1, help="onnxruntime intra-op threads")
+    s.add_argument("--metrics-port", type=port_number, default=None,
+                   help="serve Prometheus metrics (and /healthz, /readyz) over HTTP on this port (off by "
+                        "default; 0 picks a free one; needs the prometheus_client package)")
+    s.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address of the metrics endpoint (default %(default)s: loopback only)")
+    s.add_argument("--log-level", type=log_level, default=_env("BADGER_LOG_LEVEL", "info"),
+                   help="debug, info, warning or error (env BADGER_LOG_LEVEL)")
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("client", help="send one request to a running `badger serve`; prints JSON")
     c.add_argument("--connect", default=_env("BADGER_CONNECT", _env("BADGER_LISTEN", DEFAULT_LISTEN)),
                    help="HOST:PORT (env BADGER_CONNECT or BADGER_LISTEN)")
     c.add_argument("--token", default=_env("BADGER_TOKEN"))
-    c.add_argument("--timeout", type=float, default=30.0)
+    c.add_argument("--timeout", type=positive_seconds, default=30.0)
     cs = c.add_subparsers(dest="op", required=True)
     o = cs.add_parser("open", help="open a session")
     o.add_argument("--dims", type=int, default=None)
@@ -111,6 +204,26 @@ def register(sub):
 
 # ---- serve -------------------------------------------------------------------------------
 
+def _raise_open_files_limit(needed: int, log) -> None:
+    """Each connection is a file descriptor: lift the soft RLIMIT_NOFILE towards the hard one
+    so --max-connections can be reached (logged when it cannot)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < needed:
+        log("warning", "open_files_limit", soft=target, needed=needed,
+            hint="raise `ulimit -n`: connections past it are refused by the kernel")
+
+
 def cmd_serve(args):
     from .client import parse_address
 
@@ -122,28 +235,62 @@ def cmd_serve(args):
         host, port = parse_address(args.listen)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if not is_loopback(host) and not args.token:
-        raise ConfigError(f"listening on {host} (not loopback) needs a token: set BADGER_TOKEN or --token")
-    if args.checkpoint_every < 0 or args.max_sessions < 1 or args.max_experts < 1:
-        raise ConfigError("--checkpoint-every must be >= 0, --max-sessions and --max-experts >= 1")
+    if not is_loopback(host):
+        if not args.token:
+            raise ConfigError(f"listening on {host} (not loopback) needs a token: set BADGER_TOKEN or --token")
+        if len(args.token) < MIN_PUBLIC_TOKEN_CHARS:
+            raise ConfigError(f"listening on {host} (not loopback) needs a token of at least "
+                              f"{MIN_PUBLIC_TOKEN_CHARS} characters (got {len(args.token)}); e.g. "
+                              f"python -c 'import secrets; print(secrets.token_urlsafe(24))'")
+    if args.token is not None and len(args.token) > 4096:
+        raise ConfigError("--token is longer than 4096 characters (the protocol's limit)")
+    if args.experts is not None and args.experts > args.max_experts:
+        raise ConfigError(f"--experts {args.experts} is more than --max-experts {args.max_experts}")
+    if args.buffer_budget_mib < args.max_frame_mib:
+        raise ConfigError(f"--buffer-budget-mib {args.buffer_budget_mib:g} must be at least --max-frame-mib "
+                          f"{args.max_frame_mib:g} (one frame of the largest size must fit)")
+    exporter_cls = None
+    if args.metrics_port is not None:
+        from .telemetry import MetricsUnavailable, PrometheusEndpoint
+
+        try:
+            PrometheusEndpoint.check_available()
+        except MetricsUnavailable as e:
+            raise ConfigError(str(e)) from None
+        exporter_cls = PrometheusEndpoint
 
     import trio
 
     from ..policy_card import load_policy
-    from .server import Server
+    from .protocol import DecodeLimits
+    from .server import PROBE_SLOTS, Server
     from .sessions import Limits, SessionManager
     from .store import SessionStore
-    from .telemetry import JsonLog
+    from .telemetry import JsonLog, route_python_logs
 
     log = JsonLog(sys.stderr, args.log_level)
+    route_python_logs(log)  # numpy warnings and library logging become JSON lines too
+    _raise_open_files_limit(args.max_connections + PROBE_SLOTS + 64, log)
     policy = load_policy(args.policy, threads=args.threads)  # PolicyError: exit 2 with the reason
     store = SessionStore(args.state_dir, fsync=not args.no_fsync)
     manager = SessionManager(policy, store, limits=Limits(max_sessions=args.max_sessions,
                                                           max_experts=args.max_experts),
                              default_experts=args.experts, checkpoint_every=args.checkpoint_every, log=log)
     restored = manager.restore_all()
+    max_frame = int(args.max_frame_mib * MiB)
     server = Server(manager, token=args.token, idle_timeout=args.idle_timeout, drain_timeout=args.drain_timeout,
-                    max_frame_bytes=int(args.max_frame_mib * (1 << 20)), log=log)
+                    max_frame_bytes=max_frame, max_connections=args.max_connections,
+                    max_connections_per_peer=args.max_connections_per_peer, frame_timeout=args.frame_timeout,
+                    send_timeout=args.send_timeout, buffer_budget=int(args.buffer_budget_mib * MiB),
+                    decode_limits=DecodeLimits(max_bin_len=max_frame, max_array_len=max(65536, args.max_experts),
+                                               max_items=max(1 << 17, 2 * args.max_experts + 1024)), log=log)
+    endpoint = None
+    if exporter_cls is not None:
+        try:
+            endpoint = exporter_cls(manager, server, args.metrics_host, args.metrics_port)
+        except OSError as e:
+            raise ConfigError(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {e}") from None
+        log("info", "metrics_listening", address=endpoint.address)
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -152,12 +299,19 @@ def cmd_serve(args):
             except OSError as e:  # the address is in use, not ours, ...
                 raise ConfigError(f"cannot listen on {args.listen}: {e}") from None
             h, p = addrs[0]
-            print(json.dumps({"event": "ready", "listen": f"[{h}]:{p}" if ":" in h else f"{h}:{p}",
-                              "pid": os.getpid(), "policy": policy.name, "state_dir": str(args.state_dir),
-                              "sessions": len(manager.sessions), "restored": restored["restored"],
-                              "rejected": [r["session"] for r in restored["rejected"]]}), flush=True)
+            ready = {"event": "ready", "listen": f"[{h}]:{p}" if ":" in h else f"{h}:{p}",
+                     "pid": os.getpid(), "policy": policy.name, "state_dir": str(args.state_dir),
+                     "sessions": len(manager.sessions), "restored": restored["restored"],
+                     "rejected": [r["session"] for r in restored["rejected"]]}
+            if endpoint is not None:
+                ready["metrics"] = endpoint.address
+            print(json.dumps(ready), flush=True)
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
 
 
 # ---- client ------------------------------------------------------------------------------
@@ -210,7 +364,9 @@ def cmd_client(args):
                 out = client.snapshot(args.session)
                 if args.out:
                     data = encode(out["record"])
-                    Path(args.out).write_bytes(data)
+                    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a session's state
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
                     out = {"session": args.session, "t": out["record"]["agent"]["t"], "out": args.out,
                            "bytes": len(data)}
             elif op == "stats":

@@ -14,6 +14,12 @@ connection that breaks before the reply raises ``ConnectionLost`` (an OSError): 
 may or may not have been applied; ask ``stats(session)`` where the session is (or send steps
 with ``t=`` so a repeat is refused with ``wrong_step`` rather than applied twice). One
 request is in flight per client; use one client per concurrent caller.
+
+A request that does not complete (cancelled, timed out, the connection lost) leaves its
+connection out of step (a half-written request, or a reply still on its way), so the client
+marks it broken: the next request opens a new connection first (a client built on a bare
+stream, without an address, raises ``ConnectionLost`` instead). The abandoned request may
+still be applied by the server, as with a lost connection.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from .protocol import MAX_FRAME_BYTES, FrameDecoder, ProtocolError, encode_frame, validate_reply
+from .protocol import CLIENT_LIMITS, MAX_FRAME_BYTES, FrameDecoder, ProtocolError, encode_frame, validate_reply
 
 DEFAULT_ADDRESS = "127.0.0.1:7878"
 
@@ -107,8 +113,13 @@ class _Requests:
 class _Codec:
     def __init__(self, token: str | None, max_frame_bytes: int):
         self.token = token
+        self.max_frame_bytes = max_frame_bytes
         self.ids = itertools.count(1)
-        self.decoder = FrameDecoder(max_frame_bytes, allow_nonfinite=True)
+        self.new_decoder()
+
+    def new_decoder(self):
+        """A fresh decoder (for a new connection)."""
+        self.decoder = FrameDecoder(self.max_frame_bytes, allow_nonfinite=True, limits=CLIENT_LIMITS)
 
     def encode(self, kind: str, session: str | None, body: dict | None) -> tuple[int, bytes]:
         rid = next(self.ids)
@@ -122,9 +133,9 @@ class _Codec:
     @staticmethod
     def unwrap(rid: int, frame: dict) -> dict:
         reply = validate_reply(frame)
+        if reply["id"] is not None and reply["id"] != rid:
+            raise ProtocolError(f"reply to request {reply['id']} while waiting for {rid}")
         if reply["ok"]:
-            if reply["id"] != rid:
-                raise ProtocolError(f"reply to request {reply['id']} while waiting for {rid}")
             return reply["body"]
         raise ServerError(reply["error"]["code"], reply["error"]["message"])
 
@@ -135,13 +146,28 @@ class Client(_Requests):
     def __init__(self, address: str = DEFAULT_ADDRESS, *, token: str | None = None, timeout: float | None = 30.0,
                  max_frame_bytes: int = MAX_FRAME_BYTES):
         self.address = address
+        self.timeout = timeout
         self._codec = _Codec(token, max_frame_bytes)
-        self.sock = socket.create_connection(parse_address(address), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._broken = False
+        self.sock = self._connect()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(parse_address(self.address), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _reconnect(self):
+        self.sock.close()
+        self._codec.new_decoder()
+        self.sock = self._connect()
+        self._broken = False
 
     def request(self, kind: str, session: str | None = None, body: dict | None = None) -> dict:
+        if self._broken:
+            self._reconnect()
         rid, data = self._codec.encode(kind, session, body)
         dec = self._codec.decoder
+        done = False
         try:
             self.sock.sendall(data)
             while (frame := dec.next_frame()) is None:
@@ -149,8 +175,12 @@ class Client(_Requests):
                 if not chunk:
                     raise ConnectionLost(f"{self.address} closed the connection before replying to {kind}")
                 dec.feed(chunk)
+            done = True
         except (ConnectionResetError, BrokenPipeError) as e:
             raise ConnectionLost(f"{self.address}: {e}") from None
+        finally:
+            if not done:  # timed out, interrupted, lost: this connection is out of step
+                self._broken = True
         return self._codec.unwrap(rid, frame)
 
     def close(self):
@@ -167,24 +197,45 @@ class AsyncClient(_Requests):
     """trio client over one TCP connection; ``await AsyncClient.connect(address)``."""
 
     def __init__(self, stream: trio.abc.Stream, *, token: str | None = None, address: str = "",
-                 max_frame_bytes: int = MAX_FRAME_BYTES):
+                 max_frame_bytes: int = MAX_FRAME_BYTES, reconnect: bool | None = None):
         self.stream = stream
         self.address = address
         self._codec = _Codec(token, max_frame_bytes)
         self._lock = trio.Lock()
+        self._broken = False
+        # reconnect after a broken request: by default when built by connect() (it has an address)
+        self._reconnect_ok = bool(address) if reconnect is None else reconnect
+        self.reconnects = 0
+
+    @staticmethod
+    async def _open(address: str) -> trio.abc.Stream:
+        host, port = parse_address(address)
+        stream = await trio.open_tcp_stream(host, port)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return stream
 
     @classmethod
     async def connect(cls, address: str = DEFAULT_ADDRESS, *, token: str | None = None,
                       max_frame_bytes: int = MAX_FRAME_BYTES) -> "AsyncClient":
-        host, port = parse_address(address)
-        stream = await trio.open_tcp_stream(host, port)
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(stream, token=token, address=address, max_frame_bytes=max_frame_bytes)
+        return cls(await cls._open(address), token=token, address=address, max_frame_bytes=max_frame_bytes)
+
+    async def _reconnect(self):
+        if not self._reconnect_ok:
+            raise ConnectionLost("the connection was left out of step by a request that did not complete "
+                                 "(cancelled or lost) and this client has no address to reconnect to")
+        await trio.aclose_forcefully(self.stream)
+        self._codec.new_decoder()
+        self.stream = await self._open(self.address)
+        self._broken = False
+        self.reconnects += 1
 
     async def request(self, kind: str, session: str | None = None, body: dict | None = None) -> dict:
         async with self._lock:
+            if self._broken:
+                await self._reconnect()
             rid, data = self._codec.encode(kind, session, body)
             dec = self._codec.decoder
+            done = False
             try:
                 await self.stream.send_all(data)
                 while (frame := dec.next_frame()) is None:
@@ -192,8 +243,12 @@ class AsyncClient(_Requests):
                     if not chunk:
                         raise ConnectionLost(f"{self.address} closed the connection before replying to {kind}")
                     dec.feed(chunk)
-            except trio.BrokenResourceError as e:
+                done = True
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 raise ConnectionLost(f"{self.address}: {e}") from None
+            finally:
+                if not done:  # cancelled mid-way, lost, or a bad reply: never reuse this stream
+                    self._broken = True
         return self._codec.unwrap(rid, frame)
 
     async def aclose(self):

@@ -12,25 +12,53 @@ arrived and drains ``frames()``; it writes ``encode_frame(reply)`` to the stream
 framing violation raises ``ProtocolError`` and leaves the decoder permanently failed; the
 server then replies with an error (if it can) and closes the connection.
 
+Limits checked here (the server only does the IO and the clocks):
+
+- a frame's length (``max_frame_bytes``), checked as soon as its 4-byte header arrives;
+- the bytes one connection buffers (``max_buffer_bytes``) and, across all connections, the
+  bytes of large frames (``BufferBudget``: a frame over ``SMALL_FRAME_BYTES`` must reserve its
+  whole length from the server-wide budget when its header arrives, else it is refused with
+  ``busy``; the reservation lasts until the caller is done with that frame);
+- msgpack container sizes while decoding (``DecodeLimits``: per string, bin, array and map,
+  and the elements of all arrays and maps of one frame together), so a decode bomb (millions
+  of empty maps in a few MiB) is refused after a bounded amount of work and memory.
+
 Requests: ``{"id": int, "kind": one of REQUEST_KINDS, "session": str (optional),
 "token": str (optional), "body": map}``; check with ``validate_request``.
 Replies: ``reply_ok(id, body)`` -> ``{"id", "ok": True, "body"}``;
-``reply_error(id, code, message)`` -> ``{"id", "ok": False, "error": {"code", "message"}}``.
+``reply_error(id, code, message)`` -> ``{"id", "ok": False, "error": {"code", "message"}}``;
+a message is cut to ``MAX_ERROR_CHARS`` and every echo of client input in one goes through
+``clip`` / ``some_names`` (bounded whatever the input).
+
+Error codes (docs/protocol.md has the table): ``bad_frame`` (the frame cannot or will not be
+read: the connection closes), ``bad_request`` (malformed: missing, unknown, wrong type, or a
+value outside the range the protocol defines for the field), ``limit`` (a value beyond a limit
+of this server), ``bad_input`` (a well-formed value the session refuses), ``busy`` (the server
+is at a capacity limit right now: try again later).
 """
 
 from __future__ import annotations
 
+import heapq
 import struct
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
-from ..codec import MAX_ARRAY_BYTES, MiB, CodecError, packb, unpackb
+import msgpack
+
+from ..codec import ARRAY_KEYS, MAX_ARRAY_BYTES, MiB, CodecError, packb, unpack_array
+from .limits import BUFFER_BUDGET, MAX_FRAME_BYTES, SMALL_FRAME_BYTES
 
 __all__ = [
-    "MAX_FRAME_BYTES", "HEADER_BYTES", "REQUEST_KINDS", "ProtocolError", "FrameDecoder",
-    "encode_frame", "decode_frame_body", "validate_request", "validate_reply", "reply_ok", "reply_error",
+    "MAX_FRAME_BYTES", "HEADER_BYTES", "SMALL_FRAME_BYTES", "REQUEST_KINDS", "ProtocolError", "FrameDecoder",
+    "DecodeLimits", "BufferBudget", "encode_frame", "decode_frame_body", "validate_request", "validate_reply",
+    "reply_ok", "reply_error", "clip", "some_names",
 ]
 
-MAX_FRAME_BYTES = 16 * MiB       # default cap on one frame's body (N)
+# MAX_FRAME_BYTES: the default cap on one frame's body (N), 16 MiB. SMALL_FRAME_BYTES: frames
+# up to this size need no reservation from the server-wide BufferBudget (every request but an
+# open from a snapshot fits: a step of d = 256 is ~2 KiB).
+DEFAULT_BUFFER_BUDGET = BUFFER_BUDGET
 HEADER_BYTES = 4
 _HEADER = struct.Struct(">I")
 
@@ -43,9 +71,44 @@ MAX_TOKEN_CHARS = 4096
 _REQUEST_FIELDS = frozenset({"id", "kind", "session", "token", "body"})
 
 # error codes the server uses in reply_error (free-form strings; these are the common ones)
-E_BAD_FRAME = "bad_frame"          # framing / msgpack violation: the connection is closed
-E_BAD_REQUEST = "bad_request"      # a frame that is not a valid request
+E_BAD_FRAME = "bad_frame"          # framing / msgpack violation or a frame over a limit: the connection is closed
+E_BAD_REQUEST = "bad_request"      # malformed: missing/unknown field, wrong type, outside the protocol's range
 E_UNKNOWN_KIND = "unknown_kind"
+E_LIMIT = "limit"                  # a value beyond a limit of this server
+E_BAD_INPUT = "bad_input"          # a well-formed value the session refuses
+E_BUSY = "busy"                    # at a capacity limit now (connections, buffer budget): try again later
+
+MAX_ERROR_CHARS = 1024   # an error message is cut to this many characters
+ECHO_CHARS = 200         # one echoed string (a field name, a value) is cut to this many
+ECHO_NAMES = 5           # an echoed list shows this many entries, then how many more
+
+
+def clip(value: Any, n: int = ECHO_CHARS) -> str:
+    """``repr``-like text of a client-supplied value for an error message, at most ~n chars
+    (long text ends with how long it was)."""
+    if isinstance(value, str):
+        text = repr(value[: n + 1])
+        full = len(value)
+    elif isinstance(value, (bytes, bytearray)):
+        text, full = f"<{len(value)} bytes>", 0
+    elif isinstance(value, (list, tuple, dict)):
+        text = f"<{type(value).__name__} of {len(value)}>"
+        full = 0
+    else:
+        text = repr(value)
+        full = len(text)
+    if len(text) > n:
+        return text[:n] + f"...({full} chars)"
+    return text
+
+
+def some_names(names: Iterable[Any], k: int = ECHO_NAMES, n: int = 40) -> str:
+    """The first ``k`` names (sorted, each clipped to ``n`` chars) and how many more: bounded
+    text for 'unknown fields' errors however many there are."""
+    names = list(names)
+    first = heapq.nsmallest(k, names, key=lambda x: x[:n] if isinstance(x, str) else str(x)[:n])
+    more = len(names) - len(first)
+    return "[" + ", ".join(clip(x, n) for x in first) + (f", ... and {more} more" if more > 0 else "") + "]"
 
 
 class ProtocolError(ValueError):
@@ -80,17 +143,104 @@ def encode_frame(obj: dict, *, max_frame_bytes: int = MAX_FRAME_BYTES, allow_non
     return _HEADER.pack(len(body)) + body
 
 
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on what decoding one frame body may build (msgpack's ``max_*_len`` plus a
+    total): a body over any of them is refused as ``bad_frame`` after at most about
+    ``max_items + max_array_len`` objects were built. The defaults hold every request of
+    docs/protocol.md with room to spare; longer lists (``remove_experts`` of over 65,536
+    experts) travel as arrays (``bin``, limited by bytes, not elements)."""
+
+    max_str_len: int = 64 * 1024       # one str (tokens are <= 4096, session names <= 256)
+    max_bin_len: int = MAX_FRAME_BYTES  # one bin (array data; arrays are also capped by max_array_bytes)
+    max_array_len: int = 65536         # one msgpack array (list)
+    max_map_len: int = 1024            # one msgpack map (keys)
+    max_ext_len: int = 16              # the timestamp ext (4, 8 or 12 bytes) is the only ext allowed
+    max_items: int = 1 << 17           # elements of all arrays and maps of one frame together
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+DEFAULT_LIMITS = DecodeLimits()
+# what a client accepts from its server (trusted, but still bounded)
+CLIENT_LIMITS = DecodeLimits(max_str_len=16 * MiB, max_array_len=1 << 24, max_map_len=1 << 20, max_items=1 << 26)
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise CodecError(f"msgpack ext type {code} not allowed")
+
+
 def decode_frame_body(body: bytes | bytearray, *, allow_nonfinite: bool = False, copy: bool = False,
-                      max_array_bytes: int = MAX_ARRAY_BYTES) -> dict:
-    """Decode one frame body (without its length prefix) to a dict; raises ProtocolError."""
+                      max_array_bytes: int = MAX_ARRAY_BYTES, limits: DecodeLimits = DEFAULT_LIMITS) -> dict:
+    """Decode one frame body (without its length prefix) to a dict; raises ProtocolError.
+
+    Array maps become validated numpy arrays (``codec.unpack_array``); ``limits`` bounds the
+    containers (see ``DecodeLimits``)."""
+    items = limits.max_items
+
+    def count(n: int):
+        nonlocal items
+        items -= n
+        if items < 0:
+            raise CodecError(f"more than {limits.max_items} elements in the frame's arrays and maps")
+
+    def list_hook(x: list) -> list:
+        count(len(x) + 1)
+        return x
+
+    def object_hook(m: dict) -> Any:
+        count(len(m) + 1)
+        if len(m) == 3 and m.keys() == ARRAY_KEYS:
+            return unpack_array(m, allow_nonfinite=allow_nonfinite, max_bytes=max_array_bytes, copy=copy,
+                                field="array")
+        return m
+
     try:
-        obj = unpackb(body, arrays=True, allow_nonfinite=allow_nonfinite, copy=copy,
-                      max_array_bytes=max_array_bytes)
+        obj = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True, object_hook=object_hook,
+                              list_hook=list_hook, ext_hook=_reject_ext, timestamp=1,
+                              max_str_len=limits.max_str_len, max_bin_len=limits.max_bin_len,
+                              max_array_len=limits.max_array_len, max_map_len=limits.max_map_len,
+                              max_ext_len=limits.max_ext_len)
     except CodecError as e:
-        raise ProtocolError(f"bad frame body: {e}") from None
+        raise ProtocolError(f"bad frame body: {str(e)[:ECHO_CHARS]}") from None
+    except RecursionError:
+        raise ProtocolError("bad frame body: malformed msgpack: nested too deeply") from None
+    except Exception as e:  # ExtraData/FormatError/StackError/OutOfData, a max_*_len, invalid UTF-8, ...
+        raise ProtocolError(f"bad frame body: malformed msgpack: {type(e).__name__}: {str(e)[:ECHO_CHARS]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame body must be a msgpack map, got {type(obj).__name__}")
     return obj
+
+
+class BufferBudget:
+    """Server-wide budget for the bytes of large frames (those over ``small``).
+
+    A connection's decoder reserves a large frame's whole length when its header arrives and
+    gives it back when the caller is done with that frame (or the connection ends). Frames up
+    to ``small`` need no reservation: each connection may buffer about ``small`` bytes on its
+    own (a 64 KiB read), so the server's buffers are bounded by ``total`` plus
+    ``small`` per connection. Not thread-safe: one event loop owns it (reading the numbers from
+    another thread is fine)."""
+
+    def __init__(self, total: int = DEFAULT_BUFFER_BUDGET, small: int = SMALL_FRAME_BYTES):
+        if total < 0 or small < 0:
+            raise ValueError("budget sizes must be >= 0")
+        self.total = total
+        self.small = small
+        self.in_use = 0
+        self.refused = 0
+
+    def reserve(self, n: int) -> bool:
+        if self.in_use + n > self.total:
+            self.refused += 1
+            return False
+        self.in_use += n
+        return True
+
+    def release(self, n: int):
+        self.in_use -= n
+        assert self.in_use >= 0, "released more than was reserved"
 
 
 class FrameDecoder:
@@ -98,15 +248,22 @@ class FrameDecoder:
 
     ``feed(data)`` appends received bytes (any split); ``next_frame()`` returns the next
     complete frame's dict or None; ``frames()`` yields all complete frames. A length over
-    ``max_frame_bytes``, a body that is not a msgpack map, or more than ``max_buffer_bytes``
-    buffered (drain frames between feeds) raises ``ProtocolError``; the decoder then stays
-    failed and every later ``feed``/``next_frame`` raises the same error. ``feed_eof()``
-    reports a truncated frame at end of stream.
+    ``max_frame_bytes``, a body that is not a msgpack map or breaks ``limits``, or more than
+    ``max_buffer_bytes`` buffered (drain frames between feeds) raises ``ProtocolError``
+    (``bad_frame``); a large frame the ``budget`` cannot hold raises it with code ``busy``.
+    The decoder then stays failed and every later ``feed``/``next_frame`` raises the same
+    error. ``feed_eof()`` reports a truncated frame at end of stream; ``close()`` gives back
+    any reservation (call it when the connection ends).
+
+    With a ``budget``, a frame over ``budget.small`` reserves its length when its header
+    arrives; the reservation is held while the caller processes the frame and given back at
+    the next ``feed``/``next_frame``/``close``.
     """
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, *, max_buffer_bytes: int | None = None,
                  allow_nonfinite: bool = False, copy_arrays: bool = False,
-                 max_array_bytes: int = MAX_ARRAY_BYTES):
+                 max_array_bytes: int = MAX_ARRAY_BYTES, limits: DecodeLimits = DEFAULT_LIMITS,
+                 budget: BufferBudget | None = None):
         if not 0 < max_frame_bytes <= 0xFFFFFFFF:
             raise ValueError("max_frame_bytes must be in 1..2**32-1")
         self.max_frame_bytes = max_frame_bytes
@@ -116,9 +273,13 @@ class FrameDecoder:
         self.allow_nonfinite = allow_nonfinite
         self.copy_arrays = copy_arrays
         self.max_array_bytes = max_array_bytes
+        self.limits = limits
+        self.budget = budget
         self._buf = bytearray()
         self._error: ProtocolError | None = None
         self._eof = False
+        self._pending_reserved = 0  # the frame being received
+        self._held_reserved = 0     # the frame last returned (the caller is processing it)
 
     @property
     def error(self) -> ProtocolError | None:
@@ -127,12 +288,30 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet returned as frames."""
+        """Bytes received but not yet returned as frames (> 0: a frame is in progress)."""
         return len(self._buf)
+
+    @property
+    def reserved(self) -> int:
+        """Bytes this decoder holds of its budget."""
+        return self._pending_reserved + self._held_reserved
+
+    def _release_held(self):
+        if self._held_reserved:
+            self.budget.release(self._held_reserved)
+            self._held_reserved = 0
+
+    def close(self):
+        """Give back every reservation (the connection ended). Idempotent."""
+        self._release_held()
+        if self._pending_reserved:
+            self.budget.release(self._pending_reserved)
+            self._pending_reserved = 0
+        self._buf = bytearray()
 
     def _fail(self, err: ProtocolError) -> ProtocolError:
         self._error = err
-        self._buf = bytearray()
+        self.close()
         return err
 
     def _check_header(self) -> int | None:
@@ -142,6 +321,14 @@ class FrameDecoder:
         (n,) = _HEADER.unpack_from(self._buf, 0)
         if n > self.max_frame_bytes:
             raise self._fail(ProtocolError(f"frame length {n} exceeds the limit of {self.max_frame_bytes}"))
+        b = self.budget
+        if b is not None and n > b.small and not self._pending_reserved:
+            if not b.reserve(n):
+                raise self._fail(ProtocolError(
+                    f"a frame of {n} bytes does not fit the server's buffer budget now "
+                    f"({b.in_use} of {b.total} bytes held by other large frames); try again later",
+                    code=E_BUSY))
+            self._pending_reserved = n
         return n
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -149,12 +336,13 @@ class FrameDecoder:
             raise self._error
         if self._eof:
             raise self._fail(ProtocolError("data fed after end of stream"))
+        self._release_held()
         n = data.nbytes if isinstance(data, memoryview) else len(data)
         if len(self._buf) + n > self.max_buffer_bytes:
             raise self._fail(ProtocolError(
                 f"{len(self._buf) + n} bytes buffered, more than the limit of {self.max_buffer_bytes}"))
         self._buf += data
-        self._check_header()  # reject a bad length as soon as it arrives
+        self._check_header()  # reject a bad length (or reserve a large frame) as soon as it arrives
 
     def feed_eof(self) -> None:
         """The peer closed the stream: raises ProtocolError if a partial frame is buffered
@@ -165,18 +353,42 @@ class FrameDecoder:
         if self._buf:
             raise self._fail(ProtocolError(f"stream ended inside a frame ({len(self._buf)} bytes pending)"))
 
-    def next_frame(self) -> dict | None:
+    def next_body(self) -> bytes | bytearray | memoryview | None:
+        """The next complete frame's body, undecoded (None while incomplete): for a caller that
+        decodes large bodies elsewhere (``decode_body`` in a worker thread; on a ProtocolError
+        from it, call ``fail``). The frame's reservation is held as for ``next_frame``."""
         if self._error is not None:
             raise self._error
+        self._release_held()
         n = self._check_header()
         if n is None or len(self._buf) < HEADER_BYTES + n:
             return None
         end = HEADER_BYTES + n
-        body = self._buf[HEADER_BYTES:end]
-        del self._buf[:end]
+        if n > SMALL_FRAME_BYTES:  # hand over the buffer itself rather than copy a large body
+            buf, self._buf = self._buf, bytearray(self._buf[end:])
+            body = memoryview(buf)[HEADER_BYTES:end]
+        else:
+            body = self._buf[HEADER_BYTES:end]
+            del self._buf[:end]
+        self._held_reserved, self._pending_reserved = self._pending_reserved, 0
+        return body
+
+    def decode_body(self, body: bytes | bytearray | memoryview) -> dict:
+        """Decode a body from ``next_body`` with this decoder's settings. Touches no state of
+        the decoder: safe to run in another thread."""
+        return decode_frame_body(body, allow_nonfinite=self.allow_nonfinite, copy=self.copy_arrays,
+                                 max_array_bytes=self.max_array_bytes, limits=self.limits)
+
+    def fail(self, err: ProtocolError) -> ProtocolError:
+        """Put the decoder in the failed state with ``err`` (a ``decode_body`` error); returns it."""
+        return self._fail(err)
+
+    def next_frame(self) -> dict | None:
+        body = self.next_body()
+        if body is None:
+            return None
         try:
-            return decode_frame_body(body, allow_nonfinite=self.allow_nonfinite, copy=self.copy_arrays,
-                                     max_array_bytes=self.max_array_bytes)
+            return self.decode_body(body)
         except ProtocolError as e:
             raise self._fail(e) from None
 
@@ -199,21 +411,21 @@ def validate_request(obj: Any) -> dict:
     if type(rid) is not int:
         raise ProtocolError(f"request: 'id' must be an int, got {type(rid).__name__}", code=E_BAD_REQUEST)
     if not 0 <= rid <= MAX_ID:
-        raise ProtocolError(f"request: 'id' {rid} out of range [0, {MAX_ID}]", code=E_BAD_REQUEST)
+        raise ProtocolError(f"request: 'id' {clip(rid, 40)} out of range [0, {MAX_ID}]", code=E_BAD_REQUEST)
 
     def bad(msg: str, code: str = E_BAD_REQUEST) -> ProtocolError:
         return ProtocolError(f"request {rid}: {msg}", code=code, request_id=rid)
 
     extra = obj.keys() - _REQUEST_FIELDS
     if extra:
-        raise bad(f"unexpected fields {sorted(repr(k)[:40] for k in extra)}")
+        raise bad(f"unexpected fields {some_names(extra)} (allowed: {', '.join(sorted(_REQUEST_FIELDS))})")
     if "kind" not in obj:
         raise bad("missing field 'kind'")
     kind = obj["kind"]
     if not isinstance(kind, str):
         raise bad(f"'kind' must be a str, got {type(kind).__name__}")
     if kind not in REQUEST_KINDS:
-        raise bad(f"unknown kind {kind[:40]!r} (known: {', '.join(REQUEST_KINDS)})", E_UNKNOWN_KIND)
+        raise bad(f"unknown kind {clip(kind, 40)} (known: {', '.join(REQUEST_KINDS)})", E_UNKNOWN_KIND)
     if "body" not in obj:
         raise bad("missing field 'body'")
     body = obj["body"]
@@ -244,9 +456,12 @@ def reply_ok(id: int | None, body: dict | None = None) -> dict:
 
 
 def reply_error(id: int | None, code: str, message: str) -> dict:
-    """An error reply to request ``id`` (None when the request's id could not be read)."""
+    """An error reply to request ``id`` (None when the request's id could not be read). A
+    message over ``MAX_ERROR_CHARS`` is cut (it may echo client input)."""
     if not isinstance(code, str) or not isinstance(message, str):
         raise TypeError("reply_error: code and message must be str")
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 40] + f"... (cut; {len(message)} chars)"
     return {"id": id, "ok": False, "error": {"code": code, "message": message}}
 
 

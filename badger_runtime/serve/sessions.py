@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..engine import Agent, InputError
-from .protocol import reply_error, reply_ok
+from .protocol import reply_error, reply_ok, some_names
 from .store import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, SessionStore, StoreError, agent_record, restore_agent
 from .telemetry import Metrics, no_log
 
@@ -92,12 +92,14 @@ class Session:
 
 def _check_keys(body: dict, allowed: set[str]):
     extra = body.keys() - allowed
-    if extra:
-        raise ServeError(E_BAD_REQUEST, f"unknown body fields {sorted(str(k)[:40] for k in extra)} "
+    if extra:  # bounded: the first few names and how many more
+        raise ServeError(E_BAD_REQUEST, f"unknown body fields {some_names(extra)} "
                                         f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
 
 
-def _int(body: dict, key: str, default: Any = ..., lo: int = 0, hi: int = MAX_SEED, code: str = E_BAD_INPUT):
+def _int(body: dict, key: str, default: Any = ..., lo: int = 0, hi: int = MAX_SEED, code: str = E_BAD_REQUEST):
+    """An int body field. Below ``lo`` (the protocol's minimum) is ``bad_request``; above
+    ``hi`` is ``code``: ``limit`` where ``hi`` is a limit of this server, else ``bad_request``."""
     if key not in body or body[key] is None:
         if default is ...:
             raise ServeError(E_BAD_REQUEST, f"body field {key!r} is required")
@@ -106,7 +108,7 @@ def _int(body: dict, key: str, default: Any = ..., lo: int = 0, hi: int = MAX_SE
     if type(v) is not int:
         raise ServeError(E_BAD_REQUEST, f"body field {key!r} must be an int, got {type(v).__name__}")
     if not lo <= v <= hi:
-        raise ServeError(code, f"body field {key!r} must be in [{lo}, {hi}], got {v}")
+        raise ServeError(E_BAD_REQUEST if v < lo else code, f"body field {key!r} must be in [{lo}, {hi}], got {v}")
     return v
 
 
@@ -450,8 +452,8 @@ class SessionManager:
                 raise ServeError(E_LIMIT, f"{s.agent.n_experts} + {n} experts exceeds the limit of "
                                           f"{self.limits.max_experts}")
             init = body.get("init", "clone")
-            if not isinstance(init, str):
-                raise ServeError(E_BAD_REQUEST, "body field 'init' must be a str")
+            if not isinstance(init, str) or init not in ("clone", "fresh"):
+                raise ServeError(E_BAD_REQUEST, "body field 'init' must be 'clone' or 'fresh'")
             source = _int(body, "source", None, 0, MAX_SEED)
             idx = self._commit(s, lambda: s.agent.add_experts(n, init=init, source=source))
             self.metrics.inc("experts.added", n)

@@ -16,6 +16,10 @@ Writes go to ``NAME.ckpt.tmp``, are fsynced, renamed over ``NAME.ckpt``, and the
 fsynced: a reader sees the old file or the new one, never a torn one, and with
 ``fsync=True`` the new one survives a power cut once ``write`` returns. Without fsync the
 file still survives the process being killed (the kernel holds the data).
+
+A session's state is private: the state folder and its subfolders are created 0700 (and
+``sessions/``, ``rejected/`` are set to 0700 if they exist looser), checkpoint files 0600,
+whatever the umask.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ FORMAT_VERSION = 2  # 2: the agent record holds its interface (addresses, visibi
 READABLE_VERSIONS = (1, 2)  # version 1 records (guessing-game agents) are read and migrated
 _HEADER = struct.Struct(">8sII")
 SUFFIX = ".ckpt"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 FEEDBACKS = ("scalar", "per_dim", "one_expert")
 
 
@@ -192,6 +198,13 @@ def decode(data: bytes) -> dict:
     return record
 
 
+def _private_dir(path: Path):
+    """Create ``path`` 0700 (or tighten it to 0700: it holds session state)."""
+    path.mkdir(mode=DIR_MODE, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, DIR_MODE)
+
+
 def _fsync_dir(path: Path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -209,7 +222,8 @@ class SessionStore:
         self.dir = self.root / "sessions"
         self.rejected_dir = self.root / "rejected"
         self.fsync = fsync
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        _private_dir(self.dir)
         if fsync:
             _fsync_dir(self.root)
 
@@ -221,7 +235,10 @@ class SessionStore:
         data = encode(record)
         final = self.path(name)
         tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # POSIX: a leftover .tmp would keep its mode through O_CREAT
+                os.fchmod(f.fileno(), FILE_MODE)
             f.write(data)
             if self.fsync:
                 f.flush()
@@ -257,7 +274,7 @@ class SessionStore:
 
     def reject(self, name: str) -> Path:
         """Move NAME's checkpoint aside to ``rejected/`` (with a unique suffix); returns where."""
-        self.rejected_dir.mkdir(exist_ok=True)
+        _private_dir(self.rejected_dir)
         dst = self.rejected_dir / (name + SUFFIX)
         i = 1
         while dst.exists():
