@@ -47,3 +47,17 @@ def test_longrun_cli_reports_recovery(capsys):
     assert main(["longrun", "--policy", p, "--steps", "120", "--episodes", "4", "--json"]) == 0
     h = json.loads(capsys.readouterr().out)
     assert set(h["error_at"]) == {"20", "100"} and h["finite"]
+
+
+CONTINUAL = [p for p in SHIPPED if json.loads(p.with_suffix(".json").read_text())["lifetime"]["kind"] == "continual"]
+
+
+@pytest.mark.parametrize("path", CONTINUAL, ids=[p.stem for p in CONTINUAL])
+def test_continual_policies_stay_sane_for_10000_steps(path):
+    """A card that says 'continual' is held to it: the error at inner step 10,000 is within 1.5x of
+    the error at the training horizon (and small), on agents never reset."""
+    from badger_runtime.longrun import horizon_report
+
+    r = horizon_report(load_policy(path), steps=10_000, episodes=20, seed=0)
+    e = r["error_at"]
+    assert r["finite"] and e["10000"] <= 1.5 * max(e["20"], 1e-3), e

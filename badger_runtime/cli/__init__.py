@@ -33,11 +33,17 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse printed the usage error (or --help)
         return e.code if isinstance(e.code, int) else 2
+    from ..engine import InputError
     from ..policy_card import PolicyError
 
     try:
-        args.fn(args)
-    except (ConfigError, PolicyError) as e:
+        try:
+            args.fn(args)
+        except BaseExceptionGroup as group:  # an actor runtime's nursery: report its one cause
+            while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+                group = group.exceptions[0]
+            raise group from None
+    except (ConfigError, PolicyError, InputError) as e:
         print(f"badger: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # an optional extra that is not installed

@@ -24,6 +24,9 @@ def register(sub):
     x.add_argument("--eval-episodes", type=int_in(0, 1_000_000, "--eval-episodes"), default=1000,
                    help="episodes for the card's evaluation (0: none)")
     x.add_argument("--command-line", default=None, help="the training command, recorded in the card")
+    x.add_argument("--continual", default=None, metavar="EVIDENCE",
+                   help="record the policy as continual (no horizon), citing the 10,000-step check that shows it "
+                        "(default: episodic, with its training horizon)")
     x.set_defaults(fn=cmd_export)
 
 
@@ -40,8 +43,10 @@ def cmd_train(args):
 def cmd_export(args):
     from ..training.export import export, write_card_evaluation
 
-    extra = {"training_command": args.command_line} if args.command_line else None
-    card = export(args.checkpoint, args.out, name=args.name, extra=extra)
+    extra = {"training_command": args.command_line} if args.command_line else {}
+    if args.continual:
+        extra["lifetime"] = {"kind": "continual", "horizon": None, "why": args.continual}
+    card = export(args.checkpoint, args.out, name=args.name, extra=extra or None)
     if args.eval_episodes:
         card = write_card_evaluation(args.out, episodes=args.eval_episodes)
     print(json.dumps({"onnx": str(args.out), "sha256": card["sha256"], "export": card["export"]}))

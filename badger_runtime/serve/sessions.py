@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import ConfigError
-from ..engine import Agent, InputError
+from ..engine import Agent, HorizonError, InputError
 from .protocol import reply_error, reply_ok, some_names
 from .store import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, SessionStore, StoreError, agent_record, restore_agent
 from .telemetry import Metrics, no_log
@@ -39,6 +39,7 @@ E_LIMIT = "limit"  # too many sessions / experts / dims / rounds
 E_WRONG_STEP = "wrong_step"  # the request's "t" (or "episode") is not where the session is
 E_STORAGE = "storage"  # the checkpoint could not be written; the change was undone
 E_INTERNAL = "internal"
+E_HORIZON = "horizon"  # a step past an episodic policy's horizon in a session not opened with past_horizon
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 MAX_SEED = (1 << 63) - 1
@@ -133,10 +134,11 @@ def _vector(name: str, x: Any, size: int) -> np.ndarray:
     return a
 
 
-def new_agent(policy, experts: int, dims: int, seed: int, task=None) -> Agent:
+def new_agent(policy, experts: int, dims: int, seed: int, task=None, past_horizon: bool = False) -> Agent:
     """A served session's agent: batch 1, seeded, with the interface of ``task`` (default: the
-    policy's own task, its address scheme and feedback)."""
-    return Agent(policy).reset(1, experts, dims, seed, task=task)
+    policy's own task, its address scheme and feedback); ``past_horizon``: the client asked to
+    step an episodic policy past its horizon."""
+    return Agent(policy, past_horizon=past_horizon).reset(1, experts, dims, seed, task=task)
 
 
 # ---- the manager -----------------------------------------------------------------------------------
@@ -175,6 +177,8 @@ class SessionManager:
             reply = reply_ok(rid, fn(req["session"], req["body"]))
         except ServeError as e:
             reply = reply_error(rid, e.code, str(e))
+        except HorizonError as e:
+            reply = reply_error(rid, E_HORIZON, str(e))
         except (InputError, ConfigError) as e:
             reply = reply_error(rid, E_BAD_INPUT, str(e))
         except Exception as e:  # a bug: answer it, log it, keep serving
@@ -209,6 +213,7 @@ class SessionManager:
         return {"format": FORMAT, "version": FORMAT_VERSION, "session": s.name,
                 "policy": {"name": self.policy.name, "sha256": self.policy.card.get("sha256")},
                 "created": s.created, "updated": s.updated, "seed": s.seed, "rounds": s.rounds, "task": s.task,
+                "past_horizon": s.agent.past_horizon,
                 "episode": s.episode, "steps_total": s.steps_total, "last_outputs": s.last_outputs,
                 "agent": agent_record(s.agent)}
 
@@ -318,6 +323,10 @@ class SessionManager:
         task = rec.get("task", self.policy.task.name)
         if not isinstance(task, str) or len(task) > 64:
             raise StoreError("record field task must be a task name")
+        past = rec.get("past_horizon", False)
+        if type(past) is not bool:
+            raise StoreError("record field past_horizon must be a bool")
+        agent.past_horizon = past
         return Session(name, agent, ints["seed"], rounds, float(times[0]), float(times[1]), task,
                        episode=ints["episode"], steps_total=ints["steps_total"],
                        last_outputs=None if last is None else np.array(last, np.float32))
@@ -339,15 +348,17 @@ class SessionManager:
         return {"session": s.name, "t": a.t, "episode": s.episode, "experts": a.n_experts, "dims": s.dims,
                 "task": s.task, "parts": [[k, v] for k, v in parts.items()],
                 "feedback_size": parts.get("feedback"), "slots": a.slots,
+                "horizon": None if a.past_horizon else getattr(self.policy, "horizon", None),
                 "rounds": s.rounds or self.policy.agent.agreement.rounds, "seed": s.seed,
                 "steps_total": s.steps_total, "last_outputs": s.last_outputs}
 
     def _k_open(self, name: str | None, body: dict) -> dict:
-        _check_keys(body, {"experts", "dims", "seed", "rounds", "resume", "snapshot", "task"})
+        _check_keys(body, {"experts", "dims", "seed", "rounds", "resume", "snapshot", "task", "past_horizon"})
         L = self.limits
         resume = body.get("resume", False)
-        if type(resume) is not bool:
-            raise ServeError(E_BAD_REQUEST, "body field 'resume' must be a bool")
+        past_horizon = body.get("past_horizon", False)
+        if type(resume) is not bool or type(past_horizon) is not bool:
+            raise ServeError(E_BAD_REQUEST, "body fields 'resume' and 'past_horizon' must be bools")
         if name is None:
             name = "s-" + secrets.token_hex(6)
         elif not SESSION_NAME.fullmatch(name):
@@ -367,6 +378,7 @@ class SessionManager:
             except StoreError as e:
                 raise ServeError(E_BAD_INPUT, f"snapshot refused: {e}") from None
             s.created = s.updated = now
+            s.agent.past_horizon = s.agent.past_horizon or past_horizon
         else:
             experts = _int(body, "experts", self.default_experts, 1, L.max_experts, E_LIMIT)
             dims = _int(body, "dims", ..., 1, L.max_dims, E_LIMIT)
@@ -375,7 +387,7 @@ class SessionManager:
             task = body.get("task", self.policy.task.name)
             if not isinstance(task, str):
                 raise ServeError(E_BAD_REQUEST, "body field 'task' must be a task name (str)")
-            agent = new_agent(self.policy, experts, dims, seed, self._task_config(task))
+            agent = new_agent(self.policy, experts, dims, seed, self._task_config(task), past_horizon)
             s = Session(name, agent, seed, rounds, now, now, task)
         with s.lock:
             with self._lock:
@@ -402,7 +414,7 @@ class SessionManager:
             experts = _int(body, "experts", s.agent.n_experts, 1, self.limits.max_experts, E_LIMIT)
             dims = _int(body, "dims", s.dims, 1, self.limits.max_dims, E_LIMIT)
             seed = _int(body, "seed", (s.seed + s.episode + 1) % (MAX_SEED + 1))
-            agent = new_agent(self.policy, experts, dims, seed, self._task_config(s.task))
+            agent = new_agent(self.policy, experts, dims, seed, self._task_config(s.task), s.agent.past_horizon)
 
             def change():
                 s.agent, s.episode, s.last_outputs, s.pending = agent, s.episode + 1, None, 0

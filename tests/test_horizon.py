@@ -1,0 +1,107 @@
+"""Episodic policies have a horizon, and every runtime refuses to step past it unless asked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import trio
+
+from badger_runtime.engine import Agent, HorizonError, numpy_ops
+from badger_runtime.episodes import Driver, adrive, sample_batches
+from badger_runtime.evaluation import run_episodes
+from badger_runtime.policy_card import load_policy
+
+
+@pytest.fixture(scope="module")
+def episodic(tiny_policy, tmp_path_factory):
+    """The tiny policy with a card that says: episodic, horizon 3."""
+    d = tmp_path_factory.mktemp("episodic")
+    onnx = d / "ep.onnx"
+    shutil.copy(tiny_policy, onnx)
+    card = json.loads(tiny_policy.with_suffix(".json").read_text())
+    card["lifetime"] = {"kind": "episodic", "horizon": 3, "why": "a test"}
+    onnx.with_suffix(".json").write_text(json.dumps(card))
+    return load_policy(onnx)
+
+
+def test_the_batched_engine_refuses_past_the_horizon(episodic):
+    a = Agent(episodic).reset(1, 3, 2, seed=0)
+    obs = np.zeros((1, a.slots), np.float32)
+    for _ in range(3):
+        a.step(obs)
+    state = a.state.h.copy()
+    with pytest.raises(HorizonError, match="horizon of 3"):
+        a.step(obs)
+    assert np.array_equal(a.state.h, state) and a.t == 3  # refused: nothing changed
+    a.reset(1, 3, 2, seed=1)
+    a.step(obs)  # a reset starts a new episode
+    b = Agent(episodic, past_horizon=True).reset(1, 3, 2, seed=0)
+    for _ in range(5):
+        b.step(obs)  # asked for explicitly
+
+
+@pytest.mark.parametrize("runtime", ["sharded", "actors"])
+def test_the_actor_runtimes_refuse_past_the_horizon(episodic, runtime):
+    with pytest.raises(Exception) as e:
+        run_episodes(numpy_ops(), episodic, episodic.agent, episodic.task, dims=2, experts=3, episodes=1, seed=0,
+                     steps=5, runtime=runtime)
+    err = e.value
+    while isinstance(err, BaseExceptionGroup):
+        err = err.exceptions[0]
+    assert isinstance(err, HorizonError)
+    res = run_episodes(numpy_ops(), episodic, episodic.agent, episodic.task, dims=2, experts=3, episodes=1, seed=0,
+                       steps=5, runtime=runtime, past_horizon=True)
+    assert res.outputs.shape[0] == 5
+
+
+def test_a_served_session_answers_horizon_until_reset(episodic):
+    from badger_runtime.serve.protocol import validate_request
+    from badger_runtime.serve.sessions import SessionManager
+
+    m = SessionManager(episodic)
+
+    def call(kind, session="s", **body):
+        return m.handle(validate_request({"id": 1, "kind": kind, "session": session, "body": body}))
+
+    info = call("open", dims=2, experts=3)["body"]
+    assert info["horizon"] == 3
+    slots = [0.0] * info["slots"]
+    for t in range(3):
+        assert call("step", slots=slots, t=t)["ok"]
+    r = call("step", slots=slots, t=3)
+    assert not r["ok"] and r["error"]["code"] == "horizon" and "horizon of 3" in r["error"]["message"]
+    assert call("reset")["ok"] and call("step", slots=slots, t=0)["ok"]
+    assert call("open", "p", dims=2, experts=3, past_horizon=True)["body"]["horizon"] is None
+    for t in range(5):
+        assert call("step", "p", slots=slots, t=t)["ok"]
+    assert m.record(m.sessions["p"])["past_horizon"] is True
+
+
+def test_eval_cli_refuses_past_the_horizon_unless_asked(episodic, capsys):
+    from badger_runtime.cli import main
+
+    p = str(episodic.path)
+    assert main(["eval", "--policy", p, "--dims", "2", "--steps", "5", "--episodes", "2"]) == 2
+    assert "horizon of 3" in capsys.readouterr().err
+    assert main(["eval", "--policy", p, "--dims", "2", "--steps", "5", "--episodes", "2", "--past-horizon",
+                 "--json"]) == 0
+
+
+def test_export_records_an_episodic_lifetime_by_default(tiny_run, tmp_path):
+    from badger_runtime.training.export import export
+
+    card = export(tiny_run[0] / "checkpoint.pt", tmp_path / "p.onnx")
+    assert card["lifetime"]["kind"] == "episodic" and card["lifetime"]["horizon"] == 6
+    assert load_policy(tmp_path / "p.onnx").horizon == 6
+
+
+def test_shipped_cards_say_continual_or_episodic():
+    from badger_runtime.policy_card import shipped_dir, shipped_policies
+
+    for name in shipped_policies():
+        life = json.loads((shipped_dir() / f"{name}.json").read_text())["lifetime"]
+        assert life["kind"] in ("continual", "episodic") and life["why"]
+        assert (life["horizon"] is None) == (life["kind"] == "continual")
