@@ -652,3 +652,57 @@ def test_connection_limit_and_idle_timeout(policy):
             await first.health()
         assert m.metrics.to_dict()["counters"]["connections.refused"] == 1
     run_server(m, test, max_connections=1, idle_timeout=0.2)
+
+
+def test_sparse_sessions_hold_thousands_of_experts_and_grow(policy):
+    """With top-k over C candidates (badger serve --candidates C) a session of 2,000 experts steps
+    and hot-adds 1,000 more; the messages per step are N x (C + 1), not N^2."""
+    import dataclasses
+
+    routing = dataclasses.replace(policy.agent.routing, kind="topk", candidates=8, k=4)
+    cfg = dataclasses.replace(policy.agent, routing=routing)
+    m = SessionManager(policy, limits=Limits(max_experts=5000), agent_config=cfg)
+    info = ok(m, "open", "big", experts=2000, dims=3, seed=1)
+    slots = np.zeros(info["slots"], np.float32)
+    r = ok(m, "step", "big", slots=slots)
+    assert r["messages"]["sent"] == r["rounds"] * 2000 * 9
+    assert ok(m, "add_experts", "big", n=1000, init="fresh")["experts"] == 3000
+    r = ok(m, "step", "big", slots=slots)
+    assert r["experts"] == 3000 and np.isfinite(r["outputs"]).all()
+
+
+def test_a_restart_with_lower_limits_keeps_every_session(policy, tmp_path):
+    """A session the server accepted is never lost by a restart: limits apply to new sessions."""
+    m = make(policy, tmp_path)
+    ok(m, "open", "a", experts=40, dims=3, seed=0)
+    ok(m, "step", "a", slots=np.zeros(6, np.float32))
+    m2 = SessionManager(policy, SessionStore(tmp_path), limits=Limits(max_experts=10))
+    res = m2.restore_all()
+    assert res["restored"] == ["a"] and not res["rejected"]
+    assert m2.sessions["a"].agent.n_experts == 40
+
+
+@pytest.mark.parametrize("corrupt", ["array_for_int", "nested", "negative_rng", "huge_counter"])
+def test_malformed_records_are_rejected_not_crashed(policy, tmp_path, corrupt):
+    """Checkpoints with a valid checksum but a malformed record go to rejected/ at start; the same
+    record sent with open is refused with bad_input (never 'internal')."""
+    import json as _json
+
+    m = make(policy, tmp_path)
+    ok(m, "open", "a", experts=3, dims=3, seed=0)
+    rec = m.record(m.sessions["a"])
+    if corrupt == "array_for_int":
+        rec["agent"]["t"] = np.zeros(3, np.float32)
+    elif corrupt == "nested":  # deeply nested JSON where the generator state belongs
+        rec["agent"]["rng"] = "[" * 3000 + "]" * 3000
+    elif corrupt == "negative_rng":
+        st = _json.loads(rec["agent"]["rng"])
+        st["state"]["state"] = -5
+        rec["agent"]["rng"] = _json.dumps(st)
+    else:
+        rec["steps_total"] = 2**64 - 2
+    SessionStore(tmp_path).write("a", rec)
+    m2 = SessionManager(policy, SessionStore(tmp_path))
+    res = m2.restore_all()
+    assert res["rejected"] and res["rejected"][0]["session"] == "a" and not res["restored"]
+    assert err(m2, "open", "b", snapshot=rec) == "bad_input"

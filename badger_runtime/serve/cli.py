@@ -128,6 +128,12 @@ def register(sub):
                    help="rename without fsync: survives kill -9 (the kernel has the data), not a power cut")
     s.add_argument("--max-sessions", type=int_range(1, 1 << 20), default=1024)
     s.add_argument("--max-experts", type=int_range(1, 1 << 20), default=1024, help="per session")
+    s.add_argument("--candidates", type=int_range(1, 1 << 16), default=None,
+                   help="sessions route by top-k over C candidate senders per expert (O(N C), the sharded "
+                        "runtime's sparse routing): how a session holds and hot-adds thousands of experts "
+                        "(default: the policy's routing; dense routing scores N^2 pairs)")
+    s.add_argument("--k", type=int_range(1, 1 << 16), default=None,
+                   help="with --candidates: senders kept per expert (default: the policy's k)")
     s.add_argument("--max-frame-mib", type=float_range(1 / 16, 1024), default=16.0,
                    help="largest frame in MiB, 1/16..1024 (default %(default)s)")
     s.add_argument("--max-connections", type=int_range(1, 1 << 16), default=MAX_CONNECTIONS,
@@ -272,10 +278,20 @@ def cmd_serve(args):
     route_python_logs(log)  # numpy warnings and library logging become JSON lines too
     _raise_open_files_limit(args.max_connections + PROBE_SLOTS + 64, log)
     policy = load_policy(args.policy, threads=args.threads)  # PolicyError: exit 2 with the reason
+    agent_config = policy.agent
+    if args.candidates is not None:
+        import dataclasses
+
+        routing = dataclasses.replace(policy.agent.routing, kind="topk", candidates=args.candidates,
+                                      k=args.k or policy.agent.routing.k)
+        agent_config = dataclasses.replace(policy.agent, routing=routing).validate()
+    elif args.k is not None:
+        raise ConfigError("--k goes with --candidates")
     store = SessionStore(args.state_dir, fsync=not args.no_fsync)
     manager = SessionManager(policy, store, limits=Limits(max_sessions=args.max_sessions,
                                                           max_experts=args.max_experts),
-                             default_experts=args.experts, checkpoint_every=args.checkpoint_every, log=log)
+                             default_experts=args.experts, checkpoint_every=args.checkpoint_every, log=log,
+                             agent_config=agent_config)
     restored = manager.restore_all()
     max_frame = int(args.max_frame_mib * MiB)
     server = Server(manager, token=args.token, idle_timeout=args.idle_timeout, drain_timeout=args.drain_timeout,

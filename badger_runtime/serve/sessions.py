@@ -134,11 +134,12 @@ def _vector(name: str, x: Any, size: int) -> np.ndarray:
     return a
 
 
-def new_agent(policy, experts: int, dims: int, seed: int, task=None, past_horizon: bool = False) -> Agent:
+def new_agent(policy, experts: int, dims: int, seed: int, task=None, past_horizon: bool = False,
+              agent_config=None) -> Agent:
     """A served session's agent: batch 1, seeded, with the interface of ``task`` (default: the
     policy's own task, its address scheme and feedback); ``past_horizon``: the client asked to
-    step an episodic policy past its horizon."""
-    return Agent(policy, past_horizon=past_horizon).reset(1, experts, dims, seed, task=task)
+    step an episodic policy past its horizon; ``agent_config``: routing etc. (default: the policy's)."""
+    return Agent(policy, agent_config, past_horizon=past_horizon).reset(1, experts, dims, seed, task=task)
 
 
 # ---- the manager -----------------------------------------------------------------------------------
@@ -148,8 +149,10 @@ class SessionManager:
 
     def __init__(self, policy, store: SessionStore | None = None, *, limits: Limits | None = None,
                  default_experts: int | None = None, checkpoint_every: int = 1,
-                 log: Callable[..., None] = no_log, metrics: Metrics | None = None):
+                 log: Callable[..., None] = no_log, metrics: Metrics | None = None, agent_config=None):
         self.policy = policy
+        # every session's agent config: the policy's, or with sparse routing for large agents
+        self.agent_config = agent_config or policy.agent
         self.store = store
         self.limits = limits or Limits()
         t = policy.task
@@ -279,7 +282,7 @@ class SessionManager:
                 try:
                     if isinstance(rec, StoreError):
                         raise rec
-                    s = self._session_from_record(name, rec)
+                    s = self._session_from_record(name, rec, restoring=True)
                 except StoreError as e:
                     where = self.store.reject(name)
                     self.log("error", "restore_rejected", session=name, error=str(e), moved_to=str(where))
@@ -294,7 +297,19 @@ class SessionManager:
         self.ready = True
         return {"restored": restored, "rejected": rejected}
 
-    def _session_from_record(self, name: str, rec: Any) -> Session:
+    def _session_from_record(self, name: str, rec: Any, restoring: bool = False) -> Session:
+        """A session from a record (a checkpoint at start, or ``open`` with a snapshot). Any problem
+        is a StoreError. A checkpoint this server wrote is restored even above today's limits (a
+        restart with lower ``--max-experts`` must not lose sessions it accepted); a snapshot sent
+        with ``open`` is held to the limits."""
+        try:
+            return self._checked_session(name, rec, restoring)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 (malformed records of any shape: refused, never a crash)
+            raise StoreError(f"malformed record: {type(e).__name__}: {str(e)[:200]}") from None
+
+    def _checked_session(self, name: str, rec: Any, restoring: bool) -> Session:
         if not isinstance(rec, dict):
             raise StoreError("a session record must be a map")
         if rec.get("format") != FORMAT or rec.get("version") not in READABLE_VERSIONS:
@@ -306,11 +321,13 @@ class SessionManager:
             got = pol.get("sha256") if isinstance(pol, dict) else None
             raise StoreError(f"record was made with policy sha256 {str(got)[:16]}..., this server runs "
                              f"{str(sha)[:16]}...")
-        agent = restore_agent(self.policy, rec.get("agent"), max_experts=self.limits.max_experts,
-                              max_dims=self.limits.max_dims)
+        lim = (1 << 20, 1 << 16) if restoring else (self.limits.max_experts, self.limits.max_dims)
+        agent = restore_agent(self.policy, rec.get("agent"), max_experts=lim[0], max_dims=lim[1],
+                              agent_config=self.agent_config)
         ints = {k: rec.get(k) for k in ("seed", "episode", "steps_total")}
-        if any(type(v) is not int or v < 0 for v in ints.values()):
-            raise StoreError(f"record fields seed, episode, steps_total must be non-negative ints: {ints}")
+        if any(type(v) is not int or not 0 <= v < (1 << 62) for v in ints.values()):
+            raise StoreError(f"record fields seed, episode, steps_total must be ints in [0, 2^62): "
+                             f"{str(ints)[:200]}")
         rounds = rec.get("rounds")
         if rounds is not None and (type(rounds) is not int or not 1 <= rounds <= self.limits.max_rounds):
             raise StoreError(f"record field rounds must be nil or in [1, {self.limits.max_rounds}]")
@@ -387,7 +404,8 @@ class SessionManager:
             task = body.get("task", self.policy.task.name)
             if not isinstance(task, str):
                 raise ServeError(E_BAD_REQUEST, "body field 'task' must be a task name (str)")
-            agent = new_agent(self.policy, experts, dims, seed, self._task_config(task), past_horizon)
+            agent = new_agent(self.policy, experts, dims, seed, self._task_config(task), past_horizon,
+                              self.agent_config)
             s = Session(name, agent, seed, rounds, now, now, task)
         with s.lock:
             with self._lock:
@@ -414,7 +432,8 @@ class SessionManager:
             experts = _int(body, "experts", s.agent.n_experts, 1, self.limits.max_experts, E_LIMIT)
             dims = _int(body, "dims", s.dims, 1, self.limits.max_dims, E_LIMIT)
             seed = _int(body, "seed", (s.seed + s.episode + 1) % (MAX_SEED + 1))
-            agent = new_agent(self.policy, experts, dims, seed, self._task_config(s.task), s.agent.past_horizon)
+            agent = new_agent(self.policy, experts, dims, seed, self._task_config(s.task), s.agent.past_horizon,
+                              self.agent_config)
 
             def change():
                 s.agent, s.episode, s.last_outputs, s.pending = agent, s.episode + 1, None, 0

@@ -88,7 +88,8 @@ def _neighbors(rec: dict, n: int) -> np.ndarray | None:
     return np.array(idx)
 
 
-def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 16, max_dims: int = 1 << 12) -> Agent:
+def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 20, max_dims: int = 1 << 16,
+                  agent_config=None) -> Agent:
     """An ``engine.Agent`` (batch 1) continued from ``agent_record`` output; everything is
     checked against the policy first, so a bad record raises StoreError, never a crash later."""
     if not isinstance(rec, dict):
@@ -126,11 +127,14 @@ def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 16, max_dims: int
         "slot_addr": _array(rec, "slot_addr", (1, slots, A)),
         "visibility": visibility, "parts": parts,
     }
+    rng = rec.get("rng")
+    if not isinstance(rng, str) or len(rng) > 4096:
+        raise StoreError("agent.rng must be the generator state as a short JSON string")
     try:
-        snap["rng"] = json.loads(rec["rng"])
-        agent = Agent(policy).restore(snap)
-    except (KeyError, TypeError, ValueError, InputError) as e:
-        raise StoreError(f"agent record cannot be restored: {type(e).__name__}: {e}") from None
+        snap["rng"] = json.loads(rng)
+        agent = Agent(policy, agent_config).restore(snap)
+    except Exception as e:  # noqa: BLE001 (a malformed record of any shape is refused, never a crash)
+        raise StoreError(f"agent record cannot be restored: {type(e).__name__}: {str(e)[:200]}") from None
     return agent
 
 
