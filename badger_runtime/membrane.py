@@ -30,34 +30,52 @@ def sense(ops, read_query, slot_addr, slot_val, visible=None, competitive: int =
     read_query: [B, N, K*A]; slot_addr: [B, J, A]; slot_val: [B, J];
     visible: [B or 1, N, J] bool (which expert may see which slot) or None.
     Returns sensed [B, N, K*(1+A) + competitive]: per head (read value, read address), then one
-    share per competitive head.
+    share per competitive head (``assemble``).
 
-    The first ``competitive`` heads compete for the slots (as slot attention does): a slot's
-    attention is normalised over the experts, not over the slots, so each slot is read mostly
-    by the experts whose queries match it best; an expert reads the weighted mean of the slots it
-    wins, and senses its share of them (the fraction of the J slots it won). With more experts
-    each wins fewer slots: the agent can divide the inputs among its experts. The other heads
-    are the usual attention over the slots (normalised over the slots).
+    The first ``competitive`` heads compete for the slots (``compete``); the others are the usual
+    attention over the slots (normalised over the slots, ``read``).
     """
+    A = slot_addr.shape[-1]
+    comp = compete(ops, read_query[..., :competitive * A], slot_addr, slot_val, visible) if competitive else None
+    std = read(ops, read_query[..., competitive * A:], slot_addr, slot_val, visible) \
+        if read_query.shape[-1] > competitive * A else None
+    return assemble(ops, comp, std)
+
+
+def read(ops, read_query, slot_addr, slot_val, visible=None):
+    """Heads that attend over the slots (softmax over the slots): [B, N, K*(1+A)]."""
     B, N, KA = read_query.shape
     A = slot_addr.shape[-1]
-    K = KA // A
-    q = read_query.reshape(B, N * K, A)
-    scores = scaled_dot(ops, q, slot_addr).reshape(B, N, K, -1)
+    scores = scaled_dot(ops, read_query.reshape(B, N * (KA // A), A), slot_addr).reshape(B, N, KA // A, -1)
     mask = None if visible is None else visible[:, :, None, :]
-    parts = []
-    if competitive < K:
-        s_std = scores if not competitive else scores[:, :, competitive:]
-        m_std = None if mask is None else mask
-        w = softmax(ops, s_std, m_std, axis=-1)  # [B, N, K', J]
-        parts.append(_read(ops, w, slot_addr, slot_val))
-    if competitive:
-        c = softmax(ops, scores[:, :, :competitive], mask, axis=1)  # over the experts: [B, N, Kc, J]
-        mass = ops.sum(c, axis=-1, keepdims=True)  # [B, N, Kc, 1]
-        read = _read(ops, c / (mass + 1e-6), slot_addr, slot_val)  # [B, N, Kc*(1+A)]
-        share = (mass * (1.0 / slot_addr.shape[1])).reshape(B, N, competitive)
-        parts = [read] + parts + [share]
-    return parts[0] if len(parts) == 1 else ops.concat(parts, axis=-1)
+    return _read(ops, softmax(ops, scores, mask, axis=-1), slot_addr, slot_val)
+
+
+def compete(ops, read_query, slot_addr, slot_val, visible=None):
+    """Heads that compete for the slots, as slot attention does: a slot's attention is normalised
+    over the experts, so each slot is read mostly by the experts whose queries match it best. An
+    expert reads the weighted mean of the slots it wins and senses its share of them (the fraction
+    of the J slots it won): with more experts each wins fewer, and the agent can divide its inputs
+    among its experts. A global normalisation per slot: in the actor runtimes the membrane computes
+    it (it holds every expert's competitive read query). Returns (reads [B, N, Kc*(1+A)],
+    shares [B, N, Kc])."""
+    B, N, KA = read_query.shape
+    A = slot_addr.shape[-1]
+    Kc, J = KA // A, slot_addr.shape[1]
+    scores = scaled_dot(ops, read_query.reshape(B, N * Kc, A), slot_addr).reshape(B, N, Kc, J)
+    mask = None if visible is None else visible[:, :, None, :]
+    c = softmax(ops, scores, mask, axis=1)  # over the experts: [B, N, Kc, J]
+    mass = ops.sum(c, axis=-1, keepdims=True)  # [B, N, Kc, 1]
+    return _read(ops, c / (mass + 1e-6), slot_addr, slot_val), (mass * (1.0 / J)).reshape(B, N, Kc)
+
+
+def assemble(ops, competed, standard):
+    """The sensed vector's layout: competitive reads, standard reads, then the competitive shares.
+    ``competed`` is ``compete``'s (reads, shares) or None; ``standard`` is ``read``'s or None."""
+    if competed is None:
+        return standard
+    reads, shares = competed
+    return ops.concat([reads, shares] if standard is None else [reads, standard, shares], axis=-1)
 
 
 def _read(ops, w, slot_addr, slot_val):

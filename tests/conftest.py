@@ -18,11 +18,12 @@ def top_level_imports(path) -> set[str]:
     return mods
 
 
-def tiny_experiment(**task):
+def tiny_experiment(competitive_heads: int = 0, **task):
     from badger_runtime.config import AgentConfig, ExperimentConfig, PolicySpec, TrainConfig
     from badger_runtime.tasks.guessing import GuessingConfig
 
-    spec = PolicySpec(hidden=16, msg_dim=6, key_dim=4, addr_dim=6, read_heads=2, id_dim=2, init_noise=0.5)
+    spec = PolicySpec(hidden=16, msg_dim=6, key_dim=4, addr_dim=6, read_heads=2, id_dim=2, init_noise=0.5,
+                      competitive_heads=competitive_heads)
     t = GuessingConfig(**({"feedback": "per_dim", "dims": (2, 3), "experts": (3, 5), "steps": 6} | task))
     tr = TrainConfig(seed=0, batches=30, batch_size=16, lr=1e-2, log_every=10, ckpt_every=10, eval_episodes=32,
                      objective="mean")
@@ -49,6 +50,25 @@ def tiny_policy(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_policy") / "tiny.onnx"
     card = export(tiny_run[0] / "checkpoint.pt", out)
     # tests step it past its 6-step training horizon; tests/test_horizon.py covers episodic policies
+    card["lifetime"] = {"kind": "continual", "horizon": None, "why": "a test fixture"}
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_competitive_policy(tmp_path_factory):
+    """A tiny policy whose first read head competes for the slots (membrane.compete), exported."""
+    import json
+
+    from badger_runtime.training.export import export
+    from badger_runtime.training.train import train
+
+    run = tmp_path_factory.mktemp("tiny_comp_run")
+    cfg = tiny_experiment(competitive_heads=1)
+    cfg.train.batches = 10
+    train(cfg, run, progress=False, final_eval=False, log=lambda *a: None)
+    out = tmp_path_factory.mktemp("tiny_comp") / "comp.onnx"
+    card = export(run / "checkpoint.pt", out)
     card["lifetime"] = {"kind": "continual", "horizon": None, "why": "a test fixture"}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
     return out

@@ -207,3 +207,27 @@ def test_actor_agent_and_sharded_agent_step_the_same_episode(pol):
     ref = rollout(numpy_ops(), pol, agent, ep, eng.wiring, steps=3).outputs[:, 0]
     assert np.abs(outs["actors"] - ref).max() <= 1e-5
     assert np.abs(outs["sharded"] - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("feedback", ["per_dim", "one_expert"])
+def test_competitive_heads_are_the_same_in_every_runtime(tiny_competitive_policy, feedback):
+    """Competitive read heads normalise over every expert: the membrane computes them for the
+    shards and for the per-expert actors; the rollout equals the batched engine's, also across a
+    hot-add (sharded: the engine's growing rule)."""
+    from badger_runtime.episodes import schedule
+
+    pol = load_policy(tiny_competitive_policy)
+    assert pol.spec.competitive_heads == 1
+    task = dataclasses.replace(pol.task, feedback=feedback)
+    kw = {"dims": 3, "experts": 7, "episodes": 3, "seed": 5, "steps": 5}
+    ref = run_episodes(numpy_ops(), pol, pol.agent, task, **kw)
+    sh = run_sharded_episodes(pol, pol.agent, task, shards=3, tile=2, **kw)
+    act = run_actor_episodes(pol, pol.agent, task, **kw)
+    assert np.abs(ref.outputs - sh.outputs).max() <= 1e-5
+    assert np.abs(ref.outputs - act.outputs).max() <= 1e-5
+    grown = schedule(add_at=2, add=4, init="clone")
+    a = run_episodes(numpy_ops(), pol, pol.agent, task, changes=grown, **kw)
+    b = run_sharded_episodes(pol, pol.agent, task, shards=2, changes=grown, **kw)
+    assert np.abs(a.outputs - b.outputs).max() <= 1e-5
+    c = run_actor_episodes(pol, pol.agent, task, changes=grown, **kw)
+    assert np.isfinite(c.outputs).all() and c.runtime["added"] == 3 * 4

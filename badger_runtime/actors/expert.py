@@ -55,6 +55,7 @@ class Observation:
     slot_val: np.ndarray  # [J]
     rounds: int  # the stage's round limit
     fixed: bool  # fixed rule: no decisions to wait for
+    competed: np.ndarray | None = None  # [Kc*(1+A) + Kc] the competitive heads' reads (from the membrane)
 
 
 @dataclass
@@ -106,7 +107,11 @@ class ExpertCore:
         if (not isinstance(addr, np.ndarray) or not isinstance(val, np.ndarray) or addr.ndim != 2
                 or addr.shape[1] != A or val.shape != addr.shape[:1] or type(rounds) is not int or rounds < 1):
             raise MessageError(f"observe: needs slot_addr [J, {A}], slot_val [J] and rounds >= 1")
-        self._obs.append(Observation(msg.step, addr, val, rounds, fixed))
+        kc = self.spec.competitive_heads
+        competed = p.get("competed")
+        if kc and (not isinstance(competed, np.ndarray) or competed.shape != (kc * (2 + A),)):
+            raise MessageError(f"observe: a policy with {kc} competitive heads needs 'competed' [{kc * (2 + A)}]")
+        self._obs.append(Observation(msg.step, addr, val, rounds, fixed, competed if kc else None))
 
     def on_message(self, msg: Message) -> str | None:
         """Buffer a routed message; returns None, or why it is discarded (counted dropped).
@@ -172,12 +177,18 @@ class ExpertCore:
         assert self.phase == IDLE
         ob = self._obs.popleft()
         self.t, self.r, self.rounds, self.fixed = ob.step, 0, ob.rounds, ob.fixed
-        K, A = self.spec.read_heads, self.spec.addr_dim
+        kc, A = self.spec.competitive_heads, self.spec.addr_dim
+        K = self.spec.read_heads - kc  # the heads this expert reads itself (the competitive ones: the membrane)
         if not self.can_sense or ob.slot_addr.shape[0] == 0:
-            sensed = np.zeros(K * (1 + A), np.float32)
+            std = np.zeros((1, 1, K * (1 + A)), np.float32)
         else:
-            rq = split_heads(self.spec, self.heads)["read_query"]
-            sensed = membrane.sense(OPS, rq[None, None, :], ob.slot_addr[None], ob.slot_val[None], None)[0, 0]
+            rq = split_heads(self.spec, self.heads)["read_query"][kc * A:]
+            std = membrane.read(OPS, rq[None, None, :], ob.slot_addr[None], ob.slot_val[None], None)
+        comp = None
+        if kc:
+            split = ob.competed.size - kc
+            comp = (ob.competed[None, None, :split], ob.competed[None, None, split:])
+        sensed = membrane.assemble(OPS, comp, std if K else None)[0, 0]
         if self.ident is not None:
             sensed = np.concatenate([sensed, self.ident])
         self.sensed = np.asarray(sensed, np.float32)
@@ -253,6 +264,11 @@ class ExpertCore:
             return None
         hd = split_heads(self.spec, self.heads)
         return {"key": hd["push_key"], "value": hd["push_value"]}
+
+    def competitive_query(self) -> np.ndarray:
+        """My competitive read heads' queries (the membrane normalises them over every expert)."""
+        return np.ascontiguousarray(split_heads(self.spec, self.heads)["read_query"][
+            :self.spec.competitive_heads * self.spec.addr_dim])
 
     # -- supervision ------------------------------------------------------------------
     def snapshot(self) -> Snapshot:

@@ -46,6 +46,11 @@ class MembraneCore:
         self._votes: dict[tuple[int, int], dict[int, tuple[float, float]]] = {}
         self._finished: dict[int, tuple[int, int]] = {}  # expert -> (step, rounds)
         self._pushes: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # expert -> (step, key, value)
+        self._read_query: dict[int, np.ndarray] = {}  # expert -> its competitive heads' read queries
+
+    def set_read_query(self, eid: int, query: np.ndarray):
+        """An expert's competitive read queries (at its start; then from its end-of-stage frame)."""
+        self._read_query[eid] = np.asarray(query, np.float32)
 
     # -- what the experts are told -----------------------------------------------------
     def visible(self, active: list[int]) -> np.ndarray:
@@ -60,8 +65,15 @@ class MembraneCore:
         """The observe payload of every expert taking part: the slots it may read and the round limit."""
         active = self.directory.active()
         vis = self.visible(active)
-        return [(e, {"slot_addr": self.slot_addr[vis[i]], "slot_val": vals[vis[i]], "rounds": rounds})
-                for i, e in enumerate(active)]
+        out = [(e, {"slot_addr": self.slot_addr[vis[i]], "slot_val": vals[vis[i]], "rounds": rounds})
+               for i, e in enumerate(active)]
+        if self.spec.competitive_heads and active:  # normalised over every expert: computed here
+            rq = np.stack([self._read_query[e] for e in active])[None]
+            reads, shares = membrane.compete(OPS, rq, self.slot_addr[None], vals[None], vis[None])
+            competed = np.concatenate([reads[0], shares[0]], axis=-1).astype(np.float32)
+            for i, (_, payload) in enumerate(out):
+                payload["competed"] = competed[i]
+        return out
 
     def votes_ready(self, t: int, r: int) -> bool:
         return set(self.directory.active()) <= self._votes.get((t, r), {}).keys()
@@ -111,10 +123,21 @@ class MembraneCore:
                 raise MessageError(f"push: key {k.shape} / value {v.shape}, expected ({A},) / ({1 + A},)")
             self._pushes[msg.sender] = (msg.step, k, v)
             self._finished[msg.sender] = (msg.step, msg.round)
+            self._take_read_query(msg)
         elif msg.kind == "vote" and "done" in msg.payload:
             self._finished[msg.sender] = (msg.step, msg.round)
+            self._take_read_query(msg)
         elif msg.kind == "vote":
             self._votes.setdefault((msg.step, msg.round), {})[msg.sender] = (
                 float(msg.payload["vote"]), float(msg.payload["change"]))
         else:
             raise MessageError(f"{msg.kind} frames are not for the membrane")
+
+    def _take_read_query(self, msg: Message):
+        kc = self.spec.competitive_heads * self.spec.addr_dim
+        if not kc:
+            return
+        q = msg.payload.get("read_query")
+        if not isinstance(q, np.ndarray) or q.shape != (kc,):
+            raise MessageError(f"{msg.kind}: a policy with competitive heads sends read_query [{kc}]")
+        self._read_query[msg.sender] = q

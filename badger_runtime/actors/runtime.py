@@ -172,6 +172,8 @@ class ActorAgent(Lifecycle):
         self.t = 0
         self._stepping = False
         self.membrane = MembraneCore(self.spec, interface, self.directory)  # the membrane's view of a stage
+        for e, rec in self._records.items():
+            self.membrane.set_read_query(e, rec.core.competitive_query())
 
     # -- lifecycle ----------------------------------------------------------------------
     def _new_record(self, eid: int, h, heads, ident) -> _Record:
@@ -261,6 +263,7 @@ class ActorAgent(Lifecycle):
             member, senders, receivers = self.directory.plan_add(eid, src)
             self.directory.add(member, senders, receivers)
             rec = self._new_record(eid, h, heads, ident)
+            self.membrane.set_read_query(eid, rec.core.competitive_query())
             for e in (senders | receivers) - {eid}:
                 self._post(e, Message("control", MEMBRANE, (e,), self.episode_index, member.join, 0,
                                       {"op": "add", "id": eid, "join": member.join,
@@ -510,6 +513,8 @@ class ActorAgent(Lifecycle):
                 t, rounds = core.t, core.r
                 push = core.finish()
                 payload = push if push is not None else {"done": rounds}
+                if self.spec.competitive_heads:  # the membrane normalises these over every expert
+                    payload = {**payload, "read_query": core.competitive_query()}
                 self._to_membrane(Message("push" if push is not None else "vote", eid, (MEMBRANE,),
                                           self.episode_index, t, rounds, payload))
 

@@ -83,15 +83,26 @@ class ShardCore:
         self.sensed: np.ndarray | None = None
 
     # -- an inner step ----------------------------------------------------------------
-    def sense(self, slot_addr, slot_val):
-        """What my experts read from the input slots: rows of ``membrane.sense``."""
-        rq = split_heads(self.spec, self.heads)["read_query"]
-        parts = []
-        for a in range(0, self.n, self.tile):
-            b = min(a + self.tile, self.n)
-            vis = None if self.visible is None else self.visible[:, a:b]
-            parts.append(membrane.sense(OPS, rq[:, a:b], slot_addr, slot_val, vis))
-        sensed = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    def sense(self, slot_addr, slot_val, competed=None):
+        """What my experts read from the input slots: rows of ``membrane.sense``. The competitive
+        heads' part (``membrane.compete``, a normalisation over every expert) comes from the
+        membrane: ``competed`` [B, n, Kc*(1+A) + Kc]."""
+        spec = self.spec
+        kc = spec.competitive_heads * spec.addr_dim
+        rq = split_heads(spec, self.heads)["read_query"][..., kc:]
+        std = None
+        if rq.shape[-1]:
+            parts = []
+            for a in range(0, self.n, self.tile):
+                b = min(a + self.tile, self.n)
+                vis = None if self.visible is None else self.visible[:, a:b]
+                parts.append(membrane.read(OPS, rq[:, a:b], slot_addr, slot_val, vis))
+            std = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        comp = None
+        if spec.competitive_heads:
+            split = competed.shape[-1] - spec.competitive_heads
+            comp = (competed[..., :split], competed[..., split:])
+        sensed = membrane.assemble(OPS, comp, std)
         if self.ids is not None:
             sensed = np.concatenate([sensed, self.ids], axis=-1)
         self.sensed = np.ascontiguousarray(sensed, np.float32)
@@ -150,5 +161,8 @@ class ShardCore:
         return change, vote
 
     def push_block(self) -> dict[str, np.ndarray]:
+        """My experts' pushes, and the competitive read queries the membrane needs next step."""
         hd = split_heads(self.spec, self.heads)
-        return {"key": hd["push_key"], "value": hd["push_value"]}
+        kc = self.spec.competitive_heads * self.spec.addr_dim
+        return {"key": hd["push_key"], "value": hd["push_value"],
+                "read_query": np.ascontiguousarray(hd["read_query"][..., :kc])}

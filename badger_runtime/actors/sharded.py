@@ -71,6 +71,15 @@ from .transport import MEMBRANE, Frame
 OPS = NumpyOps()
 
 
+def _offsets(spec) -> list[tuple[str, int]]:
+    """Where each head starts in the policy's heads vector."""
+    out, i = [], 0
+    for name, size in spec.heads:
+        out.append((name, i))
+        i += size
+    return out
+
+
 def default_shards(n_experts: int) -> int:
     """One shard per core (never more shards than experts)."""
     return max(1, min(n_experts, os.cpu_count() or 1))
@@ -124,6 +133,7 @@ class ShardedAgent(Lifecycle):
         self.slot_addr = np.asarray(interface.slot_addr, np.float32)
         self.out_addr = np.asarray(interface.out_addr, np.float32)
         self._shards_wanted, self._tile, self._policy_chunk = shards, tile, policy_chunk
+        self._rq_offset = dict(_offsets(self.spec))["read_query"]
         self._rng = rng if rng is not None else np.random.default_rng([episode_index, 2])
         self.counters = Counters()
         self._mb_send, self._mb_recv = trio.open_memory_channel(math.inf)
@@ -145,6 +155,9 @@ class ShardedAgent(Lifecycle):
         if visible is not None:
             vis = vis & visible
         vis = None if vis.all() else np.asarray(vis, bool)
+        self._vis = vis  # every expert's visibility (the competitive heads' normalisation is the membrane's)
+        kc = self.spec.competitive_heads * self.spec.addr_dim
+        self._read_query = np.array(st.heads[..., self._rq_offset:self._rq_offset + kc], np.float32)
         self.bounds = shard_bounds(N, self._shards_wanted if self._shards_wanted is not None else default_shards(N))
         self.S = len(self.bounds)
         self.batcher = RowBatcher(self.policy, self.bounds, self.B, self._policy_chunk)
@@ -276,7 +289,7 @@ class ShardedAgent(Lifecycle):
             ob = await self._receive(sh.recv, sh.stash, "observe", t, 0)
             p = ob.payload
             R = int(p["rounds"])
-            core.sense(p["slot_addr"], p["slot_val"])
+            core.sense(p["slot_addr"], p["slot_val"], p.get("competed"))
             active = np.ones(self.B, bool)
             for r in range(R):
                 blk = core.block()
@@ -335,8 +348,13 @@ class ShardedAgent(Lifecycle):
         t = self.t
         frames0, delivered0 = self.counters.frames, self.counters.delivered
         obs = {"slot_addr": self.slot_addr, "slot_val": vals, "rounds": R}
-        for i in range(self.S):
-            self._post(i, Message("observe", MEMBRANE, (i,), self.episode_index, t, 0, obs))
+        competed = None
+        if self.spec.competitive_heads:  # a normalisation over every expert: the membrane's job
+            reads, shares = membrane.compete(OPS, self._read_query, self.slot_addr, vals, self._vis)
+            competed = np.concatenate([reads, shares], axis=-1).astype(np.float32)
+        for i, (lo, hi) in enumerate(self.bounds):
+            mine = obs if competed is None else {**obs, "competed": np.ascontiguousarray(competed[:, lo:hi])}
+            self._post(i, Message("observe", MEMBRANE, (i,), self.episode_index, t, 0, mine))
         acfg = type(self.cfg.agreement)(**{**self.cfg.agreement.__dict__, "rounds": R})
         active = np.ones(self.B, bool)
         used = np.zeros(self.B, np.float32)
@@ -364,6 +382,7 @@ class ShardedAgent(Lifecycle):
             lo = int(m.payload["lo"])
             n = m.payload["key"].shape[1]
             pk[:, lo:lo + n], pv[:, lo:lo + n] = m.payload["key"], m.payload["value"]
+            self._read_query[:, lo:lo + n] = m.payload["read_query"]
         out, _ = membrane.push(OPS, pk, pv, self.out_addr, self.can_push)
         self.t += 1
         info = StepInfo(used, messages=self.counters.delivered - delivered0, experts=self.N,
