@@ -32,6 +32,7 @@ class PolicySpec:
     addr_dim: int = 8  # address size (first 2 entries: slot kind flags)
     read_heads: int = 2  # attention heads reading the input slots
     competitive_heads: int = 0  # of the read heads, how many compete for the slots (membrane.sense)
+    read_moments: bool = False  # each read also returns the value-weighted address (membrane.sense)
     id_dim: int = 0  # random identity features per expert (0 = none)
     init_noise: float = 1.0  # std of the random part of each expert's initial state
 
@@ -48,7 +49,12 @@ class PolicySpec:
 
     @property
     def sensed_dim(self) -> int:
-        return self.read_heads * (1 + self.addr_dim) + self.competitive_heads + self.id_dim
+        return self.read_heads * self.read_width + self.competitive_heads + self.id_dim
+
+    @property
+    def read_width(self) -> int:
+        """What one read head senses: the value, the address (and the value-weighted address)."""
+        return 1 + self.addr_dim * (2 if self.read_moments else 1)
 
     @property
     def heads(self) -> list[tuple[str, int]]:

@@ -24,34 +24,37 @@ KIND_FEEDBACK = 1
 N_KIND_FLAGS = 2
 
 
-def sense(ops, read_query, slot_addr, slot_val, visible=None, competitive: int = 0):
+def sense(ops, read_query, slot_addr, slot_val, visible=None, competitive: int = 0, moments: bool = False):
     """Read the input slots.
 
     read_query: [B, N, K*A]; slot_addr: [B, J, A]; slot_val: [B, J];
     visible: [B or 1, N, J] bool (which expert may see which slot) or None.
-    Returns sensed [B, N, K*(1+A) + competitive]: per head (read value, read address), then one
-    share per competitive head (``assemble``).
+    Returns sensed [B, N, K*W + competitive]: per head (read value, read address[, value-weighted
+    address]: W = 1 + A, or 1 + 2A with ``moments``), then one share per competitive head
+    (``assemble``). The value-weighted address (sum_j w_j v_j a_j) says in which direction of the
+    address space the read values grow: what an expert fitting its outputs' errors needs.
 
     The first ``competitive`` heads compete for the slots (``compete``); the others are the usual
     attention over the slots (normalised over the slots, ``read``).
     """
     A = slot_addr.shape[-1]
-    comp = compete(ops, read_query[..., :competitive * A], slot_addr, slot_val, visible) if competitive else None
-    std = read(ops, read_query[..., competitive * A:], slot_addr, slot_val, visible) \
+    comp = compete(ops, read_query[..., :competitive * A], slot_addr, slot_val, visible, moments) \
+        if competitive else None
+    std = read(ops, read_query[..., competitive * A:], slot_addr, slot_val, visible, moments) \
         if read_query.shape[-1] > competitive * A else None
     return assemble(ops, comp, std)
 
 
-def read(ops, read_query, slot_addr, slot_val, visible=None):
+def read(ops, read_query, slot_addr, slot_val, visible=None, moments: bool = False):
     """Heads that attend over the slots (softmax over the slots): [B, N, K*(1+A)]."""
     B, N, KA = read_query.shape
     A = slot_addr.shape[-1]
     scores = scaled_dot(ops, read_query.reshape(B, N * (KA // A), A), slot_addr).reshape(B, N, KA // A, -1)
     mask = None if visible is None else visible[:, :, None, :]
-    return _read(ops, softmax(ops, scores, mask, axis=-1), slot_addr, slot_val)
+    return _read(ops, softmax(ops, scores, mask, axis=-1), slot_addr, slot_val, moments)
 
 
-def compete(ops, read_query, slot_addr, slot_val, visible=None):
+def compete(ops, read_query, slot_addr, slot_val, visible=None, moments: bool = False):
     """Heads that compete for the slots, as slot attention does: a slot's attention is normalised
     over the experts, so each slot is read mostly by the experts whose queries match it best. An
     expert reads the weighted mean of the slots it wins and senses its share of them (the fraction
@@ -66,7 +69,7 @@ def compete(ops, read_query, slot_addr, slot_val, visible=None):
     mask = None if visible is None else visible[:, :, None, :]
     c = softmax(ops, scores, mask, axis=1)  # over the experts: [B, N, Kc, J]
     mass = ops.sum(c, axis=-1, keepdims=True)  # [B, N, Kc, 1]
-    return _read(ops, c / (mass + 1e-6), slot_addr, slot_val), (mass * (1.0 / J)).reshape(B, N, Kc)
+    return _read(ops, c / (mass + 1e-6), slot_addr, slot_val, moments), (mass * (1.0 / J)).reshape(B, N, Kc)
 
 
 def assemble(ops, competed, standard):
@@ -78,14 +81,19 @@ def assemble(ops, competed, standard):
     return ops.concat([reads, shares] if standard is None else [reads, standard, shares], axis=-1)
 
 
-def _read(ops, w, slot_addr, slot_val):
-    """Weighted reads w [B, N, K, J] of the slots -> [B, N, K*(1+A)] (value, address per head)."""
+def _read(ops, w, slot_addr, slot_val, moments: bool = False):
+    """Weighted reads w [B, N, K, J] of the slots -> [B, N, K*W]: per head the value and the address
+    (W = 1 + A), and with ``moments`` the value-weighted address (W = 1 + 2A)."""
     B, N, K, J = w.shape
     A = slot_addr.shape[-1]
     w2 = w.reshape(B, N * K, J)
     val = ops.matmul(w2, slot_val[:, :, None]).reshape(B, N, K, 1)
     addr = ops.matmul(w2, slot_addr).reshape(B, N, K, A)
-    return ops.concat([val, addr], axis=-1).reshape(B, N, K * (1 + A))
+    parts = [val, addr]
+    if moments:
+        parts.append(ops.matmul(w2, slot_addr * slot_val[:, :, None]).reshape(B, N, K, A))
+    W = 1 + A * (len(parts) - 1)
+    return ops.concat(parts, axis=-1).reshape(B, N, K * W)
 
 
 def push(ops, push_key, push_value, out_addr, can_push=None):

@@ -167,7 +167,7 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
     if vis.all():
         vis = None
     sensed = membrane.sense(ops, heads["read_query"], ops.asarray(interface.slot_addr), slot_val,
-                            None if vis is None else ops.asbool(vis), spec.competitive_heads)
+                            None if vis is None else ops.asbool(vis), spec.competitive_heads, spec.read_moments)
     if wiring.ids is not None:
         sensed = ops.concat([sensed, ops.asarray(wiring.ids)], axis=-1)
     mask = wiring.route_mask

@@ -18,12 +18,12 @@ def top_level_imports(path) -> set[str]:
     return mods
 
 
-def tiny_experiment(competitive_heads: int = 0, **task):
+def tiny_experiment(competitive_heads: int = 0, read_moments: bool = False, **task):
     from badger_runtime.config import AgentConfig, ExperimentConfig, PolicySpec, TrainConfig
     from badger_runtime.tasks.guessing import GuessingConfig
 
     spec = PolicySpec(hidden=16, msg_dim=6, key_dim=4, addr_dim=6, read_heads=2, id_dim=2, init_noise=0.5,
-                      competitive_heads=competitive_heads)
+                      competitive_heads=competitive_heads, read_moments=read_moments)
     t = GuessingConfig(**({"feedback": "per_dim", "dims": (2, 3), "experts": (3, 5), "steps": 6} | task))
     tr = TrainConfig(seed=0, batches=30, batch_size=16, lr=1e-2, log_every=10, ckpt_every=10, eval_episodes=32,
                      objective="mean")
@@ -57,14 +57,15 @@ def tiny_policy(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_competitive_policy(tmp_path_factory):
-    """A tiny policy whose first read head competes for the slots (membrane.compete), exported."""
+    """A tiny policy whose first read head competes for the slots (membrane.compete) and whose reads
+    return the value-weighted address too (read_moments), exported."""
     import json
 
     from badger_runtime.training.export import export
     from badger_runtime.training.train import train
 
     run = tmp_path_factory.mktemp("tiny_comp_run")
-    cfg = tiny_experiment(competitive_heads=1)
+    cfg = tiny_experiment(competitive_heads=1, read_moments=True)
     cfg.train.batches = 10
     train(cfg, run, progress=False, final_eval=False, log=lambda *a: None)
     out = tmp_path_factory.mktemp("tiny_comp") / "comp.onnx"

@@ -109,8 +109,9 @@ class ExpertCore:
             raise MessageError(f"observe: needs slot_addr [J, {A}], slot_val [J] and rounds >= 1")
         kc = self.spec.competitive_heads
         competed = p.get("competed")
-        if kc and (not isinstance(competed, np.ndarray) or competed.shape != (kc * (2 + A),)):
-            raise MessageError(f"observe: a policy with {kc} competitive heads needs 'competed' [{kc * (2 + A)}]")
+        width = kc * (self.spec.read_width + 1)
+        if kc and (not isinstance(competed, np.ndarray) or competed.shape != (width,)):
+            raise MessageError(f"observe: a policy with {kc} competitive heads needs 'competed' [{width}]")
         self._obs.append(Observation(msg.step, addr, val, rounds, fixed, competed if kc else None))
 
     def on_message(self, msg: Message) -> str | None:
@@ -180,10 +181,11 @@ class ExpertCore:
         kc, A = self.spec.competitive_heads, self.spec.addr_dim
         K = self.spec.read_heads - kc  # the heads this expert reads itself (the competitive ones: the membrane)
         if not self.can_sense or ob.slot_addr.shape[0] == 0:
-            std = np.zeros((1, 1, K * (1 + A)), np.float32)
+            std = np.zeros((1, 1, K * self.spec.read_width), np.float32)
         else:
             rq = split_heads(self.spec, self.heads)["read_query"][kc * A:]
-            std = membrane.read(OPS, rq[None, None, :], ob.slot_addr[None], ob.slot_val[None], None)
+            std = membrane.read(OPS, rq[None, None, :], ob.slot_addr[None], ob.slot_val[None], None,
+                                self.spec.read_moments)
         comp = None
         if kc:
             split = ob.competed.size - kc

@@ -69,7 +69,8 @@ class MembraneCore:
                for i, e in enumerate(active)]
         if self.spec.competitive_heads and active:  # normalised over every expert: computed here
             rq = np.stack([self._read_query[e] for e in active])[None]
-            reads, shares = membrane.compete(OPS, rq, self.slot_addr[None], vals[None], vis[None])
+            reads, shares = membrane.compete(OPS, rq, self.slot_addr[None], vals[None], vis[None],
+                                             self.spec.read_moments)
             competed = np.concatenate([reads[0], shares[0]], axis=-1).astype(np.float32)
             for i, (_, payload) in enumerate(out):
                 payload["competed"] = competed[i]

@@ -96,7 +96,7 @@ class ShardCore:
             for a in range(0, self.n, self.tile):
                 b = min(a + self.tile, self.n)
                 vis = None if self.visible is None else self.visible[:, a:b]
-                parts.append(membrane.read(OPS, rq[:, a:b], slot_addr, slot_val, vis))
+                parts.append(membrane.read(OPS, rq[:, a:b], slot_addr, slot_val, vis, spec.read_moments))
             std = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
         comp = None
         if spec.competitive_heads:

@@ -350,7 +350,8 @@ class ShardedAgent(Lifecycle):
         obs = {"slot_addr": self.slot_addr, "slot_val": vals, "rounds": R}
         competed = None
         if self.spec.competitive_heads:  # a normalisation over every expert: the membrane's job
-            reads, shares = membrane.compete(OPS, self._read_query, self.slot_addr, vals, self._vis)
+            reads, shares = membrane.compete(OPS, self._read_query, self.slot_addr, vals, self._vis,
+                                             self.spec.read_moments)
             competed = np.concatenate([reads, shares], axis=-1).astype(np.float32)
         for i, (lo, hi) in enumerate(self.bounds):
             mine = obs if competed is None else {**obs, "competed": np.ascontiguousarray(competed[:, lo:hi])}

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Issue 13's numbers for a policy of the scale task (many outputs, partial feedback), with commands.
+
+    python demos/scale_results.py --policy scale-v1 --seed 0 --out docs/figures > /tmp/scale_tables.md
+
+Prints markdown tables (every row names the `badger` command that gives its number on its own)
+and writes two figures into --out: error against N (log axis) for several d, and the hot-add
+curves. Sections: error vs N; message ablations; hot-add and removal; the same hot-add for
+every shipped policy; 10,000 inner steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from badger_runtime.engine import numpy_ops
+from badger_runtime.episodes import schedule
+from badger_runtime.evaluation import evaluate, run_episodes
+from badger_runtime.longrun import horizon_report
+from badger_runtime.policy_card import load_policy, shipped_policies
+from badger_runtime.tasks import task_class
+
+OPS = numpy_ops()
+
+
+def final(pol, task, *, dims, experts, episodes, seed, steps=None, changes=(), agent=None, curve=False):
+    res = run_episodes(OPS, pol, agent or pol.agent, task, dims=dims, experts=experts, episodes=episodes, seed=seed,
+                       steps=steps, changes=changes)
+    e = res.errors
+    return (e.mean(axis=1), e[-1].std() / np.sqrt(e.shape[1])) if curve else float(e[-1].mean())
+
+
+def cmd(pol, **flags) -> str:
+    parts = [f"badger eval --policy {pol.name}"]
+    for k, v in flags.items():
+        parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+    return "`" + " ".join(parts) + " --json`"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", default="scale-v1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=int, default=64)
+    p.add_argument("--out", default="docs/figures")
+    p.add_argument("--quick", action="store_true", help="fewer sizes (a smoke run)")
+    p.add_argument("--longrun-steps", type=int, default=10_000)
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    pol = load_policy(args.policy)
+    task, S, E = pol.task, args.seed, args.episodes
+    n_lo, n_hi = task.experts
+    d_lo, d_hi = task.dims
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    w = print
+
+    # -- error against N ------------------------------------------------------------------------
+    dims_list = [d_hi, 4 * d_hi] if args.quick else [d_hi, 4 * d_hi, 16 * d_hi]
+    ns = [1, 2, 4, 8, 16, 32, 64, 128, 320, 1000] if not args.quick else [1, 4, 16, 64]
+    ns = sorted(set(ns + [n_hi, 10 * n_hi]))
+    w(f"### Error against the number of experts ({pol.name}: trained d in [{d_lo}, {d_hi}], N in [{n_lo}, {n_hi}])\n")
+    w("Final-step error (3 x MSE; chance 1.0), mean over episodes, by d (columns) and N (rows); "
+      f"seed {S}.\n")
+    w("| N | " + " | ".join(f"d = {d}" for d in dims_list) + " | command |")
+    w("|---|" + "---|" * (len(dims_list) + 1))
+    curves = {d: [] for d in dims_list}
+    for n in ns:
+        row = []
+        for d in dims_list:
+            eps = E if n * d <= 64 * 1024 else max(4, E // 4)
+            v = final(pol, task, dims=d, experts=n, episodes=eps, seed=S)
+            curves[d].append(v)
+            row.append(f"{v:.3f}" + ("" if eps == E else f" ({eps} ep.)"))
+        w(f"| {n} | " + " | ".join(row) + f" | {cmd(pol, dims='D', experts=n, episodes=E, seed=S)} |")
+    w("")
+    _plot_vs_n(out_dir / "scale_error_vs_n.png", ns, curves, (n_lo, n_hi), pol.name)
+
+    # -- ablations -------------------------------------------------------------------------------
+    import dataclasses
+
+    d, n = d_hi, n_hi
+    w(f"### Message ablations (d = {d}, N = {n}, the same episodes)\n")
+    w("| agent | final error | command |")
+    w("|---|---|---|")
+    for label, ab in (("as trained", "none"), ("messages cut (empty inboxes)", "cut"),
+                      ("messages shuffled between experts", "shuffle")):
+        agent = dataclasses.replace(pol.agent, routing=dataclasses.replace(pol.agent.routing, ablation=ab))
+        v = final(pol, task, dims=d, experts=n, episodes=E, seed=S, agent=agent)
+        extra = {} if ab == "none" else {"ablate": ab}
+        w(f"| {label} | {v:.3f} | {cmd(pol, dims=d, experts=n, episodes=E, seed=S, **extra)} |")
+    v = final(pol, task, dims=d, experts=1, episodes=E, seed=S)
+    w(f"| one expert | {v:.3f} | {cmd(pol, dims=d, experts=1, episodes=E, seed=S)} |")
+    w("")
+
+    # -- hot-add and removal ----------------------------------------------------------------------
+    T = task.steps
+    at = T // 2
+    n0 = max(1, n_hi // 4)
+    w(f"### Hot-add and removal (d = {d}, {T} steps, changes before step {at})\n")
+    arms = {f"N = {n0} throughout": dict(experts=n0),
+            f"N = {n0}, +{n0} fresh at step {at}": dict(experts=n0, changes=schedule(at, n0, "fresh")),
+            f"N = {2 * n0} throughout": dict(experts=2 * n0),
+            f"N = {2 * n0}, -{n0} at step {at}": dict(experts=2 * n0, changes=schedule(remove_at=at, remove=n0))}
+    flags = {f"N = {n0} throughout": dict(experts=n0),
+             f"N = {n0}, +{n0} fresh at step {at}": dict(experts=n0, add_at=at, add=n0, init="fresh"),
+             f"N = {2 * n0} throughout": dict(experts=2 * n0),
+             f"N = {2 * n0}, -{n0} at step {at}": dict(experts=2 * n0, remove_at=at, remove=n0)}
+    hot = {}
+    w(f"| agent | error at step {at - 1} | at step {min(at + 9, T - 1)} | final | command |")
+    w("|---|---|---|---|---|")
+    for label, kw in arms.items():
+        c, _ = final(pol, task, dims=d, episodes=E, seed=S, curve=True, **kw)
+        hot[label] = c
+        w(f"| {label} | {c[at - 1]:.3f} | {c[min(at + 9, T - 1)]:.3f} | {c[-1]:.3f} | "
+          f"{cmd(pol, dims=d, episodes=E, seed=S, **flags[label])} |")
+    w("")
+    _plot_hot(out_dir / "scale_hot_add.png", hot, at, pol.name, d)
+
+    # -- every shipped policy: hot-adding fresh experts ---------------------------------------------
+    w("### Hot-adding fresh experts to every shipped policy (as many again at mid-episode; final step)\n")
+    w("| policy | d | N | unchanged | + N fresh | ratio | seed-to-seed noise (SEM) | command |")
+    w("|---|---|---|---|---|---|---|---|")
+    for name in shipped_policies():
+        sp = load_policy(name)
+        st = sp.task
+        dd = st.dims[1]
+        nn = st.experts[0] if st.experts[0] == st.experts[1] else max(2, st.experts[0])
+        steps = min(st.steps, sp.horizon or st.steps)
+        mid = steps // 2
+        et = task_class(st.name).evaluation_config(st)
+        base, sem = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True)
+        grown, _ = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True,
+                         changes=schedule(mid, nn, "fresh"))
+        w(f"| {name} | {dd} | {nn} | {base[-1]:.4f} | {grown[-1]:.4f} | {grown[-1] / max(base[-1], 1e-9):.2f} | "
+          f"{sem:.4f} | {cmd(sp, dims=dd, experts=nn, steps=steps, add_at=mid, add=nn, init='fresh', episodes=E * 4, seed=S)} |")
+    w("")
+
+    # -- long horizon ------------------------------------------------------------------------------
+    r = horizon_report(pol, steps=args.longrun_steps, episodes=20, seed=S)
+    w(f"### {args.longrun_steps:,} inner steps, never reset (d = {d_hi}, N = 20)\n")
+    w("| step | " + " | ".join(r["error_at"]) + " | max abs state | command |")
+    w("|---|" + "---|" * (len(r["error_at"]) + 2))
+    w("| error | " + " | ".join(f"{v:.4f}" for v in r["error_at"].values()) + f" | {r['max_abs_state']:.4f} | "
+      f"`badger longrun --policy {pol.name} --steps {args.longrun_steps} --episodes 20 --seed {S} --json` |")
+    w("")
+    w(f"_Made by `python demos/scale_results.py --policy {args.policy} --seed {S} --episodes {E}` in "
+      f"{time.perf_counter() - t_start:.0f} s._")
+    print(json.dumps({"curves": {str(k): v for k, v in curves.items()}, "ns": ns}), file=sys.stderr)
+    return 0
+
+
+def _plot_vs_n(path, ns, curves, trained, name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    ax.axvspan(*trained, color="0.9", label=f"trained N in [{trained[0]}, {trained[1]}]")
+    for d, ys in curves.items():
+        ax.plot(ns, ys, marker="o", label=f"d = {d}")
+    ax.set_xscale("log")
+    ax.set_xlabel("experts N (log)")
+    ax.set_ylabel("final-step error (3 x MSE; chance 1.0)")
+    ax.set_title(f"{name}: error against the number of experts", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_hot(path, hot, at, name, d):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for label, c in hot.items():
+        ax.plot(np.arange(len(c)), c, label=label, lw=1.6)
+    ax.axvline(at - 0.5, color="k", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("inner step")
+    ax.set_ylabel("error (3 x MSE)")
+    ax.set_title(f"{name}: experts added or removed mid-episode (d = {d})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
