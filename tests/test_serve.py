@@ -541,13 +541,16 @@ def test_vanishing_clients_leave_no_tasks(policy, tmp_path):
 
 
 def test_graceful_shutdown_finishes_the_step_in_flight(policy, tmp_path):
+    import threading
+
     m = make(policy, tmp_path, checkpoint_every=0)  # steps are written only at shutdown
     slow = m.handle
+    entered, release = threading.Event(), threading.Event()
 
     def handle(r):
-        if r["kind"] == "step":
-            import time
-            time.sleep(0.3)
+        if r["kind"] == "step":  # hold the step in its worker thread until the shutdown began
+            entered.set()
+            release.wait(10)
         return slow(r)
     m.handle = handle
     seen = {}
@@ -562,8 +565,9 @@ def test_graceful_shutdown_finishes_the_step_in_flight(policy, tmp_path):
             seen["reply"] = await c.step("a", [0, 0, 0], [1, 1, 1])
         async with trio.open_nursery() as n:
             n.start_soon(step)
-            await trio.sleep(0.1)
+            await trio.to_thread.run_sync(entered.wait, 10)
             server.shutdown()  # while the step is in its worker thread
+            release.set()
         with pytest.raises(ConnectionError):  # idle connections are closed
             await idle.health()
     run_server(m, test)
@@ -638,6 +642,17 @@ def test_records_of_every_routing_kind_round_trip(policy, kind):
             store_mod.restore_agent(pol, bad)
 
 
+async def server_closed(client, silence: float):
+    """Stay silent for ``silence`` seconds at a time until the server has closed this client's
+    connection (a request after a silence fails); robust to a slow machine."""
+    while True:
+        await trio.sleep(silence)
+        try:
+            await client.health()
+        except ConnectionError:
+            return
+
+
 def test_connection_limit_and_idle_timeout(policy):
     m = make(policy)
 
@@ -647,9 +662,8 @@ def test_connection_limit_and_idle_timeout(policy):
         second = await raw(port)
         replies = await read_replies(second)  # refused and closed
         assert [r["error"]["code"] for r in replies] == ["busy"]
-        await trio.sleep(0.4)  # first has been silent past the idle timeout: closed
-        with pytest.raises(ConnectionError):
-            await first.health()
+        with trio.fail_after(10):  # first stays silent past the idle timeout: the server closes it
+            await server_closed(first, 0.4)
         assert m.metrics.to_dict()["counters"]["connections.refused"] == 1
     run_server(m, test, max_connections=1, idle_timeout=0.2)
 
