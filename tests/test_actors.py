@@ -387,3 +387,17 @@ def test_growing_demo_writes_its_figure(tiny_policy, tmp_path, capsys):
     grown = [a for label, a in summary["arms"].items() if "+2" in label]
     assert all(a["messages"]["added"] == 4 * 2 for a in grown)  # 2 experts hot-added in each of 4 episodes
     assert all(np.isfinite(a["mse_by_step"]).all() for a in summary["arms"].values())
+
+
+def test_expert_core_refuses_events_out_of_phase(pol):
+    """The expert's phases are a transition table: an illegal event raises PhaseError (not an
+    assert, which python -O would strip)."""
+    spec = pol.spec
+    core = ex.ExpertCore(0, spec, pol.agent.routing, np.zeros(spec.hidden, np.float32),
+                         np.zeros(spec.heads_dim, np.float32), np.zeros(spec.id_dim, np.float32))
+    for event in ("outbox", "finish", "take_decision"):
+        with pytest.raises(ex.PhaseError, match=f"{event} in phase 'idle'"):
+            getattr(core, event)()
+    with pytest.raises(ex.PhaseError):
+        core.apply(np.zeros(spec.hidden), np.zeros(spec.heads_dim))
+    assert set(ex.TRANSITIONS) == {"begin_step", "outbox", "apply", "take_decision", "finish"}

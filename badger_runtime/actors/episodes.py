@@ -18,7 +18,7 @@ import trio
 
 from ..episodes import Driver, Trajectory, adrive
 from .runtime import ActorAgent, Counters
-from .sharded import Counters as ShardCounters
+from .shard import ShardCounters
 from .sharded import ShardedAgent
 
 __all__ = ["actor_batch", "run_concurrently", "sharded_batch"]

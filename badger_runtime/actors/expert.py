@@ -47,6 +47,19 @@ OPS = NumpyOps()
 
 IDLE, SEND, COLLECT, VOTE, DONE = "idle", "send", "collect", "vote", "done"
 
+# The transitions of one inner step, as a table (event -> (phase it needs, phases it may lead to)).
+TRANSITIONS = {
+    "begin_step": (IDLE, (SEND,)),
+    "outbox": (SEND, (COLLECT,)),
+    "apply": (COLLECT, (SEND, VOTE, DONE)),
+    "take_decision": (VOTE, (SEND, DONE)),
+    "finish": (DONE, (IDLE,)),
+}
+
+
+class PhaseError(RuntimeError):
+    """An event in a phase where it is illegal (a runtime bug; never stripped like an assert)."""
+
 
 @dataclass
 class Observation:
@@ -175,7 +188,7 @@ class ExpertCore:
 
     def begin_step(self):
         """Take the next observation and sense it (idle -> send)."""
-        assert self.phase == IDLE
+        self._require("begin_step")
         ob = self._obs.popleft()
         self.t, self.r, self.rounds, self.fixed = ob.step, 0, ob.rounds, ob.fixed
         kc, A = self.spec.competitive_heads, self.spec.addr_dim
@@ -198,7 +211,7 @@ class ExpertCore:
 
     def outbox(self) -> tuple[dict[str, np.ndarray], list[int]]:
         """This round's message (the heads of my last step) and who receives it (send -> collect)."""
-        assert self.phase == SEND
+        self._require("outbox")
         hd = split_heads(self.spec, self.heads)
         payload = {"key": hd["key"], "query": hd["query"], "value": hd["value"]}
         to = sorted(e for e, j in self.receivers.items() if j <= self.t)
@@ -231,7 +244,7 @@ class ExpertCore:
 
     def apply(self, h, heads) -> tuple[float, float, int]:
         """Commit the policy step of this round. Returns (vote, change, messages used)."""
-        assert self.phase == COLLECT
+        self._require("apply")
         h = np.asarray(h, np.float32).reshape(self.spec.hidden)
         heads = np.asarray(heads, np.float32).reshape(self.spec.heads_dim)
         old_v = split_heads(self.spec, self.heads)["value"]
@@ -250,16 +263,22 @@ class ExpertCore:
             self.phase = DONE if self.r >= self.rounds else VOTE
         return vote, change, used
 
+    def _require(self, event: str):
+        need = TRANSITIONS[event][0]
+        if self.phase != need:
+            raise PhaseError(f"expert {self.eid}: {event} in phase {self.phase!r} (it needs {need!r})")
+
     def has_decision(self) -> bool:
         return (self.t, self.r - 1) in self._decisions
 
     def take_decision(self):
+        self._require("take_decision")
         stop = self._decisions.pop((self.t, self.r - 1))
         self.phase = DONE if stop else SEND
 
     def finish(self) -> dict[str, np.ndarray] | None:
         """End the stage (done -> idle): my push (key, value) if I may push, else None."""
-        assert self.phase == DONE
+        self._require("finish")
         self.phase = IDLE
         self._decisions = {k: v for k, v in self._decisions.items() if k[0] > self.t}
         if not self.can_push:

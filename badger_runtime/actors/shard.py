@@ -20,7 +20,7 @@ DEFAULT_TILE = 4096  # receivers routed at once inside a shard
 
 
 @dataclass
-class Counters:
+class ShardCounters:
     frames: int = 0  # messages handled by a mailbox (blocks, observations, votes, pushes)
     blocks: int = 0  # (key, value) blocks delivered shard -> shard
     block_bytes: int = 0  # their encoded size (encode=True)

@@ -65,7 +65,7 @@ from ..xp import NumpyOps
 from .batcher import DEFAULT_POLICY_CHUNK, RowBatcher
 from .lifecycle import Lifecycle
 from .messages import Message, MessageError, encode
-from .shard import DEFAULT_TILE, Counters, ShardCore
+from .shard import DEFAULT_TILE, ShardCore, ShardCounters
 from .transport import MEMBRANE, Frame
 
 OPS = NumpyOps()
@@ -135,7 +135,7 @@ class ShardedAgent(Lifecycle):
         self._shards_wanted, self._tile, self._policy_chunk = shards, tile, policy_chunk
         self._rq_offset = dict(_offsets(self.spec))["read_query"]
         self._rng = rng if rng is not None else np.random.default_rng([episode_index, 2])
-        self.counters = Counters()
+        self.counters = ShardCounters()
         self._mb_send, self._mb_recv = trio.open_memory_channel(math.inf)
         self._mb_stash: dict = {}
         self._nursery: trio.Nursery | None = None
