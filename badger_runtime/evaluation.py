@@ -98,8 +98,8 @@ def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int
         used.append(traj.rounds)
         eps.append(ep)
         messages += traj.messages
-        for k, v in extra.items():
-            counters[k] = counters.get(k, 0) + v
+        for k, v in extra.items():  # totals over the batches; peaks are maxima
+            counters[k] = max(counters.get(k, 0), v) if k.startswith("peak") else counters.get(k, 0) + v
         if record and not traces:
             traces = [(ep, wiring, traj)]
     return Episodes({k: np.concatenate(v, axis=1) for k, v in metrics.items()}, np.concatenate(outputs, axis=1),

@@ -401,3 +401,16 @@ def test_expert_core_refuses_events_out_of_phase(pol):
     with pytest.raises(ex.PhaseError):
         core.apply(np.zeros(spec.hidden), np.zeros(spec.heads_dim))
     assert set(ex.TRANSITIONS) == {"begin_step", "outbox", "apply", "take_decision", "finish"}
+
+
+@pytest.mark.parametrize("micro_batch", [True, False])
+def test_mailboxes_stay_within_their_invariant(pol, micro_batch):
+    """Mailboxes are unbounded channels, bounded by the protocol (actors/transport.py): no mailbox
+    ever holds more than ~2 x in-degree + rounds + a few frames, also when experts run at their
+    own pace (per-expert calls) and through the quorum barrier."""
+    N, R = 6, 3
+    for rule in ("fixed", "quorum"):
+        agent = cfg_with(pol, "dense", rule=rule, rounds=R)
+        res = run_actor_episodes(pol, agent, pol.task, dims=3, experts=N, episodes=2, seed=1, steps=5,
+                                 micro_batch=micro_batch)
+        assert 0 < res.runtime["peak_mailbox"] <= 2 * N + R + 4, res.runtime

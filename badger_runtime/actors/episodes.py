@@ -64,7 +64,8 @@ def actor_batch(ops, policy, agent, ep, wiring, *, start: int, steps: int, round
     trio.run(run_concurrently, [(i,) for i in range(ep.batch)], one, concurrency)
     c = total
     return _join(trajs), {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "bad_frames": c.bad_frames,
-                          "added": c.added, "removed": c.removed, "policy_calls": calls[0], "policy_rows": calls[1]}
+                          "added": c.added, "removed": c.removed, "peak_mailbox": c.peak_mailbox,
+                          "policy_calls": calls[0], "policy_rows": calls[1]}
 
 
 def sharded_batch(ops, policy, agent, ep, wiring, *, start: int, steps: int, rounds=None, record=False, changes=(),

@@ -336,10 +336,17 @@ class ActorAgent(Lifecycle):
         """Runtime -> expert frames (observations, verdicts, control): reliable, not counted."""
         rec = self._records.get(eid)
         if rec is not None:
-            rec.send.send_nowait(Envelope(self._frame(msg)))
+            self._put(rec.send, Envelope(self._frame(msg)))
 
     def _to_membrane(self, msg: Message):
-        self._mb_send.send_nowait(Envelope(self._frame(msg)))
+        self._put(self._mb_send, Envelope(self._frame(msg)))
+
+    def _put(self, send: trio.MemorySendChannel, item):
+        """Into a mailbox (unbounded, with the invariant in ``transport``: the peak is recorded)."""
+        send.send_nowait(item)
+        used = send.statistics().current_buffer_used
+        if used > self.counters.peak_mailbox:
+            self.counters.peak_mailbox = used
 
     def _send_msg(self, sender: int, t: int, r: int, payload: dict, to: list[int]):
         if not to:
@@ -368,7 +375,7 @@ class ActorAgent(Lifecycle):
         if rec is None:
             self.counters.drop("no_receiver")
             return
-        rec.send.send_nowait(env)
+        self._put(rec.send, env)
 
     def _lose(self, rcv: int, meta, reason: str):
         self.counters.drop(reason)

@@ -12,7 +12,7 @@
   "corrupt", or n >= 1 scheduler passes of delay).
 
 Mailboxes are unbounded trio memory channels with this invariant (checked in
-tests/test_actors.py): a step puts at most, per expert, one ``observe`` frame, its in-neighbours'
+tests/test_actors.py, ``Counters.peak_mailbox``): a step puts at most, per expert, one ``observe`` frame, its in-neighbours'
 messages of the current and the next round (an expert sends round r + 1 only after using its
 round-r inbox), one decision per round and the control frames of membership changes; the
 membrane's mailbox holds at most one vote per expert and round plus one push or done per
@@ -78,6 +78,7 @@ class Counters:
     removed_on_crash: int = 0
     added: int = 0
     removed: int = 0
+    peak_mailbox: int = 0  # the most frames any mailbox held at once (see the invariant above)
 
     @property
     def in_flight(self) -> int:
@@ -92,6 +93,7 @@ class Counters:
         for k in ("sent", "delivered", "dropped", "bad_frames", "frames", "crashes", "restarts",
                   "removed_on_crash", "added", "removed"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.peak_mailbox = max(self.peak_mailbox, other.peak_mailbox)
         for k, v in other.dropped_by.items():
             self.dropped_by[k] = self.dropped_by.get(k, 0) + v
 
