@@ -128,6 +128,7 @@ def register(sub):
                    help="rename without fsync: survives kill -9 (the kernel has the data), not a power cut")
     s.add_argument("--max-sessions", type=int_range(1, 1 << 20), default=1024)
     s.add_argument("--max-experts", type=int_range(1, 1 << 20), default=1024, help="per session")
+    s.add_argument("--max-dims", type=int_range(1, 1 << 16), default=256, help="outputs per session")
     s.add_argument("--candidates", type=int_range(1, 1 << 16), default=None,
                    help="sessions route by top-k over C candidate senders per expert (O(N C), the sharded "
                         "runtime's sparse routing): how a session holds and hot-adds thousands of experts "
@@ -289,7 +290,7 @@ def cmd_serve(args):
         raise ConfigError("--k goes with --candidates")
     store = SessionStore(args.state_dir, fsync=not args.no_fsync)
     manager = SessionManager(policy, store, limits=Limits(max_sessions=args.max_sessions,
-                                                          max_experts=args.max_experts),
+                                                          max_experts=args.max_experts, max_dims=args.max_dims),
                              default_experts=args.experts, checkpoint_every=args.checkpoint_every, log=log,
                              agent_config=agent_config)
     restored = manager.restore_all()

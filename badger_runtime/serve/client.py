@@ -79,11 +79,13 @@ class _Requests:
 
     def open(self, dims: int | None = None, experts: int | None = None, seed: int | None = None, *,
              session: str | None = None, rounds: int | None = None, resume: bool = False,
-             snapshot: dict | None = None):
-        body = {"dims": dims, "experts": experts, "seed": seed, "rounds": rounds, "snapshot": snapshot}
+             snapshot: dict | None = None, task: str | None = None, past_horizon: bool = False):
+        body = {"dims": dims, "experts": experts, "seed": seed, "rounds": rounds, "snapshot": snapshot, "task": task}
         body = {k: v for k, v in body.items() if v is not None}
         if resume:
             body["resume"] = True
+        if past_horizon:
+            body["past_horizon"] = True
         return self.request("open", session, body)
 
     def reset(self, session: str, *, seed: int | None = None, experts: int | None = None, dims: int | None = None):
@@ -91,9 +93,11 @@ class _Requests:
         return self.request("reset", session, body)
 
     def step(self, session: str, observation=None, feedback=None, *, slots=None, t: int | None = None,
-             episode: int | None = None):
+             episode: int | None = None, **parts):
+        """One step: the guessing game's ``observation`` and ``feedback``, or any task's input
+        parts by name (``parts``: see the session's ``parts``), or all of them as ``slots``."""
         body = {"observation": _floats(observation), "feedback": _floats(feedback), "slots": _floats(slots),
-                "t": t, "episode": episode}
+                "t": t, "episode": episode} | {k: _floats(v) for k, v in parts.items()}
         return self.request("step", session, {k: v for k, v in body.items() if v is not None})
 
     def add_experts(self, session: str, n: int = 1, init: str = "clone", source: int | None = None):
