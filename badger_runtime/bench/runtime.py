@@ -196,13 +196,34 @@ def _drive(timed: _Timed, episode, spec: RuntimeBench, max_steps: int) -> list:
     return timed.steps
 
 
+def policy_rows_per_s(policy, rows: int, chunk: int = 4096, repeats: int = 3) -> float:
+    """The policy-call limit: rows per second of the policy alone over ``rows`` rows, in onnxruntime
+    calls of ``chunk`` rows (the best of ``repeats``): what no runtime can beat on this machine."""
+    spec = policy.spec
+    rng = np.random.default_rng(0)
+    c = max(1, min(chunk, rows))
+    h = rng.uniform(-1, 1, (c, spec.hidden)).astype(np.float32)
+    inbox = rng.standard_normal((c, spec.msg_dim)).astype(np.float32)
+    sensed = rng.standard_normal((c, spec.sensed_dim)).astype(np.float32)
+    calls = max(1, rows // c)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            policy.step(h, inbox, sensed)
+        best = min(best, time.perf_counter() - t0)
+    return calls * c / best
+
+
 def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
-    """Time every engine of ``spec`` at N = n in this process (same episode, same steps)."""
+    """Time every engine of ``spec`` at N = n in this process (same episode, same steps), and the
+    policy-call limit in the same run (``fraction_of_limit`` per row)."""
     from ..policy_card import load_policy
 
     policy = load_policy(spec.policy, threads=spec.threads)
     cfg = agent_config(policy, spec, n)
     ep, wiring = _base(policy, spec, n)
+    limit = policy_rows_per_s(policy, n) / spec.rounds  # expert-steps/s the policy calls alone allow
     rows, ref = [], None
     for engine in sorted(spec.engines, key=ENGINES.index):  # the batched engine first: the reference
         row = {"experts": n, "engine": engine, "routing": cfg.routing.kind, "k": cfg.routing.k,
@@ -223,7 +244,8 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
             ref = outs
         row |= {"setup_s": round(setup, 4), "steps_timed": len(timed), "warmup_used": len(res) <= spec.warmup,
                 "seconds_per_step": sec / len(timed), "expert_steps_per_s": n * len(timed) / sec,
-                "messages_per_step": msgs / len(timed), "messages_per_s": msgs / sec}
+                "messages_per_step": msgs / len(timed), "messages_per_s": msgs / sec,
+                "limit_expert_steps_per_s": limit, "fraction_of_limit": n * len(timed) / sec / limit}
         if ref is not None and engine != "batched":
             m = min(len(ref), len(outs))
             row["max_diff_vs_batched"] = float(np.abs(ref[:m] - outs[:m]).max())
