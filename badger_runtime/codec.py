@@ -80,11 +80,6 @@ def pack_array(a: np.ndarray, *, allow_nonfinite: bool = True, max_bytes: int = 
     return {"dtype": name, "shape": list(a.shape), "data": a.tobytes(order="C")}
 
 
-def is_array_map(obj: Any) -> bool:
-    """True when ``obj`` has the shape of an encoded array (a dict with exactly the array keys)."""
-    return isinstance(obj, dict) and len(obj) == 3 and obj.keys() == ARRAY_KEYS
-
-
 def unpack_array(obj: Any, *, allow_nonfinite: bool = False, max_bytes: int = MAX_ARRAY_BYTES,
                  copy: bool = False, field: str = "") -> np.ndarray:
     """Decode and validate an array map produced by ``pack_array``.

@@ -261,7 +261,7 @@ class ShardedAgent(Lifecycle):
     def _post(self, to: int, msg: Message):
         self._shards[to].send.send_nowait(self._frame(msg))
 
-    async def _receive(self, recv, stash: dict, kind: str, t: int, r: int, sender_ok=None):
+    async def _receive(self, recv, stash: dict, kind: str, t: int, r: int):
         """The next message of ``kind`` for (step t, round r); others of the same kind that come
         early wait in ``stash``."""
         key = (kind, t, r)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 
 from ..config import AgentConfig, ConfigError, TaskConfig
 
@@ -26,19 +25,6 @@ def int_in(lo: int, hi: int | None = None, what: str = "a value"):
             raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
         if v < lo or (hi is not None and v > hi):
             raise argparse.ArgumentTypeError(f"{what} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}")
-        return v
-
-    return parse
-
-
-def float_in(lo: float, hi: float, what: str = "a value"):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
-        if not math.isfinite(v) or not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{what} must be a finite number in [{lo}, {hi}], got {text}")
         return v
 
     return parse

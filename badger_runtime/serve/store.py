@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..codec import CodecError, packb, unpackb
-from ..engine import Agent, InputError
+from ..engine import Agent
 
 MAGIC = b"BADGERSS"
 FORMAT = "badger-serve-session"

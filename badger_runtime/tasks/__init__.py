@@ -153,8 +153,6 @@ class Task:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[TaskConfig]] = TaskConfig
-    size_name: ClassVar[str] = "dims"  # what d is called in this task (dims, classes, arms)
-    loss_name: ClassVar[str] = "error"  # the metric the training loss follows (names a metrics() key)
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg

@@ -196,8 +196,6 @@ class GuessingTask(Task):
 
     name = "guessing"
     config_class = GuessingConfig
-    size_name = "dims"
-    loss_name = "error"
 
     @classmethod
     def evaluation_config(cls, cfg: GuessingConfig) -> GuessingConfig:

@@ -127,8 +127,6 @@ class GymTask(Task):
 
     name = "gym"
     config_class = GymConfig
-    size_name = "actions"
-    loss_name = "reward"
 
     def __init__(self, cfg: GymConfig):
         gym = _gym()
