@@ -63,8 +63,15 @@ def test_a_served_session_answers_horizon_until_reset(episodic):
 
     m = SessionManager(episodic)
 
+    secrets = {}
+
     def call(kind, session="s", **body):
-        return m.handle(validate_request({"id": 1, "kind": kind, "session": session, "body": body}))
+        if session in secrets:
+            body["secret"] = secrets[session]
+        r = m.handle(validate_request({"id": 1, "kind": kind, "session": session, "body": body}))
+        if kind == "open" and r["ok"]:
+            secrets[session] = r["body"]["secret"]
+        return r
 
     info = call("open", dims=2, experts=3)["body"]
     assert info["horizon"] == 3

@@ -40,8 +40,16 @@ def make(policy, path=None, **kw):
 _ids = iter(range(1, 1 << 62))
 
 
+SECRETS: dict = {}  # session -> the secret its last open returned, sent like a client does
+
+
 def call(m, kind, session=None, **body):
-    return m.handle({"id": next(_ids), "kind": kind, "session": session, "token": None, "body": body})
+    if session is not None and session in SECRETS and kind != "health" and "secret" not in body:
+        body["secret"] = SECRETS[session]
+    r = m.handle({"id": next(_ids), "kind": kind, "session": session, "token": None, "body": body})
+    if r["ok"] and kind == "open" and "secret" in r["body"]:
+        SECRETS[r["body"]["session"]] = r["body"]["secret"]
+    return r
 
 
 def ok(m, kind, session=None, **body):
@@ -517,7 +525,7 @@ def test_vanishing_clients_leave_no_tasks(policy, tmp_path):
 
     async def test(port, server):
         c = await AsyncClient.connect(f"127.0.0.1:{port}")
-        await c.open(dims=3, experts=4, session="a")
+        secret = (await c.open(dims=3, experts=4, session="a"))["secret"]
         await trio.testing.wait_all_tasks_blocked(0.05)
         base = await c.stats()
         for i in range(30):
@@ -525,7 +533,7 @@ def test_vanishing_clients_leave_no_tasks(policy, tmp_path):
             if i % 3 == 1:
                 await s.send_all(req("step", "a")[:7])  # half a frame
             if i % 3 == 2:  # a whole step, then gone before the reply
-                await s.send_all(req("step", "a", observation=[0.0] * 3, feedback=[1.0] * 3))
+                await s.send_all(req("step", "a", observation=[0.0] * 3, feedback=[1.0] * 3, secret=secret))
             await s.aclose()
         with trio.fail_after(5):
             while True:
@@ -720,3 +728,28 @@ def test_malformed_records_are_rejected_not_crashed(policy, tmp_path, corrupt):
     res = m2.restore_all()
     assert res["rejected"] and res["rejected"][0]["session"] == "a" and not res["restored"]
     assert err(m2, "open", "b", snapshot=rec) == "bad_input"
+
+
+def test_sessions_belong_to_whoever_opened_them(policy, tmp_path):
+    """open returns a secret; every request on the session but health must carry it (forbidden
+    otherwise, and the session is untouched); the owner survives a restart (its hash is checkpointed)."""
+    m = make(policy, tmp_path)
+    secret = ok(m, "open", "mine", dims=3, experts=3)["secret"]
+    before = state_of(m, "mine")
+
+    def stranger(kind, **body):
+        r = m.handle({"id": 1, "kind": kind, "session": "mine", "token": None, "body": body})
+        return r["error"]["code"] if not r["ok"] else "ok"
+
+    for kind, body in [("step", {"slots": [0.0] * 6}), ("snapshot", {}), ("reset", {}), ("close", {}),
+                       ("add_experts", {"n": 1}), ("remove_experts", {"indices": [0]}), ("stats", {}),
+                       ("open", {"resume": True})]:
+        assert stranger(kind, **body) == "forbidden", kind
+        assert stranger(kind, **body, secret="not-" + secret) == "forbidden", kind
+    assert state_of(m, "mine") == before
+    assert stranger("health") == "ok"
+    assert ok(m, "step", "mine", slots=[0.0] * 6, secret=secret)["t"] == 1
+    m2 = make(policy, tmp_path)  # a restart keeps the owner
+    r = m2.handle({"id": 1, "kind": "stats", "session": "mine", "token": None, "body": {}})
+    assert r["error"]["code"] == "forbidden"
+    assert ok(m2, "stats", "mine", secret=secret)["t"] == 1

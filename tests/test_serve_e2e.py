@@ -109,6 +109,7 @@ def test_kill9_restart_continue_and_sigterm(policy, tiny_policy, tmp_path):
         for d in (a, b):
             info = c.open(dims=d.ref.dims, experts=d.ref.n_experts, seed=d.ref.seed, session=d.name)
             assert info["t"] == 0
+        secrets = dict(c.secrets)  # the client's proof of ownership, kept across the restarts
         for t in range(6):
             a.step(c)
             b.step(c)
@@ -137,7 +138,10 @@ def test_kill9_restart_continue_and_sigterm(policy, tiny_policy, tmp_path):
     srv = ServerProcess(tiny_policy, state, tmp_path / "server2.log", "--checkpoint-every", "0")
     assert sorted(srv.ready["restored"]) == ["a", "b"] and srv.ready["rejected"] == []
     with srv.client() as c:
-        info = c.open(session="a", resume=True)  # where is my session?
+        with pytest.raises(ServerError, match="forbidden"):  # a session belongs to whoever opened it
+            c.open(session="a", resume=True)
+        info = c.open(session="a", resume=True, secret=secrets["a"])  # where is my session?
+        c.secrets.update(secrets)
         assert info["resumed"] and info["experts"] == a.ref.n_experts
         # at most the step in flight is lost; the client is told which step the session is at
         assert info["t"] in (a.ref.t, a.ref.t + 1)
@@ -179,6 +183,7 @@ def test_kill9_restart_continue_and_sigterm(policy, tiny_policy, tmp_path):
     # and once more: the sessions continue from what SIGTERM wrote
     srv = ServerProcess(tiny_policy, state, tmp_path / "server3.log")
     with srv.client() as c:
+        c.secrets.update(secrets)
         a.step(c)
         b.step(c)
         c.close_session("b")
@@ -219,7 +224,10 @@ def test_client_commands(tiny_policy, tmp_path, capsys, monkeypatch):
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     assert client("health")["ready"]
-    assert client("open", "--dims", "2", "--experts", "3", "--session", "c1")["t"] == 0
+    opened = client("open", "--dims", "2", "--experts", "3", "--session", "c1")
+    assert opened["t"] == 0
+    monkeypatch.setenv("BADGER_SESSION_SECRET", opened["secret"])  # what a script does with it
+    assert client("--secret", "wrong", "stats", "c1", rc=1)["error"]["code"] == "forbidden"
     r = client("step", "c1", "--observation", "0,0", "--feedback", "0.5,-0.5", "--expect-t", "0")
     assert r["t"] == 1 and len(r["outputs"]) == 2
     assert client("step", "c1", "--slots", "0,0,0.5,nan", rc=1)["error"]["code"] == "bad_input"
@@ -229,7 +237,9 @@ def test_client_commands(tiny_policy, tmp_path, capsys, monkeypatch):
     assert client("reset", "c1", "--seed", "3")["episode"] == 1
     assert client("snapshot", "c1", "--out", str(tmp_path / "c1.ckpt"))["bytes"] > 0
     assert (tmp_path / "c1.ckpt").stat().st_mode & 0o777 == 0o600  # a session's state: private
-    assert client("open", "--session", "c2", "--from-snapshot", str(tmp_path / "c1.ckpt"))["experts"] == 3
+    c2 = client("open", "--session", "c2", "--from-snapshot", str(tmp_path / "c1.ckpt"))
+    assert c2["experts"] == 3 and c2["secret"] != opened["secret"]  # a new session, a new owner
+    monkeypatch.setenv("BADGER_SESSION_SECRET", c2["secret"])
     assert client("stats", "c2")["episode"] == 1
     assert client("stats")["sessions"] == 2
     assert client("close", "c2")["closed"]

@@ -113,13 +113,16 @@ def test_a_served_session_runs_the_registered_task(toy, pol):
     m = SessionManager(pol)
     cfg = ToyConfig(dims=(2, 2)).validate()
 
+    secret = {}
+
     def call(kind, **body):
-        req = validate_request({"id": 1, "kind": kind, "session": "s", "body": body})
+        req = validate_request({"id": 1, "kind": kind, "session": "s", "body": body | secret})
         r = m.handle(req)
         assert r["ok"], r
         return r["body"]
 
     info = call("open", task="toy", experts=3, dims=2, seed=11)
+    secret["secret"] = info["secret"]
     assert info["task"] == "toy" and info["parts"] == [["last", 2], ["error", 1]]
     ref = run_episodes(numpy_ops(), pol, pol.agent, cfg, dims=2, experts=3, episodes=1, seed=11, steps=6)
     _, ep, _ = next(sample_batches(cfg, pol.agent, dims=2, experts=3, episodes=1, seed=11, steps=6))

@@ -169,6 +169,9 @@ def register(sub):
     c.add_argument("--connect", default=_env("BADGER_CONNECT", _env("BADGER_LISTEN", DEFAULT_LISTEN)),
                    help="HOST:PORT (env BADGER_CONNECT or BADGER_LISTEN)")
     c.add_argument("--token", default=_env("BADGER_TOKEN"))
+    c.add_argument("--secret", default=_env("BADGER_SESSION_SECRET"),
+                   help="the session's secret (printed by `client open`; env BADGER_SESSION_SECRET): every "
+                        "request on a session but health must carry it")
     c.add_argument("--timeout", type=positive_seconds, default=30.0)
     cs = c.add_subparsers(dest="op", required=True)
     o = cs.add_parser("open", help="open a session")
@@ -362,6 +365,9 @@ def cmd_client(args):
         print(f"badger: error: cannot connect to {args.connect}: {e}", file=sys.stderr)
         raise SystemExit(3)
     op = args.op
+    session = getattr(args, "session", None)
+    if args.secret and session:
+        client.secrets[session] = args.secret
     try:
         with client:
             if op == "open":

@@ -79,8 +79,12 @@ class _Requests:
 
     def open(self, dims: int | None = None, experts: int | None = None, seed: int | None = None, *,
              session: str | None = None, rounds: int | None = None, resume: bool = False,
-             snapshot: dict | None = None, task: str | None = None, past_horizon: bool = False):
-        body = {"dims": dims, "experts": experts, "seed": seed, "rounds": rounds, "snapshot": snapshot, "task": task}
+             snapshot: dict | None = None, task: str | None = None, past_horizon: bool = False,
+             secret: str | None = None):
+        """Open a session; the reply's ``secret`` is kept and sent with this session's requests
+        (``resume`` an existing session by giving its ``secret``)."""
+        body = {"dims": dims, "experts": experts, "seed": seed, "rounds": rounds, "snapshot": snapshot, "task": task,
+                "secret": secret}
         body = {k: v for k, v in body.items() if v is not None}
         if resume:
             body["resume"] = True
@@ -119,6 +123,8 @@ class _Codec:
         self.token = token
         self.max_frame_bytes = max_frame_bytes
         self.ids = itertools.count(1)
+        self.secrets: dict[str, str] = {}  # session -> the secret `open` returned (sent with its requests)
+        self._asked: dict[int, tuple] = {}  # request id -> (kind, session, the secret it carried)
         self.new_decoder()
 
     def new_decoder(self):
@@ -127,20 +133,30 @@ class _Codec:
 
     def encode(self, kind: str, session: str | None, body: dict | None) -> tuple[int, bytes]:
         rid = next(self.ids)
-        req = {"id": rid, "kind": kind, "body": body or {}}
+        body = dict(body or {})
+        if session is not None and session in self.secrets and "secret" not in body and kind != "health":
+            body["secret"] = self.secrets[session]
+        req = {"id": rid, "kind": kind, "body": body}
+        self._asked = {rid: (kind, session, body.get("secret"))}  # one request in flight per connection
         if session is not None:
             req["session"] = session
         if self.token is not None:
             req["token"] = self.token
         return rid, encode_frame(req)
 
-    @staticmethod
-    def unwrap(rid: int, frame: dict) -> dict:
+    def unwrap(self, rid: int, frame: dict) -> dict:
         reply = validate_reply(frame)
         if reply["id"] is not None and reply["id"] != rid:
             raise ProtocolError(f"reply to request {reply['id']} while waiting for {rid}")
         if reply["ok"]:
-            return reply["body"]
+            body = reply["body"]
+            kind, session, sent = self._asked.get(rid, (None, None, None))
+            secret = body.get("secret", sent) if isinstance(body, dict) else None
+            if kind == "open" and isinstance(secret, str):
+                self.secrets[body["session"]] = secret  # this client owns the session now
+            elif kind == "close" and session is not None:
+                self.secrets.pop(session, None)
+            return body
         raise ServerError(reply["error"]["code"], reply["error"]["message"])
 
 
@@ -152,6 +168,7 @@ class Client(_Requests):
         self.address = address
         self.timeout = timeout
         self._codec = _Codec(token, max_frame_bytes)
+        self.secrets = self._codec.secrets  # session -> the secret `open` returned (sent with its requests)
         self._broken = False
         self.sock = self._connect()
 
@@ -205,6 +222,7 @@ class AsyncClient(_Requests):
         self.stream = stream
         self.address = address
         self._codec = _Codec(token, max_frame_bytes)
+        self.secrets = self._codec.secrets  # session -> the secret `open` returned (sent with its requests)
         self._lock = trio.Lock()
         self._broken = False
         # reconnect after a broken request: by default when built by connect() (it has an address)

@@ -15,6 +15,8 @@ Reply bodies and error codes are documented in docs/protocol.md.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import secrets
 import threading
@@ -39,7 +41,8 @@ E_LIMIT = "limit"  # too many sessions / experts / dims / rounds
 E_WRONG_STEP = "wrong_step"  # the request's "t" (or "episode") is not where the session is
 E_STORAGE = "storage"  # the checkpoint could not be written; the change was undone
 E_INTERNAL = "internal"
-E_HORIZON = "horizon"  # a step past an episodic policy's horizon in a session not opened with past_horizon
+E_HORIZON = "horizon"
+E_FORBIDDEN = "forbidden"  # the session belongs to another client (its secret is missing or wrong)  # a step past an episodic policy's horizon in a session not opened with past_horizon
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 MAX_SEED = (1 << 63) - 1
@@ -68,6 +71,7 @@ class Session:
     created: float
     updated: float
     task: str = ""  # the task whose interface the session's agent has (default: the policy's)
+    owner: str | None = None  # sha256 (hex) of the secret `open` returned; None: anyone (an older record)
     episode: int = 0
     steps_total: int = 0  # over all episodes
     last_outputs: np.ndarray | None = None  # the latest step's outputs [d]
@@ -203,11 +207,20 @@ class SessionManager:
             raise ServeError(E_NO_SESSION, f"no session {name[:80]!r}")
         return s
 
-    def _locked(self, name: str | None, fn: Callable[[Session], dict]) -> dict:
+    def _locked(self, name: str | None, fn: Callable[[Session], dict], body: dict) -> dict:
+        """Run ``fn`` on the session under its lock, if the request proves it owns it (its body's
+        ``secret``, the one ``open`` returned)."""
         s = self._get(name)
         with s.lock:
             if s.closed:
                 raise ServeError(E_NO_SESSION, f"no session {name[:80]!r} (closed)")
+            if s.owner is not None:
+                secret = body.get("secret")
+                given = hashlib.sha256(secret.encode()).hexdigest() if isinstance(secret, str) else ""
+                if not hmac.compare_digest(given, s.owner):
+                    self.metrics.inc("sessions.forbidden")
+                    raise ServeError(E_FORBIDDEN, f"session {name[:80]!r} belongs to the client that opened it: "
+                                                  f"send its 'secret' (from the open reply)")
             return fn(s)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -216,7 +229,7 @@ class SessionManager:
         return {"format": FORMAT, "version": FORMAT_VERSION, "session": s.name,
                 "policy": {"name": self.policy.name, "sha256": self.policy.card.get("sha256")},
                 "created": s.created, "updated": s.updated, "seed": s.seed, "rounds": s.rounds, "task": s.task,
-                "past_horizon": s.agent.past_horizon,
+                "past_horizon": s.agent.past_horizon, "owner": s.owner,
                 "episode": s.episode, "steps_total": s.steps_total, "last_outputs": s.last_outputs,
                 "agent": agent_record(s.agent)}
 
@@ -344,7 +357,10 @@ class SessionManager:
         if type(past) is not bool:
             raise StoreError("record field past_horizon must be a bool")
         agent.past_horizon = past
-        return Session(name, agent, ints["seed"], rounds, float(times[0]), float(times[1]), task,
+        owner = rec.get("owner") if restoring else None  # a snapshot opened anew gets a new owner
+        if owner is not None and (not isinstance(owner, str) or len(owner) != 64):
+            raise StoreError("record field owner must be nil or a sha256 hex digest")
+        return Session(name, agent, ints["seed"], rounds, float(times[0]), float(times[1]), task, owner,
                        episode=ints["episode"], steps_total=ints["steps_total"],
                        last_outputs=None if last is None else np.array(last, np.float32))
 
@@ -370,7 +386,7 @@ class SessionManager:
                 "steps_total": s.steps_total, "last_outputs": s.last_outputs}
 
     def _k_open(self, name: str | None, body: dict) -> dict:
-        _check_keys(body, {"experts", "dims", "seed", "rounds", "resume", "snapshot", "task", "past_horizon"})
+        _check_keys(body, {"experts", "dims", "seed", "rounds", "resume", "snapshot", "task", "past_horizon", "secret"})
         L = self.limits
         resume = body.get("resume", False)
         past_horizon = body.get("past_horizon", False)
@@ -385,7 +401,7 @@ class SessionManager:
             with self._lock:
                 s = self.sessions.get(name)
             if s is not None:
-                return self._locked(name, lambda s: self.info(s) | {"resumed": True})
+                return self._locked(name, lambda s: self.info(s) | {"resumed": True}, body)
         now = time.time()
         if "snapshot" in body:
             if body.keys() & {"experts", "dims", "seed", "rounds", "task"}:
@@ -407,6 +423,8 @@ class SessionManager:
             agent = new_agent(self.policy, experts, dims, seed, self._task_config(task), past_horizon,
                               self.agent_config)
             s = Session(name, agent, seed, rounds, now, now, task)
+        secret = secrets.token_urlsafe(24)  # the caller's proof of ownership, for every later request
+        s.owner = hashlib.sha256(secret.encode()).hexdigest()
         with s.lock:
             with self._lock:
                 if name in self.sessions:
@@ -423,10 +441,10 @@ class SessionManager:
         self.metrics.inc("sessions.opened")
         self.log("info", "session_opened", session=name, experts=s.agent.n_experts, dims=s.dims, seed=s.seed,
                  from_snapshot="snapshot" in body)
-        return self.info(s) | {"resumed": False}
+        return self.info(s) | {"resumed": False, "secret": secret}
 
     def _k_reset(self, name: str | None, body: dict) -> dict:
-        _check_keys(body, {"seed", "experts", "dims"})
+        _check_keys(body, {"seed", "experts", "dims", "secret"})
 
         def reset(s: Session) -> dict:
             experts = _int(body, "experts", s.agent.n_experts, 1, self.limits.max_experts, E_LIMIT)
@@ -439,13 +457,13 @@ class SessionManager:
                 s.agent, s.episode, s.last_outputs, s.pending = agent, s.episode + 1, None, 0
             self._commit(s, change)
             return self.info(s)
-        return self._locked(name, reset)
+        return self._locked(name, reset, body)
 
     def _k_step(self, name: str | None, body: dict) -> dict:
         def step(s: Session) -> dict:
             a = s.agent
             parts = s.parts
-            _check_keys(body, set(parts) | {"slots", "t", "episode"})
+            _check_keys(body, set(parts) | {"slots", "t", "episode", "secret"})
             if "t" in body and _int(body, "t", code=E_BAD_REQUEST) != a.t:
                 raise ServeError(E_WRONG_STEP, f"session {s.name!r} is at step t={a.t} of episode {s.episode}; "
                                                f"this request is for t={body['t']}")
@@ -472,10 +490,10 @@ class SessionManager:
             return {"outputs": s.last_outputs, "t": a.t, "episode": s.episode, "rounds": int(info.rounds[0]),
                     "messages": {"sent": int(info.messages), "delivered": int(info.messages), "dropped": 0},
                     "experts": a.n_experts}
-        return self._locked(name, step)
+        return self._locked(name, step, body)
 
     def _k_add_experts(self, name: str | None, body: dict) -> dict:
-        _check_keys(body, {"n", "init", "source"})
+        _check_keys(body, {"n", "init", "source", "secret"})
 
         def add(s: Session) -> dict:
             n = _int(body, "n", 1, 1, self.limits.max_experts, E_LIMIT)
@@ -489,10 +507,10 @@ class SessionManager:
             idx = self._commit(s, lambda: s.agent.add_experts(n, init=init, source=source))
             self.metrics.inc("experts.added", n)
             return {"indices": idx, "experts": s.agent.n_experts, "t": s.agent.t, "episode": s.episode}
-        return self._locked(name, add)
+        return self._locked(name, add, body)
 
     def _k_remove_experts(self, name: str | None, body: dict) -> dict:
-        _check_keys(body, {"indices"})
+        _check_keys(body, {"indices", "secret"})
 
         def remove(s: Session) -> dict:
             idx = body.get("indices")
@@ -503,19 +521,19 @@ class SessionManager:
             left = self._commit(s, lambda: s.agent.remove_experts(idx))
             self.metrics.inc("experts.removed", len(set(idx)))
             return {"experts": left, "t": s.agent.t, "episode": s.episode}
-        return self._locked(name, remove)
+        return self._locked(name, remove, body)
 
     def _k_snapshot(self, name: str | None, body: dict) -> dict:
-        _check_keys(body, set())
+        _check_keys(body, {"secret"})
 
         def snap(s: Session) -> dict:
             if s.pending:
                 self._write(s)
             return {"record": self.record(s)}
-        return self._locked(name, snap)
+        return self._locked(name, snap, body)
 
     def _k_close(self, name: str | None, body: dict) -> dict:
-        _check_keys(body, set())
+        _check_keys(body, {"secret"})
 
         def close(s: Session) -> dict:
             if self.store is not None:
@@ -530,14 +548,14 @@ class SessionManager:
             self.log("info", "session_closed", session=s.name, t=s.agent.t, steps_total=s.steps_total)
             return {"session": s.name, "closed": True, "t": s.agent.t, "episode": s.episode,
                     "steps_total": s.steps_total}
-        return self._locked(name, close)
+        return self._locked(name, close, body)
 
     def _k_stats(self, name: str | None, body: dict) -> dict:
-        _check_keys(body, set())
+        _check_keys(body, {"secret"})
         if name is not None:
             return self._locked(name, lambda s: self.info(s) | {
                 "checkpoint": {"writes": s.writes, "pending": s.pending}, "created": s.created,
-                "updated": s.updated})
+                "updated": s.updated}, body)
         with self._lock:
             n = len(self.sessions)
         return {"sessions": n, "uptime_s": round(time.time() - self.started, 3),
