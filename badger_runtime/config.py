@@ -194,6 +194,8 @@ class TrainConfig:
     eval_episodes: int = 500
 
     def validate(self):
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"train.seed must be in [0, 2^63), got {self.seed}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.batches < 1 or self.batch_size < 1 or self.lr <= 0:

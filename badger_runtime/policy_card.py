@@ -163,12 +163,21 @@ def load_policy(path: str | Path, threads: int = 1) -> OnnxPolicy:
                           f"{str(card.get('sha256'))[:16]}...: the file is not the one the card describes")
     try:
         exp = from_dict(ExperimentConfig, card["config"]).validate()
-    except (KeyError, ConfigError) as e:
-        raise PolicyError(f"{card_path}: bad config in card: {e}") from None
+    except (KeyError, TypeError, ValueError, RecursionError) as e:  # ConfigError is a ValueError
+        raise PolicyError(f"{card_path}: bad config in card: {type(e).__name__}: {str(e)[:300]}") from None
     spec = exp.agent.policy
-    h0 = np.asarray(card.get("initial_state", []), np.float32)
-    if h0.shape != (spec.hidden,):
-        raise PolicyError(f"{card_path}: initial_state has shape {h0.shape}, expected ({spec.hidden},)")
+    try:
+        h0 = np.asarray(card.get("initial_state", []), np.float32)
+    except (TypeError, ValueError) as e:
+        raise PolicyError(f"{card_path}: initial_state must be a list of {spec.hidden} numbers ({e})") from None
+    if h0.shape != (spec.hidden,) or not np.isfinite(h0).all():
+        raise PolicyError(f"{card_path}: initial_state has shape {h0.shape}, expected ({spec.hidden},) finite numbers")
+    life = card.get("lifetime")
+    if life is not None and not (isinstance(life, dict) and (
+            (life.get("kind") == "continual" and life.get("horizon") is None)
+            or (life.get("kind") == "episodic" and type(life.get("horizon")) is int and life["horizon"] >= 1))):
+        raise PolicyError(f"{card_path}: lifetime must be {{'kind': 'continual', 'horizon': null}} or "
+                          f"{{'kind': 'episodic', 'horizon': int >= 1}}, got {str(life)[:200]}")
     import onnxruntime as ort
 
     so = ort.SessionOptions()

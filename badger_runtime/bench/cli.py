@@ -17,8 +17,11 @@ def cmd_bench_train(args):
         with open(args.from_json) as f:
             report = json.load(f)
     else:
+        from ..config import ConfigError
         from .train import bench_train
 
+        if min(_ints(args.experts) + _ints(args.steps) + [args.batch, args.repeats]) < 1:
+            raise ConfigError("--experts, --steps, --batch and --repeats must be >= 1")
         report = bench_train(experts=_ints(args.experts), steps=_ints(args.steps), batch=args.batch,
                              repeats=args.repeats, threads=args.threads, seed=args.seed)
     if args.plot:

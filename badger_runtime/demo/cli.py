@@ -19,6 +19,8 @@ SUB = tuple(d for d in DEMOS if d != "main")
 
 
 def register(sub) -> argparse.ArgumentParser:
+    from ..cli.common import SEED
+
     p = sub.add_parser("demo", help="re-run the paper's experiments with the shipped policies; write figures",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", nargs="?", choices=SUB, default=None,
@@ -26,7 +28,7 @@ def register(sub) -> argparse.ArgumentParser:
                         "communication (Fig. 8); none: the main demo")
     p.add_argument("--out", default="demo-output", help="folder for the PNG figures and results.json")
     p.add_argument("--quick", action="store_true", help="few episodes, low resolution: a few seconds")
-    p.add_argument("--seed", type=int, default=0, help="seed of the episodes")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the episodes")
     p.add_argument("--episodes", type=int, default=None, help="episodes per evaluation (default: per demo)")
     p.add_argument("--policy", default=None,
                    help="the chosen demo's policy: main / guessing (Fig. 9): "

@@ -291,7 +291,10 @@ def cmd_serve(args):
         agent_config = dataclasses.replace(policy.agent, routing=routing).validate()
     elif args.k is not None:
         raise ConfigError("--k goes with --candidates")
-    store = SessionStore(args.state_dir, fsync=not args.no_fsync)
+    try:
+        store = SessionStore(args.state_dir, fsync=not args.no_fsync)
+    except OSError as e:  # a file where the folder should be, no permission, ...
+        raise ConfigError(f"--state-dir {args.state_dir}: cannot use it as the state folder: {e}") from None
     manager = SessionManager(policy, store, limits=Limits(max_sessions=args.max_sessions,
                                                           max_experts=args.max_experts, max_dims=args.max_dims),
                              default_experts=args.experts, checkpoint_every=args.checkpoint_every, log=log,
@@ -357,7 +360,7 @@ def _jsonable(x):
 
 def cmd_client(args):
     from .client import Client, ServerError
-    from .store import decode, encode
+    from .store import StoreError, decode, encode
 
     try:
         client = Client(args.connect, token=args.token, timeout=args.timeout)
@@ -371,7 +374,13 @@ def cmd_client(args):
     try:
         with client:
             if op == "open":
-                snap = decode(Path(args.from_snapshot).read_bytes()) if args.from_snapshot else None
+                snap = None
+                if args.from_snapshot:
+                    try:
+                        snap = decode(Path(args.from_snapshot).read_bytes())
+                    except (StoreError, OSError) as e:
+                        print(f"badger: error: --from-snapshot {args.from_snapshot}: {e}", file=sys.stderr)
+                        raise SystemExit(2) from None
                 out = client.open(args.dims, args.experts, args.seed, session=args.session, rounds=args.rounds,
                                   resume=args.resume, snapshot=snap)
             elif op == "reset":

@@ -29,6 +29,7 @@ from ..membrane import KIND_FEEDBACK, KIND_OBSERVATION, N_KIND_FLAGS, Interface,
 from . import Task, TaskEpisode
 
 FEEDBACKS = ("scalar", "per_dim", "one_expert")
+MAX_NELDER_MEAD_DIMS = 256  # the scalar-feedback baseline is O(d^2) per episode
 
 
 def random_addresses(rng: np.random.Generator, shape: tuple[int, ...], addr_dim: int) -> np.ndarray:
@@ -237,7 +238,12 @@ class GuessingTask(Task):
             report["chance"] = float(bl.zero_guess(targets, steps)[-1])
             report["random_guess"] = float(bl.random_guess(targets, steps, np.random.default_rng(seed))[-1])
             report["mean_solution"] = float(bl.mean_solution(targets, steps)[-1])
-            report["optimizer"] = bl.tuned(self.cfg.feedback, targets, steps, seed=seed)
+            if self.cfg.feedback == "scalar" and targets.shape[1] > MAX_NELDER_MEAD_DIMS:
+                report["optimizer"] = None  # its simplex holds d + 1 points of d numbers per episode
+                report["notes"] = [f"the tuned Nelder-Mead baseline is skipped above d = {MAX_NELDER_MEAD_DIMS} "
+                                   f"(its simplex is (d + 1) x d per episode)"]
+            else:
+                report["optimizer"] = bl.tuned(self.cfg.feedback, targets, steps, seed=seed)
         return report
 
 
