@@ -362,12 +362,18 @@ def demo_growing(o: DemoOptions) -> dict:
     task = pol.task
     n_lo, n_hi = task.experts
     T = task.steps
-    Ns = [5, 10, 20, 40, 80, 160] if n_lo >= 5 else [n_lo, 5, 10, 20, 40, 80, 160]
-    # d >= 2: at d = 1 the mean-solution is exact, so no curve there says anything about growing
-    dims_list = sorted({max(task.dims[0], 2), max(task.dims[1], 2)})
+    many = task.dims[1] > 10  # a policy of many outputs (the scale task)
+    if not many:  # the paper's setting: N = 5 .. 160
+        Ns = [5, 10, 20, 40, 80, 160] if n_lo >= 5 else [n_lo, 5, 10, 20, 40, 80, 160]
+        # d >= 2: at d = 1 the mean-solution is exact, so no curve there says anything about growing
+        dims_list = sorted({max(task.dims[0], 2), max(task.dims[1], 2)})
+    else:  # a policy of many experts: from one expert to 10x the trained maximum, at its largest d
+        Ns = sorted({1, max(1, n_lo), n_hi // 4 or 1, n_hi, 2 * n_hi, 4 * n_hi, 10 * n_hi})
+        dims_list = [task.dims[1]]
     if o.quick:
         dims_list = dims_list[:1]
-    E = o.n(300, 16)
+        Ns = Ns[:: max(1, len(Ns) // 4)]
+    E = o.n(64 if many else 300, 4 if many else 16)
     curves, chance, mean_sol, rows = {}, {}, {}, []
     runtime = ""
     for d in dims_list:
@@ -389,7 +395,7 @@ def demo_growing(o: DemoOptions) -> dict:
     # Hot-add: N0 experts for the first half of the episode, then more experts (no retraining).
     d = dims_list[0]
     n0 = n_lo
-    n1 = 4 * n0 if n_lo >= 5 else 2 * n0
+    n1 = 4 * n0 if n_lo >= 4 else 2 * n0
     add_at = T // 2
     Eh = o.n(300, 16)
 
