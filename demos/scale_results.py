@@ -21,7 +21,7 @@ import numpy as np
 
 from badger_runtime.engine import numpy_ops
 from badger_runtime.episodes import schedule
-from badger_runtime.evaluation import evaluate, run_episodes
+from badger_runtime.evaluation import run_episodes
 from badger_runtime.longrun import horizon_report
 from badger_runtime.policy_card import load_policy, shipped_policies
 from badger_runtime.tasks import task_class
@@ -29,9 +29,13 @@ from badger_runtime.tasks import task_class
 OPS = numpy_ops()
 
 
+SHARDED_FROM = 1000  # agents this large run in the sharded runtime (its sparse routing, one tick per round)
+
+
 def final(pol, task, *, dims, experts, episodes, seed, steps=None, changes=(), agent=None, curve=False):
+    runtime = "sharded" if experts >= SHARDED_FROM and not changes else "engine"
     res = run_episodes(OPS, pol, agent or pol.agent, task, dims=dims, experts=experts, episodes=episodes, seed=seed,
-                       steps=steps, changes=changes)
+                       steps=steps, changes=changes, runtime=runtime)
     e = res.errors
     return (e.mean(axis=1), e[-1].std() / np.sqrt(e.shape[1])) if curve else float(e[-1].mean())
 
@@ -78,7 +82,8 @@ def main(argv=None) -> int:
             v = final(pol, task, dims=d, experts=n, episodes=eps, seed=S)
             curves[d].append(v)
             row.append(f"{v:.3f}" + ("" if eps == E else f" ({eps} ep.)"))
-        w(f"| {n} | " + " | ".join(row) + f" | {cmd(pol, dims='D', experts=n, episodes=E, seed=S)} |")
+        extra = {"runtime": "sharded"} if n >= SHARDED_FROM else {}
+        w(f"| {n} | " + " | ".join(row) + f" | {cmd(pol, dims='D', experts=n, episodes=E, seed=S, **extra)} |")
     w("")
     _plot_vs_n(out_dir / "scale_error_vs_n.png", ns, curves, (n_lo, n_hi), pol.name)
 
