@@ -57,8 +57,8 @@ class NumpyOps:
         """concat([w @ p for p in parts], -1) (one matmul per part)."""
         return np.concatenate([np.matmul(w, p) for p in parts], axis=-1)
 
-    def split(self, x, sizes, axis=-1):
-        """Views of consecutive pieces of ``sizes`` along ``axis`` (the last)."""
+    def split(self, x, sizes):
+        """Views of consecutive pieces of ``sizes`` along the last axis."""
         out, i = [], 0
         for size in sizes:
             out.append(x[..., i:i + size])
@@ -116,11 +116,13 @@ class NumpyOps:
         return np.take(flat, idx, axis=0)
 
     def gather_dot(self, x, idx, q):
-        """Scores of listed rows: x [B, N, D], idx [B, M, C], q [B, M, D] -> x[b, idx[b, m, c]] . q[b, m]: [B, M, C]."""
+        """Scores of listed rows: x [B, N, D], idx [B, M, C], q [B, M, D] -> [B, M, C], the dot
+        products x[b, idx[b, m, c]] . q[b, m]."""
         return np.matmul(self.gather_rows(x, idx), q[..., None])[..., 0]
 
     def gather_mix(self, x, idx, w):
-        """Weighted sum of listed rows: x [B, N, D], idx [B, M, C], w [B, M, C] -> sum_c w x[b, idx]: [B, M, D]."""
+        """Weighted sums of listed rows: x [B, N, D], idx [B, M, C], w [B, M, C] -> [B, M, D],
+        sum over c of w[b, m, c] x[b, idx[b, m, c]]."""
         return np.matmul(w[..., None, :], self.gather_rows(x, idx))[..., 0, :]
 
     def topk_indices(self, x, k, axis=-1):
@@ -180,8 +182,8 @@ class TorchOps:
     def stack(self, xs, axis=0):
         return self.torch.stack(list(xs), dim=axis)
 
-    def split(self, x, sizes, axis=-1):
-        return self.torch.split(x, list(sizes), dim=axis)
+    def split(self, x, sizes):
+        return self.torch.split(x, list(sizes), dim=-1)
 
     def softmax(self, scores, mask=None, axis=-1):
         """``xp.softmax`` as torch's fused softmax (one autograd node instead of six); masked
@@ -298,10 +300,15 @@ class TorchOps:
         return x.detach()
 
 
+_GATHER: dict = {}  # torch module -> its GatherContract (torch is imported only by TorchOps' caller)
+
+
 def _gather_function(torch):
     """The torch autograd function behind ``gather_dot`` and ``gather_mix``, over rows [R, D] and flat
-    indices [B, M, C] (built once per TorchOps: torch is imported only by its caller). It saves the
-    rows, indices and the other operand, never the gathered [B, M, C, D] copy (it gathers again)."""
+    indices [B, M, C], built once. It saves the rows, indices and the other operand, never the
+    gathered [B, M, C, D] copy (the backward pass gathers again)."""
+    if torch in _GATHER:
+        return _GATHER[torch]
 
     def gather(rows, idx):
         return rows.index_select(0, idx.reshape(-1)).reshape(*idx.shape, rows.shape[-1])
@@ -326,6 +333,7 @@ def _gather_function(torch):
                 d_rows = torch.zeros_like(rows).index_add_(0, idx.reshape(-1), (d * other).reshape(-1, rows.shape[-1]))
             return d_rows, None, d_other, None
 
+    _GATHER[torch] = GatherContract
     return GatherContract
 
 

@@ -47,9 +47,13 @@ def plot_train(report: dict, path):
     axes[1].set_ylabel("seconds per training batch")
     for ax in axes:
         ax.legend(fontsize=8)
-    b = report["rows"][0]["batch"] if report["rows"] else "?"
+    rows = report["rows"]
+    b = rows[0]["batch"] if rows else "?"
+    c = max((r.get("candidates", 0) for r in rows), default=0)
+    route = (f"top-{rows[0].get('k')} of C = {c} candidate senders (O(N C))" if c else
+             f"{rows[0].get('routing', 'dense') if rows else 'dense'} routing (O(N^2))")
     _save_loglog(fig, axes, path, "experts N",
-                 f"badger bench train: batch {b}, torch {report.get('torch')}, {report.get('threads')} thread(s)")
+                 f"badger bench train: batch {b}, {route}, torch {report.get('torch')}, {report.get('threads')} thread(s)")
 
 
 def _save_loglog(fig, axes, path, xlabel: str, title: str):
