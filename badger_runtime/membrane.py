@@ -87,13 +87,11 @@ def _read(ops, w, slot_addr, slot_val, moments: bool = False):
     B, N, K, J = w.shape
     A = slot_addr.shape[-1]
     w2 = w.reshape(B, N * K, J)
-    val = ops.matmul(w2, slot_val[:, :, None]).reshape(B, N, K, 1)
-    addr = ops.matmul(w2, slot_addr).reshape(B, N, K, A)
-    parts = [val, addr]
+    parts = [slot_val[:, :, None], slot_addr]
     if moments:
-        parts.append(ops.matmul(w2, slot_addr * slot_val[:, :, None]).reshape(B, N, K, A))
+        parts.append(slot_addr * slot_val[:, :, None])
     W = 1 + A * (len(parts) - 1)
-    return ops.concat(parts, axis=-1).reshape(B, N, K * W)
+    return ops.matmul_parts(w2, parts).reshape(B, N, K * W)
 
 
 def push(ops, push_key, push_value, out_addr, can_push=None):

@@ -32,7 +32,12 @@ from .config import AgentConfig, PolicySpec
 from .membrane import Interface
 
 
-def split_heads(spec: PolicySpec, heads) -> dict[str, Any]:
+def split_heads(spec: PolicySpec, heads, ops=None) -> dict[str, Any]:
+    """The named heads of a heads vector [..., heads_dim] (views). With ``ops``, the namespace's
+    ``split`` (torch: one autograd node whose backward is one ``cat``, where a slice per head
+    would back-propagate a zero-filled full-size gradient per head)."""
+    if ops is not None:
+        return dict(zip((name for name, _ in spec.heads), ops.split(heads, [size for _, size in spec.heads])))
     out, i = {}, 0
     for name, size in spec.heads:
         out[name] = heads[..., i : i + size]
@@ -158,7 +163,7 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
     spec = policy.spec
     B, N, H = state.h.shape
     acfg = cfg.agreement if rounds is None else type(cfg.agreement)(**{**cfg.agreement.__dict__, "rounds": rounds})
-    heads = split_heads(spec, state.heads)
+    heads = split_heads(spec, state.heads, ops)  # split once per heads tensor (each split is an autograd node)
 
     vis = wiring.can_sense[None, :, None]
     visible = interface.visible(N)
@@ -174,12 +179,14 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
     if isinstance(mask, np.ndarray):
         mask = ops.asbool(mask)
 
+    # what the agreement rule reads after a round (the fixed rule reads neither: not computed)
+    need_vote = acfg.rule == "quorum" or vote_loss is not None
+    need_change = acfg.rule == "convergence" or vote_loss is not None
     h, hd = state.h, state.heads
     active = ops.ones_bool((B,))
     used = ops.zeros((B,))
     w_route = None
     for r in range(agreement.max_rounds(acfg)):
-        heads = split_heads(spec, hd)
         inbox, w_route = routing.route(ops, cfg.routing, heads["query"], heads["key"], heads["value"], mask)
         h_new, hd_new = policy.step(h.reshape(B * N, H), inbox.reshape(B * N, -1), sensed.reshape(B * N, -1))
         h_new, hd_new = h_new.reshape(B, N, H), hd_new.reshape(B, N, -1)
@@ -190,16 +197,16 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
             a = active[:, None, None]
             h, hd = ops.where(a, h_new, h), ops.where(a, hd_new, hd)
         used = used + ops.float_(active)
-        new_heads = split_heads(spec, hd)
-        vote = agreement.votes(ops, new_heads["vote"])
-        change = agreement.message_change(ops, prev_value, new_heads["value"])  # [B, N]
+        heads = split_heads(spec, hd, ops)
+        vote = agreement.votes(ops, heads["vote"]) if need_vote else None
+        change = agreement.message_change(ops, prev_value, heads["value"]) if need_change else None  # [B, N]
         if vote_loss is not None and r > 0:  # training signal of the 'done' vote (see agreement.vote_target)
             vote_loss = vote_loss + agreement.vote_loss(ops, acfg, vote, change)
-        active = agreement.still_talking(ops, acfg, r + 1, active, ops.amax(change, axis=-1), vote)
+        active = agreement.still_talking(ops, acfg, r + 1, active, None if change is None else ops.amax(change, axis=-1),
+                                         vote)
         if not ops.item_any(active):
             break
 
-    heads = split_heads(spec, hd)
     can_push = None if wiring.can_push.all() else ops.asbool(wiring.can_push[None, :])
     out, w_push = membrane.push(ops, heads["push_key"], heads["push_value"], ops.asarray(interface.out_addr), can_push)
     info = StepInfo(used, experts=N, vote_loss=vote_loss)

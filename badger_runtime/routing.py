@@ -171,15 +171,13 @@ def _route_sparse(ops, cfg: RoutingConfig, query, key, value, idx):
     if cfg.kind == "homogeneous":
         w = ops.zeros(idx.shape) + (1.0 / c)
     else:
-        keys = ops.gather_rows(key, idx)  # [B, N, C, Dk]
-        scores = ops.matmul(keys, query[..., None])[..., 0] * (1.0 / math.sqrt(query.shape[-1]))
+        scores = ops.gather_dot(key, idx, query) * (1.0 / math.sqrt(query.shape[-1]))  # [B, N, C]
         if cfg.kind == "topk" and cfg.k < c:
             pos = ops.topk_indices(ops.detach(scores), cfg.k, axis=-1)
             scores = ops.take_along(scores, pos, axis=-1)
             idx = np.take_along_axis(idx, ops.to_numpy(pos), axis=-1)
         w = softmax(ops, scores, None, axis=-1)
-    vals = ops.gather_rows(value, idx)  # [B, N, k or C, Dm]
-    return ops.matmul(w[..., None, :], vals)[..., 0, :], w
+    return ops.gather_mix(value, idx, w), w  # [B, N, Dm]
 
 
 def in_degrees(topo, n: int, batch: int) -> np.ndarray:

@@ -43,7 +43,8 @@ def pair(tiny_run, tiny_policy):
     candidates=st.sampled_from([0, 2, 5]),
 )
 def test_rollout_parity_with_torch(pair, routing, rule, rounds, n, d, feedback, seed, k, candidates):
-    """Same seeds, episodes, N, d, rounds and routing: the ONNX engine equals torch to 1e-5.
+    """Same seeds, episodes, N, d, rounds and routing: the ONNX engine equals torch to 1e-5 (relative to the
+    outputs' size where they exceed 1: float32 rounding differences grow through 5 steps of the policy).
 
     N and d range past the tiny policy's training range (d in [2, 3], N in [3, 5])."""
     tp, op, cfg = pair
@@ -54,7 +55,8 @@ def test_rollout_parity_with_torch(pair, routing, rule, rounds, n, d, feedback, 
     a = run_episodes(numpy_ops(), op, agent, task, **kw)
     with torch.no_grad():
         b = run_episodes(torch_ops(), tp, agent, task, **kw)
-    assert np.abs(a.outputs - b.outputs).max() <= 1e-5  # the rollout's outputs
+    scale = max(1.0, float(np.abs(a.outputs).max()))
+    assert np.abs(a.outputs - b.outputs).max() <= 1e-5 * scale  # the rollout's outputs
     assert np.allclose(a.errors, b.errors, rtol=1e-4, atol=1e-4)  # derived from the outputs (squared)
     assert np.array_equal(a.rounds, b.rounds)
     assert np.all(a.rounds <= rounds) and np.all(a.rounds >= 1)

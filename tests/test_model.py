@@ -209,3 +209,68 @@ def test_vote_training_teaches_votes_to_predict_settled_messages(tmp_path):
     change = agreement.message_change(ops, torch.zeros(1, 2, 3), torch.tensor([[[0.01] * 3, [0.2] * 3]]))
     y = agreement.vote_target(ops, cfg.agent.agreement, change)
     assert y.tolist() == [[1.0, 0.0]]
+
+
+# ---- the torch namespace's fast paths equal the generic math ---------------------------------------
+
+def test_torch_softmax_equals_the_generic_one():
+    """TorchOps.softmax (torch's fused kernel) = xp.softmax's composition, masks and all-masked rows too."""
+    from badger_runtime import xp
+
+    ops = torch_ops()
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 20, 20, generator=g, requires_grad=True)  # fused (>= 16 entries) and composed (< 16)
+    mask = torch.rand(3, 20, 20, generator=g) > 0.4
+    mask[0, 2] = False  # a row with no allowed entry: zero weights
+    class Generic(xp.TorchOps):
+        softmax = None  # xp.softmax composes exp, sum and divisions
+
+    slow = Generic(torch)
+    grad = torch.randn(3, 20, 20, generator=g)
+    for s, m, gr in ((scores, mask, grad), (scores[..., :7], mask[..., :7], grad[..., :7])):
+        for m in (None, m):
+            for axis in (-1, 1):
+                fast_w = xp.softmax(ops, s, m, axis=axis)
+                (dfast,) = torch.autograd.grad((fast_w * gr).sum(), scores)
+                slow_w = xp.softmax(slow, s, m, axis=axis)
+                (dslow,) = torch.autograd.grad((slow_w * gr).sum(), scores)
+                assert torch.allclose(fast_w, slow_w, atol=1e-6) and torch.allclose(dfast, dslow, atol=1e-5)
+    assert float(xp.softmax(ops, scores, mask)[0, 2].abs().sum()) == 0.0
+
+
+def test_torch_sparse_routing_ops_equal_indexing():
+    """gather_dot / gather_mix (one autograd node, no gathered copy kept) = advanced indexing + matmul,
+    values and gradients, and agree with the numpy namespace."""
+    from badger_runtime.xp import NumpyOps
+
+    ops, g = torch_ops(), torch.Generator().manual_seed(1)
+    B, N, M, C, D = 3, 11, 11, 4, 5
+    idx = np.random.default_rng(0).integers(0, N, size=(B, M, C))
+    x = torch.randn(B, N, D, generator=g, requires_grad=True)
+    q = torch.randn(B, M, D, generator=g, requires_grad=True)
+    w = torch.randn(B, M, C, generator=g, requires_grad=True)
+    rows = x[torch.arange(B)[:, None, None], torch.as_tensor(idx)]  # [B, M, C, D]
+    ref_dot, ref_mix = torch.matmul(rows, q[..., None])[..., 0], torch.matmul(w[..., None, :], rows)[..., 0, :]
+    dot, mix = ops.gather_dot(x, idx, q), ops.gather_mix(x, idx, w)
+    assert torch.allclose(dot, ref_dot, atol=1e-5) and torch.allclose(mix, ref_mix, atol=1e-5)
+    gd, gm = torch.randn(B, M, C, generator=g), torch.randn(B, M, D, generator=g)
+    want = torch.autograd.grad((ref_dot * gd).sum() + (ref_mix * gm).sum(), (x, q, w))
+    got = torch.autograd.grad((dot * gd).sum() + (mix * gm).sum(), (x, q, w))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)
+    npo = NumpyOps()
+    assert np.allclose(npo.gather_dot(x.detach().numpy(), idx, q.detach().numpy()), dot.detach().numpy(), atol=1e-5)
+    assert np.allclose(npo.gather_mix(x.detach().numpy(), idx, w.detach().numpy()), mix.detach().numpy(), atol=1e-5)
+
+
+def test_split_and_matmul_parts_agree_across_namespaces():
+    from badger_runtime.rollout import split_heads
+    from badger_runtime.xp import NumpyOps
+
+    spec = tiny_experiment().agent.policy
+    hd = np.random.default_rng(2).standard_normal((2, 3, spec.heads_dim)).astype(np.float32)
+    a, b = split_heads(spec, hd), split_heads(spec, torch.as_tensor(hd), torch_ops())
+    assert list(a) == list(b) and all(np.array_equal(a[k], b[k].numpy()) for k in a)
+    w, p1, p2 = (np.random.default_rng(3).standard_normal(s).astype(np.float32) for s in ((2, 5, 4), (2, 4, 1), (2, 4, 3)))
+    got = torch_ops().matmul_parts(torch.as_tensor(w), [torch.as_tensor(p1), torch.as_tensor(p2)]).numpy()
+    assert np.allclose(NumpyOps().matmul_parts(w, [p1, p2]), got, atol=1e-6)

@@ -101,9 +101,12 @@ class RowBatcher:
     Rows live in preallocated buffers, shard i at rows ``[B lo_i, B hi_i)`` (its [B, n_i] rows,
     episode-major). The shard that completes the round runs the policy on all rows (in calls of at
     most ``chunk`` rows; 0 = one call) and wakes the others; each takes back views of its rows of
-    the output buffers, valid until the next round's evaluation (which needs its next request, so
-    it always copies them first). The sensed rows are constant during an inner step: a shard
-    sends them with its first round only.
+    the output buffers. The state buffers are double-buffered: a round reads the state from one
+    and writes the new state into the other, so the views a round returns stay valid through the
+    next round (which overwrites the other pair) and a shard that keeps them as its state
+    (``ShardCore.apply(adopt=True)``) hands them back as the next round's input without a copy;
+    likewise an inbox already computed in place (``inbox_view``) is not copied. The sensed rows
+    are constant during an inner step: a shard sends them with its first round only.
     """
 
     def __init__(self, policy, bounds: list[tuple[int, int]], batch: int, chunk: int = DEFAULT_POLICY_CHUNK):
@@ -113,32 +116,35 @@ class RowBatcher:
         self.batch = batch
         rows = batch * bounds[-1][1]
         self.rows_total = rows
-        self.h = np.zeros((rows, spec.hidden), np.float32)
+        self._state = [np.zeros((rows, spec.hidden), np.float32) for _ in range(2)]
+        self._heads = [np.zeros((rows, spec.heads_dim), np.float32) for _ in range(2)]
+        self._p = 0  # this round reads _state[_p], writes _state[1 - _p] and _heads[1 - _p]
+        self._out = 1  # the buffers the last evaluation wrote
         self.inbox = np.zeros((rows, spec.msg_dim), np.float32)
         self.sensed = np.zeros((rows, spec.sensed_dim), np.float32)
-        self.h_out = np.zeros((rows, spec.hidden), np.float32)
-        self.heads_out = np.zeros((rows, spec.heads_dim), np.float32)
         chunk = rows if chunk <= 0 else int(chunk)
         self.chunks = [(a, min(a + chunk, rows)) for a in range(0, rows, chunk)]
-        self._bindings = self._bind()
+        self._bindings = [self._bind(p) for p in (0, 1)]
         self.calls = 0  # onnxruntime calls
         self.rounds = 0  # gathered evaluations (one per round)
         self.rows = 0  # expert steps evaluated
+        self.copies_skipped = 0  # state / inbox rows handed in as the buffers themselves
         self._waiting: dict[int, trio.Event] = {}
         self._error: BaseException | None = None
 
-    def _bind(self):
-        """IOBinding per chunk onto the buffers (None: call ``policy.step`` and copy)."""
+    def _bind(self, p: int):
+        """IOBinding per chunk for a round that reads state buffer ``p`` (None: call ``policy.step``
+        and copy)."""
         sess = getattr(self.policy, "session", None)
         if sess is None or not hasattr(sess, "io_binding"):
             return None
         out = []
         for a, b in self.chunks:
             bind = sess.io_binding()
-            bind.bind_cpu_input("state", self.h[a:b])
+            bind.bind_cpu_input("state", self._state[p][a:b])
             bind.bind_cpu_input("inbox", self.inbox[a:b])
             bind.bind_cpu_input("sensed", self.sensed[a:b])
-            for name, buf in (("state_out", self.h_out[a:b]), ("heads", self.heads_out[a:b])):
+            for name, buf in (("state_out", self._state[1 - p][a:b]), ("heads", self._heads[1 - p][a:b])):
                 bind.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
             out.append(bind)
         return out
@@ -147,14 +153,28 @@ class RowBatcher:
         lo, hi = self.bounds[shard]
         return slice(self.batch * lo, self.batch * hi)
 
+    def inbox_view(self, shard: int) -> np.ndarray:
+        """Shard ``shard``'s rows of the inbox buffer as [B, n, msg_dim]: a shard that computes its
+        inboxes into it hands them in without a copy."""
+        rows = self._rows(shard)
+        return self.inbox[rows].reshape(self.batch, (rows.stop - rows.start) // self.batch, -1)
+
+    def _put(self, buf: np.ndarray, x, n: int):
+        """Copy x [B, n_i, ...] into the rows ``buf`` unless x is those rows already."""
+        if isinstance(x, np.ndarray) and x.__array_interface__["data"][0] == buf.__array_interface__["data"][0] \
+                and x.nbytes == buf.nbytes and x.flags.c_contiguous:
+            self.copies_skipped += 1
+            return
+        buf[...] = x.reshape(n, -1)
+
     async def step(self, shard: int, h, inbox, sensed=None):
         """Shard ``shard``'s rows for this round -> (h' [B, n, H], heads [B, n, heads_dim]) views."""
         if shard in self._waiting:
             raise RuntimeError(f"shard {shard} already has rows in this round")
         rows = self._rows(shard)
         n = rows.stop - rows.start
-        self.h[rows] = h.reshape(n, -1)
-        self.inbox[rows] = inbox.reshape(n, -1)
+        self._put(self._state[self._p][rows], h, n)
+        self._put(self.inbox[rows], inbox, n)
         if sensed is not None:
             self.sensed[rows] = sensed.reshape(n, -1)
         done = trio.Event()
@@ -164,23 +184,27 @@ class RowBatcher:
         await done.wait()
         if self._error is not None:
             raise self._error
-        B = self.batch
-        return self.h_out[rows].reshape(B, n // B, -1), self.heads_out[rows].reshape(B, n // B, -1)
+        B, out = self.batch, self._out
+        return self._state[out][rows].reshape(B, n // B, -1), self._heads[out][rows].reshape(B, n // B, -1)
 
     def _flush(self):
         waiting, self._waiting = self._waiting, {}
         self._error = None
+        p = self._p
         try:
-            if self._bindings is not None:
+            if self._bindings[p] is not None:
                 run = self.policy.session.run_with_iobinding
-                for bind in self._bindings:
+                for bind in self._bindings[p]:
                     run(bind)
             else:
+                h_in, h_out, heads_out = self._state[p], self._state[1 - p], self._heads[1 - p]
                 for a, b in self.chunks:
-                    h2, hd = self.policy.step(self.h[a:b], self.inbox[a:b], self.sensed[a:b])
-                    self.h_out[a:b], self.heads_out[a:b] = h2, hd
+                    h2, hd = self.policy.step(h_in[a:b], self.inbox[a:b], self.sensed[a:b])
+                    h_out[a:b], heads_out[a:b] = h2, hd
         except Exception as e:  # noqa: BLE001  (every waiting shard gets the error and raises it)
             self._error = e
+        else:
+            self._out, self._p = 1 - p, 1 - p  # the new state is the next round's input
         self.calls += len(self.chunks)
         self.rounds += 1
         self.rows += self.rows_total

@@ -142,14 +142,23 @@ class ShardCore:
             self.inbox_buf[:, a:b] = inbox
         return self.inbox_buf
 
-    def apply(self, h_new, heads_new, active: np.ndarray, rule: str):
+    def apply(self, h_new, heads_new, active: np.ndarray, rule: str, adopt: bool = False):
         """Commit the round's policy step (episodes no longer ``active`` keep their state).
-        Returns (largest message change per episode [B], votes [B, n]) for the membrane."""
+        Returns (largest message change per episode [B], votes [B, n]) for the membrane.
+
+        ``adopt``: keep ``h_new`` and ``heads_new`` themselves as the state instead of copying them
+        (the caller leaves them alone until the next ``apply``: ``RowBatcher``'s double-buffered
+        views); the rows of episodes no longer active are first overwritten with the kept state."""
         change = None
         if rule == "convergence":
             old, new = split_heads(self.spec, self.heads)["value"], split_heads(self.spec, heads_new)["value"]
             change = np.asarray(agreement.message_change(OPS, old, new).max(axis=1), np.float32)
-        if active.all():
+        if adopt:
+            if not active.all():
+                np.copyto(h_new, self.h, where=~active[:, None, None])
+                np.copyto(heads_new, self.heads, where=~active[:, None, None])
+            self.h, self.heads = h_new, heads_new
+        elif active.all():
             np.copyto(self.h, h_new)
             np.copyto(self.heads, heads_new)
         else:

@@ -164,6 +164,7 @@ class ShardedAgent(Lifecycle):
         self._shards: list[_Shard] = []
         for i in range(self.S):
             core = ShardCore(i, self.bounds, self.policy, self.cfg, wiring, st.h, st.heads, vis, self._tile)
+            core.inbox_buf = self.batcher.inbox_view(i)  # inboxes computed in place: no copy into the batcher
             send, recv = trio.open_memory_channel(math.inf)
             self._shards.append(_Shard(core, send, recv))
         for i, sh in enumerate(self._shards):
@@ -304,7 +305,7 @@ class ShardedAgent(Lifecycle):
                 inbox = core.inbox()
                 self.counters.delivered += int(core.indeg[active].sum())
                 h2, hd2 = await self.batcher.step(i, core.h, inbox, core.sensed if r == 0 else None)
-                change, vote = core.apply(h2, hd2, active, rule)
+                change, vote = core.apply(h2, hd2, active, rule, adopt=True)  # double-buffered views
                 if rule != "fixed" and r + 1 < R:
                     payload = {"vote": vote if vote is not None else np.zeros((self.B, core.n), np.float32),
                                "change": change if change is not None else np.zeros(self.B, np.float32)}

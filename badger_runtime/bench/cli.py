@@ -23,7 +23,8 @@ def cmd_bench_train(args):
         if min(_ints(args.experts) + _ints(args.steps) + [args.batch, args.repeats]) < 1:
             raise ConfigError("--experts, --steps, --batch and --repeats must be >= 1")
         report = bench_train(experts=_ints(args.experts), steps=_ints(args.steps), batch=args.batch,
-                             repeats=args.repeats, threads=args.threads, seed=args.seed)
+                             repeats=args.repeats, threads=args.threads, seed=args.seed, routing=args.routing,
+                             k=args.k, candidates=args.candidates, reference=not args.no_reference)
     if args.plot:
         plot_train(report, args.plot)
     print(json.dumps(report))
@@ -46,9 +47,13 @@ def plot_train(report: dict, path):
     axes[1].set_ylabel("seconds per training batch")
     for ax in axes:
         ax.legend(fontsize=8)
-    b = report["rows"][0]["batch"] if report["rows"] else "?"
+    rows = report["rows"]
+    b = rows[0]["batch"] if rows else "?"
+    c = max((r.get("candidates", 0) for r in rows), default=0)
+    route = (f"top-{rows[0].get('k')} of C = {c} candidate senders (O(N C))" if c else
+             f"{rows[0].get('routing', 'dense') if rows else 'dense'} routing (O(N^2))")
     _save_loglog(fig, axes, path, "experts N",
-                 f"badger bench train: batch {b}, torch {report.get('torch')}, {report.get('threads')} thread(s)")
+                 f"badger bench train: batch {b}, {route}, torch {report.get('torch')}, {report.get('threads')} thread(s)")
 
 
 def _save_loglog(fig, axes, path, xlabel: str, title: str):
@@ -278,6 +283,11 @@ def register(sub):
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--routing", default="dense", choices=("dense", "topk"),
+                   help="dense attention (O(N^2)) or top-k (with --candidates C: O(N C), the runtimes' sparse math)")
+    t.add_argument("--k", type=int, default=8, help="top-k: senders kept per receiver")
+    t.add_argument("--candidates", type=int, default=0, help="top-k: senders scored per receiver (0: all N)")
+    t.add_argument("--no-reference", action="store_true", help="skip the 2019 setting's row (and fraction_of_limit)")
     t.add_argument("--plot", default=None, help="write the figure (PNG) here")
     t.add_argument("--from-json", default=None, help="re-plot a saved report instead of running")
     t.add_argument("--json", action="store_true", help="(output is always JSON)")

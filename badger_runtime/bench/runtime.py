@@ -21,7 +21,12 @@ process, one after the other: ``warmup`` untimed steps, then up to ``steps`` tim
   (engine, N) that builds the agent and runs one step, minus the same process's peak after
   imports and policy load (so onnxruntime's arena growth during the step is included);
 - ``max_diff_vs_batched``: the largest difference of its outputs from the batched engine's on
-  the same steps (the engines compute the same rollout).
+  the same steps (the engines compute the same rollout);
+- ``fraction_of_limit``: expert-steps/s over the policy-call limit measured in the same run (the
+  rows/s of the policy alone in onnxruntime calls of 4,096 rows, over the rounds per step);
+  ``cpu_seconds_per_step`` and ``cpu_fraction_of_limit``: the same with this process's CPU time
+  (all its threads) for both, which leaves out the time other processes took on a shared machine
+  (a load-independent measure of the work: 1.0 = no work but the policy calls).
 
 Timing runs in a subprocess per N (``isolate``), with ``OPENBLAS_NUM_THREADS`` etc. set to
 ``blas_threads``: with the machine's 2 cores shared, a multi-threaded BLAS stalls in its thread
@@ -116,18 +121,19 @@ class _Timed:
 
     def __init__(self, engine: str, runtime, deadline: float | None):
         self.engine, self.runtime, self.deadline = engine, runtime, deadline
-        self.steps: list = []  # (seconds, messages, outputs)
+        self.steps: list = []  # (seconds, messages, outputs, process CPU seconds)
 
     def expert_ids(self):
         return self.runtime.expert_ids()
 
     async def step(self, obs, rounds=None):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = self.runtime.step(obs, rounds=rounds)
         if self.engine != "batched":
             out = await out
         outputs, info = out
-        self.steps.append((time.perf_counter() - t0, info.messages or 0, np.asarray(outputs, np.float32)))
+        self.steps.append((time.perf_counter() - t0, info.messages or 0, np.asarray(outputs, np.float32),
+                           time.process_time() - c0))
         return outputs, info
 
     def running(self):
@@ -199,6 +205,11 @@ def _drive(timed: _Timed, episode, spec: RuntimeBench, max_steps: int) -> list:
 def policy_rows_per_s(policy, rows: int, chunk: int = 4096, repeats: int = 3) -> float:
     """The policy-call limit: rows per second of the policy alone over ``rows`` rows, in onnxruntime
     calls of ``chunk`` rows (the best of ``repeats``): what no runtime can beat on this machine."""
+    return policy_rates(policy, rows, chunk, repeats)[0]
+
+
+def policy_rates(policy, rows: int, chunk: int = 4096, repeats: int = 3) -> tuple[float, float]:
+    """``policy_rows_per_s`` by the wall clock and by this process's CPU time (the best of each)."""
     spec = policy.spec
     rng = np.random.default_rng(0)
     c = max(1, min(chunk, rows))
@@ -206,13 +217,13 @@ def policy_rows_per_s(policy, rows: int, chunk: int = 4096, repeats: int = 3) ->
     inbox = rng.standard_normal((c, spec.msg_dim)).astype(np.float32)
     sensed = rng.standard_normal((c, spec.sensed_dim)).astype(np.float32)
     calls = max(1, rows // c)
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(calls):
             policy.step(h, inbox, sensed)
-        best = min(best, time.perf_counter() - t0)
-    return calls * c / best
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+    return calls * c / best, calls * c / max(best_cpu, 1e-9)
 
 
 def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
@@ -223,7 +234,7 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
     policy = load_policy(spec.policy, threads=spec.threads)
     cfg = agent_config(policy, spec, n)
     ep, wiring = _base(policy, spec, n)
-    limit = policy_rows_per_s(policy, n) / spec.rounds  # expert-steps/s the policy calls alone allow
+    limit, limit_cpu = (r / spec.rounds for r in policy_rates(policy, n))  # expert-steps/s the policy calls allow
     rows, ref = [], None
     for engine in sorted(spec.engines, key=ENGINES.index):  # the batched engine first: the reference
         row = {"experts": n, "engine": engine, "routing": cfg.routing.kind, "k": cfg.routing.k,
@@ -238,6 +249,7 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
         res = _drive(runner, ep, spec, spec.warmup + spec.steps)
         timed = res[spec.warmup:] or res[-1:]  # a single (slow) step that used the budget is the measurement
         sec = sum(r[0] for r in timed)
+        cpu = sum(r[3] for r in timed)
         msgs = sum(r[1] for r in timed)
         outs = np.stack([r[2] for r in res])
         if ref is None and engine == "batched":
@@ -245,7 +257,9 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
         row |= {"setup_s": round(setup, 4), "steps_timed": len(timed), "warmup_used": len(res) <= spec.warmup,
                 "seconds_per_step": sec / len(timed), "expert_steps_per_s": n * len(timed) / sec,
                 "messages_per_step": msgs / len(timed), "messages_per_s": msgs / sec,
-                "limit_expert_steps_per_s": limit, "fraction_of_limit": n * len(timed) / sec / limit}
+                "limit_expert_steps_per_s": limit, "fraction_of_limit": n * len(timed) / sec / limit,
+                "cpu_seconds_per_step": cpu / len(timed), "cpu_limit_expert_steps_per_s": limit_cpu,
+                "cpu_fraction_of_limit": n * len(timed) / max(cpu, 1e-9) / limit_cpu, "loadavg": os.getloadavg()[0]}
         if ref is not None and engine != "batched":
             m = min(len(ref), len(outs))
             row["max_diff_vs_batched"] = float(np.abs(ref[:m] - outs[:m]).max())
@@ -452,21 +466,23 @@ def plot_runtime(report: dict, path: str | Path):
 
 
 def markdown_table(report: dict) -> str:
-    head = ("| N | engine | routing | s / step | expert-steps/s | messages/s | peak MiB | KiB / expert | "
-            "max diff vs batched |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| N | engine | routing | s / step | expert-steps/s | % of limit (wall / CPU) | messages/s | peak MiB | "
+            "KiB / expert | max diff vs batched |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in report["rows"]:
         route = r.get("routing", "?") + (f" k={r['k']}" if r.get("routing") == "topk" else "") + (
             f" C={r['candidates']}" if r.get("candidates") else "")
         if "expert_steps_per_s" not in r:
             why = r.get("skipped") or r.get("error", "")
-            lines.append(f"| {r['experts']:,} | {r['engine']} | {route} | - | - | - | - | - | {why} |")
+            lines.append(f"| {r['experts']:,} | {r['engine']} | {route} | - | - | - | - | - | - | {why} |")
             continue
         mem = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
         per = f"{r['kib_per_expert']:.2f}" if r.get("kib_per_expert") is not None else "-"
         diff = f"{r['max_diff_vs_batched']:.1e}" if "max_diff_vs_batched" in r else "-"
+        frac = (f"{100 * r['fraction_of_limit']:.0f}% / {100 * r['cpu_fraction_of_limit']:.0f}%"
+                if "cpu_fraction_of_limit" in r else "-")
         lines.append(f"| {r['experts']:,} | {r['engine']} | {route} | {r['seconds_per_step']:.4g} | "
-                     f"{r['expert_steps_per_s']:,.0f} | {r['messages_per_s']:,.0f} | {mem} | {per} | {diff} |")
+                     f"{r['expert_steps_per_s']:,.0f} | {frac} | {r['messages_per_s']:,.0f} | {mem} | {per} | {diff} |")
     return "\n".join(lines)
 
 

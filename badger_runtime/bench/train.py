@@ -2,13 +2,19 @@
 
 Measures full training steps (rollout + backward + Adam) of the torch model on the
 scalar-feedback guessing game; reports episodes/s and expert-steps/s (episodes x N x T
-per second). Needs the 'train' extra.
+per second), the microseconds per expert-step (wall and this thread's CPU time: the machine is
+shared, and CPU time leaves out the time other processes took), the process's peak RSS so far,
+and how the time grows with N (``growth``: the slope of log seconds against log N). Routing
+is dense attention (the default agent's, O(N^2)) or top-k over C candidate senders
+(``routing="topk", candidates=C``: the deployed runtimes' sparse math, O(N C)). Needs the
+'train' extra.
 
 ``reference`` adds the 2019 code's setting (batch 100, N = 20, 20 inner steps, hidden 64, d = 3,
 scalar feedback, one round) measured against this machine's limit: the model's FLOPs per batch
 (``model_flops``, forward x 3 for forward + backward) at the GFLOP/s a plain one-thread matmul
-reaches in the same run (``matmul_gflops``), so ``fraction_of_limit`` = episodes/s over the
-episodes/s the FLOPs would allow.
+reaches in the same run (``matmul_gflops``, the best of 30), so ``fraction_of_limit`` = episodes/s
+over the episodes/s the FLOPs would allow; ``cpu_fraction_of_limit`` is the same with the batch's
+CPU time in place of its wall time (on a shared machine the wall time counts other processes' turns).
 """
 
 from __future__ import annotations
@@ -53,51 +59,83 @@ def matmul_gflops(threads: int = 1, size: int = 384, repeats: int = 30) -> float
 
 
 def bench_train(experts=(5, 20, 40, 80), steps=(10, 20, 40), batch: int = 64, repeats: int = 5, dims: int = 3,
-                threads: int = 1, seed: int = 0, reference: bool = True) -> dict:
+                threads: int = 1, seed: int = 0, reference: bool = True, routing: str = "dense", k: int = 8,
+                candidates: int = 0) -> dict:
+    import os
+    import resource
+
     import torch
 
-    from ..config import AgentConfig
+    from ..config import AgentConfig, RoutingConfig
     from ..rollout import rollout, sample_wiring
     from ..tasks import default_config, make_task
     from ..training.model import ExpertPolicy, torch_ops
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    cfg = AgentConfig().validate()
+    ref_cfg = AgentConfig().validate()  # the 2019 setting: dense attention
+    cfg = AgentConfig(routing=RoutingConfig(kind=routing, k=k, candidates=candidates)).validate()
     task = make_task(default_config("guessing", feedback="scalar"))
     policy = ExpertPolicy(cfg.policy)
     opt = torch.optim.Adam(policy.parameters(), 1e-4)
     ops = torch_ops()
     rng = np.random.default_rng(seed)
     rows = []
-    sizes = [(batch, n, T, dims) for n in experts for T in steps]
+    sizes = [(batch, n, T, dims, cfg) for n in experts for T in steps]
     if reference:
         r = REFERENCE
-        sizes.append((r["batch"], r["experts"], r["steps"], r["dims"]))
-    for batch, n, T, dims in sizes:
-        times = []
+        sizes.append((r["batch"], r["experts"], r["steps"], r["dims"], ref_cfg))
+    for batch, n, T, dims, acfg in sizes:
+        times, cpu = [], []
         for r in range(repeats + 1):
-            ep = task.sample(rng, batch, dims=dims, experts=n, steps=T, addr_dim=cfg.policy.addr_dim)
-            w = sample_wiring(rng, cfg, batch, n)
-            t0 = time.perf_counter()
-            out = rollout(ops, policy, cfg, ep, w, steps=T)
+            ep = task.sample(rng, batch, dims=dims, experts=n, steps=T, addr_dim=acfg.policy.addr_dim)
+            w = sample_wiring(rng, acfg, batch, n)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            out = rollout(ops, policy, acfg, ep, w, steps=T)
             opt.zero_grad(set_to_none=True)
             out.losses.mean().backward()
             opt.step()
             if r:  # the first is a warm-up
                 times.append(time.perf_counter() - t0)
-        sec = float(np.median(times))
-        flops = model_flops(cfg.policy, batch=batch, experts=n, steps=T, dims=dims, slots=dims + 1)
-        rows.append({"experts": n, "steps": T, "batch": batch, "sec_per_batch": sec,
+                cpu.append(time.thread_time() - c0)
+        sec, cpu_sec = float(np.median(times)), float(np.median(cpu))
+        rc = acfg.routing
+        sparse = rc.kind == "topk" and 0 < rc.candidates < n
+        flops = model_flops(acfg.policy, batch=batch, experts=n, steps=T, dims=dims, slots=dims + 1, dense=not sparse,
+                            candidates=rc.candidates)
+        rows.append({"experts": n, "steps": T, "batch": batch, "routing": rc.kind, "k": rc.k,
+                     "candidates": rc.candidates if sparse else 0, "sec_per_batch": sec, "cpu_sec_per_batch": cpu_sec,
                      "episodes_per_s": batch / sec, "expert_steps_per_s": batch * n * T / sec,
+                     "us_per_expert_step": sec / (batch * n * T) * 1e6,
+                     "cpu_us_per_expert_step": cpu_sec / (batch * n * T) * 1e6,
+                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                      "gflop_per_batch": flops / 1e9, "gflops": flops / sec / 1e9})
     limit = matmul_gflops(threads)
     out = {"bench": "train", "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
-           "processor": platform.processor() or None, "matmul_gflops": limit, "rows": rows}
+           "processor": platform.processor() or None, "matmul_gflops": limit, "loadavg_at_end": os.getloadavg(),
+           "rows": rows, "growth": growth(rows[:-1] if reference else rows)}
     if reference:
         ref = rows[-1] | {"setting": "2019 reference: batch 100, N = 20, 20 steps, hidden 64, d = 3, scalar"}
         ref["limit_episodes_per_s"] = limit * 1e9 / (ref["gflop_per_batch"] * 1e9) * ref["batch"]
         ref["fraction_of_limit"] = ref["episodes_per_s"] / ref["limit_episodes_per_s"]
+        # the same by this thread's CPU time: leaves out what other processes took on a shared machine
+        # (the limit is the best of repeated matmuls: it already leaves that out)
+        ref["cpu_fraction_of_limit"] = ref["batch"] / ref["cpu_sec_per_batch"] / ref["limit_episodes_per_s"]
         out["reference"] = ref
         out["fraction_of_limit"] = ref["fraction_of_limit"]
+        out["cpu_fraction_of_limit"] = ref["cpu_fraction_of_limit"]
+    return out
+
+
+def growth(rows: list[dict]) -> dict:
+    """Per inner-step count T: the least-squares slope of log(seconds per batch) against log(N)
+    (1.0: linear in N, 2.0: quadratic), over the rows' N (at least two)."""
+    out = {}
+    for T in sorted({r["steps"] for r in rows}):
+        rs = [r for r in rows if r["steps"] == T]
+        if len({r["experts"] for r in rs}) < 2:
+            continue
+        x, y = np.log([r["experts"] for r in rs]), np.log([r["sec_per_batch"] for r in rs])
+        out[str(T)] = {"slope": round(float(np.polyfit(x, y, 1)[0]), 2),
+                       "n": [min(r["experts"] for r in rs), max(r["experts"] for r in rs)]}
     return out
