@@ -22,6 +22,7 @@ import torch
 
 from ..config import ConfigError, ExperimentConfig, Stage, TaskConfig, from_dict, to_dict
 from ..engine import Agent
+from .. import episodes
 from ..episodes import Driver, drive
 from ..evaluation import evaluate
 from ..rollout import sample_wiring
@@ -33,14 +34,7 @@ MAX_AGE = 5000  # continued agents (train.continue_prob) are reset past this man
 
 
 def objective_weights(kind: str, steps: int) -> torch.Tensor:
-    if kind == "last":
-        w = torch.zeros(steps)
-        w[-1] = 1.0
-    elif kind == "mean":
-        w = torch.ones(steps)
-    else:  # weighted: later steps count more, every step counts
-        w = torch.arange(1, steps + 1, dtype=torch.float32)
-    return w / w.sum()
+    return torch.from_numpy(episodes.objective_weights(kind, steps))
 
 
 def stage_at(cfg: ExperimentConfig, batch: int) -> Stage | None:
@@ -142,6 +136,38 @@ def load_checkpoint(path: str | Path) -> dict:
     return ck
 
 
+def check_resumable(ck: dict, path, cfg: ExperimentConfig, outer: str, ignore: tuple[str, ...] = ()):
+    """Refuse to resume a checkpoint of another outer loop or another config (settings that older
+    checkpoints lack count as their defaults; ``ignore``: train settings that do not change the
+    run, e.g. ES's worker count)."""
+    if ck.get("outer", "bptt") != outer:
+        raise ConfigError(f"cannot resume {path} with --outer {outer}: it was trained by --outer "
+                          f"{ck.get('outer', 'bptt')}")
+
+    def norm(d):
+        d = to_dict(from_dict(ExperimentConfig, d))
+        for key in ignore:  # "train.es.workers"
+            *path, name = key.split(".")
+            node = d
+            for k in path:
+                node = node[k]
+            node.pop(name, None)
+        return d
+
+    if norm(ck["config"]) != norm(to_dict(cfg)):
+        raise ConfigError(f"cannot resume {path}: it was trained with another config")
+
+
+def progress_bar(name: str, total: int, completed: int):
+    """A rich progress bar (started) and its task id; ``bar.update(tid, completed=, info=)``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    bar.start()
+    return bar, bar.add_task(name, total=total, completed=completed, info="")
+
+
 def policy_from_checkpoint(ck: dict) -> tuple[ExpertPolicy, ExperimentConfig]:
     cfg = from_dict(ExperimentConfig, ck["config"]).validate()
     policy = ExpertPolicy(cfg.agent.policy)
@@ -175,8 +201,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
             raise ConfigError(f"train.init_from: {cfg.train.init_from} does not fit this policy: {e}") from None
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
-        if ck["config"] != to_dict(cfg):
-            raise ConfigError(f"cannot resume {ck_path}: it was trained with another config")
+        check_resumable(ck, ck_path, cfg, "bptt")
         policy.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         rng.bit_generator.state = ck["rng"]
@@ -196,12 +221,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
 
     bar = None
     if progress:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-        bar.start()
-        tid = bar.add_task(cfg.name, total=cfg.train.batches, completed=first_batch, info="")
+        bar, tid = progress_bar(cfg.name, cfg.train.batches, first_batch)
     window, t_last, carry = [], time.perf_counter(), None
     with open(metrics_path, "a") as mf:
         for b in range(first_batch, cfg.train.batches):
