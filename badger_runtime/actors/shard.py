@@ -61,6 +61,20 @@ def cut(index: int, bounds: list[tuple[int, int]], wiring: Wiring, h, heads, vis
                      None if visible is None else visible[:, lo:hi], topo)
 
 
+def needs(bounds: list[tuple[int, int]], topo) -> list[int]:
+    """The shards whose experts some expert of a shard may hear (``topo``: the shard's part of the
+    topology, as in ``ShardPart``)."""
+    starts = np.array([a for a, _ in bounds])
+    if topo is None:
+        need = set(range(len(bounds)))
+    elif isinstance(topo, routing.Neighbors):
+        need = set(np.unique(np.searchsorted(starts, topo.idx, side="right") - 1).tolist())
+    else:
+        heard = topo.any(axis=(0, 1))  # [N]
+        need = {j for j, (a, b) in enumerate(bounds) if heard[a:b].any()}
+    return sorted(need)
+
+
 class ShardCore:
     """One shard: the state of experts [lo, hi) of B episodes and the shard's part of the maths.
 
@@ -92,16 +106,7 @@ class ShardCore:
         self.B, self.N, self.n = B, N, self.hi - self.lo
         self.ids, self.visible, self.topo = part.ids, part.visible, part.topo
         self.tile = max(1, int(tile))
-        # the shards whose experts some expert of mine may hear
-        starts = np.array([a for a, _ in bounds])
-        if self.topo is None:
-            need = set(range(len(bounds)))
-        elif isinstance(self.topo, routing.Neighbors):
-            need = set(np.unique(np.searchsorted(starts, self.topo.idx, side="right") - 1).tolist())
-        else:
-            heard = self.topo.any(axis=(0, 1))  # [N]
-            need = {j for j, (a, b) in enumerate(bounds) if heard[a:b].any()}
-        self.needs = sorted(need)
+        self.needs = needs(bounds, self.topo)
         # [B] messages my experts hear per round (each of my n receivers: N senders, its C listed ones, or its mask row)
         if self.topo is None:
             self.indeg = np.full(B, self.n * N, np.int64)
@@ -191,6 +196,12 @@ class ShardCore:
         if rule == "quorum":
             vote = np.asarray(agreement.votes(OPS, split_heads(self.spec, self.heads)["vote"]), np.float32)
         return change, vote
+
+    def vote_payload(self, change, vote) -> dict[str, np.ndarray]:
+        """What the membrane decides agreement from after a round (``apply``'s results; zeros for
+        what the rule does not use)."""
+        return {"vote": vote if vote is not None else np.zeros((self.B, self.n), np.float32),
+                "change": change if change is not None else np.zeros(self.B, np.float32)}
 
     def push_block(self) -> dict[str, np.ndarray]:
         """My experts' pushes, and the competitive read queries the membrane needs next step."""

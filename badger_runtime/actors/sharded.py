@@ -377,10 +377,8 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
                 h2, hd2 = await self.batcher.step(i, core.h, inbox, core.sensed if r == 0 else None)
                 change, vote = core.apply(h2, hd2, active, rule)
                 if rule != "fixed" and r + 1 < R:
-                    payload = {"vote": vote if vote is not None else np.zeros((self.B, core.n), np.float32),
-                               "change": change if change is not None else np.zeros(self.B, np.float32)}
                     self._mb_send.send_nowait(self._frame(Message("vote", i, (MEMBRANE,), self.episode_index,
-                                                                  t, r, payload)))
+                                                                  t, r, core.vote_payload(change, vote))))
                     d = await self._receive(sh.recv, sh.stash, "vote", t, r)
                     active = np.asarray(d.payload["active"], bool).copy()
                     if not active.any():
