@@ -20,7 +20,7 @@ import pytest
 from badger_runtime.cluster import INSTALL_HINT, have_ray
 from badger_runtime.cluster.es import (CENTER, LocalPool, centered_ranks, es_gradient, evaluate_members, generation,
                                        make_pool, train_es)
-from badger_runtime.cluster.numpy_policy import NumpyPolicy, PopulationPolicy, flatten, n_params
+from badger_runtime.cluster.numpy_policy import NumpyPolicy, PopulationPolicy, flatten, n_params, offsets
 from badger_runtime.config import ConfigError
 from badger_runtime.engine import numpy_ops
 from badger_runtime.episodes import Change
@@ -264,3 +264,44 @@ def test_served_session_on_a_ray_actor_survives_its_actor_being_killed(ray_local
     assert stats["body"]["placement"]["actor_restarts"] == 2
     del managers, hosted
     gc.collect()  # the host actors go with their handles
+
+
+@pytest.mark.parametrize("part", ["hard top-1 routing", "quorum vote"])
+def test_es_trains_what_backprop_cannot_see(part):
+    """Parts that are not differentiable as deployed: with top-1 routing each receiver hears its
+    best-scoring sender with weight exactly 1, and the quorum's stop decision is a threshold on the
+    votes. BPTT's task-loss gradient for the heads that drive them (query and key; the vote) is
+    exactly zero, while moving only those heads changes the loss ES measures in the deploy engine."""
+    import torch
+
+    from badger_runtime.rollout import rollout, sample_wiring
+    from badger_runtime.tasks import make_task
+    from badger_runtime.training.model import ExpertPolicy, torch_ops
+
+    cfg = es_experiment(generations=1)
+    spec = cfg.agent.policy
+    if part == "hard top-1 routing":
+        cfg.agent.routing = dataclasses.replace(cfg.agent.routing, kind="topk", k=1)
+        rows = np.arange(0, 2 * spec.key_dim)  # query, key
+    else:
+        cfg.agent.agreement = dataclasses.replace(cfg.agent.agreement, rule="quorum", rounds=4, quorum=0.5)
+        cfg.train.rounds = (4, 4)
+        rows = np.array([2 * spec.key_dim + spec.msg_dim])  # vote
+    torch.manual_seed(0)
+    policy = ExpertPolicy(spec)
+    rng = np.random.default_rng(0)
+    ep = make_task(cfg.task).sample(rng, 16, dims=2, experts=3, steps=6, addr_dim=spec.addr_dim)
+    out = rollout(torch_ops(), policy, cfg.agent, ep, sample_wiring(rng, cfg.agent, 16, 3), steps=6, rounds=4)
+    out.losses.mean().backward()
+    grad = policy.heads.weight.grad
+    assert float(grad.abs().sum()) > 0 and float(grad[rows].abs().max()) == 0.0  # BPTT: nothing to follow
+    theta = flatten(policy.state_dict())
+    start = offsets(spec)["heads.weight"]  # [heads_dim, H], then heads.bias [heads_dim]
+    moved = theta.copy()
+    flat_rows = (start + rows[:, None] * spec.hidden + np.arange(spec.hidden)[None]).ravel()
+    moved[flat_rows] += 1.0 * np.random.default_rng(1).standard_normal(flat_rows.size).astype(np.float32)
+    if part == "quorum vote":  # and the vote's bias: every expert votes 'done' at once
+        moved[offsets(spec)["heads.bias"] + rows] += 10.0
+    job = generation(cfg, 0)
+    a, b = evaluate_members(job, theta, [CENTER])[0, 0], evaluate_members(job, moved, [CENTER])[0, 0]
+    assert abs(a - b) > 1e-3, (a, b)  # ES: the deployed loss moves

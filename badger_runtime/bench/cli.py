@@ -272,8 +272,46 @@ def _add_serve(bsub):
     s.set_defaults(fn=cmd_bench_serve)
 
 
+# ---- bench es ---------------------------------------------------------------------------------------
+
+def cmd_bench_es(args):
+    from ..config import load_experiment
+    from .es import bench_es, horizon_memory
+
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = {}
+    if not args.memory_only:
+        cfg = load_experiment(args.config, args.set)
+        report = bench_es(cfg, workers=_ints(args.workers), generations=args.generations, warmup=args.warmup,
+                          ray_address=args.ray, log=log)
+    if args.horizons:
+        report["horizon_memory"] = horizon_memory(args.config, args.set, horizons=_ints(args.horizons), log=log)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps(report))
+
+
+def _add_es(bsub):
+    e = bsub.add_parser("es", help="evolution strategies: generations/s against Ray workers; ES and BPTT memory "
+                                   "against the horizon")
+    e.add_argument("config", nargs="?", default=None, help="TOML config (the [train.es] settings; see configs/)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--workers", default="0,1,2", help="comma-separated worker counts (0: this process)")
+    e.add_argument("--generations", type=int, default=5, help="timed generations per worker count")
+    e.add_argument("--warmup", type=int, default=1)
+    e.add_argument("--ray", default=None, metavar="ADDRESS", help="join this Ray cluster (default: a local one)")
+    e.add_argument("--horizons", default="", help="also: peak memory of one ES generation and one BPTT batch at "
+                                                  "these episode lengths (comma-separated)")
+    e.add_argument("--memory-only", action="store_true", help="only the --horizons memory rows")
+    e.add_argument("--out", default=None)
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--json", action="store_true", help="(output is always JSON)")
+    e.set_defaults(fn=cmd_bench_es)
+
+
 def register(sub):
-    b = sub.add_parser("bench", help="benchmarks: train, runtime, serve")
+    b = sub.add_parser("bench", help="benchmarks: train, runtime, serve, es")
     bsub = b.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("train", help="training samples/s vs number of experts and inner steps (needs torch)")
     t.add_argument("--experts", default="5,20,40,80", help="comma-separated N values")
@@ -288,4 +326,5 @@ def register(sub):
     t.set_defaults(fn=cmd_bench_train)
     _add_runtime(bsub)
     _add_serve(bsub)
+    _add_es(bsub)
     return bsub

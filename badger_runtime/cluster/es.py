@@ -241,6 +241,18 @@ def make_pool(workers: int, address: str | None = None, log=print):
 
 # ---- the trainer ----------------------------------------------------------------------------------------
 
+def step_generation(pool, cfg: ExperimentConfig, gen: int, theta: np.ndarray, adam: Adam):
+    """One generation: score the centre and the population (``pool``), step Adam on the rank-shaped ES
+    gradient. Returns (new theta, the generation, scores [1 + P, 2] (centre first), the gradient)."""
+    es = cfg.train.es
+    job = generation(cfg, gen)
+    scores = pool.evaluate(job, theta, [CENTER, *range(es.population)])
+    grad = es_gradient(-scores[1:, 0], es.sigma, cfg.train.seed, gen, theta.size)  # fitness = -loss
+    if es.weight_decay:
+        grad = grad - es.weight_decay * theta
+    return adam.step(theta, -grad), job, scores, grad  # descend the loss = ascend the fitness
+
+
 def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
              final_eval: bool = True, log=print, workers: int | None = None, ray_address: str | None = None) -> dict:
     """Train by evolution strategies; writes ``out_dir/{checkpoint.pt, metrics.jsonl, config.json,
@@ -288,18 +300,11 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     log(f"ES: {dim:,} parameters, population {es.population}, sigma {es.sigma}, lr {es.lr}; scored in {pool.where}")
     bar = progress_bar(cfg.name, tr.batches, first) if progress else None
     window, t_last = [], time.perf_counter()
-    members = [CENTER, *range(es.population)]
     try:
         with open(metrics_path, "a") as mf:
             for g in range(first, tr.batches):
                 t0 = time.perf_counter()
-                job = generation(cfg, g)
-                scores = pool.evaluate(job, theta, members)  # [1 + P, 2]
-                fitness = -scores[1:, 0]
-                grad = es_gradient(fitness, es.sigma, tr.seed, g, dim)
-                if es.weight_decay:
-                    grad = grad - es.weight_decay * theta
-                theta = adam.step(theta, -grad)  # ascend the fitness
+                theta, job, scores, grad = step_generation(pool, cfg, g, theta, adam)
                 wall += time.perf_counter() - t0
                 window.append((scores[0, 0], scores[0, 1], float(np.mean(scores[1:, 0])),
                                float(np.min(scores[1:, 0])), float(np.linalg.norm(grad)), job.steps, job.episodes))
@@ -354,4 +359,4 @@ def final_evaluation(cfg: ExperimentConfig, theta: np.ndarray) -> dict:
 
 __all__ = ["Adam", "CENTER", "ESWorker", "Generation", "LocalPool", "RayPool", "centered_ranks", "es_gradient",
            "evaluate_members", "final_evaluation", "generation", "layout", "make_pool", "member_theta", "noise",
-           "train_es"]
+           "step_generation", "train_es"]

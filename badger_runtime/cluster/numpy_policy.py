@@ -29,6 +29,15 @@ def layout(spec: PolicySpec) -> list[tuple[str, tuple[int, ...]]]:
             ("heads.bias", (hd,))]
 
 
+def offsets(spec: PolicySpec) -> dict[str, int]:
+    """Where each named parameter starts in the flat vector."""
+    out, i = {}, 0
+    for name, shape in layout(spec):
+        out[name] = i
+        i += int(np.prod(shape))
+    return out
+
+
 def n_params(spec: PolicySpec) -> int:
     return sum(int(np.prod(s)) for _, s in layout(spec))
 
@@ -134,4 +143,4 @@ class PopulationPolicy:
         return h2.reshape(M, -1), heads.reshape(M, -1)
 
 
-__all__ = ["NumpyPolicy", "PopulationPolicy", "flatten", "gru_heads", "layout", "n_params", "unflatten"]
+__all__ = ["NumpyPolicy", "PopulationPolicy", "flatten", "gru_heads", "layout", "n_params", "offsets", "unflatten"]
