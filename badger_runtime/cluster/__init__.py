@@ -83,4 +83,14 @@ def disconnect():
     _started_here = False
 
 
-__all__ = ["INSTALL_HINT", "connect", "disconnect", "have_ray", "require_ray", "runtime_env"]
+_LAZY = {"RayShardedAgent": "ray_shards", "RayPlacement": "sessions", "train_es": "es", "NumpyPolicy": "numpy_policy"}
+
+
+def __getattr__(name):  # the main classes, imported when first asked for
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["INSTALL_HINT", "NumpyPolicy", "RayPlacement", "RayShardedAgent", "connect", "disconnect", "have_ray",
+           "require_ray", "runtime_env", "train_es"]
