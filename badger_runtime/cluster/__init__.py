@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 INSTALL_HINT = "pip install 'badger-runtime[cluster]'"
-_started_here = False
 
 
 def have_ray() -> bool:
@@ -55,7 +54,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, object_s
     """Ray, initialised: an existing cluster at ``address`` (``auto``: the one ``ray start`` made on
     this machine), else a local instance (``num_cpus``, ``object_store_memory`` in bytes: its
     bounds). Reuses a connection this process already has. Returns the ``ray`` module."""
-    global _started_here
     ray = require_ray()
     if ray.is_initialized():
         return ray
@@ -64,7 +62,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, object_s
         ray.init(address=address, **kw)
     else:
         ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False, **kw)
-        _started_here = True
     if log is not None:
         res = ray.cluster_resources()
         log(f"ray: {'joined ' + address if address else 'started a local instance'}: "
@@ -73,14 +70,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, object_s
 
 
 def disconnect():
-    """Leave Ray (stopping the local instance if ``connect`` started it)."""
-    global _started_here
+    """Leave Ray (a local instance ``connect`` started stops with it)."""
     if have_ray():
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
-    _started_here = False
 
 
 _LAZY = {"RayShardedAgent": "ray_shards", "RayPlacement": "sessions", "train_es": "es", "NumpyPolicy": "numpy_policy"}

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..config import AgentConfig, ExperimentConfig, TaskConfig, to_dict
 from ..episodes import Change, Driver, drive, episode_rngs, objective_weights, sample_batches
-from .numpy_policy import NumpyPolicy, PopulationPolicy, flatten, layout, n_params, unflatten
+from .numpy_policy import NumpyPolicy, PopulationPolicy, flatten, n_params, unflatten
 
 CENTER = -1  # the member index of the unperturbed parameters
 
@@ -127,7 +127,7 @@ class Generation:
 def generation(cfg: ExperimentConfig, gen: int) -> Generation:
     """Generation ``gen``'s draws: a pure function of (config, train.seed, gen), so a resumed run and
     any number of workers score the same candidates on the same episodes."""
-    from ..training.train import task_at
+    from ..curriculum import task_at
 
     tr, es = cfg.train, cfg.train.es
     task, _ = task_at(cfg, gen)
@@ -358,5 +358,5 @@ def final_evaluation(cfg: ExperimentConfig, theta: np.ndarray) -> dict:
 
 
 __all__ = ["Adam", "CENTER", "ESWorker", "Generation", "LocalPool", "RayPool", "centered_ranks", "es_gradient",
-           "evaluate_members", "final_evaluation", "generation", "layout", "make_pool", "member_theta", "noise",
+           "evaluate_members", "final_evaluation", "generation", "make_pool", "member_theta", "noise",
            "step_generation", "train_es"]

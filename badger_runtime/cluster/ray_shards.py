@@ -162,17 +162,18 @@ class RayShardedAgent(ShardedMembrane):
         self._policy_chunk, self._threads = policy_chunk, threads
         self._source = ray.put(policy_source(policy))
         self._actor_options = actor_options or {}
+        self._actor_class = None
         self.actors: list = []
         self.counters = {"blocks": 0, "delivered": 0, "rounds": 0}
         self._partition(wiring, state if state is not None else initial_state(OPS, policy, wiring))
 
     # -- the shards -----------------------------------------------------------------
     def _new_actor(self):
-        ray = self.ray
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        opts = {"num_cpus": min(1.0, cpus / max(1, self.S)), "scheduling_strategy": "SPREAD"} | self._actor_options
-        cls = ray.remote(**opts)(ShardActor)
-        return cls.remote(self._source, self.cfg, self._tile, self._policy_chunk, self._threads)
+        if self._actor_class is None:  # one CPU per shard, or a share of them if there are more shards than CPUs
+            cpus = float(self.ray.cluster_resources().get("CPU", 1.0))
+            opts = {"num_cpus": min(1.0, cpus / max(1, self.S)), "scheduling_strategy": "SPREAD"}
+            self._actor_class = self.ray.remote(**(opts | self._actor_options))(ShardActor)
+        return self._actor_class.remote(self._source, self.cfg, self._tile, self._policy_chunk, self._threads)
 
     def _build_shards(self, wiring: Wiring, st: AgentState):
         ray = self.ray

@@ -14,15 +14,15 @@ import math
 import os
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import ConfigError, ExperimentConfig, Stage, TaskConfig, from_dict, to_dict
-from ..engine import Agent
 from .. import episodes
+from ..config import ConfigError, ExperimentConfig, from_dict, to_dict
+from ..curriculum import stage_at, stage_settings, task_at  # noqa: F401  (also the ES trainer's)
+from ..engine import Agent
 from ..episodes import Driver, drive
 from ..evaluation import evaluate
 from ..rollout import sample_wiring
@@ -35,35 +35,6 @@ MAX_AGE = 5000  # continued agents (train.continue_prob) are reset past this man
 
 def objective_weights(kind: str, steps: int) -> torch.Tensor:
     return torch.from_numpy(episodes.objective_weights(kind, steps))
-
-
-def stage_at(cfg: ExperimentConfig, batch: int) -> Stage | None:
-    for s in cfg.train.stages:
-        if batch < s.until:
-            return s
-    return None
-
-
-def task_at(cfg: ExperimentConfig, batch: int) -> tuple[TaskConfig, Stage | None]:
-    s = stage_at(cfg, batch)
-    task = cfg.task
-    if s is not None:
-        task = replace(task, dims=s.dims or task.dims, experts=s.experts or task.experts,
-                       addresses=s.addresses or task.addresses, **stage_settings(task, s))
-        if task.addresses == "fixed" and s.change_every:
-            task = replace(task, address_seed=cfg.task.address_seed + 1000 + batch // s.change_every)
-    return task, s
-
-
-def stage_settings(task: TaskConfig, stage: Stage) -> dict:
-    """A stage's other task settings, checked against the task's settings class."""
-    from ..config import _coerce, _hints
-
-    hints = _hints(type(task))
-    unknown = set(stage.settings) - set(hints) | ({"name"} & set(stage.settings))
-    if unknown:
-        raise ConfigError(f"train.stages: task {task.name!r} has no settings {sorted(unknown)}")
-    return {k: _coerce(hints[k], v, f"train.stages.settings.{k}") for k, v in stage.settings.items()}
 
 
 def lr_at(cfg: ExperimentConfig, batch: int) -> float:
