@@ -213,7 +213,7 @@ class TrainConfig:
     vote_weight: float = 0.0  # weight of the 'done'-vote loss: a vote predicts that the expert's message has settled
     horizon: tuple[int, int] = (0, 0)  # episode length drawn per batch from [lo, hi] (0 = task.steps)
     tbptt: int = 0  # back-propagate through at most this many inner steps (0 = the whole episode)
-    init_from: str = ""  # start from this checkpoint's weights (fine-tuning)
+    init_from: str = ""  # start from these weights (fine-tuning): a checkpoint (.pt) or a policy (name or .onnx)
     continue_prob: float = 0.0  # chance that a batch continues the last batch's agents (never reset)
     grow_prob: float = 0.0  # chance that a batch adds 1..N experts (fresh or cloned) at a random inner step
     stages: list[Stage] = field(default_factory=list)

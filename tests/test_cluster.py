@@ -305,3 +305,21 @@ def test_es_trains_what_backprop_cannot_see(part):
     job = generation(cfg, 0)
     a, b = evaluate_members(job, theta, [CENTER])[0, 0], evaluate_members(job, moved, [CENTER])[0, 0]
     assert abs(a - b) > 1e-3, (a, b)  # ES: the deployed loss moves
+
+
+def test_init_from_a_checkpoint_or_a_policy(tiny_run, tiny_policy):
+    """train.init_from takes a checkpoint or an exported policy (its graph's weights and its card's
+    initial state): both give the trained weights (how ES fine-tunes a shipped BPTT policy)."""
+    import torch
+
+    from badger_runtime.training.model import ExpertPolicy
+    from badger_runtime.training.train import load_checkpoint, load_initial_weights, policy_from_checkpoint
+
+    ref, cfg = policy_from_checkpoint(load_checkpoint(tiny_run[0] / "checkpoint.pt"))
+    for source in (str(tiny_run[0] / "checkpoint.pt"), str(tiny_policy)):
+        policy = ExpertPolicy(cfg.agent.policy)
+        load_initial_weights(policy, source)
+        for (k, a), b in zip(policy.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(a, b), (source, k)
+    with pytest.raises(ConfigError, match="does not fit"):
+        load_initial_weights(ExpertPolicy(dataclasses.replace(cfg.agent.policy, hidden=8)), str(tiny_policy))

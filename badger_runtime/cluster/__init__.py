@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 INSTALL_HINT = "pip install 'badger-runtime[cluster]'"
@@ -25,6 +26,8 @@ INSTALL_HINT = "pip install 'badger-runtime[cluster]'"
 
 def have_ray() -> bool:
     """Is Ray installed (without importing it)?"""
+    if "ray" in sys.modules:  # imported already, or blocked (None)
+        return sys.modules["ray"] is not None
     return importlib.util.find_spec("ray") is not None
 
 

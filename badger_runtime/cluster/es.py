@@ -262,7 +262,7 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
 
     from ..training.model import ExpertPolicy
     from ..training.train import (CHECKPOINT_FORMAT, _atomic_save, check_resumable, load_checkpoint,
-                                  policy_from_checkpoint, progress_bar)
+                                  load_initial_weights, progress_bar)
 
     if workers is not None:
         cfg.train.es.workers = int(workers)
@@ -274,8 +274,7 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     torch.manual_seed(tr.seed)
     policy = ExpertPolicy(spec)  # the BPTT trainer's initialisation, same seed
     if tr.init_from:
-        src, _ = policy_from_checkpoint(load_checkpoint(tr.init_from))
-        policy.load_state_dict(src.state_dict())
+        load_initial_weights(policy, tr.init_from)
     theta = flatten(policy.state_dict())
     dim = n_params(spec)
     adam = Adam(dim, es.lr)

@@ -107,6 +107,28 @@ def load_checkpoint(path: str | Path) -> dict:
     return ck
 
 
+def load_initial_weights(policy: ExpertPolicy, init_from: str):
+    """Start ``policy`` from the weights ``train.init_from`` names: a checkpoint (``.pt``, either
+    outer loop's), or a policy (a shipped policy's name or ``NAME.onnx``: its graph's initializers,
+    named as the torch ``state_dict``, and its card's initial state)."""
+    if str(init_from).endswith(".pt"):
+        weights = policy_from_checkpoint(load_checkpoint(init_from))[0].state_dict()
+    else:
+        import onnx
+        from onnx import numpy_helper
+
+        from ..policy_card import load_policy
+
+        pol = load_policy(init_from)
+        weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+                   for i in onnx.load(str(pol.path)).graph.initializer}
+        weights["h0"] = torch.from_numpy(np.array(pol.h0))
+    try:
+        policy.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ConfigError(f"train.init_from: {init_from} does not fit this policy: {e}") from None
+
+
 def check_resumable(ck: dict, path, cfg: ExperimentConfig, outer: str, ignore: tuple[str, ...] = ()):
     """Refuse to resume a checkpoint of another outer loop or another config (settings that older
     checkpoints lack count as their defaults; ``ignore``: train settings that do not change the
@@ -165,11 +187,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.train.lr)
     first_batch, wall = 0, 0.0
     if cfg.train.init_from:
-        src_policy, _ = policy_from_checkpoint(load_checkpoint(cfg.train.init_from))
-        try:
-            policy.load_state_dict(src_policy.state_dict())
-        except RuntimeError as e:
-            raise ConfigError(f"train.init_from: {cfg.train.init_from} does not fit this policy: {e}") from None
+        load_initial_weights(policy, cfg.train.init_from)
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
         check_resumable(ck, ck_path, cfg, "bptt")
