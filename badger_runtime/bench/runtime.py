@@ -126,6 +126,8 @@ class _Timed:
     def __init__(self, engine: str, runtime, deadline: float | None):
         self.engine, self.runtime, self.deadline = engine, runtime, deadline
         self.steps: list = []  # (seconds, messages, outputs)
+        self.busy: list = []  # ray: the busiest shard actor's compute seconds, per step
+        self._busy0: list = []
 
     def expert_ids(self):
         return self.runtime.expert_ids()
@@ -137,6 +139,11 @@ class _Timed:
             out = await out
         outputs, info = out
         self.steps.append((time.perf_counter() - t0, info.messages or 0, np.asarray(outputs, np.float32)))
+        if self.engine == "ray":  # the shards' compute in this step (outside the timed part)
+            busy = self.runtime.busy()
+            step = [b - a for a, b in zip(self._busy0, busy)] if self._busy0 else busy
+            self.busy.append((max(step), sum(step)))
+            self._busy0 = busy
         return outputs, info
 
     def running(self):
@@ -156,7 +163,20 @@ class _Timed:
                     "shard_messages": a.counters.frames, "block_bytes": a.counters.block_bytes}
         if self.engine == "ray":
             nodes = sorted({m["node"] for m in a.memory()})
-            return {"shards": a.shards, "nodes": len(nodes), "shard_blocks": a.counters["blocks"]}
+            return {"shards": a.shards, "nodes": len(nodes), "shard_blocks": a.counters["blocks"],
+                    "ray_ping_ms": round(a.ping_ms(), 3)}
+
+    def ray_overhead(self, timed: slice, rounds: int) -> dict:
+        """ray: of each timed step, the shards' compute, and the rest per round: what moving the blocks
+        through Ray, scheduling the calls, waiting and the membrane's side cost."""
+        wall = np.array([r[0] for r in self.steps[timed]])
+        busy = np.array(self.busy[timed])  # [steps, (max, sum)]
+        return {"shard_compute_s_per_step": float(busy[:, 0].mean()), "shard_compute_sum_s_per_step":
+                float(busy[:, 1].mean()),
+                # the rest of each step per round: at most wall - the busiest shard (shards in parallel), at
+                # least wall - all shards' compute (shards one after the other, as on cores shared with others)
+                "ray_overhead_s_per_round": float((wall - busy[:, 0]).mean() / rounds),
+                "ray_overhead_min_s_per_round": float(np.maximum(wall - busy[:, 1], 0).mean() / rounds)}
         if self.engine == "actors":
             c = a.counters
             return {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "policy_calls": a.batcher.calls}
@@ -247,6 +267,9 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
             m = min(len(ref), len(outs))
             row["max_diff_vs_batched"] = float(np.abs(ref[:m] - outs[:m]).max())
         row |= runner.extra()
+        if engine == "ray":
+            row |= runner.ray_overhead(slice(spec.warmup, None) if len(res) > spec.warmup else slice(-1, None),
+                                       spec.rounds)
         rows.append(row)
         if engine == "ray":
             runner.runtime.close()
@@ -419,7 +442,9 @@ def targets(rows: list[dict]) -> dict:
             sh = by[(n, "sharded")]["seconds_per_step"]
             over[str(n)] = {"ray_s_per_round": round(r["seconds_per_step"] / rounds, 5),
                             "sharded_s_per_round": round(sh / rounds, 5),
-                            "overhead_s_per_round": round((r["seconds_per_step"] - sh) / rounds, 5)}
+                            "difference_s_per_round": round((r["seconds_per_step"] - sh) / rounds, 5),
+                            "ray_overhead_s_per_round": [r.get("ray_overhead_min_s_per_round"),
+                                                         r.get("ray_overhead_s_per_round")]}
     if over:
         out["ray_round_overhead"] = over
     if (100_000, "sharded") in by:

@@ -25,6 +25,7 @@ does: ``cluster.sessions``).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -74,6 +75,7 @@ class ShardActor:
         self.policy = _open(source, threads)
         self.cfg, self.tile, self.chunk = cfg, tile, policy_chunk
         self.core: ShardCore | None = None
+        self.busy = 0.0  # seconds spent computing (sense, rounds, push): the rest of a step is transport
         self.baseline_kib = _rss_kib()[1]  # after imports and the policy: what the experts add is above it
 
     def load(self, part) -> int:
@@ -85,8 +87,11 @@ class ShardActor:
 
     def observe(self, payload: dict) -> dict:
         """Sense the observation; returns the block of the first round."""
+        t0 = time.perf_counter()
         self.core.sense(payload["slot_addr"], payload["slot_val"], payload.get("competed"))
-        return self._block()
+        out = self._block()
+        self.busy += time.perf_counter() - t0
+        return out
 
     def _block(self) -> dict:
         b = self.core.block()
@@ -95,6 +100,7 @@ class ShardActor:
     def round(self, r: int, active: np.ndarray, *blocks) -> tuple[dict, dict]:
         """One communication round: the blocks heard (mine added here), the inboxes, the policy on my
         rows, the update of the episodes still ``active``. Returns (my next block, my vote payload)."""
+        t0 = time.perf_counter()
         core = self.core
         if core.index in core.needs:
             own = core.block()
@@ -103,7 +109,9 @@ class ShardActor:
             core.take_block(int(b["lo"]), b["key"], b["value"])
         h2, hd2 = self._policy(core.h, core.inbox(), core.sensed)
         change, vote = core.apply(h2, hd2, np.asarray(active, bool), self.cfg.agreement.rule)
-        return self._block(), core.vote_payload(change, vote)
+        out = self._block(), core.vote_payload(change, vote)
+        self.busy += time.perf_counter() - t0
+        return out
 
     def _policy(self, h, inbox, sensed):
         B, n = h.shape[:2]
@@ -118,7 +126,16 @@ class ShardActor:
     def push(self, last_block=None) -> dict:
         """My experts' pushes (``last_block``: my last round's output, passed so that an error in that
         round reaches the membrane here instead of being dropped with the unused block)."""
-        return {**self.core.push_block(), "lo": self.core.lo}
+        t0 = time.perf_counter()
+        out = {**self.core.push_block(), "lo": self.core.lo}
+        self.busy += time.perf_counter() - t0
+        return out
+
+    def busy_seconds(self) -> float:
+        return self.busy
+
+    def ping(self) -> None:
+        return None
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         return self.core.h, self.core.heads
@@ -194,6 +211,20 @@ class RayShardedAgent(ShardedMembrane):
         """The experts' state gathered from the shard actors (tests, growing)."""
         parts = self.ray.get([a.state.remote() for a in self.actors])
         return AgentState(np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1))
+
+    def busy(self) -> list[float]:
+        """Seconds each shard actor has spent computing so far (the rest of the wall time is
+        transport, scheduling and waiting for the other shards' blocks)."""
+        return self.ray.get([a.busy_seconds.remote() for a in self.actors])
+
+    def ping_ms(self, calls: int = 20) -> float:
+        """The median round trip of an empty call to a shard actor (Ray's floor per call), ms."""
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            self.ray.get(self.actors[0].ping.remote())
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times) * 1e3)
 
     def memory(self) -> list[dict]:
         """Each shard actor's node and memory (``ShardActor.memory``)."""
