@@ -323,3 +323,19 @@ def test_init_from_a_checkpoint_or_a_policy(tiny_run, tiny_policy):
             assert torch.equal(a, b), (source, k)
     with pytest.raises(ConfigError, match="does not fit"):
         load_initial_weights(ExpertPolicy(dataclasses.replace(cfg.agent.policy, hidden=8)), str(tiny_policy))
+
+
+@needs_ray
+def test_bench_runtime_has_ray_rows(ray_local):
+    """`badger bench runtime --engines batched,ray`: rows with "engine": "ray" and the other engines'
+    fields, the batched engine's outputs, and the Ray overhead per round."""
+    from badger_runtime.bench.runtime import RuntimeBench, time_engines
+
+    spec = RuntimeBench(experts=[12], engines=["batched", "ray"], steps=2, warmup=0, memory=False, isolate=False,
+                        shards=2)
+    rows = {r["engine"]: r for r in time_engines(spec, 12)}
+    ray_row = rows["ray"]
+    for key in ("seconds_per_step", "expert_steps_per_s", "messages_per_s", "max_diff_vs_batched", "shards"):
+        assert key in ray_row, key
+    assert ray_row["max_diff_vs_batched"] <= 1e-5 and ray_row["shards"] == 2
+    assert ray_row["ray_overhead_s_per_round"] >= ray_row["ray_overhead_min_s_per_round"] >= 0

@@ -165,6 +165,10 @@ class _Timed:
             nodes = sorted({m["node"] for m in a.memory()})
             return {"shards": a.shards, "nodes": len(nodes), "shard_blocks": a.counters["blocks"],
                     "ray_ping_ms": round(a.ping_ms(), 3)}
+        if self.engine == "actors":
+            c = a.counters
+            return {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "policy_calls": a.batcher.calls}
+        return {}
 
     def ray_overhead(self, timed: slice, rounds: int) -> dict:
         """ray: of each timed step, the shards' compute, and the rest per round: what moving the blocks
@@ -177,10 +181,6 @@ class _Timed:
                 # least wall - all shards' compute (shards one after the other, as on cores shared with others)
                 "ray_overhead_s_per_round": float((wall - busy[:, 0]).mean() / rounds),
                 "ray_overhead_min_s_per_round": float(np.maximum(wall - busy[:, 1], 0).mean() / rounds)}
-        if self.engine == "actors":
-            c = a.counters
-            return {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "policy_calls": a.batcher.calls}
-        return {}
 
 
 def _base(policy, spec: RuntimeBench, n: int):
