@@ -172,6 +172,35 @@ class Stage:
 
 
 @dataclass
+class ESConfig:
+    """Evolution strategies, the second outer loop (``badger train --outer es``; ``cluster/es.py``).
+
+    Each generation scores ``population`` antithetic perturbations (theta +- sigma eps) of the flat
+    parameter vector on the same seeded episodes (``episodes`` each, default ``train.batch_size``),
+    in the torch-free deploy engine; centered ranks of their losses give the ES gradient, and Adam
+    (``lr``) steps on it. ``train.batches`` counts generations; ``train.seed``, ``objective``,
+    ``horizon``, ``rounds``, ``stages``, ``grow_prob``, ``init_from`` and the logging settings mean
+    what they mean for BPTT; ``tbptt``, ``continue_prob``, ``clip``, ``vote_weight`` and ``lr`` are
+    BPTT's only (ES scores whole episodes as deployed)."""
+
+    population: int = 32  # perturbed candidates per generation (antithetic pairs: even)
+    sigma: float = 0.02  # std of each parameter's perturbation
+    lr: float = 0.01  # Adam's step on the ES gradient
+    weight_decay: float = 0.0  # L2 pull of the parameters towards 0 (added to the ES gradient)
+    episodes: int = 0  # episodes each candidate is scored on per generation (0: train.batch_size)
+    workers: int = 0  # Ray workers that score the population (0: this process; `--workers W`)
+
+    def validate(self):
+        if self.population < 2 or self.population % 2:
+            raise ConfigError(f"train.es.population must be even and >= 2 (antithetic pairs), got {self.population}")
+        if self.sigma <= 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("train.es.sigma and train.es.lr must be > 0, train.es.weight_decay >= 0")
+        if self.episodes < 0 or self.workers < 0:
+            raise ConfigError("train.es.episodes and train.es.workers must be >= 0")
+        return self
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     batches: int = 2000
@@ -184,10 +213,11 @@ class TrainConfig:
     vote_weight: float = 0.0  # weight of the 'done'-vote loss: a vote predicts that the expert's message has settled
     horizon: tuple[int, int] = (0, 0)  # episode length drawn per batch from [lo, hi] (0 = task.steps)
     tbptt: int = 0  # back-propagate through at most this many inner steps (0 = the whole episode)
-    init_from: str = ""  # start from this checkpoint's weights (fine-tuning)
+    init_from: str = ""  # start from these weights (fine-tuning): a checkpoint (.pt) or a policy (name or .onnx)
     continue_prob: float = 0.0  # chance that a batch continues the last batch's agents (never reset)
     grow_prob: float = 0.0  # chance that a batch adds 1..N experts (fresh or cloned) at a random inner step
     stages: list[Stage] = field(default_factory=list)
+    es: ESConfig = field(default_factory=ESConfig)  # `badger train --outer es` (evolution strategies)
     threads: int = 1
     log_every: int = 50
     ckpt_every: int = 500
@@ -212,6 +242,7 @@ class TrainConfig:
             raise ConfigError("train.continue_prob must be in [0, 1)")
         if not 0 <= self.grow_prob <= 1:
             raise ConfigError("train.grow_prob must be in [0, 1]")
+        self.es.validate()
         return self
 
 

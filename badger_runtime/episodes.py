@@ -51,6 +51,20 @@ def sample_batches(task, agent: AgentConfig, *, dims: int, experts: int, episode
         done += b
 
 
+def objective_weights(kind: str, steps: int) -> np.ndarray:
+    """How the training objective weighs the loss of each of ``steps`` inner steps (sums to 1):
+    ``last`` (the last step only), ``mean``, ``weighted`` (later steps count more, every step counts).
+    Both outer loops use it (BPTT: ``training.train``; ES: ``cluster.es``)."""
+    if kind == "last":
+        w = np.zeros(steps, np.float32)
+        w[-1] = 1.0
+    elif kind == "mean":
+        w = np.ones(steps, np.float32)
+    else:
+        w = np.arange(1, steps + 1, dtype=np.float32)
+    return w / w.sum()
+
+
 # ---- membership changes ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -204,5 +218,5 @@ async def adrive(runtime, driver: Driver) -> Trajectory:
     return driver.result()
 
 
-__all__ = ["CHUNK", "Change", "Driver", "Trajectory", "adrive", "drive", "episode_rngs", "sample_batches",
-           "schedule"]
+__all__ = ["CHUNK", "Change", "Driver", "Trajectory", "adrive", "drive", "episode_rngs", "objective_weights",
+           "sample_batches", "schedule"]

@@ -2,8 +2,9 @@
 
 ``run_episodes`` draws the seeded batches (``episodes.sample_batches``) and drives each
 through a runtime: ``engine`` (``engine.Agent``: numpy + onnxruntime, or torch ops for a
-checkpoint), ``sharded`` (``actors.ShardedAgent``, one per batch) or ``actors``
-(``actors.ActorAgent``, one per episode). ``evaluate`` turns the result into the JSON report of
+checkpoint), ``sharded`` (``actors.ShardedAgent``, one per batch), ``actors``
+(``actors.ActorAgent``, one per episode) or ``ray`` (``cluster.RayShardedAgent``, one per batch,
+its shards Ray actors). ``evaluate`` turns the result into the JSON report of
 ``badger eval`` / ``badger run``: the runtime-independent keys here, the task's own keys
 (its metrics by step and its baselines on the same episodes) from ``Task.report``.
 """
@@ -19,7 +20,7 @@ import numpy as np
 from .config import AgentConfig, ConfigError, TaskConfig
 from .episodes import CHUNK, Change, Driver, drive, episode_rngs, sample_batches
 
-RUNTIMES = ("engine", "sharded", "actors")
+RUNTIMES = ("engine", "sharded", "actors", "ray")
 MEMORY_BUDGET = 2**26  # float32 entries the largest temporaries of one batch may take (~256 MiB each)
 
 
@@ -79,6 +80,8 @@ def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int
         run_batch = _engine_batch
     elif runtime == "sharded":
         from .actors.episodes import sharded_batch as run_batch
+    elif runtime == "ray":
+        from .cluster.ray_shards import ray_batch as run_batch
     else:
         from .actors.episodes import actor_batch as run_batch
     steps = steps or task.steps

@@ -31,6 +31,50 @@ class ShardCounters:
         return dict(self.__dict__)
 
 
+@dataclass
+class ShardPart:
+    """What shard ``index`` owns, cut from a whole agent's arrays: its experts' rows."""
+
+    index: int
+    bounds: list  # every shard's [lo, hi)
+    batch: int
+    experts: int  # N, all shards together
+    h: np.ndarray  # [B, n, H] (owned copies)
+    heads: np.ndarray  # [B, n, heads_dim]
+    ids: np.ndarray | None  # [B, n, id_dim]
+    visible: np.ndarray | None  # [1 or B, n, J] or None (all)
+    topo: object  # routing.Neighbors [B, n, C] | bool mask [B, n, N] | None (everyone hears everyone)
+
+
+def cut(index: int, bounds: list[tuple[int, int]], wiring: Wiring, h, heads, visible) -> ShardPart:
+    """Shard ``index``'s part of an agent (``visible``: every expert's, [1 or B, N, J] or None)."""
+    lo, hi = bounds[index]
+    B, N = wiring.noise.shape[:2]
+    topo = wiring.route_mask
+    if isinstance(topo, routing.Neighbors):
+        topo = routing.Neighbors(topo.idx[:, lo:hi])
+    elif topo is not None:
+        topo = np.asarray(topo, bool)[:, lo:hi]
+    return ShardPart(index, list(bounds), B, N, np.array(h[:, lo:hi], np.float32),
+                     np.array(heads[:, lo:hi], np.float32),
+                     None if wiring.ids is None else np.asarray(wiring.ids[:, lo:hi], np.float32),
+                     None if visible is None else visible[:, lo:hi], topo)
+
+
+def needs(bounds: list[tuple[int, int]], topo) -> list[int]:
+    """The shards whose experts some expert of a shard may hear (``topo``: the shard's part of the
+    topology, as in ``ShardPart``)."""
+    starts = np.array([a for a, _ in bounds])
+    if topo is None:
+        need = set(range(len(bounds)))
+    elif isinstance(topo, routing.Neighbors):
+        need = set(np.unique(np.searchsorted(starts, topo.idx, side="right") - 1).tolist())
+    else:
+        heard = topo.any(axis=(0, 1))  # [N]
+        need = {j for j, (a, b) in enumerate(bounds) if heard[a:b].any()}
+    return sorted(need)
+
+
 class ShardCore:
     """One shard: the state of experts [lo, hi) of B episodes and the shard's part of the maths.
 
@@ -41,35 +85,28 @@ class ShardCore:
 
     def __init__(self, index: int, bounds: list[tuple[int, int]], policy, cfg: AgentConfig, wiring: Wiring,
                  h, heads, visible, tile: int = DEFAULT_TILE):
-        self.index = index
-        self.lo, self.hi = bounds[index]
-        lo, hi = self.lo, self.hi
+        self._setup(cut(index, bounds, wiring, h, heads, visible), cfg, tile)
+
+    @classmethod
+    def from_part(cls, part: "ShardPart", cfg: AgentConfig, tile: int = DEFAULT_TILE) -> "ShardCore":
+        """A shard from its part, already cut from the agent's arrays (a shard living elsewhere:
+        ``cluster.ray_shards`` sends each Ray actor only its part)."""
+        core = cls.__new__(cls)
+        core._setup(part, cfg, tile)
+        return core
+
+    def _setup(self, part: "ShardPart", cfg: AgentConfig, tile: int):
+        self.index = part.index
+        self.lo, self.hi = part.bounds[part.index]
+        bounds = part.bounds
         self.spec = spec = cfg.policy
         self.cfg = cfg
-        self.h = np.array(h[:, lo:hi], np.float32)  # owned copies
-        self.heads = np.array(heads[:, lo:hi], np.float32)
-        B, N = wiring.noise.shape[:2]
-        self.B, self.N, self.n = B, N, hi - lo
-        self.ids = None if wiring.ids is None else np.asarray(wiring.ids[:, lo:hi], np.float32)
-        self.visible = None if visible is None else visible[:, lo:hi]  # [1 or B, n, J] or None (all)
-        topo = wiring.route_mask
-        if isinstance(topo, routing.Neighbors):
-            self.topo = routing.Neighbors(topo.idx[:, lo:hi])
-        elif topo is None:
-            self.topo = None
-        else:
-            self.topo = np.asarray(topo, bool)[:, lo:hi]
+        self.h, self.heads = part.h, part.heads  # owned copies
+        B, N = part.batch, part.experts
+        self.B, self.N, self.n = B, N, self.hi - self.lo
+        self.ids, self.visible, self.topo = part.ids, part.visible, part.topo
         self.tile = max(1, int(tile))
-        # the shards whose experts some expert of mine may hear
-        starts = np.array([a for a, _ in bounds])
-        if self.topo is None:
-            need = set(range(len(bounds)))
-        elif isinstance(self.topo, routing.Neighbors):
-            need = set(np.unique(np.searchsorted(starts, self.topo.idx, side="right") - 1).tolist())
-        else:
-            heard = self.topo.any(axis=(0, 1))  # [N]
-            need = {j for j, (a, b) in enumerate(bounds) if heard[a:b].any()}
-        self.needs = sorted(need)
+        self.needs = needs(bounds, self.topo)
         # [B] messages my experts hear per round (each of my n receivers: N senders, its C listed ones, or its mask row)
         if self.topo is None:
             self.indeg = np.full(B, self.n * N, np.int64)
@@ -168,6 +205,12 @@ class ShardCore:
         if rule == "quorum":
             vote = np.asarray(agreement.votes(OPS, split_heads(self.spec, self.heads)["vote"]), np.float32)
         return change, vote
+
+    def vote_payload(self, change, vote) -> dict[str, np.ndarray]:
+        """What the membrane decides agreement from after a round (``apply``'s results; zeros for
+        what the rule does not use)."""
+        return {"vote": vote if vote is not None else np.zeros((self.B, self.n), np.float32),
+                "change": change if change is not None else np.zeros(self.B, np.float32)}
 
     def push_block(self) -> dict[str, np.ndarray]:
         """My experts' pushes, and the competitive read queries the membrane needs next step."""

@@ -92,6 +92,142 @@ def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
+# ---- what every sharded runtime shares ------------------------------------------------------------
+
+class ShardedMembrane:
+    """The parts of a sharded runtime that do not depend on how shards talk: the partition of the
+    experts into shards, the membrane's side of an inner step (the observation and the competitive
+    heads' reads, the agreement verdict from the shards' votes, the outputs mixed from their
+    pushes), and growing or shrinking between steps by the batched engine's rule. ``ShardedAgent``
+    (trio tasks in this process) and ``cluster.ray_shards.RayShardedAgent`` (Ray actors) are its
+    shells; a shell implements ``_build_shards`` (after a partition), ``_resize`` (after a membership
+    change) and ``state()``."""
+
+    def _init_membrane(self, policy, cfg: AgentConfig, interface: Interface, wiring: Wiring, *, shards, tile,
+                       rng, past_horizon: bool, episode_index: int):
+        if cfg.routing.ablation == "shuffle":
+            raise ConfigError("the 'shuffle' messages ablation runs in the batched engine only")
+        if interface.batch != wiring.batch:
+            raise ValueError(f"interface batch {interface.batch} != wiring batch {wiring.batch}")
+        self.policy, self.cfg, self.spec = policy, cfg, cfg.policy
+        self.past_horizon = past_horizon  # step an episodic policy past its horizon (asked for explicitly)
+        self.interface = interface
+        self.B = wiring.batch
+        self.episode_index = episode_index
+        self.slot_addr = np.asarray(interface.slot_addr, np.float32)
+        self.out_addr = np.asarray(interface.out_addr, np.float32)
+        self._shards_wanted, self._tile = shards, tile
+        self._rq_offset = dict(_offsets(self.spec))["read_query"]
+        self._rng = rng if rng is not None else np.random.default_rng([episode_index, 2])
+        self.t = 0
+
+    def _partition(self, wiring: Wiring, st: AgentState):
+        """Cut the experts into shards (at start, and after a membership change)."""
+        self.wiring = wiring
+        self.N = N = wiring.n_experts
+        self.can_push = None if wiring.can_push.all() else np.asarray(wiring.can_push[None, :], bool)
+        vis = wiring.can_sense[None, :, None]
+        visible = self.interface.visible(N)
+        if visible is not None:
+            vis = vis & visible
+        vis = None if vis.all() else np.asarray(vis, bool)
+        self._vis = vis  # every expert's visibility (the competitive heads' normalisation is the membrane's)
+        kc = self.spec.competitive_heads * self.spec.addr_dim
+        self._read_query = np.array(st.heads[..., self._rq_offset:self._rq_offset + kc], np.float32)
+        self.bounds = shard_bounds(N, self._shards_wanted if self._shards_wanted is not None else default_shards(N))
+        self.S = len(self.bounds)
+        self._build_shards(wiring, st)
+
+    # -- membership (between inner steps) ------------------------------------------------
+    def expert_ids(self) -> list[int]:
+        return list(range(self.N))
+
+    @property
+    def n_experts(self) -> int:
+        return self.N
+
+    @property
+    def shards(self) -> int:
+        return self.S
+
+    def add_experts(self, n: int, init: str = "clone", source: int | None = None) -> list[int]:
+        """Add n experts by the batched engine's rule (``rollout.grow``), re-partitioned into shards."""
+        if n < 1:
+            raise InputError("add at least one expert")
+        if init not in ("clone", "fresh"):
+            raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
+        N = self.N
+        sources = None
+        if init == "clone":
+            if source is not None and not 0 <= source < N:
+                raise InputError(f"no expert {source} to clone (the agent has {N})")
+            sources = np.full(n, source) if source is not None else self._rng.integers(0, N, size=n)
+        wiring, st = grow(OPS, self.policy, self.cfg, self._rng, self.wiring, self.state(), n, sources)
+        self._resize(wiring, st)
+        return list(range(N, N + n))
+
+    def remove_experts(self, ids) -> int:
+        """Remove experts by index (as ``engine.Agent.remove_experts``); returns how many remain."""
+        idx = sorted({int(i) for i in ids})
+        if any(i < 0 or i >= self.N for i in idx):
+            raise InputError(f"expert indices must be in [0, {self.N}), got {idx[:20]}")
+        keep = np.setdiff1d(np.arange(self.N), idx)
+        if keep.size == 0:
+            raise InputError("cannot remove every expert: an agent needs at least one")
+        wiring, st = shrink(self.cfg, self._rng, self.wiring, self.state(), keep)
+        self._resize(wiring, st)
+        return int(keep.size)
+
+    # -- the membrane's side of a step ----------------------------------------------------
+    def _checked(self, slot_values, rounds: int | None) -> tuple[np.ndarray, int]:
+        """The observation [B, J] and the rounds of a step, checked (the agent is unchanged if refused)."""
+        check_horizon(self.policy, self.t, self.past_horizon)
+        vals = check_values("observation", slot_values, (self.B, self.slot_addr.shape[1]))
+        R = self.cfg.agreement.rounds if rounds is None else int(rounds)
+        if R < 1:
+            raise InputError("rounds must be >= 1")
+        return vals, R
+
+    def _observations(self, vals: np.ndarray, R: int) -> list[dict]:
+        """Each shard's ``observe`` payload: the slots, and its rows of the competitive heads' reads
+        (``membrane.compete``: a normalisation over every expert, so the membrane's job)."""
+        obs = {"slot_addr": self.slot_addr, "slot_val": vals, "rounds": R}
+        if not self.spec.competitive_heads:
+            return [obs] * self.S
+        reads, shares = membrane.compete(OPS, self._read_query, self.slot_addr, vals, self._vis,
+                                         self.spec.read_moments)
+        competed = np.concatenate([reads, shares], axis=-1).astype(np.float32)
+        return [{**obs, "competed": np.ascontiguousarray(competed[:, lo:hi])} for lo, hi in self.bounds]
+
+    def _agreement(self, R: int):
+        return type(self.cfg.agreement)(**{**self.cfg.agreement.__dict__, "rounds": R})
+
+    def _verdict(self, acfg, r: int, active: np.ndarray, votes: list[tuple[int, dict]]) -> np.ndarray:
+        """The episodes still talking after round r, from every shard's ``vote`` payload
+        (its experts' votes [B, n], its largest message change [B]): ``agreement.still_talking``."""
+        vote = np.zeros((self.B, self.N), np.float32)
+        change = np.zeros((self.B, self.S), np.float32)
+        for i, payload in votes:
+            lo, hi = self.bounds[i]
+            vote[:, lo:hi] = payload["vote"]
+            change[:, i] = payload["change"]
+        return agreement.still_talking(OPS, acfg, r + 1, active, change.max(axis=1), vote)
+
+    def _outputs(self, pushes) -> np.ndarray:
+        """The outputs [B, d] mixed from every shard's ``push`` payload (``membrane.push``); keeps
+        the competitive read queries the next step's observation needs."""
+        A = self.spec.addr_dim
+        pk = np.zeros((self.B, self.N, A), np.float32)
+        pv = np.zeros((self.B, self.N, 1 + A), np.float32)
+        for p in pushes:
+            lo = int(p["lo"])
+            n = p["key"].shape[1]
+            pk[:, lo:lo + n], pv[:, lo:lo + n] = p["key"], p["value"]
+            self._read_query[:, lo:lo + n] = p["read_query"]
+        out, _ = membrane.push(OPS, pk, pv, self.out_addr, self.can_push)
+        return np.asarray(out, np.float32)
+
+
 # ---- the agent ----------------------------------------------------------------------------------
 
 @dataclass
@@ -103,7 +239,7 @@ class _Shard:
     stash: dict = field(default_factory=dict)  # (kind, step, round) -> [messages] that came early
 
 
-class ShardedAgent(Lifecycle):
+class ShardedAgent(ShardedMembrane, Lifecycle):
     """B episodes of N experts in S shards (see the module doc); stepped by its membrane.
 
     ``interface`` and ``wiring`` are batched as for ``rollout.agent_step`` (``engine.Agent``'s can
@@ -119,22 +255,11 @@ class ShardedAgent(Lifecycle):
                  encode: bool = False, episode_index: int = 0, step_timeout: float | None = None,
                  state: AgentState | None = None, rng: np.random.Generator | None = None,
                  past_horizon: bool = False):
-        if cfg.routing.ablation == "shuffle":
-            raise ConfigError("the 'shuffle' messages ablation runs in the batched engine only")
-        if interface.batch != wiring.batch:
-            raise ValueError(f"interface batch {interface.batch} != wiring batch {wiring.batch}")
-        self.policy, self.cfg, self.spec = policy, cfg, cfg.policy
-        self.past_horizon = past_horizon  # step an episodic policy past its horizon (asked for explicitly)
-        self.interface = interface
-        self.B = wiring.batch
+        self._init_membrane(policy, cfg, interface, wiring, shards=shards, tile=tile, rng=rng,
+                            past_horizon=past_horizon, episode_index=episode_index)
         self.encode = encode
-        self.episode_index = episode_index
         self.step_timeout = step_timeout
-        self.slot_addr = np.asarray(interface.slot_addr, np.float32)
-        self.out_addr = np.asarray(interface.out_addr, np.float32)
-        self._shards_wanted, self._tile, self._policy_chunk = shards, tile, policy_chunk
-        self._rq_offset = dict(_offsets(self.spec))["read_query"]
-        self._rng = rng if rng is not None else np.random.default_rng([episode_index, 2])
+        self._policy_chunk = policy_chunk
         self.counters = ShardCounters()
         self._mb_send, self._mb_recv = trio.open_memory_channel(math.inf)
         self._mb_stash: dict = {}
@@ -142,28 +267,14 @@ class ShardedAgent(Lifecycle):
         self._shard_scope: trio.CancelScope | None = None
         self._closed = trio.Event()
         self._stepping = False
-        self.t = 0
-        self._build(wiring, state if state is not None else initial_state(OPS, policy, wiring))
+        self._partition(wiring, state if state is not None else initial_state(OPS, policy, wiring))
 
-    def _build(self, wiring: Wiring, st: AgentState):
-        """Partition the experts into shards (at start, and after a membership change)."""
-        self.wiring = wiring
-        self.N = N = wiring.n_experts
-        self.can_push = None if wiring.can_push.all() else np.asarray(wiring.can_push[None, :], bool)
-        vis = wiring.can_sense[None, :, None]
-        visible = self.interface.visible(N)
-        if visible is not None:
-            vis = vis & visible
-        vis = None if vis.all() else np.asarray(vis, bool)
-        self._vis = vis  # every expert's visibility (the competitive heads' normalisation is the membrane's)
-        kc = self.spec.competitive_heads * self.spec.addr_dim
-        self._read_query = np.array(st.heads[..., self._rq_offset:self._rq_offset + kc], np.float32)
-        self.bounds = shard_bounds(N, self._shards_wanted if self._shards_wanted is not None else default_shards(N))
-        self.S = len(self.bounds)
+    def _build_shards(self, wiring: Wiring, st: AgentState):
+        """One trio shard per range of experts, and the batcher of their policy rows."""
         self.batcher = RowBatcher(self.policy, self.bounds, self.B, self._policy_chunk)
         self._shards: list[_Shard] = []
         for i in range(self.S):
-            core = ShardCore(i, self.bounds, self.policy, self.cfg, wiring, st.h, st.heads, vis, self._tile)
+            core = ShardCore(i, self.bounds, self.policy, self.cfg, wiring, st.h, st.heads, self._vis, self._tile)
             core.inbox_buf = self.batcher.inbox_view(i)  # inboxes computed in place: no copy into the batcher
             send, recv = trio.open_memory_channel(math.inf)
             self._shards.append(_Shard(core, send, recv))
@@ -201,49 +312,9 @@ class ShardedAgent(Lifecycle):
             raise RuntimeError("experts join or leave a sharded agent between inner steps")
         if self._shard_scope is not None:
             self._shard_scope.cancel()  # the shards wait for the next observation: nothing is lost
-        self._build(wiring, st)
+        self._partition(wiring, st)
         if self._nursery is not None:
             self._start_shards()
-
-    # -- membership (between inner steps) ------------------------------------------------
-    def expert_ids(self) -> list[int]:
-        return list(range(self.N))
-
-    @property
-    def n_experts(self) -> int:
-        return self.N
-
-    def add_experts(self, n: int, init: str = "clone", source: int | None = None) -> list[int]:
-        """Add n experts by the batched engine's rule (``rollout.grow``), re-partitioned into shards."""
-        if n < 1:
-            raise InputError("add at least one expert")
-        if init not in ("clone", "fresh"):
-            raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
-        N = self.N
-        sources = None
-        if init == "clone":
-            if source is not None and not 0 <= source < N:
-                raise InputError(f"no expert {source} to clone (the agent has {N})")
-            sources = np.full(n, source) if source is not None else self._rng.integers(0, N, size=n)
-        wiring, st = grow(OPS, self.policy, self.cfg, self._rng, self.wiring, self.state(), n, sources)
-        self._resize(wiring, st)
-        return list(range(N, N + n))
-
-    def remove_experts(self, ids) -> int:
-        """Remove experts by index (as ``engine.Agent.remove_experts``); returns how many remain."""
-        idx = sorted({int(i) for i in ids})
-        if any(i < 0 or i >= self.N for i in idx):
-            raise InputError(f"expert indices must be in [0, {self.N}), got {idx[:20]}")
-        keep = np.setdiff1d(np.arange(self.N), idx)
-        if keep.size == 0:
-            raise InputError("cannot remove every expert: an agent needs at least one")
-        wiring, st = shrink(self.cfg, self._rng, self.wiring, self.state(), keep)
-        self._resize(wiring, st)
-        return int(keep.size)
-
-    @property
-    def shards(self) -> int:
-        return self.S
 
     def state(self) -> AgentState:
         """The experts' state gathered from the shards (tests, references; shards never read it)."""
@@ -307,10 +378,8 @@ class ShardedAgent(Lifecycle):
                 h2, hd2 = await self.batcher.step(i, core.h, inbox, core.sensed if r == 0 else None)
                 change, vote = core.apply(h2, hd2, active, rule, adopt=True)  # double-buffered views
                 if rule != "fixed" and r + 1 < R:
-                    payload = {"vote": vote if vote is not None else np.zeros((self.B, core.n), np.float32),
-                               "change": change if change is not None else np.zeros(self.B, np.float32)}
                     self._mb_send.send_nowait(self._frame(Message("vote", i, (MEMBRANE,), self.episode_index,
-                                                                  t, r, payload)))
+                                                                  t, r, core.vote_payload(change, vote))))
                     d = await self._receive(sh.recv, sh.stash, "vote", t, r)
                     active = np.asarray(d.payload["active"], bool).copy()
                     if not active.any():
@@ -332,11 +401,7 @@ class ShardedAgent(Lifecycle):
             raise RuntimeError("the agent is not running: use `async with agent.running():`")
         if self._stepping:
             raise RuntimeError("a step is already running: the membrane feeds one observation at a time")
-        check_horizon(self.policy, self.t, self.past_horizon)
-        vals = check_values("observation", slot_values, (self.B, self.slot_addr.shape[1]))
-        R = self.cfg.agreement.rounds if rounds is None else int(rounds)
-        if R < 1:
-            raise InputError("rounds must be >= 1")
+        vals, R = self._checked(slot_values, rounds)
         self._stepping = True
         scope = trio.fail_after(self.step_timeout) if self.step_timeout else nullcontext()
         try:
@@ -348,45 +413,29 @@ class ShardedAgent(Lifecycle):
     async def _step(self, vals: np.ndarray, R: int):
         t = self.t
         frames0, delivered0 = self.counters.frames, self.counters.delivered
-        obs = {"slot_addr": self.slot_addr, "slot_val": vals, "rounds": R}
-        competed = None
-        if self.spec.competitive_heads:  # a normalisation over every expert: the membrane's job
-            reads, shares = membrane.compete(OPS, self._read_query, self.slot_addr, vals, self._vis,
-                                             self.spec.read_moments)
-            competed = np.concatenate([reads, shares], axis=-1).astype(np.float32)
-        for i, (lo, hi) in enumerate(self.bounds):
-            mine = obs if competed is None else {**obs, "competed": np.ascontiguousarray(competed[:, lo:hi])}
-            self._post(i, Message("observe", MEMBRANE, (i,), self.episode_index, t, 0, mine))
-        acfg = type(self.cfg.agreement)(**{**self.cfg.agreement.__dict__, "rounds": R})
+        for i, ob in enumerate(self._observations(vals, R)):
+            self._post(i, Message("observe", MEMBRANE, (i,), self.episode_index, t, 0, ob))
+        acfg = self._agreement(R)
         active = np.ones(self.B, bool)
         used = np.zeros(self.B, np.float32)
         for r in range(agreement.max_rounds(acfg)):
             used += active
             if acfg.rule == "fixed" or r + 1 >= R:
                 continue  # nothing to decide: every shard counts its rounds
-            votes = np.zeros((self.B, self.N), np.float32)
-            change = np.zeros((self.B, self.S), np.float32)
+            votes = []
             for _ in range(self.S):
                 m = await self._receive(self._mb_recv, self._mb_stash, "vote", t, r)
-                lo, hi = self.bounds[m.sender]
-                votes[:, lo:hi] = m.payload["vote"]
-                change[:, m.sender] = m.payload["change"]
-            active = agreement.still_talking(OPS, acfg, r + 1, active, change.max(axis=1), votes)
+                votes.append((m.sender, m.payload))
+            active = self._verdict(acfg, r, active, votes)
             for i in range(self.S):
                 self._post(i, Message("vote", MEMBRANE, (i,), self.episode_index, t, r, {"active": active}))
             if not active.any():
                 break
-        A = self.spec.addr_dim
-        pk = np.zeros((self.B, self.N, A), np.float32)
-        pv = np.zeros((self.B, self.N, 1 + A), np.float32)
+        pushes = []
         for _ in range(self.S):
-            m = await self._receive(self._mb_recv, self._mb_stash, "push", t, 0)
-            lo = int(m.payload["lo"])
-            n = m.payload["key"].shape[1]
-            pk[:, lo:lo + n], pv[:, lo:lo + n] = m.payload["key"], m.payload["value"]
-            self._read_query[:, lo:lo + n] = m.payload["read_query"]
-        out, _ = membrane.push(OPS, pk, pv, self.out_addr, self.can_push)
+            pushes.append((await self._receive(self._mb_recv, self._mb_stash, "push", t, 0)).payload)
+        out = self._outputs(pushes)
         self.t += 1
         info = StepInfo(used, messages=self.counters.delivered - delivered0, experts=self.N,
                         frames=self.counters.frames - frames0)
-        return np.asarray(out, np.float32), info
+        return out, info

@@ -95,7 +95,8 @@ def cmd_bench_runtime(args):
             seed=args.seed, threads=args.threads, blas_threads=args.blas_threads, shards=args.shards, tile=args.tile,
             policy_chunk=args.policy_chunk, encode=args.encode, actor_encode=not args.actor_no_encode,
             actor_max_n=args.actor_max_n, max_seconds=args.max_seconds, memory=not args.no_memory,
-            isolate=not args.in_process)
+            isolate=not args.in_process, ray_nodes=args.ray_nodes, ray_address=args.ray,
+            ray_object_store_mib=args.ray_object_store_mib)
         log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
         report = bench_runtime(spec, log=log)
     if args.out:
@@ -108,12 +109,13 @@ def cmd_bench_runtime(args):
 
 def _add_runtime(bsub):
     from ..config import ROUTINGS
-    from .runtime import DEFAULT_POLICY, ENGINES
+    from .runtime import DEFAULT_ENGINES, DEFAULT_POLICY, ENGINES
 
     r = bsub.add_parser("runtime", help="expert-steps/s, messages/s and memory vs N: batched engine, sharded "
                                         "actor runtime (fast path), per-expert actors, side by side")
     r.add_argument("--experts", default="10,100,1000,10000,100000", help="comma-separated N values")
-    r.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
+    r.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                   help=f"comma-separated, of {', '.join(ENGINES)} (ray: the 'cluster' extra)")
     r.add_argument("--routing", default="topk", choices=ROUTINGS)
     r.add_argument("--k", type=int, default=8, help="top-k: senders kept per receiver")
     r.add_argument("--candidates", type=int, default=32, help="top-k: senders scored per receiver when N > "
@@ -138,6 +140,11 @@ def _add_runtime(bsub):
     r.add_argument("--max-seconds", type=float, default=60.0, help="per engine and N: stop timing after this")
     r.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     r.add_argument("--in-process", action="store_true", help="time in this process (no subprocess per N)")
+    r.add_argument("--ray-nodes", type=int, default=1, help="ray: local Ray nodes started side by side (each with "
+                                                            "cores / K CPUs; shards spread over them)")
+    r.add_argument("--ray", default=None, metavar="ADDRESS", help="ray: join this cluster instead (e.g. auto)")
+    r.add_argument("--ray-object-store-mib", type=int, default=0, help="ray: each local node's object store "
+                                                                       "(0: Ray's default)")
     r.add_argument("--out", default=None, help="also write the JSON report here")
     r.add_argument("--plot", default=None, help="write the figure (PNG) here")
     r.add_argument("--from-json", default=None, help="re-plot / re-tabulate a saved report instead of running")
@@ -273,8 +280,46 @@ def _add_serve(bsub):
     s.set_defaults(fn=cmd_bench_serve)
 
 
+# ---- bench es ---------------------------------------------------------------------------------------
+
+def cmd_bench_es(args):
+    from ..config import load_experiment
+    from .es import bench_es, horizon_memory
+
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = {}
+    if not args.memory_only:
+        cfg = load_experiment(args.config, args.set)
+        report = bench_es(cfg, workers=_ints(args.workers), generations=args.generations, warmup=args.warmup,
+                          ray_address=args.ray, log=log)
+    if args.horizons:
+        report["horizon_memory"] = horizon_memory(args.config, args.set, horizons=_ints(args.horizons), log=log)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps(report))
+
+
+def _add_es(bsub):
+    e = bsub.add_parser("es", help="evolution strategies: generations/s against Ray workers; ES and BPTT memory "
+                                   "against the horizon")
+    e.add_argument("config", nargs="?", default=None, help="TOML config (the [train.es] settings; see configs/)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--workers", default="0,1,2", help="comma-separated worker counts (0: this process)")
+    e.add_argument("--generations", type=int, default=5, help="timed generations per worker count")
+    e.add_argument("--warmup", type=int, default=1)
+    e.add_argument("--ray", default=None, metavar="ADDRESS", help="join this Ray cluster (default: a local one)")
+    e.add_argument("--horizons", default="", help="also: peak memory of one ES generation and one BPTT batch at "
+                                                  "these episode lengths (comma-separated)")
+    e.add_argument("--memory-only", action="store_true", help="only the --horizons memory rows")
+    e.add_argument("--out", default=None)
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--json", action="store_true", help="(output is always JSON)")
+    e.set_defaults(fn=cmd_bench_es)
+
+
 def register(sub):
-    b = sub.add_parser("bench", help="benchmarks: train, runtime, serve")
+    b = sub.add_parser("bench", help="benchmarks: train, runtime, serve, es")
     bsub = b.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("train", help="training samples/s vs number of experts and inner steps (needs torch)")
     t.add_argument("--experts", default="5,20,40,80", help="comma-separated N values")
@@ -294,4 +339,5 @@ def register(sub):
     t.set_defaults(fn=cmd_bench_train)
     _add_runtime(bsub)
     _add_serve(bsub)
+    _add_es(bsub)
     return bsub

@@ -7,6 +7,11 @@ Engines (one agent of N experts, the guessing game, R communication rounds per i
   one gathered tick per round).
 - ``actors``: ``actors.runtime.ActorAgent``, the per-expert actor runtime (one trio task per
   expert, one message per sender and receiver), only up to ``actor_max_n`` experts (it is slow).
+- ``ray`` (asked for by name; the ``cluster`` extra): ``cluster.ray_shards.RayShardedAgent``, the
+  sharded runtime with its shards as Ray actors exchanging their blocks through the object store;
+  on a local Ray instance, ``ray_nodes`` local Ray nodes side by side (``ray.cluster_utils``), or
+  the cluster at ``ray_address``. Its memory is the driver's peak plus every shard actor's peak
+  above its own baseline (``per_node_mib``: the same by node).
 
 For each N, all engines step the same seeded episode (same wiring and initial state) in one
 process, one after the other: ``warmup`` untimed steps, then up to ``steps`` timed ones (fewer if
@@ -49,7 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("batched", "sharded", "actors")
+ENGINES = ("batched", "sharded", "actors", "ray")
+DEFAULT_ENGINES = ("batched", "sharded", "actors")  # ray only when asked for (an optional extra)
 DEFAULT_POLICY = "policies/guessing-converge-v1.onnx"
 
 
@@ -57,7 +63,7 @@ DEFAULT_POLICY = "policies/guessing-converge-v1.onnx"
 class RuntimeBench:
     policy: str = DEFAULT_POLICY
     experts: list = field(default_factory=lambda: [10, 100, 1000, 10_000, 100_000])
-    engines: list = field(default_factory=lambda: list(ENGINES))
+    engines: list = field(default_factory=lambda: list(DEFAULT_ENGINES))
     routing: str = "topk"
     k: int = 8
     candidates: int = 32  # top-k: senders each receiver scores, for N > candidates_above
@@ -79,6 +85,9 @@ class RuntimeBench:
     max_seconds: float = 60.0  # per (engine, N): stop timing once this is spent
     memory: bool = True
     isolate: bool = True
+    ray_nodes: int = 1  # ray: local Ray nodes started side by side (each with cpus / ray_nodes CPUs)
+    ray_address: str | None = None  # ray: join this cluster instead
+    ray_object_store_mib: int = 0  # ray: each local node's object store (0: Ray's default)
 
     def routing_for(self, n: int) -> dict:
         c = self.candidates if (self.routing == "topk" and n > self.candidates_above) else 0
@@ -122,6 +131,8 @@ class _Timed:
     def __init__(self, engine: str, runtime, deadline: float | None):
         self.engine, self.runtime, self.deadline = engine, runtime, deadline
         self.steps: list = []  # (seconds, messages, outputs, process CPU seconds)
+        self.busy: list = []  # ray: the busiest shard actor's compute seconds, per step
+        self._busy0: list = []
 
     def expert_ids(self):
         return self.runtime.expert_ids()
@@ -129,17 +140,22 @@ class _Timed:
     async def step(self, obs, rounds=None):
         t0, c0 = time.perf_counter(), time.process_time()
         out = self.runtime.step(obs, rounds=rounds)
-        if self.engine != "batched":
+        if self.engine not in ("batched", "ray"):  # the actor runtimes' step is a coroutine
             out = await out
         outputs, info = out
         self.steps.append((time.perf_counter() - t0, info.messages or 0, np.asarray(outputs, np.float32),
                            time.process_time() - c0))
+        if self.engine == "ray":  # the shards' compute in this step (outside the timed part)
+            busy = self.runtime.busy()
+            step = [b - a for a, b in zip(self._busy0, busy)] if self._busy0 else busy
+            self.busy.append((max(step), sum(step)))
+            self._busy0 = busy
         return outputs, info
 
     def running(self):
         from contextlib import asynccontextmanager
 
-        if self.engine == "batched":
+        if self.engine in ("batched", "ray"):
             @asynccontextmanager
             async def nothing():
                 yield self
@@ -151,10 +167,26 @@ class _Timed:
         if self.engine == "sharded":
             return {"shards": a.shards, "policy_calls_per_round": len(a.batcher.chunks),
                     "shard_messages": a.counters.frames, "block_bytes": a.counters.block_bytes}
+        if self.engine == "ray":
+            nodes = sorted({m["node"] for m in a.memory()})
+            return {"shards": a.shards, "nodes": len(nodes), "shard_blocks": a.counters["blocks"],
+                    "ray_ping_ms": round(a.ping_ms(), 3)}
         if self.engine == "actors":
             c = a.counters
             return {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "policy_calls": a.batcher.calls}
         return {}
+
+    def ray_overhead(self, timed: slice, rounds: int) -> dict:
+        """ray: of each timed step, the shards' compute, and the rest per round: what moving the blocks
+        through Ray, scheduling the calls, waiting and the membrane's side cost."""
+        wall = np.array([r[0] for r in self.steps[timed]])
+        busy = np.array(self.busy[timed])  # [steps, (max, sum)]
+        return {"shard_compute_s_per_step": float(busy[:, 0].mean()), "shard_compute_sum_s_per_step":
+                float(busy[:, 1].mean()),
+                # the rest of each step per round: at most wall - the busiest shard (shards in parallel), at
+                # least wall - all shards' compute (shards one after the other, as on cores shared with others)
+                "ray_overhead_s_per_round": float((wall - busy[:, 0]).mean() / rounds),
+                "ray_overhead_min_s_per_round": float(np.maximum(wall - busy[:, 1], 0).mean() / rounds)}
 
 
 def _base(policy, spec: RuntimeBench, n: int):
@@ -176,6 +208,11 @@ def _runtime(engine: str, policy, cfg, ep, wiring, spec: RuntimeBench):
 
         return ShardedAgent(policy, cfg, ep.interface, wiring, shards=spec.shards, tile=spec.tile,
                             policy_chunk=spec.policy_chunk, encode=spec.encode)
+    if engine == "ray":
+        from ..cluster.ray_shards import RayShardedAgent
+
+        return RayShardedAgent(policy, cfg, ep.interface, wiring, shards=spec.shards, tile=spec.tile,
+                               policy_chunk=spec.policy_chunk, threads=spec.threads)
     from ..actors.runtime import ActorAgent
 
     return ActorAgent(policy, cfg, ep.interface, wiring, encode=spec.actor_encode, step_timeout=None)
@@ -242,6 +279,8 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
         if engine == "actors" and n > spec.actor_max_n:
             rows.append(row | {"skipped": f"per-expert actors run only up to --actor-max-n {spec.actor_max_n}"})
             continue
+        if engine == "ray":  # started after the other engines ran: its processes do not slow them
+            ray_cluster(spec)
         t0 = time.perf_counter()
         runner = _Timed(engine, _runtime(engine, policy, cfg, ep, wiring, spec), None)
         setup = time.perf_counter() - t0
@@ -264,7 +303,12 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
             m = min(len(ref), len(outs))
             row["max_diff_vs_batched"] = float(np.abs(ref[:m] - outs[:m]).max())
         row |= runner.extra()
+        if engine == "ray":
+            row |= runner.ray_overhead(slice(spec.warmup, None) if len(res) > spec.warmup else slice(-1, None),
+                                       spec.rounds)
         rows.append(row)
+        if engine == "ray":
+            runner.runtime.close()
         del runner
     return rows
 
@@ -281,13 +325,66 @@ def memory_probe(spec: RuntimeBench, engine: str, n: int) -> dict:
     from ..policy_card import load_policy
 
     policy = load_policy(spec.policy, threads=spec.threads)
+    if engine == "ray":
+        ray_cluster(spec)  # Ray's own driver-side memory is part of the baseline
     base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg = agent_config(policy, spec, n)
     ep, wiring = _base(policy, spec, n)
-    _drive(_Timed(engine, _runtime(engine, policy, cfg, ep, wiring, spec), None), ep, spec, 1)
+    runner = _Timed(engine, _runtime(engine, policy, cfg, ep, wiring, spec), None)
+    _drive(runner, ep, spec, 1)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"baseline_mib": base_kib / 1024, "peak_mib": (peak_kib - base_kib) / 1024,
-            "kib_per_expert": (peak_kib - base_kib) / n}
+    out = {"baseline_mib": base_kib / 1024, "peak_mib": (peak_kib - base_kib) / 1024}
+    if engine == "ray":  # the experts live in the shard actors: their peaks above their own baselines
+        shards = runner.runtime.memory()
+        runner.runtime.close()
+        per_node: dict = {}
+        for m in shards:
+            per_node[m["node"][:12]] = per_node.get(m["node"][:12], 0.0) + m["peak_above_baseline_mib"]
+        out |= {"driver_peak_mib": out["peak_mib"], "peak_mib": out["peak_mib"] + sum(per_node.values()),
+                "per_node_mib": {k: round(v, 1) for k, v in per_node.items()},
+                "shard_rss_mib": [round(m["rss_mib"], 1) for m in shards]}
+    out["kib_per_expert"] = out["peak_mib"] * 1024 / n
+    return out
+
+
+def ray_cluster(spec: RuntimeBench):
+    """Ray for the ``ray`` engine in this (measuring) process: the cluster at ``ray_address``, else
+    ``ray_nodes`` local nodes side by side (``ray.cluster_utils.Cluster``: one head + K - 1 workers,
+    each ``cpus // K`` CPUs), else one local instance. Left running until the process exits."""
+    from ..cluster import connect, require_ray
+
+    ray = require_ray()
+    if ray.is_initialized():
+        return ray
+    store = spec.ray_object_store_mib * 2**20 or None
+    if spec.ray_address or spec.ray_nodes <= 1:
+        return connect(spec.ray_address, object_store_memory=None if spec.ray_address else store)
+    from ray.cluster_utils import Cluster
+
+    cpus = max(1, (os.cpu_count() or 1) // spec.ray_nodes)
+    node = {"num_cpus": cpus, "object_store_memory": store, "include_dashboard": False} if store else {
+        "num_cpus": cpus, "include_dashboard": False}
+    global _CLUSTER
+    _CLUSTER = cluster = Cluster(initialize_head=True, head_node_args=node)
+    for _ in range(spec.ray_nodes - 1):
+        cluster.add_node(**{k: v for k, v in node.items() if k != "include_dashboard"})
+    cluster.wait_for_nodes()
+    return connect(cluster.address)
+
+
+_CLUSTER = None
+
+
+def ray_cluster_stop():
+    """Leave Ray and stop the local nodes ``ray_cluster`` started (if any)."""
+    global _CLUSTER
+    from ..cluster import disconnect, have_ray
+
+    if have_ray():
+        disconnect()
+    if _CLUSTER is not None:
+        _CLUSTER.shutdown()
+        _CLUSTER = None
 
 
 # ---- subprocesses ------------------------------------------------------------------------------------
@@ -374,6 +471,18 @@ def targets(rows: list[dict]) -> dict:
         out["actors_messages_per_s"] = {"best": round(act[n_best]), "at_n": n_best, "target": ">= 100000",
                                         "met": act[n_best] >= 100_000,
                                         "by_n": {str(n): round(v) for n, v in sorted(act.items())}}
+    over = {}
+    for (n, e), r in sorted(by.items()):
+        if e == "ray" and (n, "sharded") in by:
+            rounds = r.get("rounds") or 1
+            sh = by[(n, "sharded")]["seconds_per_step"]
+            over[str(n)] = {"ray_s_per_round": round(r["seconds_per_step"] / rounds, 5),
+                            "sharded_s_per_round": round(sh / rounds, 5),
+                            "difference_s_per_round": round((r["seconds_per_step"] - sh) / rounds, 5),
+                            "ray_overhead_s_per_round": [r.get("ray_overhead_min_s_per_round"),
+                                                         r.get("ray_overhead_s_per_round")]}
+    if over:
+        out["ray_round_overhead"] = over
     if (100_000, "sharded") in by:
         r = by[(100_000, "sharded")]
         out["sharded_step_at_100000"] = {"seconds": round(r["seconds_per_step"], 3), "target": "< 2 s",
@@ -420,7 +529,8 @@ def plot_runtime(report: dict, path: str | Path):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     styles = {"batched": ("tab:blue", "o", "batched engine (limit)"),
               "sharded": ("tab:green", "s", "sharded actor runtime (fast path)"),
-              "actors": ("tab:red", "^", "per-expert actors")}
+              "actors": ("tab:red", "^", "per-expert actors"),
+              "ray": ("tab:purple", "D", "sharded, shards as Ray actors")}
     for engine, (color, marker, label) in styles.items():
         rs = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["experts"])
         if not rs:
@@ -489,11 +599,15 @@ def markdown_table(report: dict) -> str:
 def _worker(arg: str):
     job = json.loads(arg)
     spec = RuntimeBench(**job.pop("spec"))
-    if job["job"] == "time":
-        out = time_engines(spec, job["n"])
-    else:
-        out = memory_probe(spec, job["engine"], job["n"])
-    print(json.dumps(out))
+    try:
+        if job["job"] == "time":
+            out = time_engines(spec, job["n"])
+        else:
+            out = memory_probe(spec, job["engine"], job["n"])
+    finally:
+        if "ray" in spec.engines:
+            ray_cluster_stop()
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

@@ -75,9 +75,10 @@ def add_eval_flags(p: argparse.ArgumentParser, runtime_default: str = "engine"):
                    help="remove experts before inner step T")
     p.add_argument("--remove", type=int_in(1, 1_000_000, "--remove"), default=0, metavar="M",
                    help="how many to remove (chosen at random by the seed)")
-    p.add_argument("--runtime", choices=("engine", "sharded", "actors"), default=runtime_default,
+    p.add_argument("--runtime", choices=("engine", "sharded", "actors", "ray"), default=runtime_default,
                    help="engine: batched numpy + onnxruntime; sharded: the sharded actor runtime; actors: one "
-                        "trio task per expert")
+                        "trio task per expert; ray: the sharded runtime's shards as Ray actors (the 'cluster' extra; "
+                        "a local Ray instance, or the cluster RAY_ADDRESS names)")
     p.add_argument("--past-horizon", action="store_true",
                    help="step an episodic policy past its horizon (its card's lifetime); refused otherwise")
     p.add_argument("--json", action="store_true", help="print one JSON object")

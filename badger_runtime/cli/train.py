@@ -15,6 +15,14 @@ def register(sub):
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--outer", choices=("bptt", "es"), default="bptt",
+                   help="the outer loop: back-propagation through the inner loop (default), or evolution "
+                        "strategies (settings in [train.es]; scored by the deploy engine)")
+    t.add_argument("--workers", type=int_in(0, 4096, "--workers"), default=None,
+                   help="--outer es: Ray workers scoring the population (default: train.es.workers; 0: this "
+                        "process; without Ray installed: this process)")
+    t.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="--outer es: join this Ray cluster (e.g. auto, HOST:6379) instead of starting a local one")
     t.set_defaults(fn=cmd_train)
 
     x = sub.add_parser("export", help="write the expert policy to ONNX with its card")
@@ -31,11 +39,19 @@ def register(sub):
 
 
 def cmd_train(args):
-    from ..config import load_experiment
+    from ..config import ConfigError, load_experiment
     from ..training.train import train
 
     cfg = load_experiment(args.config, args.set)
-    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, final_eval=not args.no_eval)
+    if args.outer == "es":
+        from ..cluster.es import train_es
+
+        summary = train_es(cfg, args.out, resume=args.resume, progress=not args.quiet, final_eval=not args.no_eval,
+                           workers=args.workers, ray_address=args.ray)
+    elif args.workers is not None or args.ray is not None:
+        raise ConfigError("--workers and --ray go with --outer es")
+    else:
+        summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, final_eval=not args.no_eval)
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"} |
                      ({"final_mse": summary["eval"].get("final_mse")} if "eval" in summary else {})))
 

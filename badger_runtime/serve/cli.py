@@ -133,6 +133,10 @@ def register(sub):
                    help="sessions route by top-k over C candidate senders per expert (O(N C), the sharded "
                         "runtime's sparse routing): how a session holds and hot-adds thousands of experts "
                         "(default: the policy's routing; dense routing scores N^2 pairs)")
+    s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="hold each session's agent in its own Ray actor (the 'cluster' extra): a local Ray instance "
+                        "(--ray), or the cluster at ADDRESS (e.g. auto, HOST:6379); a killed actor is restarted from "
+                        "the session's last state")
     s.add_argument("--k", type=int_range(1, 1 << 16), default=None,
                    help="with --candidates: senders kept per expert (default: the policy's k)")
     s.add_argument("--max-frame-mib", type=float_range(1 / 16, 1024), default=16.0,
@@ -295,10 +299,16 @@ def cmd_serve(args):
         store = SessionStore(args.state_dir, fsync=not args.no_fsync)
     except OSError as e:  # a file where the folder should be, no permission, ...
         raise ConfigError(f"--state-dir {args.state_dir}: cannot use it as the state folder: {e}") from None
+    placement = None
+    if args.ray is not None:
+        from ..cluster.sessions import RayPlacement
+
+        placement = RayPlacement(policy, agent_config, address=None if args.ray == "local" else args.ray, log=log)
+        log("info", "ray_placement", **placement.describe())
     manager = SessionManager(policy, store, limits=Limits(max_sessions=args.max_sessions,
                                                           max_experts=args.max_experts, max_dims=args.max_dims),
                              default_experts=args.experts, checkpoint_every=args.checkpoint_every, log=log,
-                             agent_config=agent_config)
+                             agent_config=agent_config, placement=placement)
     restored = manager.restore_all()
     max_frame = int(args.max_frame_mib * MiB)
     server = Server(manager, token=args.token, idle_timeout=args.idle_timeout, drain_timeout=args.drain_timeout,

@@ -2,8 +2,9 @@
 
 ``SessionManager.handle(request)`` takes a request checked by ``protocol.validate_request``
 and returns ``protocol.reply_ok`` / ``reply_error``. It owns one ``engine.Agent`` (batch 1)
-per session, checkpoints every change to the ``SessionStore`` before it replies, and
-restores every session from the store at start. Nothing a client sends can raise out of
+per session (held here, or with a ``placement`` in a Ray actor each: ``cluster.sessions``),
+checkpoints every change to the ``SessionStore`` before it replies, and restores every session
+from the store at start. Nothing a client sends can raise out of
 ``handle``: bad input is an error reply and leaves the session as it was.
 
 Thread-safety: the server calls ``handle`` from worker threads. The session table and the
@@ -153,8 +154,11 @@ class SessionManager:
 
     def __init__(self, policy, store: SessionStore | None = None, *, limits: Limits | None = None,
                  default_experts: int | None = None, checkpoint_every: int = 1,
-                 log: Callable[..., None] = no_log, metrics: Metrics | None = None, agent_config=None):
+                 log: Callable[..., None] = no_log, metrics: Metrics | None = None, agent_config=None,
+                 placement=None):
         self.policy = policy
+        # where sessions' agents live: here (None), or e.g. one Ray actor each (cluster.sessions.RayPlacement)
+        self.placement = placement
         # every session's agent config: the policy's, or with sparse routing for large agents
         self.agent_config = agent_config or policy.agent
         self.store = store
@@ -360,9 +364,13 @@ class SessionManager:
         owner = rec.get("owner") if restoring else None  # a snapshot opened anew gets a new owner
         if owner is not None and (not isinstance(owner, str) or len(owner) != 64):
             raise StoreError("record field owner must be nil or a sha256 hex digest")
-        return Session(name, agent, ints["seed"], rounds, float(times[0]), float(times[1]), task, owner,
+        return Session(name, self._place(agent), ints["seed"], rounds, float(times[0]), float(times[1]), task, owner,
                        episode=ints["episode"], steps_total=ints["steps_total"],
                        last_outputs=None if last is None else np.array(last, np.float32))
+
+    def _place(self, agent: Agent):
+        """A new session agent, where the manager keeps them (in this process, or moved by the placement)."""
+        return agent if self.placement is None else self.placement.place(agent)
 
     def _task_config(self, name: str):
         """The settings of task ``name`` for a new session: the policy's own, or that task's defaults."""
@@ -420,8 +428,8 @@ class SessionManager:
             task = body.get("task", self.policy.task.name)
             if not isinstance(task, str):
                 raise ServeError(E_BAD_REQUEST, "body field 'task' must be a task name (str)")
-            agent = new_agent(self.policy, experts, dims, seed, self._task_config(task), past_horizon,
-                              self.agent_config)
+            agent = self._place(new_agent(self.policy, experts, dims, seed, self._task_config(task), past_horizon,
+                                          self.agent_config))
             s = Session(name, agent, seed, rounds, now, now, task)
         secret = secrets.token_urlsafe(24)  # the caller's proof of ownership, for every later request
         s.owner = hashlib.sha256(secret.encode()).hexdigest()
@@ -450,8 +458,8 @@ class SessionManager:
             experts = _int(body, "experts", s.agent.n_experts, 1, self.limits.max_experts, E_LIMIT)
             dims = _int(body, "dims", s.dims, 1, self.limits.max_dims, E_LIMIT)
             seed = _int(body, "seed", (s.seed + s.episode + 1) % (MAX_SEED + 1))
-            agent = new_agent(self.policy, experts, dims, seed, self._task_config(s.task), s.agent.past_horizon,
-                              self.agent_config)
+            agent = self._place(new_agent(self.policy, experts, dims, seed, self._task_config(s.task),
+                                          s.agent.past_horizon, self.agent_config))
 
             def change():
                 s.agent, s.episode, s.last_outputs, s.pending = agent, s.episode + 1, None, 0
@@ -561,6 +569,7 @@ class SessionManager:
         return {"sessions": n, "uptime_s": round(time.time() - self.started, 3),
                 "policy": {"name": self.policy.name, "sha256": self.policy.card.get("sha256")},
                 "checkpoint_every": self.checkpoint_every,
+                **({"placement": self.placement.describe()} if self.placement is not None else {}),
                 "fsync": bool(self.store and self.store.fsync)} | self.metrics.to_dict() | self.status_hook()
 
     def _k_health(self, name: str | None, body: dict) -> dict:

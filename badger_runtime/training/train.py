@@ -14,13 +14,14 @@ import math
 import os
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import ConfigError, ExperimentConfig, Stage, TaskConfig, from_dict, to_dict
+from .. import episodes
+from ..config import ConfigError, ExperimentConfig, from_dict, to_dict
+from ..curriculum import stage_at, stage_settings, task_at  # noqa: F401  (also the ES trainer's)
 from ..engine import Agent
 from ..episodes import Driver, drive
 from ..evaluation import evaluate
@@ -33,43 +34,7 @@ MAX_AGE = 5000  # continued agents (train.continue_prob) are reset past this man
 
 
 def objective_weights(kind: str, steps: int) -> torch.Tensor:
-    if kind == "last":
-        w = torch.zeros(steps)
-        w[-1] = 1.0
-    elif kind == "mean":
-        w = torch.ones(steps)
-    else:  # weighted: later steps count more, every step counts
-        w = torch.arange(1, steps + 1, dtype=torch.float32)
-    return w / w.sum()
-
-
-def stage_at(cfg: ExperimentConfig, batch: int) -> Stage | None:
-    for s in cfg.train.stages:
-        if batch < s.until:
-            return s
-    return None
-
-
-def task_at(cfg: ExperimentConfig, batch: int) -> tuple[TaskConfig, Stage | None]:
-    s = stage_at(cfg, batch)
-    task = cfg.task
-    if s is not None:
-        task = replace(task, dims=s.dims or task.dims, experts=s.experts or task.experts,
-                       addresses=s.addresses or task.addresses, **stage_settings(task, s))
-        if task.addresses == "fixed" and s.change_every:
-            task = replace(task, address_seed=cfg.task.address_seed + 1000 + batch // s.change_every)
-    return task, s
-
-
-def stage_settings(task: TaskConfig, stage: Stage) -> dict:
-    """A stage's other task settings, checked against the task's settings class."""
-    from ..config import _coerce, _hints
-
-    hints = _hints(type(task))
-    unknown = set(stage.settings) - set(hints) | ({"name"} & set(stage.settings))
-    if unknown:
-        raise ConfigError(f"train.stages: task {task.name!r} has no settings {sorted(unknown)}")
-    return {k: _coerce(hints[k], v, f"train.stages.settings.{k}") for k, v in stage.settings.items()}
+    return torch.from_numpy(episodes.objective_weights(kind, steps))
 
 
 def lr_at(cfg: ExperimentConfig, batch: int) -> float:
@@ -142,6 +107,60 @@ def load_checkpoint(path: str | Path) -> dict:
     return ck
 
 
+def load_initial_weights(policy: ExpertPolicy, init_from: str):
+    """Start ``policy`` from the weights ``train.init_from`` names: a checkpoint (``.pt``, either
+    outer loop's), or a policy (a shipped policy's name or ``NAME.onnx``: its graph's initializers,
+    named as the torch ``state_dict``, and its card's initial state)."""
+    if str(init_from).endswith(".pt"):
+        weights = policy_from_checkpoint(load_checkpoint(init_from))[0].state_dict()
+    else:
+        import onnx
+        from onnx import numpy_helper
+
+        from ..policy_card import load_policy
+
+        pol = load_policy(init_from)
+        weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+                   for i in onnx.load(str(pol.path)).graph.initializer}
+        weights["h0"] = torch.from_numpy(np.array(pol.h0))
+    try:
+        policy.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ConfigError(f"train.init_from: {init_from} does not fit this policy: {e}") from None
+
+
+def check_resumable(ck: dict, path, cfg: ExperimentConfig, outer: str, ignore: tuple[str, ...] = ()):
+    """Refuse to resume a checkpoint of another outer loop or another config (settings that older
+    checkpoints lack count as their defaults; ``ignore``: train settings that do not change the
+    run, e.g. ES's worker count)."""
+    if ck.get("outer", "bptt") != outer:
+        raise ConfigError(f"cannot resume {path} with --outer {outer}: it was trained by --outer "
+                          f"{ck.get('outer', 'bptt')}")
+
+    def norm(d):
+        d = to_dict(from_dict(ExperimentConfig, d))
+        for key in ignore:  # "train.es.workers"
+            *path, name = key.split(".")
+            node = d
+            for k in path:
+                node = node[k]
+            node.pop(name, None)
+        return d
+
+    if norm(ck["config"]) != norm(to_dict(cfg)):
+        raise ConfigError(f"cannot resume {path}: it was trained with another config")
+
+
+def progress_bar(name: str, total: int, completed: int):
+    """A rich progress bar (started) and its task id; ``bar.update(tid, completed=, info=)``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    bar.start()
+    return bar, bar.add_task(name, total=total, completed=completed, info="")
+
+
 def policy_from_checkpoint(ck: dict) -> tuple[ExpertPolicy, ExperimentConfig]:
     cfg = from_dict(ExperimentConfig, ck["config"]).validate()
     policy = ExpertPolicy(cfg.agent.policy)
@@ -168,15 +187,10 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.train.lr)
     first_batch, wall = 0, 0.0
     if cfg.train.init_from:
-        src_policy, _ = policy_from_checkpoint(load_checkpoint(cfg.train.init_from))
-        try:
-            policy.load_state_dict(src_policy.state_dict())
-        except RuntimeError as e:
-            raise ConfigError(f"train.init_from: {cfg.train.init_from} does not fit this policy: {e}") from None
+        load_initial_weights(policy, cfg.train.init_from)
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
-        if ck["config"] != to_dict(cfg):
-            raise ConfigError(f"cannot resume {ck_path}: it was trained with another config")
+        check_resumable(ck, ck_path, cfg, "bptt")
         policy.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         rng.bit_generator.state = ck["rng"]
@@ -196,12 +210,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
 
     bar = None
     if progress:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-        bar.start()
-        tid = bar.add_task(cfg.name, total=cfg.train.batches, completed=first_batch, info="")
+        bar, tid = progress_bar(cfg.name, cfg.train.batches, first_batch)
     window, t_last, carry = [], time.perf_counter(), None
     with open(metrics_path, "a") as mf:
         for b in range(first_batch, cfg.train.batches):

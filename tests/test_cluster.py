@@ -1,0 +1,347 @@
+"""Past one machine (cluster/): the numpy policy, evolution strategies, and Ray.
+
+Without Ray installed the Ray tests are skipped (the rest runs: ES in one process, the numpy
+policy's parity, the fallbacks). With Ray, one local instance (2 CPUs, a 200 MB object store)
+serves the whole module and is stopped at its end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+from badger_runtime.cluster import INSTALL_HINT, have_ray
+from badger_runtime.cluster.es import (CENTER, LocalPool, centered_ranks, es_gradient, evaluate_members, generation,
+                                       make_pool, train_es)
+from badger_runtime.cluster.numpy_policy import NumpyPolicy, PopulationPolicy, flatten, n_params, offsets
+from badger_runtime.config import ConfigError
+from badger_runtime.engine import numpy_ops
+from badger_runtime.episodes import Change
+from badger_runtime.evaluation import run_episodes
+from badger_runtime.policy_card import load_policy
+
+from .conftest import tiny_experiment
+
+needs_ray = pytest.mark.skipif(not have_ray(), reason=f"Ray is not installed ({INSTALL_HINT})")
+
+
+def es_experiment(generations=60, **es):
+    """A small fixed-size guessing game for ES tests (d = 2, N = 3, 6 steps, per-dim feedback)."""
+    cfg = tiny_experiment(dims=(2, 2), experts=(3, 3))
+    cfg.train.batches, cfg.train.log_every, cfg.train.ckpt_every, cfg.train.eval_episodes = generations, 10, 10, 32
+    cfg.train.es = dataclasses.replace(cfg.train.es, **({"population": 16, "episodes": 8, "sigma": 0.02,
+                                                          "lr": 0.01} | es))
+    return cfg.validate()
+
+
+def held_out_loss(cfg, theta) -> float:
+    """The objective loss of theta on a fixed set of 64 episodes no generation draws."""
+    job = dataclasses.replace(generation(cfg, 0), seed=987_654, episodes=64)
+    return float(evaluate_members(job, theta, [CENTER])[0, 0])
+
+
+# ---- the numpy policy ------------------------------------------------------------------------------
+
+def test_numpy_policy_matches_torch_and_onnx(tiny_run, tiny_policy):
+    """The flat-vector numpy policy computes the torch model's step and the exported graph's (1e-5),
+    and a population of them computes each member's rows."""
+    import torch
+
+    from badger_runtime.training.train import load_checkpoint, policy_from_checkpoint
+
+    torch_pol, cfg = policy_from_checkpoint(load_checkpoint(tiny_run[0] / "checkpoint.pt"))
+    spec = cfg.agent.policy
+    theta = flatten(torch_pol.state_dict())
+    assert theta.shape == (n_params(spec),)
+    npol = NumpyPolicy(spec, theta)
+    onnx = load_policy(tiny_policy)
+    assert np.array_equal(npol.h0, onnx.h0)
+    rng = np.random.default_rng(0)
+    x = (rng.uniform(-1, 1, (9, spec.hidden)), 2 * rng.standard_normal((9, spec.msg_dim)),
+         2 * rng.standard_normal((9, spec.sensed_dim)))
+    x = tuple(a.astype(np.float32) for a in x)
+    with torch.no_grad():
+        ref = [t.numpy() for t in torch_pol(*map(torch.from_numpy, x))]
+    for got in (npol.step(*x), onnx.step(*x)):
+        assert max(float(np.abs(r - g).max()) for r, g in zip(ref, got)) < 1e-5
+    other = theta + 0.1 * rng.standard_normal(theta.size).astype(np.float32)
+    pop = PopulationPolicy(spec, np.stack([theta, other]), episodes=1)
+    h2, hd = pop.step(*(np.concatenate([a, a]) for a in x))
+    assert np.allclose(h2[:9], npol.step(*x)[0], atol=1e-6)
+    assert np.allclose(hd[9:], NumpyPolicy(spec, other).step(*x)[1], atol=1e-6)
+    # the deploy engine runs it: the same evaluation as the ONNX graph
+    kw = {"dims": 3, "experts": 4, "episodes": 8, "seed": 3, "steps": 5}
+    a = run_episodes(numpy_ops(), onnx, onnx.agent, onnx.task, **kw)
+    b = run_episodes(numpy_ops(), npol, onnx.agent, onnx.task, **kw)
+    assert np.abs(a.outputs - b.outputs).max() < 1e-4
+
+
+# ---- evolution strategies in one process ----------------------------------------------------------
+
+def test_es_maths():
+    r = centered_ranks(np.array([3.0, -1.0, np.nan, 10.0]))
+    assert r.tolist() == [pytest.approx(1 / 6), pytest.approx(-1 / 6), -0.5, 0.5]
+    # on a quadratic the ES gradient points uphill
+    dim, sigma = 50, 0.1
+    f = lambda th: -float(((th - 1.0) ** 2).sum())  # noqa: E731
+    theta = np.zeros(dim, np.float32)
+    from badger_runtime.cluster.es import member_theta
+
+    fit = np.array([f(member_theta(theta, sigma, 0, 0, m)) for m in range(200)])
+    g = es_gradient(fit, sigma, 0, 0, dim)
+    assert np.dot(g, np.ones(dim)) / np.linalg.norm(g) / np.sqrt(dim) > 0.7
+
+
+def test_es_trains_resumes_and_exports(tmp_path, monkeypatch):
+    """ES in one process: a run stopped after its checkpoint at generation 10 and resumed ends with
+    the parameters of the run done at once; the checkpoint is the BPTT trainer's format (BPTT refuses
+    to resume it), exports to ONNX, and the exported graph is the numpy policy of the parameters."""
+    import torch
+
+    from badger_runtime.cluster import es
+    from badger_runtime.training.export import export
+    from badger_runtime.training.train import train
+
+    quiet = {"progress": False, "log": lambda *a: None}
+    train_es(es_experiment(generations=20), tmp_path / "once", final_eval=False, **quiet)
+    real = es.generation
+
+    def crash_at_15(cfg, g):
+        if g == 15:
+            raise KeyboardInterrupt
+        return real(cfg, g)
+
+    monkeypatch.setattr(es, "generation", crash_at_15)
+    with pytest.raises(KeyboardInterrupt):
+        train_es(es_experiment(generations=20), tmp_path / "twice", final_eval=False, **quiet)
+    monkeypatch.setattr(es, "generation", real)
+    with pytest.raises(ConfigError, match="another config"):  # another config: refused
+        train_es(es_experiment(generations=30), tmp_path / "twice", resume=True, **quiet)
+    summary = train_es(es_experiment(generations=20), tmp_path / "twice", resume=True, workers=0, **quiet)
+    a = torch.load(tmp_path / "once" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=False)
+    assert a["outer"] == "es" and a["batch"] == b["batch"] == 20
+    assert np.array_equal(a["theta"], b["theta"])
+    assert "final_mse" in summary["eval"] and summary["outer"] == "es"
+    rows = [json.loads(line) for line in open(tmp_path / "twice" / "metrics.jsonl")]
+    assert [r["generation"] for r in rows] == [10, 20]
+    with pytest.raises(ConfigError, match="--outer es"):
+        train(es_experiment(generations=20), tmp_path / "twice", resume=True, progress=False, final_eval=False,
+              log=lambda *a: None)
+    card = export(tmp_path / "twice" / "checkpoint.pt", tmp_path / "es.onnx")
+    assert card["training"]["outer"] == "es"
+    pol = load_policy(tmp_path / "es.onnx")
+    x = (np.zeros((4, pol.spec.hidden), np.float32), np.ones((4, pol.spec.msg_dim), np.float32),
+         np.ones((4, pol.spec.sensed_dim), np.float32))
+    assert np.abs(pol.step(*x)[1] - NumpyPolicy(pol.spec, b["theta"]).step(*x)[1]).max() < 1e-5
+
+
+def test_es_cli_and_fallbacks(tmp_path, monkeypatch):
+    """`badger train --outer es` runs; --workers goes with --outer es; workers without Ray fall back
+    to this process; --ray without Ray says how to install it."""
+    from badger_runtime import cluster
+    from badger_runtime.cli import main
+
+    toml = tmp_path / "es.toml"
+    toml.write_text('[agent.policy]\nhidden = 8\n[task]\nfeedback = "per_dim"\ndims = [2, 2]\nexperts = [2, 2]\n'
+                    'steps = 4\n[train]\nbatches = 3\nlog_every = 1\neval_episodes = 8\n'
+                    '[train.es]\npopulation = 4\nepisodes = 2\n')
+    assert main(["train", str(toml), "--out", str(tmp_path / "run"), "--outer", "es", "--quiet"]) == 0
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert main(["train", str(toml), "--out", str(tmp_path / "run2"), "--workers", "2", "--quiet"]) == 2
+    assert main(["train", str(toml), "--out", str(tmp_path / "r"), "--outer", "es", "--set",
+                 "train.es.population=3"]) == 2  # odd: refused
+    monkeypatch.setattr(cluster, "have_ray", lambda: False)
+    said = []
+    assert isinstance(make_pool(2, log=said.append), LocalPool) and "not installed" in said[0]
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails
+    with pytest.raises(ImportError, match=r"pip install 'badger-runtime\[cluster\]'"):
+        make_pool(2, "auto")
+
+
+# ---- on a local Ray cluster -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_local():
+    pytest.importorskip("ray", reason=f"Ray is not installed ({INSTALL_HINT})")
+    from badger_runtime.cluster import connect, disconnect
+
+    ray = connect(num_cpus=2, object_store_memory=200 * 2**20)
+    yield ray
+    disconnect()
+
+
+@needs_ray
+def test_es_on_ray_workers_improves_fitness_and_equals_one_process(ray_local, tmp_path):
+    """ES with the population scored by 2 Ray workers lowers the loss on held-out episodes, and gives
+    exactly the parameters of the same run in one process."""
+    import torch
+
+    es = {"generations": 40, "population": 64, "sigma": 0.05, "lr": 0.02}
+    cfg = es_experiment(**es)
+    train_es(cfg, tmp_path / "ray", progress=False, final_eval=False, log=lambda *a: None, workers=2)
+    local = es_experiment(**es)
+    train_es(local, tmp_path / "local", progress=False, final_eval=False, log=lambda *a: None, workers=0)
+    theta = torch.load(tmp_path / "ray" / "checkpoint.pt", weights_only=False)["theta"]
+    assert np.allclose(theta, torch.load(tmp_path / "local" / "checkpoint.pt", weights_only=False)["theta"],
+                       atol=1e-6)
+    torch.manual_seed(cfg.train.seed)
+    from badger_runtime.training.model import ExpertPolicy
+
+    theta0 = flatten(ExpertPolicy(cfg.agent.policy).state_dict())
+    before, after = held_out_loss(cfg, theta0), held_out_loss(cfg, theta)
+    assert after < 0.9 * before, (before, after)  # 1.26 -> 1.07 (chance, guessing 0: 1.0)
+    rows = [json.loads(line) for line in open(tmp_path / "ray" / "metrics.jsonl")]
+    assert rows[0]["workers"] == 2
+
+
+@needs_ray
+@pytest.mark.parametrize("rule", ["fixed", "convergence"])
+def test_ray_shards_equal_in_process_shards(ray_local, tiny_policy, rule):
+    """The Ray-actor shards give the in-process shards' outputs (1e-5) over several steps, with
+    experts hot-added and removed between steps (the evaluation path: run_episodes)."""
+    pol = load_policy(tiny_policy)
+    a = pol.agent
+    agent = dataclasses.replace(a, routing=dataclasses.replace(a.routing, kind="topk", k=2, candidates=3),
+                                agreement=dataclasses.replace(a.agreement, rule=rule, rounds=3, eps=0.2))
+    kw = {"dims": 3, "experts": 7, "episodes": 3, "seed": 4, "steps": 6,
+          "changes": (Change(2, "add", 3, "fresh"), Change(3, "add", 2, "clone"), Change(4, "remove", 4))}
+    ref = run_episodes(numpy_ops(), pol, agent, pol.task, runtime="sharded", shards=2, **kw)
+    got = run_episodes(numpy_ops(), pol, agent, pol.task, runtime="ray", shards=2, **kw)
+    assert np.abs(ref.outputs - got.outputs).max() <= 1e-5
+    assert np.array_equal(ref.rounds, got.rounds)
+    assert got.runtime["shards"] == 2 and got.runtime["blocks"] > 0
+
+
+@needs_ray
+def test_served_session_on_a_ray_actor_survives_its_actor_being_killed(ray_local, tiny_policy, tmp_path):
+    """A session whose agent lives in a Ray actor answers like a local one; SIGKILL its actor
+    mid-session and the next request restores it from the session's last state: the outputs go on
+    exactly as the local session's. Bad input comes back as bad_input."""
+    from badger_runtime.cluster.sessions import RayPlacement
+    from badger_runtime.serve.sessions import SessionManager
+    from badger_runtime.serve.store import SessionStore
+
+    pol = load_policy(tiny_policy)
+    managers = {"ray": SessionManager(pol, SessionStore(tmp_path / "ray", fsync=False),
+                                      placement=RayPlacement(pol)),
+                "local": SessionManager(pol, SessionStore(tmp_path / "local", fsync=False))}
+    ids = iter(range(1000))
+    secrets = {}  # manager -> the secret its open returned (sent on every later request, as a client does)
+
+    def req(m, kind, **body):
+        if id(m) in secrets:
+            body["secret"] = secrets[id(m)]
+        r = m.handle({"kind": kind, "id": next(ids), "session": "s", "body": body})
+        if kind == "open" and r["ok"]:
+            secrets[id(m)] = r["body"]["secret"]
+        return r
+
+    target = np.array([0.4, -0.3, 0.1])
+    outs = {}
+    for where, m in managers.items():
+        assert req(m, "open", experts=4, dims=3, seed=2)["ok"]
+        out, outs[where] = np.zeros(3), []
+        for t in range(7):
+            if t == 2:
+                assert req(m, "add_experts", n=2, init="fresh")["ok"]
+            if t == 4:
+                assert req(m, "remove_experts", indices=[1, 3])["ok"]
+            if where == "ray" and t in (3, 5):
+                hosted = m.sessions["s"].agent
+                os.kill(ray_local.get(hosted.actor.pid.remote()), signal.SIGKILL)
+            r = req(m, "step", observation=out.tolist(), feedback=(out - target).tolist())
+            assert r["ok"], r
+            out = np.asarray(r["body"]["outputs"], np.float64)
+            outs[where].append(out)
+    hosted = managers["ray"].sessions["s"].agent
+    assert hosted.restarts == 2
+    assert np.abs(np.array(outs["ray"]) - np.array(outs["local"])).max() <= 1e-6
+    bad = req(managers["ray"], "step", slots=[float("nan")] * hosted.slots)
+    assert bad["error"]["code"] == "bad_input"
+    stats = managers["ray"].handle({"kind": "stats", "id": 999, "session": None, "body": {}})
+    assert stats["body"]["placement"]["actor_restarts"] == 2
+    del managers, hosted
+    gc.collect()  # the host actors go with their handles
+
+
+@pytest.mark.parametrize("part", ["hard top-1 routing", "quorum vote"])
+def test_es_trains_what_backprop_cannot_see(part):
+    """Parts that are not differentiable as deployed: with top-1 routing each receiver hears its
+    best-scoring sender with weight exactly 1, and the quorum's stop decision is a threshold on the
+    votes. BPTT's task-loss gradient for the heads that drive them (query and key; the vote) is
+    exactly zero, while moving only those heads changes the loss ES measures in the deploy engine."""
+    import torch
+
+    from badger_runtime.rollout import rollout, sample_wiring
+    from badger_runtime.tasks import make_task
+    from badger_runtime.training.model import ExpertPolicy, torch_ops
+
+    cfg = es_experiment(generations=1)
+    spec = cfg.agent.policy
+    if part == "hard top-1 routing":
+        cfg.agent.routing = dataclasses.replace(cfg.agent.routing, kind="topk", k=1)
+        rows = np.arange(0, 2 * spec.key_dim)  # query, key
+    else:
+        cfg.agent.agreement = dataclasses.replace(cfg.agent.agreement, rule="quorum", rounds=4, quorum=0.5)
+        cfg.train.rounds = (4, 4)
+        rows = np.array([2 * spec.key_dim + spec.msg_dim])  # vote
+    torch.manual_seed(0)
+    policy = ExpertPolicy(spec)
+    rng = np.random.default_rng(0)
+    ep = make_task(cfg.task).sample(rng, 16, dims=2, experts=3, steps=6, addr_dim=spec.addr_dim)
+    out = rollout(torch_ops(), policy, cfg.agent, ep, sample_wiring(rng, cfg.agent, 16, 3), steps=6, rounds=4)
+    out.losses.mean().backward()
+    grad = policy.heads.weight.grad
+    assert float(grad.abs().sum()) > 0 and float(grad[rows].abs().max()) == 0.0  # BPTT: nothing to follow
+    theta = flatten(policy.state_dict())
+    start = offsets(spec)["heads.weight"]  # [heads_dim, H], then heads.bias [heads_dim]
+    moved = theta.copy()
+    flat_rows = (start + rows[:, None] * spec.hidden + np.arange(spec.hidden)[None]).ravel()
+    moved[flat_rows] += 1.0 * np.random.default_rng(1).standard_normal(flat_rows.size).astype(np.float32)
+    if part == "quorum vote":  # and the vote's bias: every expert votes 'done' at once
+        moved[offsets(spec)["heads.bias"] + rows] += 10.0
+    job = generation(cfg, 0)
+    a, b = evaluate_members(job, theta, [CENTER])[0, 0], evaluate_members(job, moved, [CENTER])[0, 0]
+    assert abs(a - b) > 1e-3, (a, b)  # ES: the deployed loss moves
+
+
+def test_init_from_a_checkpoint_or_a_policy(tiny_run, tiny_policy):
+    """train.init_from takes a checkpoint or an exported policy (its graph's weights and its card's
+    initial state): both give the trained weights (how ES fine-tunes a shipped BPTT policy)."""
+    import torch
+
+    from badger_runtime.training.model import ExpertPolicy
+    from badger_runtime.training.train import load_checkpoint, load_initial_weights, policy_from_checkpoint
+
+    ref, cfg = policy_from_checkpoint(load_checkpoint(tiny_run[0] / "checkpoint.pt"))
+    for source in (str(tiny_run[0] / "checkpoint.pt"), str(tiny_policy)):
+        policy = ExpertPolicy(cfg.agent.policy)
+        load_initial_weights(policy, source)
+        for (k, a), b in zip(policy.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(a, b), (source, k)
+    with pytest.raises(ConfigError, match="does not fit"):
+        load_initial_weights(ExpertPolicy(dataclasses.replace(cfg.agent.policy, hidden=8)), str(tiny_policy))
+
+
+@needs_ray
+def test_bench_runtime_has_ray_rows(ray_local):
+    """`badger bench runtime --engines batched,ray`: rows with "engine": "ray" and the other engines'
+    fields, the batched engine's outputs, and the Ray overhead per round."""
+    from badger_runtime.bench.runtime import RuntimeBench, time_engines
+
+    spec = RuntimeBench(experts=[12], engines=["batched", "ray"], steps=2, warmup=0, memory=False, isolate=False,
+                        shards=2)
+    rows = {r["engine"]: r for r in time_engines(spec, 12)}
+    ray_row = rows["ray"]
+    for key in ("seconds_per_step", "expert_steps_per_s", "messages_per_s", "max_diff_vs_batched", "shards"):
+        assert key in ray_row, key
+    assert ray_row["max_diff_vs_batched"] <= 1e-5 and ray_row["shards"] == 2
+    assert ray_row["ray_overhead_s_per_round"] >= ray_row["ray_overhead_min_s_per_round"] >= 0
