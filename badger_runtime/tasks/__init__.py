@@ -40,6 +40,7 @@ from ..membrane import Interface
 # name -> "module:Class" (imported when first used, so optional dependencies stay optional)
 REGISTRY: dict[str, str] = {
     "guessing": "badger_runtime.tasks.guessing:GuessingTask",
+    "bandit": "badger_runtime.tasks.bandit:BanditTask",
 }
 _BUILTIN = frozenset(REGISTRY)
 _loaded: dict[str, type["Task"]] = {}
@@ -153,6 +154,9 @@ class Task:
     config_class: ClassVar[type[TaskConfig]] = TaskConfig
     size_name: ClassVar[str] = "dims"  # what d is called in this task (dims, classes, arms)
     loss_name: ClassVar[str] = "error"  # the metric the training loss follows (names a metrics() key)
+    # A task whose feedback slot points at one of the outputs (the bandit's pulled arm) names the
+    # field a served step gives that output's index in, and ``point`` sets it (see ``point``).
+    pointer_field: ClassVar[str | None] = None
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -166,6 +170,12 @@ class Task:
     def sample(self, rng: np.random.Generator, batch: int, *, dims: int, experts: int, steps: int,
                addr_dim: int) -> TaskEpisode:
         raise NotImplementedError
+
+    @classmethod
+    def point(cls, interface: Interface, index: int | None) -> Interface:
+        """A task with a ``pointer_field``: the interface of one episode whose feedback slot points at
+        output ``index`` (None: at none), a new object (a served step; the old one is left intact)."""
+        raise NotImplementedError(f"task {cls.name!r} has no pointer field")
 
     def extend(self, rng: np.random.Generator, episode: TaskEpisode, steps: int) -> TaskEpisode:
         """The same episodes, carried on up to inner step ``steps`` (a never-reset agent's next
