@@ -69,9 +69,10 @@ def test_the_arm_and_its_feedback_come_from_the_outputs_as_documented(choice):
         rows = np.arange(6)
         assert np.array_equal(vals[:, :4], scores)  # the previous scores
         assert np.allclose(vals[:, 4], 1.0 - ep.rewards[t - 1, rows, arm])  # the pull's loss
-        fb = ep.interface.slot_addr[:, -1]  # points at the pulled arm
+        fb = ep.interface.slot_addr[:, -1]  # points at the pulled arm, along or against it: 2r - 1
         assert (fb[:, KIND_FEEDBACK] == 1).all() and (fb[:, KIND_OBSERVATION] == 0).all()
-        assert np.array_equal(fb[:, N_KIND_FLAGS:], ep.interface.out_addr[rows, arm, N_KIND_FLAGS:])
+        sign = 2.0 * ep.rewards[t - 1, rows, arm] - 1.0
+        assert np.allclose(fb[:, N_KIND_FLAGS:], sign[:, None] * ep.interface.out_addr[rows, arm, N_KIND_FLAGS:])
         m = ep.metrics(t - 1, scores)
         mu = ep.means[t - 1]
         assert np.allclose(m["regret"], mu.max(axis=1) - mu[rows, arm])
@@ -103,6 +104,19 @@ def test_losses_and_continued_episodes():
     more = bd.extend(np.random.default_rng(1), default_config("bandit", sf_weight=1.0), ep, 30)
     assert more.t_off == 11 and more.end == 30 and np.array_equal(more.rewards[0], ep.rewards[11])
     assert np.array_equal(more.means[5], ep.means[0]) and more.interface is ep.interface
+
+
+def test_torch_tensors_never_alias_the_slot_addresses_a_task_updates():
+    """Training saves each step's slot addresses for the backward pass; the bandit rewrites the
+    feedback slot's address at every step, so TorchOps.asarray must copy."""
+    import torch
+
+    from badger_runtime.xp import TorchOps
+
+    a = np.zeros((2, 3), np.float32)
+    t = TorchOps(torch).asarray(a)
+    a[0, 0] = 1.0
+    assert float(t[0, 0]) == 0.0
 
 
 def test_changing_means_redraw_every_a_to_b_steps():

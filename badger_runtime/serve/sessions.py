@@ -417,7 +417,7 @@ class SessionManager:
 
     def _k_step(self, name: str | None, body: dict) -> dict:
         def step(s: Session) -> dict:
-            from ..tasks import task_class
+            from ..tasks import make_task
 
             a = s.agent
             parts = s.parts
@@ -443,7 +443,7 @@ class SessionManager:
 
             def change():
                 if pointer:  # the feedback slot points at output `index` (none when the field is left out)
-                    a.interface = task_class(s.task).point(a.interface, index)
+                    a.interface = make_task(self._task_config(s.task)).point(a.interface, index, vals)
                 out, info = a.step(vals, rounds=s.rounds)
                 s.last_outputs = np.asarray(out[0], np.float32)
                 s.steps_total += 1

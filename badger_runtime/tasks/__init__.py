@@ -171,11 +171,11 @@ class Task:
                addr_dim: int) -> TaskEpisode:
         raise NotImplementedError
 
-    @classmethod
-    def point(cls, interface: Interface, index: int | None) -> Interface:
+    def point(self, interface: Interface, index: int | None, slot_values: np.ndarray) -> Interface:
         """A task with a ``pointer_field``: the interface of one episode whose feedback slot points at
-        output ``index`` (None: at none), a new object (a served step; the old one is left intact)."""
-        raise NotImplementedError(f"task {cls.name!r} has no pointer field")
+        output ``index`` (None: at none) for a step with these slot values [1, J]; a new object (a
+        served step: the old one is left intact for its undo)."""
+        raise NotImplementedError(f"task {self.name!r} has no pointer field")
 
     def extend(self, rng: np.random.Generator, episode: TaskEpisode, steps: int) -> TaskEpisode:
         """The same episodes, carried on up to inner step ``steps`` (a never-reset agent's next
@@ -192,6 +192,14 @@ class Task:
     def card_evaluations(self) -> list[tuple[int, int, int]]:
         """(dims, experts, steps) at which ``badger export`` evaluates a policy for its card."""
         return [(self.default_dims(), self.default_experts(), self.cfg.steps)]
+
+    def card_notes(self) -> dict:
+        """What a policy card says about this task beyond its settings (e.g. how the outputs are used)."""
+        return {}
+
+    def card_summary(self, report: dict) -> dict:
+        """Report keys a card's evaluation row keeps besides the floats and ``*_by_step`` curves."""
+        return {}
 
     def report(self, metrics: dict[str, np.ndarray], episodes: list[TaskEpisode], *, steps: int, seed: int,
                baselines: bool = True) -> dict:

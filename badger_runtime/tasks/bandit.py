@@ -57,6 +57,7 @@ from .guessing import random_addresses
 
 DISTS = bb.DISTS
 CHOICES = ("sample", "argmax")
+POINTERS = ("reward", "arm")
 TUNE_EPISODES = 200  # epsilon-greedy's rate is tuned on this many training-distribution episodes
 TUNE_SEED = 12345  # ... drawn with this seed (never an evaluation seed's stream)
 
@@ -73,6 +74,7 @@ class BanditConfig(TaskConfig):
     choice: str = "sample"  # how the environment picks the arm from the scores: sample | argmax
     temperature: float = 0.25  # choice = sample: softmax(scores / temperature)
     change_every: tuple[int, int] = (0, 0)  # the means are drawn afresh every U[a, b] steps (0 = never)
+    pointer: str = "reward"  # the feedback slot's address: the pulled arm's times its reward ('reward') or not ('arm')
     sf_weight: float = 1.0  # training: weight of the score-function term (0: the dense surrogate only)
     sf_discount: float = 0.98  # training: discount of the regret-to-go in the score-function term
 
@@ -80,6 +82,8 @@ class BanditConfig(TaskConfig):
         super().validate()
         if self.arm_dist not in DISTS:
             raise ConfigError(f"task.arm_dist must be one of {DISTS}, got {self.arm_dist!r}")
+        if self.pointer not in POINTERS:
+            raise ConfigError(f"task.pointer must be one of {POINTERS}, got {self.pointer!r}")
         if self.choice not in CHOICES:
             raise ConfigError(f"task.choice must be one of {CHOICES}, got {self.choice!r}")
         if not self.temperature > 0 or not self.sigma > 0:
@@ -117,14 +121,23 @@ def feedback_code(reward: np.ndarray, dist: str, sigma: float = 1.0) -> np.ndarr
     return (1.0 - r) if dist == "bernoulli" else 0.5 - r / np.float32(2.0 * sigma)
 
 
-def point_feedback(itf: Interface, arms, copy: bool = False) -> Interface:
+def pointer_scale(loss, pointer: str) -> np.ndarray:
+    """How far the feedback slot's address points along the pulled arm's address: 1 - 2 x loss (the
+    reward: 2r - 1 for a Bernoulli arm, r / sigma for a Gaussian one) with ``pointer = "reward"``, 1
+    with ``pointer = "arm"``."""
+    loss = np.asarray(loss, np.float32)
+    return (1.0 - 2.0 * loss) if pointer == "reward" else np.ones_like(loss)
+
+
+def point_feedback(itf: Interface, arms, scale=None, copy: bool = False) -> Interface:
     """Point each episode's feedback slot (the last slot) at its pulled arm (``arms`` [B]; -1: none yet,
-    the bare feedback flag): the arm's output address with the feedback flag. Written into
-    ``itf.slot_addr`` in place (every runtime reads it at each step), or, with ``copy``, into a new
-    interface (a served session's step, which must leave the old one intact for its undo)."""
+    the bare feedback flag): the arm's output address part times ``scale`` [B] (default 1), with the
+    feedback flag. Written into ``itf.slot_addr`` in place (every runtime reads it at each step), or,
+    with ``copy``, into a new interface (a served session's step, which must leave the old one intact)."""
     arms = np.asarray(arms, np.int64).reshape(-1)
+    scale = np.ones(arms.shape, np.float32) if scale is None else np.asarray(scale, np.float32).reshape(-1)
     addr = itf.slot_addr.copy() if copy else itf.slot_addr
-    part = itf.out_addr[np.arange(itf.batch), np.maximum(arms, 0), N_KIND_FLAGS:]
+    part = itf.out_addr[np.arange(itf.batch), np.maximum(arms, 0), N_KIND_FLAGS:] * scale[:, None]
     addr[:, -1, N_KIND_FLAGS:] = np.where((arms >= 0)[:, None], part, 0.0)
     addr[:, -1, :N_KIND_FLAGS] = 0.0
     addr[:, -1, KIND_FEEDBACK] = 1.0
@@ -156,6 +169,7 @@ class Episode(TaskEpisode):
     temperature: float = 0.25
     sf_weight: float = 0.0
     sf_discount: float = 0.98
+    pointer: str = "reward"
     t_off: int = 0  # row 0 of the tables is inner step t_off (agents continued across batches)
     changes: np.ndarray | None = None  # [T, B] bool: the means changed at this step
     next_change: np.ndarray | None = None  # [B] the step of each episode's next change
@@ -189,8 +203,8 @@ class Episode(TaskEpisode):
             point_feedback(self.interface, np.full(B, -1))
             return ops.zeros((B, K + 1))
         a = self.actions(t - 1, ops.to_numpy(prev_output))
-        point_feedback(self.interface, a)
         fb = feedback_code(self.rewards[self.row(t - 1), np.arange(B), a], self.dist, self.sigma)
+        point_feedback(self.interface, a, pointer_scale(fb, self.pointer))
         return ops.concat([ops.asarray(prev_output), ops.asarray(fb[:, None])], axis=-1)
 
     def loss(self, ops, t: int, output):
@@ -273,7 +287,7 @@ def _episode(rng, cfg: BanditConfig, itf: Interface, means: np.ndarray, t_off: i
         rewards = _draw_table(rng, means, cfg.arm_dist, cfg.sigma)
     uniforms = rng.random((T, B)).astype(np.float32)
     return Episode(itf, means, rewards, uniforms, cfg.arm_dist, cfg.sigma, cfg.choice, cfg.temperature, cfg.sf_weight,
-                   cfg.sf_discount, t_off, changes, nxt)
+                   cfg.sf_discount, cfg.pointer, t_off, changes, nxt)
 
 
 def extend(rng: np.random.Generator, cfg: BanditConfig, ep: Episode, steps: int) -> Episode:
@@ -462,6 +476,21 @@ def plot_longrun(report: dict, path):
     plt.close(fig)
 
 
+CONTINUAL = {"steps": 10_000, "episodes": 50, "change_every": (500, 1500)}  # the card's 10,000-step check
+
+
+def card_continual(policy, onnx, *, seed: int = 0) -> dict:
+    """The 10,000-step check for a policy card (its own K and N): ``longrun_report`` without the curves."""
+    c = CONTINUAL
+    a, b = c["change_every"]
+    r = longrun_report(policy, steps=c["steps"], episodes=c["episodes"], seed=seed, change_every=(a, b))
+    keep = {k: v for k, v in r.items() if k not in ("agent", "thompson", "thompson_restarted_at_changes")}
+    for k in ("agent", "thompson", "thompson_restarted_at_changes"):
+        keep[k] = {m: v for m, v in r[k].items() if m != "regret_per_step_by_window"}
+    return keep | {"command": f"badger longrun --policy {onnx} --task bandit --steps {c['steps']} --episodes "
+                              f"{c['episodes']} --seed {seed} --change-every {a} {b} --json"}
+
+
 class BanditTask(Task):
     """The K-armed bandit as a registered task (see the module doc)."""
 
@@ -471,14 +500,32 @@ class BanditTask(Task):
     loss_name = "regret"
     pointer_field = "arm"  # a served step names the arm whose loss its feedback carries
 
-    @classmethod
-    def point(cls, interface: Interface, index: int | None) -> Interface:
-        return point_feedback(interface, np.full(interface.batch, -1 if index is None else index), copy=True)
+    def point(self, interface: Interface, index: int | None, slot_values: np.ndarray) -> Interface:
+        """The served step's pointer: the feedback slot points at arm ``index`` (scaled by the reward the
+        step's feedback value carries), or at none."""
+        scale = pointer_scale(np.asarray(slot_values)[:, -1], self.cfg.pointer)
+        return point_feedback(interface, np.full(interface.batch, -1 if index is None else index), scale, copy=True)
 
     @classmethod
     def evaluation_config(cls, cfg: BanditConfig) -> BanditConfig:
         """Stationary arms (a policy trained with changing means is evaluated without changes)."""
         return dataclasses.replace(cfg, change_every=(0, 0))
+
+    def card_notes(self) -> dict:
+        c = self.cfg
+        how = (f"sampled from softmax(scores / {c.temperature:g}) with a uniform number drawn with the episode"
+               if c.choice == "sample" else "the arm with the highest score (argmax)")
+        continual = bool(c.change_every[1])
+        return {"task": "bandit", "arm_choice": how,
+                "feedback": "one slot: the pulled arm's loss (1 - r), at an address pointing at the pulled arm "
+                            f"({'scaled by its reward 2r - 1' if c.pointer == 'reward' else 'unscaled'})",
+                "continual": continual,
+                "continual_note": (f"trained with arm means drawn afresh every U{list(c.change_every)} steps, never "
+                                   "reset: see evaluation_continual" if continual else
+                                   "trained on stationary arms (episodic)")}
+
+    def card_summary(self, report: dict) -> dict:
+        return {k: report[k] for k in ("regret_at", "baselines_regret_at", "epsilon", "choice") if k in report}
 
     def card_evaluations(self) -> list[tuple[int, int, int]]:
         """The largest trained K and K = 50, for 1,000 steps."""
