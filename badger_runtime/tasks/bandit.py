@@ -218,25 +218,36 @@ class Episode(TaskEpisode):
         return {"regret": g, "best": (g <= 0.0).astype(np.float32)}
 
     def trajectory_loss(self, ops, t0: int, outputs):
-        """The score-function term for the pulled arms' effect on later steps of the chunk:
-        mean over steps and episodes of log pi(a_t) x A_t, where A_t is the discounted regret
-        after step t (detached) minus its mean over the batch at step t."""
+        """The score-function term for each pull's effect on the later steps of the chunk.
+
+        Mean over steps t and episodes of log pi(a_t) x A_t (A_t detached), where A_t measures how
+        much the expected regret went down after the pull: with g_s = sum_k pi_s,k gap_s,k the
+        expected regret at step s (the realized one averaged over the sampling: less noise),
+        A_t = (1 - gamma) sum_{s > t} gamma^(s - t - 1) (g_s - g_t), minus its mean over the batch at
+        step t. Subtracting g_t (fixed before the pull) removes how hard the episode is from the
+        credit; (1 - gamma) puts A_t on the scale of a per-step regret, the dense loss's."""
         if not self.sf_weight or self.choice != "sample":
             return None
         T = outputs.shape[0]
+        if T < 2:
+            return None
         out = ops.to_numpy(outputs)
         rows = np.arange(self.batch)
+        gaps = np.stack([self.gaps(t0 + s) for s in range(T)])  # [T, B, K]
+        g = (softmax_np(out, self.temperature) * gaps).sum(axis=-1)  # [T, B] expected regret
         acts = np.stack([self.actions(t0 + s, out[s]) for s in range(T)])  # [T, B]
-        inst = np.stack([self.gaps(t0 + s)[rows, acts[s]] for s in range(T)])  # [T, B]
-        togo = np.zeros_like(inst)
+        gamma = self.sf_discount
+        togo, weight = np.zeros_like(g), np.zeros(T)  # sum_{s>t} gamma^(s-t-1) g_s and sum of the weights
         for s in range(T - 2, -1, -1):
-            togo[s] = inst[s + 1] + self.sf_discount * togo[s + 1]
-        adv = togo - togo.mean(axis=1, keepdims=True)
+            togo[s] = g[s + 1] + gamma * togo[s + 1]
+            weight[s] = 1.0 + gamma * weight[s + 1]
+        adv = (1.0 - gamma) * (togo - weight[:, None] * g)
+        adv = adv - adv.mean(axis=1, keepdims=True)
         logp = _log_softmax(ops, outputs / self.temperature)  # [T, B, K]
         onehot = np.zeros(out.shape, np.float32)
         onehot[np.arange(T)[:, None], rows[None, :], acts] = 1.0
         logp_a = ops.sum(logp * ops.asarray(onehot), axis=-1)  # [T, B]
-        return self.sf_weight * ops.mean(logp_a * ops.asarray(adv))
+        return self.sf_weight * ops.mean(logp_a * ops.asarray(adv.astype(np.float32)))
 
 
 def _softmax(ops, z):
