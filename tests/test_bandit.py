@@ -35,10 +35,10 @@ def episodes(batch=4, K=5, steps=30, seed=0, addr_dim=6, **cfg):
 
 def test_draws_and_interface_shapes():
     ep = episodes(batch=4, K=5, steps=30)
-    assert ep.batch == 4 and ep.dims == 5 and ep.slots == 6
+    assert ep.batch == 4 and ep.dims == 5 and ep.slots == 7
     assert ep.rewards.shape == (30, 4, 5) and ep.uniforms.shape == (30, 4) and ep.means.shape == (30, 4, 5)
     assert set(np.unique(ep.rewards)) <= {0.0, 1.0} and ((ep.means >= 0) & (ep.means <= 1)).all()
-    assert dict(ep.interface.parts) == {"observation": 5, "feedback": 1}
+    assert dict(ep.interface.parts) == {"observation": 5, "pulled": 1, "feedback": 1}
     # observation slots: the arm addresses with the observation flag
     obs = ep.interface.slot_addr[:, :5]
     assert (obs[..., KIND_OBSERVATION] == 1).all()
@@ -53,11 +53,12 @@ def test_draws_and_interface_shapes():
 def test_the_arm_and_its_feedback_come_from_the_outputs_as_documented(choice):
     ep = episodes(batch=6, K=4, steps=5, choice=choice, temperature=0.5)
     rng = np.random.default_rng(1)
-    # t = 0: every slot 0, the feedback slot's address the bare feedback flag
+    # t = 0: every slot 0, the pointer slots' addresses the bare kind flags
     assert not ep.observe(OPS, 0, np.zeros((6, 4), np.float32)).any()
-    bare = np.zeros(ep.interface.slot_addr.shape[-1], np.float32)
-    bare[KIND_FEEDBACK] = 1
-    assert (ep.interface.slot_addr[:, -1] == bare).all()
+    for slot, kind in ((-2, KIND_OBSERVATION), (-1, KIND_FEEDBACK)):
+        bare = np.zeros(ep.interface.slot_addr.shape[-1], np.float32)
+        bare[kind] = 1
+        assert (ep.interface.slot_addr[:, slot] == bare).all()
     for t in range(1, 5):
         scores = rng.normal(size=(6, 4)).astype(np.float32)
         vals = ep.observe(OPS, t, scores)
@@ -68,11 +69,14 @@ def test_the_arm_and_its_feedback_come_from_the_outputs_as_documented(choice):
             arm = (np.cumsum(p, axis=1) < ep.uniforms[t - 1][:, None]).sum(axis=1)
         rows = np.arange(6)
         assert np.array_equal(vals[:, :4], scores)  # the previous scores
-        assert np.allclose(vals[:, 4], 1.0 - ep.rewards[t - 1, rows, arm])  # the pull's loss
-        fb = ep.interface.slot_addr[:, -1]  # points at the pulled arm, along or against it: 2r - 1
+        assert (vals[:, 4] == 1).all() and np.allclose(vals[:, 5], 1.0 - ep.rewards[t - 1, rows, arm])  # its loss
+        arm_addr = ep.interface.out_addr[rows, arm, N_KIND_FLAGS:]
+        pulled, fb = ep.interface.slot_addr[:, -2], ep.interface.slot_addr[:, -1]  # both point at the pulled arm
+        assert (pulled[:, KIND_OBSERVATION] == 1).all() and (pulled[:, KIND_FEEDBACK] == 0).all()
+        assert np.array_equal(pulled[:, N_KIND_FLAGS:], arm_addr)
         assert (fb[:, KIND_FEEDBACK] == 1).all() and (fb[:, KIND_OBSERVATION] == 0).all()
-        sign = 2.0 * ep.rewards[t - 1, rows, arm] - 1.0
-        assert np.allclose(fb[:, N_KIND_FLAGS:], sign[:, None] * ep.interface.out_addr[rows, arm, N_KIND_FLAGS:])
+        sign = 2.0 * ep.rewards[t - 1, rows, arm] - 1.0  # the feedback pointer: along or against the arm
+        assert np.allclose(fb[:, N_KIND_FLAGS:], sign[:, None] * arm_addr)
         m = ep.metrics(t - 1, scores)
         mu = ep.means[t - 1]
         assert np.allclose(m["regret"], mu.max(axis=1) - mu[rows, arm])
@@ -146,7 +150,7 @@ def test_a_served_session_on_the_bandit_matches_the_engine(pol):
     m = SessionManager(pol)
     call = lambda kind, **body: m.handle({"id": 1, "kind": kind, "session": "b", "token": None, "body": body})  # noqa: E731
     r = call("open", task="bandit", dims=K, experts=n, seed=seed)
-    assert r["ok"] and r["body"]["pointer"] == "arm" and r["body"]["slots"] == K + 1
+    assert r["ok"] and r["body"]["pointer"] == "arm" and r["body"]["slots"] == K + 2
     # the environment on the client's side: the same seeded draws an evaluation makes
     task = default_config("bandit")
     _, ep, wiring = next(sample_batches(task, pol.agent, dims=K, experts=n, episodes=1, seed=seed, steps=T))
@@ -154,14 +158,15 @@ def test_a_served_session_on_the_bandit_matches_the_engine(pol):
     prev = np.zeros((1, K), np.float32)
     for t in range(T):
         vals = ep.observe(OPS, t, prev)
-        body = {"observation": vals[0, :K].tolist(), "feedback": float(vals[0, K]), "t": t}
+        body = {"observation": vals[0, :K].tolist(), "pulled": float(vals[0, K]), "feedback": float(vals[0, K + 1]),
+                "t": t}
         if t:
             body["arm"] = int(ep.actions(t - 1, prev)[0])
         r = call("step", **body)
         assert r["ok"], r
         prev = np.asarray(r["body"]["outputs"], np.float32)[None]
         assert np.abs(prev - ref.outputs[t]).max() <= 1e-5, t
-    assert call("step", observation=[0.0] * K, feedback=0.0, arm=K)["error"]["code"] == "bad_input"
+    assert call("step", observation=[0.0] * K, pulled=1.0, feedback=0.0, arm=K)["error"]["code"] == "bad_input"
 
 
 def run_cli(capsys, *args):

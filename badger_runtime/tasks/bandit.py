@@ -11,17 +11,20 @@ runs with any K. Every inner step t:
   pure function of the seed and the outputs), ``choice = "argmax"`` takes the best score;
 - at step t + 1 the agent senses the reward on that arm.
 
-The membrane's view is the guessing game's scalar-feedback one (``guessing.interface``): K
-observation slots (the agent's own previous scores, at the arm addresses with the observation
-flag) and one feedback slot whose value is the **loss** of the last pull (1 - r for a Bernoulli
-reward r: 0 a win, 1 a loss; 0.5 - r / (2 sigma) for a Gaussian one) and whose **address points
-at the pulled arm**: the arm's output address with the feedback flag (the bare feedback flag
-before the first pull, when every slot is 0). So an expert reading the feedback slot reads the
-pulled arm's address as well as its loss, whatever K. Feedback is a loss as in every task here
-(the guessing game's feedback is its error, 0 = perfect), so a policy trained on another task
-family runs on bandits through the same interface.
+The membrane's view (``interface``): K observation slots (the agent's own previous scores, at
+the arm addresses with the observation flag, as in the guessing game), then two slots whose
+addresses **point at the pulled arm**: ``pulled`` (value 1 once an arm was pulled; address: that
+arm's output address with the observation flag) and ``feedback`` (value: the **loss** of the pull,
+1 - r for a Bernoulli reward r, 0.5 - r / (2 sigma) for a Gaussian one; address: the arm's output
+address scaled by the reward 2r - 1 (r / sigma for a Gaussian one), with the feedback flag). Before
+the first pull both hold 0 at the bare kind flag. So an expert reading these slots reads which arm
+was pulled and what it paid as addresses, whatever K: summing the ``pulled`` pointers counts
+each arm's pulls, summing the ``feedback`` pointers its wins minus losses (with ``pointer = "arm"``
+the feedback address is not scaled; that did not learn: docs/results.md). Feedback is a loss as
+in every task here (the guessing game's feedback is its error, 0 = perfect), so a policy trained
+on another task family runs on bandits through the same interface.
 
-The pointer is written by ``observe`` into the episode's interface (``point_feedback``): the
+The pointers are written by ``observe`` into the episode's interface (``point_feedback``): the
 runtimes read the slot addresses at every step (the engine, the actor runtimes, which hold views
 of the same array), and a served session takes the pulled arm as the step's ``arm`` field.
 
@@ -49,11 +52,10 @@ from typing import ClassVar
 import numpy as np
 
 from ..config import ConfigError, TaskConfig
-from ..membrane import KIND_FEEDBACK, N_KIND_FLAGS, Interface
+from ..membrane import KIND_FEEDBACK, KIND_OBSERVATION, N_KIND_FLAGS, Interface, Visibility
 from . import Task, TaskEpisode
 from . import bandit_baselines as bb
-from .guessing import interface as scalar_interface
-from .guessing import random_addresses
+from .guessing import random_addresses, with_kind
 
 DISTS = bb.DISTS
 CHOICES = ("sample", "argmax")
@@ -129,18 +131,29 @@ def pointer_scale(loss, pointer: str) -> np.ndarray:
     return (1.0 - 2.0 * loss) if pointer == "reward" else np.ones_like(loss)
 
 
+def interface(base: np.ndarray) -> Interface:
+    """The membrane's view of bandit episodes with arm address parts ``base`` [B, K, A-2]: K observation
+    slots at the arm addresses, then the ``pulled`` and ``feedback`` pointer slots (unset)."""
+    B, K = base.shape[:2]
+    ptr = np.zeros((B, 2, base.shape[-1] + N_KIND_FLAGS), np.float32)
+    ptr[:, 0, KIND_OBSERVATION] = 1.0
+    ptr[:, 1, KIND_FEEDBACK] = 1.0
+    slot_addr = np.concatenate([with_kind(base, KIND_OBSERVATION), ptr], axis=1)
+    return Interface(slot_addr, with_kind(base, None), Visibility(), (("observation", K), ("pulled", 1), ("feedback", 1)))
+
+
 def point_feedback(itf: Interface, arms, scale=None, copy: bool = False) -> Interface:
-    """Point each episode's feedback slot (the last slot) at its pulled arm (``arms`` [B]; -1: none yet,
-    the bare feedback flag): the arm's output address part times ``scale`` [B] (default 1), with the
-    feedback flag. Written into ``itf.slot_addr`` in place (every runtime reads it at each step), or,
-    with ``copy``, into a new interface (a served session's step, which must leave the old one intact)."""
+    """Point each episode's ``pulled`` and ``feedback`` slots (the last two) at its pulled arm (``arms``
+    [B]; -1: none yet, the bare kind flags): the arm's output address part, times ``scale`` [B]
+    (default 1) for the feedback slot. Written into ``itf.slot_addr`` in place (every runtime reads
+    it at each step), or, with ``copy``, into a new interface (a served session's step, which must
+    leave the old one intact)."""
     arms = np.asarray(arms, np.int64).reshape(-1)
     scale = np.ones(arms.shape, np.float32) if scale is None else np.asarray(scale, np.float32).reshape(-1)
     addr = itf.slot_addr.copy() if copy else itf.slot_addr
-    part = itf.out_addr[np.arange(itf.batch), np.maximum(arms, 0), N_KIND_FLAGS:] * scale[:, None]
-    addr[:, -1, N_KIND_FLAGS:] = np.where((arms >= 0)[:, None], part, 0.0)
-    addr[:, -1, :N_KIND_FLAGS] = 0.0
-    addr[:, -1, KIND_FEEDBACK] = 1.0
+    part = np.where((arms >= 0)[:, None], itf.out_addr[np.arange(itf.batch), np.maximum(arms, 0), N_KIND_FLAGS:], 0.0)
+    addr[:, -2, N_KIND_FLAGS:] = part
+    addr[:, -1, N_KIND_FLAGS:] = part * scale[:, None]
     return Interface(addr, itf.out_addr, itf.visibility, itf.parts) if copy else itf
 
 
@@ -196,16 +209,18 @@ class Episode(TaskEpisode):
         return choose(scores, self.uniforms[self.row(t)], self.choice, self.temperature)
 
     def observe(self, ops, t: int, prev_output):
-        """Slot values at step t: the previous scores, and the loss of the arm pulled at t - 1 in the
-        feedback slot, which now points at that arm (every slot is 0 at t = 0, the pointer unset)."""
+        """Slot values at step t: the previous scores, 1 in ``pulled`` and the loss of the arm pulled at
+        t - 1 in ``feedback``, whose addresses now point at that arm (every slot is 0 at t = 0, the
+        pointers unset)."""
         B, K = self.batch, self.dims
         if t == 0 or prev_output is None:
             point_feedback(self.interface, np.full(B, -1))
-            return ops.zeros((B, K + 1))
+            return ops.zeros((B, K + 2))
         a = self.actions(t - 1, ops.to_numpy(prev_output))
         fb = feedback_code(self.rewards[self.row(t - 1), np.arange(B), a], self.dist, self.sigma)
         point_feedback(self.interface, a, pointer_scale(fb, self.pointer))
-        return ops.concat([ops.asarray(prev_output), ops.asarray(fb[:, None])], axis=-1)
+        pulled_fb = np.stack([np.ones(B, np.float32), fb], axis=-1)
+        return ops.concat([ops.asarray(prev_output), ops.asarray(pulled_fb)], axis=-1)
 
     def loss(self, ops, t: int, output):
         """The expected instantaneous regret under softmax(scores / temperature): [B]."""
@@ -287,7 +302,7 @@ def sample(rng: np.random.Generator, cfg: BanditConfig, batch: int, K: int, addr
     base = random_addresses(rng, (batch, K), addr_dim)
     first = draw_means(rng, (batch, K), cfg.arm_dist)
     means, changes, nxt = _means_over_time(rng, cfg, batch, K, steps, first, 0, None)
-    return _episode(rng, cfg, scalar_interface("scalar", base), means, 0, changes, nxt)
+    return _episode(rng, cfg, interface(base), means, 0, changes, nxt)
 
 
 def _episode(rng, cfg: BanditConfig, itf: Interface, means: np.ndarray, t_off: int, changes, nxt) -> Episode:
