@@ -60,6 +60,7 @@ from .guessing import random_addresses, with_kind
 DISTS = bb.DISTS
 CHOICES = ("sample", "argmax")
 POINTERS = ("reward", "arm")
+RELAX = ("none", "straight_through")
 TUNE_EPISODES = 200  # epsilon-greedy's rate is tuned on this many training-distribution episodes
 TUNE_SEED = 12345  # ... drawn with this seed (never an evaluation seed's stream)
 
@@ -77,6 +78,7 @@ class BanditConfig(TaskConfig):
     temperature: float = 0.25  # choice = sample: softmax(scores / temperature)
     change_every: tuple[int, int] = (0, 0)  # the means are drawn afresh every U[a, b] steps (0 = never)
     pointer: str = "reward"  # the feedback slot's address: the pulled arm's times its reward ('reward') or not ('arm')
+    relax: str = "none"  # training: 'straight_through' makes the later steps differentiable in the choice
     sf_weight: float = 1.0  # training: weight of the score-function term (0: the dense surrogate only)
     sf_discount: float = 0.98  # training: discount of the regret-to-go in the score-function term
 
@@ -84,6 +86,8 @@ class BanditConfig(TaskConfig):
         super().validate()
         if self.arm_dist not in DISTS:
             raise ConfigError(f"task.arm_dist must be one of {DISTS}, got {self.arm_dist!r}")
+        if self.relax not in RELAX:
+            raise ConfigError(f"task.relax must be one of {RELAX}, got {self.relax!r}")
         if self.pointer not in POINTERS:
             raise ConfigError(f"task.pointer must be one of {POINTERS}, got {self.pointer!r}")
         if self.choice not in CHOICES:
@@ -183,6 +187,7 @@ class Episode(TaskEpisode):
     sf_weight: float = 0.0
     sf_discount: float = 0.98
     pointer: str = "reward"
+    relax: str = "none"
     t_off: int = 0  # row 0 of the tables is inner step t_off (agents continued across batches)
     changes: np.ndarray | None = None  # [T, B] bool: the means changed at this step
     next_change: np.ndarray | None = None  # [B] the step of each episode's next change
@@ -213,14 +218,44 @@ class Episode(TaskEpisode):
         t - 1 in ``feedback``, whose addresses now point at that arm (every slot is 0 at t = 0, the
         pointers unset)."""
         B, K = self.batch, self.dims
+        if not isinstance(self.interface.slot_addr, np.ndarray):  # after relaxed steps (training): numpy again
+            self.interface.slot_addr = np.array(self.interface.slot_addr.detach().cpu().numpy(), np.float32)
         if t == 0 or prev_output is None:
             point_feedback(self.interface, np.full(B, -1))
             return ops.zeros((B, K + 2))
         a = self.actions(t - 1, ops.to_numpy(prev_output))
+        if self.relax == "straight_through" and getattr(prev_output, "requires_grad", False):
+            return self._observe_relaxed(ops, t, prev_output, a)
         fb = feedback_code(self.rewards[self.row(t - 1), np.arange(B), a], self.dist, self.sigma)
         point_feedback(self.interface, a, pointer_scale(fb, self.pointer))
         pulled_fb = np.stack([np.ones(B, np.float32), fb], axis=-1)
         return ops.concat([ops.asarray(prev_output), ops.asarray(pulled_fb)], axis=-1)
+
+    def _observe_relaxed(self, ops, t: int, prev_output, a: np.ndarray):
+        """Training only (torch, ``relax = "straight_through"``): the same slot values and pointer
+        addresses in the forward pass, but differentiable in the choice probabilities pi = softmax(scores
+        / temperature) of step t - 1: the pulled arm's one-hot h enters as h + pi - stop_gradient(pi), so
+        the later losses say (to first order) what pulling each arm would have changed, through what
+        the agent would have heard (every arm's loss and address). The slot addresses become a tensor
+        the engine reads at this step."""
+        B, K = self.batch, self.dims
+        torch = ops.torch
+        pi = _softmax(ops, prev_output / self.temperature)
+        hard = np.zeros((B, K), np.float32)
+        hard[np.arange(B), a] = 1.0
+        y = ops.asarray(hard) + pi - pi.detach()  # [B, K]
+        codes = feedback_code(self.rewards[self.row(t - 1)], self.dist, self.sigma)  # [B, K] every arm's loss
+        arms = ops.asarray(self.interface.out_addr[..., N_KIND_FLAGS:])  # [B, K, A-2]
+        pulled = torch.einsum("bk,bkd->bd", y, arms)
+        fb_ptr = torch.einsum("bk,bkd->bd", y * ops.asarray(pointer_scale(codes, self.pointer)), arms)
+        flags = np.zeros((B, 2, N_KIND_FLAGS), np.float32)
+        flags[:, 0, KIND_OBSERVATION] = flags[:, 1, KIND_FEEDBACK] = 1.0
+        ptr = ops.concat([ops.asarray(flags), torch.stack([pulled, fb_ptr], dim=1)], axis=-1)
+        obs = ops.asarray(self.interface.out_addr[:, :, :].copy())
+        obs[..., KIND_OBSERVATION] = 1.0
+        self.interface.slot_addr = ops.concat([obs, ptr], axis=1)
+        fb = (y * ops.asarray(codes)).sum(dim=-1, keepdim=True)
+        return ops.concat([prev_output, ops.asarray(np.ones((B, 1), np.float32)), fb], axis=-1)
 
     def loss(self, ops, t: int, output):
         """The expected instantaneous regret under softmax(scores / temperature): [B]."""
@@ -313,7 +348,7 @@ def _episode(rng, cfg: BanditConfig, itf: Interface, means: np.ndarray, t_off: i
         rewards = _draw_table(rng, means, cfg.arm_dist, cfg.sigma)
     uniforms = rng.random((T, B)).astype(np.float32)
     return Episode(itf, means, rewards, uniforms, cfg.arm_dist, cfg.sigma, cfg.choice, cfg.temperature, cfg.sf_weight,
-                   cfg.sf_discount, cfg.pointer, t_off, changes, nxt)
+                   cfg.sf_discount, cfg.pointer, cfg.relax, t_off, changes, nxt)
 
 
 def extend(rng: np.random.Generator, cfg: BanditConfig, ep: Episode, steps: int) -> Episode:
