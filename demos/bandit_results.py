@@ -34,7 +34,7 @@ OTHER_POLICIES = ("guessing-converge-v1", "guessing-nonstationary-v1", "guessing
 def run(pol, *, K, N, T, E, S, task=None, **opts):
     """(report, command) of `badger eval --policy P --task bandit --arms K --experts N --steps T ...`."""
     base = task or (pol.task if pol.task.name == "bandit" else default_config("bandit"))
-    t = dataclasses.replace(type(base).__name__ and base, change_every=(0, 0), steps=T, **opts).validate()
+    t = dataclasses.replace(base, change_every=(0, 0), steps=T, **opts).validate()
     r = evaluate(numpy_ops(), pol, pol.agent, t, dims=K, experts=N, episodes=E, seed=S)
     flags = "".join(f" --option {k}={v}" for k, v in opts.items() if k != "arm_dist")
     if "arm_dist" in opts:
@@ -48,9 +48,12 @@ def at(curve, p):
     return curve[int(p) - 1] if int(p) <= len(curve) else None
 
 
-def cells(r, key=None):
-    curve = r["regret_by_step"] if key is None else r["baselines"][key]
+def pts(curve):
     return " / ".join(f"{at(curve, p):.1f}" for p in POINTS if at(curve, p) is not None)
+
+
+def cells(r, key=None):
+    return pts(r["regret_by_step"] if key is None else r["baselines"][key])
 
 
 def plot_curves(rows, path, title):
@@ -86,8 +89,10 @@ def plot_experts(ns, ours, base, path, title):
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for p, m in zip(POINTS, ("o", "s", "^")):
-        ax.plot(ns, [o[p] for o in ours], marker=m, label=f"Badger agent, T = {p}")
-        ax.axhline(base["thompson"][p], ls=":", color=ax.lines[-1].get_color(), lw=1)
+        if at(base["thompson"], p) is None:
+            continue
+        ax.plot(ns, [at(o, p) for o in ours], marker=m, label=f"Badger agent, T = {p}")
+        ax.axhline(at(base["thompson"], p), ls=":", color=ax.lines[-1].get_color(), lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("experts N")
     ax.set_ylabel("cumulative regret")
@@ -127,7 +132,8 @@ def main(argv=None):
         for K in (hi // 2, hi, 20, 50, 100):
             r, cmd = run(pol, K=K, N=N, T=T, E=E, S=S)
             th, ucb = r["baselines"]["thompson"], r["baselines"]["ucb1"]
-            ratio = lambda b: " / ".join(f"{at(r['regret_by_step'], q) / at(b, q):.2f}" for q in POINTS)  # noqa: E731
+            ratio = lambda b: " / ".join(f"{at(r['regret_by_step'], q) / at(b, q):.2f}" for q in POINTS  # noqa: E731
+                                         if at(b, q) is not None)
             w(f"| {K}{' (trained)' if K <= hi else ''} | {cells(r)} | {cells(r, 'thompson')} | {cells(r, 'ucb1')} | "
               f"{cells(r, 'epsilon_greedy')} ({r['epsilon']:g}) | {cells(r, 'uniform_random')} | {ratio(th)} | "
               f"{ratio(ucb)} | `{cmd}` |")
@@ -170,11 +176,11 @@ def main(argv=None):
         ours, base = [], None
         for n in ns:
             r, cmd = run(pol, K=50, N=n, T=T, E=E, S=S)
-            ours.append({q: at(r["regret_by_step"], q) for q in POINTS})
-            base = {k: {q: at(v, q) for q in POINTS} for k, v in r["baselines"].items()}
+            ours.append(r["regret_by_step"])
+            base = r["baselines"]
             w(f"| {n} | {cells(r)} | `{cmd}` |")
-        w(f"| Thompson / UCB1 (same draws) | {' / '.join(f'{base['thompson'][q]:.1f}' for q in POINTS)} / "
-          f"{' / '.join(f'{base['ucb1'][q]:.1f}' for q in POINTS)} | |")
+        w(f"| Thompson (same draws) | {pts(base['thompson'])} | |")
+        w(f"| UCB1 (same draws) | {pts(base['ucb1'])} | |")
         w("")
         plot_experts(ns, ours, base, f"{args.figures}/bandit_experts.png",
                      f"{pol.name}: K = 50, regret against N (dotted: Thompson)")

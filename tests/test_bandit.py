@@ -110,6 +110,32 @@ def test_losses_and_continued_episodes():
     assert np.array_equal(more.means[5], ep.means[0]) and more.interface is ep.interface
 
 
+def test_the_straight_through_relaxation_changes_gradients_not_the_episode():
+    """relax = straight_through: the same pulls, slot values and losses, and a later loss reaches an
+    earlier step's outputs through what the agent heard (the pointer addresses and the feedback)."""
+    import torch
+
+    from badger_runtime.config import AgentConfig, PolicySpec
+    from badger_runtime.rollout import sample_wiring
+    from badger_runtime.training.model import ExpertPolicy, torch_ops
+
+    ops, spec = torch_ops(), PolicySpec(hidden=16, msg_dim=4, key_dim=4, addr_dim=10, read_heads=2, id_dim=2)
+    agent, grads, losses = AgentConfig(policy=spec), {}, {}
+    torch.manual_seed(0)
+    pol = ExpertPolicy(spec)
+    for relax in ("none", "straight_through"):
+        ep = episodes(batch=8, K=4, steps=6, addr_dim=10, relax=relax)
+        runtime = Agent(pol, agent, ops=ops, check_inputs=False).start(
+            ep.interface, sample_wiring(np.random.default_rng(1), agent, 8, 3))
+        d = Driver(ops, ep, 6)
+        traj = drive(runtime, d)
+        losses[relax] = (traj.losses.detach().numpy(), traj.metrics["regret"])
+        grads[relax] = float(torch.autograd.grad(traj.losses[-1].mean(), d._outputs[1])[0].abs().sum())
+    assert np.allclose(losses["none"][0], losses["straight_through"][0], atol=1e-6)
+    assert np.array_equal(losses["none"][1], losses["straight_through"][1])
+    assert grads["straight_through"] > grads["none"]
+
+
 def test_torch_tensors_never_alias_the_slot_addresses_a_task_updates():
     """Training saves each step's slot addresses for the backward pass; the bandit rewrites the
     feedback slot's address at every step, so TorchOps.asarray must copy."""
