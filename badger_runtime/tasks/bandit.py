@@ -578,8 +578,10 @@ class BanditTask(Task):
                if c.choice == "sample" else "the arm with the highest score (argmax)")
         continual = bool(c.change_every[1])
         return {"task": "bandit", "arm_choice": how,
-                "feedback": "one slot: the pulled arm's loss (1 - r), at an address pointing at the pulled arm "
-                            f"({'scaled by its reward 2r - 1' if c.pointer == 'reward' else 'unscaled'})",
+                "feedback": "two slots whose addresses point at the pulled arm: 'pulled' (value 1) and 'feedback' "
+                            "(value: the pull's loss 1 - r; address scaled by the reward 2r - 1"
+                            f"{'' if c.pointer == 'reward' else ': not with pointer = arm'}); a served step names the "
+                            "pulled arm in its 'arm' field",
                 "continual": continual,
                 "continual_note": (f"trained with arm means drawn afresh every U{list(c.change_every)} steps, never "
                                    "reset: see evaluation_continual" if continual else
