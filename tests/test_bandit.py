@@ -171,29 +171,37 @@ def test_runtimes_pull_the_same_arms_as_the_engine(pol, runtime):
 
 
 def test_a_served_session_on_the_bandit_matches_the_engine(pol):
+    """A client opens a bandit session on a live server (any policy: here a guessing one), plays the
+    environment itself (picks the arm from the outputs, sends its loss and the arm) and gets the
+    engine's outputs on the same seeded draws."""
+    from badger_runtime.serve.client import AsyncClient, ServerError
     from badger_runtime.serve.sessions import SessionManager
 
+    from .test_serve import run_server
+
     K, n, seed, T = 6, 3, 11, 10
-    m = SessionManager(pol)
-    call = lambda kind, **body: m.handle({"id": 1, "kind": kind, "session": "b", "token": None, "body": body})  # noqa: E731
-    r = call("open", task="bandit", dims=K, experts=n, seed=seed)
-    assert r["ok"] and r["body"]["pointer"] == "arm" and r["body"]["slots"] == K + 2
-    # the environment on the client's side: the same seeded draws an evaluation makes
     task = default_config("bandit")
     _, ep, wiring = next(sample_batches(task, pol.agent, dims=K, experts=n, episodes=1, seed=seed, steps=T))
     ref = drive(Agent(pol).start(ep.interface, wiring), Driver(OPS, ep, T))
-    prev = np.zeros((1, K), np.float32)
-    for t in range(T):
-        vals = ep.observe(OPS, t, prev)
-        body = {"observation": vals[0, :K].tolist(), "pulled": float(vals[0, K]), "feedback": float(vals[0, K + 1]),
-                "t": t}
-        if t:
-            body["arm"] = int(ep.actions(t - 1, prev)[0])
-        r = call("step", **body)
-        assert r["ok"], r
-        prev = np.asarray(r["body"]["outputs"], np.float32)[None]
-        assert np.abs(prev - ref.outputs[t]).max() <= 1e-5, t
-    assert call("step", observation=[0.0] * K, pulled=1.0, feedback=0.0, arm=K)["error"]["code"] == "bad_input"
+    got = []
+
+    async def play(port, server):
+        async with await AsyncClient.connect(f"127.0.0.1:{port}") as c:
+            info = await c.open(dims=K, experts=n, seed=seed, session="b", task="bandit")
+            assert info["pointer"] == "arm" and info["slots"] == K + 2
+            prev = np.zeros((1, K), np.float32)
+            for t in range(T):
+                vals = ep.observe(OPS, t, prev)  # the environment, on the client's side
+                arm = int(ep.actions(t - 1, prev)[0]) if t else None
+                r = await c.step("b", vals[0, :K], vals[0, K + 1:], t=t, arm=arm, parts={"pulled": vals[0, K:K + 1]})
+                prev = np.asarray(r["outputs"], np.float32)[None]
+                got.append(prev[0])
+            with pytest.raises(ServerError) as e:
+                await c.step("b", np.zeros(K), [0.0], arm=K, parts={"pulled": [1.0]})
+            assert e.value.code == "bad_input"
+
+    run_server(SessionManager(pol), play)
+    assert np.abs(np.stack(got) - ref.outputs[:, 0]).max() <= 1e-5
 
 
 def run_cli(capsys, *args):

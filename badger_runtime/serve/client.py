@@ -73,8 +73,8 @@ class _Requests:
 
     def open(self, dims: int | None = None, experts: int | None = None, seed: int | None = None, *,
              session: str | None = None, rounds: int | None = None, resume: bool = False,
-             snapshot: dict | None = None):
-        body = {"dims": dims, "experts": experts, "seed": seed, "rounds": rounds, "snapshot": snapshot}
+             snapshot: dict | None = None, task: str | None = None):
+        body = {"dims": dims, "experts": experts, "seed": seed, "rounds": rounds, "snapshot": snapshot, "task": task}
         body = {k: v for k, v in body.items() if v is not None}
         if resume:
             body["resume"] = True
@@ -85,9 +85,11 @@ class _Requests:
         return self.request("reset", session, body)
 
     def step(self, session: str, observation=None, feedback=None, *, slots=None, t: int | None = None,
-             episode: int | None = None):
+             episode: int | None = None, arm: int | None = None, parts: dict | None = None):
+        """One inner step: the named input parts (``observation``, ``feedback``, any other in ``parts``,
+        e.g. a bandit's ``pulled``) or all ``slots``; ``arm``: the output the feedback is about (bandit)."""
         body = {"observation": _floats(observation), "feedback": _floats(feedback), "slots": _floats(slots),
-                "t": t, "episode": episode}
+                "t": t, "episode": episode, "arm": arm} | {k: _floats(v) for k, v in (parts or {}).items()}
         return self.request("step", session, {k: v for k, v in body.items() if v is not None})
 
     def add_experts(self, session: str, n: int = 1, init: str = "clone", source: int | None = None):
