@@ -153,7 +153,9 @@ class TorchOps:
         t = self.torch
         if isinstance(x, t.Tensor):
             return x.to(self.dtype)
-        return t.as_tensor(np.asarray(x, dtype=np.float32), dtype=self.dtype, device=self.device)
+        # a copy: a tensor autograd saves for the backward pass must not alias a numpy array that the
+        # caller may change later (a task that updates its slot addresses between steps)
+        return t.tensor(np.asarray(x, dtype=np.float32), dtype=self.dtype, device=self.device)
 
     def asbool(self, x):
         t = self.torch

@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
+
+
+def run_without_torch(code: str, tmp_path, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run ``code`` (dedented) in a fresh interpreter where ``import torch`` fails; asserts it exits 0."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "torch.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    env = dict(os.environ, PYTHONPATH=f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr
+    return res
 
 
 def top_level_imports(path) -> set[str]:

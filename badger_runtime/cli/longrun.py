@@ -8,8 +8,19 @@ from .common import SEED, int_in
 
 
 def register(sub):
-    lr = sub.add_parser("longrun", help="long-horizon stability, or recovery after target jumps (no reset)")
+    lr = sub.add_parser("longrun", help="long-horizon stability, or recovery after target jumps (no reset); "
+                                        "--task bandit: the continual bandit check")
     lr.add_argument("--policy", required=True, help="a shipped policy's name or a path to NAME.onnx")
+    lr.add_argument("--task", choices=("guessing", "bandit"), default="guessing",
+                    help="bandit: arm means drawn afresh every U[A, B] steps (--change-every), never reset; reports "
+                         "best-arm pulls after each change and regret per step over time")
+    lr.add_argument("--arms", type=int_in(1, 100_000, "--arms"), default=None, help="bandit: K (default: as trained)")
+    lr.add_argument("--experts", type=int_in(1, 1_000_000, "--experts"), default=None,
+                    help="bandit: N (default: as trained)")
+    lr.add_argument("--change-every", type=int_in(1, 10_000_000, "--change-every"), nargs=2, metavar=("A", "B"),
+                    default=(200, 800), help="bandit: the means change every U[A, B] steps")
+    lr.add_argument("--window", type=int_in(1, 1_000_000, "--window"), default=100,
+                    help="bandit: regret per step is averaged over windows of this many steps")
     lr.add_argument("--steps", type=int_in(1, 10_000_000, "--steps"), default=10_000)
     lr.add_argument("--episodes", type=int_in(1, 100_000, "--episodes"), default=100)
     lr.add_argument("--seed", type=SEED, default=0)
@@ -17,7 +28,7 @@ def register(sub):
                     default=None, help="targets jump every U[A, B] steps; report recovery times")
     lr.add_argument("--threshold", type=float, default=0.05, help="recovered = error back under this")
     lr.add_argument("--full", action="store_true", help="include the error curves")
-    lr.add_argument("--plot", default=None, metavar="PNG", help="with --jump-every: plot error over time")
+    lr.add_argument("--plot", default=None, metavar="PNG", help="with --jump-every or --task bandit: plot over time")
     lr.add_argument("--json", action="store_true", help="one line of JSON")
     lr.set_defaults(fn=cmd_longrun)
 
@@ -28,6 +39,19 @@ def cmd_longrun(args):
     from ..policy_card import load_policy
 
     pol = load_policy(args.policy)
+    if args.task == "bandit":
+        from ..tasks.bandit import longrun_report, plot_longrun
+
+        a, b = args.change_every
+        if not 1 <= a <= b:
+            raise ConfigError("--change-every A B needs 1 <= A <= B")
+        report = longrun_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed, arms=args.arms,
+                                experts=args.experts, change_every=(a, b), window=args.window)
+        if args.plot:
+            plot_longrun(report, args.plot)
+            report["plot"] = args.plot
+        print(json.dumps(report, indent=None if args.json else 2))
+        return
     if args.jump_every:
         a, b = args.jump_every
         if not 1 <= a <= b:

@@ -186,6 +186,7 @@ def register(sub):
     o.add_argument("--session", default=None, help="a name (default: the server picks one)")
     o.add_argument("--resume", action="store_true", help="attach to the session if it exists")
     o.add_argument("--from-snapshot", default=None, help="a file written by `client snapshot --out`")
+    o.add_argument("--task", default=None, help="the task whose interface the session gets (default: the policy's)")
     r = cs.add_parser("reset", help="start a new episode")
     r.add_argument("session")
     r.add_argument("--seed", type=int, default=None)
@@ -197,6 +198,7 @@ def register(sub):
     st.add_argument("--feedback", default=None, help="comma-separated: 1 or d values")
     st.add_argument("--slots", default=None, help="comma-separated: observation and feedback in one")
     st.add_argument("--expect-t", type=int, default=None, help="refuse unless the session is at this step t")
+    st.add_argument("--arm", type=int, default=None, help="bandit sessions: the arm the feedback is about")
     a = cs.add_parser("add", help="add experts")
     a.add_argument("session")
     a.add_argument("--n", type=int, default=1)
@@ -392,12 +394,12 @@ def cmd_client(args):
                         print(f"badger: error: --from-snapshot {args.from_snapshot}: {e}", file=sys.stderr)
                         raise SystemExit(2) from None
                 out = client.open(args.dims, args.experts, args.seed, session=args.session, rounds=args.rounds,
-                                  resume=args.resume, snapshot=snap)
+                                  resume=args.resume, snapshot=snap, task=args.task)
             elif op == "reset":
                 out = client.reset(args.session, seed=args.seed, experts=args.experts, dims=args.dims)
             elif op == "step":
                 out = client.step(args.session, _floats(args.observation), _floats(args.feedback),
-                                  slots=_floats(args.slots), t=args.expect_t)
+                                  slots=_floats(args.slots), t=args.expect_t, arm=args.arm)
             elif op == "add":
                 out = client.add_experts(args.session, args.n, args.init, args.source)
             elif op == "remove":

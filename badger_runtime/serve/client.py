@@ -97,11 +97,12 @@ class _Requests:
         return self.request("reset", session, body)
 
     def step(self, session: str, observation=None, feedback=None, *, slots=None, t: int | None = None,
-             episode: int | None = None, **parts):
-        """One step: the guessing game's ``observation`` and ``feedback``, or any task's input
-        parts by name (``parts``: see the session's ``parts``), or all of them as ``slots``."""
+             episode: int | None = None, arm: int | None = None, parts: dict | None = None, **more):
+        """One inner step: the named input parts (the guessing game's ``observation`` and ``feedback``,
+        any other task's parts by name in ``parts`` or as keywords, e.g. a bandit's ``pulled``) or all
+        ``slots``; ``arm``: the output the feedback is about (bandit)."""
         body = {"observation": _floats(observation), "feedback": _floats(feedback), "slots": _floats(slots),
-                "t": t, "episode": episode} | {k: _floats(v) for k, v in parts.items()}
+                "t": t, "episode": episode, "arm": arm} | {k: _floats(v) for k, v in ((parts or {}) | more).items()}
         return self.request("step", session, {k: v for k, v in body.items() if v is not None})
 
     def add_experts(self, session: str, n: int = 1, init: str = "clone", source: int | None = None):

@@ -382,12 +382,19 @@ class SessionManager:
             raise ServeError(E_BAD_INPUT, f"unknown task {name[:64]!r}; registered: {task_names()}")
         return default_config(name)
 
+    @staticmethod
+    def _pointer(s: Session) -> str | None:
+        """The step field that names the output the feedback is about (the bandit's ``arm``), if any."""
+        from ..tasks import task_class, task_names
+
+        return task_class(s.task).pointer_field if s.task in task_names() else None
+
     # -- request kinds ---------------------------------------------------------------------------
     def info(self, s: Session) -> dict:
         a = s.agent
         parts = s.parts
         return {"session": s.name, "t": a.t, "episode": s.episode, "experts": a.n_experts, "dims": s.dims,
-                "task": s.task, "parts": [[k, v] for k, v in parts.items()],
+                "task": s.task, "parts": [[k, v] for k, v in parts.items()], "pointer": self._pointer(s),
                 "feedback_size": parts.get("feedback"), "slots": a.slots,
                 "horizon": None if a.past_horizon else getattr(self.policy, "horizon", None),
                 "rounds": s.rounds or self.policy.agent.agreement.rounds, "seed": s.seed,
@@ -469,9 +476,12 @@ class SessionManager:
 
     def _k_step(self, name: str | None, body: dict) -> dict:
         def step(s: Session) -> dict:
+            from ..tasks import make_task
+
             a = s.agent
             parts = s.parts
-            _check_keys(body, set(parts) | {"slots", "t", "episode", "secret"})
+            pointer = self._pointer(s)  # e.g. the bandit's "arm"
+            _check_keys(body, set(parts) | {"slots", "t", "episode", "secret"} | ({pointer} if pointer else set()))
             if "t" in body and _int(body, "t", code=E_BAD_REQUEST) != a.t:
                 raise ServeError(E_WRONG_STEP, f"session {s.name!r} is at step t={a.t} of episode {s.episode}; "
                                                f"this request is for t={body['t']}")
@@ -488,7 +498,11 @@ class SessionManager:
                     raise ServeError(E_BAD_REQUEST, f"a step needs {names} (or slots)")
                 vals = a.observation({k: _vector(k, body[k], n)[None] for k, n in parts.items()})
 
+            index = _int(body, pointer, None, 0, a.dims - 1) if pointer else None
+
             def change():
+                if pointer:  # the feedback slot points at output `index` (none when the field is left out)
+                    a.interface = make_task(self._task_config(s.task)).point(a.interface, index, vals)
                 out, info = a.step(vals, rounds=s.rounds)
                 s.last_outputs = np.asarray(out[0], np.float32)
                 s.steps_total += 1

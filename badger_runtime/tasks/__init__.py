@@ -42,6 +42,7 @@ REGISTRY: dict[str, str] = {
     "guessing": "badger_runtime.tasks.guessing:GuessingTask",
     "scale": "badger_runtime.tasks.scale:ScaleTask",
     "gym": "badger_runtime.tasks.gym:GymTask",
+    "bandit": "badger_runtime.tasks.bandit:BanditTask",
 }
 _BUILTIN = frozenset(REGISTRY)
 _loaded: dict[str, type["Task"]] = {}
@@ -153,6 +154,11 @@ class Task:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[TaskConfig]] = TaskConfig
+    size_name: ClassVar[str] = "dims"  # what d is called in this task (dims, classes, arms)
+    loss_name: ClassVar[str] = "error"  # the metric the training loss follows (names a metrics() key)
+    # A task whose feedback slot points at one of the outputs (the bandit's pulled arm) names the
+    # field a served step gives that output's index in, and ``point`` sets it (see ``point``).
+    pointer_field: ClassVar[str | None] = None
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -166,6 +172,12 @@ class Task:
     def sample(self, rng: np.random.Generator, batch: int, *, dims: int, experts: int, steps: int,
                addr_dim: int) -> TaskEpisode:
         raise NotImplementedError
+
+    def point(self, interface: Interface, index: int | None, slot_values: np.ndarray) -> Interface:
+        """A task with a ``pointer_field``: the interface of one episode whose feedback slot points at
+        output ``index`` (None: at none) for a step with these slot values [1, J]; a new object (a
+        served step: the old one is left intact for its undo)."""
+        raise NotImplementedError(f"task {self.name!r} has no pointer field")
 
     def extend(self, rng: np.random.Generator, episode: TaskEpisode, steps: int) -> TaskEpisode:
         """The same episodes, carried on up to inner step ``steps`` (a never-reset agent's next
@@ -182,6 +194,14 @@ class Task:
     def card_evaluations(self) -> list[tuple[int, int, int]]:
         """(dims, experts, steps) at which ``badger export`` evaluates a policy for its card."""
         return [(self.default_dims(), self.default_experts(), self.cfg.steps)]
+
+    def card_notes(self) -> dict:
+        """What a policy card says about this task beyond its settings (e.g. how the outputs are used)."""
+        return {}
+
+    def card_summary(self, report: dict) -> dict:
+        """Report keys a card's evaluation row keeps besides the floats and ``*_by_step`` curves."""
+        return {}
 
     def report(self, metrics: dict[str, np.ndarray], episodes: list[TaskEpisode], *, steps: int, seed: int,
                baselines: bool = True) -> dict:

@@ -113,7 +113,11 @@ def write_card_evaluation(onnx: str | Path, *, episodes: int = 1000, seed: int =
         row |= {k: [round(x, 6) for x in v] for k, v in r.items() if k.endswith("_by_step")}
         if "optimizer" in r:
             row["optimizer"] = {k: r["optimizer"][k] for k in ("name", "param", "final_mse")}
+        row |= cls(t).card_summary(r)
         card["evaluation"].append(row)
+    notes = cls(pol.task).card_notes()
+    if notes:
+        card["task_notes"] = notes
     if pol.task.name == "guessing" and pol.task.jump_every[1]:
         from ..longrun import jump_report
 
@@ -122,5 +126,9 @@ def write_card_evaluation(onnx: str | Path, *, episodes: int = 1000, seed: int =
         card["evaluation_jumps"] = {k: v for k, v in r.items() if "by_step" not in k} | {
             "command": f"badger longrun --policy {onnx} --steps 1000 --episodes 200 --seed {seed} "
                        f"--jump-every {a} {b} --json"}
+    if pol.task.name == "bandit":
+        from ..tasks.bandit import card_continual
+
+        card["evaluation_continual"] = card_continual(pol, onnx, seed=seed)
     write_card(card, card_paths(onnx)[1])  # the .onnx is unchanged, so its sha256 still holds
     return card

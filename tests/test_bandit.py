@@ -1,0 +1,259 @@
+"""The K-armed bandit task (tasks/bandit.py): draws, the arm choice and its feedback, parity across
+runtimes and with a served session, the eval/longrun commands, the shipped policy, torch-free."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from badger_runtime.engine import Agent, numpy_ops
+from badger_runtime.episodes import Driver, drive, sample_batches
+from badger_runtime.evaluation import run_episodes
+from badger_runtime.membrane import KIND_FEEDBACK, KIND_OBSERVATION, N_KIND_FLAGS
+from badger_runtime.policy_card import load_policy, shipped_policies
+from badger_runtime.tasks import default_config, make_task
+from badger_runtime.tasks import bandit as bd
+from badger_runtime.tasks.bandit_baselines import BASELINES
+
+from .conftest import run_without_torch
+
+OPS = numpy_ops()
+SHIPPED = "bandit-v1"
+
+
+@pytest.fixture(scope="module")
+def pol():
+    """A shipped policy trained on the guessing game only (any policy runs on bandits)."""
+    return load_policy("guessing-converge-v1")
+
+
+def episodes(batch=4, K=5, steps=30, seed=0, addr_dim=6, **cfg):
+    task = make_task(default_config("bandit", **cfg))
+    return task.sample(np.random.default_rng(seed), batch, dims=K, experts=3, steps=steps, addr_dim=addr_dim)
+
+
+def test_draws_and_interface_shapes():
+    ep = episodes(batch=4, K=5, steps=30)
+    assert ep.batch == 4 and ep.dims == 5 and ep.slots == 7
+    assert ep.rewards.shape == (30, 4, 5) and ep.uniforms.shape == (30, 4) and ep.means.shape == (30, 4, 5)
+    assert set(np.unique(ep.rewards)) <= {0.0, 1.0} and ((ep.means >= 0) & (ep.means <= 1)).all()
+    assert dict(ep.interface.parts) == {"observation": 5, "pulled": 1, "feedback": 1}
+    # observation slots: the arm addresses with the observation flag
+    obs = ep.interface.slot_addr[:, :5]
+    assert (obs[..., KIND_OBSERVATION] == 1).all()
+    assert np.array_equal(obs[..., N_KIND_FLAGS:], ep.interface.out_addr[..., N_KIND_FLAGS:])
+    one = ep.select(slice(1, 2))
+    assert one.batch == 1 and np.array_equal(one.rewards[:, 0], ep.rewards[:, 1])
+    g = episodes(arm_dist="gaussian")
+    assert g.rewards.dtype == np.float32 and not set(np.unique(g.rewards)) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("choice", ["sample", "argmax"])
+def test_the_arm_and_its_feedback_come_from_the_outputs_as_documented(choice):
+    ep = episodes(batch=6, K=4, steps=5, choice=choice, temperature=0.5)
+    rng = np.random.default_rng(1)
+    # t = 0: every slot 0, the pointer slots' addresses the bare kind flags
+    assert not ep.observe(OPS, 0, np.zeros((6, 4), np.float32)).any()
+    for slot, kind in ((-2, KIND_OBSERVATION), (-1, KIND_FEEDBACK)):
+        bare = np.zeros(ep.interface.slot_addr.shape[-1], np.float32)
+        bare[kind] = 1
+        assert (ep.interface.slot_addr[:, slot] == bare).all()
+    for t in range(1, 5):
+        scores = rng.normal(size=(6, 4)).astype(np.float32)
+        vals = ep.observe(OPS, t, scores)
+        if choice == "argmax":
+            arm = scores.argmax(axis=1)
+        else:  # the arm whose softmax(scores / T) interval holds the pre-drawn uniform
+            p = np.exp(scores / 0.5) / np.exp(scores / 0.5).sum(axis=1, keepdims=True)
+            arm = (np.cumsum(p, axis=1) < ep.uniforms[t - 1][:, None]).sum(axis=1)
+        rows = np.arange(6)
+        assert np.array_equal(vals[:, :4], scores)  # the previous scores
+        assert (vals[:, 4] == 1).all() and np.allclose(vals[:, 5], 1.0 - ep.rewards[t - 1, rows, arm])  # its loss
+        arm_addr = ep.interface.out_addr[rows, arm, N_KIND_FLAGS:]
+        pulled, fb = ep.interface.slot_addr[:, -2], ep.interface.slot_addr[:, -1]  # both point at the pulled arm
+        assert (pulled[:, KIND_OBSERVATION] == 1).all() and (pulled[:, KIND_FEEDBACK] == 0).all()
+        assert np.array_equal(pulled[:, N_KIND_FLAGS:], arm_addr)
+        assert (fb[:, KIND_FEEDBACK] == 1).all() and (fb[:, KIND_OBSERVATION] == 0).all()
+        sign = 2.0 * ep.rewards[t - 1, rows, arm] - 1.0  # the feedback pointer: along or against the arm
+        assert np.allclose(fb[:, N_KIND_FLAGS:], sign[:, None] * arm_addr)
+        m = ep.metrics(t - 1, scores)
+        mu = ep.means[t - 1]
+        assert np.allclose(m["regret"], mu.max(axis=1) - mu[rows, arm])
+
+
+def test_sampled_choice_follows_the_softmax():
+    scores = np.tile(np.array([[0.0, 0.5, 1.0]], np.float32), (20000, 1))
+    u = np.random.default_rng(0).random(20000)
+    freq = np.bincount(bd.choose(scores, u, "sample", 0.5), minlength=3) / 20000
+    p = np.exp(scores[0] / 0.5) / np.exp(scores[0] / 0.5).sum()
+    assert np.abs(freq - p).max() < 0.015
+
+
+def test_losses_and_continued_episodes():
+    import torch
+
+    from badger_runtime.training.model import torch_ops
+
+    ops = torch_ops()
+    ep = episodes(batch=8, K=3, steps=12, sf_weight=1.0)
+    out = torch.randn(12, 8, 3, requires_grad=True)
+    dense = ep.loss(ops, 2, out[2])
+    pi = torch.softmax(out[2] / ep.temperature, dim=-1).detach().numpy()
+    assert np.allclose(dense.detach().numpy(), (pi * ep.gaps(2)).sum(-1), atol=1e-6)
+    sf = ep.trajectory_loss(ops, 0, out)
+    sf.backward()
+    assert torch.isfinite(sf) and out.grad.abs().sum() > 0
+    # a continued agent's next batch: the same arms and means, the last played step kept
+    more = bd.extend(np.random.default_rng(1), default_config("bandit", sf_weight=1.0), ep, 30)
+    assert more.t_off == 11 and more.end == 30 and np.array_equal(more.rewards[0], ep.rewards[11])
+    assert np.array_equal(more.means[5], ep.means[0]) and more.interface is ep.interface
+
+
+def test_the_straight_through_relaxation_changes_gradients_not_the_episode():
+    """relax = straight_through: the same pulls, slot values and losses, and a later loss reaches an
+    earlier step's outputs through what the agent heard (the pointer addresses and the feedback)."""
+    import torch
+
+    from badger_runtime.config import AgentConfig, PolicySpec
+    from badger_runtime.rollout import sample_wiring
+    from badger_runtime.training.model import ExpertPolicy, torch_ops
+
+    ops, spec = torch_ops(), PolicySpec(hidden=16, msg_dim=4, key_dim=4, addr_dim=10, read_heads=2, id_dim=2)
+    agent, grads, losses = AgentConfig(policy=spec), {}, {}
+    torch.manual_seed(0)
+    pol = ExpertPolicy(spec)
+    for relax in ("none", "straight_through"):
+        ep = episodes(batch=8, K=4, steps=6, addr_dim=10, relax=relax)
+        runtime = Agent(pol, agent, ops=ops, check_inputs=False).start(
+            ep.interface, sample_wiring(np.random.default_rng(1), agent, 8, 3))
+        d = Driver(ops, ep, 6)
+        traj = drive(runtime, d)
+        losses[relax] = (traj.losses.detach().numpy(), traj.metrics["regret"])
+        grads[relax] = float(torch.autograd.grad(traj.losses[-1].mean(), d._outputs[1])[0].abs().sum())
+    assert np.allclose(losses["none"][0], losses["straight_through"][0], atol=1e-6)
+    assert np.array_equal(losses["none"][1], losses["straight_through"][1])
+    assert grads["straight_through"] > grads["none"]
+
+
+def test_torch_tensors_never_alias_the_slot_addresses_a_task_updates():
+    """Training saves each step's slot addresses for the backward pass; the bandit rewrites the
+    feedback slot's address at every step, so TorchOps.asarray must copy."""
+    import torch
+
+    from badger_runtime.xp import TorchOps
+
+    a = np.zeros((2, 3), np.float32)
+    t = TorchOps(torch).asarray(a)
+    a[0, 0] = 1.0
+    assert float(t[0, 0]) == 0.0
+
+
+def test_changing_means_redraw_every_a_to_b_steps():
+    ep = episodes(batch=3, K=4, steps=400, change_every=(20, 40))
+    for e in range(3):
+        starts = [s for s, _ in bd._segments(ep.changes, e)]
+        gaps = np.diff(starts)
+        assert len(starts) > 5 and (gaps >= 20).all() and (gaps <= 40).all()
+        for s in starts[1:]:
+            assert not np.array_equal(ep.means[s - 1, e], ep.means[s, e])
+
+
+@pytest.mark.parametrize("runtime", ["sharded", "actors"])
+def test_runtimes_pull_the_same_arms_as_the_engine(pol, runtime):
+    task = default_config("bandit", steps=12)
+    kw = {"dims": 5, "experts": 4, "episodes": 3, "seed": 7, "steps": 12}
+    a = run_episodes(OPS, pol, pol.agent, task, **kw)
+    b = run_episodes(OPS, pol, pol.agent, task, runtime=runtime, **kw)
+    assert np.abs(a.outputs - b.outputs).max() <= 1e-5
+    assert np.array_equal(a.metrics["regret"], b.metrics["regret"])
+
+
+def test_a_served_session_on_the_bandit_matches_the_engine(pol):
+    """A client opens a bandit session on a live server (any policy: here a guessing one), plays the
+    environment itself (picks the arm from the outputs, sends its loss and the arm) and gets the
+    engine's outputs on the same seeded draws."""
+    from badger_runtime.serve.client import AsyncClient, ServerError
+    from badger_runtime.serve.sessions import SessionManager
+
+    from .test_serve import run_server
+
+    K, n, seed, T = 6, 3, 11, 10
+    task = default_config("bandit")
+    _, ep, wiring = next(sample_batches(task, pol.agent, dims=K, experts=n, episodes=1, seed=seed, steps=T))
+    ref = drive(Agent(pol).start(ep.interface, wiring), Driver(OPS, ep, T))
+    got = []
+
+    async def play(port, server):
+        async with await AsyncClient.connect(f"127.0.0.1:{port}") as c:
+            info = await c.open(dims=K, experts=n, seed=seed, session="b", task="bandit")
+            assert info["pointer"] == "arm" and info["slots"] == K + 2
+            prev = np.zeros((1, K), np.float32)
+            for t in range(T):
+                vals = ep.observe(OPS, t, prev)  # the environment, on the client's side
+                arm = int(ep.actions(t - 1, prev)[0]) if t else None
+                r = await c.step("b", vals[0, :K], vals[0, K + 1:], t=t, arm=arm, parts={"pulled": vals[0, K:K + 1]})
+                prev = np.asarray(r["outputs"], np.float32)[None]
+                got.append(prev[0])
+            with pytest.raises(ServerError) as e:
+                await c.step("b", np.zeros(K), [0.0], arm=K, parts={"pulled": [1.0]})
+            assert e.value.code == "bad_input"
+
+    run_server(SessionManager(pol), play)
+    assert np.abs(np.stack(got) - ref.outputs[:, 0]).max() <= 1e-5
+
+
+def run_cli(capsys, *args):
+    from badger_runtime.cli import main
+
+    assert main(list(args)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("dist", ["bernoulli", "gaussian"])
+def test_eval_contract_with_a_guessing_policy(capsys, dist):
+    """Any policy runs on bandits: one JSON object with regret_by_step and every baseline on the same draws."""
+    r = run_cli(capsys, "eval", "--policy", "guessing-converge-v1", "--task", "bandit", "--arms", "7",
+                "--arm-dist", dist, "--experts", "3", "--steps", "40", "--episodes", "12", "--seed", "2", "--json")
+    assert len(r["regret_by_step"]) == 40 and set(r["baselines"]) == set(BASELINES)
+    assert all(len(v) == 40 for v in r["baselines"].values())
+    assert r["task"]["dims"] == 7 and r["task"]["arm_dist"] == dist and r["final_regret"] == r["regret_by_step"][-1]
+    assert np.all(np.diff(r["regret_by_step"]) >= -1e-9)
+
+
+def test_longrun_bandit_cli(capsys):
+    r = run_cli(capsys, "longrun", "--policy", "guessing-converge-v1", "--task", "bandit", "--arms", "4",
+                "--steps", "300", "--episodes", "3", "--change-every", "40", "80", "--window", "50", "--json")
+    assert r["changes"] > 0 and len(r["agent"]["regret_per_step_by_window"]) == 6
+    for k in ("agent", "thompson_restarted_at_changes", "thompson"):
+        assert set(r[k]["best_after_change_first_half"]) == {f"{a}-{b}" for a, b in bd.AFTER_CHANGE}
+    assert r["finite"] and r["max_abs_state"] <= 1.0
+
+
+@pytest.mark.skipif(SHIPPED not in shipped_policies(), reason="the bandit policy is not shipped yet")
+def test_the_shipped_bandit_policy_beats_uniform_random(capsys):
+    pol = load_policy(SHIPPED)
+    assert pol.task.name == "bandit" and "bandit" in json.dumps(pol.card.get("task_notes", ""))
+    r = run_cli(capsys, "eval", "--policy", SHIPPED, "--arms", "10", "--steps", "200", "--episodes", "40",
+                "--seed", "0", "--json")
+    assert r["final_regret"] < 0.35 * r["baselines"]["uniform_random"][-1]
+    assert r["final_regret"] < r["baselines"]["ucb1"][-1]
+
+
+def test_bandit_runs_with_torch_unimportable(tmp_path):
+    run_without_torch("""
+        import sys
+        from badger_runtime.engine import numpy_ops
+        from badger_runtime.evaluation import evaluate
+        from badger_runtime.policy_card import load_policy
+        from badger_runtime.tasks import default_config
+        from badger_runtime.tasks.bandit import longrun_report
+        p = load_policy("bandit-v1")
+        for rt in ("engine", "sharded", "actors"):
+            r = evaluate(numpy_ops(), p, p.agent, default_config("bandit", steps=8), dims=4, experts=3, episodes=2,
+                         seed=0, runtime=rt)
+            assert len(r["regret_by_step"]) == 8 and "thompson" in r["baselines"]
+        longrun_report(p, steps=60, episodes=2, change_every=(10, 20), window=20)
+        assert 'torch' not in sys.modules
+    """, tmp_path)
