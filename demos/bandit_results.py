@@ -35,12 +35,13 @@ def run(pol, *, K, N, T, E, S, task=None, **opts):
     """(report, command) of `badger eval --policy P --task bandit --arms K --experts N --steps T ...`."""
     base = task or (pol.task if pol.task.name == "bandit" else default_config("bandit"))
     t = dataclasses.replace(base, change_every=(0, 0), steps=T, **opts).validate()
-    r = evaluate(numpy_ops(), pol, pol.agent, t, dims=K, experts=N, episodes=E, seed=S)
+    past = pol.horizon is not None and T > pol.horizon  # an episodic policy, run past its horizon on purpose
+    r = evaluate(numpy_ops(), pol, pol.agent, t, dims=K, experts=N, episodes=E, seed=S, past_horizon=past)
     flags = "".join(f" --option {k}={v}" for k, v in opts.items() if k != "arm_dist")
     if "arm_dist" in opts:
         flags += f" --arm-dist {opts['arm_dist']}"
     cmd = (f"badger eval --policy {pol.name} --task bandit --arms {K} --experts {N} --steps {T} --episodes {E} "
-           f"--seed {S}{flags} --json")
+           f"--seed {S}{flags}{' --past-horizon' if past else ''} --json")
     return r, cmd
 
 

@@ -12,7 +12,7 @@ from badger_runtime.engine import Agent, numpy_ops
 from badger_runtime.episodes import Driver, drive, sample_batches
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.membrane import KIND_FEEDBACK, KIND_OBSERVATION, N_KIND_FLAGS
-from badger_runtime.policy_card import load_policy, shipped_policies
+from badger_runtime.policy_card import load_policy
 from badger_runtime.tasks import default_config, make_task
 from badger_runtime.tasks import bandit as bd
 from badger_runtime.tasks.bandit_baselines import BASELINES
@@ -215,7 +215,8 @@ def run_cli(capsys, *args):
 def test_eval_contract_with_a_guessing_policy(capsys, dist):
     """Any policy runs on bandits: one JSON object with regret_by_step and every baseline on the same draws."""
     r = run_cli(capsys, "eval", "--policy", "guessing-converge-v1", "--task", "bandit", "--arms", "7",
-                "--arm-dist", dist, "--experts", "3", "--steps", "40", "--episodes", "12", "--seed", "2", "--json")
+                "--arm-dist", dist, "--experts", "3", "--steps", "40", "--episodes", "12", "--seed", "2", "--past-horizon",
+                "--json")  # an episodic policy (horizon 20), run past its horizon on purpose
     assert len(r["regret_by_step"]) == 40 and set(r["baselines"]) == set(BASELINES)
     assert all(len(v) == 40 for v in r["baselines"].values())
     assert r["task"]["dims"] == 7 and r["task"]["arm_dist"] == dist and r["final_regret"] == r["regret_by_step"][-1]
@@ -231,7 +232,6 @@ def test_longrun_bandit_cli(capsys):
     assert r["finite"] and r["max_abs_state"] <= 1.0
 
 
-@pytest.mark.skipif(SHIPPED not in shipped_policies(), reason="the bandit policy is not shipped yet")
 def test_the_shipped_bandit_policy_beats_uniform_random(capsys):
     pol = load_policy(SHIPPED)
     assert pol.task.name == "bandit" and "bandit" in json.dumps(pol.card.get("task_notes", ""))

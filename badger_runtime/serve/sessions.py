@@ -42,8 +42,8 @@ E_LIMIT = "limit"  # too many sessions / experts / dims / rounds
 E_WRONG_STEP = "wrong_step"  # the request's "t" (or "episode") is not where the session is
 E_STORAGE = "storage"  # the checkpoint could not be written; the change was undone
 E_INTERNAL = "internal"
-E_HORIZON = "horizon"
-E_FORBIDDEN = "forbidden"  # the session belongs to another client (its secret is missing or wrong)  # a step past an episodic policy's horizon in a session not opened with past_horizon
+E_HORIZON = "horizon"  # a step past an episodic policy's horizon in a session not opened with past_horizon
+E_FORBIDDEN = "forbidden"  # the session belongs to another client (its secret is missing or wrong)
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 MAX_SEED = (1 << 63) - 1
@@ -498,7 +498,7 @@ class SessionManager:
                     raise ServeError(E_BAD_REQUEST, f"a step needs {names} (or slots)")
                 vals = a.observation({k: _vector(k, body[k], n)[None] for k, n in parts.items()})
 
-            index = _int(body, pointer, None, 0, a.dims - 1) if pointer else None
+            index = _int(body, pointer, None, 0, a.dims - 1, code=E_BAD_INPUT) if pointer else None  # no such output
 
             def change():
                 if pointer:  # the feedback slot points at output `index` (none when the field is left out)

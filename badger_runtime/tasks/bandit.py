@@ -461,7 +461,7 @@ def long_rollout(policy, *, steps: int, episodes: int, seed: int, arms: int | No
     n = experts or t.default_experts()
     rng_task, rng_wire = episode_rngs(seed)
     ep = t.sample(rng_task, episodes, dims=K, experts=n, steps=steps, addr_dim=policy.spec.addr_dim)
-    agent = Agent(policy).start(ep.interface, sample_wiring(rng_wire, policy.agent, episodes, n))
+    agent = Agent(policy, past_horizon=True).start(ep.interface, sample_wiring(rng_wire, policy.agent, episodes, n))
     prev, regret, best, hmax = None, [], [], 0.0
     for t0 in range(0, steps, chunk_steps):
         traj = drive(agent, Driver(ops, ep, min(chunk_steps, steps - t0), t0=t0, prev_output=prev, with_losses=False))
