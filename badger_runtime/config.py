@@ -171,6 +171,7 @@ class TrainConfig:
     horizon: tuple[int, int] = (0, 0)  # episode length drawn per batch from [lo, hi] (0 = task.steps)
     tbptt: int = 0  # back-propagate through at most this many inner steps (0 = the whole episode)
     init_from: str = ""  # start from this checkpoint's weights (fine-tuning)
+    init: str = ""  # structured initial weights (training/inits.py: 'paired_reads'); '' = the default init
     continue_prob: float = 0.0  # chance that a batch continues the last batch's agents (never reset)
     grow_prob: float = 0.0  # chance that a batch adds 1..N experts (fresh or cloned) at a random inner step
     stages: list[Stage] = field(default_factory=list)

@@ -10,6 +10,14 @@ from .common import SEED, int_in
 def register(sub):
     lr = sub.add_parser("longrun", help="long-horizon stability, or recovery after target jumps (no reset)")
     lr.add_argument("--policy", required=True, help="a shipped policy's name or a path to NAME.onnx")
+    lr.add_argument("--task", default=None, metavar="NAME",
+                    help="the task (default: the policy's own); a task with its own long run (fewshot: classes "
+                         "that change every U[A, B] steps, --jump-every A B, default 50 150) reports it")
+    lr.add_argument("--dims", "--classes", dest="dims", type=int_in(1, 100_000, "--dims"), default=None,
+                    help="the number of outputs (a classifier's classes)")
+    lr.add_argument("--experts", type=int_in(1, 1_000_000, "--experts"), default=None)
+    lr.add_argument("--dataset", default=None, help="classification tasks: the dataset")
+    lr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other task setting")
     lr.add_argument("--steps", type=int_in(1, 10_000_000, "--steps"), default=10_000)
     lr.add_argument("--episodes", type=int_in(1, 100_000, "--episodes"), default=100)
     lr.add_argument("--seed", type=SEED, default=0)
@@ -28,6 +36,22 @@ def cmd_longrun(args):
     from ..policy_card import load_policy
 
     pol = load_policy(args.policy)
+    from ..tasks import task_class
+
+    cls = task_class(args.task or pol.task.name)
+    if hasattr(cls, "longrun_report"):  # the task's own long run
+        from .common import resolve_task
+
+        steps, args.steps = args.steps, None  # --steps is the long run's length, not the episodes'
+        args.task = args.task or pol.task.name  # the task's evaluation setting (e.g. held-out classes)
+        task = resolve_task(args, pol.task)
+        report = cls.longrun_report(pol, task=task, steps=steps, episodes=args.episodes, seed=args.seed,
+                                    change_every=tuple(args.jump_every or (50, 150)), classes=args.dims,
+                                    experts=args.experts)
+        if not args.full:
+            report["after_change"] = {k: v for k, v in report["after_change"].items() if k in ("steps", "mean")}
+        print(json.dumps(report, indent=None if args.json else 2))
+        return
     if args.jump_every:
         a, b = args.jump_every
         if not 1 <= a <= b:

@@ -40,6 +40,7 @@ from ..membrane import Interface
 # name -> "module:Class" (imported when first used, so optional dependencies stay optional)
 REGISTRY: dict[str, str] = {
     "guessing": "badger_runtime.tasks.guessing:GuessingTask",
+    "fewshot": "badger_runtime.tasks.fewshot:FewShotTask",
 }
 _BUILTIN = frozenset(REGISTRY)
 _loaded: dict[str, type["Task"]] = {}

@@ -154,6 +154,10 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     random.seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
     policy = ExpertPolicy(cfg.agent.policy)
+    if cfg.train.init and not cfg.train.init_from:
+        from .inits import apply_init
+
+        apply_init(cfg.train.init, policy)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.train.lr)
     first_batch, wall = 0, 0.0
     if cfg.train.init_from:
