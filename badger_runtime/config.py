@@ -163,6 +163,7 @@ class TrainConfig:
     batches: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
+    adam_eps: float = 1e-8  # Adam's epsilon: larger keeps weights with tiny gradients (a handcrafted init's zeros) still
     lr_decay: list[tuple[int, float]] = field(default_factory=list)  # [(at_batch, lr), ...]
     clip: float = 1.0
     objective: str = "weighted"
@@ -171,7 +172,8 @@ class TrainConfig:
     horizon: tuple[int, int] = (0, 0)  # episode length drawn per batch from [lo, hi] (0 = task.steps)
     tbptt: int = 0  # back-propagate through at most this many inner steps (0 = the whole episode)
     init_from: str = ""  # start from this checkpoint's weights (fine-tuning)
-    init: str = ""  # structured initial weights (training/inits.py: 'paired_reads'); '' = the default init
+    init: str = ""  # structured initial weights (training/inits.py: 'prototypes'); '' = the default init
+    trainable: list[str] = field(default_factory=list)  # train only parameters named with these prefixes ([]: all)
     continue_prob: float = 0.0  # chance that a batch continues the last batch's agents (never reset)
     grow_prob: float = 0.0  # chance that a batch adds 1..N experts (fresh or cloned) at a random inner step
     stages: list[Stage] = field(default_factory=list)
@@ -183,8 +185,8 @@ class TrainConfig:
     def validate(self):
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.batches < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("train.batches, train.batch_size and train.lr must be positive")
+        if self.batches < 1 or self.batch_size < 1 or self.lr <= 0 or self.adam_eps <= 0:
+            raise ConfigError("train.batches, train.batch_size, train.lr and train.adam_eps must be positive")
         lo, hi = self.rounds
         if not 1 <= lo <= hi:
             raise ConfigError("train.rounds must be a range [lo, hi] with 1 <= lo <= hi")

@@ -284,11 +284,10 @@ def features_of(src: Source, idx: np.ndarray, state: StreamState) -> np.ndarray:
 # ---- episodes ---------------------------------------------------------------------------------
 
 
-#: Size of the kind flags in the slot addresses (the guessing game's are 1): as large as an address
-#: part (norm sqrt(A - 2)), so that a read head picks one kind of slot out of the others with a query
-#: of ordinary size. Three kinds with the two flags: features (observation flag), the labelled
-#: example's features (feedback flag), labels (both flags: what the class is, as feedback).
-FLAG_SCALE = 4.0
+#: Size of the kind flags in the slot addresses (as the guessing game's). Three kinds with the two
+#: flags: features (observation flag), the labelled example's features (feedback flag), labels
+#: (both flags: what the class is, as feedback).
+FLAG_SCALE = 1.0
 
 
 def interface(feat_addr: np.ndarray, class_addr: np.ndarray, flag_scale: float = FLAG_SCALE) -> Interface:
@@ -584,6 +583,35 @@ class FewShotTask(Task):
     @staticmethod
     def longrun_report(policy, **kw) -> dict:
         return longrun_report(policy, **kw)
+
+    def card_extras(self, policy, onnx: str, *, episodes: int, seed: int) -> dict:
+        """The card's ``evaluation_datasets`` (never-seen datasets: online accuracy over the first
+        10 / 25 / 50 examples, with the baselines) and ``continual`` (the 10,000-step check on wine,
+        3 classes drawn afresh every U[50, 150] steps: is the policy continual or episodic)."""
+        from ..engine import numpy_ops
+        from ..evaluation import evaluate
+
+        rows = []
+        base = self.evaluation_config(self.cfg)
+        for ds in ("iris", "wine", "breast_cancer"):
+            t = dataclasses.replace(base, dataset=ds, steps=50).validate()
+            tk = FewShotTask(t)
+            C, n = tk.default_dims(), tk.default_experts()
+            r = evaluate(numpy_ops(), policy, policy.agent, t, dims=C, experts=n, episodes=episodes, seed=seed)
+            rows.append({"command": f"badger eval --policy {onnx} --task fewshot --dataset {ds} --classes {C} "
+                                    f"--experts {n} --steps 50 --episodes {episodes} --seed {seed} --json",
+                         "dataset": ds, "classes": C, "experts": n, "online_accuracy": r["online_accuracy"],
+                         "baselines_online": r["baselines_online"], "logreg_lr": r.get("logreg_lr")})
+        long = dataclasses.replace(base, dataset="wine").validate()
+        lr = longrun_report(policy, task=long, steps=10_000, episodes=4, seed=seed, change_every=(50, 150))
+        keep = ("accuracy_at", "accuracy_before_change", "changes", "max_abs_state", "stays_up", "readapts")
+        return {"evaluation_datasets": rows,
+                "continual": {"passes_10000_steps": lr["continual"],
+                              "summary": "continual: re-adapts after class changes and stays up for 10,000 steps"
+                                         if lr["continual"] else "episodic: reset it for each new problem",
+                              "command": f"badger longrun --policy {onnx} --task fewshot --dataset wine --steps 10000 "
+                                         f"--episodes 4 --seed {seed} --jump-every 50 150 --json",
+                              "after_change_mean": lr["after_change"]["mean"]} | {k: lr[k] for k in keep}}
 
     def report(self, metrics: dict[str, np.ndarray], episodes: list[Episode], *, steps: int, seed: int,
                baselines: bool = True) -> dict:

@@ -158,7 +158,14 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
         from .inits import apply_init
 
         apply_init(cfg.train.init, policy)
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.train.lr)
+    params = [p for n, p in policy.named_parameters()
+              if not cfg.train.trainable or any(n.startswith(t) for t in cfg.train.trainable)]
+    for p in policy.parameters():  # the others stay as they are (no gradient computed)
+        p.requires_grad_(any(p is q for q in params))
+    if not params:
+        raise ConfigError(f"train.trainable {cfg.train.trainable} names no parameter of the policy "
+                          f"({[n for n, _ in policy.named_parameters()]})")
+    opt = torch.optim.Adam(params, lr=cfg.train.lr, eps=cfg.train.adam_eps)
     first_batch, wall = 0, 0.0
     if cfg.train.init_from:
         src_policy, _ = policy_from_checkpoint(load_checkpoint(cfg.train.init_from))
@@ -230,7 +237,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
             n = agent.n_experts
             carry = ({"task": task_cfg, "ep": ep, "agent": agent, "prev": prev, "t": ep_start + steps, "d": d,
                       "rounds": rounds} if cfg.train.continue_prob else None)
-            gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
             if not math.isfinite(float(gnorm)):
                 log(f"batch {b}: non-finite gradient, step skipped")
                 opt.zero_grad(set_to_none=True)
