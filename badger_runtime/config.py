@@ -160,7 +160,7 @@ class Stage:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    batches: int = 2000
+    batches: int = 2000  # 0: no outer-loop step; the checkpoint holds the initial weights (train.init)
     batch_size: int = 64
     lr: float = 1e-3
     adam_eps: float = 1e-8  # Adam's epsilon: larger keeps weights with tiny gradients (a handcrafted init's zeros) still
@@ -185,8 +185,9 @@ class TrainConfig:
     def validate(self):
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.batches < 1 or self.batch_size < 1 or self.lr <= 0 or self.adam_eps <= 0:
-            raise ConfigError("train.batches, train.batch_size, train.lr and train.adam_eps must be positive")
+        if self.batches < 0 or self.batch_size < 1 or self.lr <= 0 or self.adam_eps <= 0:
+            raise ConfigError("train.batch_size, train.lr and train.adam_eps must be positive and train.batches >= 0 "
+                              "(0: the initial weights, e.g. a handcrafted train.init, become the checkpoint)")
         lo, hi = self.rounds
         if not 1 <= lo <= hi:
             raise ConfigError("train.rounds must be a range [lo, hi] with 1 <= lo <= hi")

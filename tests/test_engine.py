@@ -224,11 +224,12 @@ def test_every_shipped_policy_runs_an_episode_without_torch(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "torch.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    tasks = [json.loads(p.with_suffix(".json").read_text())["config"]["task"]["name"] for p in shipped]
     code = textwrap.dedent(f"""
         import sys, json
         from badger_runtime.cli import main
-        for p in {[str(p) for p in shipped]!r}:
-            assert main(["eval", "--policy", p, "--task", "guessing", "--episodes", "4", "--seed", "1", "--json"]) == 0
+        for p, task in {list(zip([str(p) for p in shipped], tasks))!r}:
+            assert main(["eval", "--policy", p, "--task", task, "--episodes", "4", "--seed", "1", "--json"]) == 0
         assert 'torch' not in sys.modules
     """)
     env = dict(os.environ, PYTHONPATH=f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -236,7 +237,11 @@ def test_every_shipped_policy_runs_an_episode_without_torch(tmp_path):
     assert res.returncode == 0, res.stderr
     reports = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(reports) == len(shipped)
-    assert all(np.isfinite(r["final_mse"]) and r["final_mse"] < r["chance"] for r in reports)
+    for r in reports:  # each on its own task: better than chance
+        if "final_mse" in r:
+            assert np.isfinite(r["final_mse"]) and r["final_mse"] < r["chance"]
+        else:
+            assert r["mean_accuracy"] > 1.5 / r["classes"]
 
 
 def test_large_random_graphs_draw_distinct_senders():

@@ -158,6 +158,12 @@ def test_shipped_policy_learns_held_out_digits(pol):
     assert np.mean(r["accuracy_by_step"][8:]) > 0.6
     card = pol.card
     assert card["config"]["task"]["name"] == "fewshot" and "continual" in card
+    # the card's lifetime follows its own 10,000-step check: continual only if the check passed
+    life, passed = card["lifetime"], card["continual"]["passes_10000_steps"]
+    assert life["kind"] == ("continual" if passed else "episodic")
+    assert (life["horizon"] is None) if passed else (type(life["horizon"]) is int and life["horizon"] >= 1)
+    # the card says plainly that it is handcrafted, not learned by the outer loop
+    assert card["training"]["batches"] == 0 and card["training_command"].startswith("HANDCRAFTED")
 
 
 def test_shipped_policy_runs_without_torch():
@@ -188,3 +194,33 @@ def test_fewshot_demo(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["demo"] == "fewshot" and Path(res["figures"][0]).is_file()
     assert len(res["numbers"]["episode"]) == res["numbers"]["steps"]
+
+
+def test_the_shipped_policy_is_the_handcrafted_init(tmp_path):
+    """`badger train configs/fewshot.toml` (train.batches = 0) writes the handcrafted weights the
+    shipped policy was exported from; the card says so."""
+    pytest.importorskip("torch")
+    from badger_runtime.config import load_experiment
+    from badger_runtime.training.train import load_checkpoint, policy_from_checkpoint, train
+
+    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot.toml"))
+    assert cfg.train.batches == 0 and cfg.train.init == "prototypes"
+    summary = train(cfg, tmp_path, progress=False, final_eval=False, log=lambda *a: None)
+    policy, _ = policy_from_checkpoint(load_checkpoint(tmp_path / "checkpoint.pt"))
+    assert summary["batches"] == 0
+    shipped = load_policy(SHIPPED)
+    np.testing.assert_allclose(shipped.h0, policy.h0.detach().numpy())
+    # the same step function: the shipped graph computes the handcrafted weights' GRU step and heads
+    import torch
+
+    rng = np.random.default_rng(0)
+    sp = shipped.spec
+    h = np.tanh(rng.standard_normal((16, sp.hidden))).astype(np.float32)
+    inbox = rng.standard_normal((16, sp.msg_dim)).astype(np.float32)
+    sensed = rng.standard_normal((16, sp.sensed_dim)).astype(np.float32)
+    got_h, got_heads = shipped.step(h, inbox, sensed)
+    with torch.no_grad():
+        ref_h, ref_heads = policy.step(torch.from_numpy(h), torch.from_numpy(inbox), torch.from_numpy(sensed))
+    np.testing.assert_allclose(got_h, ref_h.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_heads, ref_heads.numpy(), rtol=1e-4, atol=1e-3)
+    assert shipped.card["training"]["batches"] == 0 and "handcrafted" in shipped.card["training_command"]

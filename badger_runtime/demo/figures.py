@@ -43,6 +43,20 @@ def _save(fig: Figure, path: str | Path, dpi: int | None) -> Path:
     return path
 
 
+def label_axes(ax, *, xlabel: str, ylabel: str | None = None, title: str | None = None, legend: str | None = None,
+               legend_size: float = 8.0, grid: bool = True):
+    """Axis labels, title, grid and legend of one panel."""
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if grid:
+        ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend_size, loc=legend, framealpha=0.92)
+
+
 def _band(ax, x, per_episode, color, lo=25, hi=75):
     """Shade the inter-quartile range of per-episode errors [T, E] (if given)."""
     if per_episode is None or per_episode.shape[1] < 4:
@@ -321,11 +335,8 @@ def fewshot_learning(path, *, curves: dict, agent_label: str, scores: np.ndarray
         else:
             ax.plot(x, acc, color=C_BASELINES.get(name, C_OTHER), lw=1.5, label=name.replace("_", " "))
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy of the prediction before the label")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8.5, loc="lower right", framealpha=0.92)
-    ax.set_title("online accuracy, mean over episodes", fontsize=10)
+    label_axes(ax, xlabel=xlabel, ylabel="accuracy of the prediction before the label",
+               title="online accuracy, mean over episodes", legend="lower right", legend_size=8.5)
 
     ax2 = fig.add_axes([0.58, 0.25, 0.38, 0.63])
     T, C = scores.shape
@@ -338,10 +349,8 @@ def fewshot_learning(path, *, curves: dict, agent_label: str, scores: np.ndarray
     ax2.scatter(t[right], labels[right], s=22, c="white", edgecolors="#1f77b4", zorder=3, label="true label, right")
     ax2.scatter(t[~right], labels[~right], s=26, c="black", marker="x", zorder=3, label="true label, wrong")
     ax2.set_yticks(range(C))
-    ax2.set_xlabel("inner step (one example each)")
-    ax2.set_ylabel("class (episode label)")
-    ax2.set_title("one episode from scratch: softmax of the agent's scores", fontsize=10)
-    ax2.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    label_axes(ax2, xlabel="inner step (one example each)", ylabel="class (episode label)", grid=False,
+               title="one episode from scratch: softmax of the agent's scores", legend="upper right")
     fig.suptitle(title, fontsize=12, y=0.975)
     _caption(fig, caption, width=190)
     return _save(fig, path, dpi)

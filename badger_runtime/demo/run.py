@@ -35,12 +35,11 @@ from typing import Callable
 import numpy as np
 
 from .. import routing
-from ..engine import Agent, numpy_ops
+from ..engine import numpy_ops
 from ..episodes import schedule
 from ..evaluation import run_episodes
 from ..policy_card import OnnxPolicy, PolicyError, load_policy, resolve_policy
 from ..tasks import baselines as bl
-from ..tasks import guessing
 from . import (DEFAULT_DIMS_POLICY, DEFAULT_FEWSHOT_POLICY, DEFAULT_GROW_POLICY, DEFAULT_ONE_EXPERT_POLICY,
                DEFAULT_POLICY, DEMOS, figures)
 

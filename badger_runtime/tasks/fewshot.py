@@ -12,14 +12,18 @@ states and messages.
 
 The membrane's view (``interface``):
 
-- F **feature slots** (observation kind), one per feature, at addresses drawn per episode: a
-  feature is a bag entry (address, value), so one policy runs on 4, 13, 30 or 64 features;
-- C **label slots** (feedback kind) at the class addresses: their values are the one-hot label
-  of the previous example (all zero at the first step). Slot addresses are fixed for an
-  episode (``membrane.Interface``), so the label comes as values on class-addressed slots (the
-  guessing game's per-dimension feedback uses the same layout);
+- F **feature slots** (observation flag), one per feature, at addresses drawn per episode (the
+  features are also shuffled per episode: a bag of (address, value)), so one policy runs on 4,
+  13, 30 or 64 features;
+- the same F features of the **labelled example** (example t - 1), at the same addresses
+  (feedback flag): the feedback is the example with its label;
+- C **label slots** (both flags) at the class addresses: their values are the one-hot label of
+  example t - 1 (all zero at the first step). Slot addresses are fixed for an episode
+  (``membrane.Interface``), so the label comes as values on class-addressed slots;
 - C **outputs** at the class addresses (drawn per episode), one score per class. The training
   loss is the softmax cross-entropy of ``logit_scale`` x the scores against the true label.
+- Who reads what: ``Visibility("grid")``, expert e reads the label slot of class e mod C and
+  feature (e div C) mod F of both examples: N = C x F experts hold one (class, feature) cell each.
 
 Data (``classification_data``): ``digits`` (64 features), ``iris`` (4), ``wine`` (13),
 ``breast_cancer`` (30). Digits 0-5 are for meta-training, 6-9 are held out; ``split`` picks the
@@ -81,6 +85,7 @@ class FewShotConfig(TaskConfig):
     features: tuple[int, int] = (4, 64)  # the projection's number of features F, drawn per batch from [lo, hi]
     logit_scale: float = 1.0  # the loss is cross-entropy of logit_scale x the agent's scores
     copy_prob: float = 0.0  # training aid: chance that a batch shows each example's own label with it
+    loss_unseen: bool = True  # count the loss of predictions on a class not seen yet in the episode (batch)
     baselines: str = "all"  # all | fast (no logistic regression) | none
 
     def validate(self):
@@ -325,6 +330,7 @@ class Episode(TaskEpisode):
     logit_scale: float = 1.0
     state: StreamState | None = None  # to go on (Task.extend); None after select
     delay: int = 1  # the feedback is on example t - delay (0: a training aid, copy_prob)
+    loss_unseen: bool = True
     prev_x: np.ndarray | None = None  # [B, F] the features of the example before t0 (None: none)
     batch_axes = {"xs": 1, "ys": 1, "jumps": 1, "prev_label": 0, "prev_x": 0}
 
@@ -351,12 +357,18 @@ class Episode(TaskEpisode):
                                           axis=-1))
 
     def loss(self, ops, t: int, output):
-        """Softmax cross-entropy of logit_scale x the scores against the label of example t: [B]."""
+        """Softmax cross-entropy of logit_scale x the scores against the label of example t: [B]
+        (zero where the class was not seen before in this batch, with ``loss_unseen`` off)."""
         z = output * self.logit_scale
         m = ops.detach(ops.amax(z, axis=-1, keepdims=True))
         lse = m[:, 0] + ops.log(ops.sum(ops.exp(z - m), axis=-1))
-        onehot = ops.asarray((self.ys[t - self.t0][:, None] == np.arange(self.classes)[None, :]).astype(np.float32))
-        return lse - ops.sum(onehot * z, axis=-1)
+        y = self.ys[t - self.t0]
+        onehot = ops.asarray((y[:, None] == np.arange(self.classes)[None, :]).astype(np.float32))
+        ce = lse - ops.sum(onehot * z, axis=-1)
+        if self.loss_unseen:
+            return ce
+        seen = (self.ys[: t - self.t0] == y[None, :]).any(axis=0)
+        return ce * ops.asarray(seen.astype(np.float32))
 
     def metrics(self, t: int, output: np.ndarray) -> dict[str, np.ndarray]:
         out = np.asarray(output, np.float64)
@@ -389,7 +401,7 @@ def sample(rng: np.random.Generator, cfg: FewShotConfig, batch: int, classes: in
     state.last_label = ys[-1].copy()
     itf = interface(random_addresses(rng, (batch, F), addr_dim), random_addresses(rng, (batch, classes), addr_dim))
     delay = 0 if cfg.copy_prob and rng.random() < cfg.copy_prob else 1
-    return Episode(itf, xs, ys, changes, np.full(batch, -1), 0, cfg.logit_scale, state, delay)
+    return Episode(itf, xs, ys, changes, np.full(batch, -1), 0, cfg.logit_scale, state, delay, cfg.loss_unseen)
 
 
 def extend(rng: np.random.Generator, cfg: FewShotConfig, ep: Episode, end: int) -> Episode:
@@ -405,7 +417,8 @@ def extend(rng: np.random.Generator, cfg: FewShotConfig, ep: Episode, end: int) 
     xs = features_of(src, idx, state)
     prev = state.last_label.copy()
     state.last_label = ys[-1].copy()
-    return Episode(ep.interface, xs, ys, changes, prev, t0, ep.logit_scale, state, ep.delay, ep.xs[-1].copy())
+    return Episode(ep.interface, xs, ys, changes, prev, t0, ep.logit_scale, state, ep.delay, ep.loss_unseen,
+                   ep.xs[-1].copy())
 
 
 # ---- the logistic-regression baseline's learning rate ------------------------------------------
@@ -571,7 +584,9 @@ class FewShotTask(Task):
         return self.default_dims() * task_source(self.cfg).features
 
     def card_evaluations(self) -> list[tuple[int, int, int]]:
-        return [(self.default_dims(), self.default_experts(), self.cfg.steps)]
+        """Held-out digits: all 4 classes, one expert per (class, feature) cell."""
+        held = FewShotTask(self.evaluation_config(self.cfg))
+        return [(held.default_dims(), held.default_experts(), self.cfg.steps)]
 
     def sample(self, rng: np.random.Generator, batch: int, *, dims: int, experts: int, steps: int,
                addr_dim: int) -> Episode:
@@ -586,8 +601,9 @@ class FewShotTask(Task):
 
     def card_extras(self, policy, onnx: str, *, episodes: int, seed: int) -> dict:
         """The card's ``evaluation_datasets`` (never-seen datasets: online accuracy over the first
-        10 / 25 / 50 examples, with the baselines) and ``continual`` (the 10,000-step check on wine,
-        3 classes drawn afresh every U[50, 150] steps: is the policy continual or episodic)."""
+        10 / 25 / 50 examples, with the baselines), ``continual`` (the 10,000-step check on wine,
+        3 classes drawn afresh every U[50, 150] steps) and ``lifetime`` from it: {"kind": "continual",
+        "horizon": None} if the check passes, else {"kind": "episodic", "horizon": the task's steps}."""
         from ..engine import numpy_ops
         from ..evaluation import evaluate
 
@@ -605,7 +621,17 @@ class FewShotTask(Task):
         long = dataclasses.replace(base, dataset="wine").validate()
         lr = longrun_report(policy, task=long, steps=10_000, episodes=4, seed=seed, change_every=(50, 150))
         keep = ("accuracy_at", "accuracy_before_change", "changes", "max_abs_state", "stays_up", "readapts")
-        return {"evaluation_datasets": rows,
+        at, mean = lr["accuracy_at"], lr["after_change"]["mean"]
+        evidence = (f"10,000 steps on wine, classes changing every U[50, 150] steps, never reset ({lr['changes']} "
+                    f"changes, {lr['episodes']} streams, seed {seed}): accuracy {at.get('100', float('nan')):.3f} / "
+                    f"{at.get('10000', float('nan')):.3f} over the 20 steps before step 100 / 10,000; over the 40 "
+                    f"steps after a change {mean['agent_never_reset']:.3f} never reset vs "
+                    f"{mean['agent_reset_at_changes']:.3f} reset at the change")
+        lifetime = ({"kind": "continual", "horizon": None, "why": "passes the 10,000-step check: " + evidence}
+                    if lr["continual"] else
+                    {"kind": "episodic", "horizon": int(self.cfg.steps),
+                     "why": "fails the 10,000-step check (reset it for each new problem): " + evidence})
+        return {"lifetime": lifetime, "evaluation_datasets": rows,
                 "continual": {"passes_10000_steps": lr["continual"],
                               "summary": "continual: re-adapts after class changes and stays up for 10,000 steps"
                                          if lr["continual"] else "episodic: reset it for each new problem",

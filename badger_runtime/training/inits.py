@@ -62,7 +62,7 @@ BUMPS = (("old", 0.0, 0, ("seen", 1), 1.0),  # the last example was not of this 
 
 def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float = 0.5, gate: float = 12.0,
                kind_bias: float = 24.0, both_bias: float = 32.0, key_gain: float = 16.0, score_gain: float = 20.0,
-               novelty: float = 0.1):
+               novelty: float = 0.3):
     """A handcrafted expert of online nearest-class-mean classification, for the slots of
     ``tasks/fewshot.py``, where expert e sees the label slot of one class c and one feature j of
     the current and of the labelled example (a grid cell (c, j); the policy itself never knows c

@@ -259,6 +259,8 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                     bar.update(tid, completed=b + 1, info=f"loss {row['loss']:.3f} final {row['final_loss']:.3f}")
             if (b + 1) % cfg.train.ckpt_every == 0 or b + 1 == cfg.train.batches:
                 save(b + 1)
+    if cfg.train.batches == 0:  # no outer-loop step: the initial weights (train.init) are the checkpoint
+        save(0)
     if bar is not None:
         bar.stop()
     trained = cfg.train.batches - first_batch  # in this call (a resumed run's wall time includes earlier calls)
