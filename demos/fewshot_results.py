@@ -57,7 +57,12 @@ def main_(argv=None):
     ap.add_argument("--long-steps", type=int, default=10_000)
     ap.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "fewshot.png"))
     ap.add_argument("--json", default=None, help="also write every report here")
+    ap.add_argument("--figure-only", default=None, metavar="JSON",
+                    help="redraw the figure from the reports a previous run wrote with --json (no evaluation)")
     a = ap.parse_args(argv)
+    if a.figure_only:
+        figure(a.figure, json.loads(Path(a.figure_only).read_text()))
+        return
     P, S, E = a.policy, str(a.seed), str(a.episodes)
     t0 = time.perf_counter()
     reports, md = {}, []
@@ -180,11 +185,13 @@ def figure(path, reports):
     ncm = reports["ten_way_baselines"]["nearest_class_mean"]
     ax.axhline(np.mean(ncm), color=C_BASELINES["nearest_class_mean"], lw=1.2, label="NCM, mean over 50 steps")
     ax.axvline(640, color="#2ca02c", lw=6, alpha=0.25, label="N = 10 x 64 (one expert per cell)")
-    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xscale("log")
     ax.set_xticks(ns)
-    ax.set_xticklabels([str(n) for n in ns])
-    label_axes(ax, xlabel="number of experts N (same policy)", ylabel="accuracy",
-               title="10-way digits (test split) against N", legend="lower right")
+    ax.set_xticklabels([str(n) for n in ns], fontsize=8)
+    ax.minorticks_off()
+    ax.set_ylim(0, 1.0)
+    label_axes(ax, xlabel="number of experts N (same policy, log scale)", ylabel="accuracy",
+               title="10-way digits (test split) against N", legend="upper left")
     ax = fig.add_axes([0.56, 0.1, 0.41, 0.33])
     ac = reports["longrun"]["after_change"]
     x = np.arange(len(ac["agent_never_reset"]))
