@@ -203,9 +203,10 @@ class ESConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    batches: int = 2000
+    batches: int = 2000  # 0: no outer-loop step; the checkpoint holds the initial weights (train.init)
     batch_size: int = 64
     lr: float = 1e-3
+    adam_eps: float = 1e-8  # Adam's epsilon: larger keeps weights with tiny gradients (a handcrafted init's zeros) still
     lr_decay: list[tuple[int, float]] = field(default_factory=list)  # [(at_batch, lr), ...]
     clip: float = 1.0
     objective: str = "weighted"
@@ -214,6 +215,8 @@ class TrainConfig:
     horizon: tuple[int, int] = (0, 0)  # episode length drawn per batch from [lo, hi] (0 = task.steps)
     tbptt: int = 0  # back-propagate through at most this many inner steps (0 = the whole episode)
     init_from: str = ""  # start from these weights (fine-tuning): a checkpoint (.pt) or a policy (name or .onnx)
+    init: str = ""  # structured initial weights (training/inits.py: 'prototypes'); '' = the default init
+    trainable: list[str] = field(default_factory=list)  # train only parameters named with these prefixes ([]: all)
     continue_prob: float = 0.0  # chance that a batch continues the last batch's agents (never reset)
     grow_prob: float = 0.0  # chance that a batch adds 1..N experts (fresh or cloned) at a random inner step
     stages: list[Stage] = field(default_factory=list)
@@ -228,8 +231,9 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be in [0, 2^63), got {self.seed}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.batches < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("train.batches, train.batch_size and train.lr must be positive")
+        if self.batches < 0 or self.batch_size < 1 or self.lr <= 0 or self.adam_eps <= 0:
+            raise ConfigError("train.batch_size, train.lr and train.adam_eps must be positive and train.batches >= 0 "
+                              "(0: the initial weights, e.g. a handcrafted train.init, become the checkpoint)")
         lo, hi = self.rounds
         if not 1 <= lo <= hi:
             raise ConfigError("train.rounds must be a range [lo, hi] with 1 <= lo <= hi")

@@ -32,28 +32,45 @@ def _experts(task) -> int:
 
 
 def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | None = None,
-                 experts: int | None = None, jump_every: tuple[int, int] = (0, 0), chunk_steps: int = 500):
-    """Run ``episodes`` agents for ``steps`` inner steps without reset.
+                 experts: int | None = None, jump_every: tuple[int, int] = (0, 0), chunk_steps: int = 500,
+                 task=None, metric: str | None = None):
+    """Run ``episodes`` agents for ``steps`` inner steps without reset, on ``task`` (default: the
+    policy's own; a guessing task gets ``jump_every``). A task whose targets jump is drawn for all
+    steps at once; any other goes on chunk by chunk (``Task.extend``).
 
-    Returns (errors [T, E], jumps [T, E] bool or None, max |state| seen)."""
-    task = dataclasses.replace(policy.task, jump_every=tuple(jump_every))
-    d = dims or task.dims[1]
+    Returns (the task's ``metric`` [T, E] (default: the metric its loss follows), jumps [T, E]
+    bool or None, max |state| seen)."""
+    task = task if task is not None else policy.task
+    if hasattr(task, "jump_every"):
+        task = dataclasses.replace(task, jump_every=tuple(jump_every))
+    tk = make_task(task)
+    d = dims or tk.default_dims()
     n = experts or _experts(task)
+    metric = metric or tk.loss_name
+    upfront = bool(getattr(task, "jump_every", (0, 0))[1])
     rng_task, rng_wire = episode_rngs(seed)
-    ep = make_task(task).sample(rng_task, episodes, dims=d, experts=n, steps=steps, addr_dim=policy.spec.addr_dim)
+    ep = tk.sample(rng_task, episodes, dims=d, experts=n, steps=steps if upfront else min(chunk_steps, steps),
+                   addr_dim=policy.spec.addr_dim)
     # the measurement of what happens past the horizon: asked for explicitly
     agent = Agent(policy, past_horizon=True).start(ep.interface, sample_wiring(rng_wire, policy.agent, episodes, n))
-    guess, errs, hmax = None, [], 0.0
+    out, vals, jumps, hmax = None, [], [], 0.0
     for t0 in range(0, steps, chunk_steps):
-        traj = drive(agent, Driver(OPS, ep, min(chunk_steps, steps - t0), t0=t0, prev_output=guess, with_losses=False))
-        guess = traj.outputs[-1]
+        k = min(chunk_steps, steps - t0)
+        if t0 and not upfront:
+            ep = tk.extend(rng_task, ep, t0 + k)
+        traj = drive(agent, Driver(OPS, ep, k, t0=t0, prev_output=out, with_losses=False))
+        out = traj.outputs[-1]
         hmax = max(hmax, float(np.abs(agent.state.h).max()))
-        errs.append(traj.metrics["error"])
-    return np.concatenate(errs, axis=0), ep.jumps, hmax
+        vals.append(traj.metrics[metric])
+        if getattr(ep, "jumps", None) is not None and not upfront:
+            jumps.append(ep.jumps)
+    jumps = ep.jumps if upfront else (np.concatenate(jumps, axis=0) if jumps else None)
+    return np.concatenate(vals, axis=0), jumps, hmax
 
 
 def horizon_report(policy, *, steps: int = 10_000, episodes: int = 100, seed: int = 0,
                    checkpoints=(20, 100, 1000, 10_000)) -> dict:
+    """The guessing game's error (any other task: the metric its loss follows) at the checkpoints."""
     errs, _, hmax = long_rollout(policy, steps=steps, episodes=episodes, seed=seed)
     mean = errs.mean(axis=1)
     settled = float(mean[min(19, steps - 1)])

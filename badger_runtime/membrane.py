@@ -122,9 +122,15 @@ class Visibility:
       one expert, the others must learn it through messages);
     - ``fraction``: expert e reads slot j of [lo, hi) when a hash of (seed, e, j) falls below
       ``fraction`` (each expert hears a random part of the feedback; what the others heard
-      reaches it only in messages).
+      reaches it only in messages);
+    - ``cyclic``: expert e reads slot lo + (e mod (hi - lo)) of [lo, hi) and no other there (the
+      slots are dealt out to the experts in turn: with N >= hi - lo every slot has a reader);
+    - ``grid``: ``cyclic`` on [lo, hi) (C = hi - lo slots, say one per class), and of the slots
+      before lo expert e reads those whose index i has i mod ``period`` = (e div C) mod
+      ``period`` (say one feature of an example, and the same feature of another): the experts
+      are a grid of C x ``period`` cells, and N = C x period experts fill it once.
 
-    Slots outside [lo, hi) are read by every expert.
+    Slots outside [lo, hi) are read by every expert (``grid``: slots from hi on).
     """
 
     kind: str = "all"
@@ -132,14 +138,17 @@ class Visibility:
     hi: int = 0
     fraction: float = 1.0
     seed: int = 0
+    period: int = 0  # grid: the cells per row (the slots before lo repeat with this period)
 
-    KINDS = ("all", "first", "fraction")
+    KINDS = ("all", "first", "fraction", "cyclic", "grid")
 
     def __post_init__(self):
         if self.kind not in self.KINDS:
             raise ValueError(f"visibility kind must be one of {self.KINDS}, got {self.kind!r}")
         if not 0 <= self.lo <= self.hi or not 0.0 <= self.fraction <= 1.0:
             raise ValueError("visibility needs 0 <= lo <= hi and fraction in [0, 1]")
+        if self.kind == "grid" and (self.period < 1 or self.hi <= self.lo):
+            raise ValueError("a grid visibility needs period >= 1 and lo < hi")
 
     def mask(self, n: int, slots: int) -> np.ndarray | None:
         """[1, n, slots] bool (True: may read), or None when every expert reads every slot."""
@@ -149,6 +158,15 @@ class Visibility:
         lo, hi = self.lo, min(self.hi, slots)
         if self.kind == "first":
             vis[:, 1:, lo:hi] = False
+        elif self.kind in ("cyclic", "grid"):
+            vis[:, :, lo:hi] = False
+            e = np.arange(n)
+            j = self.lo + e % (self.hi - self.lo)
+            vis[0, e[j < hi], j[j < hi]] = True
+            if self.kind == "grid":
+                cell = (e // (self.hi - self.lo)) % self.period
+                before = np.arange(min(self.lo, slots))
+                vis[0, :, before] = (before[:, None] % self.period == cell[None, :])
         else:
             e = np.arange(n, dtype=np.uint64)[:, None]
             j = np.arange(lo, hi, dtype=np.uint64)[None, :]
@@ -156,11 +174,13 @@ class Visibility:
         return vis
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "lo": self.lo, "hi": self.hi, "fraction": self.fraction, "seed": self.seed}
+        return {"kind": self.kind, "lo": self.lo, "hi": self.hi, "fraction": self.fraction, "seed": self.seed,
+                "period": self.period}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Visibility":
-        return cls(str(d["kind"]), int(d["lo"]), int(d["hi"]), float(d["fraction"]), int(d["seed"]))
+        return cls(str(d["kind"]), int(d["lo"]), int(d["hi"]), float(d["fraction"]), int(d["seed"]),
+                   int(d.get("period", 0)))
 
 
 def _unit_hash(seed: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

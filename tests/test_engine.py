@@ -64,7 +64,7 @@ def test_card_records_what_a_runtime_needs(tiny_policy):
     card = json.loads(tiny_policy.with_suffix(".json").read_text())
     for key in ("format", "sha256", "signature", "heads", "initial_state", "config", "training", "export", "versions"):
         assert key in card
-    assert card["export"]["max_abs_diff_vs_torch"] <= 1e-5
+    assert card["export"]["max_rel_diff_vs_torch"] <= 1e-5
     assert card["versions"]["onnxruntime"]
 
 
@@ -230,8 +230,10 @@ def test_every_shipped_policy_runs_an_episode_without_torch(tmp_path):
     for r in reports:
         if r["task"]["name"] == "bandit":
             assert np.isfinite(r["final_regret"]) and r["final_regret"] < r["baselines"]["uniform_random"][-1]
-        else:
+        elif "final_mse" in r:
             assert np.isfinite(r["final_mse"]) and r["final_mse"] < r["chance"]
+        else:  # a classifier: better than chance
+            assert r["mean_accuracy"] > 1.5 / r["classes"]
 
 
 def test_large_random_graphs_draw_distinct_senders():

@@ -11,14 +11,18 @@ def register(sub):
     lr = sub.add_parser("longrun", help="long-horizon stability, or recovery after target jumps (no reset); "
                                         "--task bandit: the continual bandit check")
     lr.add_argument("--policy", required=True, help="a shipped policy's name or a path to NAME.onnx")
-    lr.add_argument("--task", choices=("guessing", "bandit"), default="guessing",
-                    help="bandit: arm means drawn afresh every U[A, B] steps (--change-every), never reset; reports "
-                         "best-arm pulls after each change and regret per step over time")
-    lr.add_argument("--arms", type=int_in(1, 100_000, "--arms"), default=None, help="bandit: K (default: as trained)")
-    lr.add_argument("--experts", type=int_in(1, 1_000_000, "--experts"), default=None,
-                    help="bandit: N (default: as trained)")
+    lr.add_argument("--task", default=None, metavar="NAME",
+                    help="the task (default: the policy's own). A task with its own long run reports it: bandit "
+                         "(arm means drawn afresh every U[A, B] steps, --change-every, default 200 800: best-arm "
+                         "pulls after each change, regret per step over time), fewshot (classes that change every "
+                         "U[A, B] steps, --change-every or --jump-every, default 50 150)")
+    lr.add_argument("--dims", "--classes", "--arms", dest="dims", type=int_in(1, 100_000, "--dims"), default=None,
+                    help="the number of outputs (a classifier's classes, a bandit's arms; default: as trained)")
+    lr.add_argument("--experts", type=int_in(1, 1_000_000, "--experts"), default=None, help="N (default: as trained)")
+    lr.add_argument("--dataset", default=None, help="classification tasks: the dataset")
+    lr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other task setting")
     lr.add_argument("--change-every", type=int_in(1, 10_000_000, "--change-every"), nargs=2, metavar=("A", "B"),
-                    default=(200, 800), help="bandit: the means change every U[A, B] steps")
+                    default=None, help="bandit, fewshot: what the agent faces changes every U[A, B] steps")
     lr.add_argument("--window", type=int_in(1, 1_000_000, "--window"), default=100,
                     help="bandit: regret per step is averaged over windows of this many steps")
     lr.add_argument("--steps", type=int_in(1, 10_000_000, "--steps"), default=10_000)
@@ -38,18 +42,35 @@ def cmd_longrun(args):
     from ..longrun import horizon_report, jump_report
     from ..policy_card import load_policy
 
+    from ..tasks import task_class
+
     pol = load_policy(args.policy)
-    if args.task == "bandit":
+    name = args.task or pol.task.name
+    cls = task_class(name)
+    change = args.change_every or args.jump_every
+    if change is not None and not 1 <= change[0] <= change[1]:
+        raise ConfigError("--change-every A B needs 1 <= A <= B")
+    if name == "bandit":
         from ..tasks.bandit import longrun_report, plot_longrun
 
-        a, b = args.change_every
-        if not 1 <= a <= b:
-            raise ConfigError("--change-every A B needs 1 <= A <= B")
-        report = longrun_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed, arms=args.arms,
-                                experts=args.experts, change_every=(a, b), window=args.window)
+        report = longrun_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed, arms=args.dims,
+                                experts=args.experts, change_every=tuple(change or (200, 800)), window=args.window)
         if args.plot:
             plot_longrun(report, args.plot)
             report["plot"] = args.plot
+        print(json.dumps(report, indent=None if args.json else 2))
+        return
+    if hasattr(cls, "longrun_report"):  # the task's own long run
+        from .common import resolve_task
+
+        steps, args.steps = args.steps, None  # --steps is the long run's length, not the episodes'
+        args.task = name  # the task's evaluation setting (e.g. held-out classes)
+        task = resolve_task(args, pol.task)
+        report = cls.longrun_report(pol, task=task, steps=steps, episodes=args.episodes, seed=args.seed,
+                                    change_every=tuple(change or (50, 150)), classes=args.dims,
+                                    experts=args.experts)
+        if not args.full:
+            report["after_change"] = {k: v for k, v in report["after_change"].items() if k in ("steps", "mean")}
         print(json.dumps(report, indent=None if args.json else 2))
         return
     if args.jump_every:

@@ -1,6 +1,6 @@
 """`badger demo`: the paper's experiments re-run with the shipped policies, as figures.
 
-- ``run.py``: the sub-demos (main, guessing, dimensions, growing, communication); each
+- ``run.py``: the sub-demos (main, guessing, dimensions, growing, communication, fewshot); each
   rolls out episodes with the deploy engine (numpy + onnxruntime; no torch), computes the
   baselines on the same episodes and returns its numbers and the figures it wrote.
 - ``figures.py``: the plotting functions (matplotlib, Agg canvas, no pyplot state), one
@@ -13,4 +13,5 @@ DEFAULT_POLICY = "policies/guessing-converge-v1.onnx"  # paper Fig. 9 setting: t
 DEFAULT_ONE_EXPERT_POLICY = "policies/guessing-one-expert-v1.onnx"  # paper Fig. 6 / 8 setting
 DEFAULT_DIMS_POLICY = "policies/dimensions-v1.onnx"  # paper Fig. 7 setting (trained d in [3, 6])
 DEFAULT_GROW_POLICY = "policies/dimensions-v2.onnx"  # d in [1, 6], trained with experts added mid-episode
-DEMOS = ("main", "guessing", "dimensions", "growing", "communication")
+DEFAULT_FEWSHOT_POLICY = "policies/fewshot-v1.onnx"  # online few-shot classification (issue 14)
+DEMOS = ("main", "guessing", "dimensions", "growing", "communication", "fewshot")

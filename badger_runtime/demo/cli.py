@@ -1,4 +1,4 @@
-"""`badger demo [guessing|dimensions|growing|communication]`: the paper's figures, re-run.
+"""`badger demo [guessing|dimensions|growing|communication|fewshot]`: the paper's figures, re-run.
 
 No sub-demo: the main demo (the default policy on the guessing game: a loss-by-step table
 against tuned Adam and the mean solution, messages and rounds, and figures). Every run
@@ -13,7 +13,8 @@ import json
 import math
 from pathlib import Path
 
-from . import DEFAULT_DIMS_POLICY, DEFAULT_GROW_POLICY, DEFAULT_ONE_EXPERT_POLICY, DEFAULT_POLICY, DEMOS
+from . import (DEFAULT_DIMS_POLICY, DEFAULT_FEWSHOT_POLICY, DEFAULT_GROW_POLICY, DEFAULT_ONE_EXPERT_POLICY,
+               DEFAULT_POLICY, DEMOS)
 
 SUB = tuple(d for d in DEMOS if d != "main")
 
@@ -25,7 +26,7 @@ def register(sub) -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", nargs="?", choices=SUB, default=None,
                    help="a sub-demo: guessing (Fig. 6, 9), dimensions (Fig. 7), growing (more experts), "
-                        "communication (Fig. 8); none: the main demo")
+                        "communication (Fig. 8), fewshot (learning iris from scratch); none: the main demo")
     p.add_argument("--out", default="demo-output", help="folder for the PNG figures and results.json")
     p.add_argument("--quick", action="store_true", help="few episodes, low resolution: a few seconds")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the episodes")
@@ -33,7 +34,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None,
                    help="the chosen demo's policy: main / guessing (Fig. 9): "
                         f"{DEFAULT_POLICY}; dimensions / growing: {DEFAULT_DIMS_POLICY}; "
-                        f"communication: {DEFAULT_ONE_EXPERT_POLICY}")
+                        f"communication: {DEFAULT_ONE_EXPERT_POLICY}; fewshot: {DEFAULT_FEWSHOT_POLICY}")
     p.add_argument("--one-expert-policy", default=DEFAULT_ONE_EXPERT_POLICY,
                    help="the Fig. 6 policy (last-step trained) used by guessing and communication")
     p.add_argument("--dims-policy", default=DEFAULT_DIMS_POLICY,
@@ -59,6 +60,8 @@ def options_from_args(args):
             o.dims_policy = args.policy
         elif which == "communication":
             o.one_expert_policy = args.policy
+        elif which == "fewshot":
+            o.fewshot_policy = args.policy
         else:
             o.policy = args.policy
     if args.episodes is not None and args.episodes < 1:
@@ -235,6 +238,31 @@ def print_communication(console, res):
     _final_line(console, n["agent_final"], None, n["mean_solution"])
 
 
+def print_fewshot(console, res):
+    if "skipped" in res:
+        return
+    from rich.table import Table
+
+    n = res["numbers"]
+    t = Table(title=f"{Path(res['policy']).stem} learning iris from scratch: one episode, step by step "
+                    f"(N={n['experts']}, features standardised online)")
+    for c in ("step", "features", "scores", "prediction", "label", ""):
+        t.add_column(c, justify="right")
+    for s in n["episode"][:20]:
+        t.add_row(str(s["step"]), " ".join(f"{v:+.2f}" for v in s["features"]),
+                  " ".join(f"{v:+.2f}" for v in s["scores"]), str(s["prediction"]), str(s["label"]),
+                  "[green]right[/]" if s["correct"] else "[red]wrong[/]")
+    console.print(t)
+    t = Table(title=f"Online accuracy over the first k examples ({n['episodes']} episodes, same episodes for all)")
+    t.add_column("learner")
+    ks = list(next(iter(n["online_accuracy"].values())))
+    for k in ks:
+        t.add_column(f"first {k}", justify="right")
+    for name, acc in n["online_accuracy"].items():
+        t.add_row(name.replace("_", " "), *[_g(acc[k]) for k in ks], style="bold" if name == "agent" else None)
+    console.print(t)
+
+
 PRINTERS = {"main": print_main, "guessing": print_guessing, "dimensions": print_dimensions, "growing": print_growing,
-            "communication": print_communication}
+            "communication": print_communication, "fewshot": print_fewshot}
 

@@ -43,6 +43,20 @@ def _save(fig: Figure, path: str | Path, dpi: int | None) -> Path:
     return path
 
 
+def label_axes(ax, *, xlabel: str, ylabel: str | None = None, title: str | None = None, legend: str | None = None,
+               legend_size: float = 8.0, grid: bool = True):
+    """Axis labels, title, grid and legend of one panel."""
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if grid:
+        ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend_size, loc=legend, framealpha=0.92)
+
+
 def _band(ax, x, per_episode, color, lo=25, hi=75):
     """Shade the inter-quartile range of per-episode errors [T, E] (if given)."""
     if per_episode is None or per_episode.shape[1] < 4:
@@ -286,6 +300,57 @@ def growing(path, *, experts, curves: dict, chance: dict, mean_solution: dict, t
     ax2.set_title(hot_note, fontsize=10)
     ax2.grid(alpha=0.3, which="both")
     ax2.legend(fontsize=8, loc="upper right")
+    fig.suptitle(title, fontsize=12, y=0.975)
+    _caption(fig, caption, width=190)
+    return _save(fig, path, dpi)
+
+
+# --- few-shot classification ------------------------------------------------------------------
+
+C_BASELINES = {"nearest_class_mean": "#d62728", "one_nearest_neighbour": "#2ca02c",
+               "online_logistic_regression": "#9467bd", "chance": C_CHANCE}
+
+
+def fewshot_learning(path, *, curves: dict, agent_label: str, scores: np.ndarray, labels: np.ndarray,
+                     caption: str, title: str, smooth: int = 1, xlabel: str = "examples seen (labels given so far)",
+                     dpi=None) -> Path:
+    """Left: accuracy of the prediction made before each label is given, by examples seen, the agent
+    (``curves[agent_label]``) against the baselines on the same episodes. Right: one episode step by
+    step: the agent's score for each class (rows) at each step, the true label marked (white
+    dot: the agent's argmax was right, black x: wrong).
+
+    curves: {name: accuracy by step [T]}; scores: [T, C]; labels: [T]."""
+    fig = _figure(13.0, 5.6)
+    ax = fig.add_axes([0.06, 0.25, 0.45, 0.63])
+    for name, acc in curves.items():
+        acc = np.asarray(acc, np.float64)
+        if smooth > 1 and len(acc) > smooth:
+            k = np.ones(smooth) / smooth
+            acc = np.concatenate([acc[: smooth - 1], np.convolve(acc, k, mode="valid")])
+        x = np.arange(len(acc))
+        if name == agent_label:
+            ax.plot(x, acc, color=C_AGENT, lw=2.4, label=name, zorder=5)
+        elif name == "chance":
+            ax.plot(x, acc, color=C_CHANCE, lw=1.2, ls=":", label="chance")
+        else:
+            ax.plot(x, acc, color=C_BASELINES.get(name, C_OTHER), lw=1.5, label=name.replace("_", " "))
+    ax.set_ylim(0, 1.02)
+    label_axes(ax, xlabel=xlabel, ylabel="accuracy of the prediction before the label",
+               title="online accuracy, mean over episodes", legend="lower right", legend_size=8.5)
+
+    ax2 = fig.add_axes([0.58, 0.25, 0.38, 0.63])
+    T, C = scores.shape
+    z = scores - scores.max(axis=1, keepdims=True)
+    prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    ax2.imshow(prob.T, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest",
+               extent=(-0.5, T - 0.5, C - 0.5, -0.5))
+    right = scores.argmax(axis=1) == labels
+    t = np.arange(T)
+    ax2.scatter(t[right], labels[right], s=22, c="white", edgecolors="#1f77b4", zorder=3, label="true label, right")
+    ax2.scatter(t[~right], labels[~right], s=26, c="black", marker="x", zorder=3, label="true label, wrong")
+    ax2.set_yticks(range(C))
+    label_axes(ax2, xlabel="inner step (one example each)", ylabel="class (episode label)", grid=False,
+               title="one episode from scratch: softmax of the agent's scores", legend="upper right")
     fig.suptitle(title, fontsize=12, y=0.975)
     _caption(fig, caption, width=190)
     return _save(fig, path, dpi)

@@ -14,6 +14,10 @@ returns a JSON-able dict: ``{"demo", "policy", "runtime", "figures", "numbers", 
 - ``growing``: final loss vs N = 5 .. 160 experts (beyond the trained range) and a hot-add
   of experts mid-episode with ``engine.Agent.add_experts``.
 - ``communication``: Fig. 8 (routing attention among the 3 experts over the inner loop).
+- ``fewshot``: the few-shot classification policy learning iris from scratch, one example per
+  inner step (never trained on iris): one episode step by step, and the accuracy by examples
+  seen against nearest class mean, 1-NN, online logistic regression and chance on the same
+  episodes.
 
 Episodes run through ``_run_guessing``: the one place that picks the actor runtime
 (``actors/episodes.py``; the main demo's default) or the batched engine (the sub-demos, and
@@ -36,7 +40,8 @@ from ..episodes import schedule
 from ..evaluation import run_episodes
 from ..policy_card import OnnxPolicy, PolicyError, load_policy, resolve_policy
 from ..tasks import baselines as bl
-from . import DEFAULT_DIMS_POLICY, DEFAULT_GROW_POLICY, DEFAULT_ONE_EXPERT_POLICY, DEFAULT_POLICY, DEMOS, figures
+from . import (DEFAULT_DIMS_POLICY, DEFAULT_FEWSHOT_POLICY, DEFAULT_GROW_POLICY, DEFAULT_ONE_EXPERT_POLICY,
+               DEFAULT_POLICY, DEMOS, figures)
 
 @dataclass
 class DemoOptions:
@@ -47,6 +52,7 @@ class DemoOptions:
     one_expert_policy: str = DEFAULT_ONE_EXPERT_POLICY
     dims_policy: str = DEFAULT_DIMS_POLICY
     grow_policy: str = DEFAULT_GROW_POLICY
+    fewshot_policy: str = DEFAULT_FEWSHOT_POLICY
     episodes: int | None = None  # override the number of evaluation episodes of every demo
     runtime: str = "actors"  # the main demo's runtime: 'actors' or 'engine' (sub-demos use the engine)
     dpi: int | None = None
@@ -453,8 +459,53 @@ def demo_communication(o: DemoOptions) -> dict:
                    numbers=numbers, notes=[])
 
 
+# --- fewshot: learning iris from scratch ------------------------------------------------------------
+
+
+def demo_fewshot(o: DemoOptions) -> dict:
+    """The few-shot policy on iris (never seen in training; features standardised online), one
+    example per inner step, against the classical online learners on the same episodes."""
+    t0 = time.perf_counter()
+    path = find_policy(o.fewshot_policy)
+    if path is None:
+        return _finish("fewshot", t0, skipped=f"few-shot policy {o.fewshot_policy} not found; pass --policy PATH")
+    from ..evaluation import evaluate
+    from ..tasks import fewshot
+
+    pol = load_policy(path)
+    C, T = 3, 50
+    task = dataclasses.replace(fewshot.FewShotTask.evaluation_config(pol.task), dataset="iris", steps=T,
+                               baselines="fast" if o.quick else "all").validate()
+    experts = fewshot.FewShotTask(task).default_experts()
+    E = o.n(300, 16)
+    # one episode, step by step (the first episode of the seeded evaluation below)
+    one = run_episodes(numpy_ops(), pol, pol.agent, task, dims=C, experts=experts, episodes=1, seed=o.seed, steps=T)
+    ep = one.episodes[0]
+    scores, labels = one.outputs[:, 0], ep.ys[:, 0]
+    steps = [{"step": t, "features": [round(float(v), 3) for v in ep.xs[t, 0]], "label": int(labels[t]),
+              "scores": [round(float(v), 3) for v in scores[t]], "prediction": int(scores[t].argmax()),
+              "correct": bool(scores[t].argmax() == labels[t])} for t in range(T)]
+    rep = evaluate(numpy_ops(), pol, pol.agent, task, dims=C, experts=experts, episodes=E, seed=o.seed)
+    curves = {"agent": rep["accuracy_by_step"], **rep["baselines"]}
+    online = {"agent": rep["online_accuracy"], **rep["baselines_online"]}
+    fig = figures.fewshot_learning(
+        o.out / "fewshot_iris.png", curves=curves, agent_label="agent", scores=scores, labels=labels,
+        smooth=1, title=f"Learning iris from scratch: {pol.name} (N={experts}, {C} classes, features standardised online)",
+        caption=(f"The policy was meta-trained on digits 0-5 and never saw iris. Each inner step it sees one flower "
+                 "(4 features) and the label of the previous one, and scores the 3 classes; its weights are "
+                 "frozen, it learns only in its experts' states and messages. Left: accuracy of the prediction "
+                 f"made before each label is given, mean over {E} episodes (seed {o.seed}), next to classical "
+                 "online learners on the same episodes and example order. Right: one episode."),
+        dpi=o.figure_dpi)
+    numbers = {"episodes": E, "experts": experts, "classes": C, "steps": T, "dataset": "iris",
+               "online_accuracy": online, "accuracy_by_step": curves, "logreg_lr": rep.get("logreg_lr"),
+               "episode": steps, "episode_accuracy": float(np.mean([s["correct"] for s in steps]))}
+    return _finish("fewshot", t0, policy=str(pol.path), runtime="engine (numpy + onnxruntime, batched)",
+                   figures=[str(fig)], numbers=numbers, notes=[])
+
+
 RUNNERS = {"main": demo_main, "guessing": demo_guessing, "dimensions": demo_dimensions, "growing": demo_growing,
-           "communication": demo_communication}
+           "communication": demo_communication, "fewshot": demo_fewshot}
 
 
 def run_demo(name: str, options: DemoOptions) -> dict:

@@ -43,6 +43,7 @@ REGISTRY: dict[str, str] = {
     "scale": "badger_runtime.tasks.scale:ScaleTask",
     "gym": "badger_runtime.tasks.gym:GymTask",
     "bandit": "badger_runtime.tasks.bandit:BanditTask",
+    "fewshot": "badger_runtime.tasks.fewshot:FewShotTask",
 }
 _BUILTIN = frozenset(REGISTRY)
 _loaded: dict[str, type["Task"]] = {}

@@ -184,7 +184,18 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     random.seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
     policy = ExpertPolicy(cfg.agent.policy)
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.train.lr)
+    if cfg.train.init and not cfg.train.init_from:
+        from .inits import apply_init
+
+        apply_init(cfg.train.init, policy)
+    params = [p for n, p in policy.named_parameters()
+              if not cfg.train.trainable or any(n.startswith(t) for t in cfg.train.trainable)]
+    for p in policy.parameters():  # the others stay as they are (no gradient computed)
+        p.requires_grad_(any(p is q for q in params))
+    if not params:
+        raise ConfigError(f"train.trainable {cfg.train.trainable} names no parameter of the policy "
+                          f"({[n for n, _ in policy.named_parameters()]})")
+    opt = torch.optim.Adam(params, lr=cfg.train.lr, eps=cfg.train.adam_eps)
     first_batch, wall = 0, 0.0
     if cfg.train.init_from:
         load_initial_weights(policy, cfg.train.init_from)
@@ -246,7 +257,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
             n = agent.n_experts
             carry = ({"task": task_cfg, "ep": ep, "agent": agent, "prev": prev, "t": ep_start + steps, "d": d,
                       "rounds": rounds} if cfg.train.continue_prob else None)
-            gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
             if not math.isfinite(float(gnorm)):
                 log(f"batch {b}: non-finite gradient, step skipped")
                 opt.zero_grad(set_to_none=True)
@@ -268,6 +279,8 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                     bar.update(tid, completed=b + 1, info=f"loss {row['loss']:.3f} final {row['final_loss']:.3f}")
             if (b + 1) % cfg.train.ckpt_every == 0 or b + 1 == cfg.train.batches:
                 save(b + 1)
+    if cfg.train.batches == 0:  # no outer-loop step: the initial weights (train.init) are the checkpoint
+        save(0)
     if bar is not None:
         bar.stop()
     trained = cfg.train.batches - first_batch  # in this call (a resumed run's wall time includes earlier calls)

@@ -1,0 +1,164 @@
+"""Structured initial weights of the expert policy (``train.init``), set before the outer loop.
+
+The paper names two ways to an expert policy: the outer loop's search, and "Manual/Handcrafted
+Expert Policy: ... just program it ... any progress in it can lead to adding more useful
+constraints to the outer loop search". ``train.init`` joins them: a handcrafted policy, written
+as the weights of the same GRU cell and heads, is where the outer loop starts; training then
+changes every weight. Trained from the default init, the few-shot classifier stayed at chance
+for thousands of batches (docs/results.md, "What did not work").
+
+- ``prototypes``: an online nearest-class-mean cell for the slots of ``tasks/fewshot.py`` (see
+  ``prototypes``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError
+from ..membrane import KIND_FEEDBACK, KIND_OBSERVATION, N_KIND_FLAGS
+
+
+def _offset(spec, head: str) -> int:
+    i = 0
+    for name, size in spec.heads:
+        if name == head:
+            return i
+        i += size
+    raise KeyError(head)
+
+
+def _layout(A: int, H: int) -> dict:
+    """Which hidden units ``prototypes`` uses for what."""
+    lay, i = {}, 0
+    for name, size in (("m", 1), ("seen", 1), ("n2", 1), ("n3", 1), ("started", 1),
+                       *((f"{b[0]}_{e}", 1) for b in BUMPS for e in "+-"), ("addr", A - N_KIND_FLAGS)):
+        lay[name] = list(range(i, i + size))
+        i += size
+    if i > H:
+        raise ConfigError(f"train.init = 'prototypes' needs policy.hidden >= {i} (19 + addr_dim), got {H}")
+    lay["free"] = list(range(i, H))
+    return lay
+
+
+#: The prototype m of a class is the mean of its first examples, then a running average that gives
+#: each new example a weight of 1/4 (it forgets, so a stream whose classes change is followed; at
+#: shots 1-5 this costs nothing measurable, see docs/results.md): with n examples of the class so
+#: far (a thermometer: seen = n >= 1, n2 = n >= 2, n3 = n >= 3, each -1 or +1), the next one is
+#: taken with weight r(n) = 1, 1/2, 1/3, 1/4, 1/4, ...
+RATES = (1.0, 1 / 2, 1 / 3, 1 / 4)
+
+#: The score's bumps: (name, r, when the last example was of the class (l = 1 or 0), the thermometer
+#: unit that must be +1 (or -1 for 'first'), weight in the score). A bump compares the current
+#: example with the prototype as it is once the last example is in it: m' = (1 - r) m + r x1.
+BUMPS = (("old", 0.0, 0, ("seen", 1), 1.0),  # the last example was not of this class: m' = m
+         ("first", 1.0, 1, ("seen", -1), 1.0),  # it was its first: m' = x1
+         ("r2", 1 / 2, 1, ("seen", 1), 1.0),  # its second: m' = (m + x1) / 2 ...
+         ("r2_", 1 / 2, 1, ("n2", 1), -1.0),  # ... unless it was its third or later
+         ("r3", 1 / 3, 1, ("n2", 1), 1.0),
+         ("r3_", 1 / 3, 1, ("n3", 1), -1.0),
+         ("r4", 1 / 4, 1, ("n3", 1), 1.0))
+
+
+def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float = 0.5, gate: float = 12.0,
+               kind_bias: float = 24.0, both_bias: float = 32.0, key_gain: float = 16.0, score_gain: float = 20.0,
+               novelty: float = 0.3):
+    """A handcrafted expert of online nearest-class-mean classification, for the slots of
+    ``tasks/fewshot.py``, where expert e sees the label slot of one class c and one feature j of
+    the current and of the labelled example (a grid cell (c, j); the policy itself never knows c
+    or j). Needs ``policy.read_heads == 3`` and ``hidden >= addr_dim + 19``.
+
+    - Head 0 reads the label slot (both kind flags): its value l is 1 when the last example was
+      of class c, its address is class c's address. Heads 1 and 2 read feature j of the current
+      example (x) and of the labelled one (x1) (observation / feedback flag).
+    - State: the prototype m = scale x (mean of feature j over the examples of class c, see
+      ``RATES``); a thermometer of how many examples of c came (seen, n2, n3); the class address
+      (copied from head 0 each step); ``started`` (the first step, whose reads are blind, is ignored).
+    - Score: a bump tanh(w u + kappa) - tanh(w u - kappa) of u = scale x (x - m'), m' the prototype
+      with the labelled example in it (``BUMPS``): ~ 2 tanh(kappa) - c u^2 near u = 0, a negative
+      squared distance that saturates for outliers; minus the bump's peak, so a perfect match
+      scores 0 and a mismatch below 0 (x ``score_gain``). A class not seen yet scores
+      -``novelty`` x score_gain: an example unlike every class seen so far goes to a new class.
+    - Push key = ``key_gain`` x the class address: each output is the mean over the experts of
+      its class, i.e. the mean over features of the per-feature scores (a nearest class mean).
+    - Messages start silent.
+    """
+    spec = policy.spec
+    K, A, H, Dm = spec.read_heads, spec.addr_dim, spec.hidden, spec.msg_dim
+    if K != 3:
+        raise ConfigError(f"train.init = 'prototypes' needs policy.read_heads = 3, got {K}")
+    lay = _layout(A, H)
+    obs, fb = KIND_OBSERVATION, KIND_FEEDBACK
+    val = [Dm + k * (1 + A) for k in range(K)]  # input index of head k's read value
+    ell, x, xl = val
+
+    cell = policy.cell
+    Wi, Wh, bi, bh = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+    R, Z, N = 0, H, 2 * H  # gate row offsets of torch's GRUCell: reset, update, candidate
+    (m,), (seen,), (n2,), (n3,), (started,) = (lay[k] for k in ("m", "seen", "n2", "n3", "started"))
+    w = width * scale
+    G = gate
+    with torch.no_grad():
+        for t in (Wi, Wh, bi, bh, policy.heads.weight, policy.heads.bias, policy.h0):
+            t.zero_()
+        bi[R:R + H] = G  # r = 1: every candidate sees the whole state
+        bi[Z:Z + H] = -G  # by default a unit takes its candidate every step
+        for u in lay["free"]:  # spare units keep their initial state
+            bi[Z + u] = G
+        # started: -1 before the first step, +1 after it. Before its first step an expert's read
+        # queries are zero (heads start at zero): its label head reads a mix of its slots.
+        policy.h0[started], bi[N + started] = -G, G
+        # the thermometer: seen, n2, n3 start at -1 and become +1 (candidate 1) when l = 1 and the
+        # one before is +1 (seen: and the agent has started); pre-activation of the update gate
+        # 2G - G prev - 2G l: G (keep) unless l = 1 and prev = +1
+        for unit, prev in ((seen, started), (n2, seen), (n3, n2)):
+            policy.h0[unit], bi[N + unit] = -G, G
+            bi[Z + unit], Wh[Z + unit, prev], Wi[Z + unit, ell] = 2 * G, -G, -2 * G
+        # m: kept unless l = 1, then taken with weight r(n) (update gate 1 - r(n)): pre-activation
+        # 2G (1 - l) + c + d1 seen + d2 n2 + d3 n3 = logit(1 - r(n)) for n = 0 (-G), 1, 2, >= 3
+        logit = [float(torch.logit(torch.tensor(1 - r))) for r in RATES[1:]]
+        d2 = (logit[1] - logit[0]) / 2
+        d3 = (logit[2] - logit[1]) / 2
+        d1 = G / 2
+        c = logit[0] - d1 + d2 + d3
+        bi[Z + m], Wi[Z + m, ell] = 2 * G + c, -2 * G
+        Wh[Z + m, seen], Wh[Z + m, n2], Wh[Z + m, n3] = d1, d2, d3
+        Wi[N + m, xl] = scale
+        # bumps tanh(w u +- kappa), u = scale x (x - m'), m' = (1 - r) m + r x1; off (both tanh at -1)
+        # unless their conditions on l and the thermometer hold
+        for name, r, when_l, (unit, sign_unit), _ in BUMPS:
+            for e, sign in (("+", 1.0), ("-", -1.0)):
+                (u,) = lay[f"{name}_{e}"]
+                Wi[N + u, x], Wi[N + u, xl], bi[N + u] = w, -w * r, sign * kappa
+                Wh[N + u, m] = -width * (1 - r)
+                Wi[N + u, ell] = 2 * G if when_l else -2 * G
+                bi[N + u] -= 2 * G if when_l else 0.0
+                Wh[N + u, lay[unit][0]], bh[N + u] = G * sign_unit, -G
+        for i, u in enumerate(lay["addr"]):  # class c's address, read by head 0
+            Wi[N + u, val[0] + 1 + N_KIND_FLAGS + i] = 0.25
+
+        W, b = policy.heads.weight, policy.heads.bias
+        rq = _offset(spec, "read_query")
+        b[rq + obs] = b[rq + fb] = both_bias  # head 0: the label slot
+        b[rq + A + obs], b[rq + A + fb] = kind_bias, -kind_bias  # head 1: the feature
+        b[rq + 2 * A + obs], b[rq + 2 * A + fb] = -kind_bias, kind_bias  # head 2: the labelled example's
+        pk = _offset(spec, "push_key")
+        for i, u in enumerate(lay["addr"]):
+            W[pk + N_KIND_FLAGS + i, u] = key_gain
+        pv = _offset(spec, "push_value")
+        for name, *_, weight in BUMPS:
+            W[pv, lay[f"{name}_+"][0]], W[pv, lay[f"{name}_-"][0]] = weight * score_gain, -weight * score_gain
+        peak = 2 * float(torch.tanh(torch.tensor(kappa)))
+        # seen: - peak x score_gain (a perfect match scores 0); not seen: - novelty x score_gain
+        W[pv, seen] = score_gain * (novelty - peak) / 2
+        b[pv] = -score_gain * (novelty + peak) / 2
+    return policy
+
+
+INITS = {"prototypes": prototypes}
+
+
+def apply_init(name: str, policy):
+    if name not in INITS:
+        raise ConfigError(f"train.init must be '' or one of {sorted(INITS)}, got {name!r}")
+    return INITS[name](policy)

@@ -1,0 +1,235 @@
+"""Online few-shot classification (tasks/fewshot.py): episodes, the membrane's grid, the loss,
+the runtimes' parity, the command-line contract, the shipped policy, long runs, the demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from badger_runtime.cli import main  # noqa: E402
+from badger_runtime.engine import numpy_ops  # noqa: E402
+from badger_runtime.evaluation import evaluate, run_episodes  # noqa: E402
+from badger_runtime.membrane import Visibility  # noqa: E402
+from badger_runtime.policy_card import load_policy  # noqa: E402
+from badger_runtime.tasks import classification_data as cd  # noqa: E402
+from badger_runtime.tasks import fewshot as fs  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parents[1] / "policies" / "fewshot-v1.onnx"
+OPS = numpy_ops()
+
+
+@pytest.fixture(scope="module")
+def pol():
+    return load_policy(SHIPPED)
+
+
+def cfg(**kw) -> fs.FewShotConfig:
+    return fs.FewShotConfig(**kw).validate()
+
+
+def test_grid_visibility_deals_cells_out():
+    v = Visibility("grid", 4, 6, period=2)  # 2 features (x2 kinds), 2 classes
+    m = v.mask(5, 7)[0]
+    # expert e: label slot 4 + e % 2, feature (e // 2) % 2 of both examples, slot 6 (outside) always
+    assert m.astype(int).tolist() == [[1, 0, 1, 0, 1, 0, 1], [1, 0, 1, 0, 0, 1, 1], [0, 1, 0, 1, 1, 0, 1],
+                                      [0, 1, 0, 1, 0, 1, 1], [1, 0, 1, 0, 1, 0, 1]]
+    assert Visibility.from_dict(v.to_dict()) == v
+    assert Visibility.from_dict({k: x for k, x in Visibility("cyclic", 1, 3).to_dict().items() if k != "period"})
+    with pytest.raises(ValueError):
+        Visibility("grid", 2, 4)  # no period
+
+
+def test_episode_layout_and_observations():
+    ep = fs.sample(np.random.default_rng(0), cfg(), 3, 4, 16, 10)
+    F = 64
+    assert ep.xs.shape == (10, 3, F) and ep.ys.shape == (10, 3) and ep.ys.max() < 4
+    itf = ep.interface
+    assert itf.parts == (("features", F), ("example", F), ("label", 4))
+    assert itf.slot_addr.shape == (3, 2 * F + 4, 16) and itf.out_addr.shape == (3, 4, 16)
+    # feature and example slots share their addresses, labels sit at the class (output) addresses
+    np.testing.assert_array_equal(itf.slot_addr[:, :F, 2:], itf.slot_addr[:, F:2 * F, 2:])
+    np.testing.assert_array_equal(itf.slot_addr[:, 2 * F:, 2:], itf.out_addr[:, :, 2:])
+    o0, o3 = ep.observe(OPS, 0, None), ep.observe(OPS, 3, None)
+    np.testing.assert_array_equal(o0[:, :F], ep.xs[0])
+    assert not o0[:, F:].any()  # nothing labelled before the first step
+    np.testing.assert_array_equal(o3[:, F:2 * F], ep.xs[2])
+    np.testing.assert_array_equal(o3[:, 2 * F:].argmax(1), ep.ys[2])
+    assert o3[:, 2 * F:].sum() == 3
+    assert 0.0 <= ep.xs.min() and ep.xs.max() <= 1.0  # digits / 16
+
+
+def test_labels_are_shuffled_per_episode_and_seeded():
+    a = fs.sample(np.random.default_rng(1), cfg(classes_pool="heldout", split="all"), 64, 4, 16, 5)
+    b = fs.sample(np.random.default_rng(1), cfg(classes_pool="heldout", split="all"), 64, 4, 16, 5)
+    np.testing.assert_array_equal(a.xs, b.xs)
+    np.testing.assert_array_equal(a.interface.slot_addr, b.interface.slot_addr)
+    perms = {tuple(r) for r in a.state.classes}
+    assert len(perms) > 10 and all(sorted(p) == [6, 7, 8, 9] for p in perms)  # held-out digits, shuffled
+    c = fs.sample(np.random.default_rng(2), cfg(classes_pool="heldout", split="all"), 64, 4, 16, 5)
+    assert not np.array_equal(a.xs, c.xs)
+
+
+def test_sources_keep_classes_and_splits_apart():
+    train = fs.source("digits", "train", "train")
+    test = fs.source("digits", "all", "test")
+    assert set(train.pool) == set(cd.DIGITS_TRAIN_CLASSES) and set(np.unique(train.y)) <= set(train.pool)
+    assert len(test.pool) == 10
+    aug = fs.source("digits", "train", "train", transforms=True)
+    assert len(aug.pool) == 48 and len(aug.X) == 8 * len(train.X)
+
+
+def test_online_standardisation_matches_and_continues():
+    raw = np.random.default_rng(0).normal(3.0, 2.0, (30, 4, 5))
+    full, _ = fs.standardize(raw, None)
+    np.testing.assert_allclose(full, cd.online_standardize(raw), atol=1e-6)
+    a, st = fs.standardize(raw[:11], None)
+    b, _ = fs.standardize(raw[11:], st)
+    np.testing.assert_allclose(np.concatenate([a, b]), full, atol=1e-5)
+
+
+def test_loss_in_torch_equals_the_reported_loss():
+    torch = pytest.importorskip("torch")
+    from badger_runtime.training.model import torch_ops
+
+    ep = fs.sample(np.random.default_rng(0), cfg(dataset="iris"), 8, 3, 16, 4)
+    out = np.random.default_rng(1).normal(0, 3, (8, 3)).astype(np.float32)
+    t = ep.loss(torch_ops(), 2, torch.as_tensor(out)).numpy()
+    m = ep.metrics(2, out)
+    np.testing.assert_allclose(t, m["loss"], rtol=1e-5, atol=1e-5)
+    assert m["correct"].tolist() == (out.argmax(1) == ep.ys[2]).astype(np.float32).tolist()
+
+
+def test_streams_go_on_and_classes_change():
+    c = cfg(dataset="wine", change_every=(5, 8))
+    rng = np.random.default_rng(0)
+    ep = fs.sample(rng, c, 4, 3, 16, 20)
+    gaps = np.diff(np.flatnonzero(ep.jumps[:, 0]))
+    assert ep.jumps[:, 0].sum() >= 2 and gaps.min() >= 5 and gaps.max() <= 8
+    nxt = fs.extend(rng, c, ep, 35)
+    assert nxt.t0 == 20 and nxt.xs.shape[0] == 15
+    o = nxt.observe(OPS, 20, None)
+    F = ep.xs.shape[-1]
+    np.testing.assert_array_equal(o[:, F:2 * F], ep.xs[-1])  # the last example comes back labelled
+    np.testing.assert_array_equal(o[:, 2 * F:].argmax(1), ep.ys[-1])
+
+
+def test_report_keys_and_baselines_on_the_same_episodes(pol):
+    task = dataclasses.replace(fs.FewShotTask.evaluation_config(pol.task), dataset="iris", baselines="fast", shots=3)
+    r = evaluate(OPS, pol, pol.agent, task, dims=3, experts=12, episodes=16, seed=0, steps=9)
+    assert len(r["accuracy_by_step"]) == 9 and set(r["online_accuracy"]) == set()
+    assert set(r["baselines"]) == {"chance", "nearest_class_mean", "one_nearest_neighbour"}
+    assert len(r["accuracy_by_shot"]) == fs.MAX_SHOT + 1 and r["accuracy_by_shot"][3] is None
+
+
+@pytest.mark.parametrize("runtime", ["sharded", "actors"])
+def test_runtimes_agree_with_the_engine(pol, runtime):
+    task = dataclasses.replace(fs.FewShotTask.evaluation_config(pol.task), dataset="iris")
+    kw = dict(dims=3, experts=12, episodes=2, seed=3, steps=5)
+    ref = run_episodes(OPS, pol, pol.agent, task, **kw)
+    got = run_episodes(OPS, pol, pol.agent, task, runtime=runtime, **kw)
+    np.testing.assert_allclose(got.outputs, ref.outputs, atol=1e-4)
+    np.testing.assert_array_equal(got.metrics["correct"], ref.metrics["correct"])
+
+
+def test_cli_contract(pol, capsys):
+    assert main(["eval", "--policy", str(SHIPPED), "--task", "fewshot", "--dataset", "iris", "--classes", "3",
+                 "--experts", "12", "--steps", "8", "--episodes", "6", "--seed", "0", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["accuracy_by_step"]) == 8 and r["task"]["dataset"] == "iris"
+    assert set(r["baselines"]) == {"chance", "nearest_class_mean", "one_nearest_neighbour",
+                                   "online_logistic_regression"}
+    assert all(len(v) == 8 for v in r["baselines"].values())
+
+
+def test_shipped_policy_learns_held_out_digits(pol):
+    """A seeded check: 4 digit classes never trained on, 20 steps; well above chance (0.25)."""
+    task = fs.FewShotTask.evaluation_config(pol.task)
+    r = evaluate(OPS, pol, pol.agent, dataclasses.replace(task, baselines="none"), dims=4, experts=256,
+                 episodes=24, seed=0, steps=20)
+    assert np.mean(r["accuracy_by_step"][8:]) > 0.6
+    card = pol.card
+    assert card["config"]["task"]["name"] == "fewshot" and "continual" in card
+    # the card's lifetime follows its own 10,000-step check: continual only if the check passed
+    life, passed = card["lifetime"], card["continual"]["passes_10000_steps"]
+    assert life["kind"] == ("continual" if passed else "episodic")
+    assert (life["horizon"] is None) if passed else (type(life["horizon"]) is int and life["horizon"] >= 1)
+    # the card says plainly that it is handcrafted, not learned by the outer loop
+    assert card["training"]["batches"] == 0 and card["training_command"].startswith("HANDCRAFTED")
+
+
+def test_shipped_policy_runs_without_torch(tmp_path):
+    """With torch not importable (a module that raises ImportError shadows it; setting
+    sys.modules["torch"] = None instead breaks scipy's own torch probe), the shipped policy
+    still evaluates on a dataset it never saw, and nothing imports torch."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    code = textwrap.dedent(f"""
+        import sys
+        from badger_runtime.cli import main
+        assert main(["eval", "--policy", {str(SHIPPED)!r}, "--task", "fewshot", "--dataset", "wine",
+                     "--experts", "39", "--steps", "6", "--episodes", "4", "--option", "baselines=none",
+                     "--json"]) == 0
+        assert "torch" not in sys.modules
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(SHIPPED.parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["task"]["dataset"] == "wine"
+
+
+def test_long_run_reports_changes(pol, capsys):
+    assert main(["longrun", "--policy", str(SHIPPED), "--dataset", "iris", "--classes", "3", "--experts", "12",
+                 "--steps", "150", "--episodes", "3", "--jump-every", "30", "50", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["changes"] > 0 and set(r["accuracy_at"]) == {"20", "100"} and r["finite"]
+    assert set(r["after_change"]["mean"]) == {"agent_never_reset", "agent_reset_at_changes",
+                                              "nearest_class_mean_restarted"}
+
+
+def test_fewshot_demo(tmp_path, capsys):
+    assert main(["demo", "fewshot", "--quick", "--out", str(tmp_path), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["demo"] == "fewshot" and Path(res["figures"][0]).is_file()
+    assert len(res["numbers"]["episode"]) == res["numbers"]["steps"]
+
+
+def test_the_shipped_policy_is_the_handcrafted_init(tmp_path):
+    """`badger train configs/fewshot.toml` (train.batches = 0) writes the handcrafted weights the
+    shipped policy was exported from; the card says so."""
+    pytest.importorskip("torch")
+    from badger_runtime.config import load_experiment
+    from badger_runtime.training.train import load_checkpoint, policy_from_checkpoint, train
+
+    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot.toml"))
+    assert cfg.train.batches == 0 and cfg.train.init == "prototypes"
+    summary = train(cfg, tmp_path, progress=False, final_eval=False, log=lambda *a: None)
+    policy, _ = policy_from_checkpoint(load_checkpoint(tmp_path / "checkpoint.pt"))
+    assert summary["batches"] == 0
+    shipped = load_policy(SHIPPED)
+    np.testing.assert_allclose(shipped.h0, policy.h0.detach().numpy())
+    # the same step function: the shipped graph computes the handcrafted weights' GRU step and heads
+    import torch
+
+    rng = np.random.default_rng(0)
+    sp = shipped.spec
+    h = np.tanh(rng.standard_normal((16, sp.hidden))).astype(np.float32)
+    inbox = rng.standard_normal((16, sp.msg_dim)).astype(np.float32)
+    sensed = rng.standard_normal((16, sp.sensed_dim)).astype(np.float32)
+    got_h, got_heads = shipped.step(h, inbox, sensed)
+    with torch.no_grad():
+        ref_h, ref_heads = policy.step(torch.from_numpy(h), torch.from_numpy(inbox), torch.from_numpy(sensed))
+    np.testing.assert_allclose(got_h, ref_h.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_heads, ref_heads.numpy(), rtol=1e-4, atol=1e-3)
+    assert shipped.card["training"]["batches"] == 0 and "handcrafted" in shipped.card["training_command"]
