@@ -3,7 +3,7 @@
 The deploy path (this package without its ``training`` subpackage) never imports torch:
 
     from badger_runtime import load_policy, Agent
-    policy = load_policy("policies/guessing-converge-v1.onnx")
+    policy = load_policy("policies/guessing-converge-v2.onnx")
     agent = Agent(policy).reset(batch=1, experts=3, dims=3, seed=0)
 
 Where things live: ``rollout`` (the inner loop, written once), ``routing`` (the router),

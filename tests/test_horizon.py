@@ -112,3 +112,22 @@ def test_shipped_cards_say_continual_or_episodic():
         life = json.loads((shipped_dir() / f"{name}.json").read_text())["lifetime"]
         assert life["kind"] in ("continual", "episodic") and life["why"]
         assert (life["horizon"] is None) == (life["kind"] == "continual")
+
+
+def test_fresh_experts_hot_added_do_not_hurt_guessing_converge_v2():
+    """The product rule for the policy trained with experts added mid-episode: as many fresh experts
+    again at step 10 of 20 end no worse than the unchanged agent (by more than its noise), on the
+    same seeded episodes."""
+    from badger_runtime.engine import numpy_ops
+    from badger_runtime.episodes import schedule
+    from badger_runtime.evaluation import run_episodes
+    from badger_runtime.policy_card import load_policy
+    from badger_runtime.tasks import task_class
+
+    pol = load_policy("guessing-converge-v2")
+    task = task_class(pol.task.name).evaluation_config(pol.task)
+    kw = dict(dims=3, experts=3, episodes=256, seed=0, steps=20)
+    base = run_episodes(numpy_ops(), pol, pol.agent, task, **kw).errors[-1]
+    grown = run_episodes(numpy_ops(), pol, pol.agent, task, changes=schedule(10, 3, "fresh"), **kw).errors[-1]
+    noise = 3 * base.std() / np.sqrt(base.size)
+    assert grown.mean() <= base.mean() + noise, (grown.mean(), base.mean(), noise)

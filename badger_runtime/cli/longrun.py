@@ -47,9 +47,10 @@ def cmd_longrun(args):
     pol = load_policy(args.policy)
     name = args.task or pol.task.name
     cls = task_class(name)
+    for flag, v in (("--change-every", args.change_every), ("--jump-every", args.jump_every)):
+        if v is not None and not 1 <= v[0] <= v[1]:
+            raise ConfigError(f"{flag} A B needs 1 <= A <= B")
     change = args.change_every or args.jump_every
-    if change is not None and not 1 <= change[0] <= change[1]:
-        raise ConfigError("--change-every A B needs 1 <= A <= B")
     if name == "bandit":
         from ..tasks.bandit import longrun_report, plot_longrun
 

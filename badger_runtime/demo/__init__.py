@@ -9,7 +9,7 @@
 """
 
 # Defaults live here (not in run.py) so that registering the CLI imports no matplotlib.
-DEFAULT_POLICY = "policies/guessing-converge-v1.onnx"  # paper Fig. 9 setting: the main demo
+DEFAULT_POLICY = "policies/guessing-converge-v2.onnx"  # paper Fig. 9 setting (v1 + grown experts in training): the main demo
 DEFAULT_ONE_EXPERT_POLICY = "policies/guessing-one-expert-v1.onnx"  # paper Fig. 6 / 8 setting
 DEFAULT_DIMS_POLICY = "policies/dimensions-v1.onnx"  # paper Fig. 7 setting (trained d in [3, 6])
 DEFAULT_GROW_POLICY = "policies/dimensions-v2.onnx"  # d in [1, 6], trained with experts added mid-episode
