@@ -71,7 +71,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/figures")
     p.add_argument("--quick", action="store_true", help="fewer sizes (a smoke run)")
     p.add_argument("--longrun-steps", type=int, default=10_000)
+    p.add_argument("--only", default="n,ablations,hot,shipped,long",
+                   help="the sections to make (comma list of n, ablations, hot, shipped, long)")
     args = p.parse_args(argv)
+
+    def want(section: str) -> bool:
+        return section in args.only.split(",")
+
     t_start = time.perf_counter()
     pol = load_policy(args.policy)
     task, EVAL_FLAGS[pol.name] = evaluation_setting(pol)
@@ -81,104 +87,109 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     w = print
+    d, n = d_hi, n_hi
+    curves, ns = {}, []
 
     # -- error against N ------------------------------------------------------------------------
-    dims_list = [d_hi, 4 * d_hi] if args.quick else [d_hi, 4 * d_hi, 16 * d_hi]
-    ns = [1, 2, 4, 8, 16, 32, 64, 128, 320, 1000] if not args.quick else [1, 4, 16, 64]
-    ns = sorted(set(ns + [n_hi, 10 * n_hi]))
-    w(f"### Error against the number of experts ({pol.name}: trained d in [{d_lo}, {d_hi}], N in [{n_lo}, {n_hi}])\n")
-    w("Final-step error (3 x MSE; chance 1.0), mean over episodes, by d (columns) and N (rows); "
-      f"seed {S}.\n")
-    w("| N | " + " | ".join(f"d = {d}" for d in dims_list) + " | command |")
-    w("|---|" + "---|" * (len(dims_list) + 1))
-    curves = {d: [] for d in dims_list}
-    for n in ns:
-        row = []
-        for d in dims_list:
-            eps = E if n * d <= 64 * 1024 else max(4, E // 4)
-            v = final(pol, task, dims=d, experts=n, episodes=eps, seed=S)
-            curves[d].append(v)
-            row.append(f"{v:.3f}" + ("" if eps == E else f" ({eps} ep.)"))
-        extra = {"runtime": "sharded"} if n >= SHARDED_FROM else {}
-        w(f"| {n} | " + " | ".join(row) + f" | {cmd(pol, dims='D', experts=n, episodes=E, seed=S, **extra)} |")
-    w("")
-    _plot_vs_n(out_dir / "scale_error_vs_n.png", ns, curves, (n_lo, n_hi), pol.name)
+    if want("n"):
+        dims_list = [d_hi, 4 * d_hi] if args.quick else [d_hi, 4 * d_hi, 16 * d_hi]
+        ns = [1, 2, 4, 8, 16, 32, 64, 128, 320, 1000] if not args.quick else [1, 4, 16, 64]
+        ns = sorted(set(ns + [n_hi, 10 * n_hi]))
+        w(f"### Error against the number of experts ({pol.name}: trained d in [{d_lo}, {d_hi}], N in [{n_lo}, {n_hi}])\n")
+        w("Final-step error (3 x MSE; chance 1.0), mean over episodes, by d (columns) and N (rows); "
+          f"seed {S}.\n")
+        w("| N | " + " | ".join(f"d = {d}" for d in dims_list) + " | command |")
+        w("|---|" + "---|" * (len(dims_list) + 1))
+        curves = {d: [] for d in dims_list}
+        for n in ns:
+            row = []
+            for d in dims_list:
+                eps = E if n * d <= 64 * 1024 else max(4, E // 4)
+                v = final(pol, task, dims=d, experts=n, episodes=eps, seed=S)
+                curves[d].append(v)
+                row.append(f"{v:.3f}" + ("" if eps == E else f" ({eps} ep.)"))
+            extra = {"runtime": "sharded"} if n >= SHARDED_FROM else {}
+            w(f"| {n} | " + " | ".join(row) + f" | {cmd(pol, dims='D', experts=n, episodes=E, seed=S, **extra)} |")
+        w("")
+        _plot_vs_n(out_dir / "scale_error_vs_n.png", ns, curves, (n_lo, n_hi), pol.name)
 
     # -- ablations -------------------------------------------------------------------------------
-    import dataclasses
-
-    d, n = d_hi, n_hi
-    w(f"### Message ablations (d = {d}, N = {n}, the same episodes)\n")
-    w("| agent | final error | command |")
-    w("|---|---|---|")
-    for label, ab in (("as trained", "none"), ("messages cut (empty inboxes)", "cut"),
-                      ("messages shuffled between experts", "shuffle")):
-        agent = dataclasses.replace(pol.agent, routing=dataclasses.replace(pol.agent.routing, ablation=ab))
-        v = final(pol, task, dims=d, experts=n, episodes=E, seed=S, agent=agent)
-        extra = {} if ab == "none" else {"ablate": ab}
-        w(f"| {label} | {v:.3f} | {cmd(pol, dims=d, experts=n, episodes=E, seed=S, **extra)} |")
-    v = final(pol, task, dims=d, experts=1, episodes=E, seed=S)
-    w(f"| one expert | {v:.3f} | {cmd(pol, dims=d, experts=1, episodes=E, seed=S)} |")
-    w("")
+    if want("ablations"):
+        w(f"### Message ablations (d = {d}, N = {n}, the same episodes)\n")
+        w("| agent | final error | command |")
+        w("|---|---|---|")
+        for label, ab in (("as trained", "none"), ("messages cut (empty inboxes)", "cut"),
+                          ("messages shuffled between experts", "shuffle")):
+            agent = dataclasses.replace(pol.agent, routing=dataclasses.replace(pol.agent.routing, ablation=ab))
+            v = final(pol, task, dims=d, experts=n, episodes=E, seed=S, agent=agent)
+            extra = {} if ab == "none" else {"ablate": ab}
+            w(f"| {label} | {v:.3f} | {cmd(pol, dims=d, experts=n, episodes=E, seed=S, **extra)} |")
+        v = final(pol, task, dims=d, experts=1, episodes=E, seed=S)
+        w(f"| one expert | {v:.3f} | {cmd(pol, dims=d, experts=1, episodes=E, seed=S)} |")
+        w("")
 
     # -- hot-add and removal ----------------------------------------------------------------------
-    T = task.steps
-    at = T // 2
-    n0 = max(1, n_hi // 4)
-    w(f"### Hot-add and removal (d = {d}, {T} steps, changes before step {at})\n")
-    arms = {f"N = {n0} throughout": dict(experts=n0),
-            f"N = {n0}, +{n0} fresh at step {at}": dict(experts=n0, changes=schedule(at, n0, "fresh")),
-            f"N = {2 * n0} throughout": dict(experts=2 * n0),
-            f"N = {2 * n0}, -{n0} at step {at}": dict(experts=2 * n0, changes=schedule(remove_at=at, remove=n0))}
-    flags = {f"N = {n0} throughout": dict(experts=n0),
-             f"N = {n0}, +{n0} fresh at step {at}": dict(experts=n0, add_at=at, add=n0, init="fresh"),
-             f"N = {2 * n0} throughout": dict(experts=2 * n0),
-             f"N = {2 * n0}, -{n0} at step {at}": dict(experts=2 * n0, remove_at=at, remove=n0)}
-    hot = {}
-    w(f"| agent | error at step {at - 1} | at step {min(at + 9, T - 1)} | final | command |")
-    w("|---|---|---|---|---|")
-    for label, kw in arms.items():
-        c, _ = final(pol, task, dims=d, episodes=E, seed=S, curve=True, **kw)
-        hot[label] = c
-        w(f"| {label} | {c[at - 1]:.3f} | {c[min(at + 9, T - 1)]:.3f} | {c[-1]:.3f} | "
-          f"{cmd(pol, dims=d, episodes=E, seed=S, **flags[label])} |")
-    w("")
-    _plot_hot(out_dir / "scale_hot_add.png", hot, at, pol.name, d)
+    if want("hot"):
+        T = task.steps
+        at = T // 2
+        n0 = max(1, n_hi // 4)
+        w(f"### Hot-add and removal (d = {d}, {T} steps, changes before step {at})\n")
+        arms = {f"N = {n0} throughout": dict(experts=n0),
+                f"N = {n0}, +{n0} fresh at step {at}": dict(experts=n0, changes=schedule(at, n0, "fresh")),
+                f"N = {2 * n0} throughout": dict(experts=2 * n0),
+                f"N = {2 * n0}, -{n0} at step {at}": dict(experts=2 * n0, changes=schedule(remove_at=at, remove=n0))}
+        flags = {f"N = {n0} throughout": dict(experts=n0),
+                 f"N = {n0}, +{n0} fresh at step {at}": dict(experts=n0, add_at=at, add=n0, init="fresh"),
+                 f"N = {2 * n0} throughout": dict(experts=2 * n0),
+                 f"N = {2 * n0}, -{n0} at step {at}": dict(experts=2 * n0, remove_at=at, remove=n0)}
+        hot = {}
+        w(f"| agent | error at step {at - 1} | at step {min(at + 9, T - 1)} | final | command |")
+        w("|---|---|---|---|---|")
+        for label, kw in arms.items():
+            c, _ = final(pol, task, dims=d, episodes=E, seed=S, curve=True, **kw)
+            hot[label] = c
+            w(f"| {label} | {c[at - 1]:.3f} | {c[min(at + 9, T - 1)]:.3f} | {c[-1]:.3f} | "
+              f"{cmd(pol, dims=d, episodes=E, seed=S, **flags[label])} |")
+        w("")
+        _plot_hot(out_dir / "scale_hot_add.png", hot, at, pol.name, d)
 
     # -- every shipped policy: hot-adding fresh experts ---------------------------------------------
-    w("### Hot-adding fresh experts to every shipped policy (as many again at mid-episode; final step)\n")
-    w("| policy | d | N | unchanged | + N fresh | ratio | seed-to-seed noise (SEM) | command |")
-    w("|---|---|---|---|---|---|---|---|")
-    other = []
-    for name in shipped_policies():
-        sp = load_policy(name)
-        st = sp.task
-        if st.name not in ("guessing", "scale"):  # measured by an error; a bandit's regret is elsewhere
-            other.append(name)
-            continue
-        dd = st.dims[1]
-        nn = st.experts[0] if st.experts[0] == st.experts[1] else max(2, st.experts[0])
-        steps = min(st.steps, sp.horizon or st.steps)
-        mid = steps // 2
-        et, EVAL_FLAGS[sp.name] = evaluation_setting(sp)
-        base, sem = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True)
-        grown, _ = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True,
-                         changes=schedule(mid, nn, "fresh"))
-        w(f"| {name} | {dd} | {nn} | {base[-1]:.4f} | {grown[-1]:.4f} | {grown[-1] / max(base[-1], 1e-9):.2f} | "
-          f"{sem:.4f} | {cmd(sp, dims=dd, experts=nn, steps=steps, add_at=mid, add=nn, init='fresh', episodes=E * 4, seed=S)} |")
-    if other:
-        w(f"\n(Not in this table, measured by their own task's metric: {', '.join(other)}; see README.)")
-    w("")
+    if want("shipped"):
+        w("### Hot-adding fresh experts to every shipped policy (as many again at mid-episode; final step)\n")
+        w("| policy | d | N | unchanged | + N fresh | ratio | seed-to-seed noise (SEM) | command |")
+        w("|---|---|---|---|---|---|---|---|")
+        other = []
+        for name in shipped_policies():
+            sp = load_policy(name)
+            st = sp.task
+            if st.name not in ("guessing", "scale"):  # measured by an error; a bandit's regret is elsewhere
+                other.append(name)
+                continue
+            dd = st.dims[1]
+            nn = st.experts[0] if st.experts[0] == st.experts[1] else max(2, st.experts[0])
+            steps = min(st.steps, sp.horizon or st.steps)
+            mid = steps // 2
+            et, EVAL_FLAGS[sp.name] = evaluation_setting(sp)
+            base, sem = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True)
+            grown, _ = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True,
+                             changes=schedule(mid, nn, "fresh"))
+            w(f"| {name} | {dd} | {nn} | {base[-1]:.4f} | {grown[-1]:.4f} | {grown[-1] / max(base[-1], 1e-9):.2f} | "
+              f"{sem:.4f} | {cmd(sp, dims=dd, experts=nn, steps=steps, add_at=mid, add=nn, init='fresh', episodes=E * 4, seed=S)} |")
+        if other:
+            w(f"\n(Not in this table, measured by their own task's metric: {', '.join(other)}; see README.)")
+        w("")
 
     # -- long horizon ------------------------------------------------------------------------------
-    r = horizon_report(pol, steps=args.longrun_steps, episodes=20, seed=S)
-    w(f"### {args.longrun_steps:,} inner steps, never reset (d = {d_hi}, N = 20)\n")
-    w("| step | " + " | ".join(r["error_at"]) + " | max abs state | command |")
-    w("|---|" + "---|" * (len(r["error_at"]) + 2))
-    w("| error | " + " | ".join(f"{v:.4f}" for v in r["error_at"].values()) + f" | {r['max_abs_state']:.4f} | "
-      f"`badger longrun --policy {pol.name} --steps {args.longrun_steps} --episodes 20 --seed {S} --json` |")
-    w("")
-    w(f"_Made by `python demos/scale_results.py --policy {args.policy} --seed {S} --episodes {E}` in "
+    if want("long"):
+        r = horizon_report(pol, steps=args.longrun_steps, episodes=20, seed=S)
+        w(f"### {args.longrun_steps:,} inner steps, never reset (d = {d_hi}, N = 20)\n")
+        w("| step | " + " | ".join(r["error_at"]) + " | max abs state | command |")
+        w("|---|" + "---|" * (len(r["error_at"]) + 2))
+        w("| error | " + " | ".join(f"{v:.4f}" for v in r["error_at"].values()) + f" | {r['max_abs_state']:.4f} | "
+          f"`badger longrun --policy {pol.name} --steps {args.longrun_steps} --episodes 20 --seed {S} --json` |")
+        w("")
+    only = "" if set(args.only.split(",")) >= {"n", "ablations", "hot", "shipped", "long"} else f" --only {args.only}"
+    w(f"_Made by `python demos/scale_results.py --policy {args.policy} --seed {S} --episodes {E}{only}` in "
       f"{time.perf_counter() - t_start:.0f} s._")
     print(json.dumps({"curves": {str(k): v for k, v in curves.items()}, "ns": ns}), file=sys.stderr)
     return 0

@@ -365,7 +365,9 @@ def demo_growing(o: DemoOptions) -> dict:
         notes.append(_missing_dims(o) + f"; growing {Path(o.policy).stem} (trained at N=3) instead")
         path = find_policy(o.policy) or o.policy
     pol = load_policy(path)
-    task = pol.task
+    from ..tasks import task_class
+
+    task = task_class(pol.task.name).evaluation_config(pol.task)  # e.g. without the target jumps of training
     n_lo, n_hi = task.experts
     T = task.steps
     many = task.dims[1] > 10  # a policy of many outputs (the scale task)
@@ -429,7 +431,7 @@ def demo_growing(o: DemoOptions) -> dict:
         caption=("Paper, Scalability and Growing: since all experts share one policy, an agent can be grown "
                  "without retraining by cloning or instantiating experts; the paper observes that on related "
                  "tasks the asymptotic performance scales with the number of experts even beyond those seen in "
-                 f"training. Ours: left, the error at the last of {T} steps for N up to 160 ({E} episodes each, "
+                 f"training. Ours: left, the error at the last of {T} steps for N up to {max(Ns)} ({E} episodes each, "
                  f"seed {o.seed}); right, experts added at step {add_at} of a running episode, keeping every "
                  "other expert's state." + (" NOTE: " + notes[0] if notes else "")),
         dpi=o.figure_dpi)
