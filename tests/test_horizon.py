@@ -114,7 +114,8 @@ def test_shipped_cards_say_continual_or_episodic():
         assert (life["horizon"] is None) == (life["kind"] == "continual")
 
 
-def test_fresh_experts_hot_added_do_not_hurt_guessing_converge_v2():
+@pytest.mark.parametrize("name", ["guessing-converge-v2", "guessing-one-expert-v2"])
+def test_fresh_experts_hot_added_do_not_hurt_the_v2_policies(name):
     """The product rule for the policy trained with experts added mid-episode: as many fresh experts
     again at step 10 of 20 end no worse than the unchanged agent (by more than its noise), on the
     same seeded episodes."""
@@ -124,7 +125,7 @@ def test_fresh_experts_hot_added_do_not_hurt_guessing_converge_v2():
     from badger_runtime.policy_card import load_policy
     from badger_runtime.tasks import task_class
 
-    pol = load_policy("guessing-converge-v2")
+    pol = load_policy(name)
     task = task_class(pol.task.name).evaluation_config(pol.task)
     kw = dict(dims=3, experts=3, episodes=256, seed=0, steps=20)
     base = run_episodes(numpy_ops(), pol, pol.agent, task, **kw).errors[-1]
