@@ -41,6 +41,8 @@ from badger_runtime.serve.sessions import SessionManager
 from badger_runtime.serve.store import SessionStore
 from badger_runtime.serve.telemetry import JsonLog, route_python_logs
 
+from .test_serve import run_server
+
 KiB, MiB = 1 << 10, 1 << 20
 
 
@@ -74,19 +76,6 @@ async def read_replies(stream, timeout=10.0):
         except trio.BrokenResourceError:  # a reset after the server closed
             pass
     return out
-
-
-def run_server(manager, test, **kw):
-    """``await test(port, server)`` against a live server on loopback; then a graceful stop."""
-    async def main():
-        server = Server(manager, **kw)
-        async with trio.open_nursery() as n:
-            addrs = await n.start(server.run, "127.0.0.1", 0)
-            try:
-                await test(addrs[0][1], server)
-            finally:
-                server.shutdown()
-    trio.run(main)
 
 
 async def wait_for(cond, timeout=10.0):
