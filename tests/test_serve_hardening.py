@@ -966,3 +966,30 @@ def test_a_paced_request_is_still_answered_when_the_server_drains(policy):
         replies = await read_replies(s)
         assert [r["id"] for r in replies] == [0, 1] and all(r["ok"] for r in replies)
     run_server(m, test, peer_request_rate=1 / 60, peer_request_burst=1)
+
+
+def test_requests_with_the_token_are_not_paced(policy):
+    """With a server token, a request that carries it is trusted and never delayed; the same
+    peer's requests without it (health needs none) are paced: burst 1, then one a second."""
+    m = make(policy)
+    token = "s3cret-token-0123456789"
+    server = Server(m, token=token, peer_request_rate=1, peer_request_burst=1, idle_timeout=1000)
+    times = []
+
+    async def main():
+        client, server_side = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as n:
+            n.start_soon(server._connection, _stream_from(server_side, "10.0.0.1"))
+            t0 = trio.current_time()
+            trusted = b"".join(encode_frame({"id": i, "kind": "health", "token": token, "body": {}})
+                               for i in range(20))
+            await client.send_all(trusted + b"".join(req("health", rid=100 + i) for i in range(3)))
+            dec = FrameDecoder(allow_nonfinite=True)
+            while len(times) < 23:
+                dec.feed(await client.receive_some(1 << 16))
+                times.extend((validate_reply(f)["id"], trio.current_time() - t0) for f in dec.frames())
+            await client.aclose()
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [t for i, t in times if i < 100] == [0] * 20
+    assert [t for i, t in times if i >= 100] == [0, 1, 2]
+    assert counters(m)["requests.delayed"] == 2

@@ -18,5 +18,5 @@ BUFFER_BUDGET = 256 * MiB        # large frames' bytes over all connections (--b
 ABUSE_LIMIT = 16                 # abuse closes of one IP within the window before it is blocked (--abuse-limit; 0: off)
 ABUSE_WINDOW = 10.0              # s: the sliding window of those closes (--abuse-window)
 ABUSE_COOLDOWN = 60.0            # s: a blocked IP's new connections are closed at accept (--abuse-cooldown)
-PEER_REQUEST_RATE = 500.0        # requests/s of one IP over all its connections (--peer-request-rate; 0: off)
-PEER_REQUEST_BURST = 1000        # of them at once, before the next ones are delayed (--peer-request-burst)
+PEER_REQUEST_RATE = 200.0        # requests/s of one IP over all its connections (--peer-request-rate; 0: off)
+PEER_REQUEST_BURST = 400         # of them at once, before the next ones are delayed (--peer-request-burst)

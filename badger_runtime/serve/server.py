@@ -42,8 +42,9 @@ limits themselves are checked in the sans-IO ``protocol``; this module owns the 
   ``trio.serve_listeners``);
 - ``peer_request_rate`` / ``peer_request_burst``: the requests of one peer address, over all
   its connections, are paced by a leaky bucket (``ratelimit.RequestPacer``); a request
-  beyond it waits for its turn before it is decoded and answered, and its connection is not
-  read meanwhile (TCP backpressure), so a flood from some peers cannot starve the others.
+  beyond it waits for its turn before it is answered, and its connection is not read
+  meanwhile (TCP backpressure), so a flood from some peers cannot starve the others. A
+  request with the server's token is not paced (the token is the trust boundary).
 
 Shutdown (``shutdown()``, or SIGTERM/SIGINT when ``handle_signals``): stop accepting, cancel
 connections that wait for input, let requests already being processed finish and reply (up
@@ -449,7 +450,6 @@ class Server:
                 handled = False
                 while (body := decoder.next_body()) is not None:
                     handled = True
-                    await self._pace(conn)
                     frame = await self._decode(decoder, body)
                     del body
                     reply, close = await self._dispatch(frame, conn)
@@ -486,6 +486,14 @@ class Server:
             decoder.close()
             await trio.aclose_forcefully(stream)
             self.log("debug", "connection_closed", peer=conn.peer, reason=reason)
+
+    def _trusted(self, frame) -> bool:
+        """A request that carries the server's token: not paced (the token is the trust
+        boundary; pacing is for clients without it, and for every client of a server without one)."""
+        if self.token is None or not self.pacer.enabled or not isinstance(frame, dict):
+            return False
+        got = frame.get("token")
+        return isinstance(got, str) and hmac.compare_digest(got.encode(), self.token)
 
     async def _pace(self, conn: _Conn):
         """Wait for this peer's next turn (``peer_request_rate``). The connection is not read
@@ -527,6 +535,8 @@ class Server:
 
     async def _dispatch(self, frame: dict, conn: _Conn) -> tuple[dict, bool]:
         """(reply, close the connection after it)."""
+        if not self._trusted(frame):
+            await self._pace(conn)
         try:
             req = validate_request(frame)
         except ProtocolError as e:
