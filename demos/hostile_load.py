@@ -300,7 +300,8 @@ def main(argv=None):
 
     async def run():
         async with await AsyncClient.connect(address) as c:
-            info = await c.open(dims=3, experts=args.experts, seed=0, session="legit")
+            info = await c.open(dims=3, experts=args.experts, seed=0, session="legit",
+                                past_horizon=True)  # a long run on an episodic policy: steps past its horizon
             await c.step("legit", [0, 0, 0], [0.1, 0.1, 0.1], t=0)
             result["rss_idle_mib"] = round(rss_kib(proc.pid)["VmRSS"] / 1024, 1)
             result["unloaded"] = await measure(address, c, info["session"], args.seconds, args.step_every,
@@ -328,7 +329,7 @@ def main(argv=None):
                                                     args.probe_every, proc.pid)
             st = await c.stats()
             result["connections_at_end"] = st["connections"]
-            keep = ("connections.", "frames.", "errors.")
+            keep = ("connections.", "frames.", "errors.", "peers.", "requests.delayed")
             result["server_counters"] = {k: v for k, v in st["counters"].items() if k.startswith(keep)}
             result["buffer_reserved_mib"] = round(st["buffer_reserved_bytes"] / MiB, 1)
             result["server_loop_lag_ms"] = round(st["loop_lag_s"] * 1e3, 1)

@@ -559,6 +559,10 @@ def test_a_bad_flag_exits_2_with_a_clear_message_in_a_real_process(tmp_path):
     (["--threads", "0"], "--threads"), (["--buffer-budget-mib", "0"], "--buffer-budget-mib"),
     (["--metrics-port", "70000"], "--metrics-port"), (["--listen", "nohost"], "HOST:PORT"),
     (["--log-level", "loud"], "--log-level"), (["--max-sessions", "1.5"], "integer"),
+    (["--abuse-limit", "-1"], "--abuse-limit"), (["--abuse-limit", "2.5"], "integer"),
+    (["--abuse-window", "0"], "--abuse-window"), (["--abuse-cooldown", "nan"], "finite"),
+    (["--abuse-cooldown", "-3"], "--abuse-cooldown"), (["--peer-request-rate", "-1"], "--peer-request-rate"),
+    (["--peer-request-rate", "inf"], "finite"), (["--peer-request-burst", "0"], "--peer-request-burst"),
 ])
 def test_bad_flags_are_usage_errors(argv, says, tmp_path, capsys):
     from badger_runtime.cli import main
@@ -735,3 +739,246 @@ def test_large_frames_are_decoded_off_the_event_loop_and_work(policy):
         assert np.array_equal(a["outputs"], b["outputs"])
         assert server.budget.in_use == 0 and server._decode_limiter is not None
     run_server(m, test)
+
+
+# ---- per-peer rate limits: abuse cool-down at accept, request pacing ------------------------------
+
+from badger_runtime.serve.ratelimit import AbuseTracker, RequestPacer  # noqa: E402
+
+
+def test_abuse_tracker_sliding_window_and_cooldown():
+    a = AbuseTracker(limit=3, window=10, cooldown=60)
+    assert not any(a.note("p", t) for t in (0, 1, 2))  # 3 events: at the limit, not over it
+    assert not a.blocked("p", 2.5) and not a.blocked("q", 2.5)
+    assert a.note("p", 3)  # the 4th within 10 s: blocked from now ...
+    assert a.blocked("p", 3) and a.blocked("p", 62.9) and a.blocked_count(10) == 1
+    assert not a.note("p", 4)  # events while blocked neither extend nor restart it
+    assert not a.blocked("q", 10)  # ... only that peer
+    assert not a.blocked("p", 63)  # ... until the cool-down ends
+    assert a.blocked_count(63) == 0
+    # events spread wider than the window never add up
+    b = AbuseTracker(limit=2, window=10, cooldown=5)
+    assert not any(b.note("p", t) for t in range(0, 200, 6))  # at most 2 in any 10 s
+    assert b.note("p", 205) is False and b.note("p", 206) is True  # 198, 205, 206: 3 in 10 s
+    # off: never blocks
+    off = AbuseTracker(limit=0, window=10, cooldown=5)
+    assert not off.enabled and not any(off.note("p", 0) for _ in range(100)) and not off.blocked("p", 0)
+
+
+def test_abuse_tracker_state_is_bounded_and_pruned():
+    a = AbuseTracker(limit=1, window=10, cooldown=60, max_peers=100)
+    for i in range(1000):
+        a.note(f"10.0.{i // 256}.{i % 256}", 0)
+    assert len(a._events) <= 100
+    a.prune(100)
+    assert not a._events and not a._blocked
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(limit=-1, window=1, cooldown=1), "abuse_limit"), (dict(limit=1.5, window=1, cooldown=1), "abuse_limit"),
+    (dict(limit=1, window=0, cooldown=1), "abuse_window"), (dict(limit=1, window=1, cooldown=float("nan")),
+                                                           "abuse_cooldown"),
+    (dict(limit=1, window=float("inf"), cooldown=1), "abuse_window"),
+])
+def test_abuse_tracker_refuses_bad_settings(kw, says):
+    with pytest.raises(ValueError, match=says):
+        AbuseTracker(**kw)
+
+
+def test_request_pacer_is_a_leaky_bucket_per_peer():
+    p = RequestPacer(rate=10, burst=3)
+    assert [p.reserve("a", 0) for _ in range(3)] == [0, 0, 0]  # the burst: at once
+    assert [round(p.reserve("a", 0), 6) for _ in range(3)] == [0.1, 0.2, 0.3]  # then one per 1/rate
+    assert p.reserve("b", 0) == 0  # another peer has its own bucket
+    assert round(p.reserve("a", 0.25), 6) == 0.15  # a's turns are booked up to 0.4 s
+    assert p.reserve("a", 10) == 0  # the bucket refilled
+    p.prune(100)
+    assert len(p) == 0
+    assert all(RequestPacer(rate=0, burst=1).reserve("a", 0) == 0 for _ in range(1000))  # off
+    for kw, says in ((dict(rate=-1, burst=1), "peer_request_rate"), (dict(rate=float("inf"), burst=1), "rate"),
+                     (dict(rate=1, burst=0), "peer_request_burst")):
+        with pytest.raises(ValueError, match=says):
+            RequestPacer(**kw)
+
+
+def test_server_refuses_bad_rate_limit_settings(policy):
+    m = make(policy)
+    for kw in (dict(abuse_limit=-1), dict(abuse_window=0), dict(abuse_cooldown=float("inf")),
+               dict(peer_request_rate=-5), dict(peer_request_burst=0)):
+        with pytest.raises(ValueError):
+            Server(m, **kw)
+
+
+def test_a_peer_refused_for_abuse_too_often_is_reset_at_accept(policy):
+    """Three bad frames from 127.0.0.2 (limit 2): its next connection is reset at accept with
+    nothing read or written, counted and logged once; another address is still served; after
+    the cool-down it is served again."""
+    m = make(policy)
+    lines = []
+
+    def log(level, event, **fields):
+        lines.append((level, event, fields))
+
+    async def test(port, server):
+        async def bad_frame_from(src):
+            s = await trio.open_tcp_stream("127.0.0.1", port, local_address=src)
+            await s.send_all(header(3) + b"\xc1\xc1\xc1")  # not msgpack: bad_frame, closed
+            return [r["error"]["code"] for r in await read_replies(s)]
+
+        try:
+            await (await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")).aclose()
+        except OSError:
+            pytest.skip("no 127.0.0.2 on this machine")
+        for _ in range(3):
+            assert await bad_frame_from("127.0.0.2") == ["bad_frame"]
+        assert server.abuse.blocked("127.0.0.2", trio.current_time())
+        accepted = counters(m)["connections.accepted"]
+        try:  # the reset may come before connect() returns, or before or after the send
+            s = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+            try:
+                await s.send_all(req("health"))
+            except trio.BrokenResourceError:
+                pass
+            assert await read_replies(s) == []  # reset or EOF, not one byte of reply
+        except OSError:
+            pass
+        await wait_for(lambda: counters(m).get("connections.blocked") == 1)
+        c = counters(m)
+        assert c["connections.accepted"] == accepted and c["peers.blocked"] == 1  # no task was started for it
+        assert [e for _, e, _ in lines].count("peer_blocked") == 1
+        assert [f for _, e, f in lines if e == "peer_blocked"][0]["peer"] == "127.0.0.2"
+        # another address is not affected
+        async with await AsyncClient.connect(f"127.0.0.1:{port}") as c1:
+            assert (await c1.health())["ready"]
+            st = await c1.stats()
+        assert st["peers_blocked"] == 1 and st["limits"]["abuse_limit"] == 2
+        # the cool-down over (the clock moved past it): served again
+        server.abuse.prune(trio.current_time() + server.abuse.cooldown + 1)
+        s = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+        c2 = AsyncClient(s, address="")
+        assert (await c2.health())["live"]
+        await c2.aclose()
+        # a server-wide refusal (not this peer's doing) never counts: checked by the reasons noted
+        assert set(server.abuse._events) <= {"127.0.0.2"}
+    run_server(m, test, abuse_limit=2, abuse_window=3600, abuse_cooldown=3600, log=log)
+
+
+def test_abuse_off_never_blocks(policy):
+    m = make(policy)
+
+    async def test(port, server):
+        for _ in range(6):
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            await s.send_all(header(3) + b"\xc1\xc1\xc1")
+            assert [r["error"]["code"] for r in await read_replies(s)] == ["bad_frame"]
+        assert "connections.blocked" not in counters(m)
+    run_server(m, test, abuse_limit=0)
+
+
+class _FromHost:
+    """A memory stream that reports a peer address (as a socket stream does)."""
+    def __init__(self, stream, host):
+        self._s, self.socket = stream, self
+
+    def getpeername(self):
+        return (self.host, 40000)
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+
+def _stream_from(stream, host):
+    w = _FromHost(stream, host)
+    w.host = host
+    return w
+
+
+@pytest.mark.parametrize("rate", [0, 10])
+def test_a_request_flood_is_paced_per_peer_and_others_are_not_starved(policy, rate):
+    """Peer A pipelines 100 health requests on two connections; peer B asks for health at
+    t = 0 and t = 2 (virtual time). Paced (10/s, burst 5): A's replies come one per 0.1 s after
+    its burst, B's at once, and A is delayed 95 times. Unpaced (0): all at once, no delay."""
+    m = make(policy)
+    server = Server(m, peer_request_rate=rate, peer_request_burst=5, idle_timeout=1000)
+    seen = {"a": [], "b": []}
+
+    async def main():
+        async def reader(stream, key, n):
+            dec = FrameDecoder(allow_nonfinite=True)
+            while len(seen[key]) < n:
+                dec.feed(await stream.receive_some(1 << 16))
+                for f in dec.frames():
+                    assert validate_reply(f)["ok"]
+                    seen[key].append(trio.current_time())
+
+        async with trio.open_nursery() as n:
+            a_clients = []
+            for _ in range(2):
+                client, server_side = trio.testing.memory_stream_pair()
+                n.start_soon(server._connection, _stream_from(server_side, "10.0.0.1"))
+                a_clients.append(client)
+            b_client, b_server = trio.testing.memory_stream_pair()
+            n.start_soon(server._connection, _stream_from(b_server, "10.0.0.2"))
+            t0 = trio.current_time()
+            for c in a_clients:
+                await c.send_all(b"".join(req("health", rid=i) for i in range(50)))
+            await b_client.send_all(req("health"))
+            async with trio.open_nursery() as r:
+                for c in a_clients:
+                    r.start_soon(reader, c, "a", 100)
+                r.start_soon(reader, b_client, "b", 2)
+                await trio.sleep(2)
+                await b_client.send_all(req("health", rid=2))
+            seen["a"] = [t - t0 for t in seen["a"]]
+            seen["b"] = [t - t0 for t in seen["b"]]
+            for c in a_clients + [b_client]:
+                await c.aclose()
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(seen["a"]) == 100 and seen["b"][0] == 0 and seen["b"][1] == 2  # B is never kept waiting
+    delayed = counters(m).get("requests.delayed", 0)
+    if rate:
+        assert delayed == 95
+        assert max(seen["a"]) == pytest.approx(9.5) and sum(t == 0 for t in seen["a"]) == 5
+    else:
+        assert delayed == 0 and max(seen["a"]) == 0
+
+
+def test_a_paced_request_is_still_answered_when_the_server_drains(policy):
+    """A request waiting for its turn is answered at shutdown (not dropped, not waited for)."""
+    m = make(policy)
+
+    async def test(port, server):
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        await s.send_all(b"".join(req("health", rid=i) for i in range(3)))  # burst 1, 1 a minute: 2 wait
+        await wait_for(lambda: counters(m).get("requests.delayed") == 1)
+        server.shutdown()
+        replies = await read_replies(s)
+        assert [r["id"] for r in replies] == [0, 1] and all(r["ok"] for r in replies)
+    run_server(m, test, peer_request_rate=1 / 60, peer_request_burst=1)
+
+
+def test_requests_with_the_token_are_not_paced(policy):
+    """With a server token, a request that carries it is trusted and never delayed; the same
+    peer's requests without it (health needs none) are paced: burst 1, then one a second."""
+    m = make(policy)
+    token = "s3cret-token-0123456789"
+    server = Server(m, token=token, peer_request_rate=1, peer_request_burst=1, idle_timeout=1000)
+    times = []
+
+    async def main():
+        client, server_side = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as n:
+            n.start_soon(server._connection, _stream_from(server_side, "10.0.0.1"))
+            t0 = trio.current_time()
+            trusted = b"".join(encode_frame({"id": i, "kind": "health", "token": token, "body": {}})
+                               for i in range(20))
+            await client.send_all(trusted + b"".join(req("health", rid=100 + i) for i in range(3)))
+            dec = FrameDecoder(allow_nonfinite=True)
+            while len(times) < 23:
+                dec.feed(await client.receive_some(1 << 16))
+                times.extend((validate_reply(f)["id"], trio.current_time() - t0) for f in dec.frames())
+            await client.aclose()
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [t for i, t in times if i < 100] == [0] * 20
+    assert [t for i, t in times if i >= 100] == [0, 1, 2]
+    assert counters(m)["requests.delayed"] == 2

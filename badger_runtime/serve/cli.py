@@ -108,8 +108,9 @@ port_number = int_range(0, 65535)
 
 
 def register(sub):
-    from .limits import (BUFFER_BUDGET, DRAIN_TIMEOUT, FRAME_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS,
-                         MAX_CONNECTIONS_PER_PEER, SEND_TIMEOUT)
+    from .limits import (ABUSE_COOLDOWN, ABUSE_LIMIT, ABUSE_WINDOW, BUFFER_BUDGET, DRAIN_TIMEOUT, FRAME_TIMEOUT,
+                         IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, PEER_REQUEST_BURST,
+                         PEER_REQUEST_RATE, SEND_TIMEOUT)
 
     s = sub.add_parser("serve", help="serve agent sessions over TCP (length-prefixed msgpack, docs/protocol.md)")
     s.add_argument("--policy", default=_env("BADGER_POLICY"), help="policies/NAME.onnx (env BADGER_POLICY)")
@@ -157,6 +158,22 @@ def register(sub):
     s.add_argument("--buffer-budget-mib", type=float_range(1 / 16, 1 << 16), default=BUFFER_BUDGET / MiB,
                    help="bytes of large frames (over 64 KiB) buffered over all connections, MiB "
                         "(default %(default)s); at least --max-frame-mib")
+    s.add_argument("--abuse-limit", type=int_range(0, 1 << 20), default=ABUSE_LIMIT,
+                   help="a peer IP whose connections were refused or closed for abuse (per-peer cap, buffer "
+                        "budget, bad frames, frame/send timeout, wrong token) more than this many times within "
+                        "--abuse-window is blocked for --abuse-cooldown: its new connections are reset at "
+                        "accept (default %(default)s; 0: off)")
+    s.add_argument("--abuse-window", type=positive_seconds, default=ABUSE_WINDOW,
+                   help="the sliding window of --abuse-limit (seconds, default %(default)s)")
+    s.add_argument("--abuse-cooldown", type=positive_seconds, default=ABUSE_COOLDOWN,
+                   help="how long a blocked peer IP stays blocked (seconds, default %(default)s)")
+    s.add_argument("--peer-request-rate", type=float_range(0, 1e7), default=PEER_REQUEST_RATE,
+                   help="requests a second of one peer IP over all its connections; beyond it (and the burst) "
+                        "its requests wait for their turn, and its connections are not read meanwhile "
+                        "(default %(default)s; 0: off)")
+    s.add_argument("--peer-request-burst", type=int_range(1, 1 << 20), default=PEER_REQUEST_BURST,
+                   help="requests of one peer IP answered at once before --peer-request-rate applies "
+                        "(default %(default)s)")
     s.add_argument("--drain-timeout", type=float_range(0, 86400), default=DRAIN_TIMEOUT,
                    help="on SIGTERM, wait this long for in-flight requests (seconds, default %(default)s)")
     s.add_argument("--threads", type=int_range(1, 1024), default=1, help="onnxruntime intra-op threads")
@@ -317,6 +334,9 @@ def cmd_serve(args):
                     max_frame_bytes=max_frame, max_connections=args.max_connections,
                     max_connections_per_peer=args.max_connections_per_peer, frame_timeout=args.frame_timeout,
                     send_timeout=args.send_timeout, buffer_budget=int(args.buffer_budget_mib * MiB),
+                    abuse_limit=args.abuse_limit, abuse_window=args.abuse_window,
+                    abuse_cooldown=args.abuse_cooldown, peer_request_rate=args.peer_request_rate,
+                    peer_request_burst=args.peer_request_burst,
                     decode_limits=DecodeLimits(max_bin_len=max_frame, max_array_len=max(65536, args.max_experts),
                                                max_items=max(1 << 17, 2 * args.max_experts + 1024)), log=log)
     endpoint = None

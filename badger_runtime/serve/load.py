@@ -31,7 +31,9 @@ from badger_runtime.serve.client import AsyncClient
 
 def start_server(policy: str, state_dir: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "badger_runtime.cli", "serve", "--policy", policy, "--listen",
-                             "127.0.0.1:0", "--state-dir", state_dir, "--log-level", "warning", *extra],
+                             "127.0.0.1:0", "--state-dir", state_dir, "--log-level", "warning",
+                             "--peer-request-rate", "0",  # a throughput test from one address: no pacing
+                             *extra],
                             stdout=subprocess.PIPE)
     line = proc.stdout.readline()
     if not line:

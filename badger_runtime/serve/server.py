@@ -33,7 +33,18 @@ limits themselves are checked in the sans-IO ``protocol``; this module owns the 
 - ``send_timeout``: a reply that cannot be written within this long (the peer does not read)
   drops the connection;
 - ``buffer_budget``: the bytes of large frames (over 64 KiB) buffered over all connections;
-  a large frame that does not fit gets ``busy`` and its connection is closed.
+  a large frame that does not fit gets ``busy`` and its connection is closed;
+- ``abuse_limit`` / ``abuse_window`` / ``abuse_cooldown``: a peer address whose connections
+  were refused or closed for abuse (per-peer cap, buffer budget, bad frames, frame or send
+  timeout, wrong token) more than ``abuse_limit`` times within ``abuse_window`` seconds is
+  blocked for ``abuse_cooldown`` seconds: its new connections are reset right at accept,
+  before a task, a read or a reply (the accept loop is ours for that, not
+  ``trio.serve_listeners``);
+- ``peer_request_rate`` / ``peer_request_burst``: the requests of one peer address, over all
+  its connections, are paced by a leaky bucket (``ratelimit.RequestPacer``); a request
+  beyond it waits for its turn before it is answered, and its connection is not read
+  meanwhile (TCP backpressure), so a flood from some peers cannot starve the others. A
+  request with the server's token is not paced (the token is the trust boundary).
 
 Shutdown (``shutdown()``, or SIGTERM/SIGINT when ``handle_signals``): stop accepting, cancel
 connections that wait for input, let requests already being processed finish and reply (up
@@ -42,17 +53,22 @@ to ``drain_timeout``), checkpoint sessions with pending steps, return.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import signal
+import socket
+import struct
 import time
 from dataclasses import dataclass
 
 import trio
 
-from .limits import (BUFFER_BUDGET, DRAIN_TIMEOUT, FRAME_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS,
-                     MAX_CONNECTIONS_PER_PEER, PROBE_SLOTS, PROBE_TIMEOUT, SEND_TIMEOUT)
+from .limits import (ABUSE_COOLDOWN, ABUSE_LIMIT, ABUSE_WINDOW, BUFFER_BUDGET, DRAIN_TIMEOUT, FRAME_TIMEOUT,
+                     IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, PEER_REQUEST_BURST, PEER_REQUEST_RATE,
+                     PROBE_SLOTS, PROBE_TIMEOUT, SEND_TIMEOUT)
 from .protocol import (E_BAD_FRAME, E_BUSY, MAX_FRAME_BYTES, SMALL_FRAME_BYTES, BufferBudget, DecodeLimits,
                        FrameDecoder, ProtocolError, encode_frame, reply_error, validate_request)
+from .ratelimit import AbuseTracker, RequestPacer
 from .sessions import SessionManager
 from .telemetry import no_log
 
@@ -63,6 +79,10 @@ REFUSE_SEND_TIMEOUT = 0.2  # writing `busy` to a refused connection (a fresh soc
 DECODE_THREADS = 2  # worker threads that decode large frames (apart from the steps' threads)
 LOG_LINES_PER_S = 10  # per kind of per-peer warning (refusals, timeouts, bad frames, auth)
 HEARTBEAT_S = 0.5  # the event loop notes the time this often (liveness, loop lag)
+PRUNE_EVERY_S = 10.0  # forget per-peer rate state that no longer matters this often
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}  # as trio.serve_listeners
+ACCEPT_RETRY_S = 0.1
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset, no TIME_WAIT
 
 
 def count_tasks() -> int:
@@ -103,7 +123,10 @@ class Server:
                  max_connections: int = MAX_CONNECTIONS, max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER,
                  probe_slots: int = PROBE_SLOTS, frame_timeout: float = FRAME_TIMEOUT,
                  send_timeout: float = SEND_TIMEOUT, probe_timeout: float = PROBE_TIMEOUT,
-                 buffer_budget: int = BUFFER_BUDGET, decode_limits: DecodeLimits | None = None, log=no_log):
+                 buffer_budget: int = BUFFER_BUDGET, decode_limits: DecodeLimits | None = None,
+                 abuse_limit: int = ABUSE_LIMIT, abuse_window: float = ABUSE_WINDOW,
+                 abuse_cooldown: float = ABUSE_COOLDOWN, peer_request_rate: float = PEER_REQUEST_RATE,
+                 peer_request_burst: int = PEER_REQUEST_BURST, log=no_log):
         if max_connections < 1 or max_connections_per_peer < 0 or probe_slots < 0:
             raise ValueError("max_connections must be >= 1, max_connections_per_peer and probe_slots >= 0")
         for name, v in (("idle_timeout", idle_timeout), ("frame_timeout", frame_timeout),
@@ -115,6 +138,8 @@ class Server:
         if max_frame_bytes > SMALL_FRAME_BYTES and buffer_budget < max_frame_bytes:
             raise ValueError(f"buffer_budget ({buffer_budget}) must hold one frame of max_frame_bytes "
                              f"({max_frame_bytes})")
+        self.abuse = AbuseTracker(abuse_limit, abuse_window, abuse_cooldown)  # ValueError on bad settings
+        self.pacer = RequestPacer(peer_request_rate, peer_request_burst)
         self.manager = manager
         self.metrics = manager.metrics
         self.token = token.encode() if token else None
@@ -140,6 +165,7 @@ class Server:
         self._decode_limiter: trio.CapacityLimiter | None = None  # threads decoding large frames
         self._log_window: dict[str, list] = {}  # event -> [window start, lines in it, suppressed]
         self.loop_lag_s = 0.0  # how late that beat ran
+        self._clock_seen = 0.0  # trio.current_time() at the last beat (for gauges() from another thread)
         manager.status_hook = self.status
 
     def limits(self) -> dict:
@@ -148,7 +174,9 @@ class Server:
                 "frame_timeout_s": self.frame_timeout, "send_timeout_s": self.send_timeout,
                 "probe_timeout_s": self.probe_timeout, "max_frame_bytes": self.max_frame_bytes,
                 "buffer_budget_bytes": self.budget.total, "small_frame_bytes": self.budget.small,
-                "decode": self.decode_limits.to_dict()}
+                "abuse_limit": self.abuse.limit, "abuse_window_s": self.abuse.window,
+                "abuse_cooldown_s": self.abuse.cooldown, "peer_request_rate": self.pacer.rate,
+                "peer_request_burst": self.pacer.burst, "decode": self.decode_limits.to_dict()}
 
     def gauges(self) -> dict:
         """Plain numbers about connections and buffers; safe to call from another thread (the
@@ -157,7 +185,14 @@ class Server:
         return {"connections": len(conns), "probes": len(self._probes),
                 "buffered_bytes": sum(c.decoder.buffered for c in conns if c.decoder is not None),
                 "buffer_reserved_bytes": self.budget.in_use, "buffer_budget_bytes": self.budget.total,
-                "loop_lag_s": round(self.loop_lag_s, 6), "draining": self.draining}
+                "loop_lag_s": round(self.loop_lag_s, 6), "draining": self.draining,
+                "peers_blocked": self.abuse.blocked_count(self._now()), "peers_paced": len(self.pacer)}
+
+    def _now(self) -> float:
+        try:
+            return trio.current_time()
+        except RuntimeError:  # another thread (the metrics endpoint): the clock the loop last noted
+            return self._clock_seen
 
     def status(self) -> dict:
         """The server's part of ``stats`` and ``health`` (call on the trio thread). O(1): every
@@ -186,8 +221,10 @@ class Server:
 
                 async def serve(task_status=trio.TASK_STATUS_IGNORED):
                     with accept:
-                        await trio.serve_listeners(self._connection, listeners, handler_nursery=conns,
-                                                   task_status=task_status)
+                        async with trio.open_nursery() as accepting:
+                            for lst in listeners:
+                                accepting.start_soon(self._accept_loop, lst, conns)
+                            task_status.started()
                 await conns.start(serve)
                 self.log("info", "listening", addresses=[f"{h}:{p}" for h, p in addresses],
                          sessions=len(self.manager.sessions), token=self.token is not None,
@@ -209,9 +246,15 @@ class Server:
             root.cancel_scope.cancel()
 
     async def _heartbeat(self):
+        next_prune = trio.current_time() + PRUNE_EVERY_S
         while True:
             t0 = time.monotonic()
             self.heartbeat = t0
+            self._clock_seen = now = trio.current_time()
+            if now >= next_prune:
+                self.abuse.prune(now)
+                self.pacer.prune(now)
+                next_prune = now + PRUNE_EVERY_S
             await trio.sleep(HEARTBEAT_S)
             self.loop_lag_s = max(0.0, time.monotonic() - t0 - HEARTBEAT_S)
 
@@ -243,6 +286,47 @@ class Server:
         self.log("warning", event, **fields)
 
     # -- admission -----------------------------------------------------------------------------
+    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery):
+        """``trio.serve_listeners``, plus the cheapest refusal there is: a blocked peer's
+        connection is reset right here, on the raw socket (no stream, no task, no read)."""
+        async with listener:
+            while True:
+                try:
+                    sock, addr = await listener.socket.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    self._log_peer("accept_failed", error=errno.errorcode.get(exc.errno, str(exc.errno)))
+                    await trio.sleep(ACCEPT_RETRY_S)
+                    continue
+                host = str(addr[0]) if isinstance(addr, tuple) and addr else "local"
+                if self.abuse.blocked(host, trio.current_time()):
+                    self._drop_blocked(sock, host)
+                    continue
+                handlers.start_soon(self._connection_task, trio.SocketStream(sock))
+
+    def _drop_blocked(self, sock, host: str):
+        self.metrics.inc("connections.blocked")
+        self._log_peer("connection_blocked", peer=host)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+        sock.close()
+
+    async def _connection_task(self, stream):
+        try:
+            await self._connection(stream)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _abused(self, host: str, reason: str):
+        """A connection of ``host`` was refused or closed for ``reason`` (its own doing)."""
+        if self.abuse.note(host, trio.current_time()):
+            self.metrics.inc("peers.blocked")
+            self._log_peer("peer_blocked", peer=host, reason=reason, abuse_limit=self.abuse.limit,
+                           window_s=self.abuse.window, cooldown_s=self.abuse.cooldown)
+
     async def _connection(self, stream):
         host, peer = _peer(stream)
         conn = _Conn(host, peer)
@@ -251,6 +335,7 @@ class Server:
             await trio.aclose_forcefully(stream)
             return
         if self.max_connections_per_peer and self._per_peer.get(host, 0) >= self.max_connections_per_peer:
+            self._abused(host, "max_connections_per_peer")
             await self._refuse(stream, conn, "max_connections_per_peer",
                                f"this address holds {self.max_connections_per_peer} connections, the "
                                f"per-peer limit; try again later")
@@ -347,6 +432,7 @@ class Server:
                     elif decoder.buffered:
                         reason = "frame_timeout"
                         self.metrics.inc("connections.frame_timeout")
+                        self._abused(conn.host, reason)
                         self._log_peer("frame_timeout", peer=conn.peer, buffered=decoder.buffered)
                         await self._send_quietly(stream, reply_error(
                             None, E_BAD_FRAME, f"frame not complete within {self.frame_timeout:g} s"))
@@ -380,11 +466,13 @@ class Server:
             reason = "bad_frame" if e.code != E_BUSY else "buffer_budget"
             self.metrics.inc("frames.bad" if e.code != E_BUSY else "frames.refused_budget")
             self.metrics.inc(f"errors.{e.code}")
+            self._abused(conn.host, reason)
             self._log_peer(reason, peer=conn.peer, error=str(e)[:300])
             await self._send_quietly(stream, reply_error(e.request_id, e.code, str(e)))
         except _SendTimeout:
             reason = "send_timeout"
             self.metrics.inc("connections.send_timeout")
+            self._abused(conn.host, reason)
             self._log_peer("send_timeout", peer=conn.peer, seconds=self.send_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             reason = "broken"
@@ -398,6 +486,26 @@ class Server:
             decoder.close()
             await trio.aclose_forcefully(stream)
             self.log("debug", "connection_closed", peer=conn.peer, reason=reason)
+
+    def _trusted(self, frame) -> bool:
+        """A request that carries the server's token: not paced (the token is the trust
+        boundary; pacing is for clients without it, and for every client of a server without one)."""
+        if self.token is None or not self.pacer.enabled or not isinstance(frame, dict):
+            return False
+        got = frame.get("token")
+        return isinstance(got, str) and hmac.compare_digest(got.encode(), self.token)
+
+    async def _pace(self, conn: _Conn):
+        """Wait for this peer's next turn (``peer_request_rate``). The connection is not read
+        meanwhile; a drain ends the wait (the request is then answered)."""
+        wait = self.pacer.reserve(conn.host, trio.current_time())
+        if wait <= 0:
+            return
+        self.metrics.inc("requests.delayed")
+        with trio.move_on_after(wait) as conn.read_scope:
+            if not self.draining:
+                await trio.sleep_forever()
+        conn.read_scope = None
 
     async def _decode(self, decoder: FrameDecoder, body) -> dict:
         """Small bodies on the event loop (microseconds); large ones (a snapshot, or something
@@ -427,6 +535,8 @@ class Server:
 
     async def _dispatch(self, frame: dict, conn: _Conn) -> tuple[dict, bool]:
         """(reply, close the connection after it)."""
+        if not self._trusted(frame):
+            await self._pace(conn)
         try:
             req = validate_request(frame)
         except ProtocolError as e:
@@ -436,6 +546,7 @@ class Server:
             got = req["token"]
             if got is None or not hmac.compare_digest(got.encode(), self.token):
                 self.metrics.inc("auth.refused")
+                self._abused(conn.host, "auth_refused")
                 self.metrics.inc(f"errors.{E_UNAUTHORIZED}")
                 self._log_peer("auth_refused", peer=conn.peer, kind=req["kind"],
                          reason="missing token" if got is None else "wrong token")

@@ -175,7 +175,7 @@ class PrometheusEndpoint:
 
     Metrics: ``badger_sessions``, ``badger_ready``, ``badger_connections_open``,
     ``badger_connections_probes``, ``badger_buffered_bytes``, ``badger_buffer_reserved_bytes``,
-    ``badger_buffer_budget_bytes``, ``badger_event_loop_lag_seconds``,
+    ``badger_buffer_budget_bytes``, ``badger_event_loop_lag_seconds``, ``badger_peers_blocked``, ``badger_peers_paced``,
     ``badger_requests_total{kind}``, ``badger_errors_total{code}``,
     ``badger_connections_refused_total{reason}``, ``badger_steps_total``, every other counter
     of ``stats`` as ``badger_<name>_total`` (dots as underscores),
@@ -269,6 +269,9 @@ class _Collector:
         yield gauge("badger_buffer_budget_bytes", "The buffer budget for large frames.", g["buffer_budget_bytes"])
         yield gauge("badger_event_loop_lag_seconds", "How late the event loop's last heartbeat ran.",
                     g.get("loop_lag_s", 0.0))
+        yield gauge("badger_peers_blocked", "Peer addresses in their abuse cool-down (reset at accept).",
+                    g.get("peers_blocked", 0))
+        yield gauge("badger_peers_paced", "Peer addresses whose request bucket is not full.", g.get("peers_paced", 0))
 
         snap = m.metrics.to_dict()
         labelled = {name: CounterMetricFamily(name, f"{name[7:].replace('_', ' ').capitalize()} by {label}.",
