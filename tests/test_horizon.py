@@ -7,10 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-import trio
 
 from badger_runtime.engine import Agent, HorizonError, numpy_ops
-from badger_runtime.episodes import Driver, adrive, sample_batches
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import load_policy
 
