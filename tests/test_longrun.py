@@ -73,6 +73,24 @@ def test_continual_policies_stay_sane_for_10000_steps(path):
         k = r["keeps_finding"]
         assert r["finite"] and k["ratio"] >= 0.75 and k["second_half"] >= 2 * r["chance_best_fraction"], k
         return
-    r = horizon_report(load_policy(path), steps=10_000, episodes=20, seed=0)
+    r = horizon_report(pol, steps=10_000, episodes=20, seed=0)
     e = r["error_at"]
-    assert r["finite"] and e["10000"] <= 1.5 * max(e["20"], 1e-3), e
+    assert r["finite"] and e["10000"] <= 1.5 * max(e[trained_horizon(path)], 1e-3), e
+
+
+def trained_horizon(path) -> str:
+    """The step (of horizon_report's 20, 100, 1,000) that stands for the policy's training horizon:
+    its episodes' length, or for agents that lived on across batches in training (``continue_prob``
+    p: never reset with probability p per batch of T steps) their mean life T / (1 - p)."""
+    cfg = json.loads(Path(path).with_suffix(".json").read_text())["config"]
+    steps, p = cfg["task"]["steps"], cfg["train"].get("continue_prob", 0.0)
+    life = steps / (1 - p) if p < 1 else float("inf")
+    return str(max(s for s in (20, 100, 1000) if s <= max(20, life)))
+
+
+def test_the_trained_horizon_of_a_card():
+    """Episodic training: its episode length (20 steps); never-reset training (40-step batches,
+    p = 0.95, a mean life of 800 steps): the last checkpoint inside that life, 100."""
+    policies = Path(__file__).resolve().parents[1] / "policies"
+    assert trained_horizon(policies / "guessing-converge-v1.onnx") == "20"
+    assert trained_horizon(policies / "guessing-nonstationary-v1.onnx") == "100"
