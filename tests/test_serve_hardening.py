@@ -37,11 +37,9 @@ from badger_runtime.serve.protocol import (MAX_ERROR_CHARS, BufferBudget, Decode
                                            decode_frame_body, encode_frame, reply_error, validate_reply,
                                            validate_request)
 from badger_runtime.serve.server import Server
-from badger_runtime.serve.sessions import SessionManager
-from badger_runtime.serve.store import SessionStore
 from badger_runtime.serve.telemetry import JsonLog, route_python_logs
 
-from .test_serve import run_server
+from .test_serve import make, run_server
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -49,12 +47,6 @@ KiB, MiB = 1 << 10, 1 << 20
 @pytest.fixture(scope="module")
 def policy(tiny_policy):
     return load_policy(tiny_policy)
-
-
-def make(policy, path=None, **kw):
-    m = SessionManager(policy, SessionStore(path, fsync=False) if path else None, **kw)
-    m.restore_all()
-    return m
 
 
 def req(kind, session=None, rid=1, **body):
