@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import AgentConfig, ConfigError, ExperimentConfig, PolicySpec, TaskConfig, from_dict
+from .config import AgentConfig, ExperimentConfig, PolicySpec, TaskConfig, from_dict
 
 CARD_FORMAT = "badger-policy/1"
 INPUTS = ("state", "inbox", "sensed")
