@@ -5,7 +5,11 @@ feedback, 1 thread) with the expert policy eager, then with its forward under to
 
     python demos/compile_probe.py
 """
-import time, numpy as np, torch
+import time
+
+import numpy as np
+import torch
+
 from badger_runtime.config import AgentConfig
 from badger_runtime.rollout import rollout, sample_wiring
 from badger_runtime.tasks import default_config, make_task
@@ -26,9 +30,11 @@ def run(policy, label, reps=6):
         if r: ts.append(time.thread_time()-c0)
         else: print(label, "first (compile) CPU s", round(time.thread_time()-c0,2), flush=True)
     print(label, "median CPU s/batch", round(float(np.median(ts)),4), "episodes/s", round(100/float(np.median(ts)),1), flush=True)
-base = ExpertPolicy(cfg.policy)
-run(base, "eager")
-comp = ExpertPolicy(cfg.policy); comp.load_state_dict(base.state_dict())
-comp.forward = torch.compile(comp.forward, dynamic=True)
-run(comp, "compiled")
-run(base, "eager again")
+if __name__ == "__main__":
+    base = ExpertPolicy(cfg.policy)
+    run(base, "eager")
+    comp = ExpertPolicy(cfg.policy)
+    comp.load_state_dict(base.state_dict())
+    comp.forward = torch.compile(comp.forward, dynamic=True)
+    run(comp, "compiled")
+    run(base, "eager again")
