@@ -261,8 +261,7 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     import torch
 
     from ..training.model import ExpertPolicy
-    from ..training.train import (CHECKPOINT_FORMAT, _atomic_save, check_resumable, load_checkpoint,
-                                  load_initial_weights, progress_bar)
+    from ..training.train import CHECKPOINT_FORMAT, _atomic_save, load_initial_weights, open_run, progress_bar
 
     if workers is not None:
         cfg.train.es.workers = int(workers)
@@ -279,16 +278,12 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     dim = n_params(spec)
     adam = Adam(dim, es.lr)
     first, wall = 0, 0.0
-    if resume and ck_path.exists():
-        ck = load_checkpoint(ck_path)
-        check_resumable(ck, ck_path, cfg, "es", ignore=("train.es.workers",))
+    ck = open_run(out, cfg, resume=resume, outer="es", ignore=("train.es.workers",))
+    if ck is not None:
         theta = np.asarray(ck["theta"], np.float32)
         adam.load_state_dict(ck["optimizer"])
         first, wall = ck["batch"], ck["wall_seconds"]
         log(f"resumed from {ck_path} at generation {first}")
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     def save(gen: int):
         model = {name: torch.from_numpy(np.array(v)) for name, v in unflatten(spec, theta).items()}

@@ -120,19 +120,12 @@ class FewShotConfig(TaskConfig):
 
 
 @dataclass(frozen=True)
-class Source:
-    """Examples to draw episodes from: raw features ``X`` [n, F], class ids ``y`` [n], the class
-    ids episodes choose from (``pool``) and the examples of each (``members``)."""
+class Source(cd.Dataset):
+    """Examples to draw episodes from: a dataset's split (raw features ``X`` [n, F], class ids
+    ``y`` [n]), the class ids episodes choose from (``pool``) and the examples of each (``members``)."""
 
-    name: str
-    X: np.ndarray
-    y: np.ndarray
     pool: np.ndarray
     members: dict
-
-    @property
-    def features(self) -> int:
-        return int(self.X.shape[1])
 
 
 def _dihedral(X: np.ndarray) -> list[np.ndarray]:
@@ -175,7 +168,8 @@ def source(dataset: str, classes_pool: str = "all", split: str = "all", transfor
     members = {int(c): np.flatnonzero(y == c) for c in pool}
     for a in (X, y, pool):
         a.flags.writeable = False
-    return Source(f"{dataset}:{classes_pool}:{split}" + (":transforms" if transforms else ""), X, y, pool, members)
+    return Source(f"{dataset}:{classes_pool}:{split}" + (":transforms" if transforms else ""), X, y, ds.n_classes,
+                  pool, members)
 
 
 def task_source(cfg: FewShotConfig) -> Source:

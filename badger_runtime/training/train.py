@@ -21,7 +21,7 @@ import torch
 
 from .. import episodes
 from ..config import ConfigError, ExperimentConfig, from_dict, to_dict
-from ..curriculum import stage_at, stage_settings, task_at  # noqa: F401  (also the ES trainer's)
+from ..curriculum import task_at
 from ..engine import Agent
 from ..episodes import Driver, drive
 from ..evaluation import evaluate
@@ -129,6 +129,22 @@ def load_initial_weights(policy: ExpertPolicy, init_from: str):
         raise ConfigError(f"train.init_from: {init_from} does not fit this policy: {e}") from None
 
 
+def open_run(out: Path, cfg: ExperimentConfig, *, resume: bool, outer: str,
+             ignore: tuple[str, ...] = ()) -> dict | None:
+    """A run folder, for either outer loop: the checkpoint to resume from (checked against ``cfg``
+    by ``check_resumable``), or None for a fresh run (whose old metrics are removed); writes
+    config.json."""
+    ck_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    ck = None
+    if resume and ck_path.exists():
+        ck = load_checkpoint(ck_path)
+        check_resumable(ck, ck_path, cfg, outer, ignore=ignore)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return ck
+
+
 def check_resumable(ck: dict, path, cfg: ExperimentConfig, outer: str, ignore: tuple[str, ...] = ()):
     """Refuse to resume a checkpoint of another outer loop or another config (settings that older
     checkpoints lack count as their defaults; ``ignore``: train settings that do not change the
@@ -199,18 +215,14 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     first_batch, wall = 0, 0.0
     if cfg.train.init_from:
         load_initial_weights(policy, cfg.train.init_from)
-    if resume and ck_path.exists():
-        ck = load_checkpoint(ck_path)
-        check_resumable(ck, ck_path, cfg, "bptt")
+    ck = open_run(out, cfg, resume=resume, outer="bptt")
+    if ck is not None:
         policy.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         rng.bit_generator.state = ck["rng"]
         torch.set_rng_state(ck["torch_rng"])
         first_batch, wall = ck["batch"], ck["wall_seconds"]
         log(f"resumed from {ck_path} at batch {first_batch}")
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     ops = torch_ops()
     spec = cfg.agent.policy
 
