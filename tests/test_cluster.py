@@ -272,6 +272,32 @@ def test_served_session_on_a_ray_actor_survives_its_actor_being_killed(ray_local
     gc.collect()  # the host actors go with their handles
 
 
+@needs_ray
+def test_a_bandit_session_on_a_ray_actor_points_at_the_pulled_arm(ray_local, tiny_policy, tmp_path):
+    """A step's ``arm`` changes the agent's interface (the feedback slot points at that arm): on a
+    Ray actor it must reach the actor, so the outputs equal a local session's step for step."""
+    from badger_runtime.cluster.sessions import RayPlacement
+    from badger_runtime.serve.sessions import SessionManager
+
+    pol = load_policy(tiny_policy)
+    outs = {}
+    for where, placement in (("ray", RayPlacement(pol)), ("local", None), ("no arm", None)):
+        m = SessionManager(pol, placement=placement)
+        r = m.handle({"kind": "open", "id": 0, "session": "b", "body": {"dims": 4, "experts": 3, "seed": 5,
+                                                                          "task": "bandit"}})
+        secret, out, outs[where] = r["body"]["secret"], np.zeros(4), []
+        for t in range(6):
+            body = {"observation": out.tolist(), "feedback": [0.0 if t % 2 else 1.0], "pulled": [1.0],
+                    "secret": secret} | ({"arm": t % 4} if t and where != "no arm" else {})
+            r = m.handle({"kind": "step", "id": t + 1, "session": "b", "body": body})
+            assert r["ok"], r
+            out = np.asarray(r["body"]["outputs"], np.float64)
+            outs[where].append(out)
+    assert np.abs(np.array(outs["ray"]) - np.array(outs["local"])).max() <= 1e-6
+    # and the arm matters: the same steps pointing at no arm give other outputs
+    assert np.abs(np.array(outs["no arm"]) - np.array(outs["local"])).max() > 1e-4
+
+
 @pytest.mark.parametrize("part", ["hard top-1 routing", "quorum vote"])
 def test_es_trains_what_backprop_cannot_see(part):
     """Parts that are not differentiable as deployed: with top-1 routing each receiver hears its

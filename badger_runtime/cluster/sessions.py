@@ -41,8 +41,8 @@ class AgentHost:
         or {"error": the exception} (raised again in the server, unwrapped)."""
         a = self.agent
         try:
-            if method == "set_past_horizon":
-                a.past_horizon = bool(args[0])
+            if method in ("set_past_horizon", "set_interface"):  # settings the mirror already holds
+                setattr(a, method[4:], args[0])
                 return {"ok": None, "sync": {}}
             result = getattr(a, method)(*args, **kw)
         except Exception as e:  # noqa: BLE001 (the server raises it again and answers it)
@@ -81,6 +81,15 @@ class RayHostedAgent:
     def past_horizon(self, value: bool):
         self._call("set_past_horizon", bool(value))
         self.local.past_horizon = bool(value)
+
+    @property
+    def interface(self):
+        return self.local.interface
+
+    @interface.setter
+    def interface(self, value):  # e.g. a bandit step's feedback slot pointed at the pulled arm
+        self._call("set_interface", value)
+        self.local.interface = value
 
     def snapshot(self) -> dict:
         return self.local.snapshot()

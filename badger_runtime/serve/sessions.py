@@ -170,6 +170,7 @@ class SessionManager:
         self.checkpoint_every = checkpoint_every
         self.log = log
         self.metrics = metrics or Metrics()
+        self._tasks: dict = {}  # task name -> its Task (settings as _task_config gives them), built once
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.started = time.time()
@@ -382,12 +383,19 @@ class SessionManager:
             raise ServeError(E_BAD_INPUT, f"unknown task {name[:64]!r}; registered: {task_names()}")
         return default_config(name)
 
-    @staticmethod
-    def _pointer(s: Session) -> str | None:
-        """The step field that names the output the feedback is about (the bandit's ``arm``), if any."""
-        from ..tasks import task_class, task_names
+    def _task(self, name: str):
+        """The Task of a session's task name (built once per name)."""
+        from ..tasks import make_task
 
-        return task_class(s.task).pointer_field if s.task in task_names() else None
+        if name not in self._tasks:
+            self._tasks[name] = make_task(self._task_config(name))
+        return self._tasks[name]
+
+    def _pointer(self, s: Session) -> str | None:
+        """The step field that names the output the feedback is about (the bandit's ``arm``), if any."""
+        from ..tasks import REGISTRY
+
+        return self._task(s.task).pointer_field if s.task in REGISTRY else None
 
     # -- request kinds ---------------------------------------------------------------------------
     def info(self, s: Session) -> dict:
@@ -476,8 +484,6 @@ class SessionManager:
 
     def _k_step(self, name: str | None, body: dict) -> dict:
         def step(s: Session) -> dict:
-            from ..tasks import make_task
-
             a = s.agent
             parts = s.parts
             pointer = self._pointer(s)  # e.g. the bandit's "arm"
@@ -502,7 +508,7 @@ class SessionManager:
 
             def change():
                 if pointer:  # the feedback slot points at output `index` (none when the field is left out)
-                    a.interface = make_task(self._task_config(s.task)).point(a.interface, index, vals)
+                    a.interface = self._task(s.task).point(a.interface, index, vals)
                 out, info = a.step(vals, rounds=s.rounds)
                 s.last_outputs = np.asarray(out[0], np.float32)
                 s.steps_total += 1
