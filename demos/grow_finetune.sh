@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The recipe that made fresh hot-added experts stop hurting a shipped policy (guessing-converge-v2,
-# guessing-one-expert-v2): train it further with experts added mid-episode (1..N fresh or cloned at
+# The recipe that made fresh hot-added experts stop hurting a shipped policy (guessing-one-expert-v2,
+# guessing-nonstationary-v2; guessing-converge-v2 came from the same three runs written out in
+# configs/fig9_converge_grow.toml's header): train it further with experts added mid-episode (1..N fresh or cloned at
 # a random inner step) in 50 %, then 75 %, then 90 % of the batches, at a falling learning rate,
 # 3 x 3,000 batches, each run from the last. The policy's own config gives the rest of the setting.
 #

@@ -370,4 +370,5 @@ def test_bench_runtime_has_ray_rows(ray_local):
     for key in ("seconds_per_step", "expert_steps_per_s", "messages_per_s", "max_diff_vs_batched", "shards"):
         assert key in ray_row, key
     assert ray_row["max_diff_vs_batched"] <= 1e-5 and ray_row["shards"] == 2
-    assert ray_row["ray_overhead_s_per_round"] >= ray_row["ray_overhead_min_s_per_round"] >= 0
+    # the shards timed their own compute, and the blocks went through Ray (what the overhead is measured from)
+    assert ray_row["shard_compute_s_per_step"] > 0 and ray_row["shard_blocks"] > 0

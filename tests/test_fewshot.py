@@ -44,7 +44,8 @@ def test_grid_visibility_deals_cells_out():
     assert m.astype(int).tolist() == [[1, 0, 1, 0, 1, 0, 1], [1, 0, 1, 0, 0, 1, 1], [0, 1, 0, 1, 1, 0, 1],
                                       [0, 1, 0, 1, 0, 1, 1], [1, 0, 1, 0, 1, 0, 1]]
     assert Visibility.from_dict(v.to_dict()) == v
-    assert Visibility.from_dict({k: x for k, x in Visibility("cyclic", 1, 3).to_dict().items() if k != "period"})
+    old = {k: x for k, x in Visibility("cyclic", 1, 3).to_dict().items() if k != "period"}  # a card from before period
+    assert Visibility.from_dict(old) == Visibility("cyclic", 1, 3)
     with pytest.raises(ValueError):
         Visibility("grid", 2, 4)  # no period
 

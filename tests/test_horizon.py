@@ -117,10 +117,7 @@ def test_fresh_experts_hot_added_do_not_hurt_the_v2_policies(name):
     """The product rule for the policy trained with experts added mid-episode: as many fresh experts
     again at mid-episode end no worse than the unchanged agent (by more than its noise), on the
     same seeded episodes."""
-    from badger_runtime.engine import numpy_ops
     from badger_runtime.episodes import schedule
-    from badger_runtime.evaluation import run_episodes
-    from badger_runtime.policy_card import load_policy
     from badger_runtime.tasks import task_class
 
     pol = load_policy(name)

@@ -870,19 +870,13 @@ def test_abuse_off_never_blocks(policy):
 class _FromHost:
     """A memory stream that reports a peer address (as a socket stream does)."""
     def __init__(self, stream, host):
-        self._s, self.socket = stream, self
+        self._s, self.socket, self.host = stream, self, host
 
     def getpeername(self):
         return (self.host, 40000)
 
     def __getattr__(self, name):
         return getattr(self._s, name)
-
-
-def _stream_from(stream, host):
-    w = _FromHost(stream, host)
-    w.host = host
-    return w
 
 
 @pytest.mark.parametrize("rate", [0, 10])
@@ -907,10 +901,10 @@ def test_a_request_flood_is_paced_per_peer_and_others_are_not_starved(policy, ra
             a_clients = []
             for _ in range(2):
                 client, server_side = trio.testing.memory_stream_pair()
-                n.start_soon(server._connection, _stream_from(server_side, "10.0.0.1"))
+                n.start_soon(server._connection, _FromHost(server_side, "10.0.0.1"))
                 a_clients.append(client)
             b_client, b_server = trio.testing.memory_stream_pair()
-            n.start_soon(server._connection, _stream_from(b_server, "10.0.0.2"))
+            n.start_soon(server._connection, _FromHost(b_server, "10.0.0.2"))
             t0 = trio.current_time()
             for c in a_clients:
                 await c.send_all(b"".join(req("health", rid=i) for i in range(50)))
@@ -960,7 +954,7 @@ def test_requests_with_the_token_are_not_paced(policy):
     async def main():
         client, server_side = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as n:
-            n.start_soon(server._connection, _stream_from(server_side, "10.0.0.1"))
+            n.start_soon(server._connection, _FromHost(server_side, "10.0.0.1"))
             t0 = trio.current_time()
             trusted = b"".join(encode_frame({"id": i, "kind": "health", "token": token, "body": {}})
                                for i in range(20))

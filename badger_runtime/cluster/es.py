@@ -59,13 +59,24 @@ def noise(seed: int, gen: int, pair: int, dim: int) -> np.ndarray:
     return np.random.default_rng([seed, 13, gen, pair]).standard_normal(dim, dtype=np.float32)
 
 
-def member_theta(center: np.ndarray, sigma: float, seed: int, gen: int, member: int) -> np.ndarray:
+def member_theta(center: np.ndarray, sigma: float, seed: int, gen: int, member: int, eps=None) -> np.ndarray:
     """Candidate ``member`` of a generation: 2k -> theta + sigma eps_k, 2k+1 -> theta - sigma eps_k,
-    ``CENTER`` -> theta."""
+    ``CENTER`` -> theta (``eps``: eps_k if already drawn)."""
     if member == CENTER:
         return center
-    eps = noise(seed, gen, member // 2, center.size)
+    eps = noise(seed, gen, member // 2, center.size) if eps is None else eps
     return center + (sigma if member % 2 == 0 else -sigma) * eps
+
+
+def member_thetas(center: np.ndarray, sigma: float, seed: int, gen: int, members) -> np.ndarray:
+    """``member_theta`` of several members [len(members), dim], each antithetic pair's eps drawn once."""
+    drawn: dict[int, np.ndarray] = {}
+    out = []
+    for m in members:
+        if m != CENTER and m // 2 not in drawn:
+            drawn[m // 2] = noise(seed, gen, m // 2, center.size)
+        out.append(member_theta(center, sigma, seed, gen, m, drawn.get(m // 2)))
+    return np.stack(out)
 
 
 def es_gradient(fitness: np.ndarray, sigma: float, seed: int, gen: int, dim: int) -> np.ndarray:
@@ -155,7 +166,7 @@ def evaluate_members(job: Generation, center: np.ndarray, members) -> np.ndarray
 
     members = [int(m) for m in members]
     P, E = len(members), job.episodes
-    thetas = np.stack([member_theta(center, job.sigma, job.noise_seed, job.gen, m) for m in members])
+    thetas = member_thetas(center, job.sigma, job.noise_seed, job.gen, members)
     policy = PopulationPolicy(job.agent.policy, thetas, E)
     rngs = episode_rngs(job.seed)
     _, ep, wiring = next(sample_batches(job.task, job.agent, dims=job.dims, experts=job.experts, episodes=E,
@@ -247,7 +258,7 @@ def step_generation(pool, cfg: ExperimentConfig, gen: int, theta: np.ndarray, ad
     es = cfg.train.es
     job = generation(cfg, gen)
     scores = pool.evaluate(job, theta, [CENTER, *range(es.population)])
-    grad = es_gradient(-scores[1:, 0], es.sigma, cfg.train.seed, gen, theta.size)  # fitness = -loss
+    grad = es_gradient(-scores[1:, 0], job.sigma, job.noise_seed, job.gen, theta.size)  # fitness = -loss
     if es.weight_decay:
         grad = grad - es.weight_decay * theta
     return adam.step(theta, -grad), job, scores, grad  # descend the loss = ascend the fitness
@@ -352,5 +363,5 @@ def final_evaluation(cfg: ExperimentConfig, theta: np.ndarray) -> dict:
 
 
 __all__ = ["Adam", "CENTER", "ESWorker", "Generation", "LocalPool", "RayPool", "centered_ranks", "es_gradient",
-           "evaluate_members", "final_evaluation", "generation", "make_pool", "member_theta", "noise",
+           "evaluate_members", "final_evaluation", "generation", "make_pool", "member_theta", "member_thetas", "noise",
            "step_generation", "train_es"]

@@ -202,6 +202,7 @@ class RayShardedAgent(ShardedMembrane):
         ray.get([a.load.remote(part) for a, part in zip(self.actors, cores)])
         # which shards each shard hears (the same rule as ShardCore.needs, computed once here)
         self._needs = [needs(self.bounds, part.topo) for part in cores]
+        self._blocks_per_round = sum(len(n) - (i in n) for i, n in enumerate(self._needs))  # from other shards
         self._indeg = wiring.in_degrees().sum(axis=1)  # [B] messages delivered per round
 
     def _resize(self, wiring: Wiring, st: AgentState):
@@ -256,7 +257,7 @@ class RayShardedAgent(ShardedMembrane):
             delivered += int(self._indeg[active].sum())
             outs = [a.round.options(num_returns=2).remote(r, active, *[blocks[j] for j in self._needs[i] if j != i])
                     for i, a in enumerate(self.actors)]
-            self.counters["blocks"] += sum(len(n) - (i in n) for i, n in enumerate(self._needs))
+            self.counters["blocks"] += self._blocks_per_round
             self.counters["rounds"] += 1
             blocks = [o[0] for o in outs]
             if acfg.rule != "fixed" and r + 1 < R:

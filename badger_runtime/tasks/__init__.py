@@ -204,6 +204,10 @@ class Task:
         """Report keys a card's evaluation row keeps besides the floats and ``*_by_step`` curves."""
         return {}
 
+    def card_extras(self, policy, onnx: str, *, episodes: int, seed: int) -> dict:
+        """The task's own card entries beyond the evaluation rows (e.g. its long-run check)."""
+        return {}
+
     def report(self, metrics: dict[str, np.ndarray], episodes: list[TaskEpisode], *, steps: int, seed: int,
                baselines: bool = True) -> dict:
         """The task's report keys from the metrics ([T, E] each) of ``episodes`` (the batches in

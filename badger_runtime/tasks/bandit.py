@@ -53,6 +53,7 @@ import numpy as np
 
 from ..config import ConfigError, TaskConfig
 from ..membrane import KIND_FEEDBACK, KIND_OBSERVATION, N_KIND_FLAGS, Interface, Visibility
+from ..xp import softmax_composed
 from . import Task, TaskEpisode
 from . import bandit_baselines as bb
 from .guessing import random_addresses, with_kind
@@ -240,7 +241,7 @@ class Episode(TaskEpisode):
         the engine reads at this step."""
         B, K = self.batch, self.dims
         torch = ops.torch
-        pi = _softmax(ops, prev_output / self.temperature)
+        pi = softmax_composed(ops, prev_output / self.temperature)
         hard = np.zeros((B, K), np.float32)
         hard[np.arange(B), a] = 1.0
         y = ops.asarray(hard) + pi - pi.detach()  # [B, K]
@@ -259,7 +260,7 @@ class Episode(TaskEpisode):
 
     def loss(self, ops, t: int, output):
         """The expected instantaneous regret under softmax(scores / temperature): [B]."""
-        pi = _softmax(ops, output / self.temperature)
+        pi = softmax_composed(ops, output / self.temperature)
         return ops.sum(pi * ops.asarray(self.gaps(t)), axis=-1)
 
     def metrics(self, t: int, output: np.ndarray) -> dict[str, np.ndarray]:
@@ -293,19 +294,14 @@ class Episode(TaskEpisode):
             weight[s] = 1.0 + gamma * weight[s + 1]
         adv = (1.0 - gamma) * (togo - weight[:, None] * g)
         adv = adv - adv.mean(axis=1, keepdims=True)
-        logp = _log_softmax(ops, outputs / self.temperature)  # [T, B, K]
+        logp = _logsoftmax_composed(ops, outputs / self.temperature)  # [T, B, K]
         onehot = np.zeros(out.shape, np.float32)
         onehot[np.arange(T)[:, None], rows[None, :], acts] = 1.0
         logp_a = ops.sum(logp * ops.asarray(onehot), axis=-1)  # [T, B]
         return self.sf_weight * ops.mean(logp_a * ops.asarray(adv.astype(np.float32)))
 
 
-def _softmax(ops, z):
-    e = ops.exp(z - ops.detach(ops.amax(z, axis=-1, keepdims=True)))
-    return e / ops.sum(e, axis=-1, keepdims=True)
-
-
-def _log_softmax(ops, z):
+def _logsoftmax_composed(ops, z):
     m = ops.detach(ops.amax(z, axis=-1, keepdims=True))
     return z - m - ops.log(ops.sum(ops.exp(z - m), axis=-1, keepdims=True))
 
@@ -566,6 +562,10 @@ class BanditTask(Task):
         step's feedback value carries), or at none."""
         scale = pointer_scale(np.asarray(slot_values)[:, -1], self.cfg.pointer)
         return point_feedback(interface, np.full(interface.batch, -1 if index is None else index), scale, copy=True)
+
+    def card_extras(self, policy, onnx: str, *, episodes: int, seed: int) -> dict:
+        """The card's ``evaluation_continual``: the 10,000-step check (``card_continual``)."""
+        return {"evaluation_continual": card_continual(policy, onnx, seed=seed)}
 
     @classmethod
     def evaluation_config(cls, cfg: BanditConfig) -> BanditConfig:

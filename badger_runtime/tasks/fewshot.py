@@ -212,12 +212,6 @@ def _labels(rng, C: int, n: int, shots: int) -> np.ndarray:
     return rng.integers(0, C, size=n)
 
 
-def _draw(rng, pool: np.ndarray, n: int) -> np.ndarray:
-    """n examples of a class: without replacement while its pool lasts, then reshuffled and reused."""
-    rounds = -(-n // len(pool))
-    return np.concatenate([rng.permutation(pool) for _ in range(rounds)])[:n]
-
-
 def draw_stream(rng: np.random.Generator, src: Source, state: StreamState, t0: int, steps: int, shots: int,
                 change_every: tuple[int, int]):
     """Examples for absolute steps t0 .. t0 + steps - 1 of B streams: (index into ``src.X`` [T, B],
@@ -241,7 +235,7 @@ def draw_stream(rng: np.random.Generator, src: Source, state: StreamState, t0: i
             for j in range(C):
                 at = np.flatnonzero(lab == j)
                 if len(at):
-                    idx[t + at, e] = _draw(rng, src.members[int(state.classes[e, j])], len(at))
+                    idx[t + at, e] = cd._draw(rng, src.members[int(state.classes[e, j])], len(at))
             t = end
     return idx, ys, changes
 

@@ -102,9 +102,10 @@ def write_card_evaluation(onnx: str | Path, *, episodes: int = 1000, seed: int =
     pol = load_policy(onnx)
     cls = task_class(pol.task.name)
     task = cls.evaluation_config(pol.task)
+    tk = cls(pol.task)
     card = dict(pol.card)
     card["evaluation"] = []
-    for dims, experts, steps in cls(pol.task).card_evaluations():
+    for dims, experts, steps in tk.card_evaluations():
         t = type(task)(**{**task.__dict__, "steps": steps})
         r = evaluate(numpy_ops(), pol, pol.agent, t, dims=dims, experts=experts, episodes=episodes, seed=seed)
         flags = f" --task {task.name}" if task is not pol.task else ""
@@ -114,9 +115,9 @@ def write_card_evaluation(onnx: str | Path, *, episodes: int = 1000, seed: int =
         row |= {k: [round(x, 6) for x in v] for k, v in r.items() if k.endswith("_by_step")}
         if "optimizer" in r:
             row["optimizer"] = {k: r["optimizer"][k] for k in ("name", "param", "final_mse")}
-        row |= cls(t).card_summary(r)
+        row |= tk.card_summary(r)  # reads the report only
         card["evaluation"].append(row)
-    notes = cls(pol.task).card_notes()
+    notes = tk.card_notes()
     if notes:
         card["task_notes"] = notes
     if pol.task.name == "guessing" and pol.task.jump_every[1]:
@@ -127,12 +128,6 @@ def write_card_evaluation(onnx: str | Path, *, episodes: int = 1000, seed: int =
         card["evaluation_jumps"] = {k: v for k, v in r.items() if "by_step" not in k} | {
             "command": f"badger longrun --policy {onnx} --steps 1000 --episodes 200 --seed {seed} "
                        f"--jump-every {a} {b} --json"}
-    if pol.task.name == "bandit":
-        from ..tasks.bandit import card_continual
-
-        card["evaluation_continual"] = card_continual(pol, onnx, seed=seed)
-    extras = getattr(cls(pol.task), "card_extras", None)  # a task's own card entries (e.g. a long run)
-    if extras is not None:
-        card.update(extras(pol, str(onnx), episodes=episodes, seed=seed))
+    card.update(tk.card_extras(pol, str(onnx), episodes=episodes, seed=seed))  # e.g. a task's long run
     write_card(card, card_paths(onnx)[1])  # the .onnx is unchanged, so its sha256 still holds
     return card

@@ -89,7 +89,7 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
         raise ConfigError(f"train.init = 'prototypes' needs policy.read_heads = 3, got {K}")
     lay = _layout(A, H)
     obs, fb = KIND_OBSERVATION, KIND_FEEDBACK
-    val = [Dm + k * (1 + A) for k in range(K)]  # input index of head k's read value
+    val = [Dm + k * spec.read_width for k in range(K)]  # input index of head k's read value
     ell, x, xl = val
 
     cell = policy.cell
