@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +19,7 @@ from badger_runtime.membrane import Visibility  # noqa: E402
 from badger_runtime.policy_card import load_policy  # noqa: E402
 from badger_runtime.tasks import classification_data as cd  # noqa: E402
 from badger_runtime.tasks import fewshot as fs  # noqa: E402
+from .conftest import run_without_torch  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "policies" / "fewshot-v1.onnx"
 OPS = numpy_ops()
@@ -172,21 +169,14 @@ def test_shipped_policy_runs_without_torch(tmp_path):
     """With torch not importable (a module that raises ImportError shadows it; setting
     sys.modules["torch"] = None instead breaks scipy's own torch probe), the shipped policy
     still evaluates on a dataset it never saw, and nothing imports torch."""
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "torch.py").write_text("raise ImportError('torch is blocked in this test')\n")
-    code = textwrap.dedent(f"""
+    r = run_without_torch(f"""
         import sys
         from badger_runtime.cli import main
         assert main(["eval", "--policy", {str(SHIPPED)!r}, "--task", "fewshot", "--dataset", "wine",
                      "--experts", "39", "--steps", "6", "--episodes", "4", "--option", "baselines=none",
                      "--json"]) == 0
         assert "torch" not in sys.modules
-    """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(SHIPPED.parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 0, r.stderr
+    """, tmp_path)
     assert json.loads(r.stdout.strip().splitlines()[-1])["task"]["dataset"] == "wine"
 
 

@@ -204,10 +204,11 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
         from .inits import apply_init
 
         apply_init(cfg.train.init, policy)
-    params = [p for n, p in policy.named_parameters()
-              if not cfg.train.trainable or any(n.startswith(t) for t in cfg.train.trainable)]
-    for p in policy.parameters():  # the others stay as they are (no gradient computed)
-        p.requires_grad_(any(p is q for q in params))
+    params = []
+    for n, p in policy.named_parameters():  # the others stay as they are (no gradient computed)
+        p.requires_grad_(not cfg.train.trainable or n.startswith(tuple(cfg.train.trainable)))
+        if p.requires_grad:
+            params.append(p)
     if not params:
         raise ConfigError(f"train.trainable {cfg.train.trainable} names no parameter of the policy "
                           f"({[n for n, _ in policy.named_parameters()]})")
