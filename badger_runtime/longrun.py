@@ -27,27 +27,33 @@ from .xp import NumpyOps
 OPS = NumpyOps()
 
 
-def _experts(task) -> int:
-    return task.experts[0] if task.experts[0] == task.experts[1] else 20
+@dataclasses.dataclass
+class LongRun:
+    """What ``long_rollout`` saw: the task's per-step metrics ({name: [T, E]}), where the task's
+    targets jumped ([T, E] bool, or None), the largest |state| entry, and the episode (the last
+    chunk's when it was drawn chunk by chunk)."""
+
+    metrics: dict[str, np.ndarray]
+    jumps: np.ndarray | None
+    max_abs_state: float
+    episode: object
 
 
 def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | None = None,
                  experts: int | None = None, jump_every: tuple[int, int] = (0, 0), chunk_steps: int = 500,
-                 task=None, metric: str | None = None):
+                 task=None, upfront: bool | None = None) -> LongRun:
     """Run ``episodes`` agents for ``steps`` inner steps without reset, on ``task`` (default: the
-    policy's own; a guessing task gets ``jump_every``). A task whose targets jump is drawn for all
-    steps at once; any other goes on chunk by chunk (``Task.extend``).
-
-    Returns (the task's ``metric`` [T, E] (default: the metric its loss follows), jumps [T, E]
-    bool or None, max |state| seen)."""
+    policy's own; a guessing task gets ``jump_every``), with the task's default N and dims unless
+    given. ``upfront`` (default: when the targets jump) draws the task for all steps at once;
+    otherwise it goes on chunk by chunk (``Task.extend``)."""
     task = task if task is not None else policy.task
     if hasattr(task, "jump_every"):
         task = dataclasses.replace(task, jump_every=tuple(jump_every))
     tk = make_task(task)
     d = dims or tk.default_dims()
-    n = experts or _experts(task)
-    metric = metric or tk.loss_name
-    upfront = bool(getattr(task, "jump_every", (0, 0))[1])
+    n = experts or tk.default_experts()
+    if upfront is None:
+        upfront = bool(getattr(task, "jump_every", (0, 0))[1])
     rng_task, rng_wire = episode_rngs(seed)
     ep = tk.sample(rng_task, episodes, dims=d, experts=n, steps=steps if upfront else min(chunk_steps, steps),
                    addr_dim=policy.spec.addr_dim)
@@ -61,17 +67,19 @@ def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | No
         traj = drive(agent, Driver(OPS, ep, k, t0=t0, prev_output=out, with_losses=False))
         out = traj.outputs[-1]
         hmax = max(hmax, float(np.abs(agent.state.h).max()))
-        vals.append(traj.metrics[metric])
+        vals.append(traj.metrics)
         if getattr(ep, "jumps", None) is not None and not upfront:
             jumps.append(ep.jumps)
-    jumps = ep.jumps if upfront else (np.concatenate(jumps, axis=0) if jumps else None)
-    return np.concatenate(vals, axis=0), jumps, hmax
+    jumps = getattr(ep, "jumps", None) if upfront else (np.concatenate(jumps, axis=0) if jumps else None)
+    metrics = {m: np.concatenate([v[m] for v in vals], axis=0) for m in vals[0]}
+    return LongRun(metrics, jumps, hmax, ep)
 
 
 def horizon_report(policy, *, steps: int = 10_000, episodes: int = 100, seed: int = 0,
                    checkpoints=(20, 100, 1000, 10_000)) -> dict:
     """The guessing game's error (any other task: the metric its loss follows) at the checkpoints."""
-    errs, _, hmax = long_rollout(policy, steps=steps, episodes=episodes, seed=seed)
+    run = long_rollout(policy, steps=steps, episodes=episodes, seed=seed)
+    errs, hmax = run.metrics[make_task(policy.task).loss_name], run.max_abs_state
     mean = errs.mean(axis=1)
     settled = float(mean[min(19, steps - 1)])
     return {
@@ -121,12 +129,13 @@ def _summary(rec: np.ndarray, censored: int) -> dict:
 
 def jump_report(policy, *, steps: int = 1000, episodes: int = 200, seed: int = 0, jump_every=(20, 60),
                 threshold: float = 0.05, fresh_steps: int = 60) -> dict:
-    errs, jumps, hmax = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, jump_every=jump_every)
+    run = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, jump_every=jump_every)
+    errs, jumps, hmax = run.metrics["error"], run.jumps, run.max_abs_state
     before, rec, cens = recovery_times(errs, jumps, threshold)
     # the same agent, reset at every jump: a fresh episode after each jump
     fresh_task = dataclasses.replace(policy.task, jump_every=(0, 0))
-    f_errs, _, _ = long_rollout(dataclasses.replace(policy, task=fresh_task), steps=fresh_steps,
-                                episodes=episodes * 4, seed=seed + 1)
+    f_errs = long_rollout(dataclasses.replace(policy, task=fresh_task), steps=fresh_steps,
+                          episodes=episodes * 4, seed=seed + 1).metrics["error"]
     f_rec, f_cens = fresh_recovery(f_errs, threshold)
     # the tuned optimizer restarted at every jump
     targets = np.random.default_rng([seed, 2]).uniform(-1, 1, size=(episodes * 4, policy.task.dims[1]))
@@ -152,9 +161,10 @@ def jump_report(policy, *, steps: int = 1000, episodes: int = 200, seed: int = 0
 def jump_traces(policy, *, steps: int = 300, seed: int = 0, jump_every=(20, 60), episodes: int = 3) -> dict:
     """Error over time of a few never-reset agents across target jumps, with the same agent
     reset at every jump and the tuned optimizer restarted at every jump, on the same targets."""
-    errs, jumps, _ = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, jump_every=jump_every)
+    run = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, jump_every=jump_every)
+    errs, jumps = run.metrics["error"], run.jumps
     task = dataclasses.replace(policy.task, jump_every=tuple(jump_every))
-    d, n = task.dims[1], _experts(task)
+    d, n = task.dims[1], make_task(task).default_experts()
     rng_task, rng_wire = episode_rngs(seed)
     ep = make_task(task).sample(rng_task, episodes, dims=d, experts=n, steps=steps,
                                 addr_dim=policy.spec.addr_dim)  # the same draws

@@ -225,11 +225,27 @@ def test_eval_contract_with_a_guessing_policy(capsys, dist):
 
 def test_longrun_bandit_cli(capsys):
     r = run_cli(capsys, "longrun", "--policy", "guessing-converge-v1", "--task", "bandit", "--arms", "4",
-                "--steps", "300", "--episodes", "3", "--change-every", "40", "80", "--window", "50", "--json")
+                "--steps", "300", "--episodes", "3", "--change-every", "40", "80", "--window", "50", "--full", "--json")
     assert r["changes"] > 0 and len(r["agent"]["regret_per_step_by_window"]) == 6
     for k in ("agent", "thompson_restarted_at_changes", "thompson"):
         assert set(r[k]["best_after_change_first_half"]) == {f"{a}-{b}" for a, b in bd.AFTER_CHANGE}
     assert r["finite"] and r["max_abs_state"] <= 1.0
+    assert r["task"]["change_every"] == [40, 80] and r["task"]["choice"] == "sample"
+
+
+def test_longrun_bandit_cli_takes_task_options_and_trims_curves(capsys):
+    """The bandit's long run goes through the same task resolution as any task's: --option reaches it."""
+    args = ("longrun", "--policy", "bandit-v1", "--arms", "4", "--steps", "120", "--episodes", "3", "--change-every",
+            "40", "80", "--seed", "1", "--json")
+    sample = run_cli(capsys, *args)
+    argmax = run_cli(capsys, *args, "--option", "choice=argmax")
+    assert sample["task"]["choice"] == "sample" and argmax["task"]["choice"] == "argmax"
+    assert sample["agent"] != argmax["agent"]  # the option changed the run
+    assert "regret_per_step_by_window" not in sample["agent"]  # without --full: the summary only
+    from badger_runtime.cli import main
+
+    assert main([*args, "--option", "colour=blue"]) != 0
+    assert "has no setting 'colour'" in capsys.readouterr().err
 
 
 def test_the_shipped_bandit_policy_beats_uniform_random(capsys):

@@ -23,15 +23,17 @@ def register(sub):
     lr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other task setting")
     lr.add_argument("--change-every", type=int_in(1, 10_000_000, "--change-every"), nargs=2, metavar=("A", "B"),
                     default=None, help="bandit, fewshot: what the agent faces changes every U[A, B] steps")
-    lr.add_argument("--window", type=int_in(1, 1_000_000, "--window"), default=100,
-                    help="bandit: regret per step is averaged over windows of this many steps")
+    lr.add_argument("--window", type=int_in(1, 1_000_000, "--window"), default=None,
+                    help="a task's own long run: the window its rates are averaged over (bandit: regret per step, "
+                         "default 100 steps; fewshot: accuracy, default 20)")
     lr.add_argument("--steps", type=int_in(1, 10_000_000, "--steps"), default=10_000)
     lr.add_argument("--episodes", type=int_in(1, 100_000, "--episodes"), default=100)
     lr.add_argument("--seed", type=SEED, default=0)
     lr.add_argument("--jump-every", type=int_in(1, 10_000_000, "--jump-every"), nargs=2, metavar=("A", "B"),
                     default=None, help="targets jump every U[A, B] steps; report recovery times")
     lr.add_argument("--threshold", type=float, default=0.05, help="recovered = error back under this")
-    lr.add_argument("--full", action="store_true", help="include the error curves")
+    lr.add_argument("--full", action="store_true", help="include the error curves (a task's own long run: all "
+                                                          "its curves)")
     lr.add_argument("--plot", default=None, metavar="PNG", help="with --jump-every or --task bandit: plot over time")
     lr.add_argument("--json", action="store_true", help="one line of JSON")
     lr.set_defaults(fn=cmd_longrun)
@@ -51,27 +53,21 @@ def cmd_longrun(args):
         if v is not None and not 1 <= v[0] <= v[1]:
             raise ConfigError(f"{flag} A B needs 1 <= A <= B")
     change = args.change_every or args.jump_every
-    if name == "bandit":
-        from ..tasks.bandit import longrun_report, plot_longrun
-
-        report = longrun_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed, arms=args.dims,
-                                experts=args.experts, change_every=tuple(change or (200, 800)), window=args.window)
-        if args.plot:
-            plot_longrun(report, args.plot)
-            report["plot"] = args.plot
-        print(json.dumps(report, indent=None if args.json else 2))
-        return
-    if hasattr(cls, "longrun_report"):  # the task's own long run
+    if hasattr(cls, "longrun_report"):  # the task's own long run (its own default change schedule)
         from .common import resolve_task
 
         steps, args.steps = args.steps, None  # --steps is the long run's length, not the episodes'
-        args.task = name  # the task's evaluation setting (e.g. held-out classes)
+        args.task = name  # the task's evaluation setting (e.g. held-out classes), with --option applied
         task = resolve_task(args, pol.task)
+        given = {k: v for k, v in (("change_every", tuple(change) if change else None), ("window", args.window))
+                 if v is not None}
         report = cls.longrun_report(pol, task=task, steps=steps, episodes=args.episodes, seed=args.seed,
-                                    change_every=tuple(change or (50, 150)), classes=args.dims,
-                                    experts=args.experts)
-        if not args.full:
-            report["after_change"] = {k: v for k, v in report["after_change"].items() if k in ("steps", "mean")}
+                                    dims=args.dims, experts=args.experts, full=args.full or bool(args.plot), **given)
+        if args.plot:
+            if not hasattr(cls, "plot_longrun"):
+                raise ConfigError(f"--plot: task {name!r} has no long-run plot")
+            cls.plot_longrun(report, args.plot)
+            report["plot"] = args.plot
         print(json.dumps(report, indent=None if args.json else 2))
         return
     if args.jump_every:

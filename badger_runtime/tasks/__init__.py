@@ -208,6 +208,11 @@ class Task:
         """The task's own card entries beyond the evaluation rows (e.g. its long-run check)."""
         return {}
 
+    #: A task whose 10,000-step check is its own long run (arms or classes that change, never reset)
+    #: defines ``continual_check(policy, *, episodes, seed) -> dict`` with a bool
+    #: ``"continual"``; the others are held to ``longrun.horizon_report`` (tests/test_longrun.py).
+    continual_check = None
+
     def report(self, metrics: dict[str, np.ndarray], episodes: list[TaskEpisode], *, steps: int, seed: int,
                baselines: bool = True) -> dict:
         """The task's report keys from the metrics ([T, E] each) of ``episodes`` (the batches in

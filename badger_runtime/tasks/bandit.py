@@ -384,29 +384,10 @@ def regret_at(curve, points=(100, 500, 1000, 10_000)) -> dict[str, float]:
 
 def thompson_with_resets(means: np.ndarray, rewards: np.ndarray, resets: np.ndarray | None, *, seed: int = 0,
                          dist: str = "bernoulli", sigma: float = 1.0) -> np.ndarray:
-    """Thompson sampling (``bandit_baselines.thompson``'s priors) on per-step means [T, B, K] that may
-    change; it forgets everything at the steps ``resets`` [T, B] marks (an oracle that is told when
-    the means change; None: never). Returns the per-step pseudo-regret [T, B]."""
-    T, B, K = rewards.shape
-    rng = np.random.default_rng(seed)
-    stats = bb._Stats((B, K))
-    rows = np.arange(B)
-    regret = np.empty((T, B), np.float32)
-    for t in range(T):
-        if resets is not None and resets[t].any():
-            stats.n[resets[t]] = 0.0
-            stats.total[resets[t]] = 0.0
-        if dist == "bernoulli":
-            draw = rng.beta(1.0 + stats.total, 1.0 + stats.n - stats.total)
-        else:
-            mean, sd = bb._gaussian_posterior(stats.n, stats.total, sigma)
-            draw = mean + sd * rng.standard_normal(mean.shape)
-        arm = bb._argmax(draw, rng)
-        r = rewards[t, rows, arm].astype(np.float64)
-        stats.add(arm, (rng.random(B) < r).astype(np.float64) if dist == "bernoulli" else r)
-        mu = means[t]
-        regret[t] = mu.max(axis=-1) - mu[rows, arm]
-    return regret
+    """Thompson sampling on per-step means [T, B, K] that may change, forgetting at the steps
+    ``resets`` [T, B] marks (None: never): the per-step pseudo-regret [T, B]."""
+    arms = bb.thompson(means, rewards, seed=seed, dist=dist, sigma=sigma, resets=resets)["arms"]
+    return bb.step_regret(means, arms).astype(np.float32)
 
 
 def _segments(changes: np.ndarray, e: int) -> list[tuple[int, int]]:
@@ -436,49 +417,43 @@ def best_after_change(best: np.ndarray, changes: np.ndarray, windows=AFTER_CHANG
     return out
 
 
-def long_rollout(policy, *, steps: int, episodes: int, seed: int, arms: int | None = None,
-                 experts: int | None = None, change_every: tuple[int, int] = (0, 0), task: BanditConfig | None = None,
-                 chunk_steps: int = 500):
-    """``episodes`` agents of ``policy`` (any policy) on K-armed bandits for ``steps`` inner steps,
-    never reset (torch-free: numpy + onnxruntime). Returns (regret [T, E], best [T, E], episode,
-    max |state|)."""
-    from ..engine import Agent
-    from ..episodes import Driver, drive, episode_rngs
-    from ..rollout import sample_wiring
-    from ..xp import NumpyOps
+def _long_task(policy, task: BanditConfig | None, change_every, steps: int) -> BanditConfig:
+    """The settings of a long run: ``task`` (default: the policy's own if it is a bandit policy,
+    else the bandit's defaults) with the means changing every U``change_every`` steps."""
     from . import default_config
 
-    ops = NumpyOps()
     if task is None:
         task = policy.task if policy.task.name == "bandit" else default_config("bandit")
-    task = dataclasses.replace(task, change_every=tuple(change_every), steps=steps).validate()
-    t = BanditTask(task)
-    K = arms or t.default_dims()
-    n = experts or t.default_experts()
-    rng_task, rng_wire = episode_rngs(seed)
-    ep = t.sample(rng_task, episodes, dims=K, experts=n, steps=steps, addr_dim=policy.spec.addr_dim)
-    agent = Agent(policy, past_horizon=True).start(ep.interface, sample_wiring(rng_wire, policy.agent, episodes, n))
-    prev, regret, best, hmax = None, [], [], 0.0
-    for t0 in range(0, steps, chunk_steps):
-        traj = drive(agent, Driver(ops, ep, min(chunk_steps, steps - t0), t0=t0, prev_output=prev, with_losses=False))
-        prev = traj.outputs[-1]
-        hmax = max(hmax, float(np.abs(agent.state.h).max()))
-        regret.append(traj.metrics["regret"])
-        best.append(traj.metrics["best"])
-    return np.concatenate(regret), np.concatenate(best), ep, hmax
+    return dataclasses.replace(task, change_every=tuple(change_every), steps=steps).validate()
 
 
-def longrun_report(policy, *, steps: int = 10_000, episodes: int = 50, seed: int = 0, arms: int | None = None,
-                   experts: int | None = None, change_every: tuple[int, int] = (200, 800), window: int = 100,
-                   baselines: bool = True) -> dict:
+def long_rollout(policy, *, steps: int, episodes: int, seed: int, task: BanditConfig | None = None,
+                 dims: int | None = None, experts: int | None = None, change_every: tuple[int, int] = (0, 0)):
+    """``episodes`` agents of ``policy`` (any policy) on K-armed bandits for ``steps`` inner steps,
+    never reset, the means drawn for all steps at once (``longrun.long_rollout``; torch-free).
+    Returns (regret [T, E], best [T, E], episode, max |state|)."""
+    from ..longrun import long_rollout as run_long
+
+    task = _long_task(policy, task, change_every, steps)
+    run = run_long(policy, steps=steps, episodes=episodes, seed=seed, dims=dims, experts=experts, task=task,
+                   upfront=True)
+    return run.metrics["regret"], run.metrics["best"], run.episode, run.max_abs_state
+
+
+def longrun_report(policy, *, task: BanditConfig | None = None, steps: int = 10_000, episodes: int = 50,
+                   seed: int = 0, dims: int | None = None, experts: int | None = None,
+                   change_every: tuple[int, int] = (200, 800), window: int = 100, baselines: bool = True,
+                   full: bool = True) -> dict:
     """The continual check: arm means drawn afresh every U[a, b] steps, the agent never reset.
 
     Reports the regret per step over time (mean over episodes, in windows of ``window`` steps),
     the fraction of best-arm pulls in windows after each change (``AFTER_CHANGE``) for the
     changes in the first and in the second half of the run, and the same for Thompson sampling
     told when the means change (restarted at each change) and for plain Thompson sampling (never
-    restarted), on the same draws. ``keeps_finding`` compares the second half with the first."""
-    regret, best, ep, hmax = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, arms=arms,
+    restarted), on the same draws. ``keeps_finding`` compares the second half with the first.
+    ``task``: the bandit's settings (default: the policy's own, or the bandit's defaults); ``dims``:
+    K; without ``full`` the windows of regret are left out."""
+    regret, best, ep, hmax = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, task=task, dims=dims,
                                           experts=experts, change_every=change_every)
     changes = ep.changes if ep.changes is not None else np.zeros(regret.shape, bool)
     half = steps // 2
@@ -491,7 +466,8 @@ def longrun_report(policy, *, steps: int = 10_000, episodes: int = 50, seed: int
                 "best_after_change_second_half": best_after_change(bst, changes, lo=half)}
 
     K = ep.dims
-    report = {"policy": getattr(policy, "name", "?"), "steps": steps, "episodes": episodes, "seed": seed, "arms": K,
+    report = {"policy": getattr(policy, "name", "?"), "task": dataclasses.asdict(_long_task(policy, task, change_every, steps)),
+              "steps": steps, "episodes": episodes, "seed": seed, "arms": K,
               "change_every": list(change_every), "window": window, "changes": int(changes[1:].sum()),
               "chance_best_fraction": 1.0 / K, "agent": summary(regret, best), "max_abs_state": hmax,
               "finite": bool(np.isfinite(regret).all())}
@@ -505,6 +481,10 @@ def longrun_report(policy, *, steps: int = 10_000, episodes: int = 50, seed: int
     early, late = a["best_after_change_first_half"]["100-200"], a["best_after_change_second_half"]["100-200"]
     report["keeps_finding"] = {"window": "100-200", "first_half": early, "second_half": late,
                                "ratio": (late / early) if early and late is not None else None}
+    if not full:
+        for k in ("agent", "thompson", "thompson_restarted_at_changes"):
+            if k in report:
+                report[k].pop("regret_per_step_by_window")
     return report
 
 
@@ -536,15 +516,19 @@ def plot_longrun(report: dict, path):
 CONTINUAL = {"steps": 10_000, "episodes": 50, "change_every": (500, 1500)}  # the card's 10,000-step check
 
 
-def card_continual(policy, onnx, *, seed: int = 0) -> dict:
-    """The 10,000-step check for a policy card (its own K and N): ``longrun_report`` without the curves."""
+def card_continual(policy, onnx, *, seed: int = 0, episodes: int = CONTINUAL["episodes"],
+                   baselines: bool = True) -> dict:
+    """The 10,000-step check (its own K and N): ``longrun_report`` without the curves. ``continual``:
+    the state stays finite and the best-arm fraction 100-200 steps after a change in the second half
+    is at least 0.75 x the first half's and at least twice chance (it keeps finding the best arm)."""
     c = CONTINUAL
     a, b = c["change_every"]
-    r = longrun_report(policy, steps=c["steps"], episodes=c["episodes"], seed=seed, change_every=(a, b))
-    keep = {k: v for k, v in r.items() if k not in ("agent", "thompson", "thompson_restarted_at_changes")}
-    for k in ("agent", "thompson", "thompson_restarted_at_changes"):
-        keep[k] = {m: v for m, v in r[k].items() if m != "regret_per_step_by_window"}
-    return keep | {"command": f"badger longrun --policy {onnx} --task bandit --steps {c['steps']} --episodes "
+    r = longrun_report(policy, steps=c["steps"], episodes=episodes, seed=seed, change_every=(a, b), full=False,
+                       baselines=baselines)
+    k = r["keeps_finding"]
+    r["continual"] = bool(r["finite"] and k["ratio"] is not None and k["ratio"] >= 0.75
+                          and k["second_half"] >= 2 * r["chance_best_fraction"])
+    return r | {"command": f"badger longrun --policy {onnx} --task bandit --steps {c['steps']} --episodes "
                               f"{c['episodes']} --seed {seed} --change-every {a} {b} --json"}
 
 
@@ -562,6 +546,18 @@ class BanditTask(Task):
         step's feedback value carries), or at none."""
         scale = pointer_scale(np.asarray(slot_values)[:, -1], self.cfg.pointer)
         return point_feedback(interface, np.full(interface.batch, -1 if index is None else index), scale, copy=True)
+
+    @staticmethod
+    def longrun_report(policy, **kw) -> dict:
+        return longrun_report(policy, **kw)
+
+    @staticmethod
+    def plot_longrun(report: dict, path):
+        plot_longrun(report, path)
+
+    def continual_check(self, policy, *, episodes: int = CONTINUAL["episodes"], seed: int = 0,
+                        baselines: bool = True) -> dict:
+        return card_continual(policy, policy.name, seed=seed, episodes=episodes, baselines=baselines)
 
     def card_extras(self, policy, onnx: str, *, episodes: int, seed: int) -> dict:
         """The card's ``evaluation_continual``: the 10,000-step check (``card_continual``)."""

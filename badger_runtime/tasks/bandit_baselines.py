@@ -32,6 +32,7 @@ __all__ = [
     "epsilon_greedy",
     "per_episode_regret",
     "regret_curve",
+    "step_regret",
     "thompson",
     "tune_epsilon",
     "ucb1",
@@ -44,13 +45,14 @@ DISTS: tuple[str, ...] = ("bernoulli", "gaussian")
 EPS_GRID: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
-def _check(means, rewards) -> tuple[np.ndarray, np.ndarray]:
+def _check(means, rewards, changing: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``means`` [B, K] (or, where ``changing``, also per step: [T, B, K]) and ``rewards`` [T, B, K]."""
     mu = np.asarray(means, dtype=np.float64)
     r = np.asarray(rewards)
-    if mu.ndim != 2:
-        raise ValueError(f"means must have shape [B, K], got {mu.shape}")
-    if r.ndim != 3 or r.shape[1:] != mu.shape or r.shape[0] < 1:
-        raise ValueError(f"rewards must have shape [T >= 1, B, K] = [T, {mu.shape[0]}, {mu.shape[1]}], got {r.shape}")
+    if not (mu.ndim == 2 or (changing and mu.ndim == 3)):
+        raise ValueError(f"means must have shape [B, K]{' or [T, B, K]' if changing else ''}, got {mu.shape}")
+    if r.ndim != 3 or r.shape[1:] != mu.shape[-2:] or r.shape[0] < 1 or (mu.ndim == 3 and mu.shape[0] != r.shape[0]):
+        raise ValueError(f"rewards must have shape [T >= 1, B, K] = [T, {mu.shape[-2]}, {mu.shape[-1]}], got {r.shape}")
     return mu, r
 
 
@@ -82,18 +84,22 @@ def draw_rewards(rng: np.random.Generator | int, means, steps: int, dist: str = 
     return (mu + sigma * rng.standard_normal(shape)).astype(np.float32)
 
 
-def per_episode_regret(means, arms) -> np.ndarray:
-    """Cumulative pseudo-regret per episode, float64 [T, B].
-
-    Entry [t, b] is sum_{s <= t} (max_k means[b, k] - means[b, arms[s, b]]) for
-    ``means`` [B, K] and pulled ``arms`` [T, B].
-    """
+def step_regret(means, arms) -> np.ndarray:
+    """Pseudo-regret of each pull, float64 [T, B]: max_k mu[b, k] - mu[b, arms[t, b]] for ``means``
+    [B, K], or with means that change, [T, B, K], the step's own means."""
     mu = np.asarray(means, dtype=np.float64)
     a = np.asarray(arms)
-    if mu.ndim != 2 or a.ndim != 2 or a.shape[1] != mu.shape[0]:
-        raise ValueError(f"need means [B, K] and arms [T, B], got {mu.shape} and {a.shape}")
-    gaps = mu.max(axis=1) - np.take_along_axis(mu, a.T, axis=1).T  # [T, B]
-    return np.cumsum(gaps, axis=0)
+    if a.ndim != 2 or mu.ndim not in (2, 3) or a.shape[1] != mu.shape[-2] or (mu.ndim == 3 and mu.shape[0] != a.shape[0]):
+        raise ValueError(f"need means [B, K] or [T, B, K] and arms [T, B], got {mu.shape} and {a.shape}")
+    if mu.ndim == 2:
+        return mu.max(axis=1) - np.take_along_axis(mu, a.T, axis=1).T
+    return mu.max(axis=2) - np.take_along_axis(mu, a[..., None], axis=2)[..., 0]
+
+
+def per_episode_regret(means, arms) -> np.ndarray:
+    """Cumulative pseudo-regret per episode, float64 [T, B]: entry [t, b] is the sum of
+    ``step_regret`` over steps s <= t."""
+    return np.cumsum(step_regret(means, arms), axis=0)
 
 
 def regret_curve(means, arms) -> np.ndarray:
@@ -183,7 +189,8 @@ def _gaussian_posterior(n: np.ndarray, total: np.ndarray, sigma: float) -> tuple
     return total / var / precision, 1.0 / np.sqrt(precision)
 
 
-def thompson(means, rewards, *, seed: int = 0, dist: str = "bernoulli", sigma: float = 1.0) -> dict:
+def thompson(means, rewards, *, seed: int = 0, dist: str = "bernoulli", sigma: float = 1.0,
+             resets=None) -> dict:
     """Thompson sampling: pull the argmax of one posterior sample per arm.
 
     ``"bernoulli"``: Beta(1, 1) prior, Beta(1 + successes, 1 + failures)
@@ -191,10 +198,15 @@ def thompson(means, rewards, *, seed: int = 0, dist: str = "bernoulli", sigma: f
     trial with success probability r (the Bernoulli trick; for 0/1 rewards the
     trial is the reward itself). ``"gaussian"``: N(0, 1) prior on each mean and
     known noise ``sigma`` (conjugate update, see :func:`_gaussian_posterior`).
+
+    Means that change over time are given per step ([T, B, K]); ``resets`` [T, B]
+    (bool) makes an episode forget everything it learned before that step (an
+    oracle told when the means change).
     """
-    mu, r = _check(means, rewards)
+    mu, r = _check(means, rewards, changing=True)
     rng = np.random.default_rng(seed)
-    stats = _Stats(mu.shape)
+    stats = _Stats(mu.shape[-2:])
+    forget = None if resets is None else np.asarray(resets, dtype=bool)
     if _check_dist(dist) == "bernoulli":
         if np.any((r < 0.0) | (r > 1.0)):
             raise ValueError("Bernoulli Thompson sampling needs rewards in [0, 1]")
@@ -214,7 +226,13 @@ def thompson(means, rewards, *, seed: int = 0, dist: str = "bernoulli", sigma: f
 
         update = stats.add
 
-    return _result("thompson", mu, _run(r, lambda t: _argmax(sample(), rng), update), param)
+    def choose(t: int) -> np.ndarray:
+        if forget is not None and forget[t].any():
+            stats.n[forget[t]] = 0.0
+            stats.total[forget[t]] = 0.0
+        return _argmax(sample(), rng)
+
+    return _result("thompson", mu, _run(r, choose, update), param)
 
 
 def epsilon_greedy(means, rewards, *, seed: int = 0, eps: float = 0.1) -> dict:

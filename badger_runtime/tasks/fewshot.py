@@ -492,26 +492,28 @@ def baseline_results(xs: np.ndarray, ys: np.ndarray, classes: int, *, lr: float 
 
 
 def longrun_report(policy, *, task: FewShotConfig | None = None, steps: int = 10_000, episodes: int = 50,
-                   seed: int = 0, change_every: tuple[int, int] = (50, 150), classes: int | None = None,
+                   seed: int = 0, change_every: tuple[int, int] = (50, 150), dims: int | None = None,
                    experts: int | None = None, checkpoints=(20, 100, 1000, 10_000), window: int = 20,
-                   after: int = 40) -> dict:
+                   after: int = 40, full: bool = True) -> dict:
     """An endless stream whose classes (and their labels) change every U[a, b] steps; the agent is
     never reset nor told. Reports the accuracy over the ``window`` steps before each checkpoint,
     the accuracy just before each change, and the accuracy by steps since a change (``after``
     steps) next to the same agent reset at each change and nearest class mean restarted at each
     change (both measured on fresh episodes of the same problems, seed + 1). ``continual``: the
     accuracy at the last checkpoint is at least 0.9 x that at step 100, and the mean accuracy over
-    the ``after`` steps after a change at least 0.9 x the reset agent's."""
+    the ``after`` steps after a change at least 0.9 x the reset agent's. ``dims``: the classes C;
+    without ``full``, ``after_change`` keeps only its means."""
     from ..evaluation import run_episodes
     from ..longrun import long_rollout
     from . import classification_baselines as cb
 
     base = task if task is not None else FewShotTask.evaluation_config(policy.task)
     tk = FewShotTask(dataclasses.replace(base, change_every=tuple(change_every)).validate())
-    C = classes or tk.default_dims()
+    C = dims or tk.default_dims()
     n = experts or tk.default_experts()
-    correct, jumps, hmax = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, dims=C, experts=n,
-                                        task=tk.cfg, metric="correct", chunk_steps=min(500, steps))
+    run = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, dims=C, experts=n, task=tk.cfg,
+                       chunk_steps=min(500, steps))
+    correct, jumps, hmax = run.metrics["correct"], run.jumps, run.max_abs_state
     T, E = correct.shape
     at = {str(s): float(correct[max(0, s - window):s].mean()) for s in checkpoints if s <= T}
     before, sums, counts = [], np.zeros(after), np.zeros(after)
@@ -535,7 +537,7 @@ def longrun_report(policy, *, task: FewShotConfig | None = None, steps: int = 10
     checks = sorted(int(k) for k in at)
     stays = at[str(checks[-1])] >= 0.9 * at["100"] if "100" in at and checks[-1] > 100 else None
     readapts = float(np.mean(never_reset)) >= 0.9 * float(np.mean(reset)) if counts[0] else None
-    return {
+    report = {
         "policy": policy.name, "task": dataclasses.asdict(tk.cfg) | {"dims": C, "experts": n}, "steps": T,
         "episodes": E, "seed": seed, "change_every": list(change_every), "changes": int(jumps.sum()),
         "accuracy_at": at, "window": window, "chance": 1.0 / C,
@@ -548,6 +550,9 @@ def longrun_report(policy, *, task: FewShotConfig | None = None, steps: int = 10
         "max_abs_state": hmax, "finite": bool(np.isfinite(correct).all()),
         "stays_up": stays, "readapts": readapts, "continual": bool(stays and readapts),
     }
+    if not full:
+        report["after_change"] = {k: v for k, v in report["after_change"].items() if k in ("steps", "mean")}
+    return report
 
 
 class FewShotTask(Task):
@@ -587,6 +592,12 @@ class FewShotTask(Task):
     def longrun_report(policy, **kw) -> dict:
         return longrun_report(policy, **kw)
 
+    def continual_check(self, policy, *, episodes: int = 4, seed: int = 0) -> dict:
+        """The 10,000-step check: wine (never seen in training), 3 classes drawn afresh every
+        U[50, 150] steps, never reset (``longrun_report``; its ``continual``)."""
+        long = dataclasses.replace(self.evaluation_config(self.cfg), dataset="wine").validate()
+        return longrun_report(policy, task=long, steps=10_000, episodes=episodes, seed=seed, change_every=(50, 150))
+
     def card_extras(self, policy, onnx: str, *, episodes: int, seed: int) -> dict:
         """The card's ``evaluation_datasets`` (never-seen datasets: online accuracy over the first
         10 / 25 / 50 examples, with the baselines), ``continual`` (the 10,000-step check on wine,
@@ -606,8 +617,7 @@ class FewShotTask(Task):
                                     f"--experts {n} --steps 50 --episodes {episodes} --seed {seed} --json",
                          "dataset": ds, "classes": C, "experts": n, "online_accuracy": r["online_accuracy"],
                          "baselines_online": r["baselines_online"], "logreg_lr": r.get("logreg_lr")})
-        long = dataclasses.replace(base, dataset="wine").validate()
-        lr = longrun_report(policy, task=long, steps=10_000, episodes=4, seed=seed, change_every=(50, 150))
+        lr = self.continual_check(policy, seed=seed)
         keep = ("accuracy_at", "accuracy_before_change", "changes", "max_abs_state", "stays_up", "readapts")
         at, mean = lr["accuracy_at"], lr["after_change"]["mean"]
         evidence = (f"10,000 steps on wine, classes changing every U[50, 150] steps, never reset ({lr['changes']} "
