@@ -14,6 +14,8 @@ import os
 import signal
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -141,6 +143,29 @@ def test_es_trains_resumes_and_exports(tmp_path, monkeypatch):
     x = (np.zeros((4, pol.spec.hidden), np.float32), np.ones((4, pol.spec.msg_dim), np.float32),
          np.ones((4, pol.spec.sensed_dim), np.float32))
     assert np.abs(pol.step(*x)[1] - NumpyPolicy(pol.spec, b["theta"]).step(*x)[1]).max() < 1e-5
+
+
+def test_es_starts_where_bptt_starts_a_structured_init(tmp_path):
+    """train.init (a handcrafted policy) is the starting point of both outer loops: with no step
+    taken, the ES checkpoint holds the weights the BPTT trainer starts from, not the default init."""
+    import torch
+
+    from badger_runtime.config import load_experiment
+    from badger_runtime.training.train import train
+
+    cfg = load_experiment(str(Path(__file__).resolve().parents[1] / "configs" / "fewshot.toml"))
+    cfg.train.batches, cfg.train.eval_episodes = 0, 4
+    quiet = {"progress": False, "log": lambda *a: None}
+    train(cfg, tmp_path / "bptt", final_eval=False, **quiet)
+    train_es(cfg, tmp_path / "es", final_eval=False, workers=0, **quiet)
+    a = torch.load(tmp_path / "bptt" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "es" / "checkpoint.pt", weights_only=False)["model"]
+    assert cfg.train.init == "prototypes" and set(a) == set(b)
+    assert all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
+    cfg.train.init = ""
+    train_es(cfg.validate(), tmp_path / "default", final_eval=False, workers=0, **quiet)
+    c = torch.load(tmp_path / "default" / "checkpoint.pt", weights_only=False)["model"]
+    assert not all(torch.equal(a[k], c[k].to(a[k].dtype)) for k in a)  # the init made a difference
 
 
 def test_es_cli_and_fallbacks(tmp_path, monkeypatch):

@@ -271,8 +271,7 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     ``ray_address`` override ``train.es.workers`` (they do not change the result)."""
     import torch
 
-    from ..training.model import ExpertPolicy
-    from ..training.train import CHECKPOINT_FORMAT, _atomic_save, load_initial_weights, open_run, progress_bar
+    from ..training.train import CHECKPOINT_FORMAT, _atomic_save, initial_policy, open_run, progress_bar
 
     if workers is not None:
         cfg.train.es.workers = int(workers)
@@ -281,10 +280,7 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ck_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    torch.manual_seed(tr.seed)
-    policy = ExpertPolicy(spec)  # the BPTT trainer's initialisation, same seed
-    if tr.init_from:
-        load_initial_weights(policy, tr.init_from)
+    policy = initial_policy(cfg)  # the BPTT trainer's starting point: same seed, train.init or train.init_from
     theta = flatten(policy.state_dict())
     dim = n_params(spec)
     adam = Adam(dim, es.lr)
@@ -333,6 +329,8 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
                                       info=f"loss {row['loss']:.3f} final {row['final_loss']:.3f}")
                 if (g + 1) % tr.ckpt_every == 0 or g + 1 == tr.batches:
                     save(g + 1)
+        if tr.batches == 0:  # no generation: the starting point (train.init, train.init_from) is the checkpoint
+            save(0)
     finally:
         if bar is not None:
             bar[0].stop()

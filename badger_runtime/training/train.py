@@ -107,6 +107,20 @@ def load_checkpoint(path: str | Path) -> dict:
     return ck
 
 
+def initial_policy(cfg: ExperimentConfig) -> ExpertPolicy:
+    """The policy an outer loop (BPTT or ES) starts from: the default initialisation drawn with
+    ``train.seed``, then the structured ``train.init`` or the weights ``train.init_from`` names."""
+    torch.manual_seed(cfg.train.seed)
+    policy = ExpertPolicy(cfg.agent.policy)
+    if cfg.train.init_from:
+        load_initial_weights(policy, cfg.train.init_from)
+    elif cfg.train.init:
+        from .inits import apply_init
+
+        apply_init(cfg.train.init, policy)
+    return policy
+
+
 def load_initial_weights(policy: ExpertPolicy, init_from: str):
     """Start ``policy`` from the weights ``train.init_from`` names: a checkpoint (``.pt``, either
     outer loop's), or a policy (a shipped policy's name or ``NAME.onnx``: its graph's initializers,
@@ -196,14 +210,9 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     out.mkdir(parents=True, exist_ok=True)
     ck_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
-    policy = ExpertPolicy(cfg.agent.policy)
-    if cfg.train.init and not cfg.train.init_from:
-        from .inits import apply_init
-
-        apply_init(cfg.train.init, policy)
+    policy = initial_policy(cfg)
     params = []
     for n, p in policy.named_parameters():  # the others stay as they are (no gradient computed)
         p.requires_grad_(not cfg.train.trainable or n.startswith(tuple(cfg.train.trainable)))
@@ -214,8 +223,6 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                           f"({[n for n, _ in policy.named_parameters()]})")
     opt = torch.optim.Adam(params, lr=cfg.train.lr, eps=cfg.train.adam_eps)
     first_batch, wall = 0, 0.0
-    if cfg.train.init_from:
-        load_initial_weights(policy, cfg.train.init_from)
     ck = open_run(out, cfg, resume=resume, outer="bptt")
     if ck is not None:
         policy.load_state_dict(ck["model"])
