@@ -88,10 +88,10 @@ def test_sources_keep_classes_and_splits_apart():
 
 def test_online_standardisation_matches_and_continues():
     raw = np.random.default_rng(0).normal(3.0, 2.0, (30, 4, 5))
-    full, _ = fs.standardize(raw, None)
+    full, _ = cd.standardize_stream(raw, None)
     np.testing.assert_allclose(full, cd.online_standardize(raw), atol=1e-6)
-    a, st = fs.standardize(raw[:11], None)
-    b, _ = fs.standardize(raw[11:], st)
+    a, st = cd.standardize_stream(raw[:11], None)
+    b, _ = cd.standardize_stream(raw[11:], st)
     np.testing.assert_allclose(np.concatenate([a, b]), full, atol=1e-5)
 
 

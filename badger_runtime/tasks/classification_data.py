@@ -40,6 +40,7 @@ __all__ = [
     "sample_sequences",
     "scale_features",
     "split_examples",
+    "standardize_stream",
 ]
 
 DATASETS: tuple[str, ...] = ("digits", "iris", "wine", "breast_cancer")
@@ -207,10 +208,22 @@ def online_standardize(Xs: np.ndarray) -> np.ndarray:
     Xs = np.asarray(Xs, dtype=np.float64)
     if Xs.ndim != 3 or len(Xs) == 0:
         raise ValueError(f"Xs must have shape [T, B, F] with T >= 1, got {Xs.shape}")
-    shifted = Xs - Xs[:1]  # the first example is known at every step; shifting avoids cancellation
-    n = np.arange(1, len(Xs) + 1, dtype=np.float64)[:, None, None]
-    mean = np.cumsum(shifted, axis=0) / n
-    var = np.maximum(np.cumsum(shifted * shifted, axis=0) / n - mean * mean, 0.0)
-    std = np.maximum(np.sqrt(var), STD_FLOOR)
-    std[0] = 1.0
-    return np.clip((shifted - mean) / std, -CLIP, CLIP).astype(np.float32)
+    return standardize_stream(Xs, None)[0]
+
+
+def standardize_stream(raw: np.ndarray, stats: tuple | None):
+    """``online_standardize`` of a stream that goes on chunk by chunk: [T, B, F] continuing
+    ``stats`` (None: a fresh stream). Returns (standardised, the stats to continue from)."""
+    raw = np.asarray(raw, np.float64)
+    if stats is None:  # the first example is known at every step; shifting by it avoids cancellation
+        stats = (0, raw[0].copy(), np.zeros(raw.shape[1:]), np.zeros(raw.shape[1:]))
+    n0, shift, s1, s2 = stats
+    x = raw - shift
+    n = n0 + np.arange(1, len(raw) + 1, dtype=np.float64)[:, None, None]
+    c1 = s1 + np.cumsum(x, axis=0)
+    c2 = s2 + np.cumsum(x * x, axis=0)
+    mean = c1 / n
+    std = np.maximum(np.sqrt(np.maximum(c2 / n - mean * mean, 0.0)), STD_FLOOR)
+    if n0 == 0:
+        std[0] = 1.0
+    return np.clip((x - mean) / std, -CLIP, CLIP).astype(np.float32), (n0 + len(raw), shift, c1[-1], c2[-1])

@@ -240,26 +240,6 @@ def draw_stream(rng: np.random.Generator, src: Source, state: StreamState, t0: i
     return idx, ys, changes
 
 
-def standardize(raw: np.ndarray, stats: tuple | None):
-    """Online standardisation of [T, B, F] continuing ``stats`` (None: a fresh stream): the same
-    map as ``classification_data.online_standardize`` (each example by the running mean and std of
-    the stream's examples so far, itself included). Returns (standardised, new stats)."""
-    raw = np.asarray(raw, np.float64)
-    if stats is None:
-        stats = (0, raw[0].copy(), np.zeros(raw.shape[1:]), np.zeros(raw.shape[1:]))
-    n0, shift, s1, s2 = stats
-    x = raw - shift
-    n = n0 + np.arange(1, len(raw) + 1, dtype=np.float64)[:, None, None]
-    c1 = s1 + np.cumsum(x, axis=0)
-    c2 = s2 + np.cumsum(x * x, axis=0)
-    mean = c1 / n
-    std = np.maximum(np.sqrt(np.maximum(c2 / n - mean * mean, 0.0)), cd.STD_FLOOR)
-    if n0 == 0:
-        std[0] = 1.0
-    out = np.clip((x - mean) / std, -cd.CLIP, cd.CLIP).astype(np.float32)
-    return out, (n0 + len(raw), shift, c1[-1], c2[-1])
-
-
 def features_of(src: Source, idx: np.ndarray, state: StreamState) -> np.ndarray:
     """The features [T, B, F] the agent sees for examples ``idx`` [T, B] (updates the stats)."""
     raw = src.X[idx]  # [T, B, F0]
@@ -270,7 +250,7 @@ def features_of(src: Source, idx: np.ndarray, state: StreamState) -> np.ndarray:
         return cd.scale_features("digits", raw)
     if state.scaling == "none":
         return raw.astype(np.float32)
-    out, state.stats = standardize(raw, state.stats)
+    out, state.stats = cd.standardize_stream(raw, state.stats)
     return out
 
 
@@ -674,5 +654,5 @@ class FewShotTask(Task):
 
 
 __all__ = ["FewShotConfig", "FewShotTask", "Episode", "Source", "StreamState", "baseline_results", "draw_stream",
-           "extend", "features_of", "interface", "logreg_lr", "longrun_report", "online_accuracy", "sample", "source", "standardize",
+           "extend", "features_of", "interface", "logreg_lr", "longrun_report", "online_accuracy", "sample", "source",
            "tune_lr_table"]
