@@ -488,9 +488,10 @@ class Server:
             self.log("debug", "connection_closed", peer=conn.peer, reason=reason)
 
     def _trusted(self, frame) -> bool:
-        """A request that carries the server's token: not paced (the token is the trust
-        boundary; pacing is for clients without it, and for every client of a server without one)."""
-        if self.token is None or not self.pacer.enabled or not isinstance(frame, dict):
+        """The request carries the server's token (compared once per request, in constant time).
+        It is then not paced (the token is the trust boundary; pacing is for clients without it,
+        and for every client of a server without one) and passes the token check."""
+        if self.token is None or not isinstance(frame, dict):
             return False
         got = frame.get("token")
         return isinstance(got, str) and hmac.compare_digest(got.encode(), self.token)
@@ -535,7 +536,8 @@ class Server:
 
     async def _dispatch(self, frame: dict, conn: _Conn) -> tuple[dict, bool]:
         """(reply, close the connection after it)."""
-        if not self._trusted(frame):
+        trusted = self._trusted(frame)
+        if not trusted:
             await self._pace(conn)
         try:
             req = validate_request(frame)
@@ -544,7 +546,7 @@ class Server:
             return reply_error(e.request_id, e.code, str(e)), False
         if self.token is not None and req["kind"] != "health":
             got = req["token"]
-            if got is None or not hmac.compare_digest(got.encode(), self.token):
+            if not trusted:
                 self.metrics.inc("auth.refused")
                 self._abused(conn.host, "auth_refused")
                 self.metrics.inc(f"errors.{E_UNAUTHORIZED}")
