@@ -95,6 +95,19 @@ class PolicyBatcher:
 DEFAULT_POLICY_CHUNK = 4096  # rows per onnxruntime call of a RowBatcher
 
 
+def chunk_bounds(rows: int, chunk: int) -> list[tuple[int, int]]:
+    """[a, b) row ranges of at most ``chunk`` rows (0 or less: one range) covering ``rows``."""
+    chunk = rows if chunk <= 0 else int(chunk)
+    return [(a, min(a + chunk, rows)) for a in range(0, rows, max(chunk, 1))]
+
+
+def step_rows(policy, chunks, h, inbox, sensed, h_out, heads_out):
+    """The policy on rows [rows, .] in calls of the ``chunks`` ranges, written into ``h_out`` and
+    ``heads_out``."""
+    for a, b in chunks:
+        h_out[a:b], heads_out[a:b] = policy.step(h[a:b], inbox[a:b], sensed[a:b])
+
+
 class RowBatcher:
     """Gathers every shard's policy rows of a round into one evaluation, then scatters the results.
 
@@ -122,8 +135,7 @@ class RowBatcher:
         self._out = 1  # the buffers the last evaluation wrote
         self.inbox = np.zeros((rows, spec.msg_dim), np.float32)
         self.sensed = np.zeros((rows, spec.sensed_dim), np.float32)
-        chunk = rows if chunk <= 0 else int(chunk)
-        self.chunks = [(a, min(a + chunk, rows)) for a in range(0, rows, chunk)]
+        self.chunks = chunk_bounds(rows, chunk)
         self._bindings = [self._bind(p) for p in (0, 1)]
         self.calls = 0  # onnxruntime calls
         self.rounds = 0  # gathered evaluations (one per round)
@@ -197,10 +209,8 @@ class RowBatcher:
                 for bind in self._bindings[p]:
                     run(bind)
             else:
-                h_in, h_out, heads_out = self._state[p], self._state[1 - p], self._heads[1 - p]
-                for a, b in self.chunks:
-                    h2, hd = self.policy.step(h_in[a:b], self.inbox[a:b], self.sensed[a:b])
-                    h_out[a:b], heads_out[a:b] = h2, hd
+                step_rows(self.policy, self.chunks, self._state[p], self.inbox, self.sensed, self._state[1 - p],
+                          self._heads[1 - p])
         except Exception as e:  # noqa: BLE001  (every waiting shard gets the error and raises it)
             self._error = e
         else:

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from ..actors.batcher import DEFAULT_POLICY_CHUNK
+from ..actors.batcher import DEFAULT_POLICY_CHUNK, chunk_bounds, step_rows
 from ..actors.shard import DEFAULT_TILE, ShardCore, cut, needs
 from ..actors.sharded import OPS, ShardedMembrane
 from ..config import AgentConfig
@@ -115,12 +115,10 @@ class ShardActor:
 
     def _policy(self, h, inbox, sensed):
         B, n = h.shape[:2]
-        rows = B * n
-        hh, ib, se = h.reshape(rows, -1), inbox.reshape(rows, -1), sensed.reshape(rows, -1)
-        chunk = rows if self.chunk <= 0 else self.chunk
-        outs = [self.policy.step(hh[a:a + chunk], ib[a:a + chunk], se[a:a + chunk]) for a in range(0, rows, chunk)]
-        h2 = np.concatenate([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
-        hd2 = np.concatenate([o[1] for o in outs]) if len(outs) > 1 else outs[0][1]
+        rows, spec = B * n, self.policy.spec
+        h2, hd2 = np.empty((rows, spec.hidden), np.float32), np.empty((rows, spec.heads_dim), np.float32)
+        step_rows(self.policy, chunk_bounds(rows, self.chunk), h.reshape(rows, -1), inbox.reshape(rows, -1),
+                  sensed.reshape(rows, -1), h2, hd2)
         return h2.reshape(B, n, -1), hd2.reshape(B, n, -1)
 
     def push(self, last_block=None) -> dict:
