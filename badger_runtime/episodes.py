@@ -32,6 +32,13 @@ def episode_rngs(seed: int):
     return np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
 
 
+def growth_rng(seed: int, start: int) -> np.random.Generator:
+    """What growing draws from (new experts' noise, clone sources, new links) in the batch whose
+    first episode is ``start``: a stream of its own, so that an evaluation with a membership change
+    and one without draw the same episodes and wirings in every batch (every runtime uses it)."""
+    return np.random.default_rng([seed, 2, start])
+
+
 def sample_batches(task, agent: AgentConfig, *, dims: int, experts: int, episodes: int, seed: int, steps: int,
                    chunk: int = CHUNK, rngs=None) -> Iterator[tuple[int, Any, Wiring]]:
     """Seeded batches ``(first episode index, task episodes, wiring)`` of at most ``chunk`` episodes.

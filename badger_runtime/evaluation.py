@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import AgentConfig, ConfigError, TaskConfig
-from .episodes import CHUNK, Change, Driver, drive, episode_rngs, sample_batches
+from .episodes import CHUNK, Change, Driver, drive, episode_rngs, growth_rng, sample_batches
 
 RUNTIMES = ("engine", "sharded", "actors", "ray")
 MEMORY_BUDGET = 2**26  # float32 entries the largest temporaries of one batch may take (~256 MiB each)
@@ -56,13 +56,12 @@ class Episodes:
         return self.metrics["error"]
 
 
-def _engine_batch(ops, policy, agent, ep, wiring, *, start, steps, rounds, record, changes, seed, rng,
+def _engine_batch(ops, policy, agent, ep, wiring, *, start, steps, rounds, record, changes, seed, rng=None,
                   past_horizon=False, **_):
     from .engine import Agent
 
-    # growing draws from the agent stream, after this batch's wiring (as engine.Agent.reset does)
     runtime = Agent(policy, agent, ops=ops, check_inputs=False, past_horizon=past_horizon).start(
-        ep.interface, wiring, rng=rng)
+        ep.interface, wiring, rng=rng if rng is not None else growth_rng(seed, start))
     runtime.record = record
     traj = drive(runtime, Driver(ops, ep, steps, rounds=rounds, record=record, changes=changes, with_losses=False,
                                  seed=seed + start))
@@ -89,8 +88,6 @@ def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int
     messages = 0
     rngs = episode_rngs(seed)
     chunk = fit_chunk(chunk, agent, dims=dims, experts=experts, slots=2 * dims + 1)
-    if runtime != "actors":  # growing draws from the agent stream, after each batch's wiring
-        runtime_kw["rng"] = rngs[1]
     for start, ep, wiring in sample_batches(task, agent, dims=dims, experts=experts, episodes=episodes, seed=seed,
                                             steps=steps, chunk=chunk, rngs=rngs):
         traj, extra = run_batch(ops, policy, agent, ep, wiring, start=start, steps=steps, rounds=rounds,

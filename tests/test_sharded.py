@@ -234,3 +234,19 @@ def test_competitive_heads_are_the_same_in_every_runtime(tiny_competitive_policy
     assert np.abs(a.outputs - b.outputs).max() <= 1e-5
     c = run_actor_episodes(pol, pol.agent, task, changes=grown, **kw)
     assert np.isfinite(c.outputs).all() and c.runtime["added"] == 3 * 4
+
+
+@pytest.mark.parametrize("runtime", ["engine", "sharded"])
+def test_a_membership_change_leaves_every_batch_before_it_untouched(runtime):
+    """An evaluation with a hot-add and one without face the same episodes and wirings in every
+    batch (growing draws from its own stream): up to the change their outputs are identical, also
+    in the batches after the first (once, growing drew from the wiring stream, so from the second
+    batch on the two runs had different wirings)."""
+    from badger_runtime.episodes import schedule
+
+    pol = load_policy("guessing-converge-v2")
+    kw = {"dims": 3, "experts": 4, "episodes": 6, "seed": 2, "steps": 6, "chunk": 2, "runtime": runtime}
+    same = run_episodes(numpy_ops(), pol, pol.agent, pol.task, **kw)
+    grown = run_episodes(numpy_ops(), pol, pol.agent, pol.task, changes=schedule(add_at=3, add=4, init="fresh"), **kw)
+    assert np.array_equal(same.outputs[:3], grown.outputs[:3])  # [T, E, d]: all 6 episodes, 3 batches
+    assert not np.array_equal(same.outputs[3:], grown.outputs[3:])  # the change did something

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import trio
 
-from ..episodes import Driver, Trajectory, adrive
+from ..episodes import Driver, Trajectory, adrive, growth_rng
 from .runtime import ActorAgent, Counters
 from .shard import ShardCounters
 from .sharded import ShardedAgent
@@ -75,7 +75,7 @@ def sharded_batch(ops, policy, agent, ep, wiring, *, start: int, steps: int, rou
 
     async def main():
         a = ShardedAgent(policy, agent, ep.interface, wiring, episode_index=start,
-                         rng=rng if rng is not None else np.random.default_rng([seed, 2, start]), **agent_kw)
+                         rng=rng if rng is not None else growth_rng(seed, start), **agent_kw)
         async with a.running():
             traj = await adrive(a, Driver(ops, ep, steps, rounds=rounds, changes=changes, record=record,
                                           with_losses=False, seed=seed + start))

@@ -273,12 +273,12 @@ def ray_batch(ops, policy, agent, ep, wiring, *, start: int, steps: int, rounds=
     """``evaluation.run_episodes(..., runtime="ray")``: a batch with one ``RayShardedAgent`` (Ray is
     joined or started by ``cluster.connect``: ``RAY_ADDRESS`` names a cluster); returns
     (Trajectory, counters)."""
-    from ..episodes import Driver, drive
+    from ..episodes import Driver, drive, growth_rng
     from . import connect
 
     connect()
     with RayShardedAgent(policy, agent, ep.interface, wiring, episode_index=start,
-                         rng=rng if rng is not None else np.random.default_rng([seed, 2, start]), **agent_kw) as a:
+                         rng=rng if rng is not None else growth_rng(seed, start), **agent_kw) as a:
         traj = drive(a, Driver(ops, ep, steps, rounds=rounds, changes=changes, record=record, with_losses=False,
                                seed=seed + start))
         return traj, dict(a.counters) | {"shards": a.S}
