@@ -191,13 +191,10 @@ def jump_traces(policy, *, steps: int = 300, seed: int = 0, jump_every=(20, 60),
 
 
 def plot_jump_traces(traces: dict, path, title: str = ""):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .demo.figures import save_png, subplots
 
     eps = traces["episodes"]
-    fig, axes = plt.subplots(len(eps), 1, figsize=(11, 2.6 * len(eps)), sharex=True, squeeze=False)
+    fig, axes = subplots(len(eps), 1, figsize=(11, 2.6 * len(eps)), sharex=True, squeeze=False)
     for ax, e in zip(axes[:, 0], eps):
         t = np.arange(len(e["agent"]))
         ax.plot(t, e["optimizer_restarted"], color="tab:gray", lw=1, label=f"{traces['optimizer']} restarted at jumps")
@@ -213,5 +210,4 @@ def plot_jump_traces(traces: dict, path, title: str = ""):
     axes[-1, 0].set_xlabel("inner step (dotted: the targets jump)")
     fig.suptitle(title or "Targets jump, the agent is never reset")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)

@@ -186,7 +186,8 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
     active = ops.ones_bool((B,))
     used = ops.zeros((B,))
     w_route = None
-    for r in range(agreement.max_rounds(acfg)):
+    R = agreement.max_rounds(acfg)
+    for r in range(R):
         inbox, w_route = routing.route(ops, cfg.routing, heads["query"], heads["key"], heads["value"], mask)
         h_new, hd_new = policy.step(h.reshape(B * N, H), inbox.reshape(B * N, -1), sensed.reshape(B * N, -1))
         h_new, hd_new = h_new.reshape(B, N, H), hd_new.reshape(B, N, -1)
@@ -204,7 +205,7 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
             vote_loss = vote_loss + agreement.vote_loss(ops, acfg, vote, change)
         active = agreement.still_talking(ops, acfg, r + 1, active, None if change is None else ops.amax(change, axis=-1),
                                          vote)
-        if not ops.item_any(active):
+        if r + 1 < R and not ops.item_any(active):  # (after the last round there is nothing to decide)
             break
 
     can_push = None if wiring.can_push.all() else ops.asbool(wiring.can_push[None, :])

@@ -58,12 +58,9 @@ def cells(r, key=None):
 
 
 def plot_curves(rows, path, title):
-    import matplotlib
+    from badger_runtime.demo.figures import save_png, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(rows), figsize=(4.2 * len(rows), 3.8), squeeze=False)
     colors = {"thompson": "tab:green", "ucb1": "tab:red", "epsilon_greedy": "tab:orange", "uniform_random": "tab:gray"}
     for ax, (label, r) in zip(axes[0], rows):
         t = np.arange(1, len(r["regret_by_step"]) + 1)
@@ -78,17 +75,13 @@ def plot_curves(rows, path, title):
     axes[0, 0].legend(fontsize=8, loc="upper left")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def plot_experts(ns, ours, base, path, title):
-    import matplotlib
+    from badger_runtime.demo.figures import save_png, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = subplots(figsize=(6, 3.8))
     for p, m in zip(POINTS, ("o", "s", "^")):
         if at(base["thompson"], p) is None:
             continue
@@ -100,8 +93,7 @@ def plot_experts(ns, ours, base, path, title):
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def main(argv=None):

@@ -1,40 +1,93 @@
 #!/usr/bin/env python
 """Issue 16 probe: the training step at the 2019 setting (batch 100, N = 20, 20 steps, scalar
-feedback, 1 thread) with the expert policy eager, then with its forward under torch.compile
-(dynamic shapes), then eager again; CPU time per batch (median of 6 after one warm-up).
+feedback, dense routing, 1 round, 1 thread), eager against torch.compile, interleaved; CPU time
+per batch (thread time, median over the timed batches after the warm-ups).
 
-    python demos/compile_probe.py
+    python demos/compile_probe.py                 # the policy's forward compiled (dynamic shapes)
+    python demos/compile_probe.py --whole         # the whole inner step (rollout.agent_step) compiled
+    python demos/compile_probe.py --whole --mode max-autotune-no-cudagraphs
+
+The compiled variant must compute the eager one's outputs (checked on the first batch, 1e-5).
 """
+import argparse
 import time
 
 import numpy as np
 import torch
 
+import badger_runtime.engine as engine
 from badger_runtime.config import AgentConfig
-from badger_runtime.rollout import rollout, sample_wiring
+from badger_runtime.rollout import agent_step, rollout, sample_wiring
 from badger_runtime.tasks import default_config, make_task
 from badger_runtime.training.model import ExpertPolicy, torch_ops
-torch.set_num_threads(1); torch.manual_seed(0)
-cfg = AgentConfig().validate()
-task = make_task(default_config("guessing", feedback="scalar"))
-ops = torch_ops()
-def run(policy, label, reps=6):
-    opt = torch.optim.Adam(policy.parameters(), 1e-4)
-    rng = np.random.default_rng(0); ts=[]
-    for r in range(reps+1):
-        ep = task.sample(rng, 100, dims=3, experts=20, steps=20, addr_dim=cfg.policy.addr_dim)
-        w = sample_wiring(rng, cfg, 100, 20)
-        c0 = time.thread_time()
-        out = rollout(ops, policy, cfg, ep, w, steps=20)
-        opt.zero_grad(set_to_none=True); out.losses.mean().backward(); opt.step()
-        if r: ts.append(time.thread_time()-c0)
-        else: print(label, "first (compile) CPU s", round(time.thread_time()-c0,2), flush=True)
-    print(label, "median CPU s/batch", round(float(np.median(ts)),4), "episodes/s", round(100/float(np.median(ts)),1), flush=True)
-if __name__ == "__main__":
-    base = ExpertPolicy(cfg.policy)
-    run(base, "eager")
+
+
+def batches(cfg, task, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(task.sample(rng, 100, dims=3, experts=20, steps=20, addr_dim=cfg.policy.addr_dim),
+             sample_wiring(rng, cfg, 100, 20)) for _ in range(n)]
+
+
+def one_batch(ops, policy, opt, cfg, ep, w):
+    c0 = time.thread_time()
+    out = rollout(ops, policy, cfg, ep, w, steps=20)
+    opt.zero_grad(set_to_none=True)
+    out.losses.mean().backward()
+    opt.step()
+    return time.thread_time() - c0, out.outputs.detach()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--whole", action="store_true", help="compile rollout.agent_step, not only the policy's forward")
+    p.add_argument("--mode", default=None, help="torch.compile mode (default: inductor's default)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of --batches batches per variant")
+    p.add_argument("--batches", type=int, default=3)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = AgentConfig().validate()
+    task = make_task(default_config("guessing", feedback="scalar"))
+    ops = torch_ops()
+    data = batches(cfg, task, args.batches + 1)
+    eager = ExpertPolicy(cfg.policy)
     comp = ExpertPolicy(cfg.policy)
-    comp.load_state_dict(base.state_dict())
-    comp.forward = torch.compile(comp.forward, dynamic=True)
-    run(comp, "compiled")
-    run(base, "eager again")
+    comp.load_state_dict(eager.state_dict())
+    opts = {"eager": torch.optim.Adam(eager.parameters(), 1e-4), "compiled": torch.optim.Adam(comp.parameters(), 1e-4)}
+    compiled_step = torch.compile(agent_step, dynamic=False, mode=args.mode) if args.whole else None
+    if not args.whole:
+        comp.forward = torch.compile(comp.forward, dynamic=True, mode=args.mode)
+
+    def variant(name):
+        if name == "compiled" and compiled_step is not None:
+            engine.agent_step = compiled_step
+        else:
+            engine.agent_step = agent_step
+        return eager if name == "eager" else comp
+
+    # warm-up (the compile) and the parity check on the same batch and the same weights
+    t_first = {}
+    first = {}
+    for name in ("eager", "compiled"):
+        t0 = time.perf_counter()
+        _, first[name] = one_batch(ops, variant(name), opts[name], cfg, *data[0])
+        t_first[name] = time.perf_counter() - t0
+    diff = float((first["eager"] - first["compiled"]).abs().max())
+    print(f"first batch (compile) wall s: eager {t_first['eager']:.2f}, compiled {t_first['compiled']:.2f}; "
+          f"max |outputs eager - compiled| = {diff:.2e}", flush=True)
+    assert diff < 1e-5, "the compiled step computes something else"
+    times = {"eager": [], "compiled": []}
+    for _ in range(args.rounds):
+        for name in ("eager", "compiled"):
+            pol = variant(name)
+            for ep, w in data[1:]:
+                times[name].append(one_batch(ops, pol, opts[name], cfg, ep, w)[0])
+    engine.agent_step = agent_step
+    for name, ts in times.items():
+        m = float(np.median(ts))
+        print(f"{name}: median CPU s/batch {m:.4f} ({100 / m:.0f} episodes/s), over {len(ts)} batches", flush=True)
+    print(f"compiled / eager: {np.median(times['compiled']) / np.median(times['eager']):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -30,13 +30,10 @@ def main(argv=None) -> int:
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from badger_runtime.demo.figures import save_png, subplots
 
     labels = args.label + [Path(r).name for r in args.run[len(args.label):]]
-    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(11, 5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax, ax_t) = subplots(1, 2, figsize=(11, 5), gridspec_kw={"width_ratios": [2, 1]})
     for i, (run, label) in enumerate(zip(args.run, labels)):
         rows = read(run)
         g = [r["generation"] for r in rows]
@@ -58,7 +55,7 @@ def main(argv=None) -> int:
                  fontsize=10)
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
+    save_png(fig, args.out, dpi=120)
     print(args.out)
     return 0
 

@@ -43,12 +43,9 @@ def run_arm(pol, agent_cfg, task, *, dims, experts, episodes, seed, steps, add_a
 
 
 def plot(path: Path, curves: dict, add_at: int, title: str):
-    import matplotlib
+    from badger_runtime.demo.figures import save_png, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    fig, ax = subplots(figsize=(7.5, 4.5), dpi=120)
     for label, err in curves.items():
         m = err.mean(axis=1)
         sem = err.std(axis=1) / np.sqrt(err.shape[1])
@@ -63,8 +60,7 @@ def plot(path: Path, curves: dict, add_at: int, title: str):
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv=None) -> int:

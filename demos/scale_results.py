@@ -196,42 +196,39 @@ def main(argv=None) -> int:
 
 
 def _figure():
-    import matplotlib
+    from badger_runtime.demo.figures import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    return plt, fig, ax
+    return subplots(figsize=(7.5, 4.5), dpi=120)
 
 
-def _save(plt, fig, ax, path, xlabel, ylabel, title):
+def _save(fig, ax, path, xlabel, ylabel, title):
+    from badger_runtime.demo.figures import save_png
+
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _plot_vs_n(path, ns, curves, trained, name):
-    plt, fig, ax = _figure()
+    fig, ax = _figure()
     ax.axvspan(*trained, color="0.9", label=f"trained N in [{trained[0]}, {trained[1]}]")
     for d, ys in curves.items():
         ax.plot(ns, ys, marker="o", label=f"d = {d}")
     ax.set_xscale("log")
-    _save(plt, fig, ax, path, "experts N (log)", "final-step error (3 x MSE; chance 1.0)",
+    _save(fig, ax, path, "experts N (log)", "final-step error (3 x MSE; chance 1.0)",
           f"{name}: error against the number of experts")
 
 
 def _plot_hot(path, hot, at, name, d):
-    plt, fig, ax = _figure()
+    fig, ax = _figure()
     for label, c in hot.items():
         ax.plot(np.arange(len(c)), c, label=label, lw=1.6)
     ax.axvline(at - 0.5, color="k", ls=":", lw=1)
     ax.set_yscale("log")
-    _save(plt, fig, ax, path, "inner step", "error (3 x MSE)", f"{name}: experts added or removed mid-episode (d = {d})")
+    _save(fig, ax, path, "inner step", "error (3 x MSE)", f"{name}: experts added or removed mid-episode (d = {d})")
 
 
 if __name__ == "__main__":

@@ -223,14 +223,11 @@ def growth(rows: list[dict], start_steps: int, end_steps: int) -> dict:
 
 
 def plot(report: dict, path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from badger_runtime.demo.figures import save_png, subplots
 
     rows = [r for r in report["windows"] if r["steps"] > 0]
     x = np.array([r["steps"] for r in rows]) / 1000
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig, (ax1, ax2) = subplots(2, 1, figsize=(8, 6), sharex=True)
     ax1.plot(x, [r["rss_mib"] for r in rows], "o-", ms=3, color="tab:blue")
     ax1.axhline(report["windows"][0]["rss_mib"], color="gray", lw=0.8, ls=":", label="idle server (0 steps)")
     ax1.set_ylabel("server RSS (MiB)")
@@ -255,8 +252,7 @@ def plot(report: dict, path: str):
     ax1.set_title(f"badger serve soak: {labels} steps (sessions x steps), checkpoint every "
                   f"{report['checkpoint_every']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def markdown(report: dict) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 
 def _ints(text: str) -> list[int]:
@@ -32,12 +31,9 @@ def cmd_bench_train(args):
 
 def plot_train(report: dict, path):
     """Training throughput against N, one line per inner-step count."""
-    import matplotlib
+    from ..demo.figures import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     for T in sorted({r["steps"] for r in report["rows"]}):
         rs = sorted((r for r in report["rows"] if r["steps"] == T), key=lambda r: r["experts"])
         n = [r["experts"] for r in rs]
@@ -58,7 +54,7 @@ def plot_train(report: dict, path):
 
 def _save_loglog(fig, axes, path, xlabel: str, title: str):
     """Log-log axes, grid, title, and the PNG written to ``path`` (the bench figures' common end)."""
-    import matplotlib.pyplot as plt
+    from ..demo.figures import save_png
 
     for ax in axes:
         ax.set_xscale("log")
@@ -67,9 +63,7 @@ def _save_loglog(fig, axes, path, xlabel: str, title: str):
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 # ---- bench runtime ------------------------------------------------------------------------------------
@@ -213,14 +207,11 @@ def _serve_one(load, policy, n, clients, steps, dims, rounds, checkpoint_every, 
 
 
 def plot_serve(report: dict, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..demo.figures import subplots
 
     rows = sorted(report["rows"], key=lambda r: r["experts"])
     n = [r["experts"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     axes[0].plot(n, [r["p50_ms"] for r in rows], "o-", label="p50")
     axes[0].plot(n, [r["p99_ms"] for r in rows], "s-", label="p99")
     axes[0].set_ylabel("step latency, client side (ms)")

@@ -520,13 +520,10 @@ def growth(rows: list[dict]) -> dict:
 # ---- the figure --------------------------------------------------------------------------------------
 
 def plot_runtime(report: dict, path: str | Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..demo.figures import save_png, subplots
 
     rows = [r for r in report["rows"] if "expert_steps_per_s" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, axes = subplots(1, 3, figsize=(15, 4.4))
     styles = {"batched": ("tab:blue", "o", "batched engine (limit)"),
               "sharded": ("tab:green", "s", "sharded actor runtime (fast path)"),
               "actors": ("tab:red", "^", "per-expert actors"),
@@ -571,8 +568,7 @@ def plot_runtime(report: dict, path: str | Path):
                  f"{where}; {report.get('machine', {}).get('cpus')} cores", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def markdown_table(report: dict) -> str:

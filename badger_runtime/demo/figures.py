@@ -25,6 +25,22 @@ C_AGENT, C_OPT, C_MEAN, C_CHANCE, C_OTHER = "#1f77b4", "#d62728", "#555555", "#0
 DPI = 110
 
 
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize, dpi: float | None = None, **kw):
+    """(figure, axes): a grid of axes on the Agg canvas, as ``pyplot.subplots`` gives, but with no
+    pyplot (no global backend, no window, nothing to close). Every plot of the project uses it."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def save_png(fig: Figure, path: str | Path, dpi: float | None = None) -> Path:
+    """Write ``fig`` to ``path`` as PNG (folders made; ``dpi`` None: the figure's own)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi or "figure", format="png")
+    return path
+
+
 def _figure(w: float, h: float) -> Figure:
     fig = Figure(figsize=(w, h))
     FigureCanvasAgg(fig)

@@ -490,13 +490,10 @@ def longrun_report(policy, *, task: BanditConfig | None = None, steps: int = 10_
 
 def plot_longrun(report: dict, path):
     """Regret per step over time, agent vs Thompson (told of the changes / never restarted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..demo.figures import save_png, subplots
 
     w = report["window"]
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig, ax = subplots(figsize=(10, 3.6))
     for key, label, color in (("agent", f"{report['policy']} (never reset)", "tab:blue"),
                               ("thompson_restarted_at_changes", "Thompson, restarted at each change", "tab:green"),
                               ("thompson", "Thompson, never restarted", "tab:gray")):
@@ -509,8 +506,7 @@ def plot_longrun(report: dict, path):
     ax.set_title(f"K = {report['arms']} arms, {report['steps']} steps without reset")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 CONTINUAL = {"steps": 10_000, "episodes": 50, "change_every": (500, 1500)}  # the card's 10,000-step check
