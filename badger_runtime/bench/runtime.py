@@ -125,14 +125,137 @@ def check_sizes(spec: RuntimeBench):
         raise ConfigError("--steps and --rounds must be >= 1, --warmup >= 0, --max-seconds > 0")
 
 
+class _Engine:
+    """What the benchmark needs of one runtime kind: how to build it, whether its ``step`` is a
+    coroutine, how it runs (an async context), what it reports beyond the timings, and what it
+    holds that must be released. The in-process batched engine is the default."""
+
+    name = "batched"
+    coroutine = False  # the actor runtimes' step is a coroutine (awaited inside their ``running()``)
+
+    def build(self, policy, cfg, ep, wiring, spec: RuntimeBench):
+        from ..engine import Agent
+
+        return Agent(policy, cfg).start(ep.interface, wiring)
+
+    def prepare(self, spec: RuntimeBench):
+        """Before the runtime is built (ray: join or start the cluster)."""
+
+    def running(self, runtime):
+        from contextlib import asynccontextmanager
+
+        if self.coroutine:
+            return runtime.running()
+
+        @asynccontextmanager
+        async def nothing():
+            yield runtime
+        return nothing()
+
+    def after_step(self, timed: "_Timed"):
+        """After each timed step (outside its time)."""
+
+    def extra(self, runtime) -> dict:
+        return {}
+
+    def finish(self, timed: "_Timed", spec: RuntimeBench, warmed: bool) -> dict:
+        """After the run: what else the row reports, and the runtime's resources released."""
+        return {}
+
+    def memory(self, runtime, out: dict) -> dict:
+        """The memory probe's row (ray: the shard actors' peaks are part of it)."""
+        return out
+
+
+class _Sharded(_Engine):
+    name, coroutine = "sharded", True
+
+    def build(self, policy, cfg, ep, wiring, spec):
+        from ..actors.sharded import ShardedAgent
+
+        return ShardedAgent(policy, cfg, ep.interface, wiring, shards=spec.shards, tile=spec.tile,
+                            policy_chunk=spec.policy_chunk, encode=spec.encode)
+
+    def extra(self, a) -> dict:
+        return {"shards": a.shards, "policy_calls_per_round": len(a.batcher.chunks),
+                "shard_messages": a.counters.frames, "block_bytes": a.counters.block_bytes}
+
+
+class _Actors(_Engine):
+    name, coroutine = "actors", True
+
+    def build(self, policy, cfg, ep, wiring, spec):
+        from ..actors.runtime import ActorAgent
+
+        return ActorAgent(policy, cfg, ep.interface, wiring, encode=spec.actor_encode, step_timeout=None)
+
+    def extra(self, a) -> dict:
+        c = a.counters
+        return {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "policy_calls": a.batcher.calls}
+
+
+class _Ray(_Engine):
+    name = "ray"
+
+    def prepare(self, spec):
+        ray_cluster(spec)  # started after the other engines ran: its processes do not slow them
+
+    def build(self, policy, cfg, ep, wiring, spec):
+        from ..cluster.ray_shards import RayShardedAgent
+
+        return RayShardedAgent(policy, cfg, ep.interface, wiring, shards=spec.shards, tile=spec.tile,
+                               policy_chunk=spec.policy_chunk, threads=spec.threads)
+
+    def after_step(self, timed):
+        """The shards' compute in this step: the busiest shard's and all shards' seconds."""
+        busy = timed.runtime.busy()
+        step = [b - a for a, b in zip(timed.busy0, busy)] if timed.busy0 else busy
+        timed.busy.append((max(step), sum(step)))
+        timed.busy0 = busy
+
+    def extra(self, a) -> dict:
+        nodes = sorted({m["node"] for m in a.memory()})
+        return {"shards": a.shards, "nodes": len(nodes), "shard_blocks": a.counters["blocks"],
+                "ray_ping_ms": round(a.ping_ms(), 3)}
+
+    def finish(self, timed, spec, warmed):
+        """Of each timed step, the shards' compute, and the rest per round: moving the blocks through
+        Ray, scheduling the calls, waiting and the membrane's side cost."""
+        sl = slice(spec.warmup, None) if warmed else slice(-1, None)
+        wall = np.array([r[0] for r in timed.steps[sl]])
+        busy = np.array(timed.busy[sl])  # [steps, (max, sum)]
+        timed.runtime.close()
+        return {"shard_compute_s_per_step": float(busy[:, 0].mean()), "shard_compute_sum_s_per_step":
+                float(busy[:, 1].mean()),
+                # the rest of each step per round: at most wall - the busiest shard (shards in parallel), at
+                # least wall - all shards' compute (shards one after the other, as on cores shared with others)
+                "ray_overhead_s_per_round": float((wall - busy[:, 0]).mean() / spec.rounds),
+                "ray_overhead_min_s_per_round": float(np.maximum(wall - busy[:, 1], 0).mean() / spec.rounds)}
+
+    def memory(self, runtime, out):
+        """The experts live in the shard actors: their peaks above their own baselines."""
+        shards = runtime.memory()
+        runtime.close()
+        per_node: dict = {}
+        for m in shards:
+            per_node[m["node"][:12]] = per_node.get(m["node"][:12], 0.0) + m["peak_above_baseline_mib"]
+        return out | {"driver_peak_mib": out["peak_mib"], "peak_mib": out["peak_mib"] + sum(per_node.values()),
+                      "per_node_mib": {k: round(v, 1) for k, v in per_node.items()},
+                      "shard_rss_mib": [round(m["rss_mib"], 1) for m in shards]}
+
+
+_ENGINES = {e.name: e for e in (_Engine(), _Sharded(), _Actors(), _Ray())}
+assert tuple(_ENGINES) == ENGINES
+
+
 class _Timed:
     """A runtime behind ``episodes.adrive`` that times each step (plain or coroutine ``step``)."""
 
-    def __init__(self, engine: str, runtime, deadline: float | None):
+    def __init__(self, engine: _Engine, runtime, deadline: float | None):
         self.engine, self.runtime, self.deadline = engine, runtime, deadline
         self.steps: list = []  # (seconds, messages, outputs, process CPU seconds)
         self.busy: list = []  # ray: the busiest shard actor's compute seconds, per step
-        self._busy0: list = []
+        self.busy0: list = []
 
     def expert_ids(self):
         return self.runtime.expert_ids()
@@ -140,53 +263,16 @@ class _Timed:
     async def step(self, obs, rounds=None):
         t0, c0 = time.perf_counter(), time.process_time()
         out = self.runtime.step(obs, rounds=rounds)
-        if self.engine not in ("batched", "ray"):  # the actor runtimes' step is a coroutine
+        if self.engine.coroutine:
             out = await out
         outputs, info = out
         self.steps.append((time.perf_counter() - t0, info.messages or 0, np.asarray(outputs, np.float32),
                            time.process_time() - c0))
-        if self.engine == "ray":  # the shards' compute in this step (outside the timed part)
-            busy = self.runtime.busy()
-            step = [b - a for a, b in zip(self._busy0, busy)] if self._busy0 else busy
-            self.busy.append((max(step), sum(step)))
-            self._busy0 = busy
+        self.engine.after_step(self)
         return outputs, info
 
     def running(self):
-        from contextlib import asynccontextmanager
-
-        if self.engine in ("batched", "ray"):
-            @asynccontextmanager
-            async def nothing():
-                yield self
-            return nothing()
-        return self.runtime.running()
-
-    def extra(self) -> dict:
-        a = self.runtime
-        if self.engine == "sharded":
-            return {"shards": a.shards, "policy_calls_per_round": len(a.batcher.chunks),
-                    "shard_messages": a.counters.frames, "block_bytes": a.counters.block_bytes}
-        if self.engine == "ray":
-            nodes = sorted({m["node"] for m in a.memory()})
-            return {"shards": a.shards, "nodes": len(nodes), "shard_blocks": a.counters["blocks"],
-                    "ray_ping_ms": round(a.ping_ms(), 3)}
-        if self.engine == "actors":
-            c = a.counters
-            return {"sent": c.sent, "delivered": c.delivered, "dropped": c.dropped, "policy_calls": a.batcher.calls}
-        return {}
-
-    def ray_overhead(self, timed: slice, rounds: int) -> dict:
-        """ray: of each timed step, the shards' compute, and the rest per round: what moving the blocks
-        through Ray, scheduling the calls, waiting and the membrane's side cost."""
-        wall = np.array([r[0] for r in self.steps[timed]])
-        busy = np.array(self.busy[timed])  # [steps, (max, sum)]
-        return {"shard_compute_s_per_step": float(busy[:, 0].mean()), "shard_compute_sum_s_per_step":
-                float(busy[:, 1].mean()),
-                # the rest of each step per round: at most wall - the busiest shard (shards in parallel), at
-                # least wall - all shards' compute (shards one after the other, as on cores shared with others)
-                "ray_overhead_s_per_round": float((wall - busy[:, 0]).mean() / rounds),
-                "ray_overhead_min_s_per_round": float(np.maximum(wall - busy[:, 1], 0).mean() / rounds)}
+        return self.engine.running(self.runtime)
 
 
 def _base(policy, spec: RuntimeBench, n: int):
@@ -196,26 +282,6 @@ def _base(policy, spec: RuntimeBench, n: int):
     _, ep, wiring = next(sample_batches(policy.task, agent_config(policy, spec, n), dims=spec.dims, experts=n,
                                         episodes=1, seed=spec.seed, steps=spec.warmup + spec.steps))
     return ep, wiring
-
-
-def _runtime(engine: str, policy, cfg, ep, wiring, spec: RuntimeBench):
-    if engine == "batched":
-        from ..engine import Agent
-
-        return Agent(policy, cfg).start(ep.interface, wiring)
-    if engine == "sharded":
-        from ..actors.sharded import ShardedAgent
-
-        return ShardedAgent(policy, cfg, ep.interface, wiring, shards=spec.shards, tile=spec.tile,
-                            policy_chunk=spec.policy_chunk, encode=spec.encode)
-    if engine == "ray":
-        from ..cluster.ray_shards import RayShardedAgent
-
-        return RayShardedAgent(policy, cfg, ep.interface, wiring, shards=spec.shards, tile=spec.tile,
-                               policy_chunk=spec.policy_chunk, threads=spec.threads)
-    from ..actors.runtime import ActorAgent
-
-    return ActorAgent(policy, cfg, ep.interface, wiring, encode=spec.actor_encode, step_timeout=None)
 
 
 def _drive(timed: _Timed, episode, spec: RuntimeBench, max_steps: int) -> list:
@@ -279,10 +345,10 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
         if engine == "actors" and n > spec.actor_max_n:
             rows.append(row | {"skipped": f"per-expert actors run only up to --actor-max-n {spec.actor_max_n}"})
             continue
-        if engine == "ray":  # started after the other engines ran: its processes do not slow them
-            ray_cluster(spec)
+        kind = _ENGINES[engine]
+        kind.prepare(spec)
         t0 = time.perf_counter()
-        runner = _Timed(engine, _runtime(engine, policy, cfg, ep, wiring, spec), None)
+        runner = _Timed(kind, kind.build(policy, cfg, ep, wiring, spec), None)
         setup = time.perf_counter() - t0
         runner.deadline = time.perf_counter() + spec.max_seconds
         res = _drive(runner, ep, spec, spec.warmup + spec.steps)
@@ -302,13 +368,9 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
         if ref is not None and engine != "batched":
             m = min(len(ref), len(outs))
             row["max_diff_vs_batched"] = float(np.abs(ref[:m] - outs[:m]).max())
-        row |= runner.extra()
-        if engine == "ray":
-            row |= runner.ray_overhead(slice(spec.warmup, None) if len(res) > spec.warmup else slice(-1, None),
-                                       spec.rounds)
+        row |= kind.extra(runner.runtime)
+        row |= kind.finish(runner, spec, warmed=len(res) > spec.warmup)
         rows.append(row)
-        if engine == "ray":
-            runner.runtime.close()
         del runner
     return rows
 
@@ -325,24 +387,15 @@ def memory_probe(spec: RuntimeBench, engine: str, n: int) -> dict:
     from ..policy_card import load_policy
 
     policy = load_policy(spec.policy, threads=spec.threads)
-    if engine == "ray":
-        ray_cluster(spec)  # Ray's own driver-side memory is part of the baseline
+    kind = _ENGINES[engine]
+    kind.prepare(spec)  # (Ray's own driver-side memory is part of the baseline)
     base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg = agent_config(policy, spec, n)
     ep, wiring = _base(policy, spec, n)
-    runner = _Timed(engine, _runtime(engine, policy, cfg, ep, wiring, spec), None)
+    runner = _Timed(kind, kind.build(policy, cfg, ep, wiring, spec), None)
     _drive(runner, ep, spec, 1)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"baseline_mib": base_kib / 1024, "peak_mib": (peak_kib - base_kib) / 1024}
-    if engine == "ray":  # the experts live in the shard actors: their peaks above their own baselines
-        shards = runner.runtime.memory()
-        runner.runtime.close()
-        per_node: dict = {}
-        for m in shards:
-            per_node[m["node"][:12]] = per_node.get(m["node"][:12], 0.0) + m["peak_above_baseline_mib"]
-        out |= {"driver_peak_mib": out["peak_mib"], "peak_mib": out["peak_mib"] + sum(per_node.values()),
-                "per_node_mib": {k: round(v, 1) for k, v in per_node.items()},
-                "shard_rss_mib": [round(m["rss_mib"], 1) for m in shards]}
+    out = kind.memory(runner.runtime, {"baseline_mib": base_kib / 1024, "peak_mib": (peak_kib - base_kib) / 1024})
     out["kib_per_expert"] = out["peak_mib"] * 1024 / n
     return out
 
