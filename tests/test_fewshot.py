@@ -224,3 +224,25 @@ def test_the_shipped_policy_is_the_handcrafted_init(tmp_path):
     np.testing.assert_allclose(got_h, ref_h.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got_heads, ref_heads.numpy(), rtol=1e-4, atol=1e-3)
     assert shipped.card["training"]["batches"] == 0 and "handcrafted" in shipped.card["training_command"]
+
+
+def test_fresh_experts_hot_added_do_not_hurt_fewshot_v2():
+    """The product rule for the joinable handcrafted policy: as many fresh experts again at step 20 of
+    40 (4-way held-out digits, one expert per cell, then two) leave the accuracy over steps 31-40
+    within noise of the unchanged agent's, and the step after the join does not collapse (fewshot-v1
+    fell to chance there: its fresh experts' "not seen yet" scores took half of every class's
+    weight); the same init without the seen-gated keys is hurt."""
+    from badger_runtime.episodes import schedule
+
+    pol = load_policy("fewshot-v2")
+    task = dataclasses.replace(fs.FewShotTask.evaluation_config(pol.task), steps=40, baselines="none")
+    kw = dict(dims=4, experts=256, episodes=48, seed=0, steps=40)
+    base = run_episodes(OPS, pol, pol.agent, task, **kw).metrics["correct"]
+    grown = run_episodes(OPS, pol, pol.agent, task, changes=schedule(20, 256, "fresh"), **kw).metrics["correct"]
+    late_b, late_g = base[30:40].mean(), grown[30:40].mean()
+    noise = 3 * base[30:40].mean(axis=0).std() / np.sqrt(base.shape[1])
+    assert late_g >= late_b - noise, (late_g, late_b, noise)
+    assert grown[21].mean() >= base[21].mean() - 0.15  # no collapse right after the join
+    v1 = load_policy("fewshot-v1")
+    grown1 = run_episodes(OPS, v1, v1.agent, task, changes=schedule(20, 256, "fresh"), **kw).metrics["correct"]
+    assert grown1[21].mean() < 0.5  # the seen-gated keys are what makes the difference

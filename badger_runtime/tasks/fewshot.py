@@ -592,7 +592,10 @@ class FewShotTask(Task):
             t = dataclasses.replace(base, dataset=ds, steps=50).validate()
             tk = FewShotTask(t)
             C, n = tk.default_dims(), tk.default_experts()
-            r = evaluate(numpy_ops(), policy, policy.agent, t, dims=C, experts=n, episodes=episodes, seed=seed)
+            # 50 steps: past the task's episode length, which is the card's horizon until the continual
+            # check below decides the lifetime (a policy exported afresh is episodic until then)
+            r = evaluate(numpy_ops(), policy, policy.agent, t, dims=C, experts=n, episodes=episodes, seed=seed,
+                         past_horizon=True)
             rows.append({"command": f"badger eval --policy {onnx} --task fewshot --dataset {ds} --classes {C} "
                                     f"--experts {n} --steps 50 --episodes {episodes} --seed {seed} --json",
                          "dataset": ds, "classes": C, "experts": n, "online_accuracy": r["online_accuracy"],

@@ -28,15 +28,17 @@ def _offset(spec, head: str) -> int:
     raise KeyError(head)
 
 
-def _layout(A: int, H: int) -> dict:
+def _layout(A: int, H: int, seen_addr: bool = False) -> dict:
     """Which hidden units ``prototypes`` uses for what."""
     lay, i = {}, 0
     for name, size in (("m", 1), ("seen", 1), ("n2", 1), ("n3", 1), ("started", 1),
-                       *((f"{b[0]}_{e}", 1) for b in BUMPS for e in "+-"), ("addr", A - N_KIND_FLAGS)):
+                       *((f"{b[0]}_{e}", 1) for b in BUMPS for e in "+-"), ("addr", A - N_KIND_FLAGS),
+                       *((("addr_seen", A - N_KIND_FLAGS),) if seen_addr else ())):
         lay[name] = list(range(i, i + size))
         i += size
     if i > H:
-        raise ConfigError(f"train.init = 'prototypes' needs policy.hidden >= {i} (19 + addr_dim), got {H}")
+        need = "19 + 2 (addr_dim - 2)" if seen_addr else "19 + addr_dim - 2"
+        raise ConfigError(f"this train.init needs policy.hidden >= {i} ({need}), got {H}")
     lay["free"] = list(range(i, H))
     return lay
 
@@ -62,7 +64,7 @@ BUMPS = (("old", 0.0, 0, ("seen", 1), 1.0),  # the last example was not of this 
 
 def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float = 0.5, gate: float = 12.0,
                kind_bias: float = 24.0, both_bias: float = 32.0, key_gain: float = 16.0, score_gain: float = 20.0,
-               novelty: float = 0.3):
+               novelty: float = 0.3, seen_key_gain: float = 0.0, seen_after: str = "seen"):
     """A handcrafted expert of online nearest-class-mean classification, for the slots of
     ``tasks/fewshot.py``, where expert e sees the label slot of one class c and one feature j of
     the current and of the labelled example (a grid cell (c, j); the policy itself never knows c
@@ -82,12 +84,23 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
     - Push key = ``key_gain`` x the class address: each output is the mean over the experts of
       its class, i.e. the mean over features of the per-feature scores (a nearest class mean).
     - Messages start silent.
+    - ``seen_key_gain`` > 0 (``prototypes_joinable``): a second copy of the class address, which an
+      expert writes only once its thermometer unit ``seen_after`` is +1 ("seen": one example of its
+      class, "n2": two, "n3": three), adds ``seen_key_gain`` x the address to its push key. Experts
+      of a class that have seen it that often then outweigh those that have not, by about
+      e^(0.86 seen_key_gain) with addresses of norm sqrt(addr_dim - 2) = sqrt(14) (the push scores
+      are scaled by 1 / sqrt(addr_dim)): a fresh expert hot-added to a running agent stays out of
+      its class's score ("not seen yet", then a one-example prototype) until it has seen the class
+      that often. Within an agent whose experts all started together nothing changes (the experts
+      of a class see it at the same steps). Needs ``hidden >= 19 + 2 (addr_dim - 2)``.
     """
     spec = policy.spec
     K, A, H, Dm = spec.read_heads, spec.addr_dim, spec.hidden, spec.msg_dim
     if K != 3:
         raise ConfigError(f"train.init = 'prototypes' needs policy.read_heads = 3, got {K}")
-    lay = _layout(A, H)
+    lay = _layout(A, H, seen_addr=seen_key_gain > 0)
+    if seen_after not in ("seen", "n2", "n3"):
+        raise ConfigError(f"prototypes: seen_after must be 'seen', 'n2' or 'n3', got {seen_after!r}")
     obs, fb = KIND_OBSERVATION, KIND_FEEDBACK
     val = [Dm + k * spec.read_width for k in range(K)]  # input index of head k's read value
     ell, x, xl = val
@@ -136,6 +149,9 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
                 Wh[N + u, lay[unit][0]], bh[N + u] = G * sign_unit, -G
         for i, u in enumerate(lay["addr"]):  # class c's address, read by head 0
             Wi[N + u, val[0] + 1 + N_KIND_FLAGS + i] = 0.25
+        for i, u in enumerate(lay.get("addr_seen", ())):  # the same, taken only once seen = +1 (kept at 0 before)
+            Wi[N + u, val[0] + 1 + N_KIND_FLAGS + i] = 0.25
+            bi[Z + u], Wh[Z + u, lay[seen_after][0]] = 0.0, -G
 
         W, b = policy.heads.weight, policy.heads.bias
         rq = _offset(spec, "read_query")
@@ -145,6 +161,8 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
         pk = _offset(spec, "push_key")
         for i, u in enumerate(lay["addr"]):
             W[pk + N_KIND_FLAGS + i, u] = key_gain
+        for i, u in enumerate(lay.get("addr_seen", ())):
+            W[pk + N_KIND_FLAGS + i, u] = seen_key_gain
         pv = _offset(spec, "push_value")
         for name, *_, weight in BUMPS:
             W[pv, lay[f"{name}_+"][0]], W[pv, lay[f"{name}_-"][0]] = weight * score_gain, -weight * score_gain
@@ -155,7 +173,10 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
     return policy
 
 
-INITS = {"prototypes": prototypes}
+INITS = {"prototypes": prototypes,
+         # measured (docs/results.md, fewshot-v2): gain 8 after two examples keeps a hot-add of as many
+         # fresh experts again within 0.005 of the unchanged agent; gated after one example, 0.016 below
+         "prototypes_joinable": lambda policy: prototypes(policy, seen_key_gain=8.0, seen_after="n2")}
 
 
 def apply_init(name: str, policy):
