@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Issue 16's training profile at the 2019 code's setting (batch 100, N = 20, 20 inner steps,
+scalar feedback, d = 3, dense routing, 1 round, 1 thread): torch ops and autograd nodes per batch
+(load-independent counts) and the top ops by self CPU time, from the torch profiler over
+``--batches`` batches after one warm-up.
+
+    python demos/profile_train.py --batches 3
+"""
+import argparse
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from badger_runtime.config import AgentConfig
+from badger_runtime.rollout import rollout, sample_wiring
+from badger_runtime.tasks import default_config, make_task
+from badger_runtime.training.model import ExpertPolicy, torch_ops
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--batches", type=int, default=3)
+    p.add_argument("--top", type=int, default=10)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = AgentConfig().validate()
+    task = make_task(default_config("guessing", feedback="scalar"))
+    ops = torch_ops()
+    policy = ExpertPolicy(cfg.policy)
+    opt = torch.optim.Adam(policy.parameters(), 1e-4)
+    rng = np.random.default_rng(0)
+
+    def batch():
+        ep = task.sample(rng, 100, dims=3, experts=20, steps=20, addr_dim=cfg.policy.addr_dim)
+        out = rollout(ops, policy, cfg, ep, sample_wiring(rng, cfg, 100, 20), steps=20)
+        opt.zero_grad(set_to_none=True)
+        out.losses.mean().backward()
+        opt.step()
+
+    batch()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.batches):
+            batch()
+    events = prof.key_averages()
+    ops_per_batch = sum(e.count for e in events if not e.key.startswith(("autograd::engine", "Optimizer"))
+                        and "Backward" not in e.key) / args.batches
+    nodes = sum(e.count for e in events if e.key.startswith("autograd::engine::evaluate_function")) / args.batches
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    top = [e for e in top if not e.key.startswith(("autograd::engine", "Optimizer.step"))][:args.top]
+    print(f"torch ops per batch (forward and backward calls, profiler events): {ops_per_batch:,.0f}")
+    print(f"autograd nodes per batch: {nodes:,.0f}")
+    print("top ops by self CPU time (share, calls per batch): " + ", ".join(
+        f"{e.key.replace('aten::', '')} {100 * e.self_cpu_time_total / total:.0f}% ({e.count / args.batches:.0f})"
+        for e in top))
+
+
+if __name__ == "__main__":
+    main()
