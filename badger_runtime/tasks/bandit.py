@@ -118,7 +118,7 @@ def choose(scores: np.ndarray, uniform: np.ndarray, choice: str, temperature: fl
     if choice == "argmax":
         return np.argmax(scores, axis=-1)
     cdf = np.cumsum(softmax_np(scores, temperature), axis=-1)
-    return np.minimum((cdf < np.asarray(uniform)[:, None] * cdf[:, -1:]).sum(axis=-1), scores.shape[-1] - 1)
+    return np.minimum((cdf < np.asarray(uniform)[..., None] * cdf[..., -1:]).sum(axis=-1), scores.shape[-1] - 1)
 
 
 def feedback_code(reward: np.ndarray, dist: str, sigma: float = 1.0) -> np.ndarray:
@@ -205,9 +205,10 @@ class Episode(TaskEpisode):
             raise IndexError(f"inner step {t} is outside this episode's steps [{self.t_off}, {self.end})")
         return i
 
-    def gaps(self, t: int) -> np.ndarray:
-        """[B, K] each arm's pseudo-regret at step t: best mean - its mean."""
-        mu = self.means[self.row(t)]
+    def gaps(self, t: int, steps: int | None = None) -> np.ndarray:
+        """[B, K] each arm's pseudo-regret at step t: best mean - its mean ([steps, B, K] for the
+        steps t .. t + steps - 1)."""
+        mu = self.means[self.row(t)] if steps is None else self.means[self.row(t):self.row(t + steps - 1) + 1]
         return (mu.max(axis=-1, keepdims=True) - mu).astype(np.float32)
 
     def actions(self, t: int, scores: np.ndarray) -> np.ndarray:
@@ -284,14 +285,15 @@ class Episode(TaskEpisode):
             return None
         out = ops.to_numpy(outputs)
         rows = np.arange(self.batch)
-        gaps = np.stack([self.gaps(t0 + s) for s in range(T)])  # [T, B, K]
+        gaps = self.gaps(t0, T)  # [T, B, K]
         g = (softmax_np(out, self.temperature) * gaps).sum(axis=-1)  # [T, B] expected regret
-        acts = np.stack([self.actions(t0 + s, out[s]) for s in range(T)])  # [T, B]
+        r0 = self.row(t0)
+        acts = choose(out, self.uniforms[r0:r0 + T], self.choice, self.temperature)  # [T, B]
         gamma = self.sf_discount
-        togo, weight = np.zeros_like(g), np.zeros(T)  # sum_{s>t} gamma^(s-t-1) g_s and sum of the weights
-        for s in range(T - 2, -1, -1):
-            togo[s] = g[s + 1] + gamma * togo[s + 1]
-            weight[s] = 1.0 + gamma * weight[s + 1]
+        # D[t, s] = gamma^(s - t - 1) for s > t: togo = D g = sum_{s>t} gamma^(s-t-1) g_s, weight = D 1
+        lag = np.arange(T)[None, :] - np.arange(T)[:, None]
+        D = np.where(lag > 0, float(gamma) ** np.maximum(lag - 1, 0), 0.0)
+        togo, weight = D @ g, D.sum(axis=1)
         adv = (1.0 - gamma) * (togo - weight[:, None] * g)
         adv = adv - adv.mean(axis=1, keepdims=True)
         logp = _logsoftmax_composed(ops, outputs / self.temperature)  # [T, B, K]
