@@ -25,7 +25,8 @@ import numpy as np
 
 from .config import AgentConfig, TaskConfig
 from .membrane import KIND_FEEDBACK, KIND_OBSERVATION, Interface, Visibility
-from .rollout import AgentState, StepInfo, Wiring, agent_step, grow, initial_state, sample_wiring, shrink
+from .rollout import (AgentState, StepInfo, Wiring, agent_step, clone_sources, grow, initial_state, sample_wiring,
+                      shrink)
 from .routing import Neighbors, membrane_masks
 from .xp import NumpyOps
 
@@ -202,7 +203,8 @@ class Agent:
             if source is not None and not 0 <= source < N:
                 raise InputError(f"no expert {source} to clone (the agent has {N})")
             if sources is None:
-                sources = np.full(n, source) if source is not None else self._rng.integers(0, N, size=n)
+                sources = (np.full(n, source) if source is not None
+                           else clone_sources(self._rng, self.cfg, self.interface, N, n))
         else:
             sources = None
         self.wiring, self.state = grow(self.ops, self.policy, self.cfg, self._rng, self.wiring, self.state, n, sources)

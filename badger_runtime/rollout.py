@@ -100,6 +100,45 @@ def initial_state(ops, policy, wiring: Wiring) -> AgentState:
     return AgentState(h, ops.zeros((B, N, spec.heads_dim)))
 
 
+#: Visibility kinds that deal the slots out to the experts in turn (each rank reads its own part):
+#: what an expert holds is then about its part, and a clone copies an expert of the same part.
+PARTITIONED_VISIBILITY = ("cyclic", "grid")
+
+
+def clone_candidates(cfg: AgentConfig, interface, N: int, n: int) -> list[np.ndarray] | None:
+    """For each of n experts joining an agent of N (ranks N .. N + n - 1) whose membrane deals the
+    slots out to the experts (``PARTITIONED_VISIBILITY``: say one (class, feature) cell each): the
+    ranks below N that read the same slots. None for any other membrane: any expert will do.
+
+    A clone carries its source's state. Where each expert holds what its own part of the input
+    says (a prototype of its cell), a clone of another part's expert holds a state about slots it
+    does not read (fewshot-v1 fell from 0.912 to 0.838 with such clones; docs/results.md). Where the
+    experts share one problem (the guessing game: only the first expert hears the error, the
+    others learn it from messages), any expert is a fair source: restricting the clones to the
+    deaf ranks hurt the guessing policies (measured, session 21), so the rule is not applied there."""
+    vis_rule = getattr(interface, "visibility", None)
+    if vis_rule is None or vis_rule.kind not in PARTITIONED_VISIBILITY:
+        return None
+    vis = interface.visible(N + n)
+    if vis is None:
+        return None
+    packed = np.packbits(np.asarray(vis[0], bool), axis=1)
+    by_row: dict[bytes, list[int]] = {}
+    for r in range(N):
+        by_row.setdefault(packed[r].tobytes(), []).append(r)
+    return [np.asarray(by_row.get(packed[N + i].tobytes(), ()), np.int64) for i in range(n)]
+
+
+def clone_sources(rng: np.random.Generator, cfg: AgentConfig, interface, N: int, n: int) -> np.ndarray:
+    """Whom n new experts clone in an agent of N (every runtime's rule): with a partitioned membrane,
+    for each an expert drawn among those that read the same slots (``clone_candidates``; among all
+    N when none does); otherwise ``rng.integers(0, N, size=n)``."""
+    cands = clone_candidates(cfg, interface, N, n)
+    if cands is None:
+        return rng.integers(0, N, size=n)
+    return np.array([int(rng.choice(c)) if c.size else int(rng.integers(0, N)) for c in cands], np.int64)
+
+
 def grow(ops, policy, cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring, state: AgentState, n: int,
          sources: np.ndarray | None = None) -> tuple[Wiring, AgentState]:
     """Add n experts to running agents (the paper's growing, without retraining).

@@ -243,6 +243,8 @@ def test_fresh_experts_hot_added_do_not_hurt_fewshot_v2():
     noise = 3 * base[30:40].mean(axis=0).std() / np.sqrt(base.shape[1])
     assert late_g >= late_b - noise, (late_g, late_b, noise)
     assert grown[21].mean() >= base[21].mean() - 0.15  # no collapse right after the join
+    cloned = run_episodes(OPS, pol, pol.agent, task, changes=schedule(20, 256, "clone"), **kw).metrics["correct"]
+    assert cloned[30:40].mean() >= late_b - noise  # a clone copies an expert of its own cell
     v1 = load_policy("fewshot-v1")
     grown1 = run_episodes(OPS, v1, v1.agent, task, changes=schedule(20, 256, "fresh"), **kw).metrics["correct"]
     assert grown1[21].mean() < 0.5  # the seen-gated keys are what makes the difference

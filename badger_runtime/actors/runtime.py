@@ -75,7 +75,7 @@ from .. import routing
 from ..config import AgentConfig, ConfigError
 from ..engine import InputError, check_horizon, check_values
 from ..membrane import Interface
-from ..rollout import StepInfo, Wiring, initial_state
+from ..rollout import StepInfo, Wiring, clone_candidates, initial_state
 from ..xp import NumpyOps
 from .batcher import PolicyBatcher
 from .lifecycle import Lifecycle
@@ -247,11 +247,18 @@ class ActorAgent(Lifecycle):
         if source is not None and source not in self._records:
             raise InputError(f"no expert {source} to clone")
         new = []
-        for _ in range(n):
+        live = self.live_ids()  # by rank, as the membrane's visibility rows
+        cands = clone_candidates(self.cfg, self.interface, len(live), n) if init == "clone" and source is None else None
+        for i in range(n):
             eid = self._next_id
             self._next_id += 1
             if init == "clone":
-                src = source if source is not None else int(self.rng.choice(self.live_ids()))
+                if source is not None:
+                    src = source
+                elif cands is not None and cands[i].size:  # an expert that senses what the newcomer will
+                    src = int(live[int(self.rng.choice(cands[i]))])
+                else:
+                    src = int(self.rng.choice(self.live_ids()))
                 core = self._records[src].core
                 h, heads = core.h.copy(), core.heads.copy()
             else:

@@ -60,7 +60,7 @@ from .. import agreement, membrane
 from ..config import AgentConfig, ConfigError
 from ..engine import InputError, check_horizon, check_values
 from ..membrane import Interface
-from ..rollout import AgentState, StepInfo, Wiring, grow, initial_state, shrink
+from ..rollout import AgentState, StepInfo, Wiring, clone_sources, grow, initial_state, shrink
 from ..xp import NumpyOps
 from .batcher import DEFAULT_POLICY_CHUNK, RowBatcher
 from .lifecycle import Lifecycle
@@ -161,7 +161,7 @@ class ShardedMembrane:
         if init == "clone":
             if source is not None and not 0 <= source < N:
                 raise InputError(f"no expert {source} to clone (the agent has {N})")
-            sources = np.full(n, source) if source is not None else self._rng.integers(0, N, size=n)
+            sources = np.full(n, source) if source is not None else clone_sources(self._rng, self.cfg, self.interface, N, n)
         wiring, st = grow(OPS, self.policy, self.cfg, self._rng, self.wiring, self.state(), n, sources)
         self._resize(wiring, st)
         return list(range(N, N + n))
