@@ -79,7 +79,7 @@ def plot_curves(rows, path, title):
 
 
 def plot_experts(ns, ours, base, path, title):
-    from badger_runtime.demo.figures import save_png, subplots
+    from badger_runtime.demo.figures import label_axes, save_png, subplots
 
     fig, ax = subplots(figsize=(6, 3.8))
     for p, m in zip(POINTS, ("o", "s", "^")):
@@ -88,10 +88,7 @@ def plot_experts(ns, ours, base, path, title):
         ax.plot(ns, [at(o, p) for o in ours], marker=m, label=f"Badger agent, T = {p}")
         ax.axhline(at(base["thompson"], p), ls=":", color=ax.lines[-1].get_color(), lw=1)
     ax.set_xscale("log")
-    ax.set_xlabel("experts N")
-    ax.set_ylabel("cumulative regret")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    label_axes(ax, xlabel="experts N", ylabel="cumulative regret", title=title, legend="best", grid=False)
     fig.tight_layout()
     save_png(fig, path, dpi=120)
 

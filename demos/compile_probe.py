@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 import badger_runtime.engine as engine
-from badger_runtime.config import AgentConfig
-from badger_runtime.rollout import agent_step, rollout, sample_wiring
-from badger_runtime.tasks import default_config, make_task
-from badger_runtime.training.model import ExpertPolicy, torch_ops
+from badger_runtime.bench.train import reference_setup, training_step
+from badger_runtime.rollout import agent_step, sample_wiring
+from badger_runtime.training.model import ExpertPolicy
 
 
 def batches(cfg, task, n, seed=0):
@@ -30,10 +29,7 @@ def batches(cfg, task, n, seed=0):
 
 def one_batch(ops, policy, opt, cfg, ep, w):
     c0 = time.thread_time()
-    out = rollout(ops, policy, cfg, ep, w, steps=20)
-    opt.zero_grad(set_to_none=True)
-    out.losses.mean().backward()
-    opt.step()
+    out = training_step(ops, policy, opt, cfg, ep, w, 20)
     return time.thread_time() - c0, out.outputs.detach()
 
 
@@ -44,11 +40,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of --batches batches per variant")
     p.add_argument("--batches", type=int, default=3)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = AgentConfig().validate()
-    task = make_task(default_config("guessing", feedback="scalar"))
-    ops = torch_ops()
+    cfg, task, ops = reference_setup(seed=0, threads=1)
     data = batches(cfg, task, args.batches + 1)
     eager = ExpertPolicy(cfg.policy)
     comp = ExpertPolicy(cfg.policy)

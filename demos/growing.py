@@ -43,7 +43,7 @@ def run_arm(pol, agent_cfg, task, *, dims, experts, episodes, seed, steps, add_a
 
 
 def plot(path: Path, curves: dict, add_at: int, title: str):
-    from badger_runtime.demo.figures import save_png, subplots
+    from badger_runtime.demo.figures import label_axes, save_png, subplots
 
     fig, ax = subplots(figsize=(7.5, 4.5), dpi=120)
     for label, err in curves.items():
@@ -55,10 +55,8 @@ def plot(path: Path, curves: dict, add_at: int, title: str):
     ax.axvline(add_at + 0.5, color="k", ls=":", lw=1)
     ax.text(add_at + 0.7, ax.get_ylim()[1] * 0.92, "experts added", fontsize=8)
     ax.set_yscale("log")
-    ax.set_xlabel("inner step")
-    ax.set_ylabel("error (3 x MSE), mean over episodes")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    label_axes(ax, xlabel="inner step", ylabel="error (3 x MSE), mean over episodes", title=title, legend="best",
+               grid=False)
     fig.tight_layout()
     save_png(fig, path)
 

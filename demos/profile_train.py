@@ -12,10 +12,9 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from badger_runtime.config import AgentConfig
-from badger_runtime.rollout import rollout, sample_wiring
-from badger_runtime.tasks import default_config, make_task
-from badger_runtime.training.model import ExpertPolicy, torch_ops
+from badger_runtime.bench.train import reference_setup, training_step
+from badger_runtime.rollout import sample_wiring
+from badger_runtime.training.model import ExpertPolicy
 
 
 def main(argv=None):
@@ -23,21 +22,14 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--top", type=int, default=10)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = AgentConfig().validate()
-    task = make_task(default_config("guessing", feedback="scalar"))
-    ops = torch_ops()
+    cfg, task, ops = reference_setup(seed=0, threads=1)
     policy = ExpertPolicy(cfg.policy)
     opt = torch.optim.Adam(policy.parameters(), 1e-4)
     rng = np.random.default_rng(0)
 
     def batch():
         ep = task.sample(rng, 100, dims=3, experts=20, steps=20, addr_dim=cfg.policy.addr_dim)
-        out = rollout(ops, policy, cfg, ep, sample_wiring(rng, cfg, 100, 20), steps=20)
-        opt.zero_grad(set_to_none=True)
-        out.losses.mean().backward()
-        opt.step()
+        training_step(ops, policy, opt, cfg, ep, sample_wiring(rng, cfg, 100, 20), 20)
 
     batch()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:

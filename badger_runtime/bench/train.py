@@ -58,6 +58,33 @@ def matmul_gflops(threads: int = 1, size: int = 384, repeats: int = 30) -> float
     return 2 * size**3 / best / 1e9
 
 
+def reference_setup(seed: int = 0, threads: int = 1):
+    """The 2019 code's training setting (the limit's reference and the probes' in demos/): torch on
+    ``threads`` threads, seeded; the default agent (dense attention, 1 round, hidden 64) and the
+    scalar-feedback guessing game. Returns (agent config, task, torch ops)."""
+    import torch
+
+    from ..config import AgentConfig
+    from ..tasks import default_config, make_task
+    from ..training.model import torch_ops
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return AgentConfig().validate(), make_task(default_config("guessing", feedback="scalar")), torch_ops()
+
+
+def training_step(ops, policy, opt, cfg, episode, wiring, steps: int):
+    """One outer-loop step as the benchmarks time it: the rollout, the backward pass of the mean
+    loss, an optimizer step. Returns the rollout."""
+    from ..rollout import rollout
+
+    out = rollout(ops, policy, cfg, episode, wiring, steps=steps)
+    opt.zero_grad(set_to_none=True)
+    out.losses.mean().backward()
+    opt.step()
+    return out
+
+
 def bench_train(experts=(5, 20, 40, 80), steps=(10, 20, 40), batch: int = 64, repeats: int = 5, dims: int = 3,
                 threads: int = 1, seed: int = 0, reference: bool = True, routing: str = "dense", k: int = 8,
                 candidates: int = 0) -> dict:
@@ -67,18 +94,13 @@ def bench_train(experts=(5, 20, 40, 80), steps=(10, 20, 40), batch: int = 64, re
     import torch
 
     from ..config import AgentConfig, RoutingConfig
-    from ..rollout import rollout, sample_wiring
-    from ..tasks import default_config, make_task
-    from ..training.model import ExpertPolicy, torch_ops
+    from ..rollout import sample_wiring
+    from ..training.model import ExpertPolicy
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    ref_cfg = AgentConfig().validate()  # the 2019 setting: dense attention
+    ref_cfg, task, ops = reference_setup(seed, threads)  # the 2019 setting: dense attention
     cfg = AgentConfig(routing=RoutingConfig(kind=routing, k=k, candidates=candidates)).validate()
-    task = make_task(default_config("guessing", feedback="scalar"))
     policy = ExpertPolicy(cfg.policy)
     opt = torch.optim.Adam(policy.parameters(), 1e-4)
-    ops = torch_ops()
     rng = np.random.default_rng(seed)
     rows = []
     sizes = [(batch, n, T, dims, cfg) for n in experts for T in steps]
@@ -91,10 +113,7 @@ def bench_train(experts=(5, 20, 40, 80), steps=(10, 20, 40), batch: int = 64, re
             ep = task.sample(rng, batch, dims=dims, experts=n, steps=T, addr_dim=acfg.policy.addr_dim)
             w = sample_wiring(rng, acfg, batch, n)
             t0, c0 = time.perf_counter(), time.thread_time()
-            out = rollout(ops, policy, acfg, ep, w, steps=T)
-            opt.zero_grad(set_to_none=True)
-            out.losses.mean().backward()
-            opt.step()
+            training_step(ops, policy, opt, acfg, ep, w, T)
             if r:  # the first is a warm-up
                 times.append(time.perf_counter() - t0)
                 cpu.append(time.thread_time() - c0)
