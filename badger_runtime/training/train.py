@@ -25,7 +25,7 @@ from ..curriculum import task_at
 from ..engine import Agent
 from ..episodes import Driver, drive
 from ..evaluation import evaluate
-from ..rollout import sample_wiring
+from ..rollout import clone_sources, sample_wiring
 from ..tasks import make_task
 from .model import ExpertPolicy, torch_ops
 
@@ -271,7 +271,9 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
             n = agent.n_experts
             if cfg.train.grow_prob and steps > 1 and rng.random() < cfg.train.grow_prob:
                 n_new = int(rng.integers(1, n + 1))
-                sources = rng.integers(0, n, size=n_new) if rng.random() < 0.5 else None
+                # clones: deployment's rule (the same draws as rng.integers(0, n, n_new) unless the
+                # membrane deals its slots out to the experts, then an expert of the same part)
+                sources = clone_sources(rng, cfg.agent, ep.interface, n, n_new) if rng.random() < 0.5 else None
                 grow = (int(rng.integers(1, steps)), n_new, sources)
             per_step, loss, prev = _episode_loss(cfg, ops, agent, ep, steps, rounds, prev, ep_start, grow)
             n = agent.n_experts
