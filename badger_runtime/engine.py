@@ -204,7 +204,7 @@ class Agent:
                 raise InputError(f"no expert {source} to clone (the agent has {N})")
             if sources is None:
                 sources = (np.full(n, source) if source is not None
-                           else clone_sources(self._rng, self.cfg, self.interface, N, n))
+                           else clone_sources(self._rng, self.interface, N, n))
         else:
             sources = None
         self.wiring, self.state = grow(self.ops, self.policy, self.cfg, self._rng, self.wiring, self.state, n, sources)

@@ -105,7 +105,7 @@ def initial_state(ops, policy, wiring: Wiring) -> AgentState:
 PARTITIONED_VISIBILITY = ("cyclic", "grid")
 
 
-def clone_candidates(cfg: AgentConfig, interface, N: int, n: int) -> list[np.ndarray] | None:
+def clone_candidates(interface, N: int, n: int) -> list[np.ndarray] | None:
     """For each of n experts joining an agent of N (ranks N .. N + n - 1) whose membrane deals the
     slots out to the experts (``PARTITIONED_VISIBILITY``: say one (class, feature) cell each): the
     ranks below N that read the same slots. None for any other membrane: any expert will do.
@@ -129,11 +129,11 @@ def clone_candidates(cfg: AgentConfig, interface, N: int, n: int) -> list[np.nda
     return [np.asarray(by_row.get(packed[N + i].tobytes(), ()), np.int64) for i in range(n)]
 
 
-def clone_sources(rng: np.random.Generator, cfg: AgentConfig, interface, N: int, n: int) -> np.ndarray:
+def clone_sources(rng: np.random.Generator, interface, N: int, n: int) -> np.ndarray:
     """Whom n new experts clone in an agent of N (every runtime's rule): with a partitioned membrane,
     for each an expert drawn among those that read the same slots (``clone_candidates``; among all
     N when none does); otherwise ``rng.integers(0, N, size=n)``."""
-    cands = clone_candidates(cfg, interface, N, n)
+    cands = clone_candidates(interface, N, n)
     if cands is None:
         return rng.integers(0, N, size=n)
     return np.array([int(rng.choice(c)) if c.size else int(rng.integers(0, N)) for c in cands], np.int64)

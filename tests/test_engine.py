@@ -279,18 +279,16 @@ def test_clones_copy_an_expert_that_senses_what_the_newcomer_will():
     """With a membrane that deals the slots out (grid: one (class, feature) cell per rank), a clone's
     source reads the same cell as the rank it joins at; with any other membrane (all slots, or only
     the first expert hearing the error) the sources are the plain draws, as before."""
-    from badger_runtime.config import AgentConfig
     from badger_runtime.membrane import Interface, Visibility
     from badger_runtime.rollout import clone_candidates, clone_sources
 
-    cfg = AgentConfig().validate()
     slots, out = np.zeros((1, 2 * 3 + 4, 8), np.float32), np.zeros((1, 4, 8), np.float32)
     grid = Interface(slots, out, Visibility("grid", 6, 10, period=3))  # 4 classes x 3 features: 12 cells
-    cands = clone_candidates(cfg, grid, 12, 12)
+    cands = clone_candidates(grid, 12, 12)
     assert all(c.tolist() == [i] for i, c in enumerate(cands))  # rank 12 + i is cell i again
-    assert clone_sources(np.random.default_rng(0), cfg, grid, 12, 24).tolist() == list(range(12)) * 2
+    assert clone_sources(np.random.default_rng(0), grid, 12, 24).tolist() == list(range(12)) * 2
     first = Interface(np.zeros((1, 4, 8), np.float32), out, Visibility("first", 3, 4))
     for itf in (first, Interface(slots, out)):
-        assert clone_candidates(cfg, itf, 3, 2) is None
+        assert clone_candidates(itf, 3, 2) is None
         a, b = np.random.default_rng(4), np.random.default_rng(4)
-        assert clone_sources(a, cfg, itf, 5, 3).tolist() == b.integers(0, 5, size=3).tolist()
+        assert clone_sources(a, itf, 5, 3).tolist() == b.integers(0, 5, size=3).tolist()

@@ -248,7 +248,7 @@ class ActorAgent(Lifecycle):
             raise InputError(f"no expert {source} to clone")
         new = []
         live = self.live_ids()  # by rank, as the membrane's visibility rows
-        cands = clone_candidates(self.cfg, self.interface, len(live), n) if init == "clone" and source is None else None
+        cands = clone_candidates(self.interface, len(live), n) if init == "clone" and source is None else None
         for i in range(n):
             eid = self._next_id
             self._next_id += 1
