@@ -250,3 +250,22 @@ def test_a_membership_change_leaves_every_batch_before_it_untouched(runtime):
     grown = run_episodes(numpy_ops(), pol, pol.agent, pol.task, changes=schedule(add_at=3, add=4, init="fresh"), **kw)
     assert np.array_equal(same.outputs[:3], grown.outputs[:3])  # [T, E, d]: all 6 episodes, 3 batches
     assert not np.array_equal(same.outputs[3:], grown.outputs[3:])  # the change did something
+
+
+def test_clones_in_a_grid_membrane_copy_the_same_cell_in_every_runtime():
+    """In the few-shot grid (one expert per (class, feature) cell) a clone copies the expert of the
+    cell it joins at, in the engine, the sharded runtime and the per-expert actors alike: the three
+    compute the same outputs across the hot-add (each draws its sources from its own stream, so a
+    random source would make them differ)."""
+    from badger_runtime.episodes import schedule
+    from badger_runtime.tasks.fewshot import FewShotTask
+
+    pytest.importorskip("sklearn")
+    pol = load_policy("fewshot-v2")
+    task = dataclasses.replace(FewShotTask.evaluation_config(pol.task), dataset="iris", steps=8,
+                               baselines="none").validate()
+    kw = dict(dims=2, experts=8, episodes=2, seed=0, steps=8, changes=schedule(3, 8, "clone"))  # N = C x F = 2 x 4
+    ref = run_episodes(numpy_ops(), pol, pol.agent, task, **kw)
+    for runtime in ("sharded", "actors"):
+        other = run_episodes(numpy_ops(), pol, pol.agent, task, runtime=runtime, **kw)
+        assert np.abs(ref.outputs - other.outputs).max() <= 1e-5, runtime

@@ -28,8 +28,7 @@ DPI = 110
 def subplots(nrows: int = 1, ncols: int = 1, *, figsize, dpi: float | None = None, **kw):
     """(figure, axes): a grid of axes on the Agg canvas, as ``pyplot.subplots`` gives, but with no
     pyplot (no global backend, no window, nothing to close). Every plot of the project uses it."""
-    fig = Figure(figsize=figsize, dpi=dpi)
-    FigureCanvasAgg(fig)
+    fig = _figure(*figsize, dpi=dpi)
     return fig, fig.subplots(nrows, ncols, **kw)
 
 
@@ -41,8 +40,8 @@ def save_png(fig: Figure, path: str | Path, dpi: float | None = None) -> Path:
     return path
 
 
-def _figure(w: float, h: float) -> Figure:
-    fig = Figure(figsize=(w, h))
+def _figure(w: float, h: float, dpi: float | None = None) -> Figure:
+    fig = Figure(figsize=(w, h), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
@@ -53,10 +52,8 @@ def _caption(fig: Figure, text: str, width: int = 150, y: float = 0.005):
 
 
 def _save(fig: Figure, path: str | Path, dpi: int | None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi or DPI, format="png")
-    return path
+    """The demo figures' PNG: ``save_png`` at the demo's resolution unless given."""
+    return save_png(fig, path, dpi or DPI)
 
 
 def label_axes(ax, *, xlabel: str, ylabel: str | None = None, title: str | None = None, legend: str | None = None,

@@ -429,19 +429,6 @@ def _long_task(policy, task: BanditConfig | None, change_every, steps: int) -> B
     return dataclasses.replace(task, change_every=tuple(change_every), steps=steps).validate()
 
 
-def long_rollout(policy, *, steps: int, episodes: int, seed: int, task: BanditConfig | None = None,
-                 dims: int | None = None, experts: int | None = None, change_every: tuple[int, int] = (0, 0)):
-    """``episodes`` agents of ``policy`` (any policy) on K-armed bandits for ``steps`` inner steps,
-    never reset, the means drawn for all steps at once (``longrun.long_rollout``; torch-free).
-    Returns (regret [T, E], best [T, E], episode, max |state|)."""
-    from ..longrun import long_rollout as run_long
-
-    task = _long_task(policy, task, change_every, steps)
-    run = run_long(policy, steps=steps, episodes=episodes, seed=seed, dims=dims, experts=experts, task=task,
-                   upfront=True)
-    return run.metrics["regret"], run.metrics["best"], run.episode, run.max_abs_state
-
-
 def longrun_report(policy, *, task: BanditConfig | None = None, steps: int = 10_000, episodes: int = 50,
                    seed: int = 0, dims: int | None = None, experts: int | None = None,
                    change_every: tuple[int, int] = (200, 800), window: int = 100, baselines: bool = True,
@@ -455,8 +442,12 @@ def longrun_report(policy, *, task: BanditConfig | None = None, steps: int = 10_
     restarted), on the same draws. ``keeps_finding`` compares the second half with the first.
     ``task``: the bandit's settings (default: the policy's own, or the bandit's defaults); ``dims``:
     K; without ``full`` the windows of regret are left out."""
-    regret, best, ep, hmax = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, task=task, dims=dims,
-                                          experts=experts, change_every=change_every)
+    from ..longrun import long_rollout
+
+    cfg = _long_task(policy, task, change_every, steps)
+    run = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, dims=dims, experts=experts, task=cfg,
+                       upfront=True)  # the means drawn for all steps at once
+    regret, best, ep, hmax = run.metrics["regret"], run.metrics["best"], run.episode, run.max_abs_state
     changes = ep.changes if ep.changes is not None else np.zeros(regret.shape, bool)
     half = steps // 2
 
@@ -468,7 +459,7 @@ def longrun_report(policy, *, task: BanditConfig | None = None, steps: int = 10_
                 "best_after_change_second_half": best_after_change(bst, changes, lo=half)}
 
     K = ep.dims
-    report = {"policy": getattr(policy, "name", "?"), "task": dataclasses.asdict(_long_task(policy, task, change_every, steps)),
+    report = {"policy": getattr(policy, "name", "?"), "task": dataclasses.asdict(cfg),
               "steps": steps, "episodes": episodes, "seed": seed, "arms": K,
               "change_every": list(change_every), "window": window, "changes": int(changes[1:].sum()),
               "chance_best_fraction": 1.0 / K, "agent": summary(regret, best), "max_abs_state": hmax,

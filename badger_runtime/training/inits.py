@@ -149,7 +149,7 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
                 Wh[N + u, lay[unit][0]], bh[N + u] = G * sign_unit, -G
         for i, u in enumerate(lay["addr"]):  # class c's address, read by head 0
             Wi[N + u, val[0] + 1 + N_KIND_FLAGS + i] = 0.25
-        for i, u in enumerate(lay.get("addr_seen", ())):  # the same, taken only once seen = +1 (kept at 0 before)
+        for i, u in enumerate(lay.get("addr_seen", ())):  # the same, taken once the unit seen_after is +1 (0 before)
             Wi[N + u, val[0] + 1 + N_KIND_FLAGS + i] = 0.25
             bi[Z + u], Wh[Z + u, lay[seen_after][0]] = 0.0, -G
 
