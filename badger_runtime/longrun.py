@@ -51,7 +51,7 @@ def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | No
         task = dataclasses.replace(task, jump_every=tuple(jump_every))
     tk = make_task(task)
     d = dims or tk.default_dims()
-    n = experts or tk.default_experts()
+    n = experts or tk.experts_for(d)
     if upfront is None:
         upfront = bool(getattr(task, "jump_every", (0, 0))[1])
     rng_task, rng_wire = episode_rngs(seed)

@@ -124,7 +124,9 @@ class Visibility:
       ``fraction`` (each expert hears a random part of the feedback; what the others heard
       reaches it only in messages);
     - ``cyclic``: expert e reads slot lo + (e mod (hi - lo)) of [lo, hi) and no other there (the
-      slots are dealt out to the experts in turn: with N >= hi - lo every slot has a reader);
+      slots are dealt out to the experts in turn: with N >= hi - lo every slot has a reader). With
+      ``blocks`` = m > 1, [lo, hi) is m blocks of C = (hi - lo) / m slots (say one per arm, the
+      same C arms in each block) and expert e reads slot e mod C of every block;
     - ``grid``: ``cyclic`` on [lo, hi) (C = hi - lo slots, say one per class), and of the slots
       before lo expert e reads those whose index i has i mod ``period`` = (e div C) mod
       ``period`` (say one feature of an example, and the same feature of another): the experts
@@ -139,6 +141,7 @@ class Visibility:
     fraction: float = 1.0
     seed: int = 0
     period: int = 0  # grid: the cells per row (the slots before lo repeat with this period)
+    blocks: int = 1  # cyclic: [lo, hi) is this many blocks of the same (hi - lo) / blocks parts
 
     KINDS = ("all", "first", "fraction", "cyclic", "grid")
 
@@ -149,6 +152,8 @@ class Visibility:
             raise ValueError("visibility needs 0 <= lo <= hi and fraction in [0, 1]")
         if self.kind == "grid" and (self.period < 1 or self.hi <= self.lo):
             raise ValueError("a grid visibility needs period >= 1 and lo < hi")
+        if self.blocks < 1 or (self.blocks > 1 and (self.kind != "cyclic" or (self.hi - self.lo) % self.blocks)):
+            raise ValueError("visibility blocks > 1 is for 'cyclic' over a range [lo, hi) that they divide")
 
     def mask(self, n: int, slots: int) -> np.ndarray | None:
         """[1, n, slots] bool (True: may read), or None when every expert reads every slot."""
@@ -161,8 +166,10 @@ class Visibility:
         elif self.kind in ("cyclic", "grid"):
             vis[:, :, lo:hi] = False
             e = np.arange(n)
-            j = self.lo + e % (self.hi - self.lo)
-            vis[0, e[j < hi], j[j < hi]] = True
+            C = (self.hi - self.lo) // self.blocks
+            for m in range(self.blocks):
+                j = self.lo + m * C + e % C
+                vis[0, e[j < hi], j[j < hi]] = True
             if self.kind == "grid":
                 cell = (e // (self.hi - self.lo)) % self.period
                 before = np.arange(min(self.lo, slots))
@@ -175,12 +182,12 @@ class Visibility:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "lo": self.lo, "hi": self.hi, "fraction": self.fraction, "seed": self.seed,
-                "period": self.period}
+                "period": self.period, "blocks": self.blocks}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Visibility":
         return cls(str(d["kind"]), int(d["lo"]), int(d["hi"]), float(d["fraction"]), int(d["seed"]),
-                   int(d.get("period", 0)))
+                   int(d.get("period", 0)), int(d.get("blocks", 1)))
 
 
 def _unit_hash(seed: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -29,9 +29,9 @@ def pol():
     return load_policy("guessing-converge-v1")
 
 
-def episodes(batch=4, K=5, steps=30, seed=0, addr_dim=6, **cfg):
+def episodes(batch=4, K=5, steps=30, seed=0, addr_dim=6, experts_n=3, **cfg):
     task = make_task(default_config("bandit", **cfg))
-    return task.sample(np.random.default_rng(seed), batch, dims=K, experts=3, steps=steps, addr_dim=addr_dim)
+    return task.sample(np.random.default_rng(seed), batch, dims=K, experts=experts_n, steps=steps, addr_dim=addr_dim)
 
 
 def test_draws_and_interface_shapes():
@@ -81,6 +81,70 @@ def test_the_arm_and_its_feedback_come_from_the_outputs_as_documented(choice):
         m = ep.metrics(t - 1, scores)
         mu = ep.means[t - 1]
         assert np.allclose(m["regret"], mu.max(axis=1) - mu[rows, arm])
+
+
+def test_cyclic_visibility_in_blocks_deals_each_arm_to_its_experts():
+    from badger_runtime.membrane import Visibility
+
+    v = Visibility("cyclic", 0, 6, blocks=2)  # 3 arms, two slots each (pulled 0-2, feedback 3-5)
+    m = v.mask(5, 7)[0]  # slot 6 (outside) always read
+    assert m.astype(int).tolist() == [[1, 0, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0, 1], [0, 0, 1, 0, 0, 1, 1],
+                                      [1, 0, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0, 1]]
+    assert Visibility.from_dict(v.to_dict()) == v
+    old = {k: x for k, x in Visibility("cyclic", 0, 6).to_dict().items() if k != "blocks"}  # a card from before
+    assert Visibility.from_dict(old) == Visibility("cyclic", 0, 6)
+    for bad in ({"kind": "cyclic", "hi": 5, "blocks": 2}, {"kind": "grid", "lo": 2, "hi": 4, "period": 1, "blocks": 2},
+                {"kind": "cyclic", "hi": 4, "blocks": 0}):
+        with pytest.raises(ValueError):
+            Visibility(**bad)
+
+
+def test_the_arms_layout_gives_each_arm_its_own_two_slots():
+    """layout = arms: 2K slots at the arm addresses (pulled: observation flag, feedback: feedback flag),
+    values the pulled arm's one-hot and 2 x loss - 1 on it; expert e reads arm e mod K's slots only."""
+    K, B = 4, 6
+    ep = episodes(batch=B, K=K, steps=6, layout="arms", experts_n=K)
+    itf = ep.interface
+    assert dict(itf.parts) == {"pulled": K, "feedback": K} and ep.slots == 2 * K
+    for block, kind in ((0, KIND_OBSERVATION), (1, KIND_FEEDBACK)):
+        part = itf.slot_addr[:, block * K:(block + 1) * K]
+        assert (part[..., kind] == 1).all() and (part[..., 1 - kind] == 0).all()
+        assert np.array_equal(part[..., N_KIND_FLAGS:], itf.out_addr[..., N_KIND_FLAGS:])
+    vis = itf.visible(2 * K)[0]
+    for e in range(2 * K):
+        assert np.flatnonzero(vis[e]).tolist() == [e % K, K + e % K]
+    assert not ep.observe(OPS, 0, np.zeros((B, K), np.float32)).any()
+    rng, rows = np.random.default_rng(2), np.arange(B)
+    before = itf.slot_addr.copy()
+    for t in range(1, 6):
+        scores = rng.normal(size=(B, K)).astype(np.float32)
+        vals = ep.observe(OPS, t, scores)
+        arm = ep.actions(t - 1, scores)
+        onehot = np.eye(K, dtype=np.float32)[arm]
+        assert np.array_equal(vals[:, :K], onehot)
+        assert np.array_equal(vals[:, K:], onehot * (1.0 - 2.0 * ep.rewards[t - 1, rows, arm])[:, None])
+    assert np.array_equal(itf.slot_addr, before)  # no pointers: the addresses never move
+    with pytest.raises(Exception, match="at least 5 experts"):
+        make_task(default_config("bandit", layout="arms")).sample(np.random.default_rng(0), 2, dims=5, experts=4,
+                                                                   steps=3, addr_dim=6)
+    task = make_task(default_config("bandit", layout="arms", experts=(3, 6)))
+    assert task.pointer_field is None and task.experts_for(50) == 50 and task.experts_for(4) == 6
+    assert make_task(default_config("bandit")).pointer_field == "arm"
+
+
+def test_the_arms_layout_relaxation_keeps_the_episode_and_reaches_the_choice():
+    import torch
+
+    from badger_runtime.training.model import torch_ops
+
+    ops = torch_ops()
+    ep = episodes(batch=5, K=3, steps=3, layout="arms", relax="straight_through", experts_n=3)
+    out = torch.randn(5, 3, requires_grad=True)
+    relaxed = ep.observe(ops, 1, out)
+    hard = ep.observe(OPS, 1, out.detach().numpy())
+    assert np.allclose(relaxed.detach().numpy(), hard, atol=1e-6)
+    (g,) = torch.autograd.grad(relaxed[:, 3:].sum(), out)
+    assert g.abs().sum() > 0
 
 
 def test_sampled_choice_follows_the_softmax():
@@ -160,10 +224,11 @@ def test_changing_means_redraw_every_a_to_b_steps():
             assert not np.array_equal(ep.means[s - 1, e], ep.means[s, e])
 
 
+@pytest.mark.parametrize("layout", ["pointer", "arms"])
 @pytest.mark.parametrize("runtime", ["sharded", "actors"])
-def test_runtimes_pull_the_same_arms_as_the_engine(pol, runtime):
-    task = default_config("bandit", steps=12)
-    kw = {"dims": 5, "experts": 4, "episodes": 3, "seed": 7, "steps": 12}
+def test_runtimes_pull_the_same_arms_as_the_engine(pol, runtime, layout):
+    task = default_config("bandit", steps=12, layout=layout)
+    kw = {"dims": 5, "experts": 7, "episodes": 3, "seed": 7, "steps": 12}
     a = run_episodes(OPS, pol, pol.agent, task, **kw)
     b = run_episodes(OPS, pol, pol.agent, task, runtime=runtime, **kw)
     assert np.abs(a.outputs - b.outputs).max() <= 1e-5
@@ -273,3 +338,32 @@ def test_bandit_runs_with_torch_unimportable(tmp_path):
         longrun_report(p, steps=60, episodes=2, change_every=(10, 20), window=20)
         assert 'torch' not in sys.modules
     """, tmp_path)
+
+
+def test_the_arm_routing_init_sends_each_expert_score_to_its_own_arm():
+    """train.init = arm_routing (training/inits.py): from the first step each output mixes only the
+    experts that read its arm's slots (push weight >= 0.9 on them), whatever K and N >= K."""
+    import torch
+
+    from badger_runtime.config import AgentConfig, PolicySpec
+    from badger_runtime.rollout import rollout, sample_wiring
+    from badger_runtime.training.inits import apply_init
+    from badger_runtime.training.model import ExpertPolicy, torch_ops
+
+    spec = PolicySpec(hidden=40, msg_dim=8, key_dim=4, addr_dim=24, read_heads=2, id_dim=4)
+    torch.manual_seed(0)
+    agent = AgentConfig(policy=spec)
+
+    def own_mass(pol, K, N):
+        ep = episodes(batch=4, K=K, steps=3, addr_dim=24, layout="arms", experts_n=N)
+        with torch.no_grad():
+            r = rollout(torch_ops(), pol, agent, ep, sample_wiring(np.random.default_rng(K), agent, 4, N), steps=3,
+                        record=True)
+        w = r.traces[-1].push_weights.numpy()  # [B, K, N]
+        own = (np.arange(N)[None, :] % K) == np.arange(K)[:, None]  # [K, N]: expert e reads arm e mod K
+        return (w * own[None]).sum(axis=-1)
+
+    pol = apply_init("arm_routing", ExpertPolicy(spec))
+    for K, N in ((3, 7), (10, 10)):
+        assert own_mass(pol, K, N).min() >= 0.9
+    assert own_mass(ExpertPolicy(spec), 10, 10).min() < 0.5  # the default init mixes every expert into every arm

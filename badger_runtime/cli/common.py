@@ -147,7 +147,7 @@ def resolve_eval(args, agent: AgentConfig, task: TaskConfig):
     task = resolve_task(args, task)
     t = make_task(task)
     dims = t.default_dims() if args.dims is None else args.dims
-    experts = args.experts if args.experts is not None else t.default_experts()
+    experts = args.experts if args.experts is not None else t.experts_for(dims)
     changes = schedule(args.add_at, args.add, args.init, args.remove_at, args.remove)
     return agent, task, dims, experts, changes
 

@@ -192,6 +192,11 @@ class Task:
         lo, hi = self.cfg.experts
         return lo if lo == hi else 20
 
+    def experts_for(self, dims: int) -> int:
+        """The default number of experts at ``dims`` outputs (``badger eval`` and long runs without
+        ``--experts``). Default: ``default_experts()`` whatever the dims."""
+        return self.default_experts()
+
     def card_evaluations(self) -> list[tuple[int, int, int]]:
         """(dims, experts, steps) at which ``badger export`` evaluates a policy for its card."""
         return [(self.default_dims(), self.default_experts(), self.cfg.steps)]

@@ -24,6 +24,13 @@ the feedback address is not scaled; that did not learn: docs/results.md). Feedba
 in every task here (the guessing game's feedback is its error, 0 = perfect), so a policy trained
 on another task family runs on bandits through the same interface.
 
+With ``layout = "arms"`` (``arms_interface``) the membrane instead gives every arm two slots at
+its address, ``pulled`` (1 on the arm pulled at the previous step) and ``feedback`` (2 x its loss
+- 1 on that arm), and deals them out: expert e reads arm e mod K's two slots and no other arm's
+(``Visibility('cyclic', blocks=2)``), so N >= K experts are needed and each can keep its own arm's
+count and sum, first-order in what it reads. Nothing moves: the addresses stay put, a served step
+sends the two parts, K values each.
+
 The pointers are written by ``observe`` into the episode's interface (``point_feedback``): the
 runtimes read the slot addresses at every step (the engine, the actor runtimes, which hold views
 of the same array), and a served session takes the pulled arm as the step's ``arm`` field.
@@ -61,6 +68,7 @@ from .guessing import random_addresses, with_kind
 DISTS = bb.DISTS
 CHOICES = ("sample", "argmax")
 POINTERS = ("reward", "arm")
+LAYOUTS = ("pointer", "arms")
 RELAX = ("none", "straight_through")
 TUNE_EPISODES = 200  # epsilon-greedy's rate is tuned on this many training-distribution episodes
 TUNE_SEED = 12345  # ... drawn with this seed (never an evaluation seed's stream)
@@ -78,6 +86,7 @@ class BanditConfig(TaskConfig):
     choice: str = "sample"  # how the environment picks the arm from the scores: sample | argmax
     temperature: float = 0.25  # choice = sample: softmax(scores / temperature)
     change_every: tuple[int, int] = (0, 0)  # the means are drawn afresh every U[a, b] steps (0 = never)
+    layout: str = "pointer"  # the membrane: two slots pointing at the pulled arm ('pointer') or two per arm ('arms')
     pointer: str = "reward"  # the feedback slot's address: the pulled arm's times its reward ('reward') or not ('arm')
     relax: str = "none"  # training: 'straight_through' makes the later steps differentiable in the choice
     sf_weight: float = 1.0  # training: weight of the score-function term (0: the dense surrogate only)
@@ -89,6 +98,8 @@ class BanditConfig(TaskConfig):
             raise ConfigError(f"task.arm_dist must be one of {DISTS}, got {self.arm_dist!r}")
         if self.relax not in RELAX:
             raise ConfigError(f"task.relax must be one of {RELAX}, got {self.relax!r}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"task.layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.pointer not in POINTERS:
             raise ConfigError(f"task.pointer must be one of {POINTERS}, got {self.pointer!r}")
         if self.choice not in CHOICES:
@@ -147,6 +158,25 @@ def interface(base: np.ndarray) -> Interface:
     return Interface(slot_addr, with_kind(base, None), Visibility(), (("observation", K), ("pulled", 1), ("feedback", 1)))
 
 
+def arms_interface(base: np.ndarray) -> Interface:
+    """``layout = "arms"``: the membrane's view with two slots per arm at the arm's address, ``pulled``
+    (observation flag; value 1 on the arm pulled at the previous step, else 0) and ``feedback``
+    (feedback flag; value ``arm_feedback`` of the pull's loss on the pulled arm, else 0). The slots are
+    dealt out to the experts (``Visibility('cyclic', blocks=2)``): expert e reads both slots of arm
+    e mod K and no other arm's, so an agent needs N >= K experts and each keeps its own arm's
+    statistics (a count and a sum: first-order in what it reads, whatever its address)."""
+    B, K = base.shape[:2]
+    slot_addr = np.concatenate([with_kind(base, KIND_OBSERVATION), with_kind(base, KIND_FEEDBACK)], axis=1)
+    return Interface(slot_addr, with_kind(base, None), Visibility("cyclic", 0, 2 * K, blocks=2),
+                     (("pulled", K), ("feedback", K)))
+
+
+def arm_feedback(loss):
+    """The ``arms`` layout's feedback value on the pulled arm: 2 x loss - 1 (a Bernoulli arm: -1 for a
+    win, +1 for a loss; a Gaussian one: -r / sigma), so that an arm never pulled reads 0, as no evidence."""
+    return 2.0 * loss - 1.0
+
+
 def point_feedback(itf: Interface, arms, scale=None, copy: bool = False) -> Interface:
     """Point each episode's ``pulled`` and ``feedback`` slots (the last two) at its pulled arm (``arms``
     [B]; -1: none yet, the bare kind flags): the arm's output address part, times ``scale`` [B]
@@ -192,6 +222,7 @@ class Episode(TaskEpisode):
     t_off: int = 0  # row 0 of the tables is inner step t_off (agents continued across batches)
     changes: np.ndarray | None = None  # [T, B] bool: the means changed at this step
     next_change: np.ndarray | None = None  # [B] the step of each episode's next change
+    layout: str = "pointer"  # pointer | arms (``arms_interface``)
 
     batch_axes: ClassVar[dict[str, int]] = {"means": 1, "rewards": 1, "uniforms": 1, "changes": 1, "next_change": 0}
 
@@ -220,6 +251,8 @@ class Episode(TaskEpisode):
         t - 1 in ``feedback``, whose addresses now point at that arm (every slot is 0 at t = 0, the
         pointers unset)."""
         B, K = self.batch, self.dims
+        if self.layout == "arms":
+            return self._observe_arms(ops, t, prev_output)
         if not isinstance(self.interface.slot_addr, np.ndarray):  # after relaxed steps (training): numpy again
             self.interface.slot_addr = np.array(self.interface.slot_addr.detach().cpu().numpy(), np.float32)
         if t == 0 or prev_output is None:
@@ -232,6 +265,24 @@ class Episode(TaskEpisode):
         point_feedback(self.interface, a, pointer_scale(fb, self.pointer))
         pulled_fb = np.stack([np.ones(B, np.float32), fb], axis=-1)
         return ops.concat([ops.asarray(prev_output), ops.asarray(pulled_fb)], axis=-1)
+
+    def _observe_arms(self, ops, t: int, prev_output):
+        """``layout = "arms"``: [B, 2K] slot values, the pulled arm's one-hot and its ``arm_feedback``
+        (zeros at t = 0). With the straight-through relaxation (training) the one-hot h enters as
+        h + pi - stop_gradient(pi), as in ``_observe_relaxed``, and the feedback as that times every
+        arm's code (what pulling each arm would have told)."""
+        B, K = self.batch, self.dims
+        if t == 0 or prev_output is None:
+            return ops.zeros((B, 2 * K))
+        a = self.actions(t - 1, ops.to_numpy(prev_output))
+        hard = np.zeros((B, K), np.float32)
+        hard[np.arange(B), a] = 1.0
+        codes = arm_feedback(feedback_code(self.rewards[self.row(t - 1)], self.dist, self.sigma))  # [B, K]
+        if self.relax == "straight_through" and getattr(prev_output, "requires_grad", False):
+            pi = softmax_composed(ops, prev_output / self.temperature)
+            y = ops.asarray(hard) + pi - pi.detach()
+            return ops.concat([y, y * ops.asarray(codes)], axis=-1)
+        return ops.asarray(np.concatenate([hard, hard * codes], axis=-1).astype(np.float32))
 
     def _observe_relaxed(self, ops, t: int, prev_output, a: np.ndarray):
         """Training only (torch, ``relax = "straight_through"``): the same slot values and pointer
@@ -335,7 +386,8 @@ def sample(rng: np.random.Generator, cfg: BanditConfig, batch: int, K: int, addr
     base = random_addresses(rng, (batch, K), addr_dim)
     first = draw_means(rng, (batch, K), cfg.arm_dist)
     means, changes, nxt = _means_over_time(rng, cfg, batch, K, steps, first, 0, None)
-    return _episode(rng, cfg, interface(base), means, 0, changes, nxt)
+    itf = arms_interface(base) if cfg.layout == "arms" else interface(base)
+    return _episode(rng, cfg, itf, means, 0, changes, nxt)
 
 
 def _episode(rng, cfg: BanditConfig, itf: Interface, means: np.ndarray, t_off: int, changes, nxt) -> Episode:
@@ -346,7 +398,7 @@ def _episode(rng, cfg: BanditConfig, itf: Interface, means: np.ndarray, t_off: i
         rewards = _draw_table(rng, means, cfg.arm_dist, cfg.sigma)
     uniforms = rng.random((T, B)).astype(np.float32)
     return Episode(itf, means, rewards, uniforms, cfg.arm_dist, cfg.sigma, cfg.choice, cfg.temperature, cfg.sf_weight,
-                   cfg.sf_discount, cfg.pointer, cfg.relax, t_off, changes, nxt)
+                   cfg.sf_discount, cfg.pointer, cfg.relax, t_off, changes, nxt, cfg.layout)
 
 
 def extend(rng: np.random.Generator, cfg: BanditConfig, ep: Episode, steps: int) -> Episode:
@@ -528,11 +580,17 @@ class BanditTask(Task):
     config_class = BanditConfig
     size_name = "arms"
     loss_name = "regret"
-    pointer_field = "arm"  # a served step names the arm whose loss its feedback carries
+    @property
+    def pointer_field(self) -> str | None:
+        """A served step names the arm whose loss its feedback carries (``layout = "pointer"``); with
+        ``layout = "arms"`` the step's ``pulled`` and ``feedback`` parts say it, one value per arm."""
+        return "arm" if self.cfg.layout == "pointer" else None
 
     def point(self, interface: Interface, index: int | None, slot_values: np.ndarray) -> Interface:
         """The served step's pointer: the feedback slot points at arm ``index`` (scaled by the reward the
         step's feedback value carries), or at none."""
+        if self.cfg.layout == "arms":
+            return interface
         scale = pointer_scale(np.asarray(slot_values)[:, -1], self.cfg.pointer)
         return point_feedback(interface, np.full(interface.batch, -1 if index is None else index), scale, copy=True)
 
@@ -562,11 +620,14 @@ class BanditTask(Task):
         how = (f"sampled from softmax(scores / {c.temperature:g}) with a uniform number drawn with the episode"
                if c.choice == "sample" else "the arm with the highest score (argmax)")
         continual = bool(c.change_every[1])
-        return {"task": "bandit", "arm_choice": how,
-                "feedback": "two slots whose addresses point at the pulled arm: 'pulled' (value 1) and 'feedback' "
-                            "(value: the pull's loss 1 - r; address scaled by the reward 2r - 1"
-                            f"{'' if c.pointer == 'reward' else ': not with pointer = arm'}); a served step names the "
-                            "pulled arm in its 'arm' field",
+        feedback = ("two slots whose addresses point at the pulled arm: 'pulled' (value 1) and 'feedback' "
+                    "(value: the pull's loss 1 - r; address scaled by the reward 2r - 1"
+                    f"{'' if c.pointer == 'reward' else ': not with pointer = arm'}); a served step names the "
+                    "pulled arm in its 'arm' field") if c.layout == "pointer" else (
+                    "two slots per arm at the arm's address (layout = arms): 'pulled' (1 on the arm pulled at the "
+                    "previous step, else 0) and 'feedback' (2 x loss - 1 on that arm: -1 a win, +1 a loss; else 0); "
+                    "expert e reads arm e mod K's slots only, so an agent needs at least K experts")
+        return {"task": "bandit", "arm_choice": how, "layout": c.layout, "feedback": feedback,
                 "continual": continual,
                 "continual_note": (f"trained with arm means drawn afresh every U{list(c.change_every)} steps, never "
                                    "reset: see evaluation_continual" if continual else
@@ -578,13 +639,22 @@ class BanditTask(Task):
     def card_evaluations(self) -> list[tuple[int, int, int]]:
         """The largest trained K and K = 50, for 1,000 steps."""
         n = self.default_experts()
-        return [(self.cfg.dims[1], n, 1000), (50, n, 1000)]
+        return [(self.cfg.dims[1], n, 1000), (50, self.experts_for(50), 1000)]
 
     def default_experts(self) -> int:
         return self.cfg.experts[1]
 
+    def experts_for(self, dims: int) -> int:
+        """The default number of experts at K arms: the trained maximum, and at least K with the
+        ``arms`` layout (one expert per arm at least)."""
+        n = self.default_experts()
+        return max(n, dims) if self.cfg.layout == "arms" else n
+
     def sample(self, rng: np.random.Generator, batch: int, *, dims: int, experts: int, steps: int,
                addr_dim: int) -> Episode:
+        if self.cfg.layout == "arms" and experts < dims:
+            raise ConfigError(f"the bandit's 'arms' layout deals one arm to each expert: K = {dims} arms need at "
+                              f"least {dims} experts, got {experts}")
         return sample(rng, self.cfg, batch, dims, addr_dim, steps)
 
     def extend(self, rng: np.random.Generator, episode: Episode, steps: int) -> Episode:

@@ -173,7 +173,58 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
     return policy
 
 
+def arm_routing(policy, *, key_gain: float = 16.0, kind_bias: float = 8.0, gate: float = 12.0):
+    """A scaffold for the bandit's ``arms`` membrane (``tasks/bandit.py``, ``arms_interface``), where
+    expert e reads the two slots of one arm (``pulled`` and ``feedback``, both at the arm's address):
+    only the part of the cell that says *which* arm is set by hand, every other weight keeps its
+    default (random) init for the outer loop to learn the statistics.
+
+    - Read head 0 reads the ``pulled`` slot (observation flag), head 1 the ``feedback`` slot
+      (feedback flag): their values are first-order inputs of the cell.
+    - The last ``addr_dim - 2`` hidden units copy the arm's address (read by head 0) at every step.
+    - Push key = ``key_gain`` x that copy: each output is then the mean of the push values of the
+      experts of its arm, so an expert's score reaches its own arm from the first batch.
+
+    Found necessary: from the default init the arms policy stayed at chance for 200 batches (it
+    must learn to route its score to its arm and what to score at once; docs/results.md)."""
+    spec = policy.spec
+    A, H, Dm = spec.addr_dim, spec.hidden, spec.msg_dim
+    if spec.read_heads < 2 or spec.competitive_heads:
+        raise ConfigError("train.init = 'arm_routing' needs policy.read_heads >= 2 and no competitive heads")
+    a_units = list(range(H - (A - N_KIND_FLAGS), H))
+    if a_units[0] < 4:
+        raise ConfigError(f"train.init = 'arm_routing' needs policy.hidden >= addr_dim + 2, got {H}")
+    head0 = Dm  # input index of read head 0's value (its address follows)
+    cell = policy.cell
+    Wi, Wh, bi, bh = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+    R, Z, N = 0, H, 2 * H
+    with torch.no_grad():
+        for g in (R, Z, N):
+            for u in a_units:
+                Wi[g + u].zero_()
+                Wh[g + u].zero_()
+                bi[g + u] = bh[g + u] = 0.0
+        Wh[:, a_units] = 0.0  # the address copy does not feed the other units (they may learn to)
+        for i, u in enumerate(a_units):
+            bi[Z + u] = -gate  # take the candidate every step
+            Wi[N + u, head0 + 1 + N_KIND_FLAGS + i] = 0.25
+        policy.h0[a_units] = 0.0
+        W, b = policy.heads.weight, policy.heads.bias
+        rq = _offset(spec, "read_query")
+        W[rq:rq + 2 * A] = 0.0
+        b[rq:rq + 2 * A] = 0.0
+        b[rq + KIND_OBSERVATION], b[rq + KIND_FEEDBACK] = kind_bias, -kind_bias
+        b[rq + A + KIND_OBSERVATION], b[rq + A + KIND_FEEDBACK] = -kind_bias, kind_bias
+        pk = _offset(spec, "push_key")
+        W[pk:pk + A] = 0.0
+        b[pk:pk + A] = 0.0
+        for i, u in enumerate(a_units):
+            W[pk + N_KIND_FLAGS + i, u] = key_gain
+    return policy
+
+
 INITS = {"prototypes": prototypes,
+         "arm_routing": arm_routing,
          # measured (docs/results.md, fewshot-v2): gain 8 after two examples keeps a hot-add of as many
          # fresh experts again within 0.005 of the unchanged agent; gated after one example, 0.016 below
          "prototypes_joinable": lambda policy: prototypes(policy, seen_key_gain=8.0, seen_after="n2")}
