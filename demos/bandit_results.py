@@ -21,7 +21,7 @@ import numpy as np
 from badger_runtime.engine import numpy_ops
 from badger_runtime.evaluation import evaluate
 from badger_runtime.policy_card import load_policy
-from badger_runtime.tasks import default_config
+from badger_runtime.tasks import default_config, make_task
 from badger_runtime.tasks.bandit import longrun_report, plot_longrun
 
 NAMES = {"thompson": "Thompson", "ucb1": "UCB1", "epsilon_greedy": "eps-greedy (tuned)",
@@ -106,13 +106,17 @@ def main(argv=None):
     E, S, T = args.episodes, args.seed, args.steps
     pol = load_policy(args.policy)
     N = pol.task.experts[1]
+    n_for = make_task(pol.task).experts_for  # N at K arms (the 'arms' membrane needs N >= K)
     lo, hi = pol.task.dims
+    n_text = f"N = {N}" if n_for(100) == N else f"N = {N} or K if larger"
+    fig = lambda what: (f"{args.figures}/bandit_{what}.png" if pol.name == "bandit-v1"  # noqa: E731
+                        else f"{args.figures}/{pol.name}_{what}.png")
     out = []
     w = out.append
     t0 = time.perf_counter()
 
     if "arms" not in skip:
-        w(f"### Regret at T = {' / '.join(POINTS)} (Bernoulli arms, N = {N}, {E} episodes, seed {S})\n")
+        w(f"### Regret at T = {' / '.join(POINTS)} (Bernoulli arms, {n_text}, {E} episodes, seed {S})\n")
         w(f"`{pol.name}` was trained with K in [{lo}, {hi}]. Each cell: cumulative regret after 100 / 500 / 1,000 "
           f"pulls, mean over episodes; the baselines ran on the same arm draws.\n")
         w("| K | Badger agent | Thompson | UCB1 | eps-greedy (tuned eps) | uniform random | agent / Thompson | "
@@ -120,7 +124,7 @@ def main(argv=None):
         w("|---|---|---|---|---|---|---|---|---|")
         curves = []
         for K in (hi // 2, hi, 20, 50, 100):
-            r, cmd = run(pol, K=K, N=N, T=T, E=E, S=S)
+            r, cmd = run(pol, K=K, N=n_for(K), T=T, E=E, S=S)
             th, ucb = r["baselines"]["thompson"], r["baselines"]["ucb1"]
             ratio = lambda b: " / ".join(f"{at(r['regret_by_step'], q) / at(b, q):.2f}" for q in POINTS  # noqa: E731
                                          if at(b, q) is not None)
@@ -130,15 +134,15 @@ def main(argv=None):
             if K in (hi, 50, 100):
                 curves.append((f"K = {K}" + (" (trained)" if K <= hi else ""), r))
         w("")
-        plot_curves(curves, f"{args.figures}/bandit_regret.png",
+        plot_curves(curves, fig("regret"),
                     f"{pol.name}: Bernoulli bandits, N = {N}, {E} episodes (seed {S}); trained K in [{lo}, {hi}]")
 
     if "gaussian" not in skip:
-        w(f"### Gaussian arms (never trained on: means ~ N(0, 1), rewards N(mean, 1); N = {N}, {E} episodes)\n")
+        w(f"### Gaussian arms (never trained on: means ~ N(0, 1), rewards N(mean, 1); {n_text}, {E} episodes)\n")
         w("| K | Badger agent | Thompson (Gaussian) | UCB1 | eps-greedy | uniform random | command |")
         w("|---|---|---|---|---|---|---|")
         for K in (hi, 50):
-            r, cmd = run(pol, K=K, N=N, T=T, E=E, S=S, arm_dist="gaussian")
+            r, cmd = run(pol, K=K, N=n_for(K), T=T, E=E, S=S, arm_dist="gaussian")
             w(f"| {K} | {cells(r)} | {cells(r, 'thompson')} | {cells(r, 'ucb1')} | {cells(r, 'epsilon_greedy')} | "
               f"{cells(r, 'uniform_random')} | `{cmd}` |")
         w("")
@@ -158,7 +162,8 @@ def main(argv=None):
         w("")
 
     if "experts" not in skip:
-        ns = sorted({1, 2, 3, N, 2 * N, 5 * N, 10 * N})
+        n0 = n_for(50)
+        ns = sorted({1, 2, 3, N, 2 * N, 5 * N, 10 * N} if n0 == N else {n0, 2 * n0, 5 * n0})
         w(f"### Regret against the number of experts (K = 50, trained N in [{pol.task.experts[0]}, {N}], "
           f"{E} episodes)\n")
         w("| N | regret at 100 / 500 / 1,000 | command |")
@@ -172,12 +177,12 @@ def main(argv=None):
         w(f"| Thompson (same draws) | {pts(base['thompson'])} | |")
         w(f"| UCB1 (same draws) | {pts(base['ucb1'])} | |")
         w("")
-        plot_experts(ns, ours, base, f"{args.figures}/bandit_experts.png",
+        plot_experts(ns, ours, base, fig("experts"),
                      f"{pol.name}: K = 50, regret against N (dotted: Thompson)")
 
     if "continual" not in skip:
         r = longrun_report(pol, steps=10_000, episodes=50, seed=S, change_every=(500, 1500))
-        plot_longrun(r, f"{args.figures}/bandit_continual.png")
+        plot_longrun(r, fig("continual"))
         w(f"### The 10,000-step check (K = {r['arms']}, N = {N}: means drawn afresh every U[500, 1500] steps, "
           f"never reset; 50 episodes, {r['changes']} changes)\n")
         w("Fraction of pulls on the best arm in windows of steps after each change (the episode start counts as "
@@ -195,7 +200,9 @@ def main(argv=None):
         w(f"\nCommand: `badger longrun --policy {pol.name} --task bandit --steps 10000 --episodes 50 --seed {S} "
           f"--change-every 500 1500 --json` (max abs state {r['max_abs_state']:.5f}, finite: {r['finite']}).\n")
 
-    w(f"_Made by `python demos/bandit_results.py --seed {S} --episodes {E}` in {time.perf_counter() - t0:.0f} s._")
+    flags = "" if pol.name == "bandit-v1" else f" --policy {pol.name}"
+    flags += f" --skip {args.skip}" if args.skip else ""
+    w(f"_Made by `python demos/bandit_results.py{flags} --seed {S} --episodes {E}` in {time.perf_counter() - t0:.0f} s._")
     print("\n".join(out))
 
 

@@ -103,6 +103,19 @@ def test_export_records_an_episodic_lifetime_by_default(tiny_run, tmp_path):
     assert load_policy(tmp_path / "p.onnx").horizon == 6
 
 
+def test_export_cli_records_a_horizon_given(tiny_run, tmp_path, capsys):
+    from badger_runtime.cli import main
+
+    out = tmp_path / "h.onnx"
+    assert main(["export", "--checkpoint", str(tiny_run[0] / "checkpoint.pt"), "--out", str(out), "--eval-episodes", "0",
+                 "--horizon", "40", "--why", "tuned for 40 steps"]) == 0
+    life = load_policy(out).card["lifetime"]
+    assert life == {"kind": "episodic", "horizon": 40, "why": "tuned for 40 steps"} and load_policy(out).horizon == 40
+    assert main(["export", "--checkpoint", str(tiny_run[0] / "checkpoint.pt"), "--out", str(out), "--eval-episodes", "0",
+                 "--horizon", "40", "--continual", "a check"]) != 0
+    assert "exclude each other" in capsys.readouterr().err
+
+
 def test_shipped_cards_say_continual_or_episodic():
     from badger_runtime.policy_card import shipped_dir, shipped_policies
 

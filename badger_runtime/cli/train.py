@@ -35,6 +35,9 @@ def register(sub):
     x.add_argument("--continual", default=None, metavar="EVIDENCE",
                    help="record the policy as continual (no horizon), citing the 10,000-step check that shows it "
                         "(default: episodic, with its training horizon)")
+    x.add_argument("--horizon", type=int_in(1, 10**9, "--horizon"), default=None, metavar="STEPS",
+                   help="record the policy as episodic with this horizon (default: its training horizon)")
+    x.add_argument("--why", default=None, help="with --horizon: why this horizon (recorded in the card)")
     x.set_defaults(fn=cmd_export)
 
 
@@ -59,9 +62,18 @@ def cmd_train(args):
 def cmd_export(args):
     from ..training.export import export, write_card_evaluation
 
+    from ..config import ConfigError
+
     extra = {"training_command": args.command_line} if args.command_line else {}
+    if args.continual and args.horizon:
+        raise ConfigError("--continual and --horizon exclude each other (a continual policy has no horizon)")
+    if args.why and not args.horizon:
+        raise ConfigError("--why goes with --horizon")
     if args.continual:
         extra["lifetime"] = {"kind": "continual", "horizon": None, "why": args.continual}
+    elif args.horizon:
+        extra["lifetime"] = {"kind": "episodic", "horizon": args.horizon,
+                             "why": args.why or "set at export (badger export --horizon)"}
     card = export(args.checkpoint, args.out, name=args.name, extra=extra or None)
     if args.eval_episodes:
         card = write_card_evaluation(args.out, episodes=args.eval_episodes)

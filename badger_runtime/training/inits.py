@@ -13,6 +13,7 @@ for thousands of batches (docs/results.md, "What did not work").
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..config import ConfigError
@@ -223,7 +224,120 @@ def arm_routing(policy, *, key_gain: float = 16.0, kind_bias: float = 8.0, gate:
     return policy
 
 
+#: The pull-count units of ``arm_index``: unit j moves from -1 towards +1 by a fraction alpha_j of
+#: the way at each pull of the arm, c_j(n) = 1 - 2 (1 - alpha_j)^n after n pulls (a geometric
+#: thermometer whose rates span 1 to ~2,000 pulls); functions of n are read from them linearly.
+ARM_RATES = (0.5, 0.25, 0.1, 0.04, 0.015, 0.005, 0.002)
+ARM_FIT_N = 3000  # the counts the linear read-outs are fitted on (n = 1 .. ARM_FIT_N)
+
+
+def _count_codes(n: np.ndarray) -> np.ndarray:
+    """[len(n), len(ARM_RATES) + 2]: the count units c_j(n), ``seen`` (n >= 1: +1, else -1) and 1."""
+    c = 1.0 - 2.0 * (1.0 - np.asarray(ARM_RATES))[None, :] ** np.asarray(n, np.float64)[:, None]
+    return np.concatenate([c, np.where(n >= 1, 1.0, -1.0)[:, None], np.ones((len(n), 1))], axis=1)
+
+
+def count_readout(target, *, first: float) -> np.ndarray:
+    """Weights w (over the count units, ``seen`` and a bias) with codes(n) . w ~ target(n) for
+    n = 1 .. ARM_FIT_N (least squares, relative to the target's scale) and = ``first`` at n = 0."""
+    n = np.arange(1, ARM_FIT_N + 1)
+    X, y = _count_codes(n), np.asarray(target(n), np.float64)
+    X = np.concatenate([X[:, :-2], X[:, -1:]], axis=1)  # seen = +1 for every n >= 1: folded into the bias
+    w = np.linalg.lstsq(X, y, rcond=None)[0]
+    cw, bias = w[:-1], w[-1]
+    at0 = -cw.sum() + bias  # what the fit says at n = 0 (c_j = -1), before the seen term
+    ws = (at0 - first) / 2.0  # seen: +ws for n >= 1, -ws at n = 0, the bias moved by -ws
+    return np.concatenate([cw, [ws, bias - ws]])
+
+
+def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, w: float = 0.5,
+              key_gain: float = 16.0, join_gain: float = 8.0, join_after: int = 5, kind_bias: float = 8.0,
+              gate: float = 12.0):
+    """A handcrafted index cell for the bandit's ``arms`` membrane (``tasks/bandit.py``): expert e
+    reads arm e mod K's ``pulled`` slot (head 0: value p, 1 on a pull of its arm) and ``feedback`` slot
+    (head 1: value x = 2 x loss - 1, -1 a win, +1 a loss) and keeps its arm's statistics:
+
+    - ``seen`` (-1 -> +1 at the first pull) and the count units c_j (``ARM_RATES``), updated on a pull
+      only: the counts never forget, so the cell is for stationary arms (an episodic policy: after the
+      means change it re-finds the best arm slowly, docs/results.md);
+    - m, the running mean of tanh(-w x) over the pulls (tanh(w) (2 mu - 1) for a Bernoulli arm of
+      mean mu): a pull after n earlier ones enters with weight 1 / (n + 1), the GRU's update gate
+      at logit ln n, read linearly from the count units (``count_readout``);
+    - the arm's address (head 0's read address) copied every step, and a second copy written once
+      the arm was pulled ``join_after`` times, both in the push key (``key_gain``, ``join_gain``):
+      an expert that joined late (hot-added) stays out of its arm's score until it has seen that
+      many pulls itself, by a factor ~exp(join_gain) in the push weights.
+
+    Push value (the arm's score) = beta x (m / tanh(w) + kappa / sqrt(n + 1)) (an estimate of
+    2 mu - 1 plus an exploration bonus that falls with the pulls, read linearly from the count
+    units); the environment then samples the arm from softmax(scores / temperature). Messages are
+    off (zero weights): each expert keeps its own arm's statistics, the choice between arms is the
+    membrane's. Needs ``read_heads = 2`` and ``hidden >= 2 (addr_dim - 2) + len(ARM_RATES) + 2``."""
+    spec = policy.spec
+    A, H, Dm = spec.addr_dim, spec.hidden, spec.msg_dim
+    if spec.read_heads != 2 or spec.competitive_heads or spec.read_moments:
+        raise ConfigError("train.init = 'arm_index' needs policy.read_heads = 2 (no competitive heads or moments)")
+    J, Aa = len(ARM_RATES), A - N_KIND_FLAGS
+    need = 2 * Aa + J + 2
+    if H < need:
+        raise ConfigError(f"train.init = 'arm_index' needs policy.hidden >= {need}, got {H}")
+    seen, m = 0, 1
+    counts = list(range(2, 2 + J))
+    addr = list(range(2 + J, 2 + J + Aa))
+    joined = list(range(2 + J + Aa, 2 + J + 2 * Aa))
+    free = list(range(need, H))
+    p_in, x_in = Dm, Dm + spec.read_width  # input index of head 0's and head 1's read values
+    a_in = Dm + 1 + N_KIND_FLAGS  # head 0's read address (past its kind flags)
+    G = gate
+    rate_logit = count_readout(lambda n: np.log(np.maximum(n, 1.0)), first=-G)  # z logit of m: ln n
+    bonus = count_readout(lambda n: 1.0 / np.sqrt(n + 1.0), first=1.0)
+    jth = 1.0 - 2.0 * (1.0 - ARM_RATES[2]) ** (join_after - 0.5)  # c_2 between join_after - 1 and join_after pulls
+    cell = policy.cell
+    Wi, Wh, bi, bh = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+    R, Z, N = 0, H, 2 * H
+    t = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
+    with torch.no_grad():
+        for x in (Wi, Wh, bi, bh, policy.heads.weight, policy.heads.bias, policy.h0):
+            x.zero_()
+        bi[R:R + H] = G  # r = 1
+        bi[Z:Z + H] = G  # by default a unit keeps its state (free units, and everything off a pull)
+        for u in [seen] + counts:  # -1 -> +1: candidate +1, taken at rate alpha on a pull
+            policy.h0[u], bi[N + u] = -G, G
+        bi[Z + seen], Wi[Z + seen, p_in] = G, -2 * G  # p = 1: z = sigma(-G), takes +1 at once
+        for u, a in zip(counts, ARM_RATES):
+            lg = float(np.log((1 - a) / a))
+            bi[Z + u], Wi[Z + u, p_in] = lg + 2 * G, -2 * G
+        # m: candidate tanh(-w x); on a pull z = sigma(ln n) with n the pulls so far (1 / (n + 1) of
+        # the new value: a running mean), off a pull z = sigma(2G + ...) ~ 1
+        Wi[N + m, x_in] = -w
+        Wh[Z + m, counts] = t(rate_logit[:J])
+        Wh[Z + m, seen] = float(rate_logit[J])
+        bi[Z + m], Wi[Z + m, p_in] = float(rate_logit[J + 1]) + 2 * G, -2 * G
+        for i, (u, v) in enumerate(zip(addr, joined)):
+            bi[Z + u] = -G  # take the address every step
+            Wi[N + u, a_in + i] = 0.25
+            Wi[N + v, a_in + i] = 0.25  # ... and once the arm was pulled join_after times
+            bi[Z + v], Wh[Z + v, counts[2]] = 40.0 * jth, -40.0
+        for u in free:
+            bi[Z + u] = G
+        W, b = policy.heads.weight, policy.heads.bias
+        rq = _offset(spec, "read_query")
+        b[rq + KIND_OBSERVATION], b[rq + KIND_FEEDBACK] = kind_bias, -kind_bias
+        b[rq + A + KIND_OBSERVATION], b[rq + A + KIND_FEEDBACK] = -kind_bias, kind_bias
+        pk = _offset(spec, "push_key")
+        for i, (u, v) in enumerate(zip(addr, joined)):
+            W[pk + N_KIND_FLAGS + i, u] = key_gain
+            W[pk + N_KIND_FLAGS + i, v] = join_gain
+        pv = _offset(spec, "push_value")
+        W[pv, m] = beta / float(np.tanh(w))
+        W[pv, counts] = t(beta * kappa * bonus[:J])
+        W[pv, seen] = beta * kappa * float(bonus[J])
+        b[pv] = beta * kappa * float(bonus[J + 1])
+    return policy
+
+
 INITS = {"prototypes": prototypes,
+         "arm_index": arm_index,
          "arm_routing": arm_routing,
          # measured (docs/results.md, fewshot-v2): gain 8 after two examples keeps a hot-add of as many
          # fresh experts again within 0.005 of the unchanged agent; gated after one example, 0.016 below
