@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--arms", default="5,10")
     ap.add_argument("--beta", type=floats, default=[1.5, 2.0, 3.0, 4.0])
     ap.add_argument("--kappa", type=floats, default=[0.25, 0.5, 1.0])
+    ap.add_argument("--n-cap", type=floats, default=[0.0], help="the running mean's cap on 1 / rate (0: none)")
     ap.add_argument("--change-every", type=int, nargs=2, default=(0, 0))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -47,11 +48,12 @@ def main():
     arms = [int(k) for k in args.arms.split(",")]
     rows = []
     what = "regret per step" if changing else "regret / Thompson"
-    print(f"| beta | kappa | {' | '.join(f'K = {k}: {what}' for k in arms)} | {'mean' if changing else 'mean ratio'} |")
-    print(f"|---|---|{'---|' * len(arms)}---|")
-    for beta, kappa in itertools.product(args.beta, args.kappa):
-        pol = arm_index(ExpertPolicy(spec), beta=beta, kappa=kappa)
-        row = {"beta": beta, "kappa": kappa}
+    print(f"| beta | kappa | n_cap | {' | '.join(f'K = {k}: {what}' for k in arms)} | "
+          f"{'mean' if changing else 'mean ratio'} |")
+    print(f"|---|---|---|{'---|' * len(arms)}---|")
+    for beta, kappa, cap in itertools.product(args.beta, args.kappa, args.n_cap):
+        pol = arm_index(ExpertPolicy(spec), beta=beta, kappa=kappa, n_cap=int(cap) or None)
+        row = {"beta": beta, "kappa": kappa, "n_cap": int(cap)}
         for K in arms:
             with torch.no_grad():
                 r = evaluate(torch_ops(), pol, agent, task, dims=K, experts=K, episodes=args.episodes, seed=args.seed,
@@ -61,9 +63,9 @@ def main():
         row["ratio"] = sum(v[0] if changing else v[0] / v[1] for v in (row[K] for K in arms)) / len(arms)
         rows.append(row)
         cells = " | ".join(f"{row[K][0]:.4f}" if changing else f"{row[K][0]:.1f} / {row[K][1]:.1f}" for K in arms)
-        print(f"| {beta:g} | {kappa:g} | {cells} | {row['ratio']:.3f} |", flush=True)
+        print(f"| {beta:g} | {kappa:g} | {int(cap)} | {cells} | {row['ratio']:.3f} |", flush=True)
     best = min(rows, key=lambda r: r["ratio"])
-    print(f"\nbest: beta {best['beta']:g}, kappa {best['kappa']:g} "
+    print(f"\nbest: {', '.join(f'{k} {best[k]:g}' for k in ('beta', 'kappa', 'n_cap'))} "
           f"({'mean regret per step' if changing else 'mean ratio'} {best['ratio']:.3f})")
     if args.json:
         print(json.dumps({"args": vars(args), "rows": [{str(k): v for k, v in r.items()} for r in rows]}))

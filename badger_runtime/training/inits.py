@@ -250,7 +250,7 @@ def count_readout(target, *, first: float) -> np.ndarray:
     return np.concatenate([cw, [ws, bias - ws]])
 
 
-def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, w: float = 0.5,
+def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | None = 100, w: float = 0.5,
               key_gain: float = 16.0, join_gain: float = 8.0, join_after: int = 5, kind_bias: float = 8.0,
               gate: float = 12.0):
     """A handcrafted index cell for the bandit's ``arms`` membrane (``tasks/bandit.py``): expert e
@@ -262,11 +262,16 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, w: float = 0.5,
       means change it re-finds the best arm slowly, docs/results.md);
     - m, the running mean of tanh(-w x) over the pulls (tanh(w) (2 mu - 1) for a Bernoulli arm of
       mean mu): a pull after n earlier ones enters with weight 1 / (n + 1), the GRU's update gate
-      at logit ln n, read linearly from the count units (``count_readout``);
+      at logit ln n, read linearly from the count units (``count_readout``); with ``n_cap`` the
+      weight stops falling at 1 / n_cap (an exponential average over the last ~n_cap pulls: it
+      follows an arm whose mean moved; 100 measured better than no cap on stationary arms too);
     - the arm's address (head 0's read address) copied every step, and a second copy written once
       the arm was pulled ``join_after`` times, both in the push key (``key_gain``, ``join_gain``):
       an expert that joined late (hot-added) stays out of its arm's score until it has seen that
       many pulls itself, by a factor ~exp(join_gain) in the push weights.
+
+    - with ``n_cap``, the running mean's weight of a new pull stops falling at 1 / n_cap (an
+      exponential average over ~n_cap pulls: it follows an arm whose mean changes).
 
     Push value (the arm's score) = beta x (m / tanh(w) + kappa / sqrt(n + 1)) (an estimate of
     2 mu - 1 plus an exploration bonus that falls with the pulls, read linearly from the count
@@ -289,7 +294,8 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, w: float = 0.5,
     p_in, x_in = Dm, Dm + spec.read_width  # input index of head 0's and head 1's read values
     a_in = Dm + 1 + N_KIND_FLAGS  # head 0's read address (past its kind flags)
     G = gate
-    rate_logit = count_readout(lambda n: np.log(np.maximum(n, 1.0)), first=-G)  # z logit of m: ln n
+    cap = float(n_cap) if n_cap else np.inf
+    rate_logit = count_readout(lambda n: np.log(np.clip(n, 1.0, cap)), first=-G)  # z logit of m: ln n
     bonus = count_readout(lambda n: 1.0 / np.sqrt(n + 1.0), first=1.0)
     jth = 1.0 - 2.0 * (1.0 - ARM_RATES[2]) ** (join_after - 0.5)  # c_2 between join_after - 1 and join_after pulls
     cell = policy.cell
