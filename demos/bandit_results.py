@@ -135,7 +135,7 @@ def main(argv=None):
                 curves.append((f"K = {K}" + (" (trained)" if K <= hi else ""), r))
         w("")
         plot_curves(curves, fig("regret"),
-                    f"{pol.name}: Bernoulli bandits, N = {N}, {E} episodes (seed {S}); trained K in [{lo}, {hi}]")
+                    f"{pol.name}: Bernoulli bandits, {n_text}, {E} episodes (seed {S}); trained K in [{lo}, {hi}]")
 
     if "gaussian" not in skip:
         w(f"### Gaussian arms (never trained on: means ~ N(0, 1), rewards N(mean, 1); {n_text}, {E} episodes)\n")

@@ -330,12 +330,14 @@ def test_bandit_runs_with_torch_unimportable(tmp_path):
         from badger_runtime.policy_card import load_policy
         from badger_runtime.tasks import default_config
         from badger_runtime.tasks.bandit import longrun_report
-        p = load_policy("bandit-v1")
-        for rt in ("engine", "sharded", "actors"):
-            r = evaluate(numpy_ops(), p, p.agent, default_config("bandit", steps=8), dims=4, experts=3, episodes=2,
-                         seed=0, runtime=rt)
-            assert len(r["regret_by_step"]) == 8 and "thompson" in r["baselines"]
-        longrun_report(p, steps=60, episodes=2, change_every=(10, 20), window=20)
+        import dataclasses
+        for name in ("bandit-v1", "bandit-v2"):
+            p = load_policy(name)
+            task = dataclasses.replace(p.task, steps=8, change_every=(0, 0))
+            for rt in ("engine", "sharded", "actors"):
+                r = evaluate(numpy_ops(), p, p.agent, task, dims=4, experts=5, episodes=2, seed=0, runtime=rt)
+                assert len(r["regret_by_step"]) == 8 and "thompson" in r["baselines"]
+        longrun_report(load_policy("bandit-v1"), steps=60, episodes=2, change_every=(10, 20), window=20)
         assert 'torch' not in sys.modules
     """, tmp_path)
 

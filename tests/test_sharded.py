@@ -114,11 +114,14 @@ def test_same_rollout_as_the_per_expert_actors(pol):
     assert a.runtime['delivered'] == b.runtime['delivered'] == 2 * 4 * 3 * 8 * 4  # episodes x steps x rounds x N x (C+1)
 
 
-def test_one_episode_step_by_step_matches_engine_agent(pol):
-    """The stepwise form beside engine.Agent (as the bench runs it), on a sparse graph larger than a tile."""
+@pytest.mark.parametrize("route_threads", [False, True])
+def test_one_episode_step_by_step_matches_engine_agent(pol, route_threads):
+    """The stepwise form beside engine.Agent (as the bench runs it), on a sparse graph larger than a tile;
+    with ``route_threads`` each shard routes in a worker thread, concurrently with the others."""
     agent = cfg_with(pol, "topk", rounds=2, k=4, candidates=6)
     ep, eng = engine_episode(pol, agent, 1, 300, 3, seed=1)
-    sh = ShardedAgent(pol, agent, eng.interface, eng.wiring, shards=3, tile=64, policy_chunk=128, encode=True)
+    sh = ShardedAgent(pol, agent, eng.interface, eng.wiring, shards=3, tile=64, policy_chunk=128, encode=True,
+                      route_threads=route_threads)
     outs = []
 
     async def main():

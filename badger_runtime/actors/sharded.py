@@ -254,10 +254,13 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
                  shards: int | None = None, tile: int = DEFAULT_TILE, policy_chunk: int = DEFAULT_POLICY_CHUNK,
                  encode: bool = False, episode_index: int = 0, step_timeout: float | None = None,
                  state: AgentState | None = None, rng: np.random.Generator | None = None,
-                 past_horizon: bool = False):
+                 past_horizon: bool = False, route_threads: bool = False):
         self._init_membrane(policy, cfg, interface, wiring, shards=shards, tile=tile, rng=rng,
                             past_horizon=past_horizon, episode_index=episode_index)
         self.encode = encode
+        # route each shard's receivers in a worker thread (numpy releases the GIL in the gathers,
+        # the top-k and the matmuls), so the shards' routing runs on several cores at once
+        self.route_threads = route_threads
         self.step_timeout = step_timeout
         self._policy_chunk = policy_chunk
         self.counters = ShardCounters()
@@ -373,7 +376,7 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
                     msg = await self._receive(sh.recv, sh.stash, "msg", t, r)
                     core.take_block(int(msg.payload["lo"]), msg.payload["key"], msg.payload["value"])
                     self.counters.blocks += 1
-                inbox = core.inbox()
+                inbox = await trio.to_thread.run_sync(core.inbox) if self.route_threads else core.inbox()
                 self.counters.delivered += int(core.indeg[active].sum())
                 h2, hd2 = await self.batcher.step(i, core.h, inbox, core.sensed if r == 0 else None)
                 change, vote = core.apply(h2, hd2, active, rule, adopt=True)  # double-buffered views
