@@ -272,3 +272,17 @@ def test_clones_in_a_grid_membrane_copy_the_same_cell_in_every_runtime():
     for runtime in ("sharded", "actors"):
         other = run_episodes(numpy_ops(), pol, pol.agent, task, runtime=runtime, **kw)
         assert np.abs(ref.outputs - other.outputs).max() <= 1e-5, runtime
+
+
+def test_routing_threads_follow_the_shard_size(pol, monkeypatch):
+    """route_threads=None (the default): worker threads once a shard routes ROUTE_THREAD_MIN_ROWS rows
+    and there is more than one shard to overlap; True / False force it."""
+    from badger_runtime.actors import sharded
+
+    agent = cfg_with(pol, "topk", rounds=1, k=4, candidates=6)
+    _, eng = engine_episode(pol, agent, 1, 300, 3, seed=1)
+    make = lambda **kw: ShardedAgent(pol, agent, eng.interface, eng.wiring, **kw)  # noqa: E731
+    assert not make(shards=3).route_threads  # 100 rows a shard
+    monkeypatch.setattr(sharded, "ROUTE_THREAD_MIN_ROWS", 100)
+    assert make(shards=3).route_threads and not make(shards=1).route_threads
+    assert not make(shards=3, route_threads=False).route_threads and make(shards=1, route_threads=True).route_threads

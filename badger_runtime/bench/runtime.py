@@ -80,7 +80,7 @@ class RuntimeBench:
     tile: int = 4096
     policy_chunk: int = 4096
     encode: bool = False  # sharded: msgpack-encode the shard messages
-    route_threads: bool = False  # sharded: route each shard in a worker thread
+    route_threads: bool | None = None  # sharded: route each shard in a worker thread (None: by shard size)
     actor_encode: bool = True  # per-expert actors: msgpack frames (their default)
     actor_max_n: int = 1000
     max_seconds: float = 60.0  # per (engine, N): stop timing once this is spent
@@ -178,7 +178,7 @@ class _Sharded(_Engine):
                             policy_chunk=spec.policy_chunk, encode=spec.encode, route_threads=spec.route_threads)
 
     def extra(self, a) -> dict:
-        return {"shards": a.shards, "policy_calls_per_round": len(a.batcher.chunks),
+        return {"shards": a.shards, "route_threads": a.route_threads, "policy_calls_per_round": len(a.batcher.chunks),
                 "shard_messages": a.counters.frames, "block_bytes": a.counters.block_bytes}
 
 
