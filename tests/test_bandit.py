@@ -331,7 +331,7 @@ def test_bandit_runs_with_torch_unimportable(tmp_path):
         from badger_runtime.tasks import default_config
         from badger_runtime.tasks.bandit import longrun_report
         import dataclasses
-        for name in ("bandit-v1", "bandit-v2"):
+        for name in ("bandit-v1", "bandit-v2", "bandit-v3"):
             p = load_policy(name)
             task = dataclasses.replace(p.task, steps=8, change_every=(0, 0))
             for rt in ("engine", "sharded", "actors"):
@@ -405,25 +405,27 @@ def test_a_served_session_on_the_arms_membrane_matches_the_engine():
     assert np.abs(np.stack(got) - ref.outputs[:, 0]).max() <= 1e-5
 
 
-def test_the_shipped_arms_policy_is_near_thompson_and_below_ucb1(capsys):
-    """bandit-v2 (handcrafted per-arm index cell, tuned on training episodes): at a trained K, within
+@pytest.mark.parametrize("name, lifetime", [("bandit-v2", "episodic"), ("bandit-v3", "continual")])
+def test_the_shipped_arms_policies_are_near_thompson_and_below_ucb1(capsys, name, lifetime):
+    """bandit-v2/v3 (handcrafted per-arm index cells, tuned on training episodes): at a trained K, within
     1.2x of Thompson sampling's regret and below UCB1 on the same draws (seeded)."""
-    pol = load_policy("bandit-v2")
-    assert pol.task.layout == "arms" and pol.card["lifetime"]["kind"] == "episodic"
-    r = run_cli(capsys, "eval", "--policy", "bandit-v2", "--arms", "10", "--steps", "500", "--episodes", "60",
+    pol = load_policy(name)
+    assert pol.task.layout == "arms" and pol.card["lifetime"]["kind"] == lifetime
+    r = run_cli(capsys, "eval", "--policy", name, "--arms", "10", "--steps", "500", "--episodes", "60",
                 "--seed", "0", "--json")
     assert r["task"]["experts"] == 20
     assert r["final_regret"] < 1.2 * r["baselines"]["thompson"][-1]
     assert r["final_regret"] < r["baselines"]["ucb1"][-1]
 
 
-def test_fresh_experts_hot_added_do_not_hurt_the_arms_policy():
-    """The product rule for bandit-v2: as many fresh experts again halfway through end no worse than
+@pytest.mark.parametrize("name", ["bandit-v2", "bandit-v3"])
+def test_fresh_experts_hot_added_do_not_hurt_the_arms_policies(name):
+    """The product rule for bandit-v2/v3: as many fresh experts again halfway through end no worse than
     the unchanged agent (paired over the same seeded episodes, within 3 standard errors). A fresh
     expert stays out of its arm's score until it has seen its arm pulled itself (the joined push key)."""
     from badger_runtime.episodes import schedule
 
-    pol = load_policy("bandit-v2")
+    pol = load_policy(name)
     task = pol.task
     kw = dict(dims=6, experts=12, episodes=100, seed=0, steps=400)
     base = run_episodes(OPS, pol, pol.agent, task, **kw).metrics["regret"].sum(axis=0)
