@@ -235,6 +235,13 @@ def test_runtimes_pull_the_same_arms_as_the_engine(pol, runtime, layout):
     assert np.array_equal(a.metrics["regret"], b.metrics["regret"])
 
 
+def engine_reference(pol, task, K: int, n: int, seed: int, T: int):
+    """One seeded bandit episode (what a served session with this seed draws) and the engine's
+    trajectory on it, for the served-session tests."""
+    _, ep, wiring = next(sample_batches(task, pol.agent, dims=K, experts=n, episodes=1, seed=seed, steps=T))
+    return ep, drive(Agent(pol).start(ep.interface, wiring), Driver(OPS, ep, T))
+
+
 def test_a_served_session_on_the_bandit_matches_the_engine(pol):
     """A client opens a bandit session on a live server (any policy: here a guessing one), plays the
     environment itself (picks the arm from the outputs, sends its loss and the arm) and gets the
@@ -245,9 +252,7 @@ def test_a_served_session_on_the_bandit_matches_the_engine(pol):
     from .test_serve import run_server
 
     K, n, seed, T = 6, 3, 11, 10
-    task = default_config("bandit")
-    _, ep, wiring = next(sample_batches(task, pol.agent, dims=K, experts=n, episodes=1, seed=seed, steps=T))
-    ref = drive(Agent(pol).start(ep.interface, wiring), Driver(OPS, ep, T))
+    ep, ref = engine_reference(pol, default_config("bandit"), K, n, seed, T)
     got = []
 
     async def play(port, server):
@@ -381,9 +386,7 @@ def test_a_served_session_on_the_arms_membrane_matches_the_engine():
 
     pol = load_policy("bandit-v2")
     K, n, seed, T = 5, 7, 3, 12
-    task = pol.task
-    _, ep, wiring = next(sample_batches(task, pol.agent, dims=K, experts=n, episodes=1, seed=seed, steps=T))
-    ref = drive(Agent(pol).start(ep.interface, wiring), Driver(OPS, ep, T))
+    ep, ref = engine_reference(pol, pol.task, K, n, seed, T)
     got = []
 
     async def play(port, server):

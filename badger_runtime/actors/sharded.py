@@ -70,7 +70,7 @@ from .transport import MEMBRANE, Frame
 
 OPS = NumpyOps()
 #: ``route_threads=None``: shards route in worker threads when one holds at least this many rows (B x n);
-#: measured at N = 100,000 on 2 idle cores: 0.77 -> 0.65 s per step (docs/benchmarks.md)
+#: measured at N = 100,000 on 2 idle cores: 0.74 -> 0.615 s per step (docs/benchmarks.md)
 ROUTE_THREAD_MIN_ROWS = 16_384
 
 

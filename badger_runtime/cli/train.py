@@ -60,9 +60,8 @@ def cmd_train(args):
 
 
 def cmd_export(args):
-    from ..training.export import export, write_card_evaluation
-
     from ..config import ConfigError
+    from ..training.export import export, write_card_evaluation
 
     extra = {"training_command": args.command_line} if args.command_line else {}
     if args.continual and args.horizon:

@@ -250,9 +250,9 @@ class Episode(TaskEpisode):
         """Slot values at step t: the previous scores, 1 in ``pulled`` and the loss of the arm pulled at
         t - 1 in ``feedback``, whose addresses now point at that arm (every slot is 0 at t = 0, the
         pointers unset)."""
-        B, K = self.batch, self.dims
         if self.layout == "arms":
             return self._observe_arms(ops, t, prev_output)
+        B, K = self.batch, self.dims
         if not isinstance(self.interface.slot_addr, np.ndarray):  # after relaxed steps (training): numpy again
             self.interface.slot_addr = np.array(self.interface.slot_addr.detach().cpu().numpy(), np.float32)
         if t == 0 or prev_output is None:
@@ -275,14 +275,18 @@ class Episode(TaskEpisode):
         if t == 0 or prev_output is None:
             return ops.zeros((B, 2 * K))
         a = self.actions(t - 1, ops.to_numpy(prev_output))
-        hard = np.zeros((B, K), np.float32)
-        hard[np.arange(B), a] = 1.0
         codes = arm_feedback(feedback_code(self.rewards[self.row(t - 1)], self.dist, self.sigma))  # [B, K]
         if self.relax == "straight_through" and getattr(prev_output, "requires_grad", False):
-            pi = softmax_composed(ops, prev_output / self.temperature)
-            y = ops.asarray(hard) + pi - pi.detach()
+            y = self._straight_through(ops, prev_output, a)
             return ops.concat([y, y * ops.asarray(codes)], axis=-1)
+        hard = np.eye(K, dtype=np.float32)[a]
         return ops.asarray(np.concatenate([hard, hard * codes], axis=-1).astype(np.float32))
+
+    def _straight_through(self, ops, prev_output, a: np.ndarray):
+        """The pulled arms' one-hot [B, K] as h + pi - stop_gradient(pi), pi = softmax(scores / temperature):
+        the forward value is h, the gradient that of pi (training, ``relax = "straight_through"``)."""
+        pi = softmax_composed(ops, prev_output / self.temperature)
+        return ops.asarray(np.eye(self.dims, dtype=np.float32)[a]) + pi - pi.detach()
 
     def _observe_relaxed(self, ops, t: int, prev_output, a: np.ndarray):
         """Training only (torch, ``relax = "straight_through"``): the same slot values and pointer
@@ -291,12 +295,9 @@ class Episode(TaskEpisode):
         the later losses say (to first order) what pulling each arm would have changed, through what
         the agent would have heard (every arm's loss and address). The slot addresses become a tensor
         the engine reads at this step."""
-        B, K = self.batch, self.dims
+        B = self.batch
         torch = ops.torch
-        pi = softmax_composed(ops, prev_output / self.temperature)
-        hard = np.zeros((B, K), np.float32)
-        hard[np.arange(B), a] = 1.0
-        y = ops.asarray(hard) + pi - pi.detach()  # [B, K]
+        y = self._straight_through(ops, prev_output, a)  # [B, K]
         codes = feedback_code(self.rewards[self.row(t - 1)], self.dist, self.sigma)  # [B, K] every arm's loss
         arms = ops.asarray(self.interface.out_addr[..., N_KIND_FLAGS:])  # [B, K, A-2]
         pulled = torch.einsum("bk,bkd->bd", y, arms)
@@ -580,6 +581,7 @@ class BanditTask(Task):
     config_class = BanditConfig
     size_name = "arms"
     loss_name = "regret"
+
     @property
     def pointer_field(self) -> str | None:
         """A served step names the arm whose loss its feedback carries (``layout = "pointer"``); with

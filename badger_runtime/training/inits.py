@@ -174,6 +174,30 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
     return policy
 
 
+def _route_to_arm(policy, a_units: list[int], *, key_gain: float, kind_bias: float, gate: float):
+    """The part of a cell on the ``arms`` membrane that says *which* arm an expert holds: read head 0
+    on the ``pulled`` slot (observation flag), head 1 on the ``feedback`` slot (feedback flag), the
+    units ``a_units`` taking 0.25 x head 0's read address (the arm's address) at every step, and the
+    push key = ``key_gain`` x that copy (each output mixes the experts of its arm). Sets only these
+    weights; the caller clears what they must not mix with."""
+    spec = policy.spec
+    A, H = spec.addr_dim, spec.hidden
+    a_in = spec.msg_dim + 1 + N_KIND_FLAGS  # head 0's read address, past its kind flags
+    cell = policy.cell
+    Z, N = H, 2 * H
+    with torch.no_grad():
+        for i, u in enumerate(a_units):
+            cell.bias_ih[Z + u] = -gate  # take the candidate every step
+            cell.weight_ih[N + u, a_in + i] = 0.25
+        b = policy.heads.bias
+        rq = _offset(spec, "read_query")
+        b[rq + KIND_OBSERVATION], b[rq + KIND_FEEDBACK] = kind_bias, -kind_bias
+        b[rq + A + KIND_OBSERVATION], b[rq + A + KIND_FEEDBACK] = -kind_bias, kind_bias
+        pk = _offset(spec, "push_key")
+        for i, u in enumerate(a_units):
+            policy.heads.weight[pk + N_KIND_FLAGS + i, u] = key_gain
+
+
 def arm_routing(policy, *, key_gain: float = 16.0, kind_bias: float = 8.0, gate: float = 12.0):
     """A scaffold for the bandit's ``arms`` membrane (``tasks/bandit.py``, ``arms_interface``), where
     expert e reads the two slots of one arm (``pulled`` and ``feedback``, both at the arm's address):
@@ -189,38 +213,27 @@ def arm_routing(policy, *, key_gain: float = 16.0, kind_bias: float = 8.0, gate:
     Found necessary: from the default init the arms policy stayed at chance for 200 batches (it
     must learn to route its score to its arm and what to score at once; docs/results.md)."""
     spec = policy.spec
-    A, H, Dm = spec.addr_dim, spec.hidden, spec.msg_dim
+    A, H = spec.addr_dim, spec.hidden
     if spec.read_heads < 2 or spec.competitive_heads:
         raise ConfigError("train.init = 'arm_routing' needs policy.read_heads >= 2 and no competitive heads")
     a_units = list(range(H - (A - N_KIND_FLAGS), H))
     if a_units[0] < 4:
         raise ConfigError(f"train.init = 'arm_routing' needs policy.hidden >= addr_dim + 2, got {H}")
-    head0 = Dm  # input index of read head 0's value (its address follows)
     cell = policy.cell
-    Wi, Wh, bi, bh = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
-    R, Z, N = 0, H, 2 * H
-    with torch.no_grad():
-        for g in (R, Z, N):
+    with torch.no_grad():  # clear the address units, the read queries and the push key, then route
+        for g in (0, H, 2 * H):
             for u in a_units:
-                Wi[g + u].zero_()
-                Wh[g + u].zero_()
-                bi[g + u] = bh[g + u] = 0.0
-        Wh[:, a_units] = 0.0  # the address copy does not feed the other units (they may learn to)
-        for i, u in enumerate(a_units):
-            bi[Z + u] = -gate  # take the candidate every step
-            Wi[N + u, head0 + 1 + N_KIND_FLAGS + i] = 0.25
+                cell.weight_ih[g + u].zero_()
+                cell.weight_hh[g + u].zero_()
+                cell.bias_ih[g + u] = cell.bias_hh[g + u] = 0.0
+        cell.weight_hh[:, a_units] = 0.0  # the address copy does not feed the other units (they may learn to)
         policy.h0[a_units] = 0.0
         W, b = policy.heads.weight, policy.heads.bias
-        rq = _offset(spec, "read_query")
-        W[rq:rq + 2 * A] = 0.0
-        b[rq:rq + 2 * A] = 0.0
-        b[rq + KIND_OBSERVATION], b[rq + KIND_FEEDBACK] = kind_bias, -kind_bias
-        b[rq + A + KIND_OBSERVATION], b[rq + A + KIND_FEEDBACK] = -kind_bias, kind_bias
-        pk = _offset(spec, "push_key")
-        W[pk:pk + A] = 0.0
-        b[pk:pk + A] = 0.0
-        for i, u in enumerate(a_units):
-            W[pk + N_KIND_FLAGS + i, u] = key_gain
+        for head, size in (("read_query", 2 * A), ("push_key", A)):
+            o = _offset(spec, head)
+            W[o:o + size] = 0.0
+            b[o:o + size] = 0.0
+    _route_to_arm(policy, a_units, key_gain=key_gain, kind_bias=kind_bias, gate=gate)
     return policy
 
 
@@ -239,7 +252,7 @@ def _count_codes(n: np.ndarray) -> np.ndarray:
 
 def count_readout(target, *, first: float) -> np.ndarray:
     """Weights w (over the count units, ``seen`` and a bias) with codes(n) . w ~ target(n) for
-    n = 1 .. ARM_FIT_N (least squares, relative to the target's scale) and = ``first`` at n = 0."""
+    n = 1 .. ARM_FIT_N (least squares) and = ``first`` at n = 0."""
     n = np.arange(1, ARM_FIT_N + 1)
     X, y = _count_codes(n), np.asarray(target(n), np.float64)
     X = np.concatenate([X[:, :-2], X[:, -1:]], axis=1)  # seen = +1 for every n >= 1: folded into the bias
@@ -258,20 +271,17 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
     (head 1: value x = 2 x loss - 1, -1 a win, +1 a loss) and keeps its arm's statistics:
 
     - ``seen`` (-1 -> +1 at the first pull) and the count units c_j (``ARM_RATES``), updated on a pull
-      only: the counts never forget, so the cell is for stationary arms (an episodic policy: after the
-      means change it re-finds the best arm slowly, docs/results.md);
+      only (the counts never forget);
     - m, the running mean of tanh(-w x) over the pulls (tanh(w) (2 mu - 1) for a Bernoulli arm of
       mean mu): a pull after n earlier ones enters with weight 1 / (n + 1), the GRU's update gate
       at logit ln n, read linearly from the count units (``count_readout``); with ``n_cap`` the
       weight stops falling at 1 / n_cap (an exponential average over the last ~n_cap pulls: it
-      follows an arm whose mean moved; 100 measured better than no cap on stationary arms too);
+      follows an arm whose mean moved). 100 (bandit-v2) measured better than no cap on stationary
+      arms too; 25 (bandit-v3) re-finds the best arm after the means change (continual);
     - the arm's address (head 0's read address) copied every step, and a second copy written once
       the arm was pulled ``join_after`` times, both in the push key (``key_gain``, ``join_gain``):
       an expert that joined late (hot-added) stays out of its arm's score until it has seen that
       many pulls itself, by a factor ~exp(join_gain) in the push weights.
-
-    - with ``n_cap``, the running mean's weight of a new pull stops falling at 1 / n_cap (an
-      exponential average over ~n_cap pulls: it follows an arm whose mean changes).
 
     Push value (the arm's score) = beta x (m / tanh(w) + kappa / sqrt(n + 1)) (an estimate of
     2 mu - 1 plus an exploration bonus that falls with the pulls, read linearly from the count
@@ -319,26 +329,21 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
         Wh[Z + m, counts] = t(rate_logit[:J])
         Wh[Z + m, seen] = float(rate_logit[J])
         bi[Z + m], Wi[Z + m, p_in] = float(rate_logit[J + 1]) + 2 * G, -2 * G
-        for i, (u, v) in enumerate(zip(addr, joined)):
-            bi[Z + u] = -G  # take the address every step
-            Wi[N + u, a_in + i] = 0.25
-            Wi[N + v, a_in + i] = 0.25  # ... and once the arm was pulled join_after times
+        for i, v in enumerate(joined):  # a second address copy, written once the arm was pulled join_after times
+            Wi[N + v, a_in + i] = 0.25
             bi[Z + v], Wh[Z + v, counts[2]] = 40.0 * jth, -40.0
         for u in free:
             bi[Z + u] = G
         W, b = policy.heads.weight, policy.heads.bias
-        rq = _offset(spec, "read_query")
-        b[rq + KIND_OBSERVATION], b[rq + KIND_FEEDBACK] = kind_bias, -kind_bias
-        b[rq + A + KIND_OBSERVATION], b[rq + A + KIND_FEEDBACK] = -kind_bias, kind_bias
         pk = _offset(spec, "push_key")
-        for i, (u, v) in enumerate(zip(addr, joined)):
-            W[pk + N_KIND_FLAGS + i, u] = key_gain
+        for i, v in enumerate(joined):
             W[pk + N_KIND_FLAGS + i, v] = join_gain
         pv = _offset(spec, "push_value")
         W[pv, m] = beta / float(np.tanh(w))
         W[pv, counts] = t(beta * kappa * bonus[:J])
         W[pv, seen] = beta * kappa * float(bonus[J])
         b[pv] = beta * kappa * float(bonus[J + 1])
+    _route_to_arm(policy, addr, key_gain=key_gain, kind_bias=kind_bias, gate=G)
     return policy
 
 
