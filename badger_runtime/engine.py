@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 
 from .config import AgentConfig, TaskConfig
-from .membrane import KIND_FEEDBACK, KIND_OBSERVATION, Interface, Visibility
-from .rollout import (AgentState, StepInfo, Wiring, agent_step, clone_sources, grow, initial_state, sample_wiring,
-                      shrink)
+from .membrane import KIND_FEEDBACK, KIND_OBSERVATION, Interface, Visibility, normal_seats
+from .rollout import (AgentState, StepInfo, Wiring, agent_step, clone_sources, grow, initial_state, rebalance,
+                      sample_wiring, shrink)
 from .routing import Neighbors, membrane_masks
 from .xp import NumpyOps
 
@@ -204,7 +204,7 @@ class Agent:
                 raise InputError(f"no expert {source} to clone (the agent has {N})")
             if sources is None:
                 sources = (np.full(n, source) if source is not None
-                           else clone_sources(self._rng, self.interface, N, n))
+                           else clone_sources(self._rng, self.interface, N, n, self.wiring.seats))
         else:
             sources = None
         self.wiring, self.state = grow(self.ops, self.policy, self.cfg, self._rng, self.wiring, self.state, n, sources)
@@ -222,6 +222,7 @@ class Agent:
         if keep.size == 0:
             raise InputError("cannot remove every expert: an agent needs at least one")
         self.wiring, self.state = shrink(self.cfg, self._rng, self.wiring, self.state, keep)
+        self.wiring, self.state = rebalance(self.ops, self.policy, self.interface, self._rng, self.wiring, self.state)
         self._indeg = None
         return int(keep.size)
 
@@ -230,7 +231,7 @@ class Agent:
         """Everything needed to continue this agent exactly (numpy arrays + small metadata)."""
         w, st, itf = self.wiring, self.state, self.interface
         return {"t": self.t, "seed": self.seed, "h": np.asarray(st.h), "heads": np.asarray(st.heads),
-                "noise": w.noise, "ids": w.ids,
+                "noise": w.noise, "ids": w.ids, "seats": w.seats,
                 "route_mask": w.route_mask if isinstance(w.route_mask, np.ndarray) else None,
                 "route_neighbors": w.route_mask.idx if isinstance(w.route_mask, Neighbors) else None,
                 "out_addr": itf.out_addr, "slot_addr": itf.slot_addr, "visibility": itf.visibility.to_dict(),
@@ -249,7 +250,13 @@ class Agent:
         route = snap["route_mask"]
         if snap.get("route_neighbors") is not None:
             route = Neighbors(np.asarray(snap["route_neighbors"], np.int64))
-        self.wiring = Wiring(np.asarray(snap["noise"], np.float32), route, can_sense, can_push, snap["ids"])
+        seats = snap.get("seats")  # snapshots before seats: 0 .. N - 1
+        if seats is not None:
+            seats = np.asarray(seats, np.int64).reshape(-1)
+            if seats.shape != (N,) or seats.min() < 0 or len(np.unique(seats)) != N:
+                raise InputError(f"snapshot seats must be {N} distinct numbers >= 0")
+            seats = normal_seats(seats)
+        self.wiring = Wiring(np.asarray(snap["noise"], np.float32), route, can_sense, can_push, snap["ids"], seats)
         self.interface = Interface(np.asarray(snap["slot_addr"], np.float32), np.asarray(snap["out_addr"], np.float32),
                                    Visibility.from_dict(snap["visibility"]), tuple(map(tuple, snap["parts"])))
         self.state = AgentState(h, np.asarray(snap["heads"], np.float32))

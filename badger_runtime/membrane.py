@@ -114,12 +114,18 @@ def push(ops, push_key, push_value, out_addr, can_push=None):
 
 @dataclass(frozen=True)
 class Visibility:
-    """Which expert may read which input slot: a rule of (expert rank, slot index), so it holds
+    """Which expert may read which input slot: a rule of (expert seat, slot index), so it holds
     for any number of experts (an agent that grows or shrinks keeps it).
 
+    An expert's *seat* is a number it keeps for life: the N experts an agent starts with sit at
+    0 .. N - 1, an expert added later takes the lowest free seat (``seats_after_add``), and a
+    removal frees its experts' seats and moves no one else. So a survivor goes on reading the
+    slots its state is about, and newcomers first fill the parts that removals left unread.
+    Below, e is the seat.
+
     - ``all``: every expert reads every slot;
-    - ``first``: only the first expert reads slots [lo, hi) (paper Fig. 6/9: the error goes to
-      one expert, the others must learn it through messages);
+    - ``first``: only the expert at the lowest seat reads slots [lo, hi) (paper Fig. 6/9: the
+      error goes to one expert, the others must learn it through messages);
     - ``fraction``: expert e reads slot j of [lo, hi) when a hash of (seed, e, j) falls below
       ``fraction`` (each expert hears a random part of the feedback; what the others heard
       reaches it only in messages);
@@ -155,29 +161,32 @@ class Visibility:
         if self.blocks < 1 or (self.blocks > 1 and (self.kind != "cyclic" or (self.hi - self.lo) % self.blocks)):
             raise ValueError("visibility blocks > 1 is for 'cyclic' over a range [lo, hi) that they divide")
 
-    def mask(self, n: int, slots: int) -> np.ndarray | None:
-        """[1, n, slots] bool (True: may read), or None when every expert reads every slot."""
+    def mask(self, n: int, slots: int, seats: np.ndarray | None = None) -> np.ndarray | None:
+        """[1, n, slots] bool (True: may read) for n experts at ``seats`` [n] (default 0 .. n - 1),
+        or None when every expert reads every slot."""
         if self.kind == "all" or self.hi <= self.lo:
             return None
+        e = np.arange(n, dtype=np.int64) if seats is None else np.asarray(seats, np.int64).reshape(n)
+        rows = np.arange(n)
         vis = np.ones((1, n, slots), dtype=bool)
         lo, hi = self.lo, min(self.hi, slots)
         if self.kind == "first":
-            vis[:, 1:, lo:hi] = False
+            vis[:, :, lo:hi] = False
+            if n:
+                vis[0, int(np.argmin(e)), lo:hi] = True
         elif self.kind in ("cyclic", "grid"):
             vis[:, :, lo:hi] = False
-            e = np.arange(n)
             C = (self.hi - self.lo) // self.blocks
             for m in range(self.blocks):
                 j = self.lo + m * C + e % C
-                vis[0, e[j < hi], j[j < hi]] = True
+                vis[0, rows[j < hi], j[j < hi]] = True
             if self.kind == "grid":
                 cell = (e // (self.hi - self.lo)) % self.period
                 before = np.arange(min(self.lo, slots))
                 vis[0, :, before] = (before[:, None] % self.period == cell[None, :])
         else:
-            e = np.arange(n, dtype=np.uint64)[:, None]
             j = np.arange(lo, hi, dtype=np.uint64)[None, :]
-            vis[0, :, lo:hi] = _unit_hash(self.seed, e, j) < self.fraction
+            vis[0, :, lo:hi] = _unit_hash(self.seed, e.astype(np.uint64)[:, None], j) < self.fraction
         return vis
 
     def to_dict(self) -> dict:
@@ -188,6 +197,32 @@ class Visibility:
     def from_dict(cls, d: dict) -> "Visibility":
         return cls(str(d["kind"]), int(d["lo"]), int(d["hi"]), float(d["fraction"]), int(d["seed"]),
                    int(d.get("period", 0)), int(d.get("blocks", 1)))
+
+
+def seats_after_add(seats: np.ndarray | None, n_old: int, n: int) -> np.ndarray | None:
+    """The seats [n_old + n] of an agent of n_old experts at ``seats`` (None: 0 .. n_old - 1) after
+    n join: the newcomers take the lowest free seats, in order (every runtime's rule). None when
+    the result is 0 .. n_old + n - 1."""
+    if seats is None:
+        return None
+    seats = np.asarray(seats, np.int64)
+    taken = np.zeros(n_old + n, bool)
+    taken[seats[seats < n_old + n]] = True
+    new = np.flatnonzero(~taken)[:n]  # n_old + n candidates, n_old taken at most: n are free
+    return normal_seats(np.concatenate([seats, new]))
+
+
+def seats_after_removal(seats: np.ndarray | None, n_old: int, keep: np.ndarray) -> np.ndarray | None:
+    """The seats of the experts ``keep`` (indices) of an agent of n_old at ``seats`` (None: 0 ..
+    n_old - 1): theirs, unchanged (None when they are 0 .. len(keep) - 1)."""
+    full = np.arange(n_old, dtype=np.int64) if seats is None else np.asarray(seats, np.int64)
+    return normal_seats(full[np.asarray(keep, np.int64)])
+
+
+def normal_seats(seats: np.ndarray) -> np.ndarray | None:
+    """None for seats 0 .. n - 1 in order (the common case every cache keys by n alone), else them."""
+    seats = np.asarray(seats, np.int64)
+    return None if np.array_equal(seats, np.arange(seats.size)) else seats
 
 
 def _unit_hash(seed: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -239,13 +274,15 @@ class Interface:
         """J, the number of input slots."""
         return self.slot_addr.shape[1]
 
-    def visible(self, n: int) -> np.ndarray | None:
-        """[1, n, J] bool for an agent of n experts, or None (every expert reads every slot)."""
-        if n not in self._masks:
+    def visible(self, n: int, seats: np.ndarray | None = None) -> np.ndarray | None:
+        """[1, n, J] bool for an agent of n experts at ``seats`` [n] (None: seats 0 .. n - 1; see
+        ``Visibility``), or None (every expert reads every slot)."""
+        key = n if seats is None else (n, np.asarray(seats, np.int64).tobytes())
+        if key not in self._masks:
             if len(self._masks) > 8:
                 self._masks.clear()
-            self._masks[n] = self.visibility.mask(n, self.slots)
-        return self._masks[n]
+            self._masks[key] = self.visibility.mask(n, self.slots, seats)
+        return self._masks[key]
 
     def select(self, idx) -> "Interface":
         """The interface of some of the episodes (``idx``: a slice or indices on the batch axis)."""

@@ -54,6 +54,7 @@ class Wiring:
     can_sense: np.ndarray  # [N] bool
     can_push: np.ndarray  # [N] bool
     ids: np.ndarray | None = None  # [B, N, id_dim] identity features
+    seats: np.ndarray | None = None  # [N] each expert's seat (membrane.Visibility); None: 0 .. N - 1
 
     @property
     def n_experts(self) -> int:
@@ -74,7 +75,8 @@ class Wiring:
             topo = routing.Neighbors(topo.idx[idx])
         elif topo is not None:
             topo = topo[idx]
-        return Wiring(self.noise[idx], topo, self.can_sense, self.can_push, None if self.ids is None else self.ids[idx])
+        return Wiring(self.noise[idx], topo, self.can_sense, self.can_push, None if self.ids is None else self.ids[idx],
+                      self.seats)
 
 
 def sample_wiring(rng: np.random.Generator, cfg: AgentConfig, batch: int, n: int) -> Wiring:
@@ -100,26 +102,27 @@ def initial_state(ops, policy, wiring: Wiring) -> AgentState:
     return AgentState(h, ops.zeros((B, N, spec.heads_dim)))
 
 
-#: Visibility kinds that deal the slots out to the experts in turn (each rank reads its own part):
+#: Visibility kinds that deal the slots out to the experts in turn (each seat reads its own part):
 #: what an expert holds is then about its part, and a clone copies an expert of the same part.
 PARTITIONED_VISIBILITY = ("cyclic", "grid")
 
 
-def clone_candidates(interface, N: int, n: int) -> list[np.ndarray] | None:
-    """For each of n experts joining an agent of N (ranks N .. N + n - 1) whose membrane deals the
-    slots out to the experts (``PARTITIONED_VISIBILITY``: say one (class, feature) cell each): the
-    ranks below N that read the same slots. None for any other membrane: any expert will do.
+def clone_candidates(interface, N: int, n: int, seats: np.ndarray | None = None) -> list[np.ndarray] | None:
+    """For each of n experts joining an agent of N (at ``seats``, None: 0 .. N - 1; the newcomers
+    take the lowest free seats, ``membrane.seats_after_add``) whose membrane deals the slots out
+    to the experts (``PARTITIONED_VISIBILITY``: say one (class, feature) cell each): the indices
+    below N of the experts that read the same slots. None for any other membrane: any expert will do.
 
     A clone carries its source's state. Where each expert holds what its own part of the input
     says (a prototype of its cell), a clone of another part's expert holds a state about slots it
     does not read (fewshot-v1 fell from 0.912 to 0.838 with such clones; docs/results.md). Where the
     experts share one problem (the guessing game: only the first expert hears the error, the
     others learn it from messages), any expert is a fair source: restricting the clones to the
-    deaf ranks hurt the guessing policies (measured, session 21), so the rule is not applied there."""
+    deaf seats hurt the guessing policies (measured, session 21), so the rule is not applied there."""
     vis_rule = getattr(interface, "visibility", None)
     if vis_rule is None or vis_rule.kind not in PARTITIONED_VISIBILITY:
         return None
-    vis = interface.visible(N + n)
+    vis = interface.visible(N + n, membrane.seats_after_add(seats, N, n))
     if vis is None:
         return None
     packed = np.packbits(np.asarray(vis[0], bool), axis=1)
@@ -129,14 +132,89 @@ def clone_candidates(interface, N: int, n: int) -> list[np.ndarray] | None:
     return [np.asarray(by_row.get(packed[N + i].tobytes(), ()), np.int64) for i in range(n)]
 
 
-def clone_sources(rng: np.random.Generator, interface, N: int, n: int) -> np.ndarray:
-    """Whom n new experts clone in an agent of N (every runtime's rule): with a partitioned membrane,
-    for each an expert drawn among those that read the same slots (``clone_candidates``; among all
-    N when none does); otherwise ``rng.integers(0, N, size=n)``."""
-    cands = clone_candidates(interface, N, n)
+def clone_sources(rng: np.random.Generator, interface, N: int, n: int, seats: np.ndarray | None = None) -> np.ndarray:
+    """Whom n new experts clone in an agent of N at ``seats`` (every runtime's rule): with a
+    partitioned membrane, for each an expert drawn among those that read the same slots
+    (``clone_candidates``; among all N when none does); otherwise ``rng.integers(0, N, size=n)``."""
+    cands = clone_candidates(interface, N, n, seats)
     if cands is None:
         return rng.integers(0, N, size=n)
     return np.array([int(rng.choice(c)) if c.size else int(rng.integers(0, N)) for c in cands], np.int64)
+
+
+def rebalance_plan(interface, seats: np.ndarray | None, n: int) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
+    """After a removal from an agent whose membrane deals the slots out (``PARTITIONED_VISIBILITY``):
+    which survivors change seat so that the n experts left read the parts an agent of n experts
+    has (seats 0 .. n - 1 read them), moving as few as possible. ``seats`` [n]: the survivors'
+    seats (None: 0 .. n - 1, nothing to do).
+
+    Returns (the new seats, normalised as ``membrane.normal_seats``; [(expert index, source)]):
+    each moved expert sits at a free seat of a part short of readers, taken from a part with more
+    than its share (highest seats first), and restarts: ``source`` is the index of a survivor that
+    reads its new part (its state is copied, as a clone's) or -1 (no one does: a fresh expert's
+    state). A pure function of the visibility rule and the seats (every runtime applies it the same
+    way); for any other membrane a removal moves no one (each expert keeps its own slots)."""
+    rule = getattr(interface, "visibility", None)
+    if seats is None or rule is None or rule.kind not in PARTITIONED_VISIBILITY:
+        return seats, []
+    seats = np.asarray(seats, np.int64)
+    top = int(max(seats.max() + 1, n))
+    rows = rule.mask(top, interface.slots)
+    if rows is None:
+        return membrane.normal_seats(seats), []
+    keys = [r.tobytes() for r in np.packbits(rows[0], axis=1)]  # the part each seat reads
+    want: dict[bytes, int] = {}
+    for s in range(n):
+        want[keys[s]] = want.get(keys[s], 0) + 1
+    have: dict[bytes, int] = {}
+    for s in seats:
+        have[keys[s]] = have.get(keys[s], 0) + 1
+    free = sorted(set(range(n)) - set(int(s) for s in seats))
+    dest, short = [], dict(have)
+    for s in free:  # the free seats of parts short of readers, lowest first
+        if short.get(keys[s], 0) < want[keys[s]]:
+            dest.append(s)
+            short[keys[s]] = short.get(keys[s], 0) + 1
+    spare, extra = [], dict(have)
+    for i in np.argsort(-seats, kind="stable"):  # the highest seats of parts over their share move
+        k = keys[seats[i]]
+        if extra[k] > want.get(k, 0):
+            spare.append(int(i))
+            extra[k] -= 1
+    moved = spare[:len(dest)]
+    gone = set(moved)
+    reader: dict[bytes, int] = {}  # part -> the first staying expert that reads it
+    for j in range(n):
+        if j not in gone:
+            reader.setdefault(keys[seats[j]], j)
+    new = seats.copy()
+    moves = []
+    for i, s in zip(moved, dest):
+        new[i] = s
+        moves.append((i, reader.get(keys[s], -1)))
+    return membrane.normal_seats(new), moves
+
+
+def rebalance(ops, policy, interface, rng: np.random.Generator, wiring: Wiring, state: AgentState
+              ) -> tuple[Wiring, AgentState]:
+    """Apply ``rebalance_plan`` to running agents after ``shrink``: the moved experts take their new
+    seats and restart as clones of their new part's reader (state and initial noise) or fresh
+    (new noise, the policy's initial state); identities and everyone else are unchanged."""
+    new_seats, moves = rebalance_plan(interface, wiring.seats, wiring.n_experts)
+    if not moves:
+        return wiring, state
+    h, heads, noise = np.array(state.h), np.array(state.heads), np.array(wiring.noise)
+    B = noise.shape[0]
+    for i, src in moves:
+        if src >= 0:
+            h[:, i], heads[:, i], noise[:, i] = h[:, src], heads[:, src], noise[:, src]
+        else:
+            noise[:, i] = rng.standard_normal((B, noise.shape[2])).astype(np.float32)
+            fresh = initial_state(ops, policy, Wiring(noise[:, i:i + 1], None, wiring.can_sense[:1],
+                                                      wiring.can_push[:1]))
+            h[:, i], heads[:, i] = np.asarray(fresh.h)[:, 0], np.asarray(fresh.heads)[:, 0]
+    return (Wiring(noise, wiring.route_mask, wiring.can_sense, wiring.can_push, wiring.ids, new_seats),
+            AgentState(ops.asarray(h), ops.asarray(heads)))
 
 
 def grow(ops, policy, cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring, state: AgentState, n: int,
@@ -145,7 +223,7 @@ def grow(ops, policy, cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring
 
     ``sources`` [n] clones those experts (their state, messages and initial noise);
     None adds fresh experts (the policy's initial state, zero messages). New experts get
-    new identity features; the topology is redrawn for the new size.
+    new identity features and the lowest free seats; the topology is redrawn for the new size.
     """
     B, N = wiring.noise.shape[:2]
     spec = policy.spec
@@ -161,19 +239,21 @@ def grow(ops, policy, cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring
     total = N + n
     can_sense, can_push = routing.membrane_masks(cfg.routing, total)
     new_wiring = Wiring(cat(wiring.noise, noise), routing.topology(cfg.routing, total, B, rng), can_sense, can_push,
-                        cat(wiring.ids, ids))
+                        cat(wiring.ids, ids), membrane.seats_after_add(wiring.seats, N, n))
     return new_wiring, AgentState(ops.concat([state.h, h_new], axis=1), ops.concat([state.heads, heads_new], axis=1))
 
 
 def shrink(cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring, state: AgentState,
            keep: np.ndarray) -> tuple[Wiring, AgentState]:
     """Keep only experts ``keep`` (indices, ascending) of running agents; the topology is redrawn
-    for the new size (the rule every runtime that removes by index follows)."""
+    for the new size (the rule every runtime that removes by index follows); the survivors keep
+    their seats (``membrane.Visibility``)."""
     sel = lambda a: None if a is None else a[:, keep]  # noqa: E731
     n, B = len(keep), wiring.batch
     can_sense, can_push = routing.membrane_masks(cfg.routing, n)
     new = Wiring(np.array(sel(wiring.noise)), routing.topology(cfg.routing, n, B, rng), can_sense, can_push,
-                 None if wiring.ids is None else np.array(sel(wiring.ids)))
+                 None if wiring.ids is None else np.array(sel(wiring.ids)),
+                 membrane.seats_after_removal(wiring.seats, wiring.n_experts, keep))
     return new, AgentState(sel(state.h), sel(state.heads))
 
 
@@ -205,7 +285,7 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
     heads = split_heads(spec, state.heads, ops)  # split once per heads tensor (each split is an autograd node)
 
     vis = wiring.can_sense[None, :, None]
-    visible = interface.visible(N)
+    visible = interface.visible(N, wiring.seats)
     if visible is not None:
         vis = vis & visible
     if vis.all():

@@ -52,6 +52,7 @@ class Member:
     can_sense: bool
     can_push: bool
     join: int  # the first inner step this expert takes part in
+    seat: int = 0  # which part of the input it reads, for life (membrane.Visibility)
 
 
 class Directory:
@@ -68,9 +69,11 @@ class Directory:
         self._n_active = None
 
     @classmethod
-    def from_wiring(cls, cfg: RoutingConfig, ids, topology, can_sense, can_push, rng=None) -> "Directory":
+    def from_wiring(cls, cfg: RoutingConfig, ids, topology, can_sense, can_push, rng=None,
+                    seats=None) -> "Directory":
         """Build from one episode's wiring: ``topology`` is a mask [N, N] (receiver, sender), sender
-        lists [N, C] (``routing.Neighbors`` of one episode), or None (everyone hears everyone)."""
+        lists [N, C] (``routing.Neighbors`` of one episode), or None (everyone hears everyone);
+        ``seats`` [N] (default 0 .. N - 1) the experts' seats."""
         ids = [int(i) for i in ids]
         n = len(ids)
         if len(set(ids)) != n:
@@ -79,8 +82,9 @@ class Directory:
         growth = ("random" if sparse else "layers" if cfg.kind == "hardwired" and n >= 3 else "all")
         d = cls(cfg, rng, growth)
         layers = routing.roles(cfg, n)
+        seats = range(n) if seats is None else [int(s) for s in seats]
         for i, e in enumerate(ids):
-            d.members[e] = Member(e, int(layers[i]), bool(can_sense[i]), bool(can_push[i]), 0)
+            d.members[e] = Member(e, int(layers[i]), bool(can_sense[i]), bool(can_push[i]), 0, seats[i])
             if sparse:
                 d.hears[e] = {ids[s] for s in topology.idx[0, i]}
             else:
@@ -112,6 +116,15 @@ class Directory:
     def receivers_of(self, eid: int) -> dict[int, int]:
         return {r: self.members[r].join for r, hs in self.hears.items() if eid in hs}
 
+    def seats(self, ids) -> np.ndarray:
+        """The seats [n] of experts ``ids``, in that order."""
+        return np.array([self.members[e].seat for e in ids], np.int64)
+
+    def free_seat(self) -> int:
+        """The lowest seat no live expert holds (where the next newcomer sits)."""
+        taken = {m.seat for m in self.members.values()}
+        return next(s for s in range(len(taken) + 1) if s not in taken)
+
     def mask(self, ids) -> np.ndarray:
         """The topology mask [n, n] (receiver, sender) among ``ids``, in that order."""
         ids = list(ids)
@@ -122,7 +135,13 @@ class Directory:
         self.step = t
 
     def plan_add(self, eid: int, source: int | None) -> tuple[Member, set[int], set[int]]:
-        """The newcomer's member record, the experts it hears, and the experts that hear it."""
+        """The newcomer's member record (at the lowest free seat), the experts it hears, and the
+        experts that hear it."""
+        member, senders, receivers = self._plan_edges(eid, source)
+        member.seat = self.free_seat()
+        return member, senders, receivers
+
+    def _plan_edges(self, eid: int, source: int | None) -> tuple[Member, set[int], set[int]]:
         live = self.live()
         join = self.next_join()
         loop = {eid} if self.cfg.self_loops else set()

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import agreement, membrane
 from ..config import AgreementConfig, PolicySpec
-from ..membrane import Interface
+from ..membrane import Interface, normal_seats
 from ..xp import NumpyOps
 from .directory import Directory
 from .messages import Message, MessageError
@@ -54,9 +54,9 @@ class MembraneCore:
 
     # -- what the experts are told -----------------------------------------------------
     def visible(self, active: list[int]) -> np.ndarray:
-        """[n, J] which slots each taking-part expert may read (by rank, as the batched engine)."""
+        """[n, J] which slots each taking-part expert may read (by its seat, as the batched engine)."""
         J = self.slot_addr.shape[0]
-        vis = self.interface.visible(len(active))
+        vis = self.interface.visible(len(active), normal_seats(self.directory.seats(active)))
         v = np.ones((len(active), J), bool) if vis is None else np.asarray(vis[0], bool).copy()
         v &= np.array([self.directory.members[e].can_sense for e in active], bool)[:, None]
         return v

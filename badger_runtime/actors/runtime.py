@@ -74,8 +74,8 @@ import trio
 from .. import routing
 from ..config import AgentConfig, ConfigError
 from ..engine import InputError, check_horizon, check_values
-from ..membrane import Interface
-from ..rollout import StepInfo, Wiring, clone_candidates, initial_state
+from ..membrane import Interface, normal_seats
+from ..rollout import StepInfo, Wiring, clone_candidates, initial_state, rebalance_plan
 from ..xp import NumpyOps
 from .batcher import PolicyBatcher
 from .lifecycle import Lifecycle
@@ -154,7 +154,8 @@ class ActorAgent(Lifecycle):
         topo = wiring.route_mask
         topo = routing.Neighbors(topo.idx[0:1]) if isinstance(topo, routing.Neighbors) else (
             None if topo is None else topo[0])
-        self.directory = Directory.from_wiring(cfg.routing, ids, topo, wiring.can_sense, wiring.can_push, self.rng)
+        self.directory = Directory.from_wiring(cfg.routing, ids, topo, wiring.can_sense, wiring.can_push, self.rng,
+                                               wiring.seats)
         self.batcher = PolicyBatcher(policy, micro_batch, expected=self.directory.n_active)
         st = initial_state(OPS, policy, wiring)
         self._records: dict[int, _Record] = {}
@@ -171,6 +172,7 @@ class ActorAgent(Lifecycle):
         self.stopped = trio.Event()  # set when run() has ended and everything is accounted
         self.t = 0
         self._stepping = False
+        self._rebalance_due = False
         self.membrane = MembraneCore(self.spec, interface, self.directory)  # the membrane's view of a stage
         for e, rec in self._records.items():
             self.membrane.set_read_query(e, rec.core.competitive_query())
@@ -247,8 +249,9 @@ class ActorAgent(Lifecycle):
         if source is not None and source not in self._records:
             raise InputError(f"no expert {source} to clone")
         new = []
-        live = self.live_ids()  # by rank, as the membrane's visibility rows
-        cands = clone_candidates(self.interface, len(live), n) if init == "clone" and source is None else None
+        live = self.live_ids()  # in the order of the membrane's visibility rows
+        cands = (clone_candidates(self.interface, len(live), n, self.directory.seats(live))
+                 if init == "clone" and source is None else None)
         for i in range(n):
             eid = self._next_id
             self._next_id += 1
@@ -312,9 +315,38 @@ class ActorAgent(Lifecycle):
             self._post(lone, Message("control", MEMBRANE, (lone,), self.episode_index, max(self.t, 0), 0,
                                      {"op": "add", "id": lone, "join": join, "hears_me": 1, "i_hear": 1}))
         self._to_membrane(Message("control", MEMBRANE, (MEMBRANE,), self.episode_index, max(self.t, 0), 0, payload))
+        if self._stepping:
+            self._rebalance_due = True  # when the stage is over: experts are re-seated between steps
+        else:
+            self._rebalance()
         if self.batcher.micro_batch:
             self.batcher.poke()
         return len(self._records)
+
+    def _rebalance(self):
+        """After a removal, as the batched engine (``rollout.rebalance_plan``): survivors of parts over
+        their share move to the parts left short of readers and restart there, as clones of a reader
+        of the new part or fresh. Between steps only (every expert is idle)."""
+        self._rebalance_due = False
+        live = self.live_ids()
+        seats, moves = rebalance_plan(self.interface, normal_seats(self.directory.seats(live)), len(live))
+        seats = np.arange(len(live)) if seats is None else seats
+        for i, src in moves:
+            eid = live[i]
+            rec = self._records[eid]
+            if src >= 0:
+                other = self._records[live[src]].core
+                h, heads = other.h.copy(), other.heads.copy()
+            else:
+                noise = self.rng.standard_normal((1, 1, self.spec.hidden)).astype(np.float32)
+                fresh = initial_state(OPS, self.policy, Wiring(noise, None, np.ones(1, bool), np.ones(1, bool)))
+                h, heads = fresh.h[0, 0], fresh.heads[0, 0]
+            self.directory.members[eid].seat = int(seats[i])
+            rec.core.h, rec.core.heads = np.array(h, np.float32), np.array(heads, np.float32)
+            rec.snapshot = rec.core.snapshot()
+            self.membrane.set_read_query(eid, rec.core.competitive_query())
+            self.events.append(("reseat", eid, {"seat": int(seats[i]), "source": live[src] if src >= 0 else None}))
+            log.info("expert %d re-seated at %d (%s)", eid, seats[i], "fresh" if src < 0 else f"clone of {live[src]}")
 
     # -- fault injection (tests) -------------------------------------------------------------
     def crash(self, eid: int, at: str = "send"):
@@ -332,7 +364,7 @@ class ActorAgent(Lifecycle):
         for e in self.live_ids():
             c, m = self._records[e].core, self.directory.members[e]
             out[e] = {"h": c.h.copy(), "heads": c.heads.copy(), "ident": None if c.ident is None else c.ident.copy(),
-                      "can_sense": m.can_sense, "can_push": m.can_push, "join": m.join}
+                      "can_sense": m.can_sense, "can_push": m.can_push, "join": m.join, "seat": m.seat}
         return out
 
     # -- the transport -------------------------------------------------------------------
@@ -558,6 +590,8 @@ class ActorAgent(Lifecycle):
         if R < 1:
             raise InputError("rounds must be >= 1")
         scope = trio.fail_after(self.step_timeout) if self.step_timeout else nullcontext()
+        if self._rebalance_due:  # a removal during a step that did not finish
+            self._rebalance()
         self._stepping = True
         try:
             with scope:
@@ -593,4 +627,6 @@ class ActorAgent(Lifecycle):
                         experts=len(expert_rounds), frames=self.counters.frames - frames0,
                         expert_rounds=expert_rounds)
         self.t += 1
+        if self._rebalance_due:
+            self._rebalance()
         return out[None], info

@@ -60,7 +60,7 @@ from .. import agreement, membrane
 from ..config import AgentConfig, ConfigError
 from ..engine import InputError, check_horizon, check_values
 from ..membrane import Interface
-from ..rollout import AgentState, StepInfo, Wiring, clone_sources, grow, initial_state, shrink
+from ..rollout import AgentState, StepInfo, Wiring, clone_sources, grow, initial_state, rebalance, shrink
 from ..xp import NumpyOps
 from .batcher import DEFAULT_POLICY_CHUNK, RowBatcher
 from .lifecycle import Lifecycle
@@ -130,7 +130,7 @@ class ShardedMembrane:
         self.N = N = wiring.n_experts
         self.can_push = None if wiring.can_push.all() else np.asarray(wiring.can_push[None, :], bool)
         vis = wiring.can_sense[None, :, None]
-        visible = self.interface.visible(N)
+        visible = self.interface.visible(N, wiring.seats)
         if visible is not None:
             vis = vis & visible
         vis = None if vis.all() else np.asarray(vis, bool)
@@ -164,7 +164,8 @@ class ShardedMembrane:
         if init == "clone":
             if source is not None and not 0 <= source < N:
                 raise InputError(f"no expert {source} to clone (the agent has {N})")
-            sources = np.full(n, source) if source is not None else clone_sources(self._rng, self.interface, N, n)
+            sources = np.full(n, source) if source is not None else clone_sources(self._rng, self.interface, N, n,
+                                                                                          self.wiring.seats)
         wiring, st = grow(OPS, self.policy, self.cfg, self._rng, self.wiring, self.state(), n, sources)
         self._resize(wiring, st)
         return list(range(N, N + n))
@@ -178,6 +179,7 @@ class ShardedMembrane:
         if keep.size == 0:
             raise InputError("cannot remove every expert: an agent needs at least one")
         wiring, st = shrink(self.cfg, self._rng, self.wiring, self.state(), keep)
+        wiring, st = rebalance(OPS, self.policy, self.interface, self._rng, wiring, st)
         self._resize(wiring, st)
         return int(keep.size)
 

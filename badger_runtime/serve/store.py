@@ -88,6 +88,18 @@ def _neighbors(rec: dict, n: int) -> np.ndarray | None:
     return np.array(idx)
 
 
+def _seats(rec: dict, n: int) -> np.ndarray | None:
+    """Each expert's seat (``membrane.Visibility``): n distinct int64 in [0, 2^40), or None (0 .. n - 1)."""
+    seats = rec.get("seats")
+    if seats is None:
+        return None
+    if not isinstance(seats, np.ndarray) or seats.dtype.name != "int64" or seats.shape != (n,):
+        raise StoreError(f"agent.seats must be an int64 array [{n}]")
+    if seats.size and (seats.min() < 0 or seats.max() >= 1 << 40 or len(np.unique(seats)) != n):
+        raise StoreError("agent.seats must be distinct numbers in [0, 2^40)")
+    return np.array(seats)
+
+
 def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 20, max_dims: int = 1 << 16,
                   agent_config=None) -> Agent:
     """An ``engine.Agent`` (batch 1) continued from ``agent_record`` output; everything is
@@ -123,6 +135,7 @@ def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 20, max_dims: int
         "ids": _array(rec, "ids", (1, n, spec.id_dim)) if spec.id_dim else None,
         "route_mask": _array(rec, "route_mask", (1, n, n), bool, optional=True),
         "route_neighbors": _neighbors(rec, n),
+        "seats": _seats(rec, n),
         "out_addr": _array(rec, "out_addr", (1, d, A)),
         "slot_addr": _array(rec, "slot_addr", (1, slots, A)),
         "visibility": visibility, "parts": parts,

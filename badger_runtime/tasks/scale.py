@@ -9,7 +9,7 @@ possible error falls as N grows until N ~ d / 7, so an agent that uses its exper
 with N far past any N seen in training, and one expert alone stays near chance.
 
 Each expert reads the per-dimension error of only a random ``feedback_fraction`` of the
-outputs (``membrane.Visibility('fraction')``, a hash of the expert's rank and the slot): what
+outputs (``membrane.Visibility('fraction')``, a hash of the expert's seat and the slot): what
 the others heard reaches it only through messages, so cutting messages costs accuracy.
 
 Settings are the guessing game's (``GuessingConfig``) with per-dimension feedback by default,
