@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/figures")
     p.add_argument("--quick", action="store_true", help="fewer sizes (a smoke run)")
     p.add_argument("--longrun-steps", type=int, default=10_000)
-    p.add_argument("--only", default="n,ablations,hot,shipped,long",
-                   help="the sections to make (comma list of n, ablations, hot, shipped, long)")
+    p.add_argument("--only", default="n,ablations,hot,shipped,remove,long",
+                   help="the sections to make (comma list of n, ablations, hot, shipped, remove, long)")
     args = p.parse_args(argv)
 
     def want(section: str) -> bool:
@@ -179,6 +179,35 @@ def main(argv=None) -> int:
             w(f"\n(Not in this table, measured by their own task's metric: {', '.join(other)}; see README.)")
         w("")
 
+    # -- every shipped policy: removing half the experts ----------------------------------------------
+    if want("remove"):
+        w("### Removing half the experts of every shipped policy (2N, N removed at mid-episode; final step)\n")
+        w("| policy | d | 2N -> N | 2N throughout | N throughout | 2N, N removed | removed / N throughout | SEM | command |")
+        w("|---|---|---|---|---|---|---|---|---|")
+        other = []
+        for name in shipped_policies():
+            sp = load_policy(name)
+            st = sp.task
+            if st.name not in ("guessing", "scale"):
+                other.append(name)
+                continue
+            dd = st.dims[1]
+            nn = st.experts[0] if st.experts[0] == st.experts[1] else max(2, st.experts[0])
+            steps = min(st.steps, sp.horizon or st.steps)
+            mid = steps // 2
+            et, EVAL_FLAGS[sp.name] = evaluation_setting(sp)
+            big, _ = final(sp, et, dims=dd, experts=2 * nn, episodes=E * 4, seed=S, steps=steps, curve=True)
+            small, _ = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True)
+            cut, sem = final(sp, et, dims=dd, experts=2 * nn, episodes=E * 4, seed=S, steps=steps, curve=True,
+                             changes=schedule(remove_at=mid, remove=nn))
+            w(f"| {name} | {dd} | {2 * nn} -> {nn} | {big[-1]:.4f} | {small[-1]:.4f} | {cut[-1]:.4f} | "
+              f"{cut[-1] / max(small[-1], 1e-9):.2f} | {sem:.4f} | "
+              f"{cmd(sp, dims=dd, experts=2 * nn, steps=steps, remove_at=mid, remove=nn, episodes=E * 4, seed=S)} |")
+        if other:
+            w(f"\n(Not in this table, measured by their own task's metric: {', '.join(other)}; see the removal "
+              "table of the partitioned membranes.)")
+        w("")
+
     # -- long horizon ------------------------------------------------------------------------------
     if want("long"):
         r = horizon_report(pol, steps=args.longrun_steps, episodes=20, seed=S)
@@ -188,7 +217,8 @@ def main(argv=None) -> int:
         w("| error | " + " | ".join(f"{v:.4f}" for v in r["error_at"].values()) + f" | {r['max_abs_state']:.4f} | "
           f"`badger longrun --policy {pol.name} --steps {args.longrun_steps} --episodes 20 --seed {S} --json` |")
         w("")
-    only = "" if set(args.only.split(",")) >= {"n", "ablations", "hot", "shipped", "long"} else f" --only {args.only}"
+    only = "" if set(args.only.split(",")) >= {"n", "ablations", "hot", "shipped", "remove", "long"} else \
+        f" --only {args.only}"
     w(f"_Made by `python demos/scale_results.py --policy {args.policy} --seed {S} --episodes {E}{only}` in "
       f"{time.perf_counter() - t_start:.0f} s._")
     print(json.dumps({"curves": {str(k): v for k, v in curves.items()}, "ns": ns}), file=sys.stderr)
