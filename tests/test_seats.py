@@ -21,11 +21,12 @@ from badger_runtime.serve.store import StoreError, agent_record, restore_agent
 OPS = numpy_ops()
 
 
-def cyclic(C: int, blocks: int = 1, before: int = 0) -> Interface:
-    """An interface of ``before`` shared slots and then C parts (x ``blocks``) dealt out cyclically."""
+def cyclic(C: int, blocks: int = 1, before: int = 0, period: int = 0) -> Interface:
+    """An interface of ``before`` shared slots and then C parts (x ``blocks``) dealt out cyclically;
+    with ``period`` a grid instead (the ``before`` slots dealt out by rows of ``period`` cells)."""
     J = before + C * blocks
-    return Interface(np.zeros((1, J, 8), np.float32), np.zeros((1, C, 8), np.float32),
-                     Visibility("cyclic", before, J, blocks=blocks))
+    vis = Visibility("grid", before, J, period=period) if period else Visibility("cyclic", before, J, blocks=blocks)
+    return Interface(np.zeros((1, J, 8), np.float32), np.zeros((1, C, 8), np.float32), vis)
 
 
 def parts_of(itf: Interface, seats) -> list[bytes]:
@@ -76,13 +77,14 @@ def _wiring(n: int):
 
 
 @settings(max_examples=200, deadline=None)
-@given(C=st.integers(1, 6), blocks=st.integers(1, 3), before=st.integers(0, 2), n0=st.integers(1, 24),
-       data=st.data())
-def test_rebalancing_restores_the_smaller_agents_parts_with_the_fewest_moves(C, blocks, before, n0, data):
-    """After any removal (then possibly more): the n survivors read the parts an agent of n experts
-    reads, the experts that moved are exactly as many as the parts' shortfall, nobody else changes
-    seat, and every moved expert copies a reader of its new part when one stayed."""
-    itf = cyclic(C, blocks, before)
+@given(C=st.integers(1, 6), blocks=st.integers(1, 3), before=st.integers(0, 4), grid=st.booleans(),
+       n0=st.integers(1, 24), data=st.data())
+def test_rebalancing_restores_the_smaller_agents_parts_with_the_fewest_moves(C, blocks, before, grid, n0, data):
+    """After any removal (then possibly more), in a cyclic or a grid membrane: the n survivors read
+    the parts an agent of n experts reads, the experts that moved are exactly as many as the parts'
+    shortfall, nobody else changes seat, and every moved expert copies a reader of its new part
+    when one stayed."""
+    itf = cyclic(C, 1, max(before, 1), period=max(before, 1)) if grid else cyclic(C, blocks, before)
     seats = None
     n = n0
     for _ in range(data.draw(st.integers(1, 3))):
