@@ -38,13 +38,15 @@ def main():
     ap.add_argument("--kappa", type=floats, default=[0.25, 0.5, 1.0])
     ap.add_argument("--n-cap", type=floats, default=[0.0], help="the running mean's cap on 1 / rate (0: none)")
     ap.add_argument("--change-every", type=int, nargs=2, default=(0, 0))
+    ap.add_argument("--choice", default="sample", choices=("sample", "argmax"),
+                    help="how the environment picks the arm from the scores (the card states it)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     spec = PolicySpec(hidden=64, msg_dim=16, key_dim=8, addr_dim=24, read_heads=2, id_dim=8, init_noise=0.0)
     agent = AgentConfig(policy=spec)
     changing = args.change_every[1] > 0
     task = default_config("bandit", layout="arms", dims=(2, 10), experts=(10, 20),
-                          change_every=tuple(args.change_every))
+                          change_every=tuple(args.change_every), choice=args.choice)
     arms = [int(k) for k in args.arms.split(",")]
     rows = []
     what = "regret per step" if changing else "regret / Thompson"
