@@ -175,3 +175,32 @@ def test_seats_survive_a_snapshot_and_the_stores_checks(tmp_path):
             restore_agent(pol, {**rec, "seats": bad})
     with pytest.raises(InputError, match="seats"):
         Agent(pol).restore({**a.snapshot(), "seats": np.array([0, 1])})
+
+
+def test_a_served_removal_says_which_experts_restarted(tmp_path):
+    """`remove_experts` on a served session of a partitioned membrane answers which experts (indices
+    after the removal) were moved to a part left short and restarted; the checkpoint keeps the
+    seats, so a restarted server continues identically."""
+    import shutil
+
+    from badger_runtime.serve.sessions import SessionManager
+    from badger_runtime.serve.store import SessionStore
+
+    from .test_serve import ok
+
+    pol = load_policy("bandit-v2")
+    m = SessionManager(pol, SessionStore(tmp_path / "a", fsync=False))
+    m.restore_all()
+    ok(m, "open", "s", experts=6, dims=3, seed=1)
+    assert ok(m, "remove_experts", "s", indices=[1, 4]) == {"experts": 4, "t": 0, "episode": 0, "restarted": [3]}
+    assert ok(m, "remove_experts", "s", indices=[0])["restarted"] == []  # arm 0 keeps a reader: nobody moves
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    m2 = SessionManager(pol, SessionStore(tmp_path / "b", fsync=False))
+    m2.restore_all()
+    assert np.array_equal(m2.sessions["s"].agent.wiring.seats, m.sessions["s"].agent.wiring.seats)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        pulled = np.eye(3, dtype=np.float32)[rng.integers(3)]
+        fb = pulled * rng.choice([-1.0, 1.0])
+        outs = [ok(mm, "step", "s", pulled=pulled, feedback=fb)["outputs"] for mm in (m, m2)]
+        assert np.array_equal(outs[0], outs[1])

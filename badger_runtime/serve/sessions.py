@@ -96,6 +96,12 @@ class Session:
 
 # ---- body field checks -------------------------------------------------------------------------
 
+def _seats(agent) -> np.ndarray:
+    """Each expert's seat (``membrane.Visibility``), 0 .. N - 1 when none was ever removed."""
+    w = agent.wiring
+    return np.arange(w.n_experts) if w.seats is None else np.asarray(w.seats)
+
+
 def _check_keys(body: dict, allowed: set[str]):
     extra = body.keys() - allowed
     if extra:  # bounded: the first few names and how many more
@@ -546,9 +552,12 @@ class SessionManager:
                 idx = idx.tolist()
             if not isinstance(idx, list) or not idx or not all(type(i) is int for i in idx):
                 raise ServeError(E_BAD_REQUEST, "body field 'indices' must be a non-empty list of ints")
+            before = _seats(s.agent)
             left = self._commit(s, lambda: s.agent.remove_experts(idx))
             self.metrics.inc("experts.removed", len(set(idx)))
-            return {"experts": left, "t": s.agent.t, "episode": s.episode}
+            kept = before[np.setdiff1d(np.arange(before.size), idx)]
+            restarted = np.flatnonzero(kept != _seats(s.agent)).tolist()  # re-seated: moved to a part left short
+            return {"experts": left, "t": s.agent.t, "episode": s.episode, "restarted": restarted}
         return self._locked(name, remove, body)
 
     def _k_snapshot(self, name: str | None, body: dict) -> dict:
