@@ -158,16 +158,16 @@ def rebalance_plan(interface, seats: np.ndarray | None, n: int) -> tuple[np.ndar
     if seats is None or rule is None or rule.kind not in PARTITIONED_VISIBILITY:
         return seats, []
     seats = np.asarray(seats, np.int64)
-    top = int(max(seats.max() + 1, n))
-    rows = rule.mask(top, interface.slots)
+    asked = np.union1d(seats, np.arange(n))  # the seats that matter: the survivors' and 0 .. n - 1
+    rows = rule.mask(asked.size, interface.slots, asked)
     if rows is None:
         return membrane.normal_seats(seats), []
-    keys = [r.tobytes() for r in np.packbits(rows[0], axis=1)]  # the part each seat reads
+    keys = dict(zip(asked.tolist(), (r.tobytes() for r in np.packbits(rows[0], axis=1))))  # seat -> its part
     want: dict[bytes, int] = {}
     for s in range(n):
         want[keys[s]] = want.get(keys[s], 0) + 1
     have: dict[bytes, int] = {}
-    for s in seats:
+    for s in seats.tolist():
         have[keys[s]] = have.get(keys[s], 0) + 1
     free = sorted(set(range(n)) - set(int(s) for s in seats))
     dest, short = [], dict(have)
@@ -177,7 +177,7 @@ def rebalance_plan(interface, seats: np.ndarray | None, n: int) -> tuple[np.ndar
             short[keys[s]] = short.get(keys[s], 0) + 1
     spare, extra = [], dict(have)
     for i in np.argsort(-seats, kind="stable"):  # the highest seats of parts over their share move
-        k = keys[seats[i]]
+        k = keys[int(seats[i])]
         if extra[k] > want.get(k, 0):
             spare.append(int(i))
             extra[k] -= 1
@@ -186,7 +186,7 @@ def rebalance_plan(interface, seats: np.ndarray | None, n: int) -> tuple[np.ndar
     reader: dict[bytes, int] = {}  # part -> the first staying expert that reads it
     for j in range(n):
         if j not in gone:
-            reader.setdefault(keys[seats[j]], j)
+            reader.setdefault(keys[int(seats[j])], j)
     new = seats.copy()
     moves = []
     for i, s in zip(moved, dest):

@@ -204,3 +204,17 @@ def test_a_served_removal_says_which_experts_restarted(tmp_path):
         fb = pulled * rng.choice([-1.0, 1.0])
         outs = [ok(mm, "step", "s", pulled=pulled, feedback=fb)["outputs"] for mm in (m, m2)]
         assert np.array_equal(outs[0], outs[1])
+
+
+def test_far_seats_cost_no_more_than_near_ones():
+    """A snapshot may carry seats up to 2^40 (the store's bound): removing from such an agent looks
+    only at the seats that exist and those below its size, never allocates a row per seat number."""
+    pol = load_policy("bandit-v2")
+    a = Agent(pol).reset(1, 4, 3, seed=0)
+    snap = a.snapshot()
+    b = Agent(pol).restore({**snap, "seats": np.array([0, 5, 2**39, 2**40 - 1])})
+    assert b.remove_experts([0]) == 3
+    # K = 3 parts: seats 5 and 2^39 both read part 2, 2^40 - 1 reads part 0, part 1 has no reader:
+    # the higher of part 2's two moves to seat 1
+    assert b.wiring.seats.tolist() == [5, 1, 2**40 - 1]
+    b.step(np.zeros((1, b.slots), np.float32))
