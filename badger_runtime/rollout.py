@@ -95,11 +95,16 @@ class AgentState:
 
 
 def initial_state(ops, policy, wiring: Wiring) -> AgentState:
+    return fresh_state(ops, policy, wiring.noise)
+
+
+def fresh_state(ops, policy, noise: np.ndarray) -> AgentState:
+    """The policy's initial state of experts whose initial noise is ``noise`` [B, n, H] (an agent
+    that starts, or experts that join or restart fresh): h = tanh(h0 + init_noise x noise), no heads."""
     spec = policy.spec
-    noise = ops.asarray(wiring.noise)
-    h = ops.tanh(ops.asarray(policy.h0) + spec.init_noise * noise)
-    B, N, _ = wiring.noise.shape
-    return AgentState(h, ops.zeros((B, N, spec.heads_dim)))
+    h = ops.tanh(ops.asarray(policy.h0) + spec.init_noise * ops.asarray(noise))
+    B, n, _ = noise.shape
+    return AgentState(h, ops.zeros((B, n, spec.heads_dim)))
 
 
 #: Visibility kinds that deal the slots out to the experts in turn (each seat reads its own part):
@@ -210,8 +215,7 @@ def rebalance(ops, policy, interface, rng: np.random.Generator, wiring: Wiring, 
             h[:, i], heads[:, i], noise[:, i] = h[:, src], heads[:, src], noise[:, src]
         else:
             noise[:, i] = rng.standard_normal((B, noise.shape[2])).astype(np.float32)
-            fresh = initial_state(ops, policy, Wiring(noise[:, i:i + 1], None, wiring.can_sense[:1],
-                                                      wiring.can_push[:1]))
+            fresh = fresh_state(ops, policy, noise[:, i:i + 1])
             h[:, i], heads[:, i] = np.asarray(fresh.h)[:, 0], np.asarray(fresh.heads)[:, 0]
     return (Wiring(noise, wiring.route_mask, wiring.can_sense, wiring.can_push, wiring.ids, new_seats),
             AgentState(ops.asarray(h), ops.asarray(heads)))
@@ -233,7 +237,7 @@ def grow(ops, policy, cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring
         h_new, heads_new = state.h[:, sources], state.heads[:, sources]
     else:
         noise = rng.standard_normal((B, n, spec.hidden)).astype(np.float32)
-        fresh = initial_state(ops, policy, Wiring(noise, None, wiring.can_sense[:n], wiring.can_push[:n]))
+        fresh = fresh_state(ops, policy, noise)
         h_new, heads_new = fresh.h, fresh.heads
     cat = lambda a, b: None if a is None else np.concatenate([a, b], axis=1)  # noqa: E731
     total = N + n

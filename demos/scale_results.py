@@ -56,6 +56,23 @@ def evaluation_setting(pol):
     return dataclasses.replace(task, steps=steps), {"task": own.name, "steps": steps}
 
 
+def shipped_settings(other: list):
+    """Each shipped policy measured by an error (the guessing and scale tasks; the others' names go to
+    ``other``: a bandit's regret, a classifier's accuracy are measured elsewhere), with the setting
+    its rows use: (name, policy, task, d = the trained max, N = the trained min (>= 2 unless fixed),
+    steps within its horizon, the mid-episode step of a change)."""
+    for name in shipped_policies():
+        sp = load_policy(name)
+        st = sp.task
+        if st.name not in ("guessing", "scale"):
+            other.append(name)
+            continue
+        nn = st.experts[0] if st.experts[0] == st.experts[1] else max(2, st.experts[0])
+        steps = min(st.steps, sp.horizon or st.steps)
+        et, EVAL_FLAGS[sp.name] = evaluation_setting(sp)
+        yield name, sp, et, st.dims[1], nn, steps, steps // 2
+
+
 def cmd(pol, **flags) -> str:
     parts = [f"badger eval --policy {pol.name}"]
     for k, v in {**EVAL_FLAGS.get(pol.name, {}), **flags}.items():
@@ -159,17 +176,7 @@ def main(argv=None) -> int:
         w("| policy | d | N | unchanged | + N fresh | ratio | seed-to-seed noise (SEM) | command |")
         w("|---|---|---|---|---|---|---|---|")
         other = []
-        for name in shipped_policies():
-            sp = load_policy(name)
-            st = sp.task
-            if st.name not in ("guessing", "scale"):  # measured by an error; a bandit's regret is elsewhere
-                other.append(name)
-                continue
-            dd = st.dims[1]
-            nn = st.experts[0] if st.experts[0] == st.experts[1] else max(2, st.experts[0])
-            steps = min(st.steps, sp.horizon or st.steps)
-            mid = steps // 2
-            et, EVAL_FLAGS[sp.name] = evaluation_setting(sp)
+        for name, sp, et, dd, nn, steps, mid in shipped_settings(other):
             base, sem = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True)
             grown, _ = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True,
                              changes=schedule(mid, nn, "fresh"))
@@ -185,17 +192,7 @@ def main(argv=None) -> int:
         w("| policy | d | 2N -> N | 2N throughout | N throughout | 2N, N removed | removed / N throughout | SEM | command |")
         w("|---|---|---|---|---|---|---|---|---|")
         other = []
-        for name in shipped_policies():
-            sp = load_policy(name)
-            st = sp.task
-            if st.name not in ("guessing", "scale"):
-                other.append(name)
-                continue
-            dd = st.dims[1]
-            nn = st.experts[0] if st.experts[0] == st.experts[1] else max(2, st.experts[0])
-            steps = min(st.steps, sp.horizon or st.steps)
-            mid = steps // 2
-            et, EVAL_FLAGS[sp.name] = evaluation_setting(sp)
+        for name, sp, et, dd, nn, steps, mid in shipped_settings(other):
             big, _ = final(sp, et, dims=dd, experts=2 * nn, episodes=E * 4, seed=S, steps=steps, curve=True)
             small, _ = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True)
             cut, sem = final(sp, et, dims=dd, experts=2 * nn, episodes=E * 4, seed=S, steps=steps, curve=True,

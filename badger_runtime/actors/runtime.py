@@ -75,7 +75,7 @@ from .. import routing
 from ..config import AgentConfig, ConfigError
 from ..engine import InputError, check_horizon, check_values
 from ..membrane import Interface, normal_seats
-from ..rollout import StepInfo, Wiring, clone_candidates, initial_state, rebalance_plan
+from ..rollout import StepInfo, Wiring, clone_candidates, fresh_state, initial_state, rebalance_plan
 from ..xp import NumpyOps
 from .batcher import PolicyBatcher
 from .lifecycle import Lifecycle
@@ -262,13 +262,9 @@ class ActorAgent(Lifecycle):
                     src = int(live[int(self.rng.choice(cands[i]))])
                 else:
                     src = int(self.rng.choice(self.live_ids()))
-                core = self._records[src].core
-                h, heads = core.h.copy(), core.heads.copy()
             else:
                 src = None
-                noise = self.rng.standard_normal((1, 1, self.spec.hidden)).astype(np.float32)
-                fresh = initial_state(OPS, self.policy, Wiring(noise, None, np.ones(1, bool), np.ones(1, bool)))
-                h, heads = fresh.h[0, 0], fresh.heads[0, 0]
+            h, heads = self._start_state(src)
             ident = (self.rng.standard_normal(self.spec.id_dim).astype(np.float32) if self.spec.id_dim else None)
             member, senders, receivers = self.directory.plan_add(eid, src)
             self.directory.add(member, senders, receivers)
@@ -323,6 +319,15 @@ class ActorAgent(Lifecycle):
             self.batcher.poke()
         return len(self._records)
 
+    def _start_state(self, src: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(h, heads) of an expert that starts now: a copy of expert ``src``'s, or fresh (new noise)."""
+        if src is not None:
+            core = self._records[src].core
+            return core.h.copy(), core.heads.copy()
+        noise = self.rng.standard_normal((1, 1, self.spec.hidden)).astype(np.float32)
+        fresh = fresh_state(OPS, self.policy, noise)
+        return fresh.h[0, 0], fresh.heads[0, 0]
+
     def _rebalance(self):
         """After a removal, as the batched engine (``rollout.rebalance_plan``): survivors of parts over
         their share move to the parts left short of readers and restart there, as clones of a reader
@@ -334,13 +339,7 @@ class ActorAgent(Lifecycle):
         for i, src in moves:
             eid = live[i]
             rec = self._records[eid]
-            if src >= 0:
-                other = self._records[live[src]].core
-                h, heads = other.h.copy(), other.heads.copy()
-            else:
-                noise = self.rng.standard_normal((1, 1, self.spec.hidden)).astype(np.float32)
-                fresh = initial_state(OPS, self.policy, Wiring(noise, None, np.ones(1, bool), np.ones(1, bool)))
-                h, heads = fresh.h[0, 0], fresh.heads[0, 0]
+            h, heads = self._start_state(live[src] if src >= 0 else None)
             self.directory.members[eid].seat = int(seats[i])
             rec.core.h, rec.core.heads = np.array(h, np.float32), np.array(heads, np.float32)
             rec.snapshot = rec.core.snapshot()

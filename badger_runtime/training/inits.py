@@ -332,27 +332,24 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
         Wh[Z + m, counts] = t(rate_logit[:J])
         Wh[Z + m, seen] = float(rate_logit[J])
         bi[Z + m], Wi[Z + m, p_in] = float(rate_logit[J + 1]) + 2 * G, -2 * G
-        for i, v in enumerate(joined):  # a second address copy, written once the arm was pulled join_after times
-            Wi[N + v, a_in + i] = 0.25
-            bi[Z + v], Wh[Z + v, counts[2]] = 40.0 * jth, -40.0
-        more = []  # further copies, each written once its count unit passes its threshold
+        # address copies in the push key, each written once a count unit passes its threshold: the
+        # first (c_2, gain 40: v2's) after join_after pulls, then join_more's, each on the count unit
+        # steepest at its count, ~4 logits per pull there
+        copies = [(joined, counts[2], jth, 40.0, join_gain)]
         for pulls, g in join_more:
-            rate = max(ARM_RATES, key=lambda a: (1 - a) ** pulls * -np.log(1 - a))  # steepest at that count
-            u = counts[ARM_RATES.index(rate)]
-            th = 1.0 - 2.0 * (1.0 - rate) ** (pulls - 0.5)
+            rate = max(ARM_RATES, key=lambda a: (1 - a) ** pulls * -np.log(1 - a))
             units, free = free[:Aa], free[Aa:]
-            steep = 4.0 / (2.0 * (1.0 - rate) ** pulls * -np.log(1 - rate))  # ~4 logits per pull at the threshold
+            copies.append((units, counts[ARM_RATES.index(rate)], 1.0 - 2.0 * (1.0 - rate) ** (pulls - 0.5),
+                           4.0 / (2.0 * (1.0 - rate) ** pulls * -np.log(1 - rate)), g))
+        for units, u, th, steep, _ in copies:
             for i, v in enumerate(units):
                 Wi[N + v, a_in + i] = 0.25
                 bi[Z + v], Wh[Z + v, u] = steep * th, -steep
-            more.append((units, g))
         for u in free:
             bi[Z + u] = G
         W, b = policy.heads.weight, policy.heads.bias
         pk = _offset(spec, "push_key")
-        for i, v in enumerate(joined):
-            W[pk + N_KIND_FLAGS + i, v] = join_gain
-        for units, g in more:
+        for units, _, _, _, g in copies:
             for i, v in enumerate(units):
                 W[pk + N_KIND_FLAGS + i, v] = g
         pv = _offset(spec, "push_value")
