@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import gc
 import struct
+import weakref
 
 import msgpack
 import numpy as np
@@ -118,7 +120,27 @@ def _assert_failed(dec: FrameDecoder, match: str) -> None:
     for call in (lambda: dec.feed(b"\x00\x00\x00\x02\x80\x80"), dec.next_frame, dec.feed_eof):
         with pytest.raises(ProtocolError, match=match) as info:
             call()
-        assert info.value is err
+        assert str(info.value) == str(err) and info.value.code == err.code
+
+
+def test_failed_decoder_is_freed_without_a_garbage_collection():
+    """The decoder keeps no traceback of its error: a traceback holds the frames that called it
+    (a server frame holds the frame body, up to 16 MiB), so keeping one would tie the decoder and
+    those bodies in a reference cycle that only a garbage collection frees."""
+    gc.collect()
+    gc.disable()
+    try:
+        for data in (struct.pack(">I", 101), frame_of(b"\x91\x01")):  # a bad length; a body that is not a map
+            dec = FrameDecoder(max_frame_bytes=100)
+            with pytest.raises(ProtocolError):
+                dec.feed(data)
+                dec.next_frame()
+            assert isinstance(dec.error, ProtocolError) and dec.error.__traceback__ is None
+            ref = weakref.ref(dec)
+            del dec
+            assert ref() is None, "the failed decoder is in a reference cycle"
+    finally:
+        gc.enable()
 
 
 def test_bad_length_puts_decoder_in_error_state():

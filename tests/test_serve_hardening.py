@@ -555,6 +555,7 @@ def test_a_bad_flag_exits_2_with_a_clear_message_in_a_real_process(tmp_path):
     (["--abuse-window", "0"], "--abuse-window"), (["--abuse-cooldown", "nan"], "finite"),
     (["--abuse-cooldown", "-3"], "--abuse-cooldown"), (["--peer-request-rate", "-1"], "--peer-request-rate"),
     (["--peer-request-rate", "inf"], "finite"), (["--peer-request-burst", "0"], "--peer-request-burst"),
+    (["--gc-gen0", "0"], "--gc-gen0"), (["--gc-gen0", "1e3"], "integer"),
 ])
 def test_bad_flags_are_usage_errors(argv, says, tmp_path, capsys):
     from badger_runtime.cli import main
@@ -690,7 +691,8 @@ def test_the_real_process_logs_only_json_and_serves_metrics(tiny_policy, tmp_pat
     with open(err_path, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-W", "always", "-m", "badger_runtime.cli", "serve", "--policy",
                                  str(tiny_policy), "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "s"),
-                                 "--metrics-port", "0", "--max-connections", "4", "--log-level", "debug"],
+                                 "--metrics-port", "0", "--max-connections", "4", "--log-level", "debug",
+                                 "--gc-gen0", "1234"],
                                 stdout=subprocess.PIPE, stderr=err, env=env)
         try:
             ready = json.loads(proc.stdout.readline())
@@ -698,6 +700,7 @@ def test_the_real_process_logs_only_json_and_serves_metrics(tiny_policy, tmp_pat
             assert status == 200 and "badger_sessions 0.0" in text
             with Client(ready["listen"], timeout=10) as c:
                 assert c.health()["ready"]
+                assert c.stats()["limits"]["gc_gen0"] == 1234  # the collector's threshold in the server process
                 c.open(dims=2, experts=3, session="a")
                 with pytest.raises(ServerError):
                     c.step("a", [0, 0], [1, 1e9])  # refused; logged nowhere as plain text

@@ -20,3 +20,4 @@ ABUSE_WINDOW = 10.0              # s: the sliding window of those closes (--abus
 ABUSE_COOLDOWN = 60.0            # s: a blocked IP's new connections are closed at accept (--abuse-cooldown)
 PEER_REQUEST_RATE = 200.0        # requests/s of one IP over all its connections (--peer-request-rate; 0: off)
 PEER_REQUEST_BURST = 400         # of them at once, before the next ones are delayed (--peer-request-burst)
+GC_GEN0_THRESHOLD = 10_000       # the garbage collector's first threshold in the server (--gc-gen0; Python's: 700)

@@ -310,9 +310,17 @@ class FrameDecoder:
         self._buf = bytearray()
 
     def _fail(self, err: ProtocolError) -> ProtocolError:
-        self._error = err
+        # Keep a copy without a traceback: the raised error's traceback holds the frames that
+        # called the decoder (and their locals: a frame body of up to 16 MiB), and storing it here
+        # would make a reference cycle through the decoder, freed only by a garbage collection.
+        self._error = ProtocolError(str(err), code=err.code, request_id=err.request_id)
         self.close()
         return err
+
+    def _failed(self) -> ProtocolError:
+        """A fresh copy of the error that failed this decoder (raised again on each later call)."""
+        e = self._error
+        return ProtocolError(str(e), code=e.code, request_id=e.request_id)
 
     def _check_header(self) -> int | None:
         """Length of the pending frame's body, or None while the header is incomplete."""
@@ -333,7 +341,7 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:
-            raise self._error
+            raise self._failed()
         if self._eof:
             raise self._fail(ProtocolError("data fed after end of stream"))
         self._release_held()
@@ -348,7 +356,7 @@ class FrameDecoder:
         """The peer closed the stream: raises ProtocolError if a partial frame is buffered
         (call after draining ``frames()``)."""
         if self._error is not None:
-            raise self._error
+            raise self._failed()
         self._eof = True
         if self._buf:
             raise self._fail(ProtocolError(f"stream ended inside a frame ({len(self._buf)} bytes pending)"))
@@ -358,7 +366,7 @@ class FrameDecoder:
         decodes large bodies elsewhere (``decode_body`` in a worker thread; on a ProtocolError
         from it, call ``fail``). The frame's reservation is held as for ``next_frame``."""
         if self._error is not None:
-            raise self._error
+            raise self._failed()
         self._release_held()
         n = self._check_header()
         if n is None or len(self._buf) < HEADER_BYTES + n:

@@ -54,6 +54,7 @@ to ``drain_timeout``), checkpoint sessions with pending steps, return.
 from __future__ import annotations
 
 import errno
+import gc
 import hmac
 import signal
 import socket
@@ -176,7 +177,8 @@ class Server:
                 "buffer_budget_bytes": self.budget.total, "small_frame_bytes": self.budget.small,
                 "abuse_limit": self.abuse.limit, "abuse_window_s": self.abuse.window,
                 "abuse_cooldown_s": self.abuse.cooldown, "peer_request_rate": self.pacer.rate,
-                "peer_request_burst": self.pacer.burst, "decode": self.decode_limits.to_dict()}
+                "peer_request_burst": self.pacer.burst, "decode": self.decode_limits.to_dict(),
+                "gc_gen0": gc.get_threshold()[0]}  # the process's (badger serve --gc-gen0)
 
     def gauges(self) -> dict:
         """Plain numbers about connections and buffers; safe to call from another thread (the
