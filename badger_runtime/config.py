@@ -90,8 +90,9 @@ class RoutingConfig:
             raise ConfigError(f"routing.kind must be one of {ROUTINGS}, got {self.kind!r}")
         if self.ablation not in ABLATIONS:
             raise ConfigError(f"routing.ablation must be one of {ABLATIONS}, got {self.ablation!r}")
-        if self.k < 1 or self.degree < 1 or self.candidates < 0:
-            raise ConfigError("routing.k and routing.degree must be >= 1, routing.candidates >= 0")
+        if self.k < 1 or self.degree < 0 or self.candidates < 0:
+            raise ConfigError("routing.k must be >= 1, routing.degree (0: each expert hears only itself) and "
+                              "routing.candidates >= 0")
 
 
 @dataclass

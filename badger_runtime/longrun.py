@@ -41,12 +41,14 @@ class LongRun:
 
 def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | None = None,
                  experts: int | None = None, jump_every: tuple[int, int] = (0, 0), chunk_steps: int = 500,
-                 task=None, upfront: bool | None = None) -> LongRun:
+                 task=None, upfront: bool | None = None, agent_config=None) -> LongRun:
     """Run ``episodes`` agents for ``steps`` inner steps without reset, on ``task`` (default: the
     policy's own; a guessing task gets ``jump_every``), with the task's default N and dims unless
     given. ``upfront`` (default: when the targets jump) draws the task for all steps at once;
-    otherwise it goes on chunk by chunk (``Task.extend``)."""
+    otherwise it goes on chunk by chunk (``Task.extend``). ``agent_config``: the agent's settings
+    (default: the policy's own; e.g. another routing, as an ablation)."""
     task = task if task is not None else policy.task
+    cfg = agent_config if agent_config is not None else policy.agent
     if hasattr(task, "jump_every"):
         task = dataclasses.replace(task, jump_every=tuple(jump_every))
     tk = make_task(task)
@@ -58,7 +60,7 @@ def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | No
     ep = tk.sample(rng_task, episodes, dims=d, experts=n, steps=steps if upfront else min(chunk_steps, steps),
                    addr_dim=policy.spec.addr_dim)
     # the measurement of what happens past the horizon: asked for explicitly
-    agent = Agent(policy, past_horizon=True).start(ep.interface, sample_wiring(rng_wire, policy.agent, episodes, n))
+    agent = Agent(policy, cfg, past_horizon=True).start(ep.interface, sample_wiring(rng_wire, cfg, episodes, n))
     out, vals, jumps, hmax = None, [], [], 0.0
     for t0 in range(0, steps, chunk_steps):
         k = min(chunk_steps, steps - t0)

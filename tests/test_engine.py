@@ -167,6 +167,24 @@ def test_eval_cli_same_json_for_checkpoint_and_policy(tiny_run, tiny_policy, cap
     assert main(["eval", "--policy", str(tiny_policy), "--dims", "0"]) == 2
 
 
+def test_random_routing_of_degree_zero_has_each_expert_hear_only_itself(tiny_policy):
+    """routing.degree = 0 (``badger eval --routing random --degree 0``): every inbox is the expert's
+    own message, the ablation that keeps each expert's messages to itself."""
+    from badger_runtime.config import RoutingConfig
+    from badger_runtime.routing import route, topology
+
+    topo = topology(RoutingConfig(kind="random", degree=0), 5, 2, np.random.default_rng(0))
+    assert np.array_equal(topo.idx, np.broadcast_to(np.arange(5)[None, :, None], (2, 5, 1)))
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.normal(size=(2, 5, d)).astype(np.float32) for d in (4, 4, 3))
+    inbox, _ = route(numpy_ops(), RoutingConfig(kind="random", degree=0), q, k, v, topo)
+    assert np.allclose(inbox, v)
+    pol = load_policy(tiny_policy)
+    cfg = AgentConfig(policy=pol.spec, routing=RoutingConfig(kind="random", degree=0), agreement=pol.agent.agreement)
+    a = Agent(pol, cfg).reset(batch=2, experts=4, dims=3, seed=5)
+    a.step(np.zeros((2, a.slots), np.float32))
+
+
 def test_snapshot_restore_continues_exactly(tiny_policy):
     from badger_runtime.config import RoutingConfig
 

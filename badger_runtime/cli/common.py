@@ -63,6 +63,8 @@ def add_eval_flags(p: argparse.ArgumentParser, runtime_default: str = "engine"):
     p.add_argument("--candidates", type=int_in(0, 1_000_000, "--candidates"), default=None,
                    help="top-k routing: senders each receiver scores (0: all; C > 0: O(N C) sparse)")
     p.add_argument("--k", type=int_in(1, 1_000_000, "--k"), default=None, help="top-k routing: senders kept")
+    p.add_argument("--degree", type=int_in(0, 1_000_000, "--degree"), default=None,
+                   help="random routing: senders each receiver hears besides itself (0: only itself)")
     p.add_argument("--agreement", default=None, help="override the agreement rule (fixed, convergence, quorum)")
     p.add_argument("--ablate", choices=("none", "cut", "shuffle"), default=None,
                    help="messages ablation (batched engine): cut = every inbox empty, shuffle = each expert "
@@ -129,6 +131,8 @@ def resolve_agent(args, agent: AgentConfig) -> AgentConfig:
         agent.routing.candidates = args.candidates
     if args.k is not None:
         agent.routing.k = args.k
+    if getattr(args, "degree", None) is not None:
+        agent.routing.degree = args.degree
     if getattr(args, "ablate", None):
         agent.routing.ablation = args.ablate
     if args.agreement:

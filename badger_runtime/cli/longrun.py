@@ -35,6 +35,9 @@ def register(sub):
     lr.add_argument("--full", action="store_true", help="include the error curves (a task's own long run: all "
                                                           "its curves)")
     lr.add_argument("--plot", default=None, metavar="PNG", help="with --jump-every or --task bandit: plot over time")
+    lr.add_argument("--routing", default=None, help="bandit long run: override the routing kind (an ablation)")
+    lr.add_argument("--degree", type=int_in(0, 1_000_000, "--degree"), default=None,
+                    help="bandit long run, random routing: senders each receiver hears besides itself (0: only itself)")
     lr.add_argument("--json", action="store_true", help="one line of JSON")
     lr.set_defaults(fn=cmd_longrun)
 
@@ -53,6 +56,8 @@ def cmd_longrun(args):
         if v is not None and not 1 <= v[0] <= v[1]:
             raise ConfigError(f"{flag} A B needs 1 <= A <= B")
     change = args.change_every or args.jump_every
+    if (args.routing is not None or args.degree is not None) and name != "bandit":
+        raise ConfigError("--routing / --degree: only the bandit long run takes another routing")
     if hasattr(cls, "longrun_report"):  # the task's own long run (its own default change schedule)
         from .common import resolve_task
 
@@ -61,6 +66,12 @@ def cmd_longrun(args):
         task = resolve_task(args, pol.task)
         given = {k: v for k, v in (("change_every", tuple(change) if change else None), ("window", args.window))
                  if v is not None}
+        if args.routing is not None or args.degree is not None:
+            import dataclasses
+
+            r = pol.agent.routing
+            r = dataclasses.replace(r, kind=args.routing or r.kind, degree=r.degree if args.degree is None else args.degree)
+            given["agent_config"] = dataclasses.replace(pol.agent, routing=r).validate()
         report = cls.longrun_report(pol, task=task, steps=steps, episodes=args.episodes, seed=args.seed,
                                     dims=args.dims, experts=args.experts, full=args.full or bool(args.plot), **given)
         if args.plot:

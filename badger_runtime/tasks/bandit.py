@@ -485,7 +485,7 @@ def _long_task(policy, task: BanditConfig | None, change_every, steps: int) -> B
 def longrun_report(policy, *, task: BanditConfig | None = None, steps: int = 10_000, episodes: int = 50,
                    seed: int = 0, dims: int | None = None, experts: int | None = None,
                    change_every: tuple[int, int] = (200, 800), window: int = 100, baselines: bool = True,
-                   full: bool = True) -> dict:
+                   full: bool = True, agent_config=None) -> dict:
     """The continual check: arm means drawn afresh every U[a, b] steps, the agent never reset.
 
     Reports the regret per step over time (mean over episodes, in windows of ``window`` steps),
@@ -494,12 +494,13 @@ def longrun_report(policy, *, task: BanditConfig | None = None, steps: int = 10_
     told when the means change (restarted at each change) and for plain Thompson sampling (never
     restarted), on the same draws. ``keeps_finding`` compares the second half with the first.
     ``task``: the bandit's settings (default: the policy's own, or the bandit's defaults); ``dims``:
-    K; without ``full`` the windows of regret are left out."""
+    K; without ``full`` the windows of regret are left out. ``agent_config``: the agent's settings
+    (default: the policy's own; ``badger longrun --routing random --degree 0`` as an ablation)."""
     from ..longrun import long_rollout
 
     cfg = _long_task(policy, task, change_every, steps)
     run = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, dims=dims, experts=experts, task=cfg,
-                       upfront=True)  # the means drawn for all steps at once
+                       upfront=True, agent_config=agent_config)  # the means drawn for all steps at once
     regret, best, ep, hmax = run.metrics["regret"], run.metrics["best"], run.episode, run.max_abs_state
     changes = ep.changes if ep.changes is not None else np.zeros(regret.shape, bool)
     half = steps // 2
@@ -513,6 +514,7 @@ def longrun_report(policy, *, task: BanditConfig | None = None, steps: int = 10_
 
     K = ep.dims
     report = {"policy": getattr(policy, "name", "?"), "task": dataclasses.asdict(cfg),
+              "routing": dataclasses.asdict((agent_config or policy.agent).routing),
               "steps": steps, "episodes": episodes, "seed": seed, "arms": K,
               "change_every": list(change_every), "window": window, "changes": int(changes[1:].sum()),
               "chance_best_fraction": 1.0 / K, "agent": summary(regret, best), "max_abs_state": hmax,

@@ -242,6 +242,7 @@ def arm_routing(policy, *, key_gain: float = 16.0, kind_bias: float = 8.0, gate:
 #: thermometer whose rates span 1 to ~2,000 pulls); functions of n are read from them linearly.
 ARM_RATES = (0.5, 0.25, 0.1, 0.04, 0.015, 0.005, 0.002)
 ARM_FIT_N = 3000  # the counts the linear read-outs are fitted on (n = 1 .. ARM_FIT_N)
+ALARM_GATE = (3, 0.8)  # arm_index's shared alarm: the count unit that opens it, and around which level
 
 
 def _count_codes(n: np.ndarray) -> np.ndarray:
@@ -265,7 +266,8 @@ def count_readout(target, *, first: float) -> np.ndarray:
 
 def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | None = 100, w: float = 0.5,
               key_gain: float = 16.0, join_gain: float = 8.0, join_after: int = 5, kind_bias: float = 8.0,
-              gate: float = 12.0, join_more: tuple[tuple[int, float], ...] = ()):
+              gate: float = 12.0, join_more: tuple[tuple[int, float], ...] = (),
+              detect: tuple[int, float] | None = None, share_alarm: bool = False):
     """A handcrafted index cell for the bandit's ``arms`` membrane (``tasks/bandit.py``): expert e
     reads arm e mod K's ``pulled`` slot (head 0: value p, 1 on a pull of its arm) and ``feedback`` slot
     (head 1: value x = 2 x loss - 1, -1 a win, +1 a loss) and keeps its arm's statistics:
@@ -284,7 +286,18 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
       many pulls itself, by a factor ~exp(join_gain) in the push weights. ``join_more`` =
       ((pulls, gain), ...) writes further copies at further counts, so that among the experts of an
       arm the more experienced outweigh the newer at every level (a newcomer's young running mean
-      is not averaged with a long one); each needs ``addr_dim - 2`` more hidden units.
+      is not averaged with a long one); each needs ``addr_dim - 2`` more hidden units;
+    - ``detect = (fast_cap, threshold)``: a change detector. A second running mean of the same
+      rewards with its rate capped at 1 / fast_cap (the last ~fast_cap pulls) beside m; two units
+      that turn +1 when the fast mean is more than ``threshold`` above or below m (in m's units,
+      tanh(w) (2 mu - 1)); while one of them is +1 the count units are reset to "never pulled".
+      The arm's next pull then weighs fully in both means (their rates read the counts) and its
+      bonus is a fresh arm's: a long memory on stationary arms, a short one after a change.
+      ``share_alarm``: an alarm unit (+1 while up or down is) is broadcast in a message, and every
+      expert resets its counts when its inbox says some expert raised one: a change seen on one arm
+      restarts the exploration of all of them (the arms that were not being pulled are the ones
+      whose change nobody can see). The alarm's key outweighs the silent experts' by ~45 logits, so
+      the inbox is the alarm whatever the number of experts (a soft "any").
 
     Push value (the arm's score) = beta x (m / tanh(w) + kappa / sqrt(n + 1)) (an estimate of
     2 mu - 1 plus an exploration bonus that falls with the pulls, read linearly from the count
@@ -296,7 +309,9 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
     if spec.read_heads != 2 or spec.competitive_heads or spec.read_moments:
         raise ConfigError("train.init = 'arm_index' needs policy.read_heads = 2 (no competitive heads or moments)")
     J, Aa = len(ARM_RATES), A - N_KIND_FLAGS
-    need = 2 * Aa + J + 2 + len(join_more) * Aa
+    need = 2 * Aa + J + 2 + len(join_more) * Aa + (3 if detect else 0) + (1 if share_alarm else 0)
+    if share_alarm and not detect:
+        raise ConfigError("arm_index: share_alarm needs detect")
     if H < need:
         raise ConfigError(f"train.init = 'arm_index' needs policy.hidden >= {need}, got {H}")
     seen, m = 0, 1
@@ -345,9 +360,45 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
             for i, v in enumerate(units):
                 Wi[N + v, a_in + i] = 0.25
                 bi[Z + v], Wh[Z + v, u] = steep * th, -steep
+        if detect:
+            fast_cap, threshold = detect
+            (f, up, down), free = free[:3], free[3:]
+            fast_logit = count_readout(lambda n: np.log(np.clip(n, 1.0, float(fast_cap))), first=-G)
+            Wi[N + f, x_in] = -w  # the fast mean: m's candidate, its rate capped at 1 / fast_cap
+            Wh[Z + f, counts] = t(fast_logit[:J])
+            Wh[Z + f, seen] = float(fast_logit[J])
+            bi[Z + f], Wi[Z + f, p_in] = float(fast_logit[J + 1]) + 2 * G, -2 * G
+            steep = 4.0 * G / threshold  # +-1 within ~threshold / 4 of the threshold
+            for u, sign in ((up, 1.0), (down, -1.0)):  # +1 while sign (fast - m) > threshold; taken every step
+                policy.h0[u], bi[Z + u] = -G, -G
+                Wh[N + u, f], Wh[N + u, m], bi[N + u] = sign * steep, -sign * steep, -steep * threshold
+            if share_alarm:  # the alarm: +1 while up or down is, once the arm was pulled ~30 times since
+                # its counts last restarted (count unit c_3, rate 0.04, past ~0.4: early on the two means'
+                # rates are read-outs fitted over all counts, and they differ by more than their noise);
+                # sent in the message (value 0: 1 raised, 0 not) with a loud key
+                (alarm,), free = free[:1], free[1:]
+                policy.h0[alarm], bi[Z + alarm] = -G, -G
+                gate = G / (2 * (1 - ALARM_GATE[1]))  # +G/2 when c_3 = 1, below -G when c_3 < 2 c0 - 1
+                Wh[N + alarm, up] = Wh[N + alarm, down] = G
+                Wh[N + alarm, counts[ALARM_GATE[0]]] = gate
+                bi[N + alarm] = G - gate * ALARM_GATE[1]
+            for u in counts:  # a change: candidate -1, taken at once
+                if share_alarm:  # inbox value 0: ~1 when some expert's alarm is up, else ~0
+                    Wi[N + u, 0] = -2 * G
+                    Wi[Z + u, 0] = -3 * G
+                else:  # this expert's own up or down
+                    bi[N + u] -= 2 * G
+                    Wh[N + u, up] = Wh[N + u, down] = -G
+                    bi[Z + u] -= 3 * G
+                    Wh[Z + u, up] = Wh[Z + u, down] = -1.5 * G
         for u in free:
             bi[Z + u] = G
         W, b = policy.heads.weight, policy.heads.bias
+        if share_alarm:
+            qo, ko, vo = _offset(spec, "query"), _offset(spec, "key"), _offset(spec, "value")
+            b[qo] = 8.0
+            W[ko, alarm], b[ko] = 8.0, 8.0  # key 0 or 16: score 0 or 8 x 16 / sqrt(key_dim)
+            W[vo, alarm], b[vo] = 0.5, 0.5  # 1 raised, 0 not: an expert that has not stepped yet (no heads) is silent
         pk = _offset(spec, "push_key")
         for units, _, _, _, g in copies:
             for i, v in enumerate(units):
@@ -372,6 +423,12 @@ INITS = {"prototypes": prototypes,
          # hurt it (docs/results.md)
          "arm_index_sharp": lambda policy: arm_index(policy, beta=48.0, kappa=0.8, n_cap=400, join_after=2,
                                                      join_more=((20, 8.0), (100, 8.0))),
+         # bandit-v5: bandit-v4's cell with a change detector (a fast mean over ~20 pulls against the long one;
+         # an alarm past 0.16) whose alarm every expert hears in a message and answers by restarting its counts:
+         # one policy for stationary arms (K = 2 within 1.2x of Thompson) and changing ones (the 10,000-step check)
+         "arm_index_alarm": lambda policy: arm_index(policy, beta=48.0, kappa=0.8, n_cap=400, join_after=2,
+                                                     join_more=((20, 8.0), (100, 8.0)), detect=(20, 0.16),
+                                                     share_alarm=True),
          "arm_routing": arm_routing,
          # measured (docs/results.md, fewshot-v2): gain 8 after two examples keeps a hot-add of as many
          # fresh experts again within 0.005 of the unchanged agent; gated after one example, 0.016 below
