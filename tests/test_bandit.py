@@ -376,15 +376,17 @@ def test_the_arm_routing_init_sends_each_expert_score_to_its_own_arm():
     assert own_mass(ExpertPolicy(spec), 10, 10).min() < 0.5  # the default init mixes every expert into every arm
 
 
-def test_a_served_session_on_the_arms_membrane_matches_the_engine():
-    """bandit-v2 (layout = arms): a served step sends the two parts, K values each (no arm field),
-    and gets the engine's outputs on the same seeded draws; a step naming an arm is refused."""
+@pytest.mark.parametrize("name", ["bandit-v2", "bandit-v5"])
+def test_a_served_session_on_the_arms_membrane_matches_the_engine(name):
+    """bandit-v2 and v5 (layout = arms; v5's experts also exchange messages): a served step sends the
+    two parts, K values each (no arm field), and gets the engine's outputs on the same seeded draws;
+    a step naming an arm is refused."""
     from badger_runtime.serve.client import AsyncClient, ServerError
     from badger_runtime.serve.sessions import SessionManager
 
     from .test_serve import run_server
 
-    pol = load_policy("bandit-v2")
+    pol = load_policy(name)
     K, n, seed, T = 5, 7, 3, 12
     ep, ref = engine_reference(pol, pol.task, K, n, seed, T)
     got = []
