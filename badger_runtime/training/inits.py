@@ -297,13 +297,17 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
       expert resets its counts when its inbox says some expert raised one: a change seen on one arm
       restarts the exploration of all of them (the arms that were not being pulled are the ones
       whose change nobody can see). The alarm's key outweighs the silent experts' by ~45 logits, so
-      the inbox is the alarm whatever the number of experts (a soft "any").
+      the inbox is the alarm whatever the number of experts (a soft "any"). The alarm is armed once
+      the arm was pulled ~30 times since its counts last restarted (``ALARM_GATE``); silent experts
+      send 0, so one that has not stepped yet (no heads) is silent too.
 
     Push value (the arm's score) = beta x (m / tanh(w) + kappa / sqrt(n + 1)) (an estimate of
     2 mu - 1 plus an exploration bonus that falls with the pulls, read linearly from the count
     units); the environment then samples the arm from softmax(scores / temperature). Messages are
-    off (zero weights): each expert keeps its own arm's statistics, the choice between arms is the
-    membrane's. Needs ``read_heads = 2`` and ``hidden >= 2 (addr_dim - 2) + len(ARM_RATES) + 2``."""
+    off (zero weights) unless ``share_alarm``: each expert keeps its own arm's statistics, the choice
+    between arms is the membrane's. Needs ``read_heads = 2`` and ``hidden >= 2 (addr_dim - 2) +
+    len(ARM_RATES) + 2`` (+ ``addr_dim - 2`` per ``join_more`` level, + 3 with ``detect``, + 1 with
+    ``share_alarm``)."""
     spec = policy.spec
     A, H, Dm = spec.addr_dim, spec.hidden, spec.msg_dim
     if spec.read_heads != 2 or spec.competitive_heads or spec.read_moments:
