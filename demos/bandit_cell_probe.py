@@ -44,8 +44,10 @@ def main():
     inits.INITS["_probe"] = lambda policy: inits.arm_index(policy, **kwargs)
     with tempfile.TemporaryDirectory() as tmp:
         run, onnx = Path(tmp) / "run", Path(tmp) / "probe.onnx"
-        for argv in (["train", args.config, "--out", str(run), "--set", "train.init=_probe", "--set", "train.eval_episodes=1"],
-                     ["export", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(onnx), "--eval-episodes", "0"]):
+        for argv in (["train", args.config, "--out", str(run), "--set", "train.init=_probe",
+                      "--set", "train.eval_episodes=1"],
+                     ["export", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(onnx),
+                      "--eval-episodes", "0"]):
             with open(Path(tmp) / "log", "a") as log:
                 old, sys.stdout = sys.stdout, log
                 try:

@@ -70,7 +70,8 @@ def cmd_longrun(args):
             import dataclasses
 
             r = pol.agent.routing
-            r = dataclasses.replace(r, kind=args.routing or r.kind, degree=r.degree if args.degree is None else args.degree)
+            r = dataclasses.replace(r, kind=args.routing or r.kind,
+                                    degree=r.degree if args.degree is None else args.degree)
             given["agent_config"] = dataclasses.replace(pol.agent, routing=r).validate()
         report = cls.longrun_report(pol, task=task, steps=steps, episodes=args.episodes, seed=args.seed,
                                     dims=args.dims, experts=args.experts, full=args.full or bool(args.plot), **given)

@@ -109,8 +109,8 @@ port_number = int_range(0, 65535)
 
 
 def register(sub):
-    from .limits import (ABUSE_COOLDOWN, ABUSE_LIMIT, ABUSE_WINDOW, BUFFER_BUDGET, DRAIN_TIMEOUT, FRAME_TIMEOUT, GC_GEN0_THRESHOLD,
-                         IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, PEER_REQUEST_BURST,
+    from .limits import (ABUSE_COOLDOWN, ABUSE_LIMIT, ABUSE_WINDOW, BUFFER_BUDGET, DRAIN_TIMEOUT, FRAME_TIMEOUT,
+                         GC_GEN0_THRESHOLD, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, PEER_REQUEST_BURST,
                          PEER_REQUEST_RATE, SEND_TIMEOUT)
 
     s = sub.add_parser("serve", help="serve agent sessions over TCP (length-prefixed msgpack, docs/protocol.md)")
