@@ -166,7 +166,7 @@ class Visibility:
         or None when every expert reads every slot."""
         if self.kind == "all" or self.hi <= self.lo:
             return None
-        e = np.arange(n, dtype=np.int64) if seats is None else np.asarray(seats, np.int64).reshape(n)
+        e = seat_array(seats, n)
         rows = np.arange(n)
         vis = np.ones((1, n, slots), dtype=bool)
         lo, hi = self.lo, min(self.hi, slots)
@@ -215,8 +215,12 @@ def seats_after_add(seats: np.ndarray | None, n_old: int, n: int) -> np.ndarray 
 def seats_after_removal(seats: np.ndarray | None, n_old: int, keep: np.ndarray) -> np.ndarray | None:
     """The seats of the experts ``keep`` (indices) of an agent of n_old at ``seats`` (None: 0 ..
     n_old - 1): theirs, unchanged (None when they are 0 .. len(keep) - 1)."""
-    full = np.arange(n_old, dtype=np.int64) if seats is None else np.asarray(seats, np.int64)
-    return normal_seats(full[np.asarray(keep, np.int64)])
+    return normal_seats(seat_array(seats, n_old)[np.asarray(keep, np.int64)])
+
+
+def seat_array(seats: np.ndarray | None, n: int) -> np.ndarray:
+    """The seats [n] (int64) of n experts: ``seats``, or 0 .. n - 1 for None (``normal_seats``' inverse)."""
+    return np.arange(n, dtype=np.int64) if seats is None else np.asarray(seats, np.int64).reshape(n)
 
 
 def normal_seats(seats: np.ndarray) -> np.ndarray | None:

@@ -6,6 +6,11 @@ regret at T steps of the unchanged agent and of the same agent with as many fres
 mid-episode, paired over the same seeded episodes (tuning seed, never an evaluation seed).
 
     python demos/bandit_join_grid.py --seed 12345 --episodes 400 --join-after 2,5 --join-more ";20,100" --hidden 128
+
+With ``--policy NAME`` the same paired measurement of a shipped policy (its card's cell, through
+onnxruntime, torch-free) instead of the grid:
+
+    python demos/bandit_join_grid.py --policy bandit-v5 --seed 0 --episodes 200
 """
 
 from __future__ import annotations
@@ -13,14 +18,19 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
-from badger_runtime.config import AgentConfig, PolicySpec
 from badger_runtime.episodes import schedule
 from badger_runtime.evaluation import run_episodes
-from badger_runtime.tasks import default_config
-from badger_runtime.training.inits import arm_index
-from badger_runtime.training.model import ExpertPolicy, torch_ops
+
+
+def paired(ops, pol, agent, task, args) -> tuple[float, float, float, float]:
+    """(unchanged, grown, difference, its SEM): regret at T, as many fresh experts again at T / 2."""
+    kw = dict(dims=args.arms, experts=args.experts, episodes=args.episodes, seed=args.seed, steps=args.steps)
+    base = np.asarray(run_episodes(ops, pol, agent, task, **kw).metrics["regret"]).sum(axis=0)
+    grown = np.asarray(run_episodes(ops, pol, agent, task, **kw, changes=schedule(args.steps // 2, args.experts,
+                                                                                "fresh")).metrics["regret"]).sum(axis=0)
+    d = grown - base
+    return base.mean(), grown.mean(), d.mean(), d.std() / np.sqrt(d.size)
 
 
 def main():
@@ -37,25 +47,36 @@ def main():
     ap.add_argument("--join-after", default="5", help="comma list: the first copy's pull counts")
     ap.add_argument("--join-more", default="", help="';'-separated settings, each a comma list of further "
                                                      "copies' pull counts ('' : none)")
+    ap.add_argument("--policy", default=None, help="a shipped policy instead of the grid")
     args = ap.parse_args()
+    print("| join_after | further copies at | unchanged | + fresh at mid-episode | paired difference (SEM) |")
+    print("|---|---|---|---|---|")
+    if args.policy:
+        from badger_runtime.engine import numpy_ops
+        from badger_runtime.policy_card import load_policy
+
+        pol = load_policy(args.policy)
+        b, g, d, se = paired(numpy_ops(), pol, pol.agent, pol.task, args)
+        print(f"| ({args.policy}) | | {b:.2f} | {g:.2f} | {d:+.2f} ({se:.2f}) |")
+        return
+    import torch
+
+    from badger_runtime.config import AgentConfig, PolicySpec
+    from badger_runtime.tasks import default_config
+    from badger_runtime.training.inits import arm_index
+    from badger_runtime.training.model import ExpertPolicy, torch_ops
+
     spec = PolicySpec(hidden=args.hidden, msg_dim=16, key_dim=8, addr_dim=24, read_heads=2, id_dim=8, init_noise=0.0)
     agent = AgentConfig(policy=spec)
     task = default_config("bandit", layout="arms", dims=(2, 10), experts=(10, 20))
-    kw = dict(dims=args.arms, experts=args.experts, episodes=args.episodes, seed=args.seed, steps=args.steps)
-    print("| join_after | further copies at | unchanged | + fresh at mid-episode | paired difference (SEM) |")
-    print("|---|---|---|---|---|")
     for first in (int(j) for j in args.join_after.split(",")):
         for more in args.join_more.split(";"):
             levels = tuple((int(a), 8.0) for a in more.split(",") if a)
             pol = arm_index(ExpertPolicy(spec), beta=args.beta, kappa=args.kappa, n_cap=args.n_cap, join_after=first,
                             join_more=levels)
             with torch.no_grad():
-                base = run_episodes(torch_ops(), pol, agent, task, **kw).metrics["regret"].sum(axis=0)
-                grown = run_episodes(torch_ops(), pol, agent, task, **kw,
-                                     changes=schedule(args.steps // 2, args.experts, "fresh")).metrics["regret"].sum(axis=0)
-            d = np.asarray(grown) - np.asarray(base)
-            print(f"| {first} | {more or '-'} | {base.mean():.2f} | {grown.mean():.2f} | "
-                  f"{d.mean():+.2f} ({d.std() / np.sqrt(d.size):.2f}) |", flush=True)
+                b, g, d, se = paired(torch_ops(), pol, agent, task, args)
+            print(f"| {first} | {more or '-'} | {b:.2f} | {g:.2f} | {d:+.2f} ({se:.2f}) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ import trio
 from .. import routing
 from ..config import AgentConfig, ConfigError
 from ..engine import InputError, check_horizon, check_values
-from ..membrane import Interface, normal_seats
+from ..membrane import Interface, normal_seats, seat_array
 from ..rollout import StepInfo, Wiring, clone_candidates, fresh_state, initial_state, rebalance_plan
 from ..xp import NumpyOps
 from .batcher import PolicyBatcher
@@ -335,7 +335,7 @@ class ActorAgent(Lifecycle):
         self._rebalance_due = False
         live = self.live_ids()
         seats, moves = rebalance_plan(self.interface, normal_seats(self.directory.seats(live)), len(live))
-        seats = np.arange(len(live)) if seats is None else seats
+        seats = seat_array(seats, len(live))
         for i, src in moves:
             eid = live[i]
             rec = self._records[eid]

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..engine import Agent, HorizonError, InputError
+from ..membrane import seat_array, seats_after_removal
 from .protocol import reply_error, reply_ok, some_names
 from .store import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, SessionStore, StoreError, agent_record, restore_agent
 from .telemetry import Metrics, no_log
@@ -95,12 +96,6 @@ class Session:
 
 
 # ---- body field checks -------------------------------------------------------------------------
-
-def _seats(agent) -> np.ndarray:
-    """Each expert's seat (``membrane.Visibility``), 0 .. N - 1 when none was ever removed."""
-    w = agent.wiring
-    return np.arange(w.n_experts) if w.seats is None else np.asarray(w.seats)
-
 
 def _check_keys(body: dict, allowed: set[str]):
     extra = body.keys() - allowed
@@ -552,11 +547,13 @@ class SessionManager:
                 idx = idx.tolist()
             if not isinstance(idx, list) or not idx or not all(type(i) is int for i in idx):
                 raise ServeError(E_BAD_REQUEST, "body field 'indices' must be a non-empty list of ints")
-            before = _seats(s.agent)
+            w = s.agent.wiring
+            n_before, before = w.n_experts, w.seats
             left = self._commit(s, lambda: s.agent.remove_experts(idx))
             self.metrics.inc("experts.removed", len(set(idx)))
-            kept = before[np.setdiff1d(np.arange(before.size), idx)]
-            restarted = np.flatnonzero(kept != _seats(s.agent)).tolist()  # re-seated: moved to a part left short
+            kept = seat_array(seats_after_removal(before, n_before, np.setdiff1d(np.arange(n_before), idx)), left)
+            # re-seated: moved to a part left short of readers (and restarted there)
+            restarted = np.flatnonzero(kept != seat_array(s.agent.wiring.seats, left)).tolist()
             return {"experts": left, "t": s.agent.t, "episode": s.episode, "restarted": restarted}
         return self._locked(name, remove, body)
 

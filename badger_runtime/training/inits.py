@@ -345,12 +345,15 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
         for u, a in zip(counts, ARM_RATES):
             lg = float(np.log((1 - a) / a))
             bi[Z + u], Wi[Z + u, p_in] = lg + 2 * G, -2 * G
-        # m: candidate tanh(-w x); on a pull z = sigma(ln n) with n the pulls so far (1 / (n + 1) of
-        # the new value: a running mean), off a pull z = sigma(2G + ...) ~ 1
-        Wi[N + m, x_in] = -w
-        Wh[Z + m, counts] = t(rate_logit[:J])
-        Wh[Z + m, seen] = float(rate_logit[J])
-        bi[Z + m], Wi[Z + m, p_in] = float(rate_logit[J + 1]) + 2 * G, -2 * G
+        def running_mean(u: int, logit: np.ndarray):
+            """Unit u: candidate tanh(-w x); on a pull z = sigma(logit(n)) (ln n: 1 / (n + 1) of the
+            new value, a running mean), off a pull z = sigma(2G + ...) ~ 1."""
+            Wi[N + u, x_in] = -w
+            Wh[Z + u, counts] = t(logit[:J])
+            Wh[Z + u, seen] = float(logit[J])
+            bi[Z + u], Wi[Z + u, p_in] = float(logit[J + 1]) + 2 * G, -2 * G
+
+        running_mean(m, rate_logit)
         # address copies in the push key, each written once a count unit passes its threshold: the
         # first (c_2, gain 40: v2's) after join_after pulls, then join_more's, each on the count unit
         # steepest at its count, ~4 logits per pull there
@@ -367,11 +370,8 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
         if detect:
             fast_cap, threshold = detect
             (f, up, down), free = free[:3], free[3:]
-            fast_logit = count_readout(lambda n: np.log(np.clip(n, 1.0, float(fast_cap))), first=-G)
-            Wi[N + f, x_in] = -w  # the fast mean: m's candidate, its rate capped at 1 / fast_cap
-            Wh[Z + f, counts] = t(fast_logit[:J])
-            Wh[Z + f, seen] = float(fast_logit[J])
-            bi[Z + f], Wi[Z + f, p_in] = float(fast_logit[J + 1]) + 2 * G, -2 * G
+            # the fast mean: m's, its rate capped at 1 / fast_cap
+            running_mean(f, count_readout(lambda n: np.log(np.clip(n, 1.0, float(fast_cap))), first=-G))
             steep = 4.0 * G / threshold  # +-1 within ~threshold / 4 of the threshold
             for u, sign in ((up, 1.0), (down, -1.0)):  # +1 while sign (fast - m) > threshold; taken every step
                 policy.h0[u], bi[Z + u] = -G, -G
@@ -416,6 +416,9 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
     return policy
 
 
+#: bandit-v4's settings of ``arm_index`` (bandit-v5 adds its change alarm to them)
+ARM_INDEX_SHARP = dict(beta=48.0, kappa=0.8, n_cap=400, join_after=2, join_more=((20, 8.0), (100, 8.0)))
+
 INITS = {"prototypes": prototypes,
          "arm_index": arm_index,
          # bandit-v3: a shorter memory for the running mean (the last ~25 pulls): it passes the 10,000-step
@@ -425,14 +428,11 @@ INITS = {"prototypes": prototypes,
          # memory (cap 400), tuned on 1,000 training-distribution episodes: K = 2 within 1.2x of Thompson; the
          # push key graded by experience (copies at 2, 20 and 100 pulls; hidden 128) so that fresh experts do not
          # hurt it (docs/results.md)
-         "arm_index_sharp": lambda policy: arm_index(policy, beta=48.0, kappa=0.8, n_cap=400, join_after=2,
-                                                     join_more=((20, 8.0), (100, 8.0))),
+         "arm_index_sharp": lambda policy: arm_index(policy, **ARM_INDEX_SHARP),
          # bandit-v5: bandit-v4's cell with a change detector (a fast mean over ~20 pulls against the long one;
          # an alarm past 0.16) whose alarm every expert hears in a message and answers by restarting its counts:
          # one policy for stationary arms (K = 2 within 1.2x of Thompson) and changing ones (the 10,000-step check)
-         "arm_index_alarm": lambda policy: arm_index(policy, beta=48.0, kappa=0.8, n_cap=400, join_after=2,
-                                                     join_more=((20, 8.0), (100, 8.0)), detect=(20, 0.16),
-                                                     share_alarm=True),
+         "arm_index_alarm": lambda policy: arm_index(policy, **ARM_INDEX_SHARP, detect=(20, 0.16), share_alarm=True),
          "arm_routing": arm_routing,
          # measured (docs/results.md, fewshot-v2): gain 8 after two examples keeps a hot-add of as many
          # fresh experts again within 0.005 of the unchanged agent; gated after one example, 0.016 below
