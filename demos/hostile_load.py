@@ -18,6 +18,9 @@ Starts a server process, then measures for --seconds each:
    - bigframe: announces a 16 MiB frame, sends 64 KiB, then 1 KiB a second;
    - bomb: sends an 8 MiB decode bomb (128 arrays of 65,536 empty maps) every 2 s.
 
+With ``--token`` the server has a token that the legitimate client holds and the hostile
+connections do not (the issue's attacker): their frames over 64 KiB are refused at the header.
+
 Reports client-side p50/p99 of steps and probes (ms), probe failures, and the server's RSS
 (VmRSS sampled every 0.25 s: max; VmHWM at the end), plus the server's refusal counters.
 
@@ -270,6 +273,9 @@ def main(argv=None):
     p.add_argument("--server-flag", action="append", default=[], help="extra flag for badger serve (repeat)")
     p.add_argument("--reconnect-after", type=float, default=2.0,
                    help="a hostile connection that was closed or refused reconnects after this (s)")
+    p.add_argument("--token", action="store_true",
+                   help="the server has a token: the legitimate client holds it, the hostile ones do not "
+                        "(the health probes send none, like a load balancer's)")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # HOST:PORT:SECONDS:PAUSE:MIXJSON
     args = p.parse_args(argv)
@@ -285,21 +291,22 @@ def main(argv=None):
     state = tempfile.mkdtemp(prefix="badger-hostile-")
     log_path = os.path.join(state, "server.log")
     flags = ["--no-fsync", "--log-level", "warning", *args.server_flag]
+    token = "hostile-load-legitimate-token" if args.token else None
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "badger_runtime.cli", "serve", "--policy", args.policy,
                                  "--listen", "127.0.0.1:0", "--state-dir", os.path.join(state, "s"), *flags],
                                 stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
-                                env=os.environ | {"PYTHONPATH": str(ROOT)})
+                                env=os.environ | {"PYTHONPATH": str(ROOT)} | ({"BADGER_TOKEN": token} if token else {}))
     line = proc.stdout.readline()
     if not line:
         raise SystemExit(f"the server did not start: {open(log_path).read()[-2000:]}")
     address = json.loads(line)["listen"]
     host, port = address.rsplit(":", 1)
     result = {"hostile": args.hostile, "mix": mix, "seconds": args.seconds, "server_flags": flags,
-              "reconnect_after_s": args.reconnect_after}
+              "token": args.token, "reconnect_after_s": args.reconnect_after}
 
     async def run():
-        async with await AsyncClient.connect(address) as c:
+        async with await AsyncClient.connect(address, token=token) as c:
             info = await c.open(dims=3, experts=args.experts, seed=0, session="legit",
                                 past_horizon=True)  # a long run on an episodic policy: steps past its horizon
             await c.step("legit", [0, 0, 0], [0.1, 0.1, 0.1], t=0)
@@ -314,7 +321,7 @@ def main(argv=None):
             async def settled():  # the hostile connections are in: their count stopped growing
                 with trio.move_on_after(60):
                     seen = []
-                    async with await AsyncClient.connect(address) as probe_c:
+                    async with await AsyncClient.connect(address, token=token) as probe_c:
                         while True:
                             await trio.sleep(0.5)
                             seen.append((await probe_c.stats())["connections"])

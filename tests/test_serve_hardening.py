@@ -374,6 +374,73 @@ def test_a_decode_bomb_does_not_stall_other_connections(policy):
     run_server(m, test)
 
 
+def test_untrusted_decoder_refuses_large_frames_at_the_header_until_trusted():
+    big = encode_frame({"x": b"y" * (70 * KiB)})
+    dec = FrameDecoder(max_frame_bytes=1 * MiB, untrusted_limit=64 * KiB)
+    dec.feed(req("health") + req("stats", rid=2))  # small frames pass
+    assert [f["kind"] for f in dec.frames()] == ["health", "stats"]
+    with pytest.raises(ProtocolError) as e:
+        dec.feed(big[:4])  # refused at its header: the body is never read
+    assert e.value.code == "unauthorized" and "token" in str(e.value)
+    dec = FrameDecoder(max_frame_bytes=1 * MiB, untrusted_limit=64 * KiB)
+    dec.feed(req("health") + big)  # pipelined: only the frame at the front is checked
+    assert next(dec.frames())["kind"] == "health"
+    dec.trust()  # (the server does this after a request that carried its token)
+    assert len(next(dec.frames())["x"]) == 70 * KiB
+
+
+TOKEN = "s3cret-token-0123456789"
+
+
+def test_with_a_token_large_frames_and_bombs_need_the_token_first(policy):
+    """A peer without the token never gets a large frame read or decoded (so a decode bomb
+    costs the server a header); a token holder sends ``health`` with the token, then anything."""
+    m = make(policy)
+    bomb = _bombs()["nested"]
+
+    async def test(port, server):
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        await s.send_all(req("health") + header(len(bomb)) + bomb[:64 * KiB])
+        replies = await read_replies(s)
+        assert [r["ok"] for r in replies] == [True, False]
+        assert replies[1]["error"]["code"] == "unauthorized" and "65536" in replies[1]["error"]["message"]
+        assert server._decode_limiter is None and server.budget.in_use == 0  # never decoded, nothing reserved
+        c = counters(m)
+        assert c["frames.refused_unauthorized"] == 1 and "frames.bad" not in c
+        # the token holder: health with the token, then a large frame on the same connection
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        pad = {"id": 2, "kind": "health", "token": TOKEN, "body": {}, "pad": b"x" * (300 * KiB)}
+        await s.send_all(encode_frame({"id": 1, "kind": "health", "token": TOKEN, "body": {}}) + encode_frame(pad))
+        dec = FrameDecoder()
+        got = []
+        while len(got) < 2:
+            dec.feed(await s.receive_some(1 << 16))
+            got.extend(dec.frames())
+        assert got[0]["ok"] and got[1]["id"] == 2 and got[1]["error"]["code"] == "bad_request"  # read and decoded
+        await s.aclose()
+        # the client library does that by itself when its first frame is large
+        c = await AsyncClient.connect(f"127.0.0.1:{port}", token=TOKEN)
+        await c.open(dims=2, experts=1000, session="big")
+        rec = (await c.snapshot("big"))["record"]
+        c2 = await AsyncClient.connect(f"127.0.0.1:{port}", token=TOKEN)
+        assert (await c2.open(session="copy", snapshot=rec))["experts"] == 1000  # its first request: > 64 KiB
+        assert counters(m)["frames.refused_unauthorized"] == 1
+    run_server(m, test, token=TOKEN)
+
+
+def test_the_blocking_client_shows_the_token_before_a_large_first_frame(policy):
+    m = make(policy)
+
+    async def test(port, server):
+        def use():
+            with Client(f"127.0.0.1:{port}", token=TOKEN) as a, Client(f"127.0.0.1:{port}", token=TOKEN) as b:
+                a.open(dims=2, experts=1000, session="big")
+                return b.open(session="copy", snapshot=a.snapshot("big")["record"])
+        assert (await trio.to_thread.run_sync(use))["experts"] == 1000
+        assert "frames.refused_unauthorized" not in counters(m)
+    run_server(m, test, token=TOKEN)
+
+
 # ---- 3. errors -------------------------------------------------------------------------------------
 
 def test_error_replies_never_echo_unbounded_input(policy):

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import trio
 
-from .protocol import CLIENT_LIMITS, MAX_FRAME_BYTES, FrameDecoder, ProtocolError, encode_frame, validate_reply
+from .protocol import (CLIENT_LIMITS, HEADER_BYTES, MAX_FRAME_BYTES, SMALL_FRAME_BYTES, FrameDecoder,
+                       ProtocolError, encode_frame, validate_reply)
 
 DEFAULT_ADDRESS = "127.0.0.1:7878"
 
@@ -131,6 +132,12 @@ class _Codec:
     def new_decoder(self):
         """A fresh decoder (for a new connection)."""
         self.decoder = FrameDecoder(self.max_frame_bytes, allow_nonfinite=True, limits=CLIENT_LIMITS)
+        self.answered = False  # a request on this connection was answered (so it carried the token)
+
+    def needs_token_first(self, frame: bytes) -> bool:
+        """A server with a token refuses a frame over 64 KiB on a connection where no request has
+        carried the token yet: send a ``health`` (which carries it) before such a frame."""
+        return self.token is not None and not self.answered and len(frame) - HEADER_BYTES > SMALL_FRAME_BYTES
 
     def encode(self, kind: str, session: str | None, body: dict | None) -> tuple[int, bytes]:
         rid = next(self.ids)
@@ -149,6 +156,7 @@ class _Codec:
         reply = validate_reply(frame)
         if reply["id"] is not None and reply["id"] != rid:
             raise ProtocolError(f"reply to request {reply['id']} while waiting for {rid}")
+        self.answered = True
         if reply["ok"]:
             body = reply["body"]
             kind, session, sent = self._asked.get(rid, (None, None, None))
@@ -188,6 +196,12 @@ class Client(_Requests):
         if self._broken:
             self._reconnect()
         rid, data = self._codec.encode(kind, session, body)
+        if self._codec.needs_token_first(data):
+            self._exchange(*self._codec.encode("health", None, None), "health")
+            rid, data = self._codec.encode(kind, session, body)  # the codec tracks one request at a time
+        return self._exchange(rid, data, kind)
+
+    def _exchange(self, rid: int, data: bytes, kind: str) -> dict:
         dec = self._codec.decoder
         done = False
         try:
@@ -257,21 +271,27 @@ class AsyncClient(_Requests):
             if self._broken:
                 await self._reconnect()
             rid, data = self._codec.encode(kind, session, body)
-            dec = self._codec.decoder
-            done = False
-            try:
-                await self.stream.send_all(data)
-                while (frame := dec.next_frame()) is None:
-                    chunk = await self.stream.receive_some(1 << 16)
-                    if not chunk:
-                        raise ConnectionLost(f"{self.address} closed the connection before replying to {kind}")
-                    dec.feed(chunk)
-                done = True
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise ConnectionLost(f"{self.address}: {e}") from None
-            finally:
-                if not done:  # cancelled mid-way, lost, or a bad reply: never reuse this stream
-                    self._broken = True
+            if self._codec.needs_token_first(data):
+                await self._exchange(*self._codec.encode("health", None, None), "health")
+                rid, data = self._codec.encode(kind, session, body)  # the codec tracks one request at a time
+            return await self._exchange(rid, data, kind)
+
+    async def _exchange(self, rid: int, data: bytes, kind: str) -> dict:
+        dec = self._codec.decoder
+        done = False
+        try:
+            await self.stream.send_all(data)
+            while (frame := dec.next_frame()) is None:
+                chunk = await self.stream.receive_some(1 << 16)
+                if not chunk:
+                    raise ConnectionLost(f"{self.address} closed the connection before replying to {kind}")
+                dec.feed(chunk)
+            done = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise ConnectionLost(f"{self.address}: {e}") from None
+        finally:
+            if not done:  # cancelled mid-way, lost, or a bad reply: never reuse this stream
+                self._broken = True
         return self._codec.unwrap(rid, frame)
 
     async def aclose(self):

@@ -77,6 +77,7 @@ E_UNKNOWN_KIND = "unknown_kind"
 E_LIMIT = "limit"                  # a value beyond a limit of this server
 E_BAD_INPUT = "bad_input"          # a well-formed value the session refuses
 E_BUSY = "busy"                    # at a capacity limit now (connections, buffer budget): try again later
+E_UNAUTHORIZED = "unauthorized"    # a missing or wrong token (or a large frame before it): the connection is closed
 
 MAX_ERROR_CHARS = 1024   # an error message is cut to this many characters
 ECHO_CHARS = 200         # one echoed string (a field name, a value) is cut to this many
@@ -258,12 +259,18 @@ class FrameDecoder:
     With a ``budget``, a frame over ``budget.small`` reserves its length when its header
     arrives; the reservation is held while the caller processes the frame and given back at
     the next ``feed``/``next_frame``/``close``.
+
+    ``untrusted_limit`` (None: off) is a lower limit for a peer that has not shown the server's
+    token yet: a header announcing more is refused with code ``unauthorized`` before its body is
+    read. The server sets it on a connection of a server with a token and lifts it (``trust()``)
+    after a request carrying the token, so decoding a large frame (the only costly part) is
+    spent on token holders only.
     """
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, *, max_buffer_bytes: int | None = None,
                  allow_nonfinite: bool = False, copy_arrays: bool = False,
                  max_array_bytes: int = MAX_ARRAY_BYTES, limits: DecodeLimits = DEFAULT_LIMITS,
-                 budget: BufferBudget | None = None):
+                 budget: BufferBudget | None = None, untrusted_limit: int | None = None):
         if not 0 < max_frame_bytes <= 0xFFFFFFFF:
             raise ValueError("max_frame_bytes must be in 1..2**32-1")
         self.max_frame_bytes = max_frame_bytes
@@ -275,6 +282,7 @@ class FrameDecoder:
         self.max_array_bytes = max_array_bytes
         self.limits = limits
         self.budget = budget
+        self.untrusted_limit = untrusted_limit
         self._buf = bytearray()
         self._error: ProtocolError | None = None
         self._eof = False
@@ -295,6 +303,10 @@ class FrameDecoder:
     def reserved(self) -> int:
         """Bytes this decoder holds of its budget."""
         return self._pending_reserved + self._held_reserved
+
+    def trust(self):
+        """The peer showed the server's token: frames up to ``max_frame_bytes`` from now on."""
+        self.untrusted_limit = None
 
     def _release_held(self):
         if self._held_reserved:
@@ -329,6 +341,11 @@ class FrameDecoder:
         (n,) = _HEADER.unpack_from(self._buf, 0)
         if n > self.max_frame_bytes:
             raise self._fail(ProtocolError(f"frame length {n} exceeds the limit of {self.max_frame_bytes}"))
+        if self.untrusted_limit is not None and n > self.untrusted_limit:
+            raise self._fail(ProtocolError(
+                f"a frame of {n} bytes before this connection showed the server's token: frames over "
+                f"{self.untrusted_limit} bytes need a request with the token first (e.g. health)",
+                code=E_UNAUTHORIZED))
         b = self.budget
         if b is not None and n > b.small and not self._pending_reserved:
             if not b.reserve(n):

@@ -14,7 +14,9 @@ Failure handling, per connection:
 - a frame that is not a valid request (unknown kind, missing fields): an error reply, and the
   connection goes on;
 - a missing or wrong token (when the server has one): ``unauthorized``, logged, connection
-  closed (``health`` needs no token, so probes work without it);
+  closed (``health`` needs no token, so probes work without it); a frame over 64 KiB on a
+  connection where no request has carried the token yet is refused the same way at its
+  header, before its body is read or decoded (a ``health`` with the token lifts that);
 - a peer that vanishes mid-request: the request still completes (its step is applied and
   checkpointed), the reply is dropped, the task ends.
 
@@ -67,14 +69,13 @@ import trio
 from .limits import (ABUSE_COOLDOWN, ABUSE_LIMIT, ABUSE_WINDOW, BUFFER_BUDGET, DRAIN_TIMEOUT, FRAME_TIMEOUT,
                      IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, PEER_REQUEST_BURST, PEER_REQUEST_RATE,
                      PROBE_SLOTS, PROBE_TIMEOUT, SEND_TIMEOUT)
-from .protocol import (E_BAD_FRAME, E_BUSY, MAX_FRAME_BYTES, SMALL_FRAME_BYTES, BufferBudget, DecodeLimits,
-                       FrameDecoder, ProtocolError, encode_frame, reply_error, validate_request)
+from .protocol import (E_BAD_FRAME, E_BUSY, E_UNAUTHORIZED, MAX_FRAME_BYTES, SMALL_FRAME_BYTES, BufferBudget,
+                       DecodeLimits, FrameDecoder, ProtocolError, encode_frame, reply_error, validate_request)
 from .ratelimit import AbuseTracker, RequestPacer
 from .sessions import SessionManager
 from .telemetry import no_log
 
 RECV_BYTES = 64 * 1024
-E_UNAUTHORIZED = "unauthorized"
 
 REFUSE_SEND_TIMEOUT = 0.2  # writing `busy` to a refused connection (a fresh socket: never blocks in practice)
 DECODE_THREADS = 2  # worker threads that decode large frames (apart from the steps' threads)
@@ -417,8 +418,11 @@ class Server:
     async def _serve(self, stream, conn: _Conn):
         self._conns.add(conn)
         self.log("debug", "connection_open", peer=conn.peer)
+        # With a token, frames over 64 KiB wait until a request on this connection carried it:
+        # a peer without it never gets a large frame decoded (the costly part of a frame).
         decoder = conn.decoder = FrameDecoder(self.max_frame_bytes, allow_nonfinite=True,
-                                              limits=self.decode_limits, budget=self.budget)
+                                              limits=self.decode_limits, budget=self.budget,
+                                              untrusted_limit=SMALL_FRAME_BYTES if self.token else None)
         reason = "closed"
         frame_deadline = None  # set while a frame is in progress: when it must be complete
         try:
@@ -465,8 +469,10 @@ class Server:
                 if handled and decoder.buffered:  # the next frame began in the data just handled
                     frame_deadline = trio.current_time() + self.frame_timeout
         except ProtocolError as e:
-            reason = "bad_frame" if e.code != E_BUSY else "buffer_budget"
-            self.metrics.inc("frames.bad" if e.code != E_BUSY else "frames.refused_budget")
+            reason, counter = {E_BUSY: ("buffer_budget", "frames.refused_budget"),
+                               E_UNAUTHORIZED: ("large_frame_unauthorized", "frames.refused_unauthorized")
+                               }.get(e.code, ("bad_frame", "frames.bad"))
+            self.metrics.inc(counter)
             self.metrics.inc(f"errors.{e.code}")
             self._abused(conn.host, reason)
             self._log_peer(reason, peer=conn.peer, error=str(e)[:300])
@@ -539,7 +545,10 @@ class Server:
     async def _dispatch(self, frame: dict, conn: _Conn) -> tuple[dict, bool]:
         """(reply, close the connection after it)."""
         trusted = self._trusted(frame)
-        if not trusted:
+        if trusted:
+            if conn.decoder is not None:
+                conn.decoder.trust()
+        else:
             await self._pace(conn)
         try:
             req = validate_request(frame)
