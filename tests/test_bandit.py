@@ -481,6 +481,11 @@ def test_the_bandit_long_run_takes_another_routing_as_an_ablation(capsys):
     assert dense["routing"]["kind"] == "dense" and alone["routing"] == {**dense["routing"], "kind": "random",
                                                                        "degree": 0}
     assert alone["agent"] != dense["agent"]  # the alarm no longer travels: another run
+    sparse = run_cli(capsys, *args, "--routing", "topk", "--candidates", "8", "--k", "4")  # as `serve --candidates`
+    assert sparse["routing"] == {**dense["routing"], "kind": "topk", "candidates": 8, "k": 4}
+    assert sparse["agent"] != dense["agent"] and sparse["finite"]
     assert main(["longrun", "--policy", "guessing-converge-v1", "--steps", "30", "--episodes", "1",
                  "--routing", "random"]) == 2
     assert "only the bandit long run" in capsys.readouterr().err
+    assert main(["longrun", "--policy", "guessing-converge-v1", "--steps", "30", "--episodes", "1",
+                 "--candidates", "4"]) == 2

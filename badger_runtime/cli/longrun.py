@@ -38,6 +38,11 @@ def register(sub):
     lr.add_argument("--routing", default=None, help="bandit long run: override the routing kind (an ablation)")
     lr.add_argument("--degree", type=int_in(0, 1_000_000, "--degree"), default=None,
                     help="bandit long run, random routing: senders each receiver hears besides itself (0: only itself)")
+    lr.add_argument("--candidates", type=int_in(0, 1_000_000, "--candidates"), default=None,
+                    help="bandit long run, top-k routing: senders each receiver scores (0: all; as `badger serve "
+                         "--candidates`)")
+    lr.add_argument("--k", type=int_in(1, 1_000_000, "--k"), default=None,
+                    help="bandit long run, top-k routing: senders kept")
     lr.add_argument("--json", action="store_true", help="one line of JSON")
     lr.set_defaults(fn=cmd_longrun)
 
@@ -56,8 +61,9 @@ def cmd_longrun(args):
         if v is not None and not 1 <= v[0] <= v[1]:
             raise ConfigError(f"{flag} A B needs 1 <= A <= B")
     change = args.change_every or args.jump_every
-    if (args.routing is not None or args.degree is not None) and name != "bandit":
-        raise ConfigError("--routing / --degree: only the bandit long run takes another routing")
+    routed = any(v is not None for v in (args.routing, args.degree, args.candidates, args.k))
+    if routed and name != "bandit":
+        raise ConfigError("--routing / --degree / --candidates / --k: only the bandit long run takes another routing")
     if hasattr(cls, "longrun_report"):  # the task's own long run (its own default change schedule)
         from .common import resolve_task
 
@@ -66,12 +72,14 @@ def cmd_longrun(args):
         task = resolve_task(args, pol.task)
         given = {k: v for k, v in (("change_every", tuple(change) if change else None), ("window", args.window))
                  if v is not None}
-        if args.routing is not None or args.degree is not None:
+        if routed:
             import dataclasses
 
             r = pol.agent.routing
             r = dataclasses.replace(r, kind=args.routing or r.kind,
-                                    degree=r.degree if args.degree is None else args.degree)
+                                    degree=r.degree if args.degree is None else args.degree,
+                                    candidates=r.candidates if args.candidates is None else args.candidates,
+                                    k=r.k if args.k is None else args.k)
             given["agent_config"] = dataclasses.replace(pol.agent, routing=r).validate()
         report = cls.longrun_report(pol, task=task, steps=steps, episodes=args.episodes, seed=args.seed,
                                     dims=args.dims, experts=args.experts, full=args.full or bool(args.plot), **given)
