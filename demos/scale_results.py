@@ -118,15 +118,15 @@ def main(argv=None) -> int:
         w("| N | " + " | ".join(f"d = {d}" for d in dims_list) + " | command |")
         w("|---|" + "---|" * (len(dims_list) + 1))
         curves = {d: [] for d in dims_list}
-        for n in ns:
+        for n_ in ns:
             row = []
-            for d in dims_list:
-                eps = E if n * d <= 64 * 1024 else max(4, E // 4)
-                v = final(pol, task, dims=d, experts=n, episodes=eps, seed=S)
-                curves[d].append(v)
+            for d_ in dims_list:
+                eps = E if n_ * d_ <= 64 * 1024 else max(4, E // 4)
+                v = final(pol, task, dims=d_, experts=n_, episodes=eps, seed=S)
+                curves[d_].append(v)
                 row.append(f"{v:.3f}" + ("" if eps == E else f" ({eps} ep.)"))
-            extra = {"runtime": "sharded"} if n >= SHARDED_FROM else {}
-            w(f"| {n} | " + " | ".join(row) + f" | {cmd(pol, dims='D', experts=n, episodes=E, seed=S, **extra)} |")
+            extra = {"runtime": "sharded"} if n_ >= SHARDED_FROM else {}
+            w(f"| {n_} | " + " | ".join(row) + f" | {cmd(pol, dims='D', experts=n_, episodes=E, seed=S, **extra)} |")
         w("")
         _plot_vs_n(out_dir / "scale_error_vs_n.png", ns, curves, (n_lo, n_hi), pol.name)
 
