@@ -47,9 +47,7 @@ def listen_first(k: int, mute: bool):
             return step(self, *a, **kw)
         new = age < k
         w = self.wiring
-        can_push = np.asarray(w.can_push, bool) & ~new
-        if not can_push.any():
-            can_push = np.asarray(w.can_push, bool)
+        can_push = np.asarray(w.can_push, bool) & ~new  # the veterans (VETERAN age) always push
         route = w.route_mask
         if mute and new.any():
             B, N = w.batch, w.n_experts
@@ -79,7 +77,6 @@ def listen_first(k: int, mute: bool):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="dimensions-v2")
-    p.add_argument("--task", default=None, help="the task (default: the policy's own)")
     p.add_argument("--dims", type=int, default=6)
     p.add_argument("--experts", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
@@ -90,7 +87,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=12345)
     args = p.parse_args(argv)
     pol = load_policy(args.policy)
-    task = pol.task if args.task is None else type(pol.task)(**{**pol.task.__dict__, "name": args.task})
+    task = pol.task
     kw = dict(dims=args.dims, experts=args.experts, episodes=args.episodes, seed=args.seed, steps=args.steps,
               baselines=False)
     rows = {"unchanged": evaluate(numpy_ops(), pol, pol.agent, task, **kw)["final_mse"]}

@@ -14,14 +14,12 @@ from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import load_policy
 from badger_runtime.tasks import task_class
 
-D = 128  # the trained maximum d
-
 
 def final_error(pol, *, experts, episodes=16, seed=0, agent=None, changes=()):
+    """The final-step error of 20-step episodes at the trained maximum d (``badger eval --task scale --steps 20``)."""
     task = task_class(pol.task.name).evaluation_config(pol.task)
-    task = dataclasses.replace(task, steps=20)
-    res = run_episodes(numpy_ops(), pol, agent or pol.agent, task, dims=D, experts=experts, episodes=episodes,
-                       seed=seed, steps=20, changes=changes)
+    res = run_episodes(numpy_ops(), pol, agent or pol.agent, task, dims=pol.task.dims[1], experts=experts,
+                       episodes=episodes, seed=seed, steps=20, changes=changes)
     return float(res.errors[-1].mean())
 
 
@@ -31,14 +29,14 @@ def scale_policy(request):
 
 
 def test_the_error_falls_with_the_number_of_experts_beyond_the_trained_n(scale_policy):
-    n_hi = scale_policy.card["config"]["task"]["experts"][1]
+    n_hi = scale_policy.task.experts[1]
     one, trained, beyond = (final_error(scale_policy, experts=n) for n in (1, n_hi, 4 * n_hi))
     assert one > 5 * trained, (one, trained)
     assert beyond < trained, (trained, beyond)
 
 
 def test_cutting_the_messages_costs_accuracy(scale_policy):
-    n = scale_policy.card["config"]["task"]["experts"][1]
+    n = scale_policy.task.experts[1]
     cut = dataclasses.replace(scale_policy.agent, routing=dataclasses.replace(scale_policy.agent.routing,
                                                                              ablation="cut"))
     assert final_error(scale_policy, experts=n, agent=cut) > 2 * final_error(scale_policy, experts=n)
