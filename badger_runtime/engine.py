@@ -55,6 +55,23 @@ def check_horizon(policy, t: int, past_horizon: bool):
                            f"explicitly (past_horizon=True; --past-horizon; open with past_horizon: true)")
 
 
+class GrowthError(InputError):
+    """Fresh experts refused: the policy's card says they make it worse (the agent is unchanged)."""
+
+
+def check_growth(policy, init: str, allow_harmful: bool):
+    """Refuse to add ``fresh`` experts to a policy whose card (``growth``) measured that they make it
+    worse than the unchanged agent, unless the caller asked for it (``allow_harmful``): the product
+    rule is that hot-adding fresh experts never makes a shipped policy worse, and a policy that
+    breaks it is held to it here, as an episodic policy is held to its horizon."""
+    growth = getattr(policy, "growth", None) or {}
+    if init == "fresh" and growth.get("fresh") == "hurts" and not allow_harmful:
+        instead = f" Instead: {growth['instead']}." if growth.get("instead") else ""
+        raise GrowthError(f"policy {getattr(policy, 'name', '?')}: fresh experts make it worse (its card's growth: "
+                          f"{growth.get('why', 'measured')}).{instead} To add them anyway, ask explicitly "
+                          f"(allow_harmful=True; --allow-harmful-growth; add_experts with allow_harmful: true)")
+
+
 # Observations larger than this (in absolute value) are refused: the policy was trained on
 # values of order 1, and a huge value would saturate every gate it touches.
 MAX_ABS_INPUT = 1e3
@@ -190,14 +207,15 @@ class Agent:
 
     # -- growing and shrinking ----------------------------------------------------------
     def add_experts(self, n: int, init: str = "clone", source: int | None = None,
-                    sources: np.ndarray | None = None) -> list[int]:
+                    sources: np.ndarray | None = None, *, allow_harmful: bool = False) -> list[int]:
         """Add n experts; returns their indices. ``clone`` copies expert ``source`` (default: a
         random living expert per new one; ``sources`` [n] names one per new expert), ``fresh``
-        draws a new initial state."""
+        draws a new initial state (refused where the card says it hurts, see ``check_growth``)."""
         if n < 1:
             raise InputError("add at least one expert")
         if init not in ("clone", "fresh"):
             raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
+        check_growth(self.policy, init, allow_harmful)
         N = self.n_experts
         if init == "clone":
             if source is not None and not 0 <= source < N:
@@ -264,5 +282,5 @@ class Agent:
         return self
 
 
-__all__ = ["Agent", "HorizonError", "InputError", "StepInfo", "check_horizon", "check_values", "draw_interface", "numpy_ops", "KIND_FEEDBACK",
-           "KIND_OBSERVATION"]
+__all__ = ["Agent", "GrowthError", "HorizonError", "InputError", "StepInfo", "check_growth", "check_horizon",
+           "check_values", "draw_interface", "numpy_ops", "KIND_FEEDBACK", "KIND_OBSERVATION"]

@@ -77,12 +77,14 @@ def objective_weights(kind: str, steps: int) -> np.ndarray:
 @dataclass(frozen=True)
 class Change:
     """A membership change applied before inner step ``at``: add ``n`` experts (``init`` fresh or
-    clone) or remove ``n`` of them (chosen at random by the driver's seed)."""
+    clone) or remove ``n`` of them (chosen at random by the driver's seed). ``allow_harmful``: add
+    fresh experts even to a policy whose card says they hurt it (``engine.check_growth``)."""
 
     at: int
     kind: str  # "add" | "remove"
     n: int
     init: str = "fresh"
+    allow_harmful: bool = False
 
     def __post_init__(self):
         if self.kind not in ("add", "remove"):
@@ -94,13 +96,14 @@ class Change:
 
 
 def schedule(add_at: int | None = None, add: int = 0, init: str = "fresh", remove_at: int | None = None,
-             remove: int = 0) -> tuple[Change, ...]:
-    """The changes of ``badger eval --add-at T --add M --init I --remove-at T --remove M``."""
+             remove: int = 0, allow_harmful: bool = False) -> tuple[Change, ...]:
+    """The changes of ``badger eval --add-at T --add M --init I --remove-at T --remove M
+    [--allow-harmful-growth]``."""
     out = []
     if add_at is not None or add:
         if add_at is None or add < 1:
             raise ConfigError("--add-at T and --add M go together (M >= 1)")
-        out.append(Change(add_at, "add", add, init))
+        out.append(Change(add_at, "add", add, init, allow_harmful))
     if remove_at is not None or remove:
         if remove_at is None or remove < 1:
             raise ConfigError("--remove-at T and --remove M go together (M >= 1)")
@@ -162,7 +165,7 @@ class Driver:
     def apply(self, runtime, change: Change):
         """Apply a change to any runtime (their add/remove calls are synchronous)."""
         if change.kind == "add":
-            runtime.add_experts(change.n, init=change.init)
+            runtime.add_experts(change.n, init=change.init, allow_harmful=change.allow_harmful)
             return
         ids = runtime.expert_ids()
         if change.n >= len(ids):

@@ -126,6 +126,14 @@ class OnnxPolicy:
         return None if life["kind"] == "continual" else int(life["horizon"])
 
 
+    @property
+    def growth(self) -> dict:
+        """{"fresh": "ok" | "hurts", "why": str, "instead": str (optional)} from the card: what adding
+        fresh experts to a running agent was measured to do. A card without one says nothing
+        (nothing is refused; ``engine.check_growth``)."""
+        return self.card.get("growth") or {}
+
+
 def _check_graph(session, spec: PolicySpec, path: Path):
     sig = signature(spec)
     got_in = {i.name: i for i in session.get_inputs()}
@@ -178,6 +186,12 @@ def load_policy(path: str | Path, threads: int = 1) -> OnnxPolicy:
             or (life.get("kind") == "episodic" and type(life.get("horizon")) is int and life["horizon"] >= 1))):
         raise PolicyError(f"{card_path}: lifetime must be {{'kind': 'continual', 'horizon': null}} or "
                           f"{{'kind': 'episodic', 'horizon': int >= 1}}, got {str(life)[:200]}")
+    growth = card.get("growth")
+    if growth is not None and not (isinstance(growth, dict) and growth.get("fresh") in ("ok", "hurts")
+                                   and isinstance(growth.get("why", ""), str)
+                                   and isinstance(growth.get("instead", ""), str)):
+        raise PolicyError(f"{card_path}: growth must be {{'fresh': 'ok' | 'hurts', 'why': str, 'instead': str}}, "
+                          f"got {str(growth)[:200]}")
     import onnxruntime as ort
 
     so = ort.SessionOptions()

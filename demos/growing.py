@@ -36,7 +36,8 @@ DEFAULT_POLICIES = ("policies/dimensions-v1.onnx", "policies/guessing-one-expert
 def run_arm(pol, agent_cfg, task, *, dims, experts, episodes, seed, steps, add_at=None, add_n=0, init="clone",
             concurrency=4):
     """Errors [T, E] and message counters of one arm; ``add_n`` experts join after step ``add_at``."""
-    changes = schedule(add_at + 1, add_n, init) if add_at is not None and add_n > 0 else ()
+    changes = (schedule(add_at + 1, add_n, init, allow_harmful=True)  # measured, harm included
+               if add_at is not None and add_n > 0 else ())
     res = run_episodes(numpy_ops(), pol, agent_cfg, task, dims=dims, experts=experts, episodes=episodes, seed=seed,
                        steps=steps, changes=changes, runtime="actors", concurrency=concurrency)
     return res.errors, res.runtime

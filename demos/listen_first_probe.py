@@ -93,8 +93,8 @@ def main(argv=None):
     rows = {"unchanged": evaluate(numpy_ops(), pol, pol.agent, task, **kw)["final_mse"]}
     for k in (int(x) for x in args.listen.split(",")):
         with listen_first(k, args.mute):
-            r = evaluate(numpy_ops(), pol, pol.agent, task, changes=(Change(args.at, "add", args.experts, "fresh"),),
-                         **kw)
+            join = Change(args.at, "add", args.experts, "fresh", allow_harmful=True)  # measured, harm included
+            r = evaluate(numpy_ops(), pol, pol.agent, task, changes=(join,), **kw)
         rows[f"listen {k}"] = r["final_mse"]
     print(json.dumps({"policy": args.policy, "mute": args.mute, "final_mse": rows, "config": vars(args)}, indent=1))
 

@@ -29,12 +29,17 @@ def f(x, n=4):
     return "-" if x is None else f"{x:.{n}f}"
 
 
+def harmful(pol) -> str:
+    """The flag a command needs to add fresh experts to a policy whose card says they hurt it."""
+    return "--allow-harmful-growth " if pol.growth.get("fresh") == "hurts" else ""
+
+
 def hot_add(pol, d, n0, add, init, episodes, seed, steps=20, at=10):
     """Final-step error of agents of n0 experts that get ``add`` experts at step ``at``: the number
     `badger eval --policy P --dims d --experts n0 --add-at at --add add --init init` prints."""
     from badger_runtime.episodes import schedule
 
-    changes = schedule(at, add, init) if add else ()
+    changes = schedule(at, add, init, allow_harmful=True) if add else ()  # measured, harm included
     r = evaluate(numpy_ops(), pol, pol.agent, pol.task, dims=d, experts=n0, episodes=episodes, seed=seed, steps=steps,
                  changes=changes, baselines=False)
     return r["final_mse"]
@@ -106,7 +111,7 @@ def main(argv=None):
                     hot_add(p, d, 5, 15, "fresh", E, S), hot_add(p, d, 20, 0, None, E, S)]
             w(f"| {p.name} | {d} | " + " | ".join(f(a, 3) for a in arms) +
               f" | `badger eval --policy {p.name} --dims {d} --experts 5 --add-at 10 --add 15 --init fresh "
-              f"--episodes {E} --seed {S} --json` |")
+              f"{harmful(p)}--episodes {E} --seed {S} --json` |")
     w("")
 
     # long horizons

@@ -77,6 +77,8 @@ def cmd(pol, **flags) -> str:
     parts = [f"badger eval --policy {pol.name}"]
     for k, v in {**EVAL_FLAGS.get(pol.name, {}), **flags}.items():
         parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+        if k == "init" and v == "fresh" and pol.growth.get("fresh") == "hurts":
+            parts.append("--allow-harmful-growth")  # the card's growth refuses it otherwise
     return "`" + " ".join(parts) + " --json`"
 
 
@@ -151,8 +153,9 @@ def main(argv=None) -> int:
         at = T // 2
         n0 = max(1, n_hi // 4)
         w(f"### Hot-add and removal (d = {d}, {T} steps, changes before step {at})\n")
+        grown = schedule(at, n0, "fresh", allow_harmful=True)  # measured, harm included
         arms = {f"N = {n0} throughout": dict(experts=n0),
-                f"N = {n0}, +{n0} fresh at step {at}": dict(experts=n0, changes=schedule(at, n0, "fresh")),
+                f"N = {n0}, +{n0} fresh at step {at}": dict(experts=n0, changes=grown),
                 f"N = {2 * n0} throughout": dict(experts=2 * n0),
                 f"N = {2 * n0}, -{n0} at step {at}": dict(experts=2 * n0, changes=schedule(remove_at=at, remove=n0))}
         flags = {f"N = {n0} throughout": dict(experts=n0),
@@ -179,7 +182,7 @@ def main(argv=None) -> int:
         for name, sp, et, dd, nn, steps, mid in shipped_settings(other):
             base, sem = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True)
             grown, _ = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True,
-                             changes=schedule(mid, nn, "fresh"))
+                             changes=schedule(mid, nn, "fresh", allow_harmful=True))  # measured, harm included
             w(f"| {name} | {dd} | {nn} | {base[-1]:.4f} | {grown[-1]:.4f} | {grown[-1] / max(base[-1], 1e-9):.2f} | "
               f"{sem:.4f} | {cmd(sp, dims=dd, experts=nn, steps=steps, add_at=mid, add=nn, init='fresh', episodes=E * 4, seed=S)} |")
         if other:

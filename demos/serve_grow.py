@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--candidates", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-harmful-growth", action="store_true",
+                   help="for a policy whose card says fresh experts make it worse (refused otherwise)")
     args = p.parse_args(argv)
     at = args.steps // 2
     with tempfile.TemporaryDirectory() as state:
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
                     for t in range(args.steps):
                         if name == "grown" and t == at:
                             t1 = time.perf_counter()
-                            r = c.add_experts(name, args.add, init="fresh")
+                            r = c.add_experts(name, args.add, init="fresh", allow_harmful=args.allow_harmful_growth)
                             t_add = time.perf_counter() - t1
                             assert r["experts"] == args.experts + args.add
                         err = prev - target

@@ -73,7 +73,7 @@ import trio
 
 from .. import routing
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_horizon, check_values
+from ..engine import InputError, check_growth, check_horizon, check_values
 from ..membrane import Interface, normal_seats, seat_array
 from ..rollout import StepInfo, Wiring, clone_candidates, fresh_state, initial_state, rebalance_plan
 from ..xp import NumpyOps
@@ -235,7 +235,8 @@ class ActorAgent(Lifecycle):
     def n_experts(self) -> int:
         return len(self.directory.members)
 
-    def add_experts(self, n: int, init: str = "clone", source: int | None = None) -> list[int]:
+    def add_experts(self, n: int, init: str = "clone", source: int | None = None, *,
+                    allow_harmful: bool = False) -> list[int]:
         """Add n experts while the agent runs (they join at the next inner step); returns their ids.
 
         ``clone`` copies a living expert's current state and messages (``source``, or a random
@@ -246,6 +247,7 @@ class ActorAgent(Lifecycle):
             raise InputError("add at least one expert")
         if init not in ("clone", "fresh"):
             raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
+        check_growth(self.policy, init, allow_harmful)
         if source is not None and source not in self._records:
             raise InputError(f"no expert {source} to clone")
         new = []

@@ -73,6 +73,9 @@ def add_eval_flags(p: argparse.ArgumentParser, runtime_default: str = "engine"):
                    help="hot-add experts before inner step T")
     p.add_argument("--add", type=int_in(1, 1_000_000, "--add"), default=0, metavar="M", help="how many to add")
     p.add_argument("--init", choices=("fresh", "clone"), default="fresh", help="added experts: fresh or cloned")
+    p.add_argument("--allow-harmful-growth", action="store_true",
+                   help="add fresh experts even to a policy whose card says they make it worse (its card's "
+                        "growth); refused otherwise")
     p.add_argument("--remove-at", type=int_in(0, 10_000_000, "--remove-at"), default=None, metavar="T",
                    help="remove experts before inner step T")
     p.add_argument("--remove", type=int_in(1, 1_000_000, "--remove"), default=0, metavar="M",
@@ -152,7 +155,7 @@ def resolve_eval(args, agent: AgentConfig, task: TaskConfig):
     t = make_task(task)
     dims = t.default_dims() if args.dims is None else args.dims
     experts = args.experts if args.experts is not None else t.experts_for(dims)
-    changes = schedule(args.add_at, args.add, args.init, args.remove_at, args.remove)
+    changes = schedule(args.add_at, args.add, args.init, args.remove_at, args.remove, args.allow_harmful_growth)
     return agent, task, dims, experts, changes
 
 

@@ -225,6 +225,8 @@ def register(sub):
     a.add_argument("session")
     a.add_argument("--n", type=int, default=1)
     a.add_argument("--init", default="clone", choices=["clone", "fresh"])
+    a.add_argument("--allow-harmful-growth", action="store_true",
+                   help="fresh experts even for a policy whose card says they make it worse")
     a.add_argument("--source", type=int, default=None)
     rm = cs.add_parser("remove", help="remove experts")
     rm.add_argument("session")
@@ -427,7 +429,7 @@ def cmd_client(args):
                 out = client.step(args.session, _floats(args.observation), _floats(args.feedback),
                                   slots=_floats(args.slots), t=args.expect_t, arm=args.arm)
             elif op == "add":
-                out = client.add_experts(args.session, args.n, args.init, args.source)
+                out = client.add_experts(args.session, args.n, args.init, args.source, args.allow_harmful_growth)
             elif op == "remove":
                 out = client.remove_experts(args.session, [int(float(i)) for i in _floats(args.indices)])
             elif op == "snapshot":

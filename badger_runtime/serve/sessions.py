@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import ConfigError
-from ..engine import Agent, HorizonError, InputError
+from ..engine import Agent, GrowthError, HorizonError, InputError
 from ..membrane import seat_array, seats_after_removal
 from .protocol import reply_error, reply_ok, some_names
 from .store import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, SessionStore, StoreError, agent_record, restore_agent
@@ -44,6 +44,7 @@ E_WRONG_STEP = "wrong_step"  # the request's "t" (or "episode") is not where the
 E_STORAGE = "storage"  # the checkpoint could not be written; the change was undone
 E_INTERNAL = "internal"
 E_HORIZON = "horizon"  # a step past an episodic policy's horizon in a session not opened with past_horizon
+E_GROWTH = "growth"  # fresh experts for a policy whose card says they hurt it, without allow_harmful
 E_FORBIDDEN = "forbidden"  # the session belongs to another client (its secret is missing or wrong)
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -192,6 +193,8 @@ class SessionManager:
             reply = reply_error(rid, e.code, str(e))
         except HorizonError as e:
             reply = reply_error(rid, E_HORIZON, str(e))
+        except GrowthError as e:
+            reply = reply_error(rid, E_GROWTH, str(e))
         except (InputError, ConfigError) as e:
             reply = reply_error(rid, E_BAD_INPUT, str(e))
         except Exception as e:  # a bug: answer it, log it, keep serving
@@ -522,7 +525,7 @@ class SessionManager:
         return self._locked(name, step, body)
 
     def _k_add_experts(self, name: str | None, body: dict) -> dict:
-        _check_keys(body, {"n", "init", "source", "secret"})
+        _check_keys(body, {"n", "init", "source", "allow_harmful", "secret"})
 
         def add(s: Session) -> dict:
             n = _int(body, "n", 1, 1, self.limits.max_experts, E_LIMIT)
@@ -533,7 +536,10 @@ class SessionManager:
             if not isinstance(init, str) or init not in ("clone", "fresh"):
                 raise ServeError(E_BAD_REQUEST, "body field 'init' must be 'clone' or 'fresh'")
             source = _int(body, "source", None, 0, MAX_SEED)
-            idx = self._commit(s, lambda: s.agent.add_experts(n, init=init, source=source))
+            harmful = body.get("allow_harmful", False)
+            if type(harmful) is not bool:
+                raise ServeError(E_BAD_REQUEST, "body field 'allow_harmful' must be a bool")
+            idx = self._commit(s, lambda: s.agent.add_experts(n, init=init, source=source, allow_harmful=harmful))
             self.metrics.inc("experts.added", n)
             return {"indices": idx, "experts": s.agent.n_experts, "t": s.agent.t, "episode": s.episode}
         return self._locked(name, add, body)

@@ -1,0 +1,126 @@
+"""A policy whose card says fresh experts make it worse (``growth``) is held to it: every runtime
+refuses to add fresh experts to it unless asked, and leaves the agent unchanged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from badger_runtime.engine import Agent, GrowthError, numpy_ops
+from badger_runtime.episodes import schedule
+from badger_runtime.evaluation import run_episodes
+from badger_runtime.policy_card import PolicyError, load_policy
+
+HURTS = {"fresh": "hurts", "why": "a test: 0.1 -> 0.2", "instead": "add clones"}
+
+
+def _with_growth(tiny_policy, d, growth):
+    onnx = d / "g.onnx"
+    shutil.copy(tiny_policy, onnx)
+    card = json.loads(tiny_policy.with_suffix(".json").read_text())
+    card["growth"] = growth
+    onnx.with_suffix(".json").write_text(json.dumps(card))
+    return onnx
+
+
+@pytest.fixture(scope="module")
+def harmed(tiny_policy, tmp_path_factory):
+    """The tiny policy with a card that says: fresh experts hurt it."""
+    return load_policy(_with_growth(tiny_policy, tmp_path_factory.mktemp("harmed"), HURTS))
+
+
+def test_the_batched_engine_refuses_fresh_experts_and_changes_nothing(harmed):
+    a = Agent(harmed).reset(1, 3, 2, seed=0)
+    obs = np.zeros((1, a.slots), np.float32)
+    a.step(obs)
+    h, rng = a.state.h.copy(), a._rng.bit_generator.state
+    with pytest.raises(GrowthError, match="a test: 0.1 -> 0.2.*Instead: add clones"):
+        a.add_experts(2, init="fresh")
+    assert a.n_experts == 3 and np.array_equal(a.state.h, h)
+    assert a._rng.bit_generator.state == rng  # refused before any draw: the same agent goes on the same way
+    assert a.add_experts(1, init="clone") == [3]  # clones are not refused
+    assert a.add_experts(2, init="fresh", allow_harmful=True) == [4, 5]  # asked for explicitly
+    a.step(obs)
+
+
+def test_a_card_that_says_ok_or_nothing_refuses_nothing(tiny_policy, tmp_path):
+    ok = load_policy(_with_growth(tiny_policy, tmp_path, {"fresh": "ok", "why": "a test"}))
+    for pol in (ok, load_policy(tiny_policy)):
+        assert Agent(pol).reset(1, 3, 2, seed=0).add_experts(2, init="fresh") == [3, 4]
+
+
+@pytest.mark.parametrize("growth", [{"fresh": "maybe"}, {"fresh": "hurts", "why": 3}, "hurts",
+                                    {"fresh": "hurts", "instead": ["clones"]}])
+def test_a_card_with_a_bad_growth_is_refused(tiny_policy, tmp_path, growth):
+    with pytest.raises(PolicyError, match="growth must be"):
+        load_policy(_with_growth(tiny_policy, tmp_path, growth))
+
+
+@pytest.mark.parametrize("runtime", ["engine", "sharded", "actors"])
+def test_every_runtime_refuses_fresh_experts_mid_episode_unless_asked(harmed, runtime):
+    kw = dict(dims=2, experts=3, episodes=1, seed=0, steps=4, runtime=runtime)
+    with pytest.raises(Exception) as e:
+        run_episodes(numpy_ops(), harmed, harmed.agent, harmed.task, changes=schedule(2, 2, "fresh"), **kw)
+    err = e.value
+    while isinstance(err, BaseExceptionGroup):
+        err = err.exceptions[0]
+    assert isinstance(err, GrowthError)
+    allowed = run_episodes(numpy_ops(), harmed, harmed.agent, harmed.task,
+                           changes=schedule(2, 2, "fresh", allow_harmful=True), **kw)
+    free = run_episodes(numpy_ops(), load_policy(harmed.path.with_name("g.onnx")), harmed.agent, harmed.task,
+                        changes=schedule(2, 2, "clone"), **kw)
+    assert allowed.outputs.shape[0] == free.outputs.shape[0] == 4
+
+
+def test_a_served_session_answers_growth_and_is_unchanged(harmed):
+    from badger_runtime.serve.protocol import validate_request
+    from badger_runtime.serve.sessions import SessionManager
+
+    m = SessionManager(harmed)
+    secret = {}
+
+    def call(kind, **body):
+        body |= secret
+        r = m.handle(validate_request({"id": 1, "kind": kind, "session": "s", "body": body}))
+        if kind == "open":
+            secret["secret"] = r["body"]["secret"]
+        return r
+
+    info = call("open", dims=2, experts=3)["body"]
+    slots = [0.0] * info["slots"]
+    assert call("step", slots=slots, t=0)["ok"]
+    before = m.record(m.sessions["s"])
+    r = call("add_experts", n=2, init="fresh")
+    assert not r["ok"] and r["error"]["code"] == "growth" and "Instead: add clones" in r["error"]["message"]
+    assert m.record(m.sessions["s"]) == before  # nothing changed
+    r = call("add_experts", n=2, init="fresh", allow_harmful="yes")
+    assert not r["ok"] and r["error"]["code"] == "bad_request"
+    assert call("add_experts", n=2, init="fresh", allow_harmful=True)["body"]["experts"] == 5
+    assert call("add_experts", n=1)["body"]["experts"] == 6  # clones, the default
+    assert call("step", slots=slots, t=1)["ok"]
+
+
+def test_eval_cli_refuses_fresh_experts_unless_asked(harmed, capsys):
+    from badger_runtime.cli import main
+
+    args = ["eval", "--policy", str(harmed.path), "--dims", "2", "--steps", "4", "--episodes", "2",
+            "--add-at", "2", "--add", "2", "--init", "fresh"]
+    assert main(args) == 2
+    assert "fresh experts make it worse" in capsys.readouterr().err
+    assert main([*args, "--allow-harmful-growth", "--json"]) == 0
+    assert main([*args[:-1], "clone", "--json"]) == 0
+
+
+def test_shipped_cards_say_what_fresh_experts_do():
+    """Every shipped policy's card says it, with a command; where they hurt, what to do instead."""
+    from badger_runtime.policy_card import shipped_dir, shipped_policies
+
+    for name in shipped_policies():
+        g = json.loads((shipped_dir() / f"{name}.json").read_text())["growth"]
+        assert g["fresh"] in ("ok", "hurts") and f"--policy {name} " in g["why"], name
+        if g["fresh"] == "hurts":
+            assert g["instead"] and "--allow-harmful-growth" in g["why"], name
+        load_policy(name)  # and the loader takes it
