@@ -23,9 +23,9 @@ import numpy as np
 from badger_runtime.engine import numpy_ops
 from badger_runtime.episodes import schedule
 from badger_runtime.evaluation import run_episodes
+from badger_runtime.growth import evaluation_setting, growth_setting, measure_growth
 from badger_runtime.longrun import horizon_report
 from badger_runtime.policy_card import load_policy, shipped_policies
-from badger_runtime.tasks import task_class
 
 OPS = numpy_ops()
 
@@ -46,31 +46,19 @@ def final(pol, task, *, dims, experts, episodes, seed, steps=None, changes=(), a
 EVAL_FLAGS: dict[str, dict] = {}
 
 
-def evaluation_setting(pol):
-    """The task setting a policy is measured on, and the eval flags that name it."""
-    own = pol.task
-    task = task_class(own.name).evaluation_config(own)
-    if task == own:
-        return own, {}
-    steps = min(own.steps, 20)  # the stationary game over the steps of the card's evaluation
-    return dataclasses.replace(task, steps=steps), {"task": own.name, "steps": steps}
-
-
 def shipped_settings(other: list):
     """Each shipped policy measured by an error (the guessing and scale tasks; the others' names go to
     ``other``: a bandit's regret, a classifier's accuracy are measured elsewhere), with the setting
-    its rows use: (name, policy, task, d = the trained max, N = the trained min (>= 2 unless fixed),
-    steps within its horizon, the mid-episode step of a change)."""
+    its rows use (``growth.growth_setting``): (name, policy, task, d = the trained max, N = the trained
+    min (>= 2 unless fixed), steps within its horizon, the mid-episode step of a change)."""
     for name in shipped_policies():
         sp = load_policy(name)
-        st = sp.task
-        if st.name not in ("guessing", "scale"):
+        g = growth_setting(sp)
+        if g is None:
             other.append(name)
             continue
-        nn = st.experts[0] if st.experts[0] == st.experts[1] else max(2, st.experts[0])
-        steps = min(st.steps, sp.horizon or st.steps)
-        et, EVAL_FLAGS[sp.name] = evaluation_setting(sp)
-        yield name, sp, et, st.dims[1], nn, steps, steps // 2
+        EVAL_FLAGS[sp.name] = g.flags
+        yield name, sp, g.task, g.dims, g.experts, g.steps, g.at
 
 
 def cmd(pol, **flags) -> str:
@@ -180,11 +168,9 @@ def main(argv=None) -> int:
         w("|---|---|---|---|---|---|---|---|")
         other = []
         for name, sp, et, dd, nn, steps, mid in shipped_settings(other):
-            base, sem = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True)
-            grown, _ = final(sp, et, dims=dd, experts=nn, episodes=E * 4, seed=S, steps=steps, curve=True,
-                             changes=schedule(mid, nn, "fresh", allow_harmful=True))  # measured, harm included
-            w(f"| {name} | {dd} | {nn} | {base[-1]:.4f} | {grown[-1]:.4f} | {grown[-1] / max(base[-1], 1e-9):.2f} | "
-              f"{sem:.4f} | {cmd(sp, dims=dd, experts=nn, steps=steps, add_at=mid, add=nn, init='fresh', episodes=E * 4, seed=S)} |")
+            g = measure_growth(sp, episodes=E * 4, seed=S)  # what `badger export` writes into a card's growth
+            w(f"| {name} | {dd} | {nn} | {g['unchanged']:.4f} | {g['fresh_final']:.4f} | {g['ratio']:.2f} | "
+              f"{g['sem']:.4f} | `{g['command']}` |")
         if other:
             w(f"\n(Not in this table, measured by their own task's metric: {', '.join(other)}; see README.)")
         w("")

@@ -120,7 +120,27 @@ def test_shipped_cards_say_what_fresh_experts_do():
 
     for name in shipped_policies():
         g = json.loads((shipped_dir() / f"{name}.json").read_text())["growth"]
-        assert g["fresh"] in ("ok", "hurts") and f"--policy {name} " in g["why"], name
+        assert g["fresh"] in ("ok", "hurts") and "--policy " in g["why"] and name in g["why"], name
         if g["fresh"] == "hurts":
             assert g["instead"] and "--allow-harmful-growth" in g["why"], name
         load_policy(name)  # and the loader takes it
+
+
+def test_export_measures_what_fresh_experts_do(tiny_run, tmp_path):
+    """`badger export --eval-episodes` writes the card's growth from growth.measure_growth, and the
+    command it names gives the fresh arm's number."""
+    from badger_runtime.growth import growth_setting, measure_growth
+    from badger_runtime.training.export import export, write_card_evaluation
+
+    out = tmp_path / "p.onnx"
+    export(tiny_run[0] / "checkpoint.pt", out)
+    card = write_card_evaluation(out, episodes=16)
+    pol = load_policy(out)
+    g = measure_growth(pol, name=str(out), episodes=16)
+    assert card["growth"] == {k: g[k] for k in ("fresh", "why", "instead") if k in g} == pol.growth
+    s = growth_setting(pol)
+    assert f"--add-at {s.at} --add {s.experts} --init fresh" in g["why"] and s.at == s.steps // 2
+    assert (g["fresh"] == "hurts") == (g["fresh_final"] > g["unchanged"] + 3 * g["sem"])
+    base = run_episodes(numpy_ops(), pol, pol.agent, s.task, dims=s.dims, experts=s.experts, episodes=16, seed=0,
+                        steps=s.steps).errors[-1]
+    assert abs(float(base.mean()) - g["unchanged"]) < 1e-9

@@ -93,9 +93,12 @@ def export(checkpoint: str | Path, out: str | Path, *, name: str | None = None, 
 
 def write_card_evaluation(onnx: str | Path, *, episodes: int = 1000, seed: int = 0) -> dict:
     """Evaluate an exported policy on its own task (torch-free, seeded; the settings its task names
-    in ``Task.card_evaluations``) and record the numbers, with their commands, in its card."""
+    in ``Task.card_evaluations``) and record the numbers, with their commands, in its card; for a
+    task measured by an error, also what fresh experts joining mid-episode do to it (``growth``,
+    see ``growth.measure_growth``)."""
     from ..engine import numpy_ops
     from ..evaluation import evaluate
+    from ..growth import card_growth, measure_growth
     from ..policy_card import card_paths, load_policy
     from ..tasks import task_class
 
@@ -129,5 +132,8 @@ def write_card_evaluation(onnx: str | Path, *, episodes: int = 1000, seed: int =
             "command": f"badger longrun --policy {onnx} --steps 1000 --episodes 200 --seed {seed} "
                        f"--jump-every {a} {b} --json"}
     card.update(tk.card_extras(pol, str(onnx), episodes=episodes, seed=seed))  # e.g. a task's long run
+    measured = measure_growth(pol, name=str(onnx), episodes=min(episodes, 256), seed=seed)
+    if measured is not None:  # what fresh experts do to it: engine.check_growth holds it to this
+        card["growth"] = card_growth(measured)
     write_card(card, card_paths(onnx)[1])  # the .onnx is unchanged, so its sha256 still holds
     return card

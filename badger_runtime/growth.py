@@ -1,0 +1,109 @@
+"""What fresh experts do to a policy: the measurement behind a card's ``growth``.
+
+The product rule: hot-adding fresh experts to a running agent never makes a shipped policy worse
+than the unchanged agent. ``measure_growth`` measures it on the policy's own task (the setting of
+docs/results.md's table "Hot-adding fresh experts to every shipped policy"): an agent of the
+trained minimum N (at least 2 unless N is fixed) at the trained maximum d gets as many fresh experts
+again at mid-episode; its final error is compared with the unchanged agent's on the same seeded
+episodes. ``badger export --eval-episodes`` writes the result into the card, and
+``engine.check_growth`` refuses fresh experts where the card says they hurt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .engine import numpy_ops
+from .episodes import schedule
+from .evaluation import run_episodes
+from .tasks import task_class
+
+#: the tasks whose report is an error (lower is better) at every step; the others are measured by
+#: their own metric (a bandit's regret, a classifier's accuracy) and their cards say it by hand
+ERROR_TASKS = ("guessing", "scale")
+#: "hurts": the grown agent's final error is above the unchanged agent's by more than this many
+#: standard errors of the unchanged agent's (the rule tests/test_horizon.py holds policies to)
+NOISE_SEMS = 3.0
+
+
+def evaluation_setting(pol):
+    """The task setting a policy is measured on, and the ``badger eval`` flags that name it (a
+    policy trained with target jumps is measured on the stationary game: ``--task NAME``)."""
+    own = pol.task
+    task = task_class(own.name).evaluation_config(own)
+    if task == own:
+        return own, {}
+    steps = min(own.steps, 20)  # the stationary game over the steps of the card's evaluation
+    return dataclasses.replace(task, steps=steps), {"task": own.name, "steps": steps}
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowthSetting:
+    task: object  # TaskConfig
+    flags: dict  # the eval flags that name the task setting
+    dims: int  # the trained maximum d
+    experts: int  # the trained minimum N (>= 2 unless fixed)
+    steps: int  # within the policy's horizon
+    at: int  # the experts join before this step (mid-episode)
+
+
+def growth_setting(pol) -> GrowthSetting | None:
+    """The setting ``measure_growth`` uses for ``pol``; None for a task not measured by an error."""
+    own = pol.task
+    if own.name not in ERROR_TASKS:
+        return None
+    task, flags = evaluation_setting(pol)
+    n = own.experts[0] if own.experts[0] == own.experts[1] else max(2, own.experts[0])
+    steps = min(own.steps, pol.horizon or own.steps)
+    return GrowthSetting(task, flags, own.dims[1], n, steps, steps // 2)
+
+
+def command(name: str, s: GrowthSetting, *, episodes: int, seed: int, init: str | None = None,
+            allow_harmful: bool = False) -> str:
+    """The ``badger eval`` command that gives one arm of the measurement on its own."""
+    parts = [f"badger eval --policy {name}"]
+    for k, v in {**s.flags, "dims": s.dims, "experts": s.experts, "steps": s.steps}.items():
+        parts.append(f"--{k} {v}")
+    if init:
+        parts.append(f"--add-at {s.at} --add {s.experts} --init {init}")
+        if allow_harmful and init == "fresh":
+            parts.append("--allow-harmful-growth")
+    return " ".join(parts) + f" --episodes {episodes} --seed {seed} --json"
+
+
+def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: int = 0) -> dict | None:
+    """Fresh (and cloned) experts joining at mid-episode against the unchanged agent (module doc).
+    Returns {"fresh": "ok" | "hurts", "why": str, "instead": str (where it hurts), and the numbers:
+    "command", "unchanged", "fresh_final", "clone_final", "sem", "ratio", "setting"}; None for a task not
+    measured by an error."""
+    s = growth_setting(pol)
+    if s is None:
+        return None
+    name = name or pol.name
+    ops = numpy_ops()
+
+    def finals(changes=()):
+        return run_episodes(ops, pol, pol.agent, s.task, dims=s.dims, experts=s.experts, episodes=episodes,
+                            seed=seed, steps=s.steps, changes=changes).errors[-1]
+
+    base = finals()
+    fresh = float(finals(schedule(s.at, s.experts, "fresh", allow_harmful=True)).mean())
+    clone = float(finals(schedule(s.at, s.experts, "clone")).mean())
+    mean, sem = float(base.mean()), float(base.std() / np.sqrt(base.size))
+    hurts = fresh > mean + NOISE_SEMS * sem
+    cmd = command(name, s, episodes=episodes, seed=seed, init="fresh", allow_harmful=hurts)
+    what = (f"final error {mean:.4g} unchanged -> {fresh:.4g} ({fresh / max(mean, 1e-12):.2f}x, SEM {sem:.2g}) when "
+            f"{s.experts} fresh experts join {s.experts} at step {s.at} of {s.steps}, d = {s.dims}")
+    out = {"fresh": "hurts" if hurts else "ok", "why": f"{cmd}: {what}"}
+    if hurts:
+        out["instead"] = (f"add clones (init 'clone': {clone:.4g}, within the noise of the unchanged agent)"
+                          if clone <= mean + NOISE_SEMS * sem else f"none measured: clones hurt too ({clone:.4g})")
+    return out | {"command": cmd, "unchanged": mean, "fresh_final": fresh, "clone_final": clone, "sem": sem,
+                  "ratio": fresh / max(mean, 1e-12), "setting": dataclasses.asdict(s) | {"task": s.task.name}}
+
+
+def card_growth(measured: dict) -> dict:
+    """The card's ``growth`` entry from ``measure_growth``'s result."""
+    return {k: measured[k] for k in ("fresh", "why", "instead") if k in measured}
