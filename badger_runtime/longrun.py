@@ -78,14 +78,18 @@ def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | No
 
 
 def horizon_report(policy, *, steps: int = 10_000, episodes: int = 100, seed: int = 0,
-                   checkpoints=(20, 100, 1000, 10_000)) -> dict:
-    """The guessing game's error (any other task: the metric its loss follows) at the checkpoints."""
-    run = long_rollout(policy, steps=steps, episodes=episodes, seed=seed)
-    errs, hmax = run.metrics[make_task(policy.task).loss_name], run.max_abs_state
+                   checkpoints=(20, 100, 1000, 10_000), dims: int | None = None, experts: int | None = None) -> dict:
+    """The guessing game's error (any other task: the metric its loss follows) at the checkpoints,
+    at ``dims`` outputs with ``experts`` experts (default: the task's, as ``long_rollout``)."""
+    tk = make_task(policy.task)
+    dims = dims or tk.default_dims()
+    experts = experts or tk.experts_for(dims)
+    run = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, dims=dims, experts=experts)
+    errs, hmax = run.metrics[tk.loss_name], run.max_abs_state
     mean = errs.mean(axis=1)
     settled = float(mean[min(19, steps - 1)])
     return {
-        "policy": policy.name, "steps": steps, "episodes": episodes, "seed": seed,
+        "policy": policy.name, "steps": steps, "episodes": episodes, "seed": seed, "dims": dims, "experts": experts,
         "error_at": {str(s): float(mean[s - 1]) for s in checkpoints if s <= steps},
         "max_error_after_20": float(mean[20:].max()) if steps > 20 else settled,
         "max_abs_state": hmax,

@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/figures")
     p.add_argument("--quick", action="store_true", help="fewer sizes (a smoke run)")
     p.add_argument("--longrun-steps", type=int, default=10_000)
+    p.add_argument("--dims", default=None,
+                   help="the d of the error-vs-N table, comma list (default: the trained max d, 4x and 16x it); the "
+                        "first is the d of the other sections (default: the trained max)")
     p.add_argument("--only", default="n,ablations,hot,shipped,remove,long",
                    help="the sections to make (comma list of n, ablations, hot, shipped, remove, long)")
     args = p.parse_args(argv)
@@ -94,12 +97,13 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     w = print
-    d, n = d_hi, n_hi
+    dims_list = ([int(x) for x in args.dims.split(",")] if args.dims else
+                 [d_hi, 4 * d_hi] if args.quick else [d_hi, 4 * d_hi, 16 * d_hi])
+    d, n = dims_list[0], n_hi
     curves, ns = {}, []
 
     # -- error against N ------------------------------------------------------------------------
     if want("n"):
-        dims_list = [d_hi, 4 * d_hi] if args.quick else [d_hi, 4 * d_hi, 16 * d_hi]
         ns = [1, 2, 4, 8, 16, 32, 64, 128, 320, 1000] if not args.quick else [1, 4, 16, 64]
         ns = sorted(set(ns + [n_hi, 10 * n_hi]))
         w(f"### Error against the number of experts ({pol.name}: trained d in [{d_lo}, {d_hi}], N in [{n_lo}, {n_hi}])\n")
@@ -196,16 +200,18 @@ def main(argv=None) -> int:
 
     # -- long horizon ------------------------------------------------------------------------------
     if want("long"):
-        r = horizon_report(pol, steps=args.longrun_steps, episodes=20, seed=S)
-        w(f"### {args.longrun_steps:,} inner steps, never reset (d = {d_hi}, N = 20)\n")
+        r = horizon_report(pol, steps=args.longrun_steps, episodes=20, seed=S, dims=d)
+        w(f"### {args.longrun_steps:,} inner steps, never reset (d = {r['dims']}, N = {r['experts']})\n")
         w("| step | " + " | ".join(r["error_at"]) + " | max abs state | command |")
         w("|---|" + "---|" * (len(r["error_at"]) + 2))
         w("| error | " + " | ".join(f"{v:.4f}" for v in r["error_at"].values()) + f" | {r['max_abs_state']:.4f} | "
-          f"`badger longrun --policy {pol.name} --steps {args.longrun_steps} --episodes 20 --seed {S} --json` |")
+          f"`badger longrun --policy {pol.name} --steps {args.longrun_steps} --episodes 20 --seed {S}"
+          f"{'' if d == d_hi else f' --dims {d}'} --json` |")
         w("")
     only = "" if set(args.only.split(",")) >= {"n", "ablations", "hot", "shipped", "remove", "long"} else \
         f" --only {args.only}"
-    w(f"_Made by `python demos/scale_results.py --policy {args.policy} --seed {S} --episodes {E}{only}` in "
+    dims_flag = f" --dims {args.dims}" if args.dims else ""
+    w(f"_Made by `python demos/scale_results.py --policy {args.policy} --seed {S} --episodes {E}{dims_flag}{only}` in "
       f"{time.perf_counter() - t_start:.0f} s._")
     print(json.dumps({"curves": {str(k): v for k, v in curves.items()}, "ns": ns}), file=sys.stderr)
     return 0

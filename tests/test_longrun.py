@@ -52,6 +52,21 @@ def test_longrun_cli_reports_recovery(capsys):
     assert set(h["error_at"]) == {"20", "100"} and h["finite"]
 
 
+def test_longrun_cli_runs_at_the_dims_and_experts_asked(capsys):
+    """--dims / --experts reach the long run (they were once dropped on the way, silently)."""
+    from badger_runtime.cli import main
+
+    args = ["longrun", "--policy", "scale-v2", "--steps", "25", "--episodes", "2", "--json"]
+    assert main(args) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert (own["dims"], own["experts"]) == (128, 20)  # the task's defaults
+    assert main([*args, "--dims", "16", "--experts", "5"]) == 0
+    asked = json.loads(capsys.readouterr().out)
+    assert (asked["dims"], asked["experts"]) == (16, 5) and asked["error_at"] != own["error_at"]
+    assert main([*args, "--dims", "16", "--jump-every", "20", "40"]) == 2
+    assert "drop --dims" in capsys.readouterr().err
+
+
 CONTINUAL = [p for p in SHIPPED if json.loads(p.with_suffix(".json").read_text())["lifetime"]["kind"] == "continual"]
 
 

@@ -91,6 +91,8 @@ def cmd_longrun(args):
         print(json.dumps(report, indent=None if args.json else 2))
         return
     if args.jump_every:
+        if args.dims is not None or args.experts is not None:
+            raise ConfigError("--jump-every runs at the policy's own d and N: drop --dims / --experts")
         a, b = args.jump_every
         report = jump_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed, jump_every=(a, b),
                              threshold=args.threshold)
@@ -103,5 +105,6 @@ def cmd_longrun(args):
         if not args.full:
             report = {k: v for k, v in report.items() if "by_step" not in k}
     else:
-        report = horizon_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed)
+        report = horizon_report(pol, steps=args.steps, episodes=args.episodes, seed=args.seed, dims=args.dims,
+                                experts=args.experts)
     print(json.dumps(report, indent=None if args.json else 2))
