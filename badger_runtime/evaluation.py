@@ -75,6 +75,11 @@ def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int
     """Roll out ``episodes`` seeded episodes of ``task`` through ``runtime`` (see the module doc)."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    from .engine import check_growth
+
+    for c in changes:  # a refused hot-add is refused before any step is run, not halfway through
+        if c.kind == "add":
+            check_growth(policy, c.init, c.allow_harmful)
     if runtime == "engine":
         run_batch = _engine_batch
     elif runtime == "sharded":

@@ -125,7 +125,6 @@ class OnnxPolicy:
         life = self.lifetime
         return None if life["kind"] == "continual" else int(life["horizon"])
 
-
     @property
     def growth(self) -> dict:
         """{"fresh": "ok" | "hurts", "why": str, "instead": str (optional)} from the card: what adding
