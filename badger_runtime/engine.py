@@ -59,13 +59,19 @@ class GrowthError(InputError):
     """Fresh experts refused: the policy's card says they make it worse (the agent is unchanged)."""
 
 
+def fresh_hurts(policy) -> bool:
+    """Whether the policy's card (``growth``) measured that fresh experts make it worse (a policy
+    without a card, e.g. a torch checkpoint, says nothing)."""
+    return (getattr(policy, "growth", None) or {}).get("fresh") == "hurts"
+
+
 def check_growth(policy, init: str, allow_harmful: bool):
     """Refuse to add ``fresh`` experts to a policy whose card (``growth``) measured that they make it
     worse than the unchanged agent, unless the caller asked for it (``allow_harmful``): the product
     rule is that hot-adding fresh experts never makes a shipped policy worse, and a policy that
     breaks it is held to it here, as an episodic policy is held to its horizon."""
-    growth = getattr(policy, "growth", None) or {}
-    if init == "fresh" and growth.get("fresh") == "hurts" and not allow_harmful:
+    if init == "fresh" and fresh_hurts(policy) and not allow_harmful:
+        growth = policy.growth
         instead = f" Instead: {growth['instead']}." if growth.get("instead") else ""
         raise GrowthError(f"policy {getattr(policy, 'name', '?')}: fresh experts make it worse (its card's growth: "
                           f"{growth.get('why', 'measured')}).{instead} To add them anyway, ask explicitly "
@@ -283,4 +289,4 @@ class Agent:
 
 
 __all__ = ["Agent", "GrowthError", "HorizonError", "InputError", "StepInfo", "check_growth", "check_horizon",
-           "check_values", "draw_interface", "numpy_ops", "KIND_FEEDBACK", "KIND_OBSERVATION"]
+           "check_values", "fresh_hurts", "draw_interface", "numpy_ops", "KIND_FEEDBACK", "KIND_OBSERVATION"]

@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from .engine import numpy_ops
+from .engine import fresh_hurts, numpy_ops
 from .episodes import schedule
 from .evaluation import run_episodes
 from .tasks import task_class
@@ -93,7 +93,8 @@ def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: i
     clone = float(finals(schedule(s.at, s.experts, "clone")).mean())
     mean, sem = float(base.mean()), float(base.std() / np.sqrt(base.size))
     hurts = fresh > mean + NOISE_SEMS * sem
-    cmd = command(name, s, episodes=episodes, seed=seed, init="fresh", allow_harmful=hurts)
+    # the flag where either this measurement or the card says they hurt (the card's growth refuses it otherwise)
+    cmd = command(name, s, episodes=episodes, seed=seed, init="fresh", allow_harmful=hurts or fresh_hurts(pol))
     what = (f"final error {mean:.4g} unchanged -> {fresh:.4g} ({fresh / max(mean, 1e-12):.2f}x, SEM {sem:.2g}) when "
             f"{s.experts} fresh experts join {s.experts} at step {s.at} of {s.steps}, d = {s.dims}")
     out = {"fresh": "hurts" if hurts else "ok", "why": f"{cmd}: {what}"}

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from badger_runtime.engine import numpy_ops
+from badger_runtime.engine import fresh_hurts, numpy_ops
 from badger_runtime.evaluation import evaluate
 from badger_runtime.longrun import horizon_report, jump_report
 from badger_runtime.policy_card import load_policy
@@ -31,7 +31,7 @@ def f(x, n=4):
 
 def harmful(pol) -> str:
     """The flag a command needs to add fresh experts to a policy whose card says they hurt it."""
-    return "--allow-harmful-growth " if pol.growth.get("fresh") == "hurts" else ""
+    return "--allow-harmful-growth " if fresh_hurts(pol) else ""
 
 
 def hot_add(pol, d, n0, add, init, episodes, seed, steps=20, at=10):

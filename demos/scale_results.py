@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from badger_runtime.engine import numpy_ops
+from badger_runtime.engine import fresh_hurts, numpy_ops
 from badger_runtime.episodes import schedule
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.growth import evaluation_setting, growth_setting, measure_growth
@@ -65,7 +65,7 @@ def cmd(pol, **flags) -> str:
     parts = [f"badger eval --policy {pol.name}"]
     for k, v in {**EVAL_FLAGS.get(pol.name, {}), **flags}.items():
         parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
-        if k == "init" and v == "fresh" and pol.growth.get("fresh") == "hurts":
+        if k == "init" and v == "fresh" and fresh_hurts(pol):
             parts.append("--allow-harmful-growth")  # the card's growth refuses it otherwise
     return "`" + " ".join(parts) + " --json`"
 

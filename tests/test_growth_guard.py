@@ -166,3 +166,11 @@ def test_export_measures_what_fresh_experts_do(tiny_run, tmp_path):
     base = run_episodes(numpy_ops(), pol, pol.agent, s.task, dims=s.dims, experts=s.experts, episodes=16, seed=0,
                         steps=s.steps).errors[-1]
     assert abs(float(base.mean()) - g["unchanged"]) < 1e-9
+
+
+def test_the_measured_command_carries_the_flag_the_card_asks_for(harmed):
+    """Whatever a small measurement finds, its fresh-arm command runs where the card refuses fresh experts."""
+    from badger_runtime.growth import measure_growth
+
+    g = measure_growth(harmed, episodes=4)
+    assert "--init fresh --allow-harmful-growth" in g["command"]
