@@ -76,8 +76,9 @@ def command(name: str, s: GrowthSetting, *, episodes: int, seed: int, init: str 
 def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: int = 0) -> dict | None:
     """Fresh (and cloned) experts joining at mid-episode against the unchanged agent (module doc).
     Returns {"fresh": "ok" | "hurts", "why": str, "instead": str (where it hurts), and the numbers:
-    "command", "unchanged", "fresh_final", "clone_final", "sem", "ratio", "setting"}; None for a task not
-    measured by an error."""
+    "command", "unchanged", "fresh_final", "clone_final" (measured only where fresh experts hurt: the
+    clones are the way instead; else None), "sem", "ratio", "setting"}; None for a task not measured by
+    an error."""
     s = growth_setting(pol)
     if s is None:
         return None
@@ -90,9 +91,9 @@ def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: i
 
     base = finals()
     fresh = float(finals(schedule(s.at, s.experts, "fresh", allow_harmful=True)).mean())
-    clone = float(finals(schedule(s.at, s.experts, "clone")).mean())
     mean, sem = float(base.mean()), float(base.std() / np.sqrt(base.size))
     hurts = fresh > mean + NOISE_SEMS * sem
+    clone = float(finals(schedule(s.at, s.experts, "clone")).mean()) if hurts else None
     # the flag where either this measurement or the card says they hurt (the card's growth refuses it otherwise)
     cmd = command(name, s, episodes=episodes, seed=seed, init="fresh", allow_harmful=hurts or fresh_hurts(pol))
     what = (f"final error {mean:.4g} unchanged -> {fresh:.4g} ({fresh / max(mean, 1e-12):.2f}x, SEM {sem:.2g}) when "

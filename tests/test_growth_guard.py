@@ -163,6 +163,7 @@ def test_export_measures_what_fresh_experts_do(tiny_run, tmp_path):
     s = growth_setting(pol)
     assert f"--add-at {s.at} --add {s.experts} --init fresh" in g["why"] and s.at == s.steps // 2
     assert (g["fresh"] == "hurts") == (g["fresh_final"] > g["unchanged"] + 3 * g["sem"])
+    assert (g["clone_final"] is None) == (g["fresh"] == "ok")  # the clone arm runs only to say what to do instead
     base = run_episodes(numpy_ops(), pol, pol.agent, s.task, dims=s.dims, experts=s.experts, episodes=16, seed=0,
                         steps=s.steps).errors[-1]
     assert abs(float(base.mean()) - g["unchanged"]) < 1e-9
