@@ -23,7 +23,7 @@ def final_error(pol, *, experts, episodes=16, seed=0, agent=None, changes=()):
     return float(res.errors[-1].mean())
 
 
-@pytest.fixture(scope="module", params=["scale-v1", "scale-v2", "scale-v3"])
+@pytest.fixture(scope="module", params=["scale-v1", "scale-v2", "scale-v3", "scale-v4"])
 def scale_policy(request):
     return load_policy(request.param)
 
