@@ -30,13 +30,15 @@ OPS = NumpyOps()
 @dataclasses.dataclass
 class LongRun:
     """What ``long_rollout`` saw: the task's per-step metrics ({name: [T, E]}), where the task's
-    targets jumped ([T, E] bool, or None), the largest |state| entry, and the episode (the last
-    chunk's when it was drawn chunk by chunk)."""
+    targets jumped ([T, E] bool, or None), the largest |state| entry, the episode (the last
+    chunk's when it was drawn chunk by chunk), and the d and N it ran at."""
 
     metrics: dict[str, np.ndarray]
     jumps: np.ndarray | None
     max_abs_state: float
     episode: object
+    dims: int
+    experts: int
 
 
 def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | None = None,
@@ -74,22 +76,19 @@ def long_rollout(policy, *, steps: int, episodes: int, seed: int, dims: int | No
             jumps.append(ep.jumps)
     jumps = getattr(ep, "jumps", None) if upfront else (np.concatenate(jumps, axis=0) if jumps else None)
     metrics = {m: np.concatenate([v[m] for v in vals], axis=0) for m in vals[0]}
-    return LongRun(metrics, jumps, hmax, ep)
+    return LongRun(metrics, jumps, hmax, ep, d, n)
 
 
 def horizon_report(policy, *, steps: int = 10_000, episodes: int = 100, seed: int = 0,
                    checkpoints=(20, 100, 1000, 10_000), dims: int | None = None, experts: int | None = None) -> dict:
     """The guessing game's error (any other task: the metric its loss follows) at the checkpoints,
     at ``dims`` outputs with ``experts`` experts (default: the task's, as ``long_rollout``)."""
-    tk = make_task(policy.task)
-    dims = dims or tk.default_dims()
-    experts = experts or tk.experts_for(dims)
     run = long_rollout(policy, steps=steps, episodes=episodes, seed=seed, dims=dims, experts=experts)
-    errs, hmax = run.metrics[tk.loss_name], run.max_abs_state
+    errs, hmax = run.metrics[make_task(policy.task).loss_name], run.max_abs_state
     mean = errs.mean(axis=1)
     settled = float(mean[min(19, steps - 1)])
     return {
-        "policy": policy.name, "steps": steps, "episodes": episodes, "seed": seed, "dims": dims, "experts": experts,
+        "policy": policy.name, "steps": steps, "episodes": episodes, "seed": seed, "dims": run.dims, "experts": run.experts,
         "error_at": {str(s): float(mean[s - 1]) for s in checkpoints if s <= steps},
         "max_error_after_20": float(mean[20:].max()) if steps > 20 else settled,
         "max_abs_state": hmax,
