@@ -217,7 +217,7 @@ class TrainConfig:
     tbptt: int = 0  # back-propagate through at most this many inner steps (0 = the whole episode)
     init_from: str = ""  # start from these weights (fine-tuning): a checkpoint (.pt) or a policy (name or .onnx)
     init: str = ""  # structured initial weights (training/inits.py: 'prototypes'); '' = the default init
-    trainable: list[str] = field(default_factory=list)  # train only parameters named with these prefixes ([]: all)
+    trainable: list[str] = field(default_factory=list)  # train only these: name prefixes or 'heads:NAME' ([]: all)
     continue_prob: float = 0.0  # chance that a batch continues the last batch's agents (never reset)
     grow_prob: float = 0.0  # chance that a batch adds 1..N experts (fresh or cloned) at a random inner step
     stages: list[Stage] = field(default_factory=list)

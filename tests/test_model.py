@@ -165,6 +165,34 @@ def test_training_with_growing_and_continued_agents(tmp_path):
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_trainable_heads_by_name_train_those_rows_only(tmp_path):
+    """``train.trainable = ["heads:push_value"]`` changes the push-value rows of the heads layer and
+    nothing else; a prefix entry still trains whole parameters; an unknown head is refused."""
+    cfg = tiny_experiment()
+    cfg.train.batches, cfg.train.trainable = 4, ["heads:push_value", "cell.bias_hh"]
+    cfg.train.log_every = cfg.train.ckpt_every = 4
+    from badger_runtime.training.train import initial_policy
+
+    before = initial_policy(cfg).state_dict()
+    train(cfg, tmp_path, progress=False, final_eval=False, log=lambda *a: None)
+    after = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    names, sizes = zip(*cfg.agent.policy.heads)
+    lo = sum(sizes[:names.index("push_value")])
+    hi = lo + sizes[names.index("push_value")]
+    for name in before:
+        changed = (after[name] != before[name])
+        if name in ("heads.weight", "heads.bias"):
+            rows = changed.reshape(changed.shape[0], -1).any(dim=1)
+            assert rows[lo:hi].any() and not rows[:lo].any() and not rows[hi:].any(), name
+        elif name == "cell.bias_hh":
+            assert changed.any()
+        else:
+            assert not changed.any(), name
+    cfg.train.trainable = ["heads:no_such_head"]
+    with pytest.raises(ConfigError, match="no head 'no_such_head'"):
+        train(cfg, tmp_path / "bad", progress=False, final_eval=False, log=lambda *a: None)
+
+
 def test_grow_adds_experts_to_running_agents():
     from badger_runtime.rollout import grow, initial_state
 

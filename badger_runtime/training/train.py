@@ -202,6 +202,44 @@ def policy_from_checkpoint(ck: dict) -> tuple[ExpertPolicy, ExperimentConfig]:
     return policy, cfg
 
 
+def trainable_parameters(policy: ExpertPolicy, names: list[str]) -> list[torch.nn.Parameter]:
+    """The parameters ``train.trainable`` names (all of them for []), with the others frozen.
+
+    An entry is a prefix of parameter names (``"heads."``, ``"cell.weight_hh"``) or ``"heads:NAME"``:
+    the rows of the heads layer (weight and bias) that make the named head (``read_query``,
+    ``push_value``, ...; ``PolicySpec.heads``), the rest of that layer frozen by a gradient mask
+    (Adam without weight decay leaves a parameter whose gradient is always 0 where it was).
+    """
+    spec = policy.spec
+    offsets, i = {}, 0
+    for name, size in spec.heads:
+        offsets[name] = (i, i + size)
+        i += size
+    prefixes, rows = [], torch.zeros(spec.heads_dim, dtype=torch.bool)
+    for entry in names:
+        if entry.startswith("heads:"):
+            head = entry.split(":", 1)[1]
+            if head not in offsets:
+                raise ConfigError(f"train.trainable {entry!r}: no head {head!r}; heads: {list(offsets)}")
+            rows[slice(*offsets[head])] = True
+        else:
+            prefixes.append(entry)
+    params = []
+    for n, p in policy.named_parameters():  # the others stay as they are (no gradient computed)
+        whole = not names or (bool(prefixes) and n.startswith(tuple(prefixes)))
+        part = bool(rows.any()) and n in ("heads.weight", "heads.bias") and not whole
+        p.requires_grad_(whole or part)
+        if part:
+            mask = (rows[:, None] if p.dim() == 2 else rows).to(p.dtype)
+            p.register_hook(lambda g, mask=mask: g * mask)
+        if p.requires_grad:
+            params.append(p)
+    if not params:
+        raise ConfigError(f"train.trainable {names} names no parameter of the policy "
+                          f"({[n for n, _ in policy.named_parameters()]})")
+    return params
+
+
 def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
           final_eval: bool = True, log=print) -> dict:
     """Train; writes ``out_dir/{checkpoint.pt, metrics.jsonl, config.json, summary.json}``."""
@@ -213,14 +251,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     random.seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
     policy = initial_policy(cfg)
-    params = []
-    for n, p in policy.named_parameters():  # the others stay as they are (no gradient computed)
-        p.requires_grad_(not cfg.train.trainable or n.startswith(tuple(cfg.train.trainable)))
-        if p.requires_grad:
-            params.append(p)
-    if not params:
-        raise ConfigError(f"train.trainable {cfg.train.trainable} names no parameter of the policy "
-                          f"({[n for n, _ in policy.named_parameters()]})")
+    params = trainable_parameters(policy, cfg.train.trainable)
     opt = torch.optim.Adam(params, lr=cfg.train.lr, eps=cfg.train.adam_eps)
     first_batch, wall = 0, 0.0
     ck = open_run(out, cfg, resume=resume, outer="bptt")
