@@ -24,7 +24,10 @@ from .tasks import task_class
 #: their own metric (a bandit's regret, a classifier's accuracy) and their cards say it by hand
 ERROR_TASKS = ("guessing", "scale")
 #: "hurts": the grown agent's final error is above the unchanged agent's by more than this many
-#: standard errors of the unchanged agent's (the rule tests/test_horizon.py holds policies to)
+#: standard errors of the unchanged agent's (the rule tests/test_horizon.py holds policies to). Not a paired
+#: test on purpose: harm is heavy-tailed (a few episodes blow up), which inflates the SEM of the paired
+#: differences; on the shipped policies (256 episodes, seed 0) both rules give every card's verdict but
+#: guessing-one-expert-v1's, 4.2e-5 -> 0.068, which a paired 3-SEM test would pass (z = 2.87)
 NOISE_SEMS = 3.0
 
 
