@@ -196,6 +196,22 @@ def test_fewshot_demo(tmp_path, capsys):
     assert len(res["numbers"]["episode"]) == res["numbers"]["steps"]
 
 
+def _both_steps(shipped, policy):
+    """One step of a shipped (ONNX) policy and of a torch policy on the same random state, inbox and
+    reads: (h, heads) of the shipped graph, then of the torch policy, as numpy arrays."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    sp = shipped.spec
+    h = np.tanh(rng.standard_normal((16, sp.hidden))).astype(np.float32)
+    inbox = rng.standard_normal((16, sp.msg_dim)).astype(np.float32)
+    sensed = rng.standard_normal((16, sp.sensed_dim)).astype(np.float32)
+    got_h, got_heads = shipped.step(h, inbox, sensed)
+    with torch.no_grad():
+        ref_h, ref_heads = policy.step(torch.from_numpy(h), torch.from_numpy(inbox), torch.from_numpy(sensed))
+    return got_h, got_heads, ref_h.numpy(), ref_heads.numpy()
+
+
 def test_the_shipped_policy_is_the_handcrafted_init(tmp_path):
     """`badger train configs/fewshot.toml` (train.batches = 0) writes the handcrafted weights the
     shipped policy was exported from; the card says so."""
@@ -211,18 +227,9 @@ def test_the_shipped_policy_is_the_handcrafted_init(tmp_path):
     shipped = load_policy(SHIPPED)
     np.testing.assert_allclose(shipped.h0, policy.h0.detach().numpy())
     # the same step function: the shipped graph computes the handcrafted weights' GRU step and heads
-    import torch
-
-    rng = np.random.default_rng(0)
-    sp = shipped.spec
-    h = np.tanh(rng.standard_normal((16, sp.hidden))).astype(np.float32)
-    inbox = rng.standard_normal((16, sp.msg_dim)).astype(np.float32)
-    sensed = rng.standard_normal((16, sp.sensed_dim)).astype(np.float32)
-    got_h, got_heads = shipped.step(h, inbox, sensed)
-    with torch.no_grad():
-        ref_h, ref_heads = policy.step(torch.from_numpy(h), torch.from_numpy(inbox), torch.from_numpy(sensed))
-    np.testing.assert_allclose(got_h, ref_h.numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(got_heads, ref_heads.numpy(), rtol=1e-4, atol=1e-3)
+    got_h, got_heads, ref_h, ref_heads = _both_steps(shipped, policy)
+    np.testing.assert_allclose(got_h, ref_h, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_heads, ref_heads, rtol=1e-4, atol=1e-3)
     assert shipped.card["training"]["batches"] == 0 and "handcrafted" in shipped.card["training_command"]
 
 
@@ -257,8 +264,6 @@ def test_fewshot_v3_is_the_joinable_cell_with_a_learned_readout():
     head but push_value exactly) with a push-value row the outer loop trained (300 batches); the card
     says how it was made."""
     pytest.importorskip("torch")
-    import torch
-
     from badger_runtime.config import load_experiment
     from badger_runtime.training.train import initial_policy
 
@@ -268,22 +273,15 @@ def test_fewshot_v3_is_the_joinable_cell_with_a_learned_readout():
     v3 = load_policy("fewshot-v3")
     assert v3.card["training"]["batches"] == cfg.train.batches == 300
     assert "fewshot_learned.toml" in v3.card["training_command"]
-    rng = np.random.default_rng(0)
-    sp = v3.spec
-    h = np.tanh(rng.standard_normal((16, sp.hidden))).astype(np.float32)
-    inbox = rng.standard_normal((16, sp.msg_dim)).astype(np.float32)
-    sensed = rng.standard_normal((16, sp.sensed_dim)).astype(np.float32)
-    got_h, got_heads = v3.step(h, inbox, sensed)
-    with torch.no_grad():
-        ref_h, ref_heads = init.step(torch.from_numpy(h), torch.from_numpy(inbox), torch.from_numpy(sensed))
-    np.testing.assert_allclose(got_h, ref_h.numpy(), rtol=1e-4, atol=1e-4)
-    names, sizes = zip(*sp.heads)
+    got_h, got_heads, ref_h, ref_heads = _both_steps(v3, init)
+    np.testing.assert_allclose(got_h, ref_h, rtol=1e-4, atol=1e-4)
+    names, sizes = zip(*v3.spec.heads)
     lo = sum(sizes[:names.index("push_value")])
     hi = lo + sizes[names.index("push_value")]
     same = np.ones(got_heads.shape[1], bool)
     same[lo:hi] = False
-    np.testing.assert_allclose(got_heads[:, same], ref_heads.numpy()[:, same], rtol=1e-4, atol=1e-3)
-    assert np.abs(got_heads[:, lo] - ref_heads.numpy()[:, lo]).max() > 1e-3  # the trained row differs
+    np.testing.assert_allclose(got_heads[:, same], ref_heads[:, same], rtol=1e-4, atol=1e-3)
+    assert np.abs(got_heads[:, lo] - ref_heads[:, lo]).max() > 1e-3  # the trained row differs
 
 
 def test_the_learned_readout_lifts_one_shot_accuracy_on_held_out_digits():
