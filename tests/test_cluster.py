@@ -168,8 +168,8 @@ def test_es_starts_where_bptt_starts_a_structured_init(tmp_path):
 
 
 def test_es_cli_and_fallbacks(tmp_path, monkeypatch):
-    """`badger train --outer es` runs; --workers goes with --outer es; workers without Ray fall back
-    to this process; --ray without Ray says how to install it."""
+    """`badger train --outer es` runs; --workers goes with --outer es; train.trainable is refused;
+    workers without Ray fall back to this process; --ray without Ray says how to install it."""
     from badger_runtime import cluster
     from badger_runtime.cli import main
 
@@ -182,6 +182,8 @@ def test_es_cli_and_fallbacks(tmp_path, monkeypatch):
     assert main(["train", str(toml), "--out", str(tmp_path / "run2"), "--workers", "2", "--quiet"]) == 2
     assert main(["train", str(toml), "--out", str(tmp_path / "r"), "--outer", "es", "--set",
                  "train.es.population=3"]) == 2  # odd: refused
+    assert main(["train", str(toml), "--out", str(tmp_path / "r"), "--outer", "es", "--set",
+                 "train.trainable=[\"heads:push_value\"]"]) == 2  # BPTT's setting: ES perturbs every weight
     monkeypatch.setattr(cluster, "have_ray", lambda: False)
     said = []
     assert isinstance(make_pool(2, log=said.append), LocalPool) and "not installed" in said[0]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import AgentConfig, ExperimentConfig, TaskConfig, to_dict
+from ..config import AgentConfig, ConfigError, ExperimentConfig, TaskConfig, to_dict
 from ..episodes import Change, Driver, drive, episode_rngs, objective_weights, sample_batches
 from .numpy_policy import NumpyPolicy, PopulationPolicy, flatten, n_params, unflatten
 
@@ -277,6 +277,8 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
         cfg.train.es.workers = int(workers)
     cfg.validate()
     tr, es, spec = cfg.train, cfg.train.es, cfg.agent.policy
+    if tr.trainable:
+        raise ConfigError(f"train.trainable {tr.trainable} is for --outer bptt: ES perturbs every weight")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ck_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
