@@ -73,6 +73,15 @@ class PolicySpec:
     def heads_dim(self) -> int:
         return sum(n for _, n in self.heads)
 
+    @property
+    def head_slices(self) -> dict[str, slice]:
+        """Where each named head lies in the heads vector (``heads``' order)."""
+        out, i = {}, 0
+        for name, size in self.heads:
+            out[name] = slice(i, i + size)
+            i += size
+        return out
+
 
 @dataclass
 class RoutingConfig:

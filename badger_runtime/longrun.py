@@ -88,7 +88,8 @@ def horizon_report(policy, *, steps: int = 10_000, episodes: int = 100, seed: in
     mean = errs.mean(axis=1)
     settled = float(mean[min(19, steps - 1)])
     return {
-        "policy": policy.name, "steps": steps, "episodes": episodes, "seed": seed, "dims": run.dims, "experts": run.experts,
+        "policy": policy.name, "steps": steps, "episodes": episodes, "seed": seed, "dims": run.dims,
+        "experts": run.experts,
         "error_at": {str(s): float(mean[s - 1]) for s in checkpoints if s <= steps},
         "max_error_after_20": float(mean[20:].max()) if steps > 20 else settled,
         "max_abs_state": hmax,

@@ -38,11 +38,7 @@ def split_heads(spec: PolicySpec, heads, ops=None) -> dict[str, Any]:
     would back-propagate a zero-filled full-size gradient per head)."""
     if ops is not None:
         return dict(zip((name for name, _ in spec.heads), ops.split(heads, [size for _, size in spec.heads])))
-    out, i = {}, 0
-    for name, size in spec.heads:
-        out[name] = heads[..., i : i + size]
-        i += size
-    return out
+    return {name: heads[..., s] for name, s in spec.head_slices.items()}
 
 
 @dataclass

@@ -277,11 +277,10 @@ def test_fewshot_v3_is_the_joinable_cell_with_a_learned_readout():
     assert "fewshot_learned.toml" in v3.card["training_command"]
     got_h, got_heads, ref_h, ref_heads = _both_steps(v3, init)
     np.testing.assert_allclose(got_h, ref_h, rtol=1e-4, atol=1e-4)
-    names, sizes = zip(*v3.spec.heads)
-    lo = sum(sizes[:names.index("push_value")])
-    hi = lo + sizes[names.index("push_value")]
+    pv = v3.spec.head_slices["push_value"]
+    lo = pv.start
     same = np.ones(got_heads.shape[1], bool)
-    same[lo:hi] = False
+    same[pv] = False
     np.testing.assert_allclose(got_heads[:, same], ref_heads[:, same], rtol=1e-4, atol=1e-3)
     assert np.abs(got_heads[:, lo] - ref_heads[:, lo]).max() > 1e-3  # the trained row differs
 

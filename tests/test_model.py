@@ -176,9 +176,8 @@ def test_trainable_heads_by_name_train_those_rows_only(tmp_path):
     before = initial_policy(cfg).state_dict()
     train(cfg, tmp_path, progress=False, final_eval=False, log=lambda *a: None)
     after = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
-    names, sizes = zip(*cfg.agent.policy.heads)
-    lo = sum(sizes[:names.index("push_value")])
-    hi = lo + sizes[names.index("push_value")]
+    pv = cfg.agent.policy.head_slices["push_value"]
+    lo, hi = pv.start, pv.stop
     for name in before:
         changed = (after[name] != before[name])
         if name in ("heads.weight", "heads.bias"):

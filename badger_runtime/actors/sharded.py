@@ -74,15 +74,6 @@ OPS = NumpyOps()
 ROUTE_THREAD_MIN_ROWS = 16_384
 
 
-def _offsets(spec) -> list[tuple[str, int]]:
-    """Where each head starts in the policy's heads vector."""
-    out, i = [], 0
-    for name, size in spec.heads:
-        out.append((name, i))
-        i += size
-    return out
-
-
 def default_shards(n_experts: int) -> int:
     """One shard per core (never more shards than experts)."""
     return max(1, min(n_experts, os.cpu_count() or 1))
@@ -120,7 +111,7 @@ class ShardedMembrane:
         self.slot_addr = np.asarray(interface.slot_addr, np.float32)
         self.out_addr = np.asarray(interface.out_addr, np.float32)
         self._shards_wanted, self._tile = shards, tile
-        self._rq_offset = dict(_offsets(self.spec))["read_query"]
+        self._rq_offset = self.spec.head_slices["read_query"].start
         self._rng = rng if rng is not None else np.random.default_rng([episode_index, 2])
         self.t = 0
 

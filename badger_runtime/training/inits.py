@@ -21,12 +21,7 @@ from ..membrane import KIND_FEEDBACK, KIND_OBSERVATION, N_KIND_FLAGS
 
 
 def _offset(spec, head: str) -> int:
-    i = 0
-    for name, size in spec.heads:
-        if name == head:
-            return i
-        i += size
-    raise KeyError(head)
+    return spec.head_slices[head].start
 
 
 def _layout(A: int, H: int, seen_addr: bool = False) -> dict:

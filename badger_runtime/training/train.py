@@ -211,17 +211,14 @@ def trainable_parameters(policy: ExpertPolicy, names: list[str]) -> list[torch.n
     (Adam without weight decay leaves a parameter whose gradient is always 0 where it was).
     """
     spec = policy.spec
-    offsets, i = {}, 0
-    for name, size in spec.heads:
-        offsets[name] = (i, i + size)
-        i += size
+    where = spec.head_slices
     prefixes, rows = [], torch.zeros(spec.heads_dim, dtype=torch.bool)
     for entry in names:
         if entry.startswith("heads:"):
             head = entry.split(":", 1)[1]
-            if head not in offsets:
-                raise ConfigError(f"train.trainable {entry!r}: no head {head!r}; heads: {list(offsets)}")
-            rows[slice(*offsets[head])] = True
+            if head not in where:
+                raise ConfigError(f"train.trainable {entry!r}: no head {head!r}; heads: {list(where)}")
+            rows[where[head]] = True
         else:
             prefixes.append(entry)
     params = []
