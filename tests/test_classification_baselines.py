@@ -248,6 +248,22 @@ def test_accuracy_by_shot_hand_made():
     assert cb.accuracy_by_shot(correct, ys, max_shot=3) == [0.0, 0.75, 0.5, None]
 
 
+def test_paired_by_shot_hand_made():
+    ys = np.array([[0, 1, 0, 0, 1], [1, 1, 0, 1, 0]]).T  # shots before as above
+    a = np.array([[0, 0, 1, 0, 1], [0, 1, 0, 1, 0]], dtype=bool).T
+    b = np.array([[0, 1, 0, 0, 0], [0, 1, 1, 1, 0]], dtype=bool).T
+    out = cb.paired_by_shot(a, b, ys, max_shot=3)
+    acc_a, acc_b = cb.accuracy_by_shot(a, ys, 3), cb.accuracy_by_shot(b, ys, 3)
+    assert out["diff"][:3] == pytest.approx([x - y for x, y in zip(acc_a[:3], acc_b[:3])])
+    # 1 shot: episode 0 has two predictions (a - b: +1, +1 -> +1), episode 1 two (0, 0 -> 0)
+    assert out["diff"][1] == pytest.approx(0.5)
+    assert out["sem"][1] == pytest.approx(np.std([1.0, 0.0], ddof=1) / np.sqrt(2))
+    assert out["diff"][3] is None and out["sem"][3] is None
+    assert cb.paired_by_shot(a, a, ys, max_shot=2) == {"diff": [0.0] * 3, "sem": [0.0] * 3}
+    with pytest.raises(ValueError):
+        cb.paired_by_shot(a[:4], b, ys)
+
+
 def test_tune_and_all_baselines():
     C = 3
     Xs, ys = _random_episodes(B=4, T=6, C=C)

@@ -303,3 +303,38 @@ def test_the_learned_readout_lifts_one_shot_accuracy_on_held_out_digits():
     (one2, mean2), (one3, mean3) = out["fewshot-v2"], out["fewshot-v3"]
     assert one3 > one2 + 0.03, (one3, one2)
     assert mean3 >= mean2 - 0.01, (mean3, mean2)
+
+
+def test_the_count_units_go_on_counting_and_change_nothing_else():
+    """train.init = "prototypes_joinable_counts" (fewshot-v4's cell): the thermometer of a class's
+    examples goes on past "three seen" (units n4 .. n8 turn +1 at the 4th .. 8th example of the class,
+    and stay), and every other unit and head is fewshot-v2's cell's, step for step."""
+    torch = pytest.importorskip("torch")
+    from badger_runtime.config import load_experiment
+    from badger_runtime.training.inits import _layout
+    from badger_runtime.training.train import initial_policy
+
+    root = SHIPPED.parents[1] / "configs"
+    counts = initial_policy(load_experiment(str(root / "fewshot_counts.toml")))
+    joinable = initial_policy(load_experiment(str(root / "fewshot_joinable.toml")))
+    sp = counts.spec
+    lay = _layout(sp.addr_dim, sp.hidden, seen_addr=True, counts=8)
+    extra = [lay[f"n{k}"][0] for k in range(4, 9)]
+    same = list(range(joinable.spec.hidden - 1))  # v2's units (its last one is a spare)
+    assert extra == list(range(joinable.spec.hidden - 1, joinable.spec.hidden + 4))  # after them
+    rng = np.random.default_rng(0)
+    h_c, h_j = counts.h0.detach()[None].clone(), joinable.h0.detach()[None].clone()
+    inbox = torch.zeros(1, sp.msg_dim)
+    n = 0
+    for t in range(14):
+        sensed = torch.from_numpy(rng.standard_normal((1, sp.sensed_dim)).astype(np.float32))
+        label = t > 0 and t % 2 == 0  # the label slot reads 1: the last example was of this cell's class
+        sensed[0, 0] = float(label)
+        with torch.no_grad():
+            h_c, heads_c = counts.step(h_c, inbox, sensed)
+            h_j, heads_j = joinable.step(h_j, inbox, sensed)
+        n += label
+        got = (h_c[0, extra] > 0).numpy()
+        assert got.tolist() == [n >= k for k in range(4, 9)], (t, n, h_c[0, extra])
+        np.testing.assert_allclose(h_c[0, same], h_j[0, same], atol=1e-5)
+        np.testing.assert_allclose(heads_c, heads_j, atol=1e-4)

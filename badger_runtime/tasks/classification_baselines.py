@@ -29,6 +29,7 @@ __all__ = [
     "nearest_class_mean",
     "one_nearest_neighbour",
     "online_logistic_regression",
+    "paired_by_shot",
     "shots_before",
     "tune_logreg_lr",
 ]
@@ -169,6 +170,36 @@ def accuracy_by_shot(correct: np.ndarray, ys: np.ndarray, max_shot: int = 10) ->
     if correct.shape != shots.shape:
         raise ValueError(f"correct {correct.shape} and ys {shots.shape} differ in shape")
     return [float(correct[shots == k].mean()) if np.any(shots == k) else None for k in range(max_shot + 1)]
+
+
+def paired_by_shot(correct: np.ndarray, other: np.ndarray, ys: np.ndarray,
+                   max_shot: int = 10) -> dict[str, list[float | None]]:
+    """Paired difference of two learners on the same predictions, by shots seen before (0..max_shot).
+
+    ``diff[k]``: accuracy of ``correct`` minus that of ``other`` [T, B] on the predictions whose class
+    was seen k times before; ``sem[k]``: its standard error over episodes (each episode's own
+    difference on its k-shot predictions; the episodes are independent, the predictions within one
+    are not). None where fewer than two episodes have a k-shot prediction. Pairing removes the
+    episodes' shared difficulty, so ``sem`` is well below the unpaired standard error of either
+    accuracy.
+    """
+    correct, other = np.asarray(correct, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    shots = shots_before(ys)
+    if correct.shape != shots.shape or other.shape != shots.shape:
+        raise ValueError(f"correct {correct.shape}, other {other.shape} and ys {shots.shape} differ in shape")
+    diff, sem = [], []
+    for k in range(max_shot + 1):
+        at = shots == k
+        n = at.sum(axis=0)  # [B] predictions at k shots per episode
+        has = n > 0
+        if has.sum() < 2:
+            diff.append(None)
+            sem.append(None)
+            continue
+        d = np.where(at, correct - other, 0.0).sum(axis=0)[has] / n[has]
+        diff.append(float((correct - other)[at].mean()))
+        sem.append(float(d.std(ddof=1) / np.sqrt(len(d))))
+    return {"diff": diff, "sem": sem}
 
 
 def all_baselines(Xs: np.ndarray, ys: np.ndarray, C: int, *, logreg_lr: float, seed: int = 0) -> dict[str, list[float]]:

@@ -626,7 +626,9 @@ class FewShotTask(Task):
         ``final_accuracy``, ``online_accuracy`` (first 10/25/50 examples), ``accuracy_by_shot``
         (by how many examples of the class came before, 0..10), ``loss_by_step``; and the
         ``baselines`` {name: accuracy_by_step} on exactly the same episodes (with their
-        ``baselines_by_shot`` and ``baselines_online``)."""
+        ``baselines_by_shot`` and ``baselines_online``, and ``paired_by_shot`` {name: {"diff",
+        "sem"}}: the agent's accuracy minus the baseline's by shot count, paired over the same
+        predictions, with its standard error over episodes)."""
         from . import classification_baselines as cb
 
         correct, loss = metrics["correct"], metrics["loss"]
@@ -652,6 +654,8 @@ class FewShotTask(Task):
             res = baseline_results(xs, ys, C, lr=lr, seed=seed)
             report["baselines"] = {r["name"]: r["accuracy_by_step"] for r in res}
             report["baselines_by_shot"] = {r["name"]: cb.accuracy_by_shot(r["correct"], ys, MAX_SHOT) for r in res}
+            report["paired_by_shot"] = {r["name"]: cb.paired_by_shot(correct > 0.5, r["correct"], ys, MAX_SHOT)
+                                        for r in res if r["name"] != "chance"}
             report["baselines_online"] = {r["name"]: online_accuracy(r["accuracy_by_step"]) for r in res}
         return report
 

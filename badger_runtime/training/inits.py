@@ -24,16 +24,19 @@ def _offset(spec, head: str) -> int:
     return spec.head_slices[head].start
 
 
-def _layout(A: int, H: int, seen_addr: bool = False) -> dict:
-    """Which hidden units ``prototypes`` uses for what."""
+def _layout(A: int, H: int, seen_addr: bool = False, counts: int = 3) -> dict:
+    """Which hidden units ``prototypes`` uses for what (the count units past n3 last, so that the
+    others keep their places whatever ``counts`` is)."""
     lay, i = {}, 0
     for name, size in (("m", 1), ("seen", 1), ("n2", 1), ("n3", 1), ("started", 1),
                        *((f"{b[0]}_{e}", 1) for b in BUMPS for e in "+-"), ("addr", A - N_KIND_FLAGS),
-                       *((("addr_seen", A - N_KIND_FLAGS),) if seen_addr else ())):
+                       *((("addr_seen", A - N_KIND_FLAGS),) if seen_addr else ()),
+                       *((f"n{k}", 1) for k in range(4, counts + 1))):
         lay[name] = list(range(i, i + size))
         i += size
     if i > H:
         need = "19 + 2 (addr_dim - 2)" if seen_addr else "19 + addr_dim - 2"
+        need += f" + {counts - 3}" if counts > 3 else ""
         raise ConfigError(f"this train.init needs policy.hidden >= {i} ({need}), got {H}")
     lay["free"] = list(range(i, H))
     return lay
@@ -60,7 +63,7 @@ BUMPS = (("old", 0.0, 0, ("seen", 1), 1.0),  # the last example was not of this 
 
 def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float = 0.5, gate: float = 12.0,
                kind_bias: float = 24.0, both_bias: float = 32.0, key_gain: float = 16.0, score_gain: float = 20.0,
-               novelty: float = 0.3, seen_key_gain: float = 0.0, seen_after: str = "seen"):
+               novelty: float = 0.3, seen_key_gain: float = 0.0, seen_after: str = "seen", counts: int = 3):
     """A handcrafted expert of online nearest-class-mean classification, for the slots of
     ``tasks/fewshot.py``, where expert e sees the label slot of one class c and one feature j of
     the current and of the labelled example (a grid cell (c, j); the policy itself never knows c
@@ -89,12 +92,19 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
       its class's score ("not seen yet", then a one-example prototype) until it has seen the class
       that often. Within an agent whose experts all started together nothing changes (the experts
       of a class see it at the same steps). Needs ``hidden >= 19 + 2 (addr_dim - 2)``.
+    - ``counts`` > 3: the thermometer goes on past n3 (units n4 .. n{counts}: "four seen", ...), one
+      more hidden unit each. They change nothing the cell computes (the prototype's rate and the bumps
+      read seen, n2 and n3 only) and their score weights start at 0: they are there for a learned
+      readout, so that it can tell a class seen three times from one seen ten times (the prototype of
+      three examples is noisier, so its distances run larger).
     """
     spec = policy.spec
     K, A, H, Dm = spec.read_heads, spec.addr_dim, spec.hidden, spec.msg_dim
     if K != 3:
         raise ConfigError(f"train.init = 'prototypes' needs policy.read_heads = 3, got {K}")
-    lay = _layout(A, H, seen_addr=seen_key_gain > 0)
+    if counts < 3:
+        raise ConfigError(f"prototypes: counts must be >= 3, got {counts}")
+    lay = _layout(A, H, seen_addr=seen_key_gain > 0, counts=counts)
     if seen_after not in ("seen", "n2", "n3"):
         raise ConfigError(f"prototypes: seen_after must be 'seen', 'n2' or 'n3', got {seen_after!r}")
     obs, fb = KIND_OBSERVATION, KIND_FEEDBACK
@@ -117,10 +127,11 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
         # started: -1 before the first step, +1 after it. Before its first step an expert's read
         # queries are zero (heads start at zero): its label head reads a mix of its slots.
         policy.h0[started], bi[N + started] = -G, G
-        # the thermometer: seen, n2, n3 start at -1 and become +1 (candidate 1) when l = 1 and the
+        # the thermometer: seen, n2, n3 (, n4, ...) start at -1 and become +1 (candidate 1) when l = 1 and the
         # one before is +1 (seen: and the agent has started); pre-activation of the update gate
         # 2G - G prev - 2G l: G (keep) unless l = 1 and prev = +1
-        for unit, prev in ((seen, started), (n2, seen), (n3, n2)):
+        chain = [started, seen, n2, n3] + [lay[f"n{k}"][0] for k in range(4, counts + 1)]
+        for unit, prev in zip(chain[1:], chain[:-1]):
             policy.h0[unit], bi[N + unit] = -G, G
             bi[Z + unit], Wh[Z + unit, prev], Wi[Z + unit, ell] = 2 * G, -G, -2 * G
         # m: kept unless l = 1, then taken with weight r(n) (update gate 1 - r(n)): pre-activation
@@ -431,7 +442,11 @@ INITS = {"prototypes": prototypes,
          "arm_routing": arm_routing,
          # measured (docs/results.md, fewshot-v2): gain 8 after two examples keeps a hot-add of as many
          # fresh experts again within 0.005 of the unchanged agent; gated after one example, 0.016 below
-         "prototypes_joinable": lambda policy: prototypes(policy, seen_key_gain=8.0, seen_after="n2")}
+         "prototypes_joinable": lambda policy: prototypes(policy, seen_key_gain=8.0, seen_after="n2"),
+         # fewshot-v4: the same cell with its count of a class's examples going on to 8 (units n4 .. n8, score
+         # weights 0), for a learned readout (fewshot-v3's prior could only tell 1, 2 and >= 3 examples apart)
+         "prototypes_joinable_counts": lambda policy: prototypes(policy, seen_key_gain=8.0, seen_after="n2",
+                                                                 counts=8)}
 
 
 def apply_init(name: str, policy):
