@@ -233,9 +233,9 @@ def test_the_shipped_policy_is_the_handcrafted_init(tmp_path):
     assert shipped.card["training"]["batches"] == 0 and "handcrafted" in shipped.card["training_command"]
 
 
-@pytest.mark.parametrize("name", ["fewshot-v2", "fewshot-v3"])
+@pytest.mark.parametrize("name", ["fewshot-v2", "fewshot-v3", "fewshot-v4"])
 def test_fresh_experts_hot_added_do_not_hurt_the_joinable_cell(name):
-    """The product rule for the joinable cell (fewshot-v2, and fewshot-v3: its learned readout): as
+    """The product rule for the joinable cell (fewshot-v2, and fewshot-v3 / v4: learned readouts): as
     many fresh experts again at step 20 of 40 (4-way held-out digits, one expert per cell, then two)
     leave the accuracy over steps 31-40 within noise of the unchanged agent's, and the step after the
     join does not collapse (fewshot-v1 fell to chance there: its fresh experts' "not seen yet" scores
@@ -261,28 +261,56 @@ def test_fresh_experts_hot_added_do_not_hurt_the_joinable_cell(name):
     assert grown1[21].mean() < 0.5  # the seen-gated keys are what makes the difference
 
 
-def test_fewshot_v3_is_the_joinable_cell_with_a_learned_readout():
-    """fewshot-v3 = configs/fewshot_learned.toml: the handcrafted joinable cell (its GRU step and every
-    head but push_value exactly) with a push-value row the outer loop trained (300 batches); the card
-    says how it was made."""
+@pytest.mark.parametrize("name, config, init", [("fewshot-v3", "fewshot_learned.toml", "prototypes_joinable"),
+                                                ("fewshot-v4", "fewshot_counts.toml", "prototypes_joinable_counts")])
+def test_a_learned_readout_on_the_joinable_cell(name, config, init):
+    """fewshot-v3 = configs/fewshot_learned.toml, fewshot-v4 = configs/fewshot_counts.toml: a
+    handcrafted joinable cell (its GRU step and every head but push_value exactly) with a push-value
+    row the outer loop trained (300 batches); the card says how it was made."""
     pytest.importorskip("torch")
     from badger_runtime.config import load_experiment
     from badger_runtime.training.train import initial_policy
 
-    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_learned.toml"))
-    assert cfg.train.trainable == ["heads:push_value"] and cfg.train.init == "prototypes_joinable"
-    init = initial_policy(cfg)
-    v3 = load_policy("fewshot-v3")
-    assert v3.card["training"]["batches"] == cfg.train.batches == 300
-    assert "fewshot_learned.toml" in v3.card["training_command"]
-    got_h, got_heads, ref_h, ref_heads = _both_steps(v3, init)
+    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / config))
+    assert cfg.train.trainable == ["heads:push_value"] and cfg.train.init == init
+    start = initial_policy(cfg)
+    pol = load_policy(name)
+    assert pol.card["training"]["batches"] == cfg.train.batches == 300
+    assert config in pol.card["training_command"]
+    got_h, got_heads, ref_h, ref_heads = _both_steps(pol, start)
     np.testing.assert_allclose(got_h, ref_h, rtol=1e-4, atol=1e-4)
-    pv = v3.spec.head_slices["push_value"]
+    pv = pol.spec.head_slices["push_value"]
     lo = pv.start
     same = np.ones(got_heads.shape[1], bool)
     same[pv] = False
     np.testing.assert_allclose(got_heads[:, same], ref_heads[:, same], rtol=1e-4, atol=1e-3)
     assert np.abs(got_heads[:, lo] - ref_heads[:, lo]).max() > 1e-3  # the trained row differs
+
+
+def test_fewshot_v4_learned_a_graded_prior_over_a_class_count():
+    """What the outer loop learned on fewshot-v4's longer count (docs/results.md): the same expert
+    state with its class seen k = 1 .. 8 times scores lower the more examples it has, by steps that
+    shrink with k (a one-example prototype is the noisiest), where fewshot-v3's count stopped at 3."""
+    from badger_runtime.training.inits import _layout
+
+    pol = load_policy("fewshot-v4")
+    sp = pol.spec
+    lay = _layout(sp.addr_dim, sp.hidden, seen_addr=True, counts=8)
+    chain = [lay[k][0] for k in ("seen", "n2", "n3", *(f"n{k}" for k in range(4, 9)))]
+    rng = np.random.default_rng(0)
+    h = np.tanh(rng.standard_normal((1, sp.hidden))).astype(np.float32)
+    h[0, lay["started"][0]] = 1.0
+    sensed = rng.standard_normal((1, sp.sensed_dim)).astype(np.float32)
+    sensed[0, 0] = 0.0  # the label slot reads 0: no example of the class this step, the count is kept
+    states = np.repeat(h, 8, axis=0)
+    for k in range(1, 9):
+        states[k - 1, chain] = [1.0 if i < k else -1.0 for i in range(8)]
+    new_h, heads = pol.step(states, np.zeros((8, sp.msg_dim), np.float32), np.repeat(sensed, 8, axis=0))
+    np.testing.assert_allclose(new_h[:, chain], states[:, chain], atol=1e-4)  # the count is kept
+    score = heads[:, sp.head_slices["push_value"].start]
+    steps = -np.diff(score)  # what one more example costs a class's score
+    assert np.all(steps[:5] > 0), score
+    assert steps[0] > steps[2] > steps[4], steps
 
 
 def test_the_learned_readout_lifts_one_shot_accuracy_on_held_out_digits():
