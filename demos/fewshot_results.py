@@ -3,7 +3,7 @@
 Runs the `badger` commands it prints (the same code path, in process), writes
 ``docs/figures/fewshot.png`` and prints the markdown tables:
 
-    python demos/fewshot_results.py --policy policies/fewshot-v1.onnx --seed 0 --episodes 500
+    python demos/fewshot_results.py --policy policies/fewshot-v4.onnx --seed 0 --episodes 500
 
 Held-out digits (4-way, balanced streams of 11 shots, accuracy by shots seen before), the
 datasets never seen in training (online accuracy over the first 10 / 25 / 50 examples), 10-way
@@ -49,7 +49,7 @@ def fmt(x) -> str:
 
 def main_(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", default="policies/fewshot-v1.onnx")
+    ap.add_argument("--policy", default="policies/fewshot-v4.onnx")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--episodes", type=int, default=500)
     ap.add_argument("--experts", default="1,10,40,160,320,640,960", help="N for the 10-way table")
@@ -203,7 +203,8 @@ def figure(path, reports):
     steps = reports["longrun"]["steps"]
     label_axes(ax, xlabel="steps since the classes changed", ylabel="accuracy", legend="lower right",
                title=f"{steps:,} steps never reset (held-out digits, classes change every U[50, 150])")
-    fig.suptitle("Online few-shot classification with one shared expert policy (fewshot-v1)", fontsize=12)
+    name = Path(str(reports["heldout_digits"].get("policy", "fewshot"))).stem  # the policy the reports ran
+    fig.suptitle(f"Online few-shot classification with one shared expert policy ({name})", fontsize=12)
     _caption(fig, "Every curve is on the same episodes and example order as the agent's. The agent sees one example "
                   "per inner step and the label of the previous one; its weights are frozen.", width=200)
     _save(fig, path, None)
