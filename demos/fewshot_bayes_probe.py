@@ -17,6 +17,11 @@ from NCM with its standard error over episodes (`classification_baselines.paired
 
     python demos/fewshot_bayes_probe.py --episodes 500 --seed 0
     python demos/fewshot_bayes_probe.py --episodes 300 --seed 0 --validation
+
+`--prior` prints instead what the policy itself learned: what one more example of its class costs an
+expert's score, 1 -> 2 .. 7 -> 8 examples (`training.inits.count_prior`; needs torch for the cell's layout):
+
+    python demos/fewshot_bayes_probe.py --prior --policy fewshot-v4
 """
 
 from __future__ import annotations
@@ -77,7 +82,15 @@ def main(argv=None):
     ap.add_argument("--validation", action="store_true", help="training classes 0-5, test split")
     ap.add_argument("--s2", type=float, nargs="*", default=[0.02, 0.03, 0.05, 0.08])
     ap.add_argument("--shift", type=float, nargs="*", default=[0.1, 0.2, 0.4])
+    ap.add_argument("--prior", action="store_true", help="print the policy's learned count prior and stop")
     args = ap.parse_args(argv)
+    if args.prior:
+        from badger_runtime.training.inits import count_prior
+
+        steps = count_prior(load_policy(args.policy))
+        print(f"{args.policy}: score cost of one more example, 1 -> 2 .. 7 -> 8: "
+              + " / ".join(f"{x:.3f}" for x in steps) + " (twice the count units' weights)")
+        return
     xs, ys = episodes(args.policy, args.episodes, args.seed, args.validation)
     ncm = cb.nearest_class_mean(xs, ys, 4)["correct"]
     rows = [("NCM", ncm)] + [(f"shift c = {c}", count_aware(xs, ys, 4, shift=c)) for c in args.shift]

@@ -167,7 +167,7 @@ def test_es_starts_where_bptt_starts_a_structured_init(tmp_path):
     assert not all(torch.equal(a[k], c[k].to(a[k].dtype)) for k in a)  # the init made a difference
 
 
-def test_es_cli_and_fallbacks(tmp_path, monkeypatch):
+def test_es_cli_and_fallbacks(tmp_path, monkeypatch, capsys):
     """`badger train --outer es` runs; --workers goes with --outer es; train.trainable is refused;
     workers without Ray fall back to this process; --ray without Ray says how to install it."""
     from badger_runtime import cluster
@@ -184,6 +184,7 @@ def test_es_cli_and_fallbacks(tmp_path, monkeypatch):
                  "train.es.population=3"]) == 2  # odd: refused
     assert main(["train", str(toml), "--out", str(tmp_path / "r"), "--outer", "es", "--set",
                  "train.trainable=[\"heads:push_value\"]"]) == 2  # BPTT's setting: ES perturbs every weight
+    assert "ES perturbs every weight" in capsys.readouterr().err
     monkeypatch.setattr(cluster, "have_ray", lambda: False)
     said = []
     assert isinstance(make_pool(2, log=said.append), LocalPool) and "not installed" in said[0]

@@ -290,27 +290,20 @@ def test_a_learned_readout_on_the_joinable_cell(name, config, init):
 def test_fewshot_v4_learned_a_graded_prior_over_a_class_count():
     """What the outer loop learned on fewshot-v4's longer count (docs/results.md): the same expert
     state with its class seen k = 1 .. 8 times scores lower the more examples it has, by steps that
-    shrink with k (a one-example prototype is the noisiest), where fewshot-v3's count stopped at 3."""
-    from badger_runtime.training.inits import _layout
+    shrink with k (a one-example prototype is the noisiest), where fewshot-v3's count stopped at 3;
+    the handcrafted readout has no such prior."""
+    pytest.importorskip("torch")
+    from badger_runtime.cluster.numpy_policy import NumpyPolicy, flatten
+    from badger_runtime.config import load_experiment
+    from badger_runtime.training.inits import count_prior
+    from badger_runtime.training.train import initial_policy
 
-    pol = load_policy("fewshot-v4")
-    sp = pol.spec
-    lay = _layout(sp.addr_dim, sp.hidden, seen_addr=True, counts=8)
-    chain = [lay[k][0] for k in ("seen", "n2", "n3", *(f"n{k}" for k in range(4, 9)))]
-    rng = np.random.default_rng(0)
-    h = np.tanh(rng.standard_normal((1, sp.hidden))).astype(np.float32)
-    h[0, lay["started"][0]] = 1.0
-    sensed = rng.standard_normal((1, sp.sensed_dim)).astype(np.float32)
-    sensed[0, 0] = 0.0  # the label slot reads 0: no example of the class this step, the count is kept
-    states = np.repeat(h, 8, axis=0)
-    for k in range(1, 9):
-        states[k - 1, chain] = [1.0 if i < k else -1.0 for i in range(8)]
-    new_h, heads = pol.step(states, np.zeros((8, sp.msg_dim), np.float32), np.repeat(sensed, 8, axis=0))
-    np.testing.assert_allclose(new_h[:, chain], states[:, chain], atol=1e-4)  # the count is kept
-    score = heads[:, sp.head_slices["push_value"].start]
-    steps = -np.diff(score)  # what one more example costs a class's score
-    assert np.all(steps[:5] > 0), score
+    steps = count_prior(load_policy("fewshot-v4"))  # what one more example costs a class's score
+    assert np.all(steps[:5] > 0), steps
     assert steps[0] > steps[2] > steps[4], steps
+    init = initial_policy(load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_counts.toml")))
+    handcrafted = NumpyPolicy(init.spec, flatten(init.state_dict()))
+    np.testing.assert_allclose(count_prior(handcrafted), 0.0, atol=1e-5)
 
 
 def test_the_learned_readout_lifts_one_shot_accuracy_on_held_out_digits():
@@ -339,7 +332,7 @@ def test_the_count_units_go_on_counting_and_change_nothing_else():
     and stay), and every other unit and head is fewshot-v2's cell's, step for step."""
     torch = pytest.importorskip("torch")
     from badger_runtime.config import load_experiment
-    from badger_runtime.training.inits import _layout
+    from badger_runtime.training.inits import _layout, count_units
     from badger_runtime.training.train import initial_policy
 
     root = SHIPPED.parents[1] / "configs"
@@ -347,14 +340,14 @@ def test_the_count_units_go_on_counting_and_change_nothing_else():
     joinable = initial_policy(load_experiment(str(root / "fewshot_joinable.toml")))
     sp = counts.spec
     lay = _layout(sp.addr_dim, sp.hidden, seen_addr=True, counts=8)
-    extra = [lay[f"n{k}"][0] for k in range(4, 9)]
+    extra = [lay[name][0] for name in count_units(8)[3:]]
     same = list(range(joinable.spec.hidden - 1))  # v2's units (its last one is a spare)
     assert extra == list(range(joinable.spec.hidden - 1, joinable.spec.hidden + 4))  # after them
     rng = np.random.default_rng(0)
     h_c, h_j = counts.h0.detach()[None].clone(), joinable.h0.detach()[None].clone()
     inbox = torch.zeros(1, sp.msg_dim)
     n = 0
-    for t in range(14):
+    for t in range(20):  # nine examples of the class: every count unit turns +1
         sensed = torch.from_numpy(rng.standard_normal((1, sp.sensed_dim)).astype(np.float32))
         label = t > 0 and t % 2 == 0  # the label slot reads 1: the last example was of this cell's class
         sensed[0, 0] = float(label)
@@ -366,3 +359,4 @@ def test_the_count_units_go_on_counting_and_change_nothing_else():
         assert got.tolist() == [n >= k for k in range(4, 9)], (t, n, h_c[0, extra])
         np.testing.assert_allclose(h_c[0, same], h_j[0, same], atol=1e-5)
         np.testing.assert_allclose(heads_c, heads_j, atol=1e-4)
+    assert n == 9 and bool((h_c[0, extra] > 0).all())

@@ -24,6 +24,35 @@ def _offset(spec, head: str) -> int:
     return spec.head_slices[head].start
 
 
+def count_units(counts: int = 3) -> list[str]:
+    """The names, in ``_layout``, of the thermometer of a class's examples: unit k - 1 of the list is
+    +1 once the class has k examples (``seen``, ``n2``, ``n3``, then ``n4`` .. ``n{counts}``)."""
+    return ["seen", "n2", "n3", *(f"n{k}" for k in range(4, counts + 1))]
+
+
+def count_prior(policy, counts: int = 8) -> np.ndarray:
+    """What one more example of its class costs an expert's score, for a policy on the joinable
+    prototypes cell with ``counts`` count units (a loaded or ONNX policy: anything with ``spec`` and a
+    numpy ``step``): entry k - 1 is score(k examples) - score(k + 1), k = 1 .. counts - 1, the same
+    expert state (seeded) otherwise, in a step that shows no example of the class (the count is kept).
+    With the handcrafted readout it is 0; a learned readout's count weights w give 2 (w_k - w_(k+1))."""
+    sp = policy.spec
+    lay = _layout(sp.addr_dim, sp.hidden, seen_addr=True, counts=counts)
+    chain = [lay[name][0] for name in count_units(counts)]
+    rng = np.random.default_rng(0)
+    h = np.tanh(rng.standard_normal((1, sp.hidden))).astype(np.float32)
+    h[0, lay["started"][0]] = 1.0
+    sensed = rng.standard_normal((1, sp.sensed_dim)).astype(np.float32)
+    sensed[0, 0] = 0.0  # the label slot reads 0: no example of the class this step
+    states = np.repeat(h, counts, axis=0)
+    for k in range(1, counts + 1):
+        states[k - 1, chain] = [1.0 if i < k else -1.0 for i in range(counts)]
+    new_h, heads = policy.step(states, np.zeros((counts, sp.msg_dim), np.float32), np.repeat(sensed, counts, axis=0))
+    if np.abs(new_h[:, chain] - states[:, chain]).max() > 1e-3:
+        raise ValueError(f"{getattr(policy, 'name', 'this policy')} does not keep its count: not the prototypes cell")
+    return -np.diff(heads[:, sp.head_slices["push_value"].start])
+
+
 def _layout(A: int, H: int, seen_addr: bool = False, counts: int = 3) -> dict:
     """Which hidden units ``prototypes`` uses for what (the count units past n3 last, so that the
     others keep their places whatever ``counts`` is)."""
@@ -31,7 +60,7 @@ def _layout(A: int, H: int, seen_addr: bool = False, counts: int = 3) -> dict:
     for name, size in (("m", 1), ("seen", 1), ("n2", 1), ("n3", 1), ("started", 1),
                        *((f"{b[0]}_{e}", 1) for b in BUMPS for e in "+-"), ("addr", A - N_KIND_FLAGS),
                        *((("addr_seen", A - N_KIND_FLAGS),) if seen_addr else ()),
-                       *((f"n{k}", 1) for k in range(4, counts + 1))):
+                       *((name, 1) for name in count_units(counts)[3:])):
         lay[name] = list(range(i, i + size))
         i += size
     if i > H:
@@ -130,7 +159,7 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
         # the thermometer: seen, n2, n3 (, n4, ...) start at -1 and become +1 (candidate 1) when l = 1 and the
         # one before is +1 (seen: and the agent has started); pre-activation of the update gate
         # 2G - G prev - 2G l: G (keep) unless l = 1 and prev = +1
-        chain = [started, seen, n2, n3] + [lay[f"n{k}"][0] for k in range(4, counts + 1)]
+        chain = [started] + [lay[name][0] for name in count_units(counts)]
         for unit, prev in zip(chain[1:], chain[:-1]):
             policy.h0[unit], bi[N + unit] = -G, G
             bi[Z + unit], Wh[Z + unit, prev], Wi[Z + unit, ell] = 2 * G, -G, -2 * G
