@@ -7,6 +7,7 @@ change them. Unknown keys and bad values are refused with a clear message.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
@@ -229,6 +230,10 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=list)  # train only these: name prefixes or 'heads:NAME' ([]: all)
     continue_prob: float = 0.0  # chance that a batch continues the last batch's agents (never reset)
     grow_prob: float = 0.0  # chance that a batch adds 1..N experts (fresh or cloned) at a random inner step
+    # weight of the guard: sum over the task's loss groups (few-shot: shots of the true class seen before) of
+    # relu(mean loss in the group - the initial policy's, on the same predictions): learn, but lose no group
+    guard_weight: float = 0.0
+    guard_smoothing: float = 0.0  # 0: each batch's relu; b in (0, 1): a group counts while its moving average is > 0
     stages: list[Stage] = field(default_factory=list)
     es: ESConfig = field(default_factory=ESConfig)  # `badger train --outer es` (evolution strategies)
     threads: int = 1
@@ -256,6 +261,13 @@ class TrainConfig:
             raise ConfigError("train.continue_prob must be in [0, 1)")
         if not 0 <= self.grow_prob <= 1:
             raise ConfigError("train.grow_prob must be in [0, 1]")
+        if not 0 <= self.guard_weight < math.inf:
+            raise ConfigError(f"train.guard_weight must be a finite number >= 0, got {self.guard_weight}")
+        if not 0 <= self.guard_smoothing < 1:
+            raise ConfigError(f"train.guard_smoothing must be in [0, 1), got {self.guard_smoothing}")
+        if self.guard_weight and (self.grow_prob or self.continue_prob):
+            raise ConfigError("train.guard_weight compares each batch with the initial policy on the same episodes "
+                              "from their first step: it cannot be used with train.grow_prob or train.continue_prob")
         self.es.validate()
         return self
 

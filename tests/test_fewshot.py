@@ -360,3 +360,55 @@ def test_the_count_units_go_on_counting_and_change_nothing_else():
         np.testing.assert_allclose(h_c[0, same], h_j[0, same], atol=1e-5)
         np.testing.assert_allclose(heads_c, heads_j, atol=1e-4)
     assert n == 9 and bool((h_c[0, extra] > 0).all())
+
+
+def test_loss_groups_are_the_shots_of_the_true_class_seen_before():
+    """The few-shot episode's loss groups (``train.guard_weight``) are the report's shot counts:
+    ``classification_baselines.shots_before``, capped at MAX_SHOT; -1 where no loss is counted."""
+    from badger_runtime.tasks.classification_baselines import shots_before
+
+    task = fs.FewShotTask(cfg(dataset="digits", steps=30, loss_unseen=False))
+    ep = task.sample(np.random.default_rng(3), 5, dims=2, experts=8, steps=30, addr_dim=8)
+    groups = np.stack([ep.loss_groups(t) for t in range(30)])
+    want = np.minimum(shots_before(ep.ys), fs.MAX_SHOT)
+    np.testing.assert_array_equal(groups, np.where(want == 0, -1, want))
+    assert groups.max() == fs.MAX_SHOT and (groups == -1).sum() == 2 * 5  # two classes' first examples
+    counted = dataclasses.replace(ep, loss_unseen=True)
+    np.testing.assert_array_equal(np.stack([counted.loss_groups(t) for t in range(30)]), want)
+
+
+def test_the_guard_starts_at_zero_and_holds_the_policy_to_the_initial_one_per_group(tmp_path):
+    """``train.guard_weight``: each batch, the initial policy plays the same episodes; the guard term is
+    zero on the first batch (the policy is still the initial one: same wiring, same losses), and the
+    run logs it; growing agents are refused (test_model: tasks without loss groups)."""
+    torch = pytest.importorskip("torch")
+    from badger_runtime.config import ConfigError, load_experiment
+    from badger_runtime.training.train import guard_loss, train
+
+    # guard_loss: sum over groups of relu(mean difference); groups the policy wins cost nothing
+    losses = torch.tensor([[1.0, 2.0], [3.0, 0.5]], requires_grad=True)
+    ref = torch.tensor([[1.5, 1.0], [1.0, 1.0]])
+    groups = np.array([[1, 2], [2, -1]])
+    g = guard_loss(losses, ref, groups)  # group 1: -0.5 -> 0; group 2: mean(1.0, 2.0) = 1.5; -1: none
+    assert float(g.detach()) == pytest.approx(1.5)
+    g.backward()
+    np.testing.assert_allclose(losses.grad.numpy(), [[0.0, 0.5], [0.5, 0.0]])
+    # smoothed: a group counts (its plain mean difference, not a relu) while its moving average is > 0
+    smoothed = {1: 1.0, 2: -9.0}
+    g = guard_loss(losses, ref, groups, smoothed, 0.5)  # 1: 0.5 * 1 + 0.5 * -0.5 > 0; 2: 0.5 * -9 + 0.75 < 0
+    assert smoothed == pytest.approx({1: 0.25, 2: -3.75}) and float(g.detach()) == pytest.approx(-0.5)
+    assert float(guard_loss(losses, ref, groups, {1: -1.0, 2: -9.0}, 0.9).detach()) == 0.0
+
+    c = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_counts.toml"))
+    c.task.experts, c.task.steps, c.task.classes_pool = [16, 16], 12, "train"
+    c.train.batches, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 2, 4, 1, 2
+    c.train.guard_weight, c.train.lr = 1.0, 3e-2
+    for smoothing in (0.0, 0.9):
+        c.train.guard_smoothing = smoothing
+        train(c, tmp_path / str(smoothing), progress=False, final_eval=False, log=lambda *a: None)
+        rows = [json.loads(line) for line in (tmp_path / str(smoothing) / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0]["guard"] == 0.0 and np.isfinite(rows[1]["guard"])
+        assert ("guard_by_group" in rows[1]) == bool(smoothing)
+    c.train.grow_prob = 0.5
+    with pytest.raises(ConfigError, match="guard_weight"):
+        c.validate()

@@ -192,6 +192,14 @@ def test_trainable_heads_by_name_train_those_rows_only(tmp_path):
         train(cfg, tmp_path / "bad", progress=False, final_eval=False, log=lambda *a: None)
 
 
+def test_the_guard_needs_a_task_with_loss_groups(tmp_path):
+    """``train.guard_weight`` on the guessing game (no loss groups) is refused with the reason."""
+    cfg = tiny_experiment()
+    cfg.train.batches, cfg.train.guard_weight = 1, 1.0
+    with pytest.raises(ConfigError, match="no loss groups"):
+        train(cfg, tmp_path, progress=False, final_eval=False, log=lambda *a: None)
+
+
 def test_grow_adds_experts_to_running_agents():
     from badger_runtime.rollout import grow, initial_state
 

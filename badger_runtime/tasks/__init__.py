@@ -140,6 +140,11 @@ class TaskEpisode:
         effect comes later). Training adds it with weight T / episode length. Default: None."""
         return None
 
+    def loss_groups(self, t: int) -> np.ndarray | None:
+        """int [B]: the group of step t's prediction for ``train.guard_weight`` (-1: in no group), e.g.
+        how many examples of the true class the agent saw before; None: the task has no groups."""
+        return None
+
     def select(self, idx) -> "TaskEpisode":
         """Some of the episodes (``idx``: a slice or an index array on the batch axis)."""
         changes: dict[str, Any] = {"interface": self.interface.select(idx)}

@@ -45,18 +45,43 @@ def lr_at(cfg: ExperimentConfig, batch: int) -> float:
     return lr
 
 
+def guard_loss(losses: torch.Tensor, reference: torch.Tensor, groups: np.ndarray, smoothed: dict | None = None,
+               smoothing: float = 0.0) -> torch.Tensor:
+    """Sum over groups g of relu(d_g), d_g the mean over the predictions in g of (losses - reference):
+    zero while the policy does at least as well as the reference in every group (``groups`` [T, B],
+    -1: none). With ``smoothed`` (a dict it updates: group -> moving average of d_g over batches,
+    ``smoothing`` its decay) a group's d_g counts while its average is above 0: the batch's own noise
+    no longer decides, so groups the policy does not lose stop pulling (a per-batch relu of a noisy
+    mean is positive on average even where the policy loses nothing)."""
+    diff, g = losses - reference, torch.from_numpy(np.asarray(groups))
+    total = losses.new_zeros(())
+    for k in np.unique(groups[groups >= 0]):
+        d = diff[g == int(k)].mean()
+        if smoothed is None:
+            total = total + torch.relu(d)
+            continue
+        k = int(k)
+        smoothed[k] = smoothing * smoothed.get(k, 0.0) + (1 - smoothing) * float(d.detach())
+        if smoothed[k] > 0:
+            total = total + d
+    return total
+
+
 def _episode_loss(cfg: ExperimentConfig, ops, agent: Agent, ep, steps: int, rounds: int, prev=None, start: int = 0,
-                  grow=None):
+                  grow=None, reference=None, smoothed=None):
     """Roll ``agent`` through one batch and back-propagate its loss (in chunks of ``tbptt`` steps).
 
     ``prev``/``start`` continue agents from an earlier batch (their state is detached: no
     gradient crosses batches). ``grow = (step, n, sources)`` adds n experts before that step
-    (``sources`` None: fresh). Returns (loss per step [T] detached, total loss, last output)."""
+    (``sources`` None: fresh). ``reference`` [T, B]: the initial policy's losses on the same
+    episodes, for ``train.guard_weight`` (``guard_loss`` over the task's ``loss_groups``; ``smoothed``
+    its moving averages, with ``train.guard_smoothing``).
+    Returns (loss per step [T] detached, total loss, last output, guard term summed over chunks)."""
     chunk = cfg.train.tbptt or steps
     weights = objective_weights(cfg.train.objective, steps)
     cuts = set(range(chunk, steps, chunk))  # where the graph is cut (truncated BPTT)
     bounds = sorted(cuts | ({grow[0]} if grow else set()) | {steps})
-    per_step, total, loss, t0 = [], 0.0, 0.0, 0
+    per_step, total, loss, t0, guard = [], 0.0, 0.0, 0, 0.0
     with_votes = bool(cfg.train.vote_weight)
     for t1 in bounds:
         if grow and t0 == grow[0]:  # add experts to the running agents (no retraining in deployment)
@@ -68,6 +93,12 @@ def _episode_loss(cfg: ExperimentConfig, ops, agent: Agent, ep, steps: int, roun
         loss = loss + (weights[t0:t1] * errs).sum()
         if with_votes:
             loss = loss + cfg.train.vote_weight * traj.vote_loss * (t1 - t0) / steps
+        if reference is not None:
+            groups = np.stack([ep.loss_groups(start + t) for t in range(t0, t1)])
+            term = guard_loss(traj.losses, reference[t0:t1], groups, smoothed,
+                              cfg.train.guard_smoothing) * (t1 - t0) / steps
+            loss = loss + cfg.train.guard_weight * term
+            guard += float(term.detach())
         extra = ep.trajectory_loss(ops, start + t0, traj.outputs)
         if extra is not None:
             loss = loss + extra * (t1 - t0) / steps
@@ -81,7 +112,7 @@ def _episode_loss(cfg: ExperimentConfig, ops, agent: Agent, ep, steps: int, roun
             agent.state = type(agent.state)(agent.state.h.detach(), agent.state.heads.detach())
             prev = prev.detach()
         t0 = t1
-    return torch.cat(per_step), torch.tensor(total), prev
+    return torch.cat(per_step), torch.tensor(total), prev, guard
 
 
 def _atomic_save(obj, path: Path):
@@ -248,6 +279,10 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     random.seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
     policy = initial_policy(cfg)
+    reference = None  # train.guard_weight: the initial policy, frozen, played on every batch's episodes
+    smoothed = {} if cfg.train.guard_smoothing else None  # guard_loss's moving averages, by group
+    if cfg.train.guard_weight:
+        reference = initial_policy(cfg).requires_grad_(False)
     params = trainable_parameters(policy, cfg.train.trainable)
     opt = torch.optim.Adam(params, lr=cfg.train.lr, eps=cfg.train.adam_eps)
     first_batch, wall = 0, 0.0
@@ -258,6 +293,8 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
         rng.bit_generator.state = ck["rng"]
         torch.set_rng_state(ck["torch_rng"])
         first_batch, wall = ck["batch"], ck["wall_seconds"]
+        if smoothed is not None:
+            smoothed.update({int(k): v for k, v in ck.get("guard_smoothed", {}).items()})
         log(f"resumed from {ck_path} at batch {first_batch}")
     ops = torch_ops()
     spec = cfg.agent.policy
@@ -265,7 +302,8 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     def save(batch):
         _atomic_save({"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "model": policy.state_dict(),
                       "optimizer": opt.state_dict(), "rng": rng.bit_generator.state,
-                      "torch_rng": torch.get_rng_state(), "batch": batch, "wall_seconds": wall}, ck_path)
+                      "torch_rng": torch.get_rng_state(), "batch": batch, "wall_seconds": wall,
+                      "guard_smoothed": dict(smoothed or {})}, ck_path)
 
     bar = None
     if progress:
@@ -303,7 +341,17 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                 # membrane deals its slots out to the experts, then an expert of the same part)
                 sources = clone_sources(rng, ep.interface, n, n_new) if rng.random() < 0.5 else None
                 grow = (int(rng.integers(1, steps)), n_new, sources)
-            per_step, loss, prev = _episode_loss(cfg, ops, agent, ep, steps, rounds, prev, ep_start, grow)
+            ref_losses = None
+            if reference is not None:
+                if ep.loss_groups(ep_start) is None:
+                    raise ConfigError(f"train.guard_weight: task {task_cfg.name!r} has no loss groups to guard")
+                with torch.no_grad():
+                    ref_agent = Agent(reference, cfg.agent, ops=ops, check_inputs=False).start(ep.interface, wiring)
+                    ref_losses = drive(ref_agent, Driver(ops, ep, steps, rounds=rounds, with_metrics=False)).losses
+            per_step, loss, prev, guard = _episode_loss(cfg, ops, agent, ep, steps, rounds, prev, ep_start, grow,
+                                                        ref_losses, smoothed)
+            if smoothed:  # what is reported: the smoothed differences the guard holds down
+                guard = sum(max(v, 0.0) for v in smoothed.values())
             n = agent.n_experts
             carry = ({"task": task_cfg, "ep": ep, "agent": agent, "prev": prev, "t": ep_start + steps, "d": d,
                       "rounds": rounds} if cfg.train.continue_prob else None)
@@ -314,7 +362,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
             else:
                 opt.step()
             wall += time.perf_counter() - t0
-            window.append((float(loss.detach()), float(per_step[-1].detach()), d, n))
+            window.append((float(loss.detach()), float(per_step[-1].detach()), d, n, guard))
             if (b + 1) % cfg.train.log_every == 0 or b + 1 == cfg.train.batches:
                 dt = time.perf_counter() - t_last
                 t_last = time.perf_counter()
@@ -322,6 +370,10 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                        "final_loss": float(np.mean([w[1] for w in window])), "lr": lr_at(cfg, b),
                        "sec_per_batch": dt / len(window), "episodes_per_s": len(window) * cfg.train.batch_size / dt,
                        "wall_seconds": round(wall, 1), "addresses": task_cfg.addresses}
+                if reference is not None:
+                    row["guard"] = float(np.mean([w[4] for w in window]))
+                    if smoothed:
+                        row["guard_by_group"] = {str(k): round(v, 5) for k, v in sorted(smoothed.items())}
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
                 window = []
