@@ -341,8 +341,9 @@ class Episode(TaskEpisode):
     def loss_groups(self, t: int) -> np.ndarray:
         """How many examples of the true class came before step t in this batch (capped at MAX_SHOT):
         the accuracy-by-shot groups of the report; -1 for none (no loss there, with ``loss_unseen`` off)."""
-        y = self.ys[t - self.t0]
-        k = np.minimum((self.ys[: t - self.t0] == y[None, :]).sum(axis=0), MAX_SHOT)
+        from .classification_baselines import shots_before
+
+        k = np.minimum(shots_before(self.ys[: t - self.t0 + 1])[-1], MAX_SHOT)
         return np.where((k == 0) & (not self.loss_unseen), -1, k)
 
     def metrics(self, t: int, output: np.ndarray) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ resume; a seeded final evaluation.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -55,12 +56,11 @@ def guard_loss(losses: torch.Tensor, reference: torch.Tensor, groups: np.ndarray
     mean is positive on average even where the policy loses nothing)."""
     diff, g = losses - reference, torch.from_numpy(np.asarray(groups))
     total = losses.new_zeros(())
-    for k in np.unique(groups[groups >= 0]):
-        d = diff[g == int(k)].mean()
+    for k in map(int, np.unique(groups[groups >= 0])):
+        d = diff[g == k].mean()
         if smoothed is None:
             total = total + torch.relu(d)
             continue
-        k = int(k)
         smoothed[k] = smoothing * smoothed.get(k, 0.0) + (1 - smoothing) * float(d.detach())
         if smoothed[k] > 0:
             total = total + d
@@ -282,7 +282,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     reference = None  # train.guard_weight: the initial policy, frozen, played on every batch's episodes
     smoothed = {} if cfg.train.guard_smoothing else None  # guard_loss's moving averages, by group
     if cfg.train.guard_weight:
-        reference = initial_policy(cfg).requires_grad_(False)
+        reference = copy.deepcopy(policy).requires_grad_(False)
     params = trainable_parameters(policy, cfg.train.trainable)
     opt = torch.optim.Adam(params, lr=cfg.train.lr, eps=cfg.train.adam_eps)
     first_batch, wall = 0, 0.0
