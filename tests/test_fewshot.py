@@ -412,3 +412,37 @@ def test_the_guard_starts_at_zero_and_holds_the_policy_to_the_initial_one_per_gr
     c.train.grow_prob = 0.5
     with pytest.raises(ConfigError, match="guard_weight"):
         c.validate()
+
+
+def test_the_wiring_init_keeps_the_cells_wiring_and_leaves_its_rule_random():
+    """train.init = "prototype_wiring" (configs/fewshot_rule.toml): the read queries, the class address
+    in the state and the push key are the handcrafted cell's; the other units' GRU rows are the default
+    random draw of the same seed, the push value and the message heads are zero, so every class scores
+    0 at first (the loss at chance) and what the outer loop trains is the learning rule."""
+    torch = pytest.importorskip("torch")
+    from badger_runtime.config import load_experiment
+    from badger_runtime.training.inits import _layout
+    from badger_runtime.training.train import initial_policy
+
+    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_rule.toml"))
+    assert cfg.train.init == "prototype_wiring"
+    wired = initial_policy(cfg)
+    cfg.train.init = ""
+    rand = initial_policy(cfg)  # the same seed's default draw
+    cfg.train.init = "prototypes"
+    hand = initial_policy(cfg)
+    spec, H = wired.spec, wired.spec.hidden
+    addr = _layout(spec.addr_dim, H)["addr"]
+    rows = [g * H + u for g in range(3) for u in addr]
+    others = [g * H + u for g in range(3) for u in range(H) if u not in addr]
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        w, r, h = (getattr(p.cell, name).detach() for p in (wired, rand, hand))
+        torch.testing.assert_close(w[rows], h[rows])
+        torch.testing.assert_close(w[others], r[others])
+    where = spec.head_slices
+    for head in ("read_query", "push_key"):
+        torch.testing.assert_close(wired.heads.weight[where[head]], hand.heads.weight[where[head]])
+        torch.testing.assert_close(wired.heads.bias[where[head]], hand.heads.bias[where[head]])
+    for head in ("push_value", "query", "key", "value", "vote"):
+        assert not wired.heads.weight[where[head]].any() and not wired.heads.bias[where[head]].any()
+    assert hand.heads.weight[where["push_value"]].abs().sum() > 0  # the handcrafted rule scores; this one not yet

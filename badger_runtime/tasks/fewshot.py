@@ -553,8 +553,11 @@ class FewShotTask(Task):
 
     @classmethod
     def evaluation_config(cls, cfg: FewShotConfig) -> FewShotConfig:
-        """Held-out digit classes (all their examples), no augmentation, stationary, i.i.d. labels."""
-        return dataclasses.replace(cfg, classes_pool="heldout", split="all", scaling="auto", shots=0,
+        """Held-out digit classes (all their examples), no augmentation, stationary, i.i.d. labels; the
+        features scaled as trained when that was 'online' or 'none' (a policy trained on features
+        standardised within the episode is run on them), else 'auto'."""
+        scaling = cfg.scaling if cfg.scaling in ("online", "none") else "auto"
+        return dataclasses.replace(cfg, classes_pool="heldout", split="all", scaling=scaling, shots=0,
                                    change_every=(0, 0), transforms=False, project_prob=0.0)
 
     def default_dims(self) -> int:

@@ -209,6 +209,39 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
     return policy
 
 
+def prototype_wiring(policy, **kw):
+    """``prototypes``' wiring with its learning rule left to the outer loop: who reads what (the read
+    queries of the label slot, the current and the labelled example), the class address copied into
+    the state (``addr``) and the push key made of it are the handcrafted cell's; every other hidden
+    unit's GRU rows and initial state keep the default random initialisation (the draw ``train.seed``
+    made), the push value starts at zero (every score 0: the loss at chance) and messages are silent
+    (their heads zero). So an outer loop that trains ``cell.``, ``h0`` and ``heads:push_value`` has to
+    find the running class mean and the distance to it, the learning rule itself, from random weights,
+    each expert on its own (class, feature) cell."""
+    spec = policy.spec
+    H = spec.hidden
+    with torch.no_grad():
+        random = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    prototypes(policy, **kw)
+    lay = _layout(spec.addr_dim, H, seen_addr=kw.get("seen_key_gain", 0.0) > 0, counts=kw.get("counts", 3))
+    keep = set(lay["addr"]) | set(lay.get("addr_seen", ()))  # the wiring's own units
+    learn = [u for u in range(H) if u not in keep]
+    rows = torch.tensor([g * H + u for g in range(3) for u in learn])  # reset, update, candidate rows
+    where = spec.head_slices
+    with torch.no_grad():
+        cell = policy.cell
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name)[rows] = random[f"cell.{name}"][rows]
+        policy.h0[learn] = random["h0"][learn]
+        pv = where["push_value"]  # zero: every score 0, the loss at chance; its gradient reaches the GRU at once
+        policy.heads.weight[pv] = 0.0
+        policy.heads.bias[pv] = 0.0
+        for head in ("query", "key", "value", "vote"):  # silent messages (zero values), no vote
+            policy.heads.weight[where[head]] = 0.0
+            policy.heads.bias[where[head]] = 0.0
+    return policy
+
+
 def _route_to_arm(policy, a_units: list[int], *, key_gain: float, kind_bias: float, gate: float):
     """The part of a cell on the ``arms`` membrane that says *which* arm an expert holds: read head 0
     on the ``pulled`` slot (observation flag), head 1 on the ``feedback`` slot (feedback flag), the
@@ -455,6 +488,8 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
 ARM_INDEX_SHARP = dict(beta=48.0, kappa=0.8, n_cap=400, join_after=2, join_more=((20, 8.0), (100, 8.0)))
 
 INITS = {"prototypes": prototypes,
+         # the wiring of the prototype cell (reads, class address, push key); its learning rule random, to be learned
+         "prototype_wiring": prototype_wiring,
          "arm_index": arm_index,
          # bandit-v3: a shorter memory for the running mean (the last ~25 pulls): it passes the 10,000-step
          # check with changing means, at a small cost on stationary arms (docs/results.md)
