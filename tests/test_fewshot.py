@@ -127,6 +127,20 @@ def test_report_keys_and_baselines_on_the_same_episodes(pol):
     assert len(r["accuracy_by_step"]) == 9 and set(r["online_accuracy"]) == set()
     assert set(r["baselines"]) == {"chance", "nearest_class_mean", "one_nearest_neighbour"}
     assert len(r["accuracy_by_shot"]) == fs.MAX_SHOT + 1 and r["accuracy_by_shot"][3] is None
+    assert set(r["paired_online"]) == {"nearest_class_mean", "one_nearest_neighbour"}
+    assert r["paired_online"]["nearest_class_mean"] == {}  # 9 steps: shorter than the first 10 examples
+
+
+def test_paired_online_accuracy_by_hand():
+    agent = np.array([[1, 0, 1], [1, 1, 0]] + [[0, 0, 0]] * 8 + [[1, 1, 1]] * 15, float)  # [T = 25, B = 3]
+    other = np.zeros_like(agent)
+    other[:, 0] = 1.0
+    r = fs.paired_online(agent, other)
+    assert set(r) == {"10", "25"}
+    d10 = np.array([2 - 10, 1, 1]) / 10  # episode 0: 2 right against 10; episodes 1, 2: 1 right against 0
+    assert r["10"]["diff"] == pytest.approx(d10.mean())
+    assert r["10"]["sem"] == pytest.approx(d10.std(ddof=1) / np.sqrt(3))
+    assert r["25"]["diff"] == pytest.approx(np.mean(np.array([17 - 25, 16, 16]) / 25))
 
 
 @pytest.mark.parametrize("runtime", ["sharded", "actors"])

@@ -464,6 +464,20 @@ def online_accuracy(correct_by_step) -> dict[str, float]:
     return {str(n): float(c[:n].mean()) for n in ONLINE_AT if n <= len(c)}
 
 
+def paired_online(correct: np.ndarray, other: np.ndarray) -> dict[str, dict[str, float]]:
+    """The online accuracy of ``correct`` minus that of ``other`` ([T, B], the same predictions) over the
+    first n examples, n in ONLINE_AT: ``diff`` (mean over episodes) and ``sem`` (its standard error over
+    the episodes' own differences)."""
+    correct, other = np.asarray(correct, np.float64), np.asarray(other, np.float64)
+    out = {}
+    for n in ONLINE_AT:
+        if n <= len(correct):
+            d = correct[:n].mean(axis=0) - other[:n].mean(axis=0)
+            out[str(n)] = {"diff": float(d.mean()),
+                           "sem": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None}
+    return out
+
+
 def baseline_results(xs: np.ndarray, ys: np.ndarray, classes: int, *, lr: float | None, seed: int) -> list[dict]:
     """The classical baselines on the episodes ``xs`` [T, E, F], ``ys`` [T, E] (lr None: no
     logistic regression)."""
@@ -639,7 +653,8 @@ class FewShotTask(Task):
         ``baselines`` {name: accuracy_by_step} on exactly the same episodes (with their
         ``baselines_by_shot`` and ``baselines_online``, and ``paired_by_shot`` {name: {"diff",
         "sem"}}: the agent's accuracy minus the baseline's by shot count, paired over the same
-        predictions, with its standard error over episodes)."""
+        predictions, with its standard error over episodes; ``paired_online`` {name: {n: {"diff",
+        "sem"}}} the same for the online accuracy over the first n examples)."""
         from . import classification_baselines as cb
 
         correct, loss = metrics["correct"], metrics["loss"]
@@ -668,9 +683,11 @@ class FewShotTask(Task):
             report["paired_by_shot"] = {r["name"]: cb.paired_by_shot(correct > 0.5, r["correct"], ys, MAX_SHOT)
                                         for r in res if r["name"] != "chance"}
             report["baselines_online"] = {r["name"]: online_accuracy(r["accuracy_by_step"]) for r in res}
+            report["paired_online"] = {r["name"]: paired_online(correct > 0.5, r["correct"])
+                                       for r in res if r["name"] != "chance"}
         return report
 
 
 __all__ = ["FewShotConfig", "FewShotTask", "Episode", "Source", "StreamState", "baseline_results", "draw_stream",
-           "extend", "features_of", "interface", "logreg_lr", "longrun_report", "online_accuracy", "sample", "source",
-           "tune_lr_table"]
+           "extend", "features_of", "interface", "logreg_lr", "longrun_report", "online_accuracy", "paired_online",
+           "sample", "source", "tune_lr_table"]
