@@ -606,7 +606,7 @@ class FewShotTask(Task):
     def card_extras(self, policy, onnx: str, *, episodes: int, seed: int) -> dict:
         """The card's ``evaluation_datasets`` (never-seen datasets: online accuracy over the first
         10 / 25 / 50 examples, with the baselines), ``continual`` (the 10,000-step check on wine,
-        3 classes drawn afresh every U[50, 150] steps) and ``lifetime`` from it: {"kind": "continual",
+        3 classes drawn afresh every U[50, 150] steps, 10 streams) and ``lifetime`` from it: {"kind": "continual",
         "horizon": None} if the check passes, else {"kind": "episodic", "horizon": the task's steps}."""
         from ..engine import numpy_ops
         from ..evaluation import evaluate
@@ -625,7 +625,8 @@ class FewShotTask(Task):
                                     f"--experts {n} --steps 50 --episodes {episodes} --seed {seed} --json",
                          "dataset": ds, "classes": C, "experts": n, "online_accuracy": r["online_accuracy"],
                          "baselines_online": r["baselines_online"], "logreg_lr": r.get("logreg_lr")})
-        lr = self.continual_check(policy, seed=seed)
+        streams = 10  # as tests/test_longrun.py's check of a continual card (4 streams: 80 predictions a window)
+        lr = self.continual_check(policy, episodes=streams, seed=seed)
         keep = ("accuracy_at", "accuracy_before_change", "changes", "max_abs_state", "stays_up", "readapts")
         at, mean = lr["accuracy_at"], lr["after_change"]["mean"]
         evidence = (f"10,000 steps on wine, classes changing every U[50, 150] steps, never reset ({lr['changes']} "
@@ -642,7 +643,7 @@ class FewShotTask(Task):
                               "summary": "continual: re-adapts after class changes and stays up for 10,000 steps"
                                          if lr["continual"] else "episodic: reset it for each new problem",
                               "command": f"badger longrun --policy {onnx} --task fewshot --dataset wine --steps 10000 "
-                                         f"--episodes 4 --seed {seed} --jump-every 50 150 --json",
+                                         f"--episodes {streams} --seed {seed} --jump-every 50 150 --json",
                               "after_change_mean": lr["after_change"]["mean"]} | {k: lr[k] for k in keep}}
 
     def report(self, metrics: dict[str, np.ndarray], episodes: list[Episode], *, steps: int, seed: int,
