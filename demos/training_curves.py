@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from badger_runtime.demo.figures import label_axes, save_png, subplots
+from es_curve import read  # demos/es_curve.py: a run's metrics.jsonl rows (this script's folder is on sys.path)
 
 
 def read_curve(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(batch, loss) of the logged windows of ``run/metrics.jsonl`` (rows without a loss skipped)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r and "batch" in r]
+    """(batch, loss) of the logged windows of ``run/metrics.jsonl`` (es_curve.read; rows without a loss skipped)."""
+    rows = [r for r in read(str(run)) if "loss" in r and "batch" in r]
     if not rows:
         raise SystemExit(f"{run}/metrics.jsonl has no logged losses")
     return np.array([r["batch"] for r in rows]), np.array([r["loss"] for r in rows])
