@@ -31,6 +31,8 @@ from badger_runtime.policy_card import load_policy
 from .conftest import tiny_experiment
 
 needs_ray = pytest.mark.skipif(not have_ray(), reason=f"Ray is not installed ({INSTALL_HINT})")
+#: one pytest-xdist worker runs this module (`--dist loadgroup`): one local Ray cluster at a time
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 def es_experiment(generations=60, **es):

@@ -247,9 +247,10 @@ def test_the_shipped_policy_is_the_handcrafted_init(tmp_path):
     assert shipped.card["training"]["batches"] == 0 and "handcrafted" in shipped.card["training_command"]
 
 
-@pytest.mark.parametrize("name", ["fewshot-v2", "fewshot-v3", "fewshot-v4"])
+@pytest.mark.parametrize("name", ["fewshot-v2", "fewshot-v3", "fewshot-v4", "fewshot-v6"])
 def test_fresh_experts_hot_added_do_not_hurt_the_joinable_cell(name):
-    """The product rule for the joinable cell (fewshot-v2, and fewshot-v3 / v4: learned readouts): as
+    """The product rule for the joinable cell (fewshot-v2, and fewshot-v3 / v4: learned readouts; fewshot-v6:
+    a learned rule behind the same gate): as
     many fresh experts again at step 20 of 40 (4-way held-out digits, one expert per cell, then two)
     leave the accuracy over steps 31-40 within noise of the unchanged agent's, and the step after the
     join does not collapse (fewshot-v1 fell to chance there: its fresh experts' "not seen yet" scores
@@ -462,6 +463,55 @@ def test_the_wiring_init_keeps_the_cells_wiring_and_leaves_its_rule_random():
     assert hand.heads.weight[where["push_value"]].abs().sum() > 0  # the handcrafted rule scores; this one not yet
 
 
+def test_the_seen_gate_surgery_keeps_the_rule_and_gates_the_push_key_on_two_examples():
+    """train.init = "seen_gate" with train.init_from (configs/fewshot_rule_gated.toml): the source's units
+    compute exactly what they computed (none reads the new ones), its heads are unchanged but for the push
+    key, and the new units count the class's examples (the label slot head 0 reads) and add the class
+    address x 8 to the push key from the step after the second example on: 0 before."""
+    torch = pytest.importorskip("torch")
+    import dataclasses
+
+    from badger_runtime.config import ConfigError, load_experiment
+    from badger_runtime.training.inits import seen_gate
+    from badger_runtime.training.model import ExpertPolicy
+    from badger_runtime.training.train import initial_policy
+
+    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_rule.toml"))
+    source = initial_policy(cfg)  # the wiring, its rule random: any weights on it will do
+    src = source.spec
+    with pytest.raises(ConfigError, match="hidden = 52 \\+ 17"):
+        seen_gate(source, ExpertPolicy(dataclasses.replace(src, hidden=60)))
+    gated = seen_gate(source, ExpertPolicy(dataclasses.replace(src, hidden=src.hidden + 17)))
+    H0, A = src.hidden, src.addr_dim
+    pk = src.head_slices["push_key"]
+    g = torch.Generator().manual_seed(0)
+    address = torch.randn(A - 2, generator=g)
+    labels = [0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]  # l: the example before each step was of the class?
+    h = torch.tanh(gated.h0)[None]
+    with torch.no_grad():
+        for t, l in enumerate(labels):
+            inbox = torch.randn(1, src.msg_dim, generator=g)
+            sensed = torch.randn(1, src.sensed_dim, generator=g)
+            sensed[0, 0] = l  # head 0's read value
+            sensed[0, 1 + 2:1 + A] = address  # head 0's read address, past its kind flags
+            h_src, heads_src = source(h[:, :H0], inbox, sensed)
+            h_new, heads = gated(h, inbox, sensed)
+            torch.testing.assert_close(h_new[:, :H0], h_src)
+            rest = [i for i in range(heads.shape[1]) if not pk.start <= i < pk.stop]
+            torch.testing.assert_close(heads[:, rest], heads_src[:, rest])
+            started, seen, n2 = h_new[0, H0:H0 + 3].tolist()
+            copy = h_new[0, H0 + 3:]
+            shown = sum(labels[1:t + 1])  # the first step's read is blind: not counted
+            assert started == pytest.approx(1.0, abs=1e-4)
+            assert seen == pytest.approx(1.0 if shown >= 1 else -1.0, abs=1e-4), t
+            assert n2 == pytest.approx(1.0 if shown >= 2 else -1.0, abs=1e-4), t
+            n2_before = bool(h[0, H0 + 2] > 0)
+            torch.testing.assert_close(copy, torch.tanh(0.25 * address) if n2_before else torch.zeros_like(address),
+                                       atol=1e-4, rtol=1e-3)
+            torch.testing.assert_close(heads[0, pk.start + 2:pk.stop] - heads_src[0, pk.start + 2:pk.stop], 8.0 * copy)
+            h = h_new
+
+
 def test_fewshot_v5_is_the_wiring_with_a_learned_rule_and_beats_ncm_at_one_shot():
     """fewshot-v5 (configs/fewshot_rule.toml, then fewshot_rule_continual.toml): the outer loop trained
     the GRU from random weights on the handcrafted wiring (its read queries and push keys are the
@@ -500,3 +550,27 @@ def test_fewshot_v5_is_the_wiring_with_a_learned_rule_and_beats_ncm_at_one_shot(
     one, one_ncm = accuracy_by_shot(correct, ys)[1], accuracy_by_shot(ncm, ys)[1]
     assert one > one_ncm + 0.05, (one, one_ncm)
     assert correct.mean() > ncm.mean(), (correct.mean(), ncm.mean())
+
+
+def test_fewshot_v6_is_fewshot_v5_with_the_seen_gate():
+    """fewshot-v6 = configs/fewshot_rule_gated.toml: no outer-loop step, the seen-gate surgery on the
+    shipped fewshot-v5's weights, exactly; in an agent whose experts all started together it predicts
+    what fewshot-v5 predicts (a class's experts count the same examples, so the gate weighs them alike;
+    48 episodes of held-out digits, seed 1: at most 2 % of the predictions differ), and its card says
+    fresh experts are welcome (the joinable-cell test above holds it to that)."""
+    torch = pytest.importorskip("torch")
+    from badger_runtime.config import load_experiment
+    from badger_runtime.training.train import initial_policy, source_policy
+
+    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_rule_gated.toml"))
+    assert (cfg.train.init, cfg.train.init_from, cfg.train.batches) == ("seen_gate", "fewshot-v5", 0)
+    made, shipped = initial_policy(cfg).state_dict(), source_policy("fewshot-v6").state_dict()
+    for k in made:
+        torch.testing.assert_close(shipped[k], made[k], rtol=0, atol=1e-6)
+    v5, v6 = load_policy("fewshot-v5"), load_policy("fewshot-v6")
+    assert v6.card["growth"]["fresh"] == "ok" and v5.card["growth"]["fresh"] == "hurts"
+    task = dataclasses.replace(fs.FewShotTask.evaluation_config(v5.task), baselines="none")
+    kw = dict(dims=4, experts=256, episodes=48, seed=1, steps=40)
+    out5 = run_episodes(OPS, v5, v5.agent, task, **kw).outputs.argmax(-1)
+    out6 = run_episodes(OPS, v6, v6.agent, task, **kw).outputs.argmax(-1)
+    assert (out5 != out6).mean() <= 0.02, (out5 != out6).mean()

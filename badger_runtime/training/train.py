@@ -140,38 +140,56 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def initial_policy(cfg: ExperimentConfig) -> ExpertPolicy:
     """The policy an outer loop (BPTT or ES) starts from: the default initialisation drawn with
-    ``train.seed``, then the structured ``train.init`` or the weights ``train.init_from`` names."""
+    ``train.seed``, then the structured ``train.init`` or the weights ``train.init_from`` names; with
+    both, ``train.init`` names a surgery (``inits.SURGERIES``) that makes the policy from those weights."""
+    from .inits import SURGERIES, apply_init
+
     torch.manual_seed(cfg.train.seed)
     policy = ExpertPolicy(cfg.agent.policy)
-    if cfg.train.init_from:
+    surgery = cfg.train.init in SURGERIES
+    if surgery and not cfg.train.init_from:
+        raise ConfigError(f"train.init = {cfg.train.init!r} changes a trained policy: set train.init_from too")
+    if cfg.train.init_from and cfg.train.init and not surgery:
+        raise ConfigError(f"train.init_from and train.init = {cfg.train.init!r} both set: only a surgery "
+                          f"({sorted(SURGERIES)}) takes both")
+    if surgery:
+        SURGERIES[cfg.train.init](source_policy(cfg.train.init_from), policy)
+    elif cfg.train.init_from:
         load_initial_weights(policy, cfg.train.init_from)
     elif cfg.train.init:
-        from .inits import apply_init
-
         apply_init(cfg.train.init, policy)
     return policy
 
 
 def load_initial_weights(policy: ExpertPolicy, init_from: str):
-    """Start ``policy`` from the weights ``train.init_from`` names: a checkpoint (``.pt``, either
-    outer loop's), or a policy (a shipped policy's name or ``NAME.onnx``: its graph's initializers,
-    named as the torch ``state_dict``, and its card's initial state)."""
+    """Start ``policy`` from the weights ``train.init_from`` names (``source_policy``), of the same size."""
+    try:
+        policy.load_state_dict(source_policy(init_from).state_dict())
+    except RuntimeError as e:
+        raise ConfigError(f"train.init_from: {init_from} does not fit this policy: {e}") from None
+
+
+def source_policy(init_from: str) -> ExpertPolicy:
+    """The weights ``train.init_from`` names, as a torch policy of their own size: a checkpoint (``.pt``,
+    either outer loop's), or a policy (a shipped policy's name or ``NAME.onnx``: its graph's
+    initializers, named as the torch ``state_dict``, and its card's initial state)."""
     if str(init_from).endswith(".pt"):
-        weights = policy_from_checkpoint(load_checkpoint(init_from))[0].state_dict()
-    else:
-        import onnx
-        from onnx import numpy_helper
+        return policy_from_checkpoint(load_checkpoint(init_from))[0]
+    import onnx
+    from onnx import numpy_helper
 
-        from ..policy_card import load_policy
+    from ..policy_card import load_policy
 
-        pol = load_policy(init_from)
-        weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
-                   for i in onnx.load(str(pol.path)).graph.initializer}
-        weights["h0"] = torch.from_numpy(np.array(pol.h0))
+    pol = load_policy(init_from)
+    weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+               for i in onnx.load(str(pol.path)).graph.initializer}
+    weights["h0"] = torch.from_numpy(np.array(pol.h0))
+    policy = ExpertPolicy(pol.spec)
     try:
         policy.load_state_dict(weights)
     except RuntimeError as e:
-        raise ConfigError(f"train.init_from: {init_from} does not fit this policy: {e}") from None
+        raise ConfigError(f"train.init_from: {init_from}'s graph does not match its card: {e}") from None
+    return policy
 
 
 def open_run(out: Path, cfg: ExperimentConfig, *, resume: bool, outer: str,
