@@ -9,6 +9,13 @@ import textwrap
 
 import pytest
 
+# Under pytest-xdist (`-n 2`, README's test command) each worker keeps to one thread: BLAS and torch
+# would otherwise start a thread per core in every worker, and on CI's two cores four busy threads ran the
+# heavy tests 1.7x slower than one worker alone did. Set before numpy or torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_k, "1")
+
 
 def run_without_torch(code: str, tmp_path, timeout: int = 120) -> subprocess.CompletedProcess:
     """Run ``code`` (dedented) in a fresh interpreter where ``import torch`` fails; asserts it exits 0."""

@@ -482,6 +482,12 @@ def test_the_seen_gate_surgery_keeps_the_rule_and_gates_the_push_key_on_two_exam
     with pytest.raises(ConfigError, match="hidden = 52 \\+ 17"):
         seen_gate(source, ExpertPolicy(dataclasses.replace(src, hidden=60)))
     gated = seen_gate(source, ExpertPolicy(dataclasses.replace(src, hidden=src.hidden + 17)))
+    bad = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init="seen_gate"))
+    with pytest.raises(ConfigError, match="set train.init_from too"):
+        initial_policy(bad)
+    bad.train.init, bad.train.init_from = "prototypes", "fewshot-v5"
+    with pytest.raises(ConfigError, match="only a surgery"):
+        initial_policy(bad)
     H0, A = src.hidden, src.addr_dim
     pk = src.head_slices["push_key"]
     g = torch.Generator().manual_seed(0)

@@ -246,10 +246,11 @@ def prototype_wiring(policy, **kw):
 
 def seen_gate(source, policy, *, seen_key_gain: float = 8.0, seen_after: str = "n2", gate: float = 12.0):
     """``source`` (a policy on the prototype cell's wiring, its rule learned: ``prototype_wiring``) made safe
-    to grow: ``policy`` is ``source`` with hidden units appended that change nothing it computes in an
-    agent whose experts all started together, and keep a fresh expert, hot-added to a running agent, out
-    of its class's score until it has seen its class ``seen_after`` times (as ``prototypes``'
-    ``seen_key_gain``): a thermometer of the class's examples (``started``, ``seen``, then ``n2`` ...
+    to grow: ``policy`` is ``source`` with hidden units appended that change little in an agent whose
+    experts all started together (a class's experts count the same examples; only on the outputs of classes
+    not seen ``seen_after`` times yet do other classes' experts weigh more), and that keep a fresh expert
+    hot-added to a running agent out of its class's score until it has seen its class ``seen_after``
+    times (as ``prototypes``' ``seen_key_gain``): a thermometer of the class's examples (``started``, ``seen``, then ``n2`` ...
     up to ``seen_after``: -1, and +1 from the step after the label slot head 0 reads says the example was
     of the class, the one before being +1) and a copy of the class address (``addr_seen``) taken once
     ``seen_after`` is +1, added x ``seen_key_gain`` to the push key. Those are wiring: who counts what
@@ -303,7 +304,7 @@ def seen_gate(source, policy, *, seen_key_gain: float = 8.0, seen_after: str = "
 #: Surgeries (``train.init`` with ``train.init_from``): a new policy made from trained weights.
 #: "seen_gate" (fewshot-v6 from fewshot-v5, docs/results.md): gate after two examples, gain 8, as fewshot-v2's.
 #: Measured on v5 (256 fresh experts join 256 at step 20 of 40, 4-way held-out digits, 300 episodes, seed 0;
-#: unchanged 0.930 at step 21 (the join), 0.910 over steps 31-40; iris / wine at 25 examples, 300 episodes:
+#: unchanged 0.930 at the join step, 0.910 over steps 31-40; iris / wine at 25 examples, 300 episodes:
 #: v5 0.774 / 0.831): gain 8: grown 0.873 / 0.904, unchanged iris / wine 0.773 / 0.830; gain 16: 0.910 / 0.904,
 #: 0.770 / 0.824; gain 24: 0.927 / 0.904, 0.764 / 0.817. A larger gain keeps a fresh expert's first key out
 #: at the join (the trained address units start long) but lets a class seen twice outweigh, on the outputs of
