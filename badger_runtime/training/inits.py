@@ -252,8 +252,8 @@ def seen_gate(source, policy, *, seen_key_gain: float = 8.0, seen_after: str = "
     hot-added to a running agent out of its class's score until it has seen its class ``seen_after``
     times (as ``prototypes``' ``seen_key_gain``): a thermometer of the class's examples (``started``,
     ``seen``, then ``n2`` ... up to ``seen_after``: -1, and +1 from the step after the label slot head 0
-    reads says the example was of the class, the one before being +1) and a copy of the class address (``addr_seen``) taken once
-    ``seen_after`` is +1, added x ``seen_key_gain`` to the push key. Those are wiring: who counts what
+    reads says the example was of the class, the one before being +1) and a copy of the class address
+    (``addr_seen``) taken once ``seen_after`` is +1, added x ``seen_key_gain`` to the push key. Those are wiring: who counts what
     and what the key says; the source's units keep their weights, none of them reads the new units.
     ``policy.hidden`` must be ``source``'s + the new units (2 + the thermometer past ``seen`` +
     addr_dim - 2); its other sizes ``source``'s."""
