@@ -245,18 +245,18 @@ def prototype_wiring(policy, **kw):
 
 
 def seen_gate(source, policy, *, seen_key_gain: float = 8.0, seen_after: str = "n2", gate: float = 12.0):
-    """``source`` (a policy on the prototype cell's wiring, its rule learned: ``prototype_wiring``) made safe
-    to grow: ``policy`` is ``source`` with hidden units appended that change little in an agent whose
-    experts all started together (a class's experts count the same examples; only on the outputs of classes
-    not seen ``seen_after`` times yet do other classes' experts weigh more), and that keep a fresh expert
-    hot-added to a running agent out of its class's score until it has seen its class ``seen_after``
-    times (as ``prototypes``' ``seen_key_gain``): a thermometer of the class's examples (``started``,
-    ``seen``, then ``n2`` ... up to ``seen_after``: -1, and +1 from the step after the label slot head 0
-    reads says the example was of the class, the one before being +1) and a copy of the class address
-    (``addr_seen``) taken once ``seen_after`` is +1, added x ``seen_key_gain`` to the push key. Those are wiring: who counts what
-    and what the key says; the source's units keep their weights, none of them reads the new units.
-    ``policy.hidden`` must be ``source``'s + the new units (2 + the thermometer past ``seen`` +
-    addr_dim - 2); its other sizes ``source``'s."""
+    """``source`` (a policy on the prototype cell's wiring, its rule learned: ``prototype_wiring``) made
+    safe to grow. ``policy`` is ``source`` with hidden units appended that none of the source's units
+    reads: a thermometer of the class's examples (``started``, ``seen``, then ``n2`` ... up to
+    ``seen_after``: -1, and +1 from the step after head 0's read of the label slot says the example was
+    of the class, the one before being +1) and a copy of the class address (``addr_seen``) taken once
+    ``seen_after`` is +1, added x ``seen_key_gain`` to the push key (as ``prototypes``'
+    ``seen_key_gain``). A fresh expert hot-added to a running agent then stays out of its class's score
+    until it has seen its class ``seen_after`` times; in an agent whose experts all started together
+    little changes (a class's experts count the same examples; only on the outputs of classes not seen
+    that often yet do other classes' experts weigh more). The new units are wiring: who counts what and
+    what the key says. ``policy.hidden`` must be ``source``'s + the new units (2 + the thermometer past
+    ``seen`` + addr_dim - 2); its other sizes ``source``'s."""
     src, spec = source.spec, policy.spec
     chain_names = ["started"] + count_units(3)
     if seen_after not in chain_names[1:]:
