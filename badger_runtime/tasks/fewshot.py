@@ -530,8 +530,9 @@ def longrun_report(policy, *, task: FewShotConfig | None = None, steps: int = 10
     fresh_task = dataclasses.replace(tk.cfg, change_every=(0, 0), baselines="none")
     from ..engine import numpy_ops
 
+    # the reset agent's ``after`` steps may pass an episodic card's horizon: a probe, as the long run itself
     res = run_episodes(numpy_ops(), policy, policy.agent, fresh_task, dims=C, experts=n, episodes=4 * episodes,
-                       seed=seed + 1, steps=after)
+                       seed=seed + 1, steps=after, past_horizon=True)
     reset = res.metrics["correct"].mean(axis=1).tolist()
     xs = np.concatenate([ep.xs for ep in res.episodes], axis=1)
     ys = np.concatenate([ep.ys for ep in res.episodes], axis=1)
