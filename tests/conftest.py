@@ -30,6 +30,22 @@ def run_without_torch(code: str, tmp_path, timeout: int = 120) -> subprocess.Com
     return res
 
 
+def copy_policy(onnx, dest, name: str = "p", edit=None):
+    """A copy of the policy ``onnx`` (its graph and its card) in folder ``dest`` as ``NAME.onnx``, its card
+    changed in place by ``edit(card)`` first when given; returns the copy's path."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    onnx, out = Path(onnx), Path(dest) / f"{name}.onnx"
+    shutil.copy(onnx, out)
+    card = json.loads(onnx.with_suffix(".json").read_text())
+    if edit is not None:
+        edit(card)
+    out.with_suffix(".json").write_text(json.dumps(card))
+    return out
+
+
 def top_level_imports(path) -> set[str]:
     """The top-level packages a module imports (absolute imports only)."""
     import ast

@@ -16,7 +16,7 @@ from badger_runtime.policy_card import PolicyError, load_policy
 from badger_runtime.training.model import torch_ops
 from badger_runtime.training.train import load_checkpoint, policy_from_checkpoint
 
-from .conftest import run_without_torch
+from .conftest import copy_policy, run_without_torch
 
 ROUTINGS = ["dense", "topk", "hardwired", "homogeneous", "random"]
 RULES = ["fixed", "convergence", "quorum"]
@@ -69,10 +69,7 @@ def test_card_records_what_a_runtime_needs(tiny_policy):
 
 
 def _copy(policy, tmp_path):
-    dst = tmp_path / "p.onnx"
-    shutil.copy(policy, dst)
-    shutil.copy(policy.with_suffix(".json"), dst.with_suffix(".json"))
-    return dst
+    return copy_policy(policy, tmp_path)
 
 
 def test_a_changed_onnx_file_is_refused(tiny_policy, tmp_path):
@@ -95,10 +92,7 @@ def test_a_changed_onnx_file_is_refused(tiny_policy, tmp_path):
     ],
 )
 def test_a_card_that_does_not_match_is_refused(tiny_policy, tmp_path, edit, message):
-    p = _copy(tiny_policy, tmp_path)
-    card = json.loads(p.with_suffix(".json").read_text())
-    edit(card)
-    p.with_suffix(".json").write_text(json.dumps(card))
+    p = copy_policy(tiny_policy, tmp_path, edit=edit)
     with pytest.raises(PolicyError, match=message):
         load_policy(p)
 

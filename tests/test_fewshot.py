@@ -586,15 +586,10 @@ def test_the_long_run_probes_an_episodic_few_shot_policy(tmp_path):
     """`badger longrun` on a few-shot policy whose card is episodic (a fresh export, before its continual check
     decides): the long run and its reset comparison (``after`` = 40 steps, past a 30-step horizon) both run past
     the horizon as a probe, instead of the comparison stopping at it."""
-    import json
-    import shutil
+    from .conftest import copy_policy
 
-    onnx = tmp_path / "episodic.onnx"
-    shutil.copy(SHIPPED, onnx)
-    card = json.loads(SHIPPED.with_suffix(".json").read_text())
-    card["lifetime"] = {"kind": "episodic", "horizon": 30, "why": "a test"}
-    onnx.with_suffix(".json").write_text(json.dumps(card))
-    pol = load_policy(onnx)
+    episodic = {"kind": "episodic", "horizon": 30, "why": "a test"}
+    pol = load_policy(copy_policy(SHIPPED, tmp_path, "episodic", lambda card: card.update(lifetime=episodic)))
     r = fs.longrun_report(pol, steps=120, episodes=2, seed=0, change_every=(40, 60), checkpoints=(20, 100), full=False)
     assert r["steps"] == 120 and r["changes"] >= 2
     assert 0.0 <= r["after_change"]["mean"]["agent_reset_at_changes"] <= 1.0

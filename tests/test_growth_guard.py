@@ -4,7 +4,6 @@ refuses to add fresh experts to it unless asked, and leaves the agent unchanged.
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -14,16 +13,13 @@ from badger_runtime.episodes import schedule
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import PolicyError, load_policy
 
+from .conftest import copy_policy
+
 HURTS = {"fresh": "hurts", "why": "a test: 0.1 -> 0.2", "instead": "add clones"}
 
 
 def _with_growth(tiny_policy, d, growth):
-    onnx = d / "g.onnx"
-    shutil.copy(tiny_policy, onnx)
-    card = json.loads(tiny_policy.with_suffix(".json").read_text())
-    card["growth"] = growth
-    onnx.with_suffix(".json").write_text(json.dumps(card))
-    return onnx
+    return copy_policy(tiny_policy, d, "g", lambda card: card.update(growth=growth))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,17 +11,15 @@ from badger_runtime.engine import Agent, HorizonError, numpy_ops
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import load_policy
 
+from .conftest import copy_policy
+
 
 @pytest.fixture(scope="module")
 def episodic(tiny_policy, tmp_path_factory):
     """The tiny policy with a card that says: episodic, horizon 3."""
-    d = tmp_path_factory.mktemp("episodic")
-    onnx = d / "ep.onnx"
-    shutil.copy(tiny_policy, onnx)
-    card = json.loads(tiny_policy.with_suffix(".json").read_text())
-    card["lifetime"] = {"kind": "episodic", "horizon": 3, "why": "a test"}
-    onnx.with_suffix(".json").write_text(json.dumps(card))
-    return load_policy(onnx)
+    life = {"kind": "episodic", "horizon": 3, "why": "a test"}
+    return load_policy(copy_policy(tiny_policy, tmp_path_factory.mktemp("episodic"), "ep",
+                                   lambda card: card.update(lifetime=life)))
 
 
 def test_the_batched_engine_refuses_past_the_horizon(episodic):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import struct
 
@@ -21,6 +20,8 @@ from badger_runtime.serve.protocol import FrameDecoder, encode_frame, validate_r
 from badger_runtime.serve.server import Server
 from badger_runtime.serve.sessions import Limits, SessionManager, new_agent
 from badger_runtime.serve.store import SessionStore, StoreError
+
+from .conftest import copy_policy
 
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -407,11 +408,7 @@ def test_fuzz_requests_never_escape_and_errors_change_nothing(policy, ops):
 def test_serve_refuses_a_policy_that_does_not_match_its_card(tiny_policy, tmp_path, capsys):
     from badger_runtime.cli import main
 
-    p = tmp_path / "p.onnx"
-    shutil.copy(tiny_policy, p)
-    card = json.loads(tiny_policy.with_suffix(".json").read_text())
-    card["sha256"] = "f" * 64
-    p.with_suffix(".json").write_text(json.dumps(card))
+    p = copy_policy(tiny_policy, tmp_path, edit=lambda card: card.update(sha256="f" * 64))
     assert main(["serve", "--policy", str(p), "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:0"]) == 2
     assert "sha256" in capsys.readouterr().err
 
