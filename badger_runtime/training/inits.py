@@ -92,6 +92,32 @@ BUMPS = (("old", 0.0, 0, ("seen", 1), 1.0),  # the last example was not of this 
          ("r4", 1 / 4, 1, ("n3", 1), 1.0))
 
 
+def _count_chain(policy, chain: list[int], ell: int, gate: float):
+    """A thermometer of a class's examples on the hidden units ``chain``: ``chain[0]`` (``started``) is -1,
+    then +1 from the first step on (whose reads are blind: the heads start at zero); each next unit is -1
+    and becomes +1 (candidate 1) when head 0's label read (input ``ell``) is 1 and the one before is +1:
+    update-gate pre-activation 2G - G prev - 2G l, G (keep) unless l = 1 and prev = +1."""
+    G, H = gate, policy.spec.hidden
+    Z, N = H, 2 * H
+    cell = policy.cell
+    policy.h0[chain[0]], cell.bias_ih[N + chain[0]] = -G, G
+    for unit, prev in zip(chain[1:], chain[:-1]):
+        policy.h0[unit], cell.bias_ih[N + unit] = -G, G
+        cell.bias_ih[Z + unit], cell.weight_hh[Z + unit, prev], cell.weight_ih[Z + unit, ell] = 2 * G, -G, -2 * G
+
+
+def _seen_address(policy, units: list[int], after: int, ell: int, gain: float, gate: float):
+    """On the hidden units ``units``: the class address head 0 reads (past its value ``ell`` and kind flags),
+    x 0.25, taken once unit ``after`` is +1 (0 before), and ``gain`` x it added to the push key."""
+    H = policy.spec.hidden
+    Z, N = H, 2 * H
+    cell, pk = policy.cell, _offset(policy.spec, "push_key")
+    for i, u in enumerate(units):
+        cell.weight_ih[N + u, ell + 1 + N_KIND_FLAGS + i] = 0.25
+        cell.bias_ih[Z + u], cell.weight_hh[Z + u, after] = 0.0, -gate
+        policy.heads.weight[pk + N_KIND_FLAGS + i, u] = gain
+
+
 def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float = 0.5, gate: float = 12.0,
                kind_bias: float = 24.0, both_bias: float = 32.0, key_gain: float = 16.0, score_gain: float = 20.0,
                novelty: float = 0.3, seen_key_gain: float = 0.0, seen_after: str = "seen", counts: int = 3):
@@ -155,16 +181,9 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
         bi[Z:Z + H] = -G  # by default a unit takes its candidate every step
         for u in lay["free"]:  # spare units keep their initial state
             bi[Z + u] = G
-        # started: -1 before the first step, +1 after it. Before its first step an expert's read
-        # queries are zero (heads start at zero): its label head reads a mix of its slots.
-        policy.h0[started], bi[N + started] = -G, G
-        # the thermometer: seen, n2, n3 (, n4, ...) start at -1 and become +1 (candidate 1) when l = 1 and the
-        # one before is +1 (seen: and the agent has started); pre-activation of the update gate
-        # 2G - G prev - 2G l: G (keep) unless l = 1 and prev = +1
-        chain = [started] + [lay[name][0] for name in count_units(counts)]
-        for unit, prev in zip(chain[1:], chain[:-1]):
-            policy.h0[unit], bi[N + unit] = -G, G
-            bi[Z + unit], Wh[Z + unit, prev], Wi[Z + unit, ell] = 2 * G, -G, -2 * G
+        # started, then the thermometer seen, n2, n3 (, n4, ...): seen needs the agent to have started (before
+        # its first step an expert's read queries are zero: its label head reads a mix of its slots)
+        _count_chain(policy, [started] + [lay[name][0] for name in count_units(counts)], ell, G)
         # m: kept unless l = 1, then taken with weight r(n) (update gate 1 - r(n)): pre-activation
         # 2G (1 - l) + c + d1 seen + d2 n2 + d3 n3 = logit(1 - r(n)) for n = 0 (-G), 1, 2, >= 3
         logit = [float(torch.logit(torch.tensor(1 - r))) for r in RATES[1:]]
@@ -187,9 +206,8 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
                 Wh[N + u, lay[unit][0]], bh[N + u] = G * sign_unit, -G
         for i, u in enumerate(lay["addr"]):  # class c's address, read by head 0
             Wi[N + u, val[0] + 1 + N_KIND_FLAGS + i] = 0.25
-        for i, u in enumerate(lay.get("addr_seen", ())):  # the same, taken once the unit seen_after is +1 (0 before)
-            Wi[N + u, val[0] + 1 + N_KIND_FLAGS + i] = 0.25
-            bi[Z + u], Wh[Z + u, lay[seen_after][0]] = 0.0, -G
+        # the same, taken once the unit seen_after is +1 (0 before), x seen_key_gain in the push key
+        _seen_address(policy, lay.get("addr_seen", []), lay[seen_after][0], ell, seen_key_gain, G)
 
         W, b = policy.heads.weight, policy.heads.bias
         rq = _offset(spec, "read_query")
@@ -199,8 +217,6 @@ def prototypes(policy, *, scale: float = 0.2, width: float = 3.0, kappa: float =
         pk = _offset(spec, "push_key")
         for i, u in enumerate(lay["addr"]):
             W[pk + N_KIND_FLAGS + i, u] = key_gain
-        for i, u in enumerate(lay.get("addr_seen", ())):
-            W[pk + N_KIND_FLAGS + i, u] = seen_key_gain
         pv = _offset(spec, "push_value")
         for name, *_, weight in BUMPS:
             W[pv, lay[f"{name}_+"][0]], W[pv, lay[f"{name}_-"][0]] = weight * score_gain, -weight * score_gain
@@ -271,7 +287,7 @@ def seen_gate(source, policy, *, seen_key_gain: float = 8.0, seen_after: str = "
     chain = list(range(H0, H0 + len(chain_names)))
     addr_seen = list(range(H0 + len(chain_names), H))
     ell = spec.msg_dim  # head 0's read value: the label slot's (1: the example was of this class)
-    R, Z, N = 0, H, 2 * H
+    R, Z = 0, H
     w = source.state_dict()
     old = torch.tensor([g * H + u for g in range(3) for u in range(H0)])  # source's rows in the new layout
     with torch.no_grad():
@@ -285,19 +301,10 @@ def seen_gate(source, policy, *, seen_key_gain: float = 8.0, seen_after: str = "
         policy.h0[:H0] = w["h0"]
         policy.heads.weight[:, :H0] = w["heads.weight"]
         policy.heads.bias[:] = w["heads.bias"]
-        Wi, Wh, bi = cell.weight_ih, cell.weight_hh, cell.bias_ih
-        for u in chain + addr_seen:
-            bi[R + u], bi[Z + u] = G, -G  # r = 1; by default a unit takes its candidate every step
-        # started: -1, then +1 from the first step on (whose reads are blind: the heads start at zero)
-        policy.h0[chain[0]], bi[N + chain[0]] = -G, G
-        for unit, prev in zip(chain[1:], chain[:-1]):  # +1 once l = 1 while the one before is +1; kept
-            policy.h0[unit], bi[N + unit] = -G, G
-            bi[Z + unit], Wh[Z + unit, prev], Wi[Z + unit, ell] = 2 * G, -G, -2 * G
-        pk = _offset(spec, "push_key")
-        for i, u in enumerate(addr_seen):  # the class address (head 0's), taken once chain[-1] is +1, 0 before
-            Wi[N + u, ell + 1 + N_KIND_FLAGS + i] = 0.25
-            bi[Z + u], Wh[Z + u, chain[-1]] = 0.0, -G
-            policy.heads.weight[pk + N_KIND_FLAGS + i, u] = seen_key_gain
+        for u in chain + addr_seen:  # r = 1; by default a unit takes its candidate every step
+            cell.bias_ih[R + u], cell.bias_ih[Z + u] = G, -G
+        _count_chain(policy, chain, ell, G)
+        _seen_address(policy, addr_seen, chain[-1], ell, seen_key_gain, G)
     return policy
 
 
