@@ -558,6 +558,11 @@ def longrun_report(policy, *, task: FewShotConfig | None = None, steps: int = 10
     return report
 
 
+#: Streams of the 10,000-step check (``continual_check``, and the card's), as tests/test_longrun.py's check of a
+#: continual card (4 streams, the default until session 32: 80 predictions a window).
+CONTINUAL_STREAMS = 10
+
+
 class FewShotTask(Task):
     """Online few-shot classification as a registered task (see the module doc)."""
 
@@ -598,7 +603,7 @@ class FewShotTask(Task):
     def longrun_report(policy, **kw) -> dict:
         return longrun_report(policy, **kw)
 
-    def continual_check(self, policy, *, episodes: int = 4, seed: int = 0) -> dict:
+    def continual_check(self, policy, *, episodes: int = CONTINUAL_STREAMS, seed: int = 0) -> dict:
         """The 10,000-step check: wine (never seen in training), 3 classes drawn afresh every
         U[50, 150] steps, never reset (``longrun_report``; its ``continual``)."""
         long = dataclasses.replace(self.evaluation_config(self.cfg), dataset="wine").validate()
@@ -626,7 +631,7 @@ class FewShotTask(Task):
                                     f"--experts {n} --steps 50 --episodes {episodes} --seed {seed} --json",
                          "dataset": ds, "classes": C, "experts": n, "online_accuracy": r["online_accuracy"],
                          "baselines_online": r["baselines_online"], "logreg_lr": r.get("logreg_lr")})
-        streams = 10  # as tests/test_longrun.py's check of a continual card (4 streams: 80 predictions a window)
+        streams = CONTINUAL_STREAMS
         lr = self.continual_check(policy, episodes=streams, seed=seed)
         keep = ("accuracy_at", "accuracy_before_change", "changes", "max_abs_state", "stays_up", "readapts")
         at, mean = lr["accuracy_at"], lr["after_change"]["mean"]
