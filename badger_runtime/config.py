@@ -17,6 +17,7 @@ ROUTINGS = ("dense", "topk", "hardwired", "homogeneous", "random")
 ABLATIONS = ("none", "cut", "shuffle")
 AGREEMENTS = ("fixed", "convergence", "quorum")
 OBJECTIVES = ("last", "mean", "weighted")
+GROW_INITS = ("mixed", "fresh", "clone")  # train.grow_init
 
 
 class ConfigError(ValueError):
@@ -230,6 +231,7 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=list)  # train only these: name prefixes or 'heads:NAME' ([]: all)
     continue_prob: float = 0.0  # chance that a batch continues the last batch's agents (never reset)
     grow_prob: float = 0.0  # chance that a batch adds 1..N experts (fresh or cloned) at a random inner step
+    grow_init: str = "mixed"  # what those experts are: 'mixed' (fresh or cloned, even odds), 'fresh' or 'clone'
     # weight of the guard: sum over the task's loss groups (few-shot: shots of the true class seen before) of
     # relu(mean loss in the group - the initial policy's, on the same predictions): learn, but lose no group
     guard_weight: float = 0.0
@@ -261,6 +263,8 @@ class TrainConfig:
             raise ConfigError("train.continue_prob must be in [0, 1)")
         if not 0 <= self.grow_prob <= 1:
             raise ConfigError("train.grow_prob must be in [0, 1]")
+        if self.grow_init not in GROW_INITS:
+            raise ConfigError(f"train.grow_init must be one of {GROW_INITS}, got {self.grow_init!r}")
         if not 0 <= self.guard_weight < math.inf:
             raise ConfigError(f"train.guard_weight must be a finite number >= 0, got {self.guard_weight}")
         if not 0 <= self.guard_smoothing < 1:
@@ -270,6 +274,12 @@ class TrainConfig:
                               "from their first step: it cannot be used with train.grow_prob or train.continue_prob")
         self.es.validate()
         return self
+
+    def grows_clones(self, rng) -> bool:
+        """Whether a grown batch adds clones (else fresh experts), by ``grow_init``. Draws one number
+        whatever the setting, so the rest of the batch's draws do not depend on it."""
+        r = rng.random()
+        return r < 0.5 if self.grow_init == "mixed" else self.grow_init == "clone"
 
 
 @dataclass

@@ -28,11 +28,29 @@ def test_toml_and_overrides(tmp_path):
         ("agent.agreement.rule=vote", "agreement.rule"),
         ("task.feedback=loud", "task.feedback"),
         ("nonsense", "section.key=value"),
+        ("train.grow_init=cloned", "train.grow_init"),
     ],
 )
 def test_bad_settings_are_refused_clearly(override, message):
     with pytest.raises(ConfigError, match=message):
         load_experiment(None, [override])
+
+
+def test_grow_init_chooses_what_grown_batches_add_and_draws_one_number_whatever_it_is():
+    import numpy as np
+
+    picks = {}
+    for kind in ("mixed", "fresh", "clone"):
+        tr = load_experiment(None, [f"train.grow_init={kind}"]).train
+        rng = np.random.default_rng(0)
+        picks[kind] = [tr.grows_clones(rng) for _ in range(400)]
+        assert rng.random() == np.random.default_rng(0).random(401)[-1]  # one draw per call
+    assert not any(picks["fresh"]) and all(picks["clone"])
+    assert 150 < sum(picks["mixed"]) < 250
+    # mixed is the old rule, so the recipes trained before the setting draw what they drew
+    rng, again = np.random.default_rng(7), np.random.default_rng(7)
+    tr = ExperimentConfig().train
+    assert [tr.grows_clones(rng) for _ in range(50)] == list(again.random(50) < 0.5)
 
 
 def test_missing_and_broken_files(tmp_path):

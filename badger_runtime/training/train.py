@@ -357,7 +357,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                 n_new = int(rng.integers(1, n + 1))
                 # clones: deployment's rule (the same draws as rng.integers(0, n, n_new) unless the
                 # membrane deals its slots out to the experts, then an expert of the same part)
-                sources = clone_sources(rng, ep.interface, n, n_new) if rng.random() < 0.5 else None
+                sources = clone_sources(rng, ep.interface, n, n_new) if cfg.train.grows_clones(rng) else None
                 grow = (int(rng.integers(1, steps)), n_new, sources)
             ref_losses = None
             if reference is not None:
