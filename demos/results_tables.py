@@ -23,6 +23,13 @@ from badger_runtime.tasks import baselines as bl
 
 REF_FIG7 = {1: 0.07, 2: 0.02, 3: 0.03, 4: 0.05, 5: 0.08, 6: 0.14, 7: 0.25, 8: 0.35, 9: 0.45, 10: 0.50}
 REF_GROW = {1: 1.2, 6: 0.35, 11: 0.2, 16: 0.15}
+SECTIONS = ("fig69", "fig7", "long", "jumps")
+DIMS_POLICIES = ("policies/dimensions-v1.onnx", "policies/dimensions-v2.onnx")
+#: how each dimension policy was made, for the Fig. 7 table's heading (others: their trained ranges)
+DIMS_WHAT = {
+    "dimensions-v1": "trained d in [{}, {}], N in [{}, {}] (the paper's setting).",
+    "dimensions-v2": "then fine-tuned on d in [1, 6] with experts added mid-episode.",
+}
 
 
 def f(x, n=4):
@@ -49,16 +56,33 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--episodes", type=int, default=500)
-    p.add_argument("--dims-policy", default="policies/dimensions-v1.onnx")
-    p.add_argument("--dims-policy-v2", default="policies/dimensions-v2.onnx")
+    p.add_argument("--dims-policies", default=",".join(DIMS_POLICIES),
+                   help="comma-separated: the dimension policies of the Fig. 7, growing and hot-add tables, in order")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     args = p.parse_args(argv)
     E, S = args.episodes, args.seed
+    want = set(args.only.split(","))
+    if want - set(SECTIONS):
+        p.error(f"--only: unknown sections {sorted(want - set(SECTIONS))}; choose from {SECTIONS}")
     ops = numpy_ops()
     out = []
     w = out.append
     t0 = time.perf_counter()
+    if "fig69" in want:
+        fig6_fig9(w, ops, S)
+    if "fig7" in want:
+        fig7(w, ops, [load_policy(p) for p in args.dims_policies.split(",")], E, S)
+    if "long" in want:
+        long_horizons(w, S)
+    if "jumps" in want:
+        jumps(w, S)
+    w(f"_Tables made by `python demos/results_tables.py --seed {S} --episodes {E}"
+      f"{'' if want == set(SECTIONS) else ' --only ' + args.only}` in {time.perf_counter() - t0:.0f} s._")
+    print("\n".join(out))
+    return 0
 
-    # Fig. 6 and Fig. 9
+
+def fig6_fig9(w, ops, S):
     w("### Fig. 6 and Fig. 9 (3 experts, d = 3, per-dimension error to expert 0 only)\n")
     w("| policy | final error (step 19) | first step < 0.01 | command |")
     w("|---|---|---|---|")
@@ -78,27 +102,27 @@ def main(argv=None):
       f"`tasks.baselines.adam` over `ADAM_LR_GRID` |")
     w("")
 
-    # Fig. 7
-    pols = [load_policy(p) for p in (args.dims_policy, args.dims_policy_v2)]
+
+
+def fig7(w, ops, pols, E, S):
     w("### Fig. 7: dimension generalization (scalar feedback, N = 20, final step)\n")
-    w(f"`{pols[0].name}`: trained d in [{pols[0].task.dims[0]}, {pols[0].task.dims[1]}], N in "
-      f"[{pols[0].task.experts[0]}, {pols[0].task.experts[1]}] (the paper's setting). `{pols[1].name}`: then "
-      f"fine-tuned on d in [{pols[1].task.dims[0]}, {pols[1].task.dims[1]}] with experts added mid-episode.\n")
-    w(f"| d | {pols[0].name} | {pols[1].name} | mean-solution | chance | tuned Nelder-Mead | 2019 reference | "
-      "command (per policy) |")
-    w("|---|---|---|---|---|---|---|---|")
+    w(" ".join(f"`{p.name}`: {DIMS_WHAT.get(p.name, 'trained d in [{}, {}], N in [{}, {}]')}".format(
+        *p.task.dims, *p.task.experts) for p in pols) + "\n")
+    names = " | ".join(p.name for p in pols)
+    w(f"| d | {names} | mean-solution | chance | tuned Nelder-Mead | 2019 reference | command (per policy) |")
+    w("|---|" + "---|" * len(pols) + "---|---|---|---|---|")
     for d in range(1, 11):
         r = [evaluate(ops, p, p.agent, p.task, dims=d, experts=20, episodes=E, seed=S) for p in pols]
-        w(f"| {d} | {f(r[0]['final_mse'], 3)} | {f(r[1]['final_mse'], 3)} | {f(r[0]['mean_solution'], 3)} | "
+        w(f"| {d} | " + " | ".join(f(x["final_mse"], 3) for x in r) + f" | {f(r[0]['mean_solution'], 3)} | "
           f"{f(r[0]['chance'], 3)} | {f(r[0]['optimizer']['final_mse'], 3)} | {REF_FIG7[d]} | "
           f"`badger eval --policy POLICY --dims {d} --experts 20 --episodes {E} --seed {S} --json` |")
     w("")
     w("### Growing: the same policies at d = 6, N = 1 .. 160 (trained N in [5, 40])\n")
-    w(f"| N | {pols[0].name} | {pols[1].name} | 2019 reference | command (per policy) |")
-    w("|---|---|---|---|---|")
+    w(f"| N | {names} | 2019 reference | command (per policy) |")
+    w("|---|" + "---|" * len(pols) + "---|---|")
     for n in (1, 5, 10, 20, 40, 80, 160):
         r = [evaluate(ops, p, p.agent, p.task, dims=6, experts=n, episodes=E, seed=S, baselines=False) for p in pols]
-        w(f"| {n} | {f(r[0]['final_mse'], 3)} | {f(r[1]['final_mse'], 3)} | "
+        w(f"| {n} | " + " | ".join(f(x["final_mse"], 3) for x in r) + " | "
           f"{REF_GROW.get(n, '0.14-0.16' if n >= 16 else '-')} | "
           f"`badger eval --policy POLICY --dims 6 --experts {n} --episodes {E} --seed {S} --json` |")
     w("")
@@ -114,7 +138,8 @@ def main(argv=None):
               f"{harmful(p)}--episodes {E} --seed {S} --json` |")
     w("")
 
-    # long horizons
+
+def long_horizons(w, S):
     w("### Long horizons: error at inner step 20, 100, 1,000, 10,000 (one episode, never reset)\n")
     w("| policy | 20 | 100 | 1,000 | 10,000 | max abs state | command |")
     w("|---|---|---|---|---|---|---|")
@@ -128,7 +153,8 @@ def main(argv=None):
           f"--seed {S} --json` |")
     w("")
 
-    # non-stationary
+
+def jumps(w, S):
     w("### Non-stationary targets (jump every U[20, 60] steps, never reset; recovered = error < 0.05)\n")
     w("| policy | error just before a jump | recovery (mean / median / p90 steps) | reset at every jump "
       "(mean / median / p90) | ratio | Adam restarted (mean curve) | command |")
@@ -144,10 +170,6 @@ def main(argv=None):
           f"`badger longrun --policy policies/{name}.onnx --steps 1000 --episodes 200 --seed {S} "
           f"--jump-every 20 60 --json` |")
     w("")
-    w(f"_Tables made by `python demos/results_tables.py --seed {S} --episodes {E}` in "
-      f"{time.perf_counter() - t0:.0f} s._")
-    print("\n".join(out))
-    return 0
 
 
 if __name__ == "__main__":
