@@ -144,6 +144,35 @@ def test_shipped_cards_say_what_fresh_experts_do():
         load_policy(name)  # and the loader takes it
 
 
+def _error_measured_shipped():
+    from badger_runtime.growth import ERROR_TASKS
+    from badger_runtime.policy_card import shipped_dir, shipped_policies
+
+    return [n for n in shipped_policies()
+            if json.loads((shipped_dir() / f"{n}.json").read_text())["config"]["task"]["name"] in ERROR_TASKS]
+
+
+@pytest.mark.parametrize("name", _error_measured_shipped())
+def test_every_cards_growth_verdict_is_what_its_measurement_gives(name):
+    """The verdict a shipped card states ("ok" / "hurts") is the one ``growth.measure_growth`` gives today
+    in the card's own setting (the episodes and seed of its command), and where the card quotes
+    measure_growth's numbers they are today's to the digit: a change to the engine, the task or the rule
+    that moved a verdict or a card's number would show."""
+    import re
+
+    from badger_runtime.growth import measure_growth
+    from badger_runtime.policy_card import shipped_dir
+
+    card = json.loads((shipped_dir() / f"{name}.json").read_text())["growth"]
+    episodes, seed = (int(re.search(rf"--{k} (\d+)", card["why"]).group(1)) for k in ("episodes", "seed"))
+    g = measure_growth(load_policy(name), episodes=episodes, seed=seed)
+    assert g["fresh"] == card["fresh"], (name, g["why"], card["why"])
+    quoted = re.search(r"final error (\S+) unchanged -> (\S+) \(", card["why"])  # measure_growth's wording
+    for text, value in zip(quoted.groups() if quoted else (), (g["unchanged"], g["fresh_final"])):
+        places = len(text.split(".")[1]) if "." in text else 0  # as written: to its last digit
+        assert abs(float(text) - value) <= 0.5 * 10.0 ** -places + 1e-12, (g["why"], card["why"])
+
+
 def test_export_measures_what_fresh_experts_do(tiny_run, tmp_path):
     """`badger export --eval-episodes` writes the card's growth from growth.measure_growth, and the
     command it names gives the fresh arm's number."""
