@@ -24,11 +24,12 @@ from badger_runtime.tasks import baselines as bl
 REF_FIG7 = {1: 0.07, 2: 0.02, 3: 0.03, 4: 0.05, 5: 0.08, 6: 0.14, 7: 0.25, 8: 0.35, 9: 0.45, 10: 0.50}
 REF_GROW = {1: 1.2, 6: 0.35, 11: 0.2, 16: 0.15}
 SECTIONS = ("fig69", "fig7", "long", "jumps")
-DIMS_POLICIES = ("policies/dimensions-v1.onnx", "policies/dimensions-v2.onnx")
+DIMS_POLICIES = ("policies/dimensions-v1.onnx", "policies/dimensions-v2.onnx", "policies/dimensions-v3.onnx")
 #: how each dimension policy was made, for the Fig. 7 table's heading (others: their trained ranges)
 DIMS_WHAT = {
     "dimensions-v1": "trained d in [{}, {}], N in [{}, {}] (the paper's setting).",
     "dimensions-v2": "then fine-tuned on d in [1, 6] with experts added mid-episode.",
+    "dimensions-v3": "then fine-tuned further with fresh experts added mid-episode in every batch.",
 }
 
 
@@ -144,7 +145,7 @@ def long_horizons(w, S):
     w("| policy | 20 | 100 | 1,000 | 10,000 | max abs state | command |")
     w("|---|---|---|---|---|---|---|")
     for name in ("guessing-one-expert-v1", "guessing-converge-v1", "guessing-nonstationary-v1", "dimensions-v1",
-                 "dimensions-v2"):
+                 "dimensions-v2", "dimensions-v3"):
         pol = load_policy(f"policies/{name}.onnx")
         r = horizon_report(pol, steps=10_000, episodes=50, seed=S)
         e = r["error_at"]
