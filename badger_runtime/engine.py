@@ -56,26 +56,36 @@ def check_horizon(policy, t: int, past_horizon: bool):
 
 
 class GrowthError(InputError):
-    """Fresh experts refused: the policy's card says they make it worse (the agent is unchanged)."""
+    """Fresh experts (or clones) refused: the policy's card says they make it worse (the agent is unchanged)."""
+
+
+def growth_hurts(policy, init: str) -> bool:
+    """Whether the policy's card (``growth``) measured that experts added as ``init`` ('fresh' or
+    'clone') make it worse (a policy without a card, e.g. a torch checkpoint, says nothing)."""
+    return (getattr(policy, "growth", None) or {}).get(init) == "hurts"
 
 
 def fresh_hurts(policy) -> bool:
-    """Whether the policy's card (``growth``) measured that fresh experts make it worse (a policy
-    without a card, e.g. a torch checkpoint, says nothing)."""
-    return (getattr(policy, "growth", None) or {}).get("fresh") == "hurts"
+    """Whether the policy's card (``growth``) measured that fresh experts make it worse."""
+    return growth_hurts(policy, "fresh")
 
 
 def check_growth(policy, init: str, allow_harmful: bool):
     """Refuse to add ``fresh`` experts to a policy whose card (``growth``) measured that they make it
     worse than the unchanged agent, unless the caller asked for it (``allow_harmful``): the product
     rule is that hot-adding fresh experts never makes a shipped policy worse, and a policy that
-    breaks it is held to it here, as an episodic policy is held to its horizon."""
-    if init == "fresh" and fresh_hurts(policy) and not allow_harmful:
-        growth = policy.growth
-        instead = f" Instead: {growth['instead']}." if growth.get("instead") else ""
-        raise GrowthError(f"policy {getattr(policy, 'name', '?')}: fresh experts make it worse (its card's growth: "
-                          f"{growth.get('why', 'measured')}).{instead} To add them anyway, ask explicitly "
-                          f"(allow_harmful=True; --allow-harmful-growth; add_experts with allow_harmful: true)")
+    breaks it is held to it here, as an episodic policy is held to its horizon. Clones likewise,
+    where the card says ``"clone": "hurts"`` (its ``clone_why``, ``clone_instead``): a policy made safe
+    for newcomers may have lost it for copies."""
+    if init not in ("fresh", "clone") or not growth_hurts(policy, init) or allow_harmful:
+        return
+    growth = policy.growth
+    key = "" if init == "fresh" else "clone_"
+    what = "fresh experts" if init == "fresh" else "clones"
+    instead = f" Instead: {growth[key + 'instead']}." if growth.get(key + "instead") else ""
+    raise GrowthError(f"policy {getattr(policy, 'name', '?')}: {what} make it worse (its card's growth: "
+                      f"{growth.get(key + 'why', 'measured')}).{instead} To add them anyway, ask explicitly "
+                      f"(allow_harmful=True; --allow-harmful-growth; add_experts with allow_harmful: true)")
 
 
 # Observations larger than this (in absolute value) are refused: the policy was trained on

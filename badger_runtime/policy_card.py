@@ -127,9 +127,9 @@ class OnnxPolicy:
 
     @property
     def growth(self) -> dict:
-        """{"fresh": "ok" | "hurts", "why": str, "instead": str (optional)} from the card: what adding
-        fresh experts to a running agent was measured to do. A card without one says nothing
-        (nothing is refused; ``engine.check_growth``)."""
+        """{"fresh": "ok" | "hurts", "why": str, "instead": str (optional), and optionally "clone",
+        "clone_why", "clone_instead" alike} from the card: what adding fresh experts (clones) to a running
+        agent was measured to do. A card without one says nothing (nothing is refused; ``engine.check_growth``)."""
         return self.card.get("growth") or {}
 
 
@@ -187,9 +187,11 @@ def load_policy(path: str | Path, threads: int = 1) -> OnnxPolicy:
                           f"{{'kind': 'episodic', 'horizon': int >= 1}}, got {str(life)[:200]}")
     growth = card.get("growth")
     if growth is not None and not (isinstance(growth, dict) and growth.get("fresh") in ("ok", "hurts")
-                                   and isinstance(growth.get("why", ""), str)
-                                   and isinstance(growth.get("instead", ""), str)):
-        raise PolicyError(f"{card_path}: growth must be {{'fresh': 'ok' | 'hurts', 'why': str, 'instead': str}}, "
+                                   and growth.get("clone", "ok") in ("ok", "hurts")
+                                   and all(isinstance(growth.get(k, ""), str)
+                                           for k in ("why", "instead", "clone_why", "clone_instead"))):
+        raise PolicyError(f"{card_path}: growth must be {{'fresh': 'ok' | 'hurts', 'why': str, 'instead': str[, "
+                          f"'clone': 'ok' | 'hurts', 'clone_why': str, 'clone_instead': str]}}, "
                           f"got {str(growth)[:200]}")
     import onnxruntime as ort
 

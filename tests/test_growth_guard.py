@@ -49,36 +49,62 @@ def test_a_card_that_says_ok_or_nothing_refuses_nothing(tiny_policy, tmp_path):
 
 
 @pytest.mark.parametrize("growth", [{"fresh": "maybe"}, {"fresh": "hurts", "why": 3}, "hurts",
-                                    {"fresh": "hurts", "instead": ["clones"]}])
+                                    {"fresh": "hurts", "instead": ["clones"]}, {"fresh": "ok", "clone": "bad"},
+                                    {"fresh": "ok", "clone": "hurts", "clone_why": 1}])
 def test_a_card_with_a_bad_growth_is_refused(tiny_policy, tmp_path, growth):
     with pytest.raises(PolicyError, match="growth must be"):
         load_policy(_with_growth(tiny_policy, tmp_path, growth))
 
 
-@pytest.mark.parametrize("runtime", ["sharded", "actors"])
-def test_the_actor_runtimes_refuse_fresh_experts_and_go_on(harmed, runtime):
+CLONES_HURT = {"fresh": "ok", "why": "a test", "clone": "hurts", "clone_why": "a test: 0.1 -> 0.4"}
+
+
+def _actor_runtime_guards(pol, runtime, refused: str, taken: str, message: str):
+    """An actor runtime of ``pol`` refuses 2 experts added as ``refused`` (``message``) and goes on;
+    it takes one added as ``taken`` and one ``refused`` asked for explicitly."""
     import trio
 
     from badger_runtime.actors.runtime import ActorAgent
     from badger_runtime.actors.sharded import ShardedAgent
 
-    eng = Agent(harmed).reset(1, 3, 2, seed=0)
+    eng = Agent(pol).reset(1, 3, 2, seed=0)
     obs = np.zeros((1, eng.slots), np.float32)
-    make = ShardedAgent if runtime == "sharded" else ActorAgent
-    a = make(harmed, harmed.agent, eng.interface, eng.wiring)
+    a = (ShardedAgent if runtime == "sharded" else ActorAgent)(pol, pol.agent, eng.interface, eng.wiring)
 
     async def main():
         async with a.running():
             await a.step(obs)
-            with pytest.raises(GrowthError, match="Instead: add clones"):
-                a.add_experts(2, init="fresh")
+            with pytest.raises(GrowthError, match=message):
+                a.add_experts(2, init=refused)
             assert a.n_experts == 3
-            a.add_experts(1, init="clone")
-            a.add_experts(1, init="fresh", allow_harmful=True)
+            a.add_experts(1, init=taken)
+            a.add_experts(1, init=refused, allow_harmful=True)
             await a.step(obs)
             assert a.n_experts == 5
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("runtime", ["engine", "sharded", "actors"])
+def test_a_card_that_says_clones_hurt_refuses_clones_and_takes_fresh_experts(tiny_policy, tmp_path, runtime):
+    """The same guard for clones (``"clone": "hurts"``): refused before anything changes, with the card's
+    evidence; fresh experts (which this card says are fine) join, and clones asked for explicitly."""
+    pol = load_policy(_with_growth(tiny_policy, tmp_path, CLONES_HURT))
+    if runtime != "engine":
+        return _actor_runtime_guards(pol, runtime, "clone", "fresh", "clones make it worse")
+    eng = Agent(pol).reset(1, 3, 2, seed=0)
+    eng.step(np.zeros((1, eng.slots), np.float32))
+    h = eng.state.h.copy()
+    with pytest.raises(GrowthError, match="clones make it worse.*0.1 -> 0.4"):
+        eng.add_experts(2, init="clone")
+    assert eng.n_experts == 3 and np.array_equal(eng.state.h, h)
+    assert eng.add_experts(1, init="fresh") == [3]
+    assert eng.add_experts(1, init="clone", allow_harmful=True) == [4]
+
+
+@pytest.mark.parametrize("runtime", ["sharded", "actors"])
+def test_the_actor_runtimes_refuse_fresh_experts_and_go_on(harmed, runtime):
+    _actor_runtime_guards(harmed, runtime, "fresh", "clone", "Instead: add clones")
 
 
 @pytest.mark.parametrize("runtime", ["engine", "sharded", "actors"])
@@ -118,6 +144,27 @@ def test_a_served_session_answers_growth_and_is_unchanged(harmed):
     assert call("add_experts", n=2, init="fresh", allow_harmful=True)["body"]["experts"] == 5
     assert call("add_experts", n=1)["body"]["experts"] == 6  # clones, the default
     assert call("step", slots=slots, t=1)["ok"]
+
+
+def test_a_served_session_refuses_clones_where_the_card_says_they_hurt(tiny_policy, tmp_path):
+    from badger_runtime.serve.protocol import validate_request
+    from badger_runtime.serve.sessions import SessionManager
+
+    m = SessionManager(load_policy(_with_growth(tiny_policy, tmp_path, CLONES_HURT)))
+    secret = {}
+
+    def call(kind, **body):
+        r = m.handle(validate_request({"id": 1, "kind": kind, "session": "s", "body": body | secret}))
+        if kind == "open":
+            secret["secret"] = r["body"]["secret"]
+        return r
+
+    call("open", dims=2, experts=3)
+    before = m.record(m.sessions["s"])
+    r = call("add_experts", n=2)  # clones, the default
+    assert not r["ok"] and r["error"]["code"] == "growth" and "clones make it worse" in r["error"]["message"]
+    assert m.record(m.sessions["s"]) == before
+    assert call("add_experts", n=2, init="fresh")["body"]["experts"] == 5
 
 
 def test_eval_cli_refuses_fresh_experts_unless_asked(harmed, capsys):

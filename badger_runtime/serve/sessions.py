@@ -44,7 +44,7 @@ E_WRONG_STEP = "wrong_step"  # the request's "t" (or "episode") is not where the
 E_STORAGE = "storage"  # the checkpoint could not be written; the change was undone
 E_INTERNAL = "internal"
 E_HORIZON = "horizon"  # a step past an episodic policy's horizon in a session not opened with past_horizon
-E_GROWTH = "growth"  # fresh experts for a policy whose card says they hurt it, without allow_harmful
+E_GROWTH = "growth"  # fresh experts (or clones) for a policy whose card says they hurt it, without allow_harmful
 E_FORBIDDEN = "forbidden"  # the session belongs to another client (its secret is missing or wrong)
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
