@@ -76,6 +76,22 @@ def command(name: str, s: GrowthSetting, *, episodes: int, seed: int, init: str 
     return " ".join(parts) + f" --episodes {episodes} --seed {seed} --json"
 
 
+def final_errors(pol, s: GrowthSetting, *, episodes: int, seed: int, init: str | None = None) -> np.ndarray:
+    """Each episode's final error [episodes] in the setting ``s``: the unchanged agent (``init`` None) or
+    one that gets ``s.experts`` more experts (``init`` 'fresh' or 'clone') before step ``s.at``. A
+    measurement, so a card that says they hurt does not refuse them here; the same episodes for every
+    ``init`` (paired)."""
+    changes = schedule(s.at, s.experts, init, allow_harmful=True) if init else ()
+    return run_episodes(numpy_ops(), pol, pol.agent, s.task, dims=s.dims, experts=s.experts, episodes=episodes,
+                        seed=seed, steps=s.steps, changes=changes).errors[-1]
+
+
+def worse(base: np.ndarray, grown: float) -> bool:
+    """The cards' rule: a grown agent's mean final error ``grown`` is worse than the unchanged agent's
+    (final errors ``base``) by more than ``NOISE_SEMS`` of their standard errors."""
+    return grown > float(base.mean()) + NOISE_SEMS * float(base.std() / np.sqrt(base.size))
+
+
 def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: int = 0) -> dict | None:
     """Fresh (and cloned) experts joining at mid-episode against the unchanged agent (module doc).
     Returns {"fresh": "ok" | "hurts", "why": str, "instead": str (where it hurts), and the numbers:
@@ -86,17 +102,12 @@ def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: i
     if s is None:
         return None
     name = name or pol.name
-    ops = numpy_ops()
-
-    def finals(changes=()):
-        return run_episodes(ops, pol, pol.agent, s.task, dims=s.dims, experts=s.experts, episodes=episodes,
-                            seed=seed, steps=s.steps, changes=changes).errors[-1]
-
-    base = finals()
-    fresh = float(finals(schedule(s.at, s.experts, "fresh", allow_harmful=True)).mean())
+    kw = dict(episodes=episodes, seed=seed)
+    base = final_errors(pol, s, **kw)
+    fresh = float(final_errors(pol, s, init="fresh", **kw).mean())
     mean, sem = float(base.mean()), float(base.std() / np.sqrt(base.size))
-    hurts = fresh > mean + NOISE_SEMS * sem
-    clone = float(finals(schedule(s.at, s.experts, "clone")).mean()) if hurts else None
+    hurts = worse(base, fresh)
+    clone = float(final_errors(pol, s, init="clone", **kw).mean()) if hurts else None
     # the flag where either this measurement or the card says they hurt (the card's growth refuses it otherwise)
     cmd = command(name, s, episodes=episodes, seed=seed, init="fresh", allow_harmful=hurts or fresh_hurts(pol))
     what = (f"final error {mean:.4g} unchanged -> {fresh:.4g} ({fresh / max(mean, 1e-12):.2f}x, SEM {sem:.2g}) when "
@@ -104,7 +115,7 @@ def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: i
     out = {"fresh": "hurts" if hurts else "ok", "why": f"{cmd}: {what}"}
     if hurts:
         out["instead"] = (f"add clones (init 'clone': {clone:.4g}, within the noise of the unchanged agent)"
-                          if clone <= mean + NOISE_SEMS * sem else f"none measured: clones hurt too ({clone:.4g})")
+                          if not worse(base, clone) else f"none measured: clones hurt too ({clone:.4g})")
     return out | {"command": cmd, "unchanged": mean, "fresh_final": fresh, "clone_final": clone, "sem": sem,
                   "ratio": fresh / max(mean, 1e-12), "setting": dataclasses.asdict(s) | {"task": s.task.name}}
 

@@ -201,19 +201,24 @@ def _error_measured_shipped():
 
 @pytest.mark.parametrize("name", _error_measured_shipped())
 def test_every_cards_growth_verdict_is_what_its_measurement_gives(name):
-    """The verdict a shipped card states ("ok" / "hurts") is the one ``growth.measure_growth`` gives today
-    in the card's own setting (the episodes and seed of its command), and where the card quotes
+    """The verdict a shipped card states ("ok" / "hurts", and for clones where it says) is the one the cards'
+    rule gives today in the card's own setting (the episodes and seed of its command), and where the card quotes
     measure_growth's numbers they are today's to the digit: a change to the engine, the task or the rule
     that moved a verdict or a card's number would show."""
     import re
 
-    from badger_runtime.growth import measure_growth
+    from badger_runtime.growth import final_errors, growth_setting, measure_growth, worse
     from badger_runtime.policy_card import shipped_dir
 
     card = json.loads((shipped_dir() / f"{name}.json").read_text())["growth"]
     episodes, seed = (int(re.search(rf"--{k} (\d+)", card["why"]).group(1)) for k in ("episodes", "seed"))
-    g = measure_growth(load_policy(name), episodes=episodes, seed=seed)
+    pol = load_policy(name)
+    g = measure_growth(pol, episodes=episodes, seed=seed)
     assert g["fresh"] == card["fresh"], (name, g["why"], card["why"])
+    if "clone" in card:  # a clone verdict (written by hand: measure_growth gives none) by the same rule
+        s, kw = growth_setting(pol), dict(episodes=episodes, seed=seed)
+        clones = final_errors(pol, s, init="clone", **kw).mean()
+        assert ("hurts" if worse(final_errors(pol, s, **kw), clones) else "ok") == card["clone"], (clones, card)
     quoted = re.search(r"final error (\S+) unchanged -> (\S+) \(", card["why"])  # measure_growth's wording
     for text, value in zip(quoted.groups() if quoted else (), (g["unchanged"], g["fresh_final"])):
         places = len(text.split(".")[1]) if "." in text else 0  # as written: to its last digit
