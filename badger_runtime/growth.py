@@ -5,8 +5,9 @@ than the unchanged agent. ``measure_growth`` measures it on the policy's own tas
 docs/results.md's table "Hot-adding fresh experts to every shipped policy"): an agent of the
 trained minimum N (at least 2 unless N is fixed) at the trained maximum d gets as many fresh experts
 again at mid-episode; its final error is compared with the unchanged agent's on the same seeded
-episodes. ``badger export --eval-episodes`` writes the result into the card, and
-``engine.check_growth`` refuses fresh experts where the card says they hurt.
+episodes, and so are clones (the same number of experts copying living ones). ``badger export
+--eval-episodes`` writes both verdicts into the card, and ``engine.check_growth`` refuses fresh
+experts (clones) where the card says they hurt.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from .engine import fresh_hurts, numpy_ops
+from .engine import growth_hurts, numpy_ops
 from .episodes import schedule
 from .evaluation import run_episodes
 from .tasks import task_class
@@ -71,7 +72,7 @@ def command(name: str, s: GrowthSetting, *, episodes: int, seed: int, init: str 
         parts.append(f"--{k} {v}")
     if init:
         parts.append(f"--add-at {s.at} --add {s.experts} --init {init}")
-        if allow_harmful and init == "fresh":
+        if allow_harmful:
             parts.append("--allow-harmful-growth")
     return " ".join(parts) + f" --episodes {episodes} --seed {seed} --json"
 
@@ -93,33 +94,44 @@ def worse(base: np.ndarray, grown: float) -> bool:
 
 
 def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: int = 0) -> dict | None:
-    """Fresh (and cloned) experts joining at mid-episode against the unchanged agent (module doc).
-    Returns {"fresh": "ok" | "hurts", "why": str, "instead": str (where it hurts), and the numbers:
-    "command", "unchanged", "fresh_final", "clone_final" (measured only where fresh experts hurt: the
-    clones are the way instead; else None), "sem", "ratio", "setting"}; None for a task not measured by
-    an error."""
+    """Fresh experts and clones joining at mid-episode against the unchanged agent (module doc), on the
+    same episodes. Returns {"fresh": "ok" | "hurts", "why": str, "instead": str (where fresh experts hurt),
+    "clone", "clone_why", "clone_instead" alike for clones, and the numbers: "command", "unchanged",
+    "fresh_final", "clone_final", "sem", "ratio", "setting"}; None for a task not measured by an error."""
     s = growth_setting(pol)
     if s is None:
         return None
     name = name or pol.name
     kw = dict(episodes=episodes, seed=seed)
     base = final_errors(pol, s, **kw)
-    fresh = float(final_errors(pol, s, init="fresh", **kw).mean())
     mean, sem = float(base.mean()), float(base.std() / np.sqrt(base.size))
-    hurts = worse(base, fresh)
-    clone = float(final_errors(pol, s, init="clone", **kw).mean()) if hurts else None
-    # the flag where either this measurement or the card says they hurt (the card's growth refuses it otherwise)
-    cmd = command(name, s, episodes=episodes, seed=seed, init="fresh", allow_harmful=hurts or fresh_hurts(pol))
-    what = (f"final error {mean:.4g} unchanged -> {fresh:.4g} ({fresh / max(mean, 1e-12):.2f}x, SEM {sem:.2g}) when "
-            f"{s.experts} fresh experts join {s.experts} at step {s.at} of {s.steps}, d = {s.dims}")
-    out = {"fresh": "hurts" if hurts else "ok", "why": f"{cmd}: {what}"}
-    if hurts:
-        out["instead"] = (f"add clones (init 'clone': {clone:.4g}, within the noise of the unchanged agent)"
-                          if not worse(base, clone) else f"none measured: clones hurt too ({clone:.4g})")
-    return out | {"command": cmd, "unchanged": mean, "fresh_final": fresh, "clone_final": clone, "sem": sem,
-                  "ratio": fresh / max(mean, 1e-12), "setting": dataclasses.asdict(s) | {"task": s.task.name}}
+    final = {init: float(final_errors(pol, s, init=init, **kw).mean()) for init in ("fresh", "clone")}
+    hurts = {init: worse(base, final[init]) for init in final}
+    out, cmd = {}, {}
+    for init, other in (("fresh", "clone"), ("clone", "fresh")):
+        key, who = ("", "fresh experts") if init == "fresh" else ("clone_", "clones")
+        # the flag where either this measurement or the card says they hurt (the card refuses them otherwise)
+        cmd[init] = command(name, s, init=init, allow_harmful=hurts[init] or growth_hurts(pol, init), **kw)
+        v = final[init]
+        out[init] = "hurts" if hurts[init] else "ok"
+        out[key + "why"] = (f"{cmd[init]}: final error {mean:.4g} unchanged -> {v:.4g} ({v / max(mean, 1e-12):.2f}x, "
+                            f"SEM {sem:.2g}) when {s.experts} {who} join {s.experts} at step {s.at} of {s.steps}, "
+                            f"d = {s.dims}")
+        if hurts[init]:
+            instead = f"add {'clones' if other == 'clone' else 'fresh experts'} (init '{other}': {final[other]:.4g}"
+            fine = "better than" if final[other] < mean else "within the noise of"
+            out[key + "instead"] = (f"{instead}, {fine} the unchanged agent)" if not hurts[other]
+                                    else f"none measured: {'clones' if other == 'clone' else 'fresh experts'} "
+                                         f"hurt too ({final[other]:.4g})")
+    return out | {"command": cmd["fresh"], "clone_command": cmd["clone"], "unchanged": mean,
+                  "fresh_final": final["fresh"], "clone_final": final["clone"], "sem": sem,
+                  "ratio": final["fresh"] / max(mean, 1e-12), "setting": dataclasses.asdict(s) | {"task": s.task.name}}
+
+
+#: the keys of a card's ``growth`` (policy_card.PolicyCard.growth)
+CARD_KEYS = ("fresh", "why", "instead", "clone", "clone_why", "clone_instead")
 
 
 def card_growth(measured: dict) -> dict:
     """The card's ``growth`` entry from ``measure_growth``'s result."""
-    return {k: measured[k] for k in ("fresh", "why", "instead") if k in measured}
+    return {k: measured[k] for k in CARD_KEYS if k in measured}

@@ -201,34 +201,31 @@ def _error_measured_shipped():
 
 @pytest.mark.parametrize("name", _error_measured_shipped())
 def test_every_cards_growth_verdict_is_what_its_measurement_gives(name):
-    """The verdict a shipped card states ("ok" / "hurts", and for clones where it says) is the one the cards'
-    rule gives today in the card's own setting (the episodes and seed of its command), and where the card quotes
+    """The verdicts a shipped card states for fresh experts and for clones ("ok" / "hurts") are the ones the
+    cards' rule gives today in the card's own setting (the episodes and seed of its command), and where the card quotes
     measure_growth's numbers they are today's to the digit: a change to the engine, the task or the rule
     that moved a verdict or a card's number would show."""
     import re
 
-    from badger_runtime.growth import final_errors, growth_setting, measure_growth, worse
+    from badger_runtime.growth import measure_growth
     from badger_runtime.policy_card import shipped_dir
 
     card = json.loads((shipped_dir() / f"{name}.json").read_text())["growth"]
     episodes, seed = (int(re.search(rf"--{k} (\d+)", card["why"]).group(1)) for k in ("episodes", "seed"))
     pol = load_policy(name)
     g = measure_growth(pol, episodes=episodes, seed=seed)
-    assert g["fresh"] == card["fresh"], (name, g["why"], card["why"])
-    if "clone" in card:  # a clone verdict (written by hand: measure_growth gives none) by the same rule
-        s, kw = growth_setting(pol), dict(episodes=episodes, seed=seed)
-        clones = final_errors(pol, s, init="clone", **kw).mean()
-        assert ("hurts" if worse(final_errors(pol, s, **kw), clones) else "ok") == card["clone"], (clones, card)
-    quoted = re.search(r"final error (\S+) unchanged -> (\S+) \(", card["why"])  # measure_growth's wording
-    for text, value in zip(quoted.groups() if quoted else (), (g["unchanged"], g["fresh_final"])):
-        places = len(text.split(".")[1]) if "." in text else 0  # as written: to its last digit
-        assert abs(float(text) - value) <= 0.5 * 10.0 ** -places + 1e-12, (g["why"], card["why"])
+    for init, key in (("fresh", ""), ("clone", "clone_")):  # every error-measured card states both verdicts
+        assert g[init] == card[init], (name, g[key + "why"], card[key + "why"])
+        quoted = re.search(r"final error (\S+) unchanged -> (\S+) \(", card[key + "why"])  # measure_growth's wording
+        for text, value in zip(quoted.groups() if quoted else (), (g["unchanged"], g[f"{init}_final"])):
+            places = len(text.split(".")[1]) if "." in text else 0  # as written: to its last digit
+            assert abs(float(text) - value) <= 0.5 * 10.0 ** -places + 1e-12, (g[key + "why"], card[key + "why"])
 
 
 def test_export_measures_what_fresh_experts_do(tiny_run, tmp_path):
     """`badger export --eval-episodes` writes the card's growth from growth.measure_growth, and the
     command it names gives the fresh arm's number."""
-    from badger_runtime.growth import growth_setting, measure_growth
+    from badger_runtime.growth import CARD_KEYS, growth_setting, measure_growth
     from badger_runtime.training.export import export, write_card_evaluation
 
     out = tmp_path / "p.onnx"
@@ -236,11 +233,14 @@ def test_export_measures_what_fresh_experts_do(tiny_run, tmp_path):
     card = write_card_evaluation(out, episodes=16)
     pol = load_policy(out)
     g = measure_growth(pol, name=str(out), episodes=16)
-    assert card["growth"] == {k: g[k] for k in ("fresh", "why", "instead") if k in g} == pol.growth
+    assert card["growth"] == {k: g[k] for k in CARD_KEYS if k in g} == pol.growth
+    assert {"fresh", "why", "clone", "clone_why"} <= set(card["growth"])
     s = growth_setting(pol)
     assert f"--add-at {s.at} --add {s.experts} --init fresh" in g["why"] and s.at == s.steps // 2
-    assert (g["fresh"] == "hurts") == (g["fresh_final"] > g["unchanged"] + 3 * g["sem"])
-    assert (g["clone_final"] is None) == (g["fresh"] == "ok")  # the clone arm runs only to say what to do instead
+    assert f"--add-at {s.at} --add {s.experts} --init clone" in g["clone_why"]
+    for init, key in (("fresh", ""), ("clone", "clone_")):  # the cards' rule, for either kind of newcomer
+        assert (g[init] == "hurts") == (g[f"{init}_final"] > g["unchanged"] + 3 * g["sem"])
+        assert (key + "instead" in g) == (g[init] == "hurts")
     base = run_episodes(numpy_ops(), pol, pol.agent, s.task, dims=s.dims, experts=s.experts, episodes=16, seed=0,
                         steps=s.steps).errors[-1]
     assert abs(float(base.mean()) - g["unchanged"]) < 1e-9

@@ -414,7 +414,7 @@ def demo_growing(o: DemoOptions) -> dict:
     grow = dict(allow_harmful=True)  # a measurement: it shows what joining does, harm included
     hot = {
         f"N={n0} throughout": errors(n0),
-        f"N={n0}, +{n1 - n0} cloned experts at step {add_at}": errors(n0, schedule(add_at, n1 - n0, "clone")),
+        f"N={n0}, +{n1 - n0} cloned experts at step {add_at}": errors(n0, schedule(add_at, n1 - n0, "clone", **grow)),
         f"N={n0}, +{n1 - n0} fresh experts at step {add_at}": errors(n0, schedule(add_at, n1 - n0, "fresh", **grow)),
         f"N={n1} throughout": errors(n1),
     }

@@ -94,7 +94,7 @@ def export(checkpoint: str | Path, out: str | Path, *, name: str | None = None, 
 def write_card_evaluation(onnx: str | Path, *, episodes: int = 1000, seed: int = 0) -> dict:
     """Evaluate an exported policy on its own task (torch-free, seeded; the settings its task names
     in ``Task.card_evaluations``) and record the numbers, with their commands, in its card; for a
-    task measured by an error, also what fresh experts joining mid-episode do to it (``growth``,
+    task measured by an error, also what fresh experts and clones joining mid-episode do to it (``growth``,
     see ``growth.measure_growth``)."""
     from ..engine import numpy_ops
     from ..evaluation import evaluate
