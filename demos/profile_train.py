@@ -12,9 +12,13 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from badger_runtime.bench.train import reference_setup, training_step
+from badger_runtime.bench.train import matmul_gflops, model_flops, reference_setup, training_step
 from badger_runtime.rollout import sample_wiring
 from badger_runtime.training.model import ExpertPolicy
+
+
+#: the ops whose self time is BLAS work
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
 def main(argv=None):
@@ -47,6 +51,15 @@ def main(argv=None):
     print("top ops by self CPU time (share, calls per batch): " + ", ".join(
         f"{e.key.replace('aten::', '')} {100 * e.self_cpu_time_total / total:.0f}% ({e.count / args.batches:.0f})"
         for e in top))
+    # the ceiling of any fusion that keeps torch's matmuls: were every other op free, a batch would still
+    # take its matmuls' time; against the limit (the batch's model FLOPs at a large matmul's rate)
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / args.batches / 1e6
+    flops = model_flops(cfg.policy, batch=100, experts=20, steps=20, dims=3, slots=3 + 1)  # as bench.train
+    limit = flops / (matmul_gflops(threads=1) * 1e9)
+    per_batch = total / args.batches / 1e6
+    print(f"matmuls ({', '.join(m.replace('aten::', '') for m in MATMULS)}): {1e3 * mm:.0f} ms of "
+          f"{1e3 * per_batch:.0f} ms of self CPU time per batch ({100 * mm / per_batch:.0f}%); the batch at the "
+          f"limit: {1e3 * limit:.0f} ms, so with every other op free: {100 * limit / mm:.0f}% of the limit")
 
 
 if __name__ == "__main__":
