@@ -108,21 +108,21 @@ def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: i
     final = {init: float(final_errors(pol, s, init=init, **kw).mean()) for init in ("fresh", "clone")}
     hurts = {init: worse(base, final[init]) for init in final}
     out, cmd = {}, {}
+    who = {"fresh": "fresh experts", "clone": "clones"}
     for init, other in (("fresh", "clone"), ("clone", "fresh")):
-        key, who = ("", "fresh experts") if init == "fresh" else ("clone_", "clones")
+        key = "" if init == "fresh" else "clone_"
         # the flag where either this measurement or the card says they hurt (the card refuses them otherwise)
         cmd[init] = command(name, s, init=init, allow_harmful=hurts[init] or growth_hurts(pol, init), **kw)
         v = final[init]
         out[init] = "hurts" if hurts[init] else "ok"
         out[key + "why"] = (f"{cmd[init]}: final error {mean:.4g} unchanged -> {v:.4g} ({v / max(mean, 1e-12):.2f}x, "
-                            f"SEM {sem:.2g}) when {s.experts} {who} join {s.experts} at step {s.at} of {s.steps}, "
-                            f"d = {s.dims}")
+                            f"SEM {sem:.2g}) when {s.experts} {who[init]} join {s.experts} at step {s.at} of "
+                            f"{s.steps}, d = {s.dims}")
         if hurts[init]:
-            instead = f"add {'clones' if other == 'clone' else 'fresh experts'} (init '{other}': {final[other]:.4g}"
             fine = "better than" if final[other] < mean else "within the noise of"
-            out[key + "instead"] = (f"{instead}, {fine} the unchanged agent)" if not hurts[other]
-                                    else f"none measured: {'clones' if other == 'clone' else 'fresh experts'} "
-                                         f"hurt too ({final[other]:.4g})")
+            out[key + "instead"] = (
+                f"add {who[other]} (init '{other}': {final[other]:.4g}, {fine} the unchanged agent)" if not hurts[other]
+                else f"none measured: {who[other]} hurt too ({final[other]:.4g})")
     return out | {"command": cmd["fresh"], "clone_command": cmd["clone"], "unchanged": mean,
                   "fresh_final": final["fresh"], "clone_final": final["clone"], "sem": sem,
                   "ratio": final["fresh"] / max(mean, 1e-12), "setting": dataclasses.asdict(s) | {"task": s.task.name}}
