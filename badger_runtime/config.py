@@ -191,7 +191,7 @@ class ESConfig:
     parameter vector on the same seeded episodes (``episodes`` each, default ``train.batch_size``),
     in the torch-free deploy engine; centered ranks of their losses give the ES gradient, and Adam
     (``lr``) steps on it. ``train.batches`` counts generations; ``train.seed``, ``objective``,
-    ``horizon``, ``rounds``, ``stages``, ``grow_prob``, ``grow_init``, ``init_from`` and the logging
+    ``horizon``, ``rounds``, ``stages``, ``grow_prob``, ``grow_init``, ``grow_most``, ``init_from`` and the logging
     settings mean what they mean for BPTT; ``tbptt``, ``continue_prob``, ``clip``, ``vote_weight`` and ``lr`` are
     BPTT's only (ES scores whole episodes as deployed)."""
 
@@ -232,6 +232,7 @@ class TrainConfig:
     continue_prob: float = 0.0  # chance that a batch continues the last batch's agents (never reset)
     grow_prob: float = 0.0  # chance that a batch adds 1..N experts (fresh or cloned) at a random inner step
     grow_init: str = "mixed"  # what those experts are: 'mixed' (fresh or cloned, even odds), 'fresh' or 'clone'
+    grow_most: float = 1.0  # a grown batch adds 1..round(grow_most x N) experts (1.0: up to as many again)
     # weight of the guard: sum over the task's loss groups (few-shot: shots of the true class seen before) of
     # relu(mean loss in the group - the initial policy's, on the same predictions): learn, but lose no group
     guard_weight: float = 0.0
@@ -263,6 +264,8 @@ class TrainConfig:
             raise ConfigError("train.continue_prob must be in [0, 1)")
         if not 0 <= self.grow_prob <= 1:
             raise ConfigError("train.grow_prob must be in [0, 1]")
+        if not self.grow_most > 0:
+            raise ConfigError("train.grow_most must be > 0 (a grown batch adds 1..round(grow_most x N) experts)")
         if self.grow_init not in GROW_INITS:
             raise ConfigError(f"train.grow_init must be one of {GROW_INITS}, got {self.grow_init!r}")
         if not 0 <= self.guard_weight < math.inf:
@@ -274,6 +277,11 @@ class TrainConfig:
                               "from their first step: it cannot be used with train.grow_prob or train.continue_prob")
         self.es.validate()
         return self
+
+    def newcomers(self, rng, n: int) -> int:
+        """How many experts a grown batch of ``n`` adds: 1..round(grow_most x n), one draw (with the default
+        1.0 the draw ``rng.integers(1, n + 1)`` of every earlier recipe)."""
+        return int(rng.integers(1, max(1, round(self.grow_most * n)) + 1))
 
     def grows_clones(self, rng) -> bool:
         """Whether a grown batch adds clones (else fresh experts), by ``grow_init``. Draws one number

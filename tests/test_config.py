@@ -29,6 +29,7 @@ def test_toml_and_overrides(tmp_path):
         ("task.feedback=loud", "task.feedback"),
         ("nonsense", "section.key=value"),
         ("train.grow_init=cloned", "train.grow_init"),
+        ("train.grow_most=0", "train.grow_most"),
     ],
 )
 def test_bad_settings_are_refused_clearly(override, message):
@@ -51,6 +52,20 @@ def test_grow_init_chooses_what_grown_batches_add_and_draws_one_number_whatever_
     rng, again = np.random.default_rng(7), np.random.default_rng(7)
     tr = ExperimentConfig().train
     assert [tr.grows_clones(rng) for _ in range(50)] == list(again.random(50) < 0.5)
+
+
+def test_grow_most_sets_how_many_join_and_keeps_the_old_draws_by_default():
+    import numpy as np
+
+    n = 5
+    old, rng = np.random.default_rng(3), np.random.default_rng(3)
+    tr = ExperimentConfig().train
+    assert [tr.newcomers(rng, n) for _ in range(200)] == [int(old.integers(1, n + 1)) for _ in range(200)]
+    tr = load_experiment(None, ["train.grow_most=3"]).train
+    rng = np.random.default_rng(0)
+    draws = [tr.newcomers(rng, n) for _ in range(400)]
+    assert min(draws) == 1 and max(draws) == 3 * n  # 1..3N, both ends reached
+    assert load_experiment(None, ["train.grow_most=0.1"]).train.newcomers(rng, n) == 1  # at least one joins
 
 
 def test_missing_and_broken_files(tmp_path):

@@ -150,7 +150,7 @@ def generation(cfg: ExperimentConfig, gen: int) -> Generation:
     steps = int(rng.integers(lo, hi + 1)) if hi else task.steps
     changes: tuple[Change, ...] = ()
     if tr.grow_prob and steps > 1 and rng.random() < tr.grow_prob:
-        changes = (Change(int(rng.integers(1, steps)), "add", int(rng.integers(1, n + 1)),
+        changes = (Change(int(rng.integers(1, steps)), "add", tr.newcomers(rng, n),
                           "clone" if tr.grows_clones(rng) else "fresh"),)
     return Generation(gen, cfg.agent, task, d, n, steps, rounds, es.episodes or tr.batch_size,
                       int(rng.integers(2**31)), tr.seed, es.sigma, objective_weights(tr.objective, steps), changes)

@@ -354,7 +354,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
             grow = None
             n = agent.n_experts
             if cfg.train.grow_prob and steps > 1 and rng.random() < cfg.train.grow_prob:
-                n_new = int(rng.integers(1, n + 1))
+                n_new = cfg.train.newcomers(rng, n)
                 # clones: deployment's rule (the same draws as rng.integers(0, n, n_new) unless the
                 # membrane deals its slots out to the experts, then an expert of the same part)
                 sources = clone_sources(rng, ep.interface, n, n_new) if cfg.train.grows_clones(rng) else None
