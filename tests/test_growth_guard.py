@@ -4,6 +4,7 @@ refuses to add fresh experts to it unless asked, and leaves the agent unchanged.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,3 +253,26 @@ def test_the_measured_command_carries_the_flag_the_card_asks_for(harmed):
 
     g = measure_growth(harmed, episodes=4)
     assert "--init fresh --allow-harmful-growth" in g["command"]
+
+
+def test_readme_counts_the_shipped_policies_and_names_those_fresh_experts_do_not_hurt():
+    """README's product-rule paragraph: the count of shipped policies, how many fresh experts still hurt, and the
+    list of those they do not hurt, are what the cards in policies/ say (the count was stale for a while)."""
+    import re
+
+    from badger_runtime.policy_card import shipped_dir, shipped_policies
+
+    ones = "zero one two three four five six seven eight nine".split()
+    tens = {2: "twenty", 3: "thirty", 4: "forty"}
+
+    def words(n: int) -> str:
+        return ones[n] if n < 10 else "ten" if n == 10 else tens[n // 10] + (f"-{ones[n % 10]}" if n % 10 else "")
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    names = shipped_policies()
+    verdict = {n: json.loads((shipped_dir() / f"{n}.json").read_text())["growth"]["fresh"] for n in names}
+    hurt = sum(v == "hurts" for v in verdict.values())
+    assert f"**done for all {words(len(names))}**" in readme
+    assert f"**not yet met by {words(hurt)} of these {words(len(names))}**" in readme
+    listed = re.search(r"\(((?:[a-z0-9-]+, )+[a-z0-9-]+(?:, [a-z0-9-]+)* and [a-z0-9-]+) meet it;", readme).group(1)
+    assert set(re.split(r", | and ", listed)) == {n for n, v in verdict.items() if v == "ok"}
