@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Issue 16 probe (`python demos/gru_merge_probe.py`): the GRU cell's two matmuls (nn.GRUCell: x W_i + h W_h) against one merged matmul
+"""Issue 16 probe: the GRU cell's two matmuls (nn.GRUCell: x W_i + h W_h) against one merged matmul
 [x, h] @ [[W_ir W_iz W_in 0], [W_hr W_hz 0 W_hn]] (one product, 4/3 the FLOPs), forward + backward,
-2,000 rows (batch 100 x N 20), hidden 64, input 34; one thread; interleaved; CPU time."""
+2,000 rows (batch 100 x N 20), hidden 64, input 34; one thread; interleaved; CPU time.
+
+    python demos/gru_merge_probe.py
+"""
 import time
 import torch
 torch.set_num_threads(1)
