@@ -97,7 +97,8 @@ def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: i
     """Fresh experts and clones joining at mid-episode against the unchanged agent (module doc), on the
     same episodes. Returns {"fresh": "ok" | "hurts", "why": str, "instead": str (where fresh experts hurt),
     "clone", "clone_why", "clone_instead" alike for clones, and the numbers: "command", "unchanged",
-    "fresh_final", "clone_final", "sem", "ratio", "setting"}; None for a task not measured by an error."""
+    "fresh_final", "clone_final", "sem", "ratio", "clone_ratio", "setting"}; None for a task not measured by
+    an error."""
     s = growth_setting(pol)
     if s is None:
         return None
@@ -106,6 +107,7 @@ def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: i
     base = final_errors(pol, s, **kw)
     mean, sem = float(base.mean()), float(base.std() / np.sqrt(base.size))
     final = {init: float(final_errors(pol, s, init=init, **kw).mean()) for init in ("fresh", "clone")}
+    ratio = {init: v / max(mean, 1e-12) for init, v in final.items()}
     hurts = {init: worse(base, final[init]) for init in final}
     out, cmd = {}, {}
     who = {"fresh": "fresh experts", "clone": "clones"}
@@ -113,9 +115,8 @@ def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: i
         key = "" if init == "fresh" else "clone_"
         # the flag where either this measurement or the card says they hurt (the card refuses them otherwise)
         cmd[init] = command(name, s, init=init, allow_harmful=hurts[init] or growth_hurts(pol, init), **kw)
-        v = final[init]
         out[init] = "hurts" if hurts[init] else "ok"
-        out[key + "why"] = (f"{cmd[init]}: final error {mean:.4g} unchanged -> {v:.4g} ({v / max(mean, 1e-12):.2f}x, "
+        out[key + "why"] = (f"{cmd[init]}: final error {mean:.4g} unchanged -> {final[init]:.4g} ({ratio[init]:.2f}x, "
                             f"SEM {sem:.2g}) when {s.experts} {who[init]} join {s.experts} at step {s.at} of "
                             f"{s.steps}, d = {s.dims}")
         if hurts[init]:
@@ -125,7 +126,8 @@ def measure_growth(pol, *, name: str | None = None, episodes: int = 256, seed: i
                 else f"none measured: {who[other]} hurt too ({final[other]:.4g})")
     return out | {"command": cmd["fresh"], "clone_command": cmd["clone"], "unchanged": mean,
                   "fresh_final": final["fresh"], "clone_final": final["clone"], "sem": sem,
-                  "ratio": final["fresh"] / max(mean, 1e-12), "setting": dataclasses.asdict(s) | {"task": s.task.name}}
+                  "ratio": ratio["fresh"], "clone_ratio": ratio["clone"],
+                  "setting": dataclasses.asdict(s) | {"task": s.task.name}}
 
 
 #: the keys of a card's ``growth`` (policy_card.PolicyCard.growth)

@@ -170,14 +170,14 @@ def main(argv=None) -> int:
         w("### Hot-adding fresh experts to every shipped policy (as many again at mid-episode; final step)\n")
         w("(The clone columns: the same command with `--init clone`, `--allow-harmful-growth` where the card refuses "
           "clones; `growth.measure_growth` runs both, on the same episodes.)\n")
-        w("| policy | d | N | unchanged | + N fresh | ratio | + N clones | ratio | seed-to-seed noise (SEM) | command |")
+        w("| policy | d | N | unchanged | + N fresh | ratio | + N clones | ratio | seed-to-seed noise (SEM) "
+          "| command |")
         w("|---|---|---|---|---|---|---|---|---|---|")
         other = []
         for name, sp, et, dd, nn, steps, mid in shipped_settings(other):
             g = measure_growth(sp, episodes=E * 4, seed=S)  # what `badger export` writes into a card's growth
-            clones = g["clone_final"] / max(g["unchanged"], 1e-12)
             w(f"| {name} | {dd} | {nn} | {g['unchanged']:.4f} | {g['fresh_final']:.4f} | {g['ratio']:.2f} | "
-              f"{g['clone_final']:.4f} | {clones:.2f} | {g['sem']:.4f} | `{g['command']}` |")
+              f"{g['clone_final']:.4f} | {g['clone_ratio']:.2f} | {g['sem']:.4f} | `{g['command']}` |")
         if other:
             w(f"\n(Not in this table, measured by their own task's metric: {', '.join(other)}; see README.)")
         w("")
