@@ -12,7 +12,7 @@ has the same interface, which ``episodes.drive`` relies on:
     interface                            the membrane's view of the episodes (membrane.Interface)
     n_experts, expert_ids()              who is there
     step(slot_values [B, J], rounds=None) -> (outputs [B, d], rollout.StepInfo)   (async for actors)
-    add_experts(n, init="clone"|"fresh", source=None) -> new ids
+    add_experts(n, init=None|"clone"|"fresh", source=None) -> new ids   (None: engine.default_init)
     remove_experts(ids) -> experts left
 
 It never sees a task: a task's episode hands it an ``Interface`` and the driver hands it slot
@@ -68,6 +68,18 @@ def growth_hurts(policy, init: str) -> bool:
 def fresh_hurts(policy) -> bool:
     """Whether the policy's card (``growth``) measured that fresh experts make it worse."""
     return growth_hurts(policy, "fresh")
+
+
+def default_init(policy, init: str | None = None, source: int | None = None) -> str:
+    """The kind of experts an ``add_experts`` without ``init`` adds: clones (the paper's growing), unless
+    the policy's card measured that clones make it worse and fresh experts do not, then fresh experts.
+    An explicit ``init`` is returned as given; so is a clone of a named ``source``. Where the card says
+    both hurt, clones are asked for and ``check_growth`` refuses them, naming the successor."""
+    if init is not None:
+        return init
+    if source is None and growth_hurts(policy, "clone") and not growth_hurts(policy, "fresh"):
+        return "fresh"
+    return "clone"
 
 
 def check_growth(policy, init: str, allow_harmful: bool):
@@ -222,13 +234,15 @@ class Agent:
         return out, info
 
     # -- growing and shrinking ----------------------------------------------------------
-    def add_experts(self, n: int, init: str = "clone", source: int | None = None,
+    def add_experts(self, n: int, init: str | None = None, source: int | None = None,
                     sources: np.ndarray | None = None, *, allow_harmful: bool = False) -> list[int]:
         """Add n experts; returns their indices. ``clone`` copies expert ``source`` (default: a
         random living expert per new one; ``sources`` [n] names one per new expert), ``fresh``
-        draws a new initial state (refused where the card says it hurts, see ``check_growth``)."""
+        draws a new initial state (refused where the card says it hurts, see ``check_growth``);
+        None: the kind the card does not refuse (``default_init``)."""
         if n < 1:
             raise InputError("add at least one expert")
+        init = default_init(self.policy, init, None if source is None and sources is None else 0)
         if init not in ("clone", "fresh"):
             raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
         check_growth(self.policy, init, allow_harmful)

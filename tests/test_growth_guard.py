@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from badger_runtime.engine import Agent, GrowthError, numpy_ops
+from badger_runtime.engine import Agent, GrowthError, default_init, numpy_ops
 from badger_runtime.episodes import schedule
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import PolicyError, load_policy
@@ -143,7 +143,7 @@ def test_a_served_session_answers_growth_and_is_unchanged(harmed):
     r = call("add_experts", n=2, init="fresh", allow_harmful="yes")
     assert not r["ok"] and r["error"]["code"] == "bad_request"
     assert call("add_experts", n=2, init="fresh", allow_harmful=True)["body"]["experts"] == 5
-    assert call("add_experts", n=1)["body"]["experts"] == 6  # clones, the default
+    assert call("add_experts", n=1)["body"]["experts"] == 6  # a bare add: clones, which this card takes
     assert call("step", slots=slots, t=1)["ok"]
 
 
@@ -162,10 +162,61 @@ def test_a_served_session_refuses_clones_where_the_card_says_they_hurt(tiny_poli
 
     call("open", dims=2, experts=3)
     before = m.record(m.sessions["s"])
-    r = call("add_experts", n=2)  # clones, the default
-    assert not r["ok"] and r["error"]["code"] == "growth" and "clones make it worse" in r["error"]["message"]
-    assert m.record(m.sessions["s"]) == before
+    for body in ({"init": "clone"}, {"source": 0}):  # clones asked for, or a clone of a named expert
+        r = call("add_experts", n=2, **body)
+        assert not r["ok"] and r["error"]["code"] == "growth" and "clones make it worse" in r["error"]["message"]
+        assert m.record(m.sessions["s"]) == before
     assert call("add_experts", n=2, init="fresh")["body"]["experts"] == 5
+    assert call("add_experts", n=1)["body"]["experts"] == 6  # a bare add: fresh experts, which this card takes
+    assert call("add_experts", n=1, init=None)["body"]["experts"] == 7
+
+
+BOTH_HURT = CLONES_HURT | {"fresh": "hurts", "instead": "the successor"}
+
+
+@pytest.mark.parametrize("runtime", ["engine", "sharded", "actors"])
+def test_a_bare_add_takes_the_kind_the_card_does_not_refuse(tiny_policy, tmp_path, runtime):
+    """``add_experts(n)`` without ``init`` adds clones (the paper's growing) unless the card says clones hurt
+    and fresh experts do not; then fresh experts. Where both hurt, the clones are refused as asked for."""
+    import trio
+
+    from badger_runtime.actors.runtime import ActorAgent
+    from badger_runtime.actors.sharded import ShardedAgent
+
+    cards = {"clones": HURTS, "fresh": CLONES_HURT, "refused": BOTH_HURT, "nothing": None}
+    for want, growth in cards.items():
+        (tmp_path / want).mkdir(exist_ok=True)
+        pol = load_policy(tiny_policy if growth is None else _with_growth(tiny_policy, tmp_path / want, growth))
+        assert default_init(pol) == {"clones": "clone", "fresh": "fresh", "nothing": "clone"}.get(want, "clone")
+        assert default_init(pol, source=1) == "clone" and default_init(pol, "fresh") == "fresh"
+        eng = Agent(pol).reset(1, 3, 2, seed=0)
+        obs = np.zeros((1, eng.slots), np.float32)
+        eng.step(obs)
+        if runtime == "engine":
+            if want == "refused":
+                with pytest.raises(GrowthError, match="clones make it worse"):
+                    eng.add_experts(2)
+                continue
+            h = eng.state.h[0].copy()
+            eng.add_experts(2)
+            copies = [any(np.array_equal(eng.state.h[0, i], h[j]) for j in range(3)) for i in (3, 4)]
+            assert copies == [want != "fresh"] * 2  # clones copy a living expert's state, fresh experts do not
+            continue
+        a = (ShardedAgent if runtime == "sharded" else ActorAgent)(pol, pol.agent, eng.interface, eng.wiring)
+
+        async def main():
+            async with a.running():
+                await a.step(obs)
+                if want == "refused":
+                    with pytest.raises(GrowthError, match="clones make it worse"):
+                        a.add_experts(2)
+                    assert a.n_experts == 3
+                else:
+                    a.add_experts(2)
+                    await a.step(obs)
+                    assert a.n_experts == 5
+
+        trio.run(main)
 
 
 def test_eval_cli_refuses_fresh_experts_unless_asked(harmed, capsys):
@@ -189,7 +240,9 @@ def test_shipped_cards_say_what_fresh_experts_do():
         assert g["fresh"] in ("ok", "hurts") and "--policy " in g["why"] and name in g["why"], name
         if g["fresh"] == "hurts":
             assert g["instead"] and "--allow-harmful-growth" in g["why"], name
-        load_policy(name)  # and the loader takes it
+        pol = load_policy(name)  # and the loader takes it
+        # a bare add_experts is refused only where the card refuses both kinds (guessing-converge-v2: fresh)
+        assert (g.get(default_init(pol)) == "hurts") == (g["fresh"] == g.get("clone") == "hurts"), name
 
 
 def _error_measured_shipped():

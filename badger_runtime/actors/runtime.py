@@ -73,7 +73,7 @@ import trio
 
 from .. import routing
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_growth, check_horizon, check_values
+from ..engine import InputError, check_growth, check_horizon, check_values, default_init
 from ..membrane import Interface, normal_seats, seat_array
 from ..rollout import StepInfo, Wiring, clone_candidates, fresh_state, initial_state, rebalance_plan
 from ..xp import NumpyOps
@@ -235,16 +235,17 @@ class ActorAgent(Lifecycle):
     def n_experts(self) -> int:
         return len(self.directory.members)
 
-    def add_experts(self, n: int, init: str = "clone", source: int | None = None, *,
+    def add_experts(self, n: int, init: str | None = None, source: int | None = None, *,
                     allow_harmful: bool = False) -> list[int]:
         """Add n experts while the agent runs (they join at the next inner step); returns their ids.
 
         ``clone`` copies a living expert's current state and messages (``source``, or a random
         one per new expert), ``fresh`` starts from the policy's initial state with new noise,
-        as ``rollout.grow`` does. Unlike ``rollout.grow``, nobody else is rewired: the newcomer
+        as ``rollout.grow`` does; None: the kind the card does not refuse (``engine.default_init``). Unlike ``rollout.grow``, nobody else is rewired: the newcomer
         gets edges by the directory's growing rule (see ``directory``)."""
         if n < 1:
             raise InputError("add at least one expert")
+        init = default_init(self.policy, init, source)
         if init not in ("clone", "fresh"):
             raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
         check_growth(self.policy, init, allow_harmful)

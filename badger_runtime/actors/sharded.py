@@ -58,7 +58,7 @@ import trio
 
 from .. import agreement, membrane
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_growth, check_horizon, check_values
+from ..engine import InputError, check_growth, check_horizon, check_values, default_init
 from ..membrane import Interface
 from ..rollout import AgentState, StepInfo, Wiring, clone_sources, grow, initial_state, rebalance, shrink
 from ..xp import NumpyOps
@@ -144,11 +144,13 @@ class ShardedMembrane:
     def shards(self) -> int:
         return self.S
 
-    def add_experts(self, n: int, init: str = "clone", source: int | None = None, *,
+    def add_experts(self, n: int, init: str | None = None, source: int | None = None, *,
                     allow_harmful: bool = False) -> list[int]:
-        """Add n experts by the batched engine's rule (``rollout.grow``), re-partitioned into shards."""
+        """Add n experts by the batched engine's rule (``rollout.grow``), re-partitioned into shards
+        (init None: the kind the card does not refuse, ``engine.default_init``)."""
         if n < 1:
             raise InputError("add at least one expert")
+        init = default_init(self.policy, init, source)
         if init not in ("clone", "fresh"):
             raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
         check_growth(self.policy, init, allow_harmful)

@@ -102,7 +102,7 @@ class RayHostedAgent:
     def step(self, slot_values, rounds: int | None = None, record: bool | None = None):
         return self._call("step", np.asarray(slot_values, np.float32), rounds=rounds)
 
-    def add_experts(self, n: int, init: str = "clone", source: int | None = None, sources=None, *,
+    def add_experts(self, n: int, init: str | None = None, source: int | None = None, sources=None, *,
                     allow_harmful: bool = False) -> list[int]:
         return self._call("add_experts", n, init=init, source=source, sources=sources, allow_harmful=allow_harmful)
 

@@ -224,7 +224,8 @@ def register(sub):
     a = cs.add_parser("add", help="add experts")
     a.add_argument("session")
     a.add_argument("--n", type=int, default=1)
-    a.add_argument("--init", default="clone", choices=["clone", "fresh"])
+    a.add_argument("--init", default=None, choices=["clone", "fresh"],
+                   help="default: clones, or fresh experts where the policy's card says clones hurt and they do not")
     a.add_argument("--allow-harmful-growth", action="store_true",
                    help="fresh experts even for a policy whose card says they make it worse")
     a.add_argument("--source", type=int, default=None)

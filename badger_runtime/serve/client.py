@@ -106,9 +106,9 @@ class _Requests:
                 "t": t, "episode": episode, "arm": arm} | {k: _floats(v) for k, v in ((parts or {}) | more).items()}
         return self.request("step", session, {k: v for k, v in body.items() if v is not None})
 
-    def add_experts(self, session: str, n: int = 1, init: str = "clone", source: int | None = None,
+    def add_experts(self, session: str, n: int = 1, init: str | None = None, source: int | None = None,
                     allow_harmful: bool = False):
-        body = ({"n": n, "init": init} | ({} if source is None else {"source": source})
+        body = ({"n": n} | ({} if init is None else {"init": init}) | ({} if source is None else {"source": source})
                 | ({"allow_harmful": True} if allow_harmful else {}))
         return self.request("add_experts", session, body)
 

@@ -532,8 +532,8 @@ class SessionManager:
             if s.agent.n_experts + n > self.limits.max_experts:
                 raise ServeError(E_LIMIT, f"{s.agent.n_experts} + {n} experts exceeds the limit of "
                                           f"{self.limits.max_experts}")
-            init = body.get("init", "clone")
-            if not isinstance(init, str) or init not in ("clone", "fresh"):
+            init = body.get("init")  # None: the kind the policy's card does not refuse (engine.default_init)
+            if init is not None and init not in ("clone", "fresh"):
                 raise ServeError(E_BAD_REQUEST, "body field 'init' must be 'clone' or 'fresh'")
             source = _int(body, "source", None, 0, MAX_SEED)
             harmful = body.get("allow_harmful", False)
