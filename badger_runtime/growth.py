@@ -77,12 +77,13 @@ def command(name: str, s: GrowthSetting, *, episodes: int, seed: int, init: str 
     return " ".join(parts) + f" --episodes {episodes} --seed {seed} --json"
 
 
-def final_errors(pol, s: GrowthSetting, *, episodes: int, seed: int, init: str | None = None) -> np.ndarray:
+def final_errors(pol, s: GrowthSetting, *, episodes: int, seed: int, init: str | None = None,
+                 add: int | None = None) -> np.ndarray:
     """Each episode's final error [episodes] in the setting ``s``: the unchanged agent (``init`` None) or
-    one that gets ``s.experts`` more experts (``init`` 'fresh' or 'clone') before step ``s.at``. A
-    measurement, so a card that says they hurt does not refuse them here; the same episodes for every
-    ``init`` (paired)."""
-    changes = schedule(s.at, s.experts, init, allow_harmful=True) if init else ()
+    one that gets ``add`` (default ``s.experts``: as many again) more experts (``init`` 'fresh' or 'clone')
+    before step ``s.at``. A measurement, so a card that says they hurt does not refuse them here; the same
+    episodes for every ``init`` (paired)."""
+    changes = schedule(s.at, s.experts if add is None else add, init, allow_harmful=True) if init else ()
     return run_episodes(numpy_ops(), pol, pol.agent, s.task, dims=s.dims, experts=s.experts, episodes=episodes,
                         seed=seed, steps=s.steps, changes=changes).errors[-1]
 

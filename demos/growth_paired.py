@@ -8,6 +8,7 @@ difference with its standard error over the same episodes, for fresh experts and
 
     python demos/growth_paired.py --policy dimensions-v2 --episodes 256 --seeds 0,12345
     python demos/growth_paired.py --policy runs/x.onnx   # an exported candidate (its card beside it)
+    python demos/growth_paired.py --policy dimensions-v5 --episodes 500 --seeds 0,12345 --add 15  # +15 to 5
 
 The unpaired means are those of the card's `badger eval` commands (the same episodes, the same code).
 """
@@ -27,6 +28,7 @@ def main(argv=None):
     ap.add_argument("--policy", required=True, help="a shipped policy's name or an .onnx path")
     ap.add_argument("--episodes", type=int, default=256)
     ap.add_argument("--seeds", default="0", help="comma-separated")
+    ap.add_argument("--add", type=int, default=None, help="experts joining (default: as many again, the card's)")
     args = ap.parse_args(argv)
     pol = load_policy(args.policy)
     s = growth_setting(pol)
@@ -35,11 +37,12 @@ def main(argv=None):
     for seed in (int(x) for x in args.seeds.split(",")):
         base = final_errors(pol, s, episodes=args.episodes, seed=seed)
         n = base.size
-        print(f"{args.policy}, seed {seed}, {n} episodes, d = {s.dims}, N = {s.experts} + {s.experts} at step {s.at} "
+        add = s.experts if args.add is None else args.add
+        print(f"{args.policy}, seed {seed}, {n} episodes, d = {s.dims}, N = {s.experts} + {add} at step {s.at} "
               f"of {s.steps}: unchanged {base.mean():.4g} (SEM {base.std() / np.sqrt(n):.2g}; median "
               f"{np.median(base):.2g}, 99th percentile {np.quantile(base, 0.99):.2g}, worst {base.max():.2g})")
         for init in ("fresh", "clone"):
-            g = final_errors(pol, s, episodes=args.episodes, seed=seed, init=init)
+            g = final_errors(pol, s, episodes=args.episodes, seed=seed, init=init, add=args.add)
             d = g - base
             print(f"  {init:5s} {g.mean():.4g} ({g.mean() / max(base.mean(), 1e-12):.3f}x; card rule: "
                   f"{'hurts' if worse(base, g.mean()) else 'ok'}), "

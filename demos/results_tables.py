@@ -25,13 +25,14 @@ REF_FIG7 = {1: 0.07, 2: 0.02, 3: 0.03, 4: 0.05, 5: 0.08, 6: 0.14, 7: 0.25, 8: 0.
 REF_GROW = {1: 1.2, 6: 0.35, 11: 0.2, 16: 0.15}
 SECTIONS = ("fig69", "fig7", "long", "jumps")
 DIMS_POLICIES = ("policies/dimensions-v1.onnx", "policies/dimensions-v2.onnx", "policies/dimensions-v3.onnx",
-                 "policies/dimensions-v4.onnx")
+                 "policies/dimensions-v4.onnx", "policies/dimensions-v5.onnx")
 #: how each dimension policy was made, for the Fig. 7 table's heading (others: their trained ranges)
 DIMS_WHAT = {
     "dimensions-v1": "trained d in [{}, {}], N in [{}, {}] (the paper's setting).",
     "dimensions-v2": "then fine-tuned on d in [1, 6] with experts added mid-episode.",
     "dimensions-v3": "then fine-tuned further with fresh experts added mid-episode in every batch.",
     "dimensions-v4": "then with up to three times as many fresh experts joining (`train.grow_most = 3`).",
+    "dimensions-v5": "then with up to four times as many (`train.grow_most = 4`).",
 }
 
 
