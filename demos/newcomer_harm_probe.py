@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Issue 13 probe: through what do fresh experts that join a running agent hurt it, their pushes (the
+outputs they weigh in on) or their messages (what the others hear)? The same episodes four times: the
+agent of N, then with M fresh experts joining at step T as `badger eval --add-at T --add M --init fresh`
+does (plain), with the newcomers kept from pushing (no_push: the membrane's `can_push` false for them),
+kept from being heard (no_send: the old experts' routing masks drop them; dense topologies only), and
+both (silent). Paired differences of the final error against the unchanged agent (batched engine).
+
+    python demos/newcomer_harm_probe.py --policy dimensions-v5 --dims 6 --experts 5 --add 15 --seeds 0,12345
+"""
+import argparse
+
+import numpy as np
+
+from badger_runtime import engine
+from badger_runtime.engine import numpy_ops
+from badger_runtime.episodes import schedule
+from badger_runtime.evaluation import run_episodes
+from badger_runtime.policy_card import load_policy
+
+MODES = ("plain", "no_push", "no_send", "silent")
+
+
+def restricting(mode: str):
+    """engine.Agent.add_experts that then takes from the newcomers what ``mode`` says."""
+    add = engine.Agent.add_experts
+
+    def add_then_restrict(self, n, *a, **k):
+        old = self.n_experts
+        out = add(self, n, *a, **k)
+        w = self.wiring
+        if mode in ("no_push", "silent"):
+            w.can_push = np.concatenate([w.can_push[:old], np.zeros(n, bool)])
+        if mode in ("no_send", "silent"):
+            if w.route_mask is not None and not isinstance(w.route_mask, np.ndarray):
+                raise SystemExit("no_send needs a dense topology (a mask or everyone hears everyone)")
+            M = w.n_experts
+            mask = np.ones((w.batch, M, M), bool) if w.route_mask is None else np.array(w.route_mask, bool)
+            mask[:, :old, old:] = False  # the old experts no longer hear the newcomers
+            w.route_mask = mask
+        self._indeg = None
+        return out
+    return add_then_restrict
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--policy", default="dimensions-v5")
+    p.add_argument("--dims", type=int, default=6)
+    p.add_argument("--experts", type=int, default=5)
+    p.add_argument("--add", type=int, default=15)
+    p.add_argument("--at", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--episodes", type=int, default=500)
+    p.add_argument("--seeds", default="0")
+    args = p.parse_args(argv)
+    pol = load_policy(args.policy)
+    plain = engine.Agent.add_experts
+    for seed in (int(s) for s in args.seeds.split(",")):
+        kw = dict(dims=args.dims, experts=args.experts, episodes=args.episodes, seed=seed, steps=args.steps)
+        base = run_episodes(numpy_ops(), pol, pol.agent, pol.task, **kw).errors[-1]
+        row = [f"{pol.name}, seed {seed}, d = {args.dims}, N = {args.experts} + {args.add} fresh at step {args.at}: "
+               f"unchanged {base.mean():.4f}"]
+        for mode in MODES:
+            engine.Agent.add_experts = plain if mode == "plain" else restricting(mode)
+            try:
+                g = run_episodes(numpy_ops(), pol, pol.agent, pol.task, **kw,
+                                 changes=schedule(args.at, args.add, "fresh", allow_harmful=True)).errors[-1]
+            finally:
+                engine.Agent.add_experts = plain
+            d = g - base
+            row.append(f"{mode} {g.mean():.4f} ({d.mean():+.4f} +- {d.std(ddof=1) / np.sqrt(d.size):.4f})")
+        print("; ".join(row))
+
+
+if __name__ == "__main__":
+    main()
