@@ -309,3 +309,38 @@ def test_split_and_matmul_parts_agree_across_namespaces():
     w, p1, p2 = (np.random.default_rng(3).standard_normal(s).astype(np.float32) for s in ((2, 5, 4), (2, 4, 1), (2, 4, 3)))
     got = torch_ops().matmul_parts(torch.as_tensor(w), [torch.as_tensor(p1), torch.as_tensor(p2)]).numpy()
     assert np.allclose(NumpyOps().matmul_parts(w, [p1, p2]), got, atol=1e-6)
+
+
+def test_the_push_gate_surgery_keeps_the_function_and_the_flag_reaches_every_output():
+    """task.output_flag: every output address carries the observation flag (each output's address is its
+    observation slot's). train.init = "push_gate" (configs/fig7_dims_push_gate.toml): the source's weights with
+    the heads' push-side rows for that flag zeroed, so on the same episodes the new policy with the flag
+    computes what the source computed without it; a push-key entry there then moves an expert's weight on
+    every output at once (a gate)."""
+    import dataclasses
+
+    from badger_runtime.config import load_experiment
+    from badger_runtime.membrane import KIND_OBSERVATION
+    from badger_runtime.training.train import initial_policy, source_policy
+
+    cfg = load_experiment("configs/fig7_dims_push_gate.toml")
+    assert cfg.task.output_flag and cfg.train.init == "push_gate"
+    flagged, plain = cfg.task, dataclasses.replace(cfg.task, output_flag=False)
+    A = cfg.agent.policy.addr_dim
+    ep_f = guessing.sample(np.random.default_rng(3), flagged, 6, 4, A)
+    ep_p = guessing.sample(np.random.default_rng(3), plain, 6, 4, A)
+    assert (ep_f.out_addr[..., KIND_OBSERVATION] == 1).all() and (ep_p.out_addr[..., :2] == 0).all()
+    assert np.array_equal(ep_f.out_addr, ep_f.slot_addr[:, :4])  # output j sits at observation slot j's address
+    assert np.array_equal(ep_f.targets, ep_p.targets) and np.array_equal(ep_f.slot_addr, ep_p.slot_addr)
+    source, gated = source_policy("dimensions-v5"), initial_policy(cfg)
+    w = sample_wiring(np.random.default_rng(4), cfg.agent, 6, 5)
+    with torch.no_grad():
+        a = rollout(torch_ops(), source, cfg.agent, ep_p, w, steps=6).outputs
+        b = rollout(torch_ops(), gated, cfg.agent, ep_f, w, steps=6).outputs
+        c = rollout(torch_ops(), source, cfg.agent, ep_f, w, steps=6).outputs  # the flag without the surgery
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, c, atol=1e-3)  # the flag reaches the outputs: the surgery is what keeps them
+    gate = gated.spec.head_slices["push_key"].start + KIND_OBSERVATION
+    with torch.no_grad():
+        gated.heads.bias[gate] = 5.0  # every expert's gate up by the same: the push attention does not move
+        assert torch.allclose(rollout(torch_ops(), gated, cfg.agent, ep_f, w, steps=6).outputs, b, atol=1e-4)

@@ -53,6 +53,10 @@ class GuessingConfig(TaskConfig):
     name: str = "guessing"
     feedback: str = "scalar"  # scalar | per_dim | one_expert
     jump_every: tuple[int, int] = (0, 0)  # non-stationary: targets jump every U[a,b] steps (0 = never)
+    # output addresses carry the observation flag (each output's address is then its observation slot's): a
+    # constant component of every output address, so a push key can weigh an expert in or out of every
+    # output at once (its entry there is a gate on the push attention); off for every policy before it
+    output_flag: bool = False
 
     def validate(self):
         super().validate()
@@ -64,12 +68,13 @@ class GuessingConfig(TaskConfig):
         return self
 
 
-def interface(feedback: str, base: np.ndarray) -> Interface:
+def interface(feedback: str, base: np.ndarray, output_flag: bool = False) -> Interface:
     """The membrane's view of guessing episodes with output address parts ``base`` [B, d, A-2]:
-    d observation slots (the last guess), then the feedback slots (1 scalar or d per-dimension)."""
+    d observation slots (the last guess), then the feedback slots (1 scalar or d per-dimension).
+    ``output_flag``: the outputs' addresses carry the observation flag (``GuessingConfig.output_flag``)."""
     B, d = base.shape[:2]
     addr_dim = base.shape[-1] + N_KIND_FLAGS
-    out_addr = with_kind(base, None)
+    out_addr = with_kind(base, KIND_OBSERVATION if output_flag else None)
     if feedback == "scalar":
         err_addr = np.zeros((B, 1, addr_dim), np.float32)
         err_addr[..., KIND_FEEDBACK] = 1.0
@@ -148,7 +153,7 @@ def sample(
     jumps = None
     if cfg.jump_every[1] > 0:
         targets, jumps = _jumping(rng, cfg, targets, T)
-    return Episode(cfg.feedback, targets, interface(cfg.feedback, base), jumps)
+    return Episode(cfg.feedback, targets, interface(cfg.feedback, base, cfg.output_flag), jumps)
 
 
 def _jumping(rng, cfg: GuessingConfig, targets: np.ndarray, T: int):

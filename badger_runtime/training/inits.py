@@ -318,7 +318,23 @@ def seen_gate(source, policy, *, seen_key_gain: float = 8.0, seen_after: str = "
 #: classes not seen twice yet, their own experts (its key is longer): the unchanged agent loses on the datasets.
 #: Gated after three examples (gain 16) 0.893 / 0.904; v5's push key x 2 and gain 16 0.840 / 0.899; v5's address
 #: units starting at 0 (gain 8) 0.857 / 0.903.
-SURGERIES = {"seen_gate": seen_gate}
+def push_gate(source, policy):
+    """``source``'s weights, made ready for output addresses that carry the observation flag (the guessing
+    game's ``task.output_flag``): the heads' rows that read that flag on the push side (the push key's entry,
+    which becomes a gate on the push attention, and the push value's, which would add a constant to every
+    output) are zeroed, so the policy computes what ``source`` computed, flag or not, and training can then
+    learn the gate (an expert that has seen little can keep out of every output at once)."""
+    policy.load_state_dict(source.state_dict())
+    sl = policy.spec.head_slices
+    rows = [sl["push_key"].start + KIND_OBSERVATION, sl["push_value"].start + 1 + KIND_OBSERVATION]
+    with torch.no_grad():
+        policy.heads.weight[rows] = 0.0
+        policy.heads.bias[rows] = 0.0
+    return policy
+
+
+#: "push_gate" (dimensions-v6's start from dimensions-v5, docs/results.md): the push side's flag rows zeroed.
+SURGERIES = {"seen_gate": seen_gate, "push_gate": push_gate}
 
 
 def _route_to_arm(policy, a_units: list[int], *, key_gain: float, kind_bias: float, gate: float):
