@@ -4,7 +4,8 @@ outputs they weigh in on) or their messages (what the others hear)? The same epi
 agent of N, then with M fresh experts joining at step T as `badger eval --add-at T --add M --init fresh`
 does (plain), with the newcomers kept from pushing (no_push: the membrane's `can_push` false for them),
 kept from being heard (no_send: the old experts' routing masks drop them; dense topologies only), and
-both (silent). Paired differences of the final error against the unchanged agent (batched engine).
+both (silent). Paired differences of the final error against the unchanged agent (batched engine), and the
+newcomers' share of the output weight (the push attention, mean over outputs and episodes) in the plain run.
 
     python demos/newcomer_harm_probe.py --policy dimensions-v5 --dims 6 --experts 5 --add 15 --seeds 0,12345
 """
@@ -64,13 +65,19 @@ def main(argv=None):
         for mode in MODES:
             engine.Agent.add_experts = plain if mode == "plain" else restricting(mode)
             try:
-                g = run_episodes(numpy_ops(), pol, pol.agent, pol.task, **kw,
-                                 changes=schedule(args.at, args.add, "fresh", allow_harmful=True)).errors[-1]
+                r = run_episodes(numpy_ops(), pol, pol.agent, pol.task, **kw, record=mode == "plain",
+                                 changes=schedule(args.at, args.add, "fresh", allow_harmful=True))
             finally:
                 engine.Agent.add_experts = plain
-            d = g - base
-            row.append(f"{mode} {g.mean():.4f} ({d.mean():+.4f} +- {d.std(ddof=1) / np.sqrt(d.size):.4f})")
+            d = r.errors[-1] - base
+            row.append(f"{mode} {r.errors[-1].mean():.4f} ({d.mean():+.4f} +- {d.std(ddof=1) / np.sqrt(d.size):.4f})")
+            if mode == "plain":
+                infos = [batch[2].infos for batch in r.traces]  # per batch: (episode, wiring, trajectory)
+                share = {t + 1: np.concatenate([np.asarray(i[t].push_weights) for i in infos])[..., args.experts:]
+                         .sum(-1).mean() for t in sorted({args.at, args.at + 1, args.at + 4, args.steps - 1})}
         print("; ".join(row))
+        print(f"  the newcomers' share of the output weight ({args.add} of {args.experts + args.add} experts): "
+              + ", ".join(f"step {t}: {v:.2f}" for t, v in share.items()))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ REF_FIG7 = {1: 0.07, 2: 0.02, 3: 0.03, 4: 0.05, 5: 0.08, 6: 0.14, 7: 0.25, 8: 0.
 REF_GROW = {1: 1.2, 6: 0.35, 11: 0.2, 16: 0.15}
 SECTIONS = ("fig69", "fig7", "long", "jumps")
 DIMS_POLICIES = ("policies/dimensions-v1.onnx", "policies/dimensions-v2.onnx", "policies/dimensions-v3.onnx",
-                 "policies/dimensions-v4.onnx", "policies/dimensions-v5.onnx")
+                 "policies/dimensions-v4.onnx", "policies/dimensions-v5.onnx", "policies/dimensions-v6.onnx")
 #: how each dimension policy was made, for the Fig. 7 table's heading (others: their trained ranges)
 DIMS_WHAT = {
     "dimensions-v1": "trained d in [{}, {}], N in [{}, {}] (the paper's setting).",
@@ -33,6 +33,7 @@ DIMS_WHAT = {
     "dimensions-v3": "then fine-tuned further with fresh experts added mid-episode in every batch.",
     "dimensions-v4": "then with up to three times as many fresh experts joining (`train.grow_most = 3`).",
     "dimensions-v5": "then with up to four times as many (`train.grow_most = 4`).",
+    "dimensions-v6": "then with a push gate (`task.output_flag`, the `push_gate` surgery) and as many newcomers.",
 }
 
 

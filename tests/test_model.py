@@ -344,3 +344,22 @@ def test_the_push_gate_surgery_keeps_the_function_and_the_flag_reaches_every_out
     with torch.no_grad():
         gated.heads.bias[gate] = 5.0  # every expert's gate up by the same: the push attention does not move
         assert torch.allclose(rollout(torch_ops(), gated, cfg.agent, ep_f, w, steps=6).outputs, b, atol=1e-4)
+
+
+def test_a_policy_trained_with_the_flag_gets_it_in_every_runtime():
+    """dimensions-v6's card says task.output_flag: the batched engine and a served session build their
+    interface from the card's task settings, so the flag reaches every output address there."""
+    from badger_runtime.engine import Agent
+    from badger_runtime.membrane import KIND_OBSERVATION
+    from badger_runtime.policy_card import load_policy
+    from badger_runtime.serve.protocol import validate_request
+    from badger_runtime.serve.sessions import SessionManager
+
+    pol = load_policy("dimensions-v6")
+    assert pol.task.output_flag and not load_policy("dimensions-v5").task.output_flag
+    a = Agent(pol).reset(2, 5, 4, seed=0)
+    m = SessionManager(pol)
+    assert m.handle(validate_request({"id": 1, "kind": "open", "session": "s", "body": {"dims": 4, "experts": 5}}))["ok"]
+    for out_addr in (a.interface.out_addr, m.sessions["s"].agent.interface.out_addr):
+        assert out_addr.shape[-2] == 4 and (out_addr[..., KIND_OBSERVATION] == 1).all()
+    assert (Agent(load_policy("dimensions-v5")).reset(2, 5, 4, seed=0).interface.out_addr[..., :2] == 0).all()
