@@ -88,8 +88,8 @@ def main(argv=None):
             for _ in range(args.reps):
                 fused_route(q, key, val, idx, K, out)
             t2 = time.process_time()
-            print(f"  round {r}: numpy {1e3 * (t1 - t0) / args.reps:.2f} ms, fused {1e3 * (t2 - t1) / args.reps:.2f} ms "
-                  "per tile")
+            ms = [1e3 * (t1 - t0) / args.reps, 1e3 * (t2 - t1) / args.reps]
+            print(f"  round {r}: numpy {ms[0]:.2f} ms, fused {ms[1]:.2f} ms per tile")
 
 
 if __name__ == "__main__":

@@ -359,7 +359,8 @@ def test_a_policy_trained_with_the_flag_gets_it_in_every_runtime():
     assert pol.task.output_flag and not load_policy("dimensions-v5").task.output_flag
     a = Agent(pol).reset(2, 5, 4, seed=0)
     m = SessionManager(pol)
-    assert m.handle(validate_request({"id": 1, "kind": "open", "session": "s", "body": {"dims": 4, "experts": 5}}))["ok"]
+    opened = m.handle(validate_request({"id": 1, "kind": "open", "session": "s", "body": {"dims": 4, "experts": 5}}))
+    assert opened["ok"]
     for out_addr in (a.interface.out_addr, m.sessions["s"].agent.interface.out_addr):
         assert out_addr.shape[-2] == 4 and (out_addr[..., KIND_OBSERVATION] == 1).all()
     assert (Agent(load_policy("dimensions-v5")).reset(2, 5, 4, seed=0).interface.out_addr[..., :2] == 0).all()

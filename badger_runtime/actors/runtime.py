@@ -241,8 +241,9 @@ class ActorAgent(Lifecycle):
 
         ``clone`` copies a living expert's current state and messages (``source``, or a random
         one per new expert), ``fresh`` starts from the policy's initial state with new noise,
-        as ``rollout.grow`` does; None: the kind the card does not refuse (``engine.default_init``). Unlike ``rollout.grow``, nobody else is rewired: the newcomer
-        gets edges by the directory's growing rule (see ``directory``)."""
+        as ``rollout.grow`` does; None: the kind the card does not refuse (``engine.default_init``).
+        Unlike ``rollout.grow``, nobody else is rewired: the newcomer gets edges by the directory's
+        growing rule (see ``directory``)."""
         if n < 1:
             raise InputError("add at least one expert")
         init = default_init(self.policy, init, source)

@@ -308,16 +308,6 @@ def seen_gate(source, policy, *, seen_key_gain: float = 8.0, seen_after: str = "
     return policy
 
 
-#: Surgeries (``train.init`` with ``train.init_from``): a new policy made from trained weights.
-#: "seen_gate" (fewshot-v6 from fewshot-v5, docs/results.md): gate after two examples, gain 8, as fewshot-v2's.
-#: Measured on v5 (256 fresh experts join 256 at step 20 of 40, 4-way held-out digits, 300 episodes, seed 0;
-#: unchanged 0.930 at the join step, 0.910 over steps 31-40; iris / wine at 25 examples, 300 episodes:
-#: v5 0.774 / 0.831): gain 8: grown 0.873 / 0.904, unchanged iris / wine 0.773 / 0.830; gain 16: 0.910 / 0.904,
-#: 0.770 / 0.824; gain 24: 0.927 / 0.904, 0.764 / 0.817. A larger gain keeps a fresh expert's first key out
-#: at the join (the trained address units start long) but lets a class seen twice outweigh, on the outputs of
-#: classes not seen twice yet, their own experts (its key is longer): the unchanged agent loses on the datasets.
-#: Gated after three examples (gain 16) 0.893 / 0.904; v5's push key x 2 and gain 16 0.840 / 0.899; v5's address
-#: units starting at 0 (gain 8) 0.857 / 0.903.
 def push_gate(source, policy):
     """``source``'s weights, made ready for output addresses that carry the observation flag (the guessing
     game's ``task.output_flag``): the heads' rows that read that flag on the push side (the push key's entry,
@@ -333,6 +323,16 @@ def push_gate(source, policy):
     return policy
 
 
+#: Surgeries (``train.init`` with ``train.init_from``): a new policy made from trained weights.
+#: "seen_gate" (fewshot-v6 from fewshot-v5, docs/results.md): gate after two examples, gain 8, as fewshot-v2's.
+#: Measured on v5 (256 fresh experts join 256 at step 20 of 40, 4-way held-out digits, 300 episodes, seed 0;
+#: unchanged 0.930 at the join step, 0.910 over steps 31-40; iris / wine at 25 examples, 300 episodes:
+#: v5 0.774 / 0.831): gain 8: grown 0.873 / 0.904, unchanged iris / wine 0.773 / 0.830; gain 16: 0.910 / 0.904,
+#: 0.770 / 0.824; gain 24: 0.927 / 0.904, 0.764 / 0.817. A larger gain keeps a fresh expert's first key out
+#: at the join (the trained address units start long) but lets a class seen twice outweigh, on the outputs of
+#: classes not seen twice yet, their own experts (its key is longer): the unchanged agent loses on the datasets.
+#: Gated after three examples (gain 16) 0.893 / 0.904; v5's push key x 2 and gain 16 0.840 / 0.899; v5's address
+#: units starting at 0 (gain 8) 0.857 / 0.903.
 #: "push_gate" (dimensions-v6's start from dimensions-v5, docs/results.md): the push side's flag rows zeroed.
 SURGERIES = {"seen_gate": seen_gate, "push_gate": push_gate}
 
