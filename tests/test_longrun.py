@@ -23,7 +23,9 @@ def test_shipped_policies_stay_bounded_for_10000_steps(path):
     dims = min(make_task(pol.task).default_dims(), 128)
     run = long_rollout(pol, steps=10_000, episodes=2, seed=0, dims=dims, experts=20, chunk_steps=2000)
     assert all(np.isfinite(v).all() for v in run.metrics.values()) and len(run.metrics) >= 1
-    assert run.max_abs_state <= 1.0  # ... holds
+    # ... holds, up to float32 rounding: tanh rounds to +-1 and the GRU's convex mix (1 - z) n + z h of two such
+    # values can land one rounding step past it (dimensions-v6 reaches 1 + 2^-23 in this run; nothing grows)
+    assert run.max_abs_state <= 1.0 + 2 * float(np.finfo(np.float32).eps)
 
 
 def test_there_are_shipped_policies():

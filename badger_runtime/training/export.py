@@ -17,7 +17,8 @@ from .train import load_checkpoint, policy_from_checkpoint
 OPSET = 17
 EXPORT_TOLERANCE = 1e-5
 STATE_BOUND = ("every state entry stays in [-1, 1] (in exact arithmetic (-1, 1); float32 tanh can round to "
-               "+-1): initial state tanh(h0 + noise), then GRU updates (a convex mix of the old state and a tanh)")
+               "+-1, and the float32 convex mix of two such values can land one rounding step, 1.2e-7, past it): "
+               "initial state tanh(h0 + noise), then GRU updates (a convex mix of the old state and a tanh)")
 
 
 def _version(pkg: str) -> str | None:
