@@ -50,6 +50,7 @@ def main(argv=None):
     p.add_argument("--dims", type=int, default=6)
     p.add_argument("--experts", type=int, default=5)
     p.add_argument("--add", type=int, default=15)
+    p.add_argument("--init", choices=("fresh", "clone"), default="fresh", help="what the newcomers are")
     p.add_argument("--at", type=int, default=10)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--episodes", type=int, default=500)
@@ -60,17 +61,18 @@ def main(argv=None):
     for seed in (int(s) for s in args.seeds.split(",")):
         kw = dict(dims=args.dims, experts=args.experts, episodes=args.episodes, seed=seed, steps=args.steps)
         base = run_episodes(numpy_ops(), pol, pol.agent, pol.task, **kw).errors[-1]
-        row = [f"{pol.name}, seed {seed}, d = {args.dims}, N = {args.experts} + {args.add} fresh at step {args.at}: "
-               f"unchanged {base.mean():.4f}"]
+        who = f"N = {args.experts} + {args.add} {args.init} at step {args.at}"
+        row = [f"{pol.name}, seed {seed}, d = {args.dims}, {who}: "
+               f"unchanged {base.mean():.4g}"]
         for mode in MODES:
             engine.Agent.add_experts = plain if mode == "plain" else restricting(mode)
             try:
                 r = run_episodes(numpy_ops(), pol, pol.agent, pol.task, **kw, record=mode == "plain",
-                                 changes=schedule(args.at, args.add, "fresh", allow_harmful=True))
+                                 changes=schedule(args.at, args.add, args.init, allow_harmful=True))
             finally:
                 engine.Agent.add_experts = plain
             d = r.errors[-1] - base
-            row.append(f"{mode} {r.errors[-1].mean():.4f} ({d.mean():+.4f} +- {d.std(ddof=1) / np.sqrt(d.size):.4f})")
+            row.append(f"{mode} {r.errors[-1].mean():.4g} ({d.mean():+.3g} +- {d.std(ddof=1) / np.sqrt(d.size):.2g})")
             if mode == "plain":
                 infos = [batch[2].infos for batch in r.traces]  # per batch: (episode, wiring, trajectory)
                 share = {t + 1: np.concatenate([np.asarray(i[t].push_weights) for i in infos])[..., args.experts:]
