@@ -70,16 +70,28 @@ def fresh_hurts(policy) -> bool:
     return growth_hurts(policy, "fresh")
 
 
-def default_init(policy, init: str | None = None, source: int | None = None) -> str:
+def default_init(policy, init: str | None = None, source=None) -> str:
     """The kind of experts an ``add_experts`` without ``init`` adds: clones (the paper's growing), unless
     the policy's card measured that clones make it worse and fresh experts do not, then fresh experts.
-    An explicit ``init`` is returned as given; so is a clone of a named ``source``. Where the card says
-    both hurt, clones are asked for and ``check_growth`` refuses them, naming the successor."""
+    An explicit ``init`` is returned as given; a named ``source`` (an expert, or one per newcomer) asks for
+    clones. Where the card says both hurt, clones are asked for and ``check_growth`` refuses them, naming
+    the successor."""
     if init is not None:
         return init
     if source is None and growth_hurts(policy, "clone") and not growth_hurts(policy, "fresh"):
         return "fresh"
     return "clone"
+
+
+def growth_init(policy, init: str | None, source, allow_harmful: bool) -> str:
+    """What every runtime's ``add_experts`` does before it adds anything: the kind of newcomer
+    (``default_init``), checked to be 'clone' or 'fresh' (``InputError``) and allowed by the card
+    (``check_growth``: ``GrowthError``)."""
+    init = default_init(policy, init, source)
+    if init not in ("clone", "fresh"):
+        raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
+    check_growth(policy, init, allow_harmful)
+    return init
 
 
 def check_growth(policy, init: str, allow_harmful: bool):
@@ -239,13 +251,10 @@ class Agent:
         """Add n experts; returns their indices. ``clone`` copies expert ``source`` (default: a
         random living expert per new one; ``sources`` [n] names one per new expert), ``fresh``
         draws a new initial state (refused where the card says it hurts, see ``check_growth``);
-        None: the kind the card does not refuse (``default_init``)."""
+        None: the kind the card does not refuse (``default_init``, checked by ``growth_init``)."""
         if n < 1:
             raise InputError("add at least one expert")
-        init = default_init(self.policy, init, None if source is None and sources is None else 0)
-        if init not in ("clone", "fresh"):
-            raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
-        check_growth(self.policy, init, allow_harmful)
+        init = growth_init(self.policy, init, sources if source is None else source, allow_harmful)
         N = self.n_experts
         if init == "clone":
             if source is not None and not 0 <= source < N:
@@ -313,4 +322,5 @@ class Agent:
 
 
 __all__ = ["Agent", "GrowthError", "HorizonError", "InputError", "StepInfo", "check_growth", "check_horizon",
-           "check_values", "fresh_hurts", "draw_interface", "numpy_ops", "KIND_FEEDBACK", "KIND_OBSERVATION"]
+           "check_values", "default_init", "fresh_hurts", "growth_init", "draw_interface", "numpy_ops",
+           "KIND_FEEDBACK", "KIND_OBSERVATION"]

@@ -315,11 +315,12 @@ def test_readme_counts_the_shipped_policies_and_names_those_fresh_experts_do_not
 
     from badger_runtime.policy_card import shipped_dir, shipped_policies
 
-    ones = "zero one two three four five six seven eight nine".split()
-    tens = {2: "twenty", 3: "thirty", 4: "forty"}
+    ones = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+            "seventeen eighteen nineteen").split()
+    tens = {2: "twenty", 3: "thirty", 4: "forty", 5: "fifty"}
 
     def words(n: int) -> str:
-        return ones[n] if n < 10 else "ten" if n == 10 else tens[n // 10] + (f"-{ones[n % 10]}" if n % 10 else "")
+        return ones[n] if n < 20 else tens[n // 10] + (f"-{ones[n % 10]}" if n % 10 else "")
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     names = shipped_policies()

@@ -323,7 +323,9 @@ def test_the_push_gate_surgery_keeps_the_function_and_the_flag_reaches_every_out
     from badger_runtime.membrane import KIND_OBSERVATION
     from badger_runtime.training.train import initial_policy, source_policy
 
-    cfg = load_experiment("configs/fig7_dims_push_gate.toml")
+    from pathlib import Path
+
+    cfg = load_experiment(str(Path(__file__).resolve().parents[1] / "configs" / "fig7_dims_push_gate.toml"))
     assert cfg.task.output_flag and cfg.train.init == "push_gate"
     flagged, plain = cfg.task, dataclasses.replace(cfg.task, output_flag=False)
     A = cfg.agent.policy.addr_dim

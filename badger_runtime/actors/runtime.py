@@ -73,7 +73,7 @@ import trio
 
 from .. import routing
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_growth, check_horizon, check_values, default_init
+from ..engine import InputError, check_horizon, check_values, growth_init
 from ..membrane import Interface, normal_seats, seat_array
 from ..rollout import StepInfo, Wiring, clone_candidates, fresh_state, initial_state, rebalance_plan
 from ..xp import NumpyOps
@@ -246,10 +246,7 @@ class ActorAgent(Lifecycle):
         growing rule (see ``directory``)."""
         if n < 1:
             raise InputError("add at least one expert")
-        init = default_init(self.policy, init, source)
-        if init not in ("clone", "fresh"):
-            raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
-        check_growth(self.policy, init, allow_harmful)
+        init = growth_init(self.policy, init, source, allow_harmful)
         if source is not None and source not in self._records:
             raise InputError(f"no expert {source} to clone")
         new = []

@@ -58,7 +58,7 @@ import trio
 
 from .. import agreement, membrane
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_growth, check_horizon, check_values, default_init
+from ..engine import InputError, check_horizon, check_values, growth_init
 from ..membrane import Interface
 from ..rollout import AgentState, StepInfo, Wiring, clone_sources, grow, initial_state, rebalance, shrink
 from ..xp import NumpyOps
@@ -150,10 +150,7 @@ class ShardedMembrane:
         (init None: the kind the card does not refuse, ``engine.default_init``)."""
         if n < 1:
             raise InputError("add at least one expert")
-        init = default_init(self.policy, init, source)
-        if init not in ("clone", "fresh"):
-            raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
-        check_growth(self.policy, init, allow_harmful)
+        init = growth_init(self.policy, init, source, allow_harmful)
         N = self.N
         sources = None
         if init == "clone":
