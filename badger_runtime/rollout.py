@@ -88,6 +88,10 @@ def sample_wiring(rng: np.random.Generator, cfg: AgentConfig, batch: int, n: int
 class AgentState:
     h: Any  # [B, N, H]
     heads: Any  # [B, N, heads_dim]
+    #: ``split_heads`` of ``heads`` as ``agent_step`` left it (None: split when needed). The next step
+    #: reads these views instead of splitting again: with torch each split is an autograd node whose
+    #: backward is a ``cat`` with zero-filled pieces (issue 16). A state built any other way has none.
+    parts: dict | None = field(default=None, repr=False, compare=False)
 
 
 def initial_state(ops, policy, wiring: Wiring) -> AgentState:
@@ -282,7 +286,7 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
     spec = policy.spec
     B, N, H = state.h.shape
     acfg = cfg.agreement if rounds is None else type(cfg.agreement)(**{**cfg.agreement.__dict__, "rounds": rounds})
-    heads = split_heads(spec, state.heads, ops)  # split once per heads tensor (each split is an autograd node)
+    heads = state.parts if state.parts is not None else split_heads(spec, state.heads, ops)  # once per tensor
 
     vis = wiring.can_sense[None, :, None]
     visible = interface.visible(N, wiring.seats)
@@ -332,7 +336,7 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
     info = StepInfo(used, experts=N, vote_loss=vote_loss)
     if record:
         info.route_weights, info.push_weights, info.messages_sent = w_route, w_push, heads["value"]
-    return AgentState(h, hd), out, info
+    return AgentState(h, hd, heads), out, info
 
 
 @dataclass

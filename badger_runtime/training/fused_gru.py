@@ -1,0 +1,117 @@
+"""``nn.GRUCell``'s step as one autograd node, for training on the CPU (issue 16).
+
+The same function as ``torch.nn.GRUCell`` (PyTorch's gate order r, z, n; equal to ~3e-7 in float32, a
+test holds values and gradients to it). torch's CPU GRU cell is a composition: its backward runs ~25
+elementwise ops on [M, H] tensors, two ``cat`` of the gate gradients into [M, 3H] buffers and a clone
+per gate, and its ``tanh`` kernel runs ~7x slower per element than its ``sigmoid`` on this project's
+CPUs (docs/benchmarks.md). Two ways of the same math instead:
+
+- ``GRUStepKernel`` (float32 on the CPU, where the kernels are built, ``kernels.py``): the elementwise
+  work of the forward and of the backward pass is one loop each (``kernels.c``); the matmuls are torch's.
+- ``GRUStep`` (anywhere else): torch ops, fewer and in place: the backward writes the gate gradients
+  into one [M, 3H] buffer and shares the r and z columns between the input and the hidden side;
+  ``tanh`` is ``2 sigmoid(2x) - 1``.
+
+Only the training path uses it (``ExpertPolicy.forward`` outside an ONNX export or a trace); the
+exported graph keeps the GRU cell's own ops, which the deployment engines run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import kernel, usable
+
+
+def _tanh_(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) in place, as 2 sigmoid(2x) - 1."""
+    return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+
+
+class GRUStep(torch.autograd.Function):
+    """h' = GRUCell(x, h) with weights (w_ih [3H, I], w_hh [3H, H], b_ih [3H], b_hh [3H])."""
+
+    @staticmethod
+    def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh):
+        H = h.shape[-1]
+        gi = torch.addmm(b_ih, x, w_ih.t())  # [M, 3H]
+        gh = torch.addmm(b_hh, h, w_hh.t())
+        rz = gi[:, :2 * H].add_(gh[:, :2 * H]).sigmoid_()  # in gi's own columns
+        r, z = rz[:, :H], rz[:, H:]
+        hn = gh[:, 2 * H:]
+        n = _tanh_(torch.addcmul(gi[:, 2 * H:], r, hn))
+        out = torch.lerp(n, h, z)  # (1 - z) n + z h
+        ctx.save_for_backward(x, h, w_ih, w_hh, rz, n, hn)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h, w_ih, w_hh, rz, n, hn = ctx.saved_tensors
+        H = h.shape[-1]
+        r, z = rz[:, :H], rz[:, H:]
+        gates = torch.empty(g.shape[0], 3 * H, dtype=g.dtype, device=g.device)  # dL/d(gi), columns r, z, n
+        d_r, d_z, d_n = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:]
+        torch.addcmul(rz, rz, rz, value=-1.0, out=gates[:, :2 * H])  # both gates' sigmoid': rz (1 - rz)
+        gz = g * z
+        t = g - gz  # g (1 - z)
+        torch.addcmul(t, t * n, n, value=-1.0, out=d_n)  # n pre-activation: g (1 - z) (1 - n^2)
+        d_z.mul_(g).mul_(h - n)  # z pre-activation: g (h - n) z (1 - z)
+        d_r.mul_(d_n).mul_(hn)  # r pre-activation: dL/d(n_pre) hn r (1 - r)
+        grad_x = grad_h = grad_wih = grad_whh = grad_bih = grad_bhh = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gates @ w_ih
+        if ctx.needs_input_grad[2]:
+            grad_wih = gates.t() @ x
+        if ctx.needs_input_grad[4]:
+            grad_bih = gates.sum(0)
+        d_n.mul_(r)  # the hidden side's n columns: dL/d(hn) = dL/d(n_pre) r
+        if ctx.needs_input_grad[1]:
+            grad_h = torch.addmm(gz, gates, w_hh)
+        if ctx.needs_input_grad[3]:
+            grad_whh = gates.t() @ h
+        if ctx.needs_input_grad[5]:
+            grad_bhh = gates.sum(0)
+        return grad_x, grad_h, grad_wih, grad_whh, grad_bih, grad_bhh
+
+
+class GRUStepKernel(torch.autograd.Function):
+    """``GRUStep`` with its elementwise work in the compiled kernel (float32, CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh):
+        lib = kernel()
+        h = h.contiguous()
+        M, H = h.shape
+        gi = torch.addmm(b_ih, x, w_ih.t())
+        gh = torch.addmm(b_hh, h, w_hh.t())
+        out, n, rz = torch.empty_like(h), torch.empty_like(h), h.new_empty(M, 2 * H)
+        lib.gru_forward(M, H, gi.data_ptr(), gh.data_ptr(), h.data_ptr(), out.data_ptr(), rz.data_ptr(), n.data_ptr())
+        ctx.save_for_backward(x, h, w_ih, w_hh, rz, n, gh)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h, w_ih, w_hh, rz, n, gh = ctx.saved_tensors
+        lib = kernel()
+        g = g.contiguous()
+        M, H = h.shape
+        gates_i, gates_h = g.new_empty(M, 3 * H), g.new_empty(M, 3 * H)
+        gz, b_i, b_h = torch.empty_like(g), g.new_empty(3 * H), g.new_empty(3 * H)
+        lib.gru_backward(M, H, g.data_ptr(), h.data_ptr(), rz.data_ptr(), n.data_ptr(), gh.data_ptr(),
+                         gates_i.data_ptr(), gates_h.data_ptr(), gz.data_ptr(), b_i.data_ptr(), b_h.data_ptr())
+        need = ctx.needs_input_grad
+        # the input side's products as their transposes: MKL runs them ~20 % faster when the narrow
+        # dimension (the input's I columns) is the output's rows (docs/benchmarks.md)
+        return ((w_ih.t() @ gates_i.t()).t() if need[0] else None, gz.addmm_(gates_h, w_hh) if need[1] else None,
+                (x.t() @ gates_i).t() if need[2] else None, gates_h.t() @ h if need[3] else None,
+                b_i if need[4] else None, b_h if need[5] else None)
+
+
+def gru_step(cell: torch.nn.GRUCell, x: torch.Tensor, h: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
+    """``cell(x, h)`` for 2-d x [M, I] and h [M, H] as one autograd node (a cell with biases): the
+    compiled kernel where it applies (float32 on the CPU, ``use_kernel`` not False, ``kernel()``
+    built), else ``GRUStep``."""
+    args = (x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    if use_kernel is not False and usable(*args):
+        return GRUStepKernel.apply(*args)
+    return GRUStep.apply(*args)

@@ -1,0 +1,89 @@
+/* The GRU cell's elementwise work, forward and backward, one pass each (badger_runtime/training/fused_gru.py).
+ *
+ * PyTorch's gate order (r, z, n) and formulas:
+ *   r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r gh_n), h' = (1 - z) n + z h
+ * gi = x W_ih^T + b_ih and gh = h W_hh^T + b_hh are the matmuls, done by the caller (torch / BLAS).
+ * Every array is row-major and contiguous; M rows, H hidden units. Built by fused_gru.py with the C compiler
+ * at first use (no Python headers: it is called through ctypes).
+ */
+#include <math.h>
+#include <stdint.h>
+
+/* exp(x) for float32, vectorisable without -ffast-math: Cody-Waite range reduction and Cephes' degree-6
+ * polynomial (~1 ulp). x is clamped to [-87, 87] first, so the sigmoid below saturates at 0 and 1 instead of
+ * overflowing (the handcrafted policies drive gates with pre-activations in the thousands); a NaN stays a NaN. */
+static inline float exp_clamped(float x) {
+    x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};  /* 2^n */
+    return p * scale.f;
+}
+
+static inline float sigm(float x) { return 1.0f / (1.0f + exp_clamped(-x)); }
+
+/* gi, gh [M, 3H]; h [M, H] -> out [M, H]; saves rz [M, 2H] and n [M, H] for the backward pass. */
+void gru_forward(long M, long H, const float *restrict gi, const float *restrict gh, const float *restrict h,
+                 float *restrict out, float *restrict rz, float *restrict n) {
+    for (long i = 0; i < M; i++) {
+        const float *ar = gi + i * 3 * H, *az = ar + H, *an = ar + 2 * H;
+        const float *br = gh + i * 3 * H, *bz = br + H, *bn = br + 2 * H, *hi = h + i * H;
+        float *o = out + i * H, *ri = rz + i * 2 * H, *zi = ri + H, *ni = n + i * H;
+#pragma omp simd
+        for (long j = 0; j < H; j++) {
+            float r = sigm(ar[j] + br[j]);
+            float z = sigm(az[j] + bz[j]);
+            float nn = 2.0f * sigm(2.0f * (an[j] + r * bn[j])) - 1.0f; /* tanh */
+            ri[j] = r;
+            zi[j] = z;
+            ni[j] = nn;
+            o[j] = nn + z * (hi[j] - nn);
+        }
+    }
+}
+
+/* g = dL/dh' [M, H]; h, n [M, H], rz [M, 2H], gh [M, 3H] (its n columns) ->
+ * gates_i = dL/d(gi) [M, 3H], gates_h = dL/d(gh) [M, 3H] (the same r, z columns; n columns times r),
+ * gz = g z [M, H] (dL/dh without the matmul), and the column sums of gates_i and gates_h (the biases'
+ * gradients, bias_i and bias_h [3H], overwritten). */
+void gru_backward(long M, long H, const float *restrict g, const float *restrict h, const float *restrict rz,
+                  const float *restrict n, const float *restrict gh, float *restrict gates_i,
+                  float *restrict gates_h, float *restrict gz, float *restrict bias_i, float *restrict bias_h) {
+    for (long c = 0; c < 3 * H; c++) {
+        bias_i[c] = 0.0f;
+        bias_h[c] = 0.0f;
+    }
+    for (long i = 0; i < M; i++) {
+        const float *gi_ = g + i * H, *hi = h + i * H, *rzi = rz + i * 2 * H, *ni = n + i * H;
+        const float *hn = gh + i * 3 * H + 2 * H;
+        float *di = gates_i + i * 3 * H, *dh = gates_h + i * 3 * H, *gzi = gz + i * H;
+#pragma omp simd
+        for (long j = 0; j < H; j++) {
+            float r = rzi[j], z = rzi[H + j], nn = ni[j], gg = gi_[j];
+            float gzz = gg * z;
+            float dn = (gg - gzz) * (1.0f - nn * nn);
+            float dz = gg * (hi[j] - nn) * z * (1.0f - z);
+            float dr = dn * hn[j] * r * (1.0f - r);
+            di[j] = dr;
+            di[H + j] = dz;
+            di[2 * H + j] = dn;
+            dh[j] = dr;
+            dh[H + j] = dz;
+            dh[2 * H + j] = dn * r;
+            gzi[j] = gzz;
+        }
+#pragma omp simd
+        for (long c = 0; c < 3 * H; c++) {
+            bias_i[c] += di[c];
+            bias_h[c] += dh[c];
+        }
+    }
+}
+

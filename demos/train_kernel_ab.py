@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Issue 16: the training step at the 2019 setting (batch 100, N = 20, 20 inner steps, d = 3, one thread)
+three ways in one process, interleaved (thread CPU time per batch of 4 batches, ``--rounds`` rounds):
+
+- ``before``: ``nn.GRUCell`` and the heads split twice per step (the code before session 37);
+- ``ops``: the GRU step as one autograd node with torch ops (``fused_gru.GRUStep``), heads split once;
+- ``kernel``: the same with the gates in the compiled kernel (``fused_gru.GRUStepKernel``), the default.
+
+The limit is ``badger bench train``'s (the model's FLOPs at a one-thread 384 x 384 matmul's rate, measured
+after every round).
+
+    python demos/train_kernel_ab.py --rounds 8
+"""
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+from badger_runtime import engine
+from badger_runtime.bench.train import matmul_gflops, model_flops, reference_setup, training_step
+from badger_runtime.rollout import AgentState, agent_step, sample_wiring
+from badger_runtime.training import kernels
+from badger_runtime.training.model import ExpertPolicy
+
+ROWS = ("before", "ops", "kernel")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=8)
+    args = p.parse_args(argv)
+    cfg, task, ops = reference_setup(seed=0, threads=1)
+    policy = ExpertPolicy(cfg.policy)
+    opt = torch.optim.Adam(policy.parameters(), 1e-4)
+    rng = np.random.default_rng(0)
+    eps = [(task.sample(rng, 100, dims=3, experts=20, steps=20, addr_dim=cfg.policy.addr_dim),
+            sample_wiring(rng, cfg, 100, 20)) for _ in range(4)]
+    lib = kernels.kernel()
+    mode = ["kernel"]
+
+    def step(ops_, policy_, cfg_, wiring, state, *a, **k):
+        if mode[0] == "before":  # drop the split heads a step leaves for the next
+            state = AgentState(state.h, state.heads)
+        return agent_step(ops_, policy_, cfg_, wiring, state, *a, **k)
+
+    engine.agent_step = step
+    res = {k: [] for k in ROWS}
+    lim = []
+    for _ in range(args.rounds):
+        for k in ROWS:
+            mode[0] = k
+            ExpertPolicy.fused = k != "before"
+            kernels._KERNEL = lib if k == "kernel" else False
+            training_step(ops, policy, opt, cfg, *eps[0], 20)  # warm-up
+            t0 = time.thread_time()
+            for i in range(4):
+                training_step(ops, policy, opt, cfg, *eps[i], 20)
+            res[k].append((time.thread_time() - t0) / 4)
+        lim.append(matmul_gflops(threads=1))
+    flops = model_flops(cfg.policy, batch=100, experts=20, steps=20, dims=3, slots=3 + 1)  # as bench.train
+    g = sorted(lim)[len(lim) // 2]
+    at_limit = flops / (g * 1e9)
+    print(f"matmul {min(lim):.0f}-{max(lim):.0f} GFLOP/s (median {g:.0f}); batch at the limit {1e3 * at_limit:.1f} ms")
+    for k, v in res.items():
+        med = sorted(v)[len(v) // 2]
+        print(f"{k:7s} ms/batch median {1e3 * med:.1f} (min {1e3 * min(v):.1f}, max {1e3 * max(v):.1f}): "
+              f"{100 / med:.0f} episodes/s, {100 * at_limit / med:.1f} % of the limit "
+              f"(best {100 * at_limit / min(v):.1f} %)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,106 @@
+"""The training path's GRU step (training/fused_gru.py) is nn.GRUCell's function: values and every
+gradient, through the compiled kernel and through the torch-op fallback, and a whole training step."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from badger_runtime.bench.train import reference_setup
+from badger_runtime.rollout import rollout, sample_wiring
+from badger_runtime.training import fused_gru, kernels
+from badger_runtime.training.model import ExpertPolicy
+
+
+def _grads(fn, cell, x0, h0):
+    x, h = x0.clone().requires_grad_(), h0.clone().requires_grad_()
+    y = fn(x, h)
+    weights = torch.linspace(-1.0, 2.0, y.numel(), dtype=y.dtype).reshape(y.shape)  # any upstream gradient
+    (y * weights).sum().backward()
+    out = [y.detach(), x.grad, h.grad] + [p.grad.clone() for p in cell.parameters()]
+    cell.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("M,I,H", [(1, 3, 1), (37, 34, 64), (500, 10, 13)])
+def test_fused_gru_step_equals_the_gru_cell(use_kernel, M, I, H):
+    torch.manual_seed(M + I + H)
+    cell = torch.nn.GRUCell(I, H)
+    x0 = 3.0 * torch.randn(M, I)  # large pre-activations: saturated gates too
+    h0 = torch.rand(M, H) * 2 - 1
+    ref = _grads(cell, cell, x0, h0)
+    got = _grads(lambda x, h: fused_gru.gru_step(cell, x, h, use_kernel=use_kernel), cell, x0, h0)
+    for name, a, b in zip(["h'", "x", "h", "w_ih", "w_hh", "b_ih", "b_hh"], ref, got):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * (1 + a.abs().max())), name
+
+
+def test_the_kernel_is_built_where_a_compiler_is_found_and_used_for_float32():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        assert kernels.kernel() is None  # then training runs GRUStep: the test above holds it
+        return
+    assert kernels.kernel() is not None
+    cell = torch.nn.GRUCell(4, 3)
+    x, h = torch.randn(5, 4), torch.zeros(5, 3, requires_grad=True)
+    assert type(fused_gru.gru_step(cell, x, h).grad_fn).__name__.startswith("GRUStepKernel")
+    assert type(fused_gru.gru_step(cell.double(), x.double(), h.double()).grad_fn).__name__.startswith("GRUStep")
+
+
+def test_the_kernel_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("BADGER_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_KERNEL", None)
+    assert kernels.kernel() is None
+    cell = torch.nn.GRUCell(4, 3)
+    y = fused_gru.gru_step(cell, torch.randn(2, 4), torch.zeros(2, 3, requires_grad=True))
+    assert not type(y.grad_fn).__name__.startswith("GRUStepKernel")
+
+
+def test_the_torch_op_path_passes_gradcheck_in_float64():
+    torch.manual_seed(0)
+    cell = torch.nn.GRUCell(3, 4).double()
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    h = (torch.rand(6, 4, dtype=torch.float64) * 2 - 1).requires_grad_()
+    params = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    assert torch.autograd.gradcheck(lambda x, h, *w: fused_gru.GRUStep.apply(x, h, *w), (x, h, *params))
+
+
+def test_a_training_rollout_with_the_fused_cell_equals_one_with_nn_grucell(monkeypatch):
+    """The 2019 setting's rollout and backward pass: the same losses and the same gradient of every
+    weight, with the fused cell (and the split heads the next step reuses) or with ``nn.GRUCell``."""
+    cfg, task, ops = reference_setup(seed=0, threads=1)
+    rng = np.random.default_rng(3)
+    episode = task.sample(rng, 8, dims=3, experts=5, steps=6, addr_dim=cfg.policy.addr_dim)
+    wiring = sample_wiring(rng, cfg, 8, 5)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(ExpertPolicy, "fused", fused)
+        torch.manual_seed(0)
+        policy = ExpertPolicy(cfg.policy)
+        out = rollout(ops, policy, cfg, episode, wiring, steps=6)
+        out.losses.mean().backward()
+        results.append((out.losses.detach(), [p.grad.clone() for p in policy.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads_a, grads_b):
+        assert a.abs().max() > 0
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max())
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_saturated_gates_and_nan_behave_as_the_gru_cell(use_kernel):
+    """Handcrafted policies drive the gates with pre-activations in the thousands: the fused step
+    saturates as the cell does (no overflow to NaN), and a NaN input stays a NaN."""
+    torch.manual_seed(1)
+    cell = torch.nn.GRUCell(4, 6)
+    x0 = torch.randn(9, 4) * 1e4
+    h0 = torch.rand(9, 6) * 2 - 1
+    ref = _grads(cell, cell, x0, h0)
+    got = _grads(lambda x, h: fused_gru.gru_step(cell, x, h, use_kernel=use_kernel), cell, x0, h0)
+    for a, b in zip(ref, got):
+        assert torch.isfinite(b).all() and torch.allclose(a, b, rtol=1e-5, atol=1e-5 * (1 + a.abs().max()))
+    x0[2, 1] = float("nan")
+    with torch.no_grad():
+        y = fused_gru.gru_step(cell, x0, h0, use_kernel=use_kernel)
+        assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3]]).all()
+        assert torch.equal(torch.isnan(y), torch.isnan(cell(x0, h0)))
