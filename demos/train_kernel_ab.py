@@ -3,8 +3,10 @@
 three ways in one process, interleaved (thread CPU time per batch of 4 batches, ``--rounds`` rounds):
 
 - ``before``: ``nn.GRUCell`` and the heads split twice per step (the code before session 37);
-- ``ops``: the GRU step as one autograd node with torch ops (``fused_gru.GRUStep``), heads split once;
-- ``kernel``: the same with the gates in the compiled kernel (``fused_gru.GRUStepKernel``), the default.
+- ``ops``: the GRU step as one autograd node with torch ops (``fused_gru.GRUStep``), heads split once
+  (what training runs without a C compiler);
+- ``kernel``: the GRU step and the heads as one node with the gates in the compiled kernel
+  (``fused_gru.PolicyStepKernel``), the default.
 
 The limit is ``badger bench train``'s (the model's FLOPs at a one-thread 384 x 384 matmul's rate, measured
 after every round).

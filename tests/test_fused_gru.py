@@ -104,3 +104,30 @@ def test_saturated_gates_and_nan_behave_as_the_gru_cell(use_kernel):
         y = fused_gru.gru_step(cell, x0, h0, use_kernel=use_kernel)
         assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3]]).all()
         assert torch.equal(torch.isnan(y), torch.isnan(cell(x0, h0)))
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_the_policy_step_equals_the_cell_then_the_heads(use_kernel):
+    """``policy_step``: the GRU step and the heads' linear layer as one node, with gradients reaching
+    h' from the heads and from later steps (both used here)."""
+    torch.manual_seed(2)
+    cell, heads = torch.nn.GRUCell(7, 5), torch.nn.Linear(5, 9)
+    x0, h0 = torch.randn(11, 7), torch.rand(11, 5) * 2 - 1
+    w_h, w_o = torch.randn(11, 5), torch.randn(11, 9)
+
+    def run(fn):
+        x, h = x0.clone().requires_grad_(), h0.clone().requires_grad_()
+        h2, o = fn(x, h)
+        ((h2 * w_h).sum() + (o * w_o).sum()).backward()
+        params = list(cell.parameters()) + list(heads.parameters())
+        out = [h2.detach(), o.detach(), x.grad, h.grad] + [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    def reference(x, h):
+        h2 = cell(x, h)
+        return h2, heads(h2)
+
+    for a, b in zip(run(reference), run(lambda x, h: fused_gru.policy_step(cell, heads, x, h, use_kernel=use_kernel))):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * (1 + a.abs().max()))

@@ -8,6 +8,8 @@ CPUs (docs/benchmarks.md). Two ways of the same math instead:
 
 - ``GRUStepKernel`` (float32 on the CPU, where the kernels are built, ``kernels.py``): the elementwise
   work of the forward and of the backward pass is one loop each (``kernels.c``); the matmuls are torch's.
+  ``PolicyStepKernel`` adds the heads' linear layer to the same node (``policy_step``, what
+  ``ExpertPolicy`` runs in training).
 - ``GRUStep`` (anywhere else): torch ops, fewer and in place: the backward writes the gate gradients
   into one [M, 3H] buffer and shares the r and z columns between the input and the hidden side;
   ``tanh`` is ``2 sigmoid(2x) - 1``.
@@ -74,37 +76,65 @@ class GRUStep(torch.autograd.Function):
         return grad_x, grad_h, grad_wih, grad_whh, grad_bih, grad_bhh
 
 
+def _kernel_forward(x, h, w_ih, w_hh, b_ih, b_hh):
+    """h' and what the backward pass keeps: the gates' products by torch, their elementwise work by the kernel."""
+    h = h.contiguous()
+    M, H = h.shape
+    gi, gh = x @ w_ih.t(), h @ w_hh.t()  # the kernel adds the biases
+    b_ih, b_hh = b_ih.contiguous(), b_hh.contiguous()
+    out, n, rz = torch.empty_like(h), torch.empty_like(h), h.new_empty(M, 2 * H)
+    kernel().gru_forward(M, H, gi.data_ptr(), gh.data_ptr(), h.data_ptr(), b_ih.data_ptr(), b_hh.data_ptr(),
+                         out.data_ptr(), rz.data_ptr(), n.data_ptr())
+    return out, (x, h, w_ih, w_hh, rz, n, gh)
+
+
+def _kernel_backward(g, need, x, h, w_ih, w_hh, rz, n, gh):
+    """The gradients of (x, h, w_ih, w_hh, b_ih, b_hh) from g = dL/dh' [M, H] (None where ``need`` says so)."""
+    g = g.contiguous()
+    M, H = h.shape
+    gates_i, gates_h = g.new_empty(M, 3 * H), g.new_empty(M, 3 * H)
+    gz, b_i, b_h = torch.empty_like(g), g.new_empty(3 * H), g.new_empty(3 * H)
+    kernel().gru_backward(M, H, g.data_ptr(), h.data_ptr(), rz.data_ptr(), n.data_ptr(), gh.data_ptr(),
+                          gates_i.data_ptr(), gates_h.data_ptr(), gz.data_ptr(), b_i.data_ptr(), b_h.data_ptr())
+    # the input side's products as their transposes: MKL runs them ~20 % faster when the narrow
+    # dimension (the input's I columns) is the output's rows (docs/benchmarks.md)
+    return ((w_ih.t() @ gates_i.t()).t() if need[0] else None, gz.addmm_(gates_h, w_hh) if need[1] else None,
+            (x.t() @ gates_i).t() if need[2] else None, gates_h.t() @ h if need[3] else None,
+            b_i if need[4] else None, b_h if need[5] else None)
+
+
 class GRUStepKernel(torch.autograd.Function):
     """``GRUStep`` with its elementwise work in the compiled kernel (float32, CPU)."""
 
     @staticmethod
     def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh):
-        lib = kernel()
-        h = h.contiguous()
-        M, H = h.shape
-        gi = torch.addmm(b_ih, x, w_ih.t())
-        gh = torch.addmm(b_hh, h, w_hh.t())
-        out, n, rz = torch.empty_like(h), torch.empty_like(h), h.new_empty(M, 2 * H)
-        lib.gru_forward(M, H, gi.data_ptr(), gh.data_ptr(), h.data_ptr(), out.data_ptr(), rz.data_ptr(), n.data_ptr())
-        ctx.save_for_backward(x, h, w_ih, w_hh, rz, n, gh)
+        out, saved = _kernel_forward(x, h, w_ih, w_hh, b_ih, b_hh)
+        ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, h, w_ih, w_hh, rz, n, gh = ctx.saved_tensors
-        lib = kernel()
-        g = g.contiguous()
-        M, H = h.shape
-        gates_i, gates_h = g.new_empty(M, 3 * H), g.new_empty(M, 3 * H)
-        gz, b_i, b_h = torch.empty_like(g), g.new_empty(3 * H), g.new_empty(3 * H)
-        lib.gru_backward(M, H, g.data_ptr(), h.data_ptr(), rz.data_ptr(), n.data_ptr(), gh.data_ptr(),
-                         gates_i.data_ptr(), gates_h.data_ptr(), gz.data_ptr(), b_i.data_ptr(), b_h.data_ptr())
+        return _kernel_backward(g, ctx.needs_input_grad, *ctx.saved_tensors)
+
+
+class PolicyStepKernel(torch.autograd.Function):
+    """``GRUStepKernel`` and the heads' linear layer after it, as one node: (h', heads = h' W_o^T + b_o).
+    The gradient reaching h' from the heads joins the one from later steps in one product
+    (dL/dh' = g_h + g_heads W_o), where two nodes would add them in a separate pass."""
+
+    @staticmethod
+    def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh, w_o, b_o):
+        out, saved = _kernel_forward(x, h, w_ih, w_hh, b_ih, b_hh)
+        ctx.save_for_backward(*saved, w_o, out)
+        return out, torch.addmm(b_o, out, w_o.t())
+
+    @staticmethod
+    def backward(ctx, g_h, g_o):
+        *saved, w_o, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        # the input side's products as their transposes: MKL runs them ~20 % faster when the narrow
-        # dimension (the input's I columns) is the output's rows (docs/benchmarks.md)
-        return ((w_ih.t() @ gates_i.t()).t() if need[0] else None, gz.addmm_(gates_h, w_hh) if need[1] else None,
-                (x.t() @ gates_i).t() if need[2] else None, gates_h.t() @ h if need[3] else None,
-                b_i if need[4] else None, b_h if need[5] else None)
+        g = g_o @ w_o if g_h is None else torch.addmm(g_h, g_o, w_o)
+        grads = _kernel_backward(g, need, *saved)
+        return (*grads, g_o.t() @ out if need[6] else None, g_o.sum(0) if need[7] else None)
 
 
 def gru_step(cell: torch.nn.GRUCell, x: torch.Tensor, h: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
@@ -115,3 +145,14 @@ def gru_step(cell: torch.nn.GRUCell, x: torch.Tensor, h: torch.Tensor, use_kerne
     if use_kernel is not False and usable(*args):
         return GRUStepKernel.apply(*args)
     return GRUStep.apply(*args)
+
+
+def policy_step(cell: torch.nn.GRUCell, heads: torch.nn.Linear, x: torch.Tensor, h: torch.Tensor,
+                use_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h' = ``cell(x, h)``, ``heads(h')``): one node (``PolicyStepKernel``) where the kernel applies,
+    else ``gru_step`` and the linear layer."""
+    args = (x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, heads.weight, heads.bias)
+    if use_kernel is not False and heads.bias is not None and usable(*args):
+        return PolicyStepKernel.apply(*args)
+    h2 = GRUStep.apply(*args[:6])
+    return h2, heads(h2)

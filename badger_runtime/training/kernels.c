@@ -29,18 +29,25 @@ static inline float exp_clamped(float x) {
 
 static inline float sigm(float x) { return 1.0f / (1.0f + exp_clamped(-x)); }
 
-/* gi, gh [M, 3H]; h [M, H] -> out [M, H]; saves rz [M, 2H] and n [M, H] for the backward pass. */
-void gru_forward(long M, long H, const float *restrict gi, const float *restrict gh, const float *restrict h,
-                 float *restrict out, float *restrict rz, float *restrict n) {
+/* gi = x W_ih^T, gh = h W_hh^T [M, 3H] (without their biases b_ih, b_hh [3H]); h [M, H] -> out [M, H]; saves
+ * rz [M, 2H] and n [M, H] for the backward pass, and writes gh's n columns plus their bias back into gh (the
+ * backward pass reads them). */
+void gru_forward(long M, long H, const float *restrict gi, float *restrict gh, const float *restrict h,
+                 const float *restrict b_ih, const float *restrict b_hh, float *restrict out, float *restrict rz,
+                 float *restrict n) {
+    const float *cr = b_ih, *cz = b_ih + H, *cn = b_ih + 2 * H, *dr = b_hh, *dz = b_hh + H, *dn = b_hh + 2 * H;
     for (long i = 0; i < M; i++) {
         const float *ar = gi + i * 3 * H, *az = ar + H, *an = ar + 2 * H;
-        const float *br = gh + i * 3 * H, *bz = br + H, *bn = br + 2 * H, *hi = h + i * H;
+        const float *br = gh + i * 3 * H, *bz = br + H, *hi = h + i * H;
+        float *bn = gh + i * 3 * H + 2 * H;
         float *o = out + i * H, *ri = rz + i * 2 * H, *zi = ri + H, *ni = n + i * H;
 #pragma omp simd
         for (long j = 0; j < H; j++) {
-            float r = sigm(ar[j] + br[j]);
-            float z = sigm(az[j] + bz[j]);
-            float nn = 2.0f * sigm(2.0f * (an[j] + r * bn[j])) - 1.0f; /* tanh */
+            float r = sigm(ar[j] + cr[j] + br[j] + dr[j]);
+            float z = sigm(az[j] + cz[j] + bz[j] + dz[j]);
+            float hn = bn[j] + dn[j];
+            float nn = 2.0f * sigm(2.0f * (an[j] + cn[j] + r * hn)) - 1.0f; /* tanh */
+            bn[j] = hn;
             ri[j] = r;
             zi[j] = z;
             ni[j] = nn;
@@ -49,7 +56,7 @@ void gru_forward(long M, long H, const float *restrict gi, const float *restrict
     }
 }
 
-/* g = dL/dh' [M, H]; h, n [M, H], rz [M, 2H], gh [M, 3H] (its n columns) ->
+/* g = dL/dh' [M, H]; h, n [M, H], rz [M, 2H], gh [M, 3H] (its n columns, with their bias) ->
  * gates_i = dL/d(gi) [M, 3H], gates_h = dL/d(gh) [M, 3H] (the same r, z columns; n columns times r),
  * gz = g z [M, H] (dL/dh without the matmul), and the column sums of gates_i and gates_h (the biases'
  * gradients, bias_i and bias_h [3H], overwritten). */

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import PolicySpec
 from ..xp import TorchOps
-from .fused_gru import gru_step
+from .fused_gru import policy_step
 
 
 class ExpertPolicy(nn.Module):
@@ -38,9 +38,8 @@ class ExpertPolicy(nn.Module):
     def forward(self, state, inbox, sensed):
         x = torch.cat([inbox, sensed], dim=-1)
         if self.fused and x.dim() == 2 and not (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
-            h = gru_step(self.cell, x, state)
-        else:
-            h = self.cell(x, state)
+            return policy_step(self.cell, self.heads, x, state)
+        h = self.cell(x, state)
         return h, self.heads(h)
 
     def step(self, h, inbox, sensed):
