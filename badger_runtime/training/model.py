@@ -22,8 +22,8 @@ from .fused_gru import policy_step
 
 
 class ExpertPolicy(nn.Module):
-    #: run the GRU cell as one autograd node (``fused_gru``: the same function, fewer elementwise passes);
-    #: an ONNX export or a trace always records ``nn.GRUCell``'s own ops
+    #: run the GRU cell and the heads as one autograd node (``fused_gru.policy_step``: the same function,
+    #: fewer elementwise passes); an ONNX export, a trace or torch.compile always sees ``nn.GRUCell``'s ops
     fused: bool = True
 
     def __init__(self, spec: PolicySpec):
@@ -37,7 +37,8 @@ class ExpertPolicy(nn.Module):
 
     def forward(self, state, inbox, sensed):
         x = torch.cat([inbox, sensed], dim=-1)
-        if self.fused and x.dim() == 2 and not (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
+        if self.fused and x.dim() == 2 and not (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+                                                or torch.compiler.is_compiling()):
             return policy_step(self.cell, self.heads, x, state)
         h = self.cell(x, state)
         return h, self.heads(h)
