@@ -112,3 +112,17 @@ def test_serve_bench_wraps_the_load_script(tiny_policy, capsys):
     (row,) = rep["rows"]
     assert row["experts"] == 4 and row["clients"] == 2
     assert row["steps_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+
+
+def test_train_bench_reports_the_limit_the_fraction_and_the_gru_path():
+    from badger_runtime.bench.train import bench_train
+    from badger_runtime.training.kernels import kernel
+
+    out = bench_train(experts=(3, 6), steps=(2,), batch=2, repeats=1)
+    assert [r["experts"] for r in out["rows"]] == [3, 6, 20]  # the asked sizes, then the 2019 reference
+    ref = out["reference"]
+    assert ref["batch"] == 100 and ref["experts"] == 20 and ref["steps"] == 20
+    assert out["matmul_gflops"] > 0 and ref["limit_episodes_per_s"] > 0
+    assert out["fraction_of_limit"] == pytest.approx(ref["episodes_per_s"] / ref["limit_episodes_per_s"])
+    assert 0 < out["cpu_fraction_of_limit"] and out["gru_kernel"] == (kernel() is not None)
+    assert out["growth"]["2"]["n"] == [3, 6]

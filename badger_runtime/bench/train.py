@@ -130,8 +130,12 @@ def bench_train(experts=(5, 20, 40, 80), steps=(10, 20, 40), batch: int = 64, re
                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                      "gflop_per_batch": flops / 1e9, "gflops": flops / sec / 1e9})
     limit = matmul_gflops(threads)
+    from ..training.kernels import kernel
+
     out = {"bench": "train", "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
            "processor": platform.processor() or None, "matmul_gflops": limit, "loadavg_at_end": os.getloadavg(),
+           # whether the GRU step ran with its gates compiled (training/kernels.py) or in torch ops
+           "gru_kernel": kernel() is not None and ExpertPolicy.fused,
            "rows": rows, "growth": growth(rows[:-1] if reference else rows)}
     if reference:
         ref = rows[-1] | {"setting": "2019 reference: batch 100, N = 20, 20 steps, hidden 64, d = 3, scalar"}
