@@ -106,10 +106,11 @@ def test_saturated_gates_and_nan_behave_as_the_gru_cell(use_kernel):
         assert torch.equal(torch.isnan(y), torch.isnan(cell(x0, h0)))
 
 
+@pytest.mark.parametrize("use", ["both", "state", "heads"])
 @pytest.mark.parametrize("use_kernel", [True, False])
-def test_the_policy_step_equals_the_cell_then_the_heads(use_kernel):
+def test_the_policy_step_equals_the_cell_then_the_heads(use_kernel, use):
     """``policy_step``: the GRU step and the heads' linear layer as one node, with gradients reaching
-    h' from the heads and from later steps (both used here)."""
+    h' from the heads, from later steps, or both."""
     torch.manual_seed(2)
     cell, heads = torch.nn.GRUCell(7, 5), torch.nn.Linear(5, 9)
     x0, h0 = torch.randn(11, 7), torch.rand(11, 5) * 2 - 1
@@ -118,9 +119,12 @@ def test_the_policy_step_equals_the_cell_then_the_heads(use_kernel):
     def run(fn):
         x, h = x0.clone().requires_grad_(), h0.clone().requires_grad_()
         h2, o = fn(x, h)
-        ((h2 * w_h).sum() + (o * w_o).sum()).backward()
+        loss = (h2 * w_h).sum() if use == "state" else (o * w_o).sum() if use == "heads" else \
+            (h2 * w_h).sum() + (o * w_o).sum()
+        loss.backward()
         params = list(cell.parameters()) + list(heads.parameters())
-        out = [h2.detach(), o.detach(), x.grad, h.grad] + [p.grad.clone() for p in params]
+        out = [h2.detach(), o.detach(), x.grad, h.grad] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                                           for p in params]
         for p in params:
             p.grad = None
         return out

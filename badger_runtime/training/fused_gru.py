@@ -120,7 +120,8 @@ class GRUStepKernel(torch.autograd.Function):
 class PolicyStepKernel(torch.autograd.Function):
     """``GRUStepKernel`` and the heads' linear layer after it, as one node: (h', heads = h' W_o^T + b_o).
     The gradient reaching h' from the heads joins the one from later steps in one product
-    (dL/dh' = g_h + g_heads W_o), where two nodes would add them in a separate pass."""
+    (dL/dh' = g_h + g_heads W_o), where two nodes would add them in a separate pass. (Autograd hands a
+    zero gradient for an output that got none: grads are materialised, the Function's default.)"""
 
     @staticmethod
     def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh, w_o, b_o):
@@ -132,7 +133,7 @@ class PolicyStepKernel(torch.autograd.Function):
     def backward(ctx, g_h, g_o):
         *saved, w_o, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g = g_o @ w_o if g_h is None else torch.addmm(g_h, g_o, w_o)
+        g = torch.addmm(g_h, g_o, w_o)
         grads = _kernel_backward(g, need, *saved)
         return (*grads, g_o.t() @ out if need[6] else None, g_o.sum(0) if need[7] else None)
 
@@ -150,7 +151,7 @@ def gru_step(cell: torch.nn.GRUCell, x: torch.Tensor, h: torch.Tensor, use_kerne
 def policy_step(cell: torch.nn.GRUCell, heads: torch.nn.Linear, x: torch.Tensor, h: torch.Tensor,
                 use_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h' = ``cell(x, h)``, ``heads(h')``): one node (``PolicyStepKernel``) where the kernel applies,
-    else ``gru_step`` and the linear layer."""
+    else ``GRUStep`` (torch ops) and the linear layer."""
     args = (x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, heads.weight, heads.bias)
     if use_kernel is not False and heads.bias is not None and usable(*args):
         return PolicyStepKernel.apply(*args)
