@@ -82,19 +82,19 @@ def _kernel_forward(x, h, w_ih, w_hh, b_ih, b_hh):
     M, H = h.shape
     gi, gh = x @ w_ih.t(), h @ w_hh.t()  # the kernel adds the biases
     b_ih, b_hh = b_ih.contiguous(), b_hh.contiguous()
-    out, n, rz = torch.empty_like(h), torch.empty_like(h), h.new_empty(M, 2 * H)
+    out, n, hn, rz = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h), h.new_empty(M, 2 * H)
     kernel().gru_forward(M, H, gi.data_ptr(), gh.data_ptr(), h.data_ptr(), b_ih.data_ptr(), b_hh.data_ptr(),
-                         out.data_ptr(), rz.data_ptr(), n.data_ptr())
-    return out, (x, h, w_ih, w_hh, rz, n, gh)
+                         out.data_ptr(), rz.data_ptr(), n.data_ptr(), hn.data_ptr())
+    return out, (x, h, w_ih, w_hh, rz, n, hn)  # gi and gh are not kept
 
 
-def _kernel_backward(g, need, x, h, w_ih, w_hh, rz, n, gh):
+def _kernel_backward(g, need, x, h, w_ih, w_hh, rz, n, hn):
     """The gradients of (x, h, w_ih, w_hh, b_ih, b_hh) from g = dL/dh' [M, H] (None where ``need`` says so)."""
     g = g.contiguous()
     M, H = h.shape
     gates_i, gates_h = g.new_empty(M, 3 * H), g.new_empty(M, 3 * H)
     gz, b_i, b_h = torch.empty_like(g), g.new_empty(3 * H), g.new_empty(3 * H)
-    kernel().gru_backward(M, H, g.data_ptr(), h.data_ptr(), rz.data_ptr(), n.data_ptr(), gh.data_ptr(),
+    kernel().gru_backward(M, H, g.data_ptr(), h.data_ptr(), rz.data_ptr(), n.data_ptr(), hn.data_ptr(),
                           gates_i.data_ptr(), gates_h.data_ptr(), gz.data_ptr(), b_i.data_ptr(), b_h.data_ptr())
     # the input side's products as their transposes: MKL runs them ~20 % faster when the narrow
     # dimension (the input's I columns) is the output's rows (docs/benchmarks.md)

@@ -2,8 +2,8 @@
  *
  * PyTorch's gate order (r, z, n) and formulas:
  *   r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r gh_n), h' = (1 - z) n + z h
- * gi = x W_ih^T + b_ih and gh = h W_hh^T + b_hh are the matmuls, done by the caller (torch / BLAS).
- * Every array is row-major and contiguous; M rows, H hidden units. Built by fused_gru.py with the C compiler
+ * gi = x W_ih^T and gh = h W_hh^T are the matmuls, done by the caller (torch / BLAS); the kernel adds the biases.
+ * Every array is row-major and contiguous; M rows, H hidden units. Built by kernels.py with the C compiler
  * at first use (no Python headers: it is called through ctypes).
  */
 #include <math.h>
@@ -30,24 +30,23 @@ static inline float exp_clamped(float x) {
 static inline float sigm(float x) { return 1.0f / (1.0f + exp_clamped(-x)); }
 
 /* gi = x W_ih^T, gh = h W_hh^T [M, 3H] (without their biases b_ih, b_hh [3H]); h [M, H] -> out [M, H]; saves
- * rz [M, 2H] and n [M, H] for the backward pass, and writes gh's n columns plus their bias back into gh (the
- * backward pass reads them). */
-void gru_forward(long M, long H, const float *restrict gi, float *restrict gh, const float *restrict h,
+ * rz [M, 2H], n [M, H] and hn [M, H] (gh's n columns plus their bias) for the backward pass, so that gi and gh
+ * are not kept. */
+void gru_forward(long M, long H, const float *restrict gi, const float *restrict gh, const float *restrict h,
                  const float *restrict b_ih, const float *restrict b_hh, float *restrict out, float *restrict rz,
-                 float *restrict n) {
+                 float *restrict n, float *restrict hn_out) {
     const float *cr = b_ih, *cz = b_ih + H, *cn = b_ih + 2 * H, *dr = b_hh, *dz = b_hh + H, *dn = b_hh + 2 * H;
     for (long i = 0; i < M; i++) {
         const float *ar = gi + i * 3 * H, *az = ar + H, *an = ar + 2 * H;
-        const float *br = gh + i * 3 * H, *bz = br + H, *hi = h + i * H;
-        float *bn = gh + i * 3 * H + 2 * H;
-        float *o = out + i * H, *ri = rz + i * 2 * H, *zi = ri + H, *ni = n + i * H;
+        const float *br = gh + i * 3 * H, *bz = br + H, *bn = br + 2 * H, *hi = h + i * H;
+        float *o = out + i * H, *ri = rz + i * 2 * H, *zi = ri + H, *ni = n + i * H, *hni = hn_out + i * H;
 #pragma omp simd
         for (long j = 0; j < H; j++) {
             float r = sigm(ar[j] + cr[j] + br[j] + dr[j]);
             float z = sigm(az[j] + cz[j] + bz[j] + dz[j]);
             float hn = bn[j] + dn[j];
             float nn = 2.0f * sigm(2.0f * (an[j] + cn[j] + r * hn)) - 1.0f; /* tanh */
-            bn[j] = hn;
+            hni[j] = hn;
             ri[j] = r;
             zi[j] = z;
             ni[j] = nn;
@@ -56,12 +55,12 @@ void gru_forward(long M, long H, const float *restrict gi, float *restrict gh, c
     }
 }
 
-/* g = dL/dh' [M, H]; h, n [M, H], rz [M, 2H], gh [M, 3H] (its n columns, with their bias) ->
+/* g = dL/dh' [M, H]; h, n, hn [M, H], rz [M, 2H] (as gru_forward saved them) ->
  * gates_i = dL/d(gi) [M, 3H], gates_h = dL/d(gh) [M, 3H] (the same r, z columns; n columns times r),
  * gz = g z [M, H] (dL/dh without the matmul), and the column sums of gates_i and gates_h (the biases'
  * gradients, bias_i and bias_h [3H], overwritten). */
 void gru_backward(long M, long H, const float *restrict g, const float *restrict h, const float *restrict rz,
-                  const float *restrict n, const float *restrict gh, float *restrict gates_i,
+                  const float *restrict n, const float *restrict hn_in, float *restrict gates_i,
                   float *restrict gates_h, float *restrict gz, float *restrict bias_i, float *restrict bias_h) {
     for (long c = 0; c < 3 * H; c++) {
         bias_i[c] = 0.0f;
@@ -69,7 +68,7 @@ void gru_backward(long M, long H, const float *restrict g, const float *restrict
     }
     for (long i = 0; i < M; i++) {
         const float *gi_ = g + i * H, *hi = h + i * H, *rzi = rz + i * 2 * H, *ni = n + i * H;
-        const float *hn = gh + i * 3 * H + 2 * H;
+        const float *hn = hn_in + i * H;
         float *di = gates_i + i * 3 * H, *dh = gates_h + i * 3 * H, *gzi = gz + i * H;
 #pragma omp simd
         for (long j = 0; j < H; j++) {

@@ -53,7 +53,7 @@ def _build():
         os.replace(tmp, so)  # atomic: processes that build at once each install a whole library
     lib = ctypes.CDLL(str(so))
     p, n = ctypes.c_void_p, ctypes.c_long
-    lib.gru_forward.argtypes = [n, n] + [p] * 8
+    lib.gru_forward.argtypes = [n, n] + [p] * 9
     lib.gru_backward.argtypes = [n, n] + [p] * 10
     for fn in (lib.gru_forward, lib.gru_backward):
         fn.restype = None
