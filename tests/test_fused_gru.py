@@ -135,3 +135,23 @@ def test_the_policy_step_equals_the_cell_then_the_heads(use_kernel, use):
 
     for a, b in zip(run(reference), run(lambda x, h: fused_gru.policy_step(cell, heads, x, h, use_kernel=use_kernel))):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * (1 + a.abs().max()))
+
+
+def test_badger_fused_0_trains_with_the_gru_cell_itself():
+    """``BADGER_FUSED=0``: ``ExpertPolicy`` runs ``nn.GRUCell`` and its heads as before session 37 (the same
+    float rounding, so an older training command re-runs bit for bit)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from badger_runtime.training.model import ExpertPolicy; from badger_runtime.config import "
+            "PolicySpec; p = ExpertPolicy(PolicySpec()); x = torch.randn(4, p.spec.msg_dim); "
+            "s = torch.randn(4, p.spec.sensed_dim); h = torch.zeros(4, p.spec.hidden, requires_grad=True); "
+            "a = p(h, x, s)[0]; print(ExpertPolicy.fused, type(a.grad_fn).__name__, "
+            "torch.equal(a, p.cell(torch.cat([x, s], -1), h)))")
+    for flag, fused in (("0", "False"), ("1", "True")):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "BADGER_FUSED": flag},
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert out[0] == fused
+        if fused == "False":
+            assert out[1] != "PolicyStepKernelBackward" and not out[1].startswith("GRUStep") and out[2] == "True"
