@@ -138,8 +138,8 @@ def test_the_policy_step_equals_the_cell_then_the_heads(use_kernel, use):
 
 
 def test_badger_fused_0_trains_with_the_gru_cell_itself():
-    """``BADGER_FUSED=0``: ``ExpertPolicy`` runs ``nn.GRUCell`` and its heads as before session 37 (the same
-    float rounding, so an older training command re-runs bit for bit)."""
+    """``BADGER_FUSED=0``: ``ExpertPolicy`` runs ``nn.GRUCell`` and its heads as before session 37 (its float
+    rounding, which the policies shipped before were trained with)."""
     import os
     import subprocess
     import sys

@@ -26,8 +26,8 @@ from .fused_gru import policy_step
 class ExpertPolicy(nn.Module):
     #: run the GRU cell and the heads as one autograd node (``fused_gru.policy_step``: the same function,
     #: fewer elementwise passes); an ONNX export, a trace or torch.compile always sees ``nn.GRUCell``'s ops.
-    #: ``BADGER_FUSED=0`` runs ``nn.GRUCell`` in training too: the float rounding of trainings made before
-    #: session 37, bit for bit (the fused step agrees to ~3e-7 per step, which a long training amplifies)
+    #: ``BADGER_FUSED=0`` runs ``nn.GRUCell`` in training too, as the policies shipped before session 37 were
+    #: trained (the fused step agrees to ~3e-7 per step, which a long training amplifies)
     fused: bool = os.environ.get("BADGER_FUSED", "1") != "0"
 
     def __init__(self, spec: PolicySpec):
