@@ -155,3 +155,16 @@ def test_badger_fused_0_trains_with_the_gru_cell_itself():
         assert out[0] == fused
         if fused == "False":
             assert out[1] != "PolicyStepKernelBackward" and not out[1].startswith("GRUStep") and out[2] == "True"
+
+
+def test_the_kernels_build_in_the_temporary_folder_where_the_cache_cannot_be_written(monkeypatch, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked / "cache"))  # mkdir under a file fails, even for root
+    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(kernels, "_KERNEL", None)
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        assert kernels.kernel() is None
+        return
+    assert kernels.kernel() is not None
+    assert list((tmp_path / "tmp").glob("badger-kernels-*/kernels-*.so"))

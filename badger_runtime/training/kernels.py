@@ -6,8 +6,9 @@ loop per pass (``fused_gru``). The matmuls stay torch's (BLAS). (The same for th
 small attentions was tried and was slower than torch's batched matmuls: docs/benchmarks.md.)
 
 Built with the system's C compiler (``$CC``, else ``cc`` or ``gcc``) as
-``cc -O3 -march=native ... -shared`` into ``$XDG_CACHE_HOME/badger/kernels`` (``~/.cache``), keyed
-by the source, the flags and the CPU, so a second process loads it at once; no Python headers,
+``cc -O3 -march=native ... -shared`` into ``$XDG_CACHE_HOME/badger/kernels`` (``~/.cache``; where that
+cannot be written, the temporary folder), keyed by the source, the flags and the CPU, so a second
+process loads it at once; no Python headers,
 about a second to build. Where no compiler is found (or the build fails, or ``BADGER_KERNELS=0``)
 training runs the same functions with torch ops, slower. Only float32 tensors on the CPU take
 the kernels; the torch-free runtime never imports this module.
@@ -21,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -44,13 +46,23 @@ def _build():
     if not cc or not SOURCE.exists():
         return None
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, platform.machine(), _cpu_identity()]).encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "badger" / "kernels"
-    so = cache / f"kernels-{key.hexdigest()[:16]}.so"
-    if not so.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f"{so.stem}.{os.getpid()}.tmp"
+    name = f"kernels-{key.hexdigest()[:16]}.so"
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "badger" / "kernels"
+    for cache in (home, Path(tempfile.gettempdir()) / f"badger-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+        so = cache / name
+        if so.exists():
+            break
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = cache / f"{so.stem}.{os.getpid()}.tmp"
+            tmp.touch()
+        except OSError:  # a read-only home: the temporary folder
+            continue
         subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True, timeout=300)
         os.replace(tmp, so)  # atomic: processes that build at once each install a whole library
+        break
+    else:
+        return None
     lib = ctypes.CDLL(str(so))
     p, n = ctypes.c_void_p, ctypes.c_long
     lib.gru_forward.argtypes = [n, n] + [p] * 9
