@@ -168,3 +168,17 @@ def test_the_kernels_build_in_the_temporary_folder_where_the_cache_cannot_be_wri
         return
     assert kernels.kernel() is not None
     assert list((tmp_path / "tmp").glob("badger-kernels-*/kernels-*.so"))
+
+
+def test_a_failing_compiler_is_warned_about_and_training_runs_torch_ops(monkeypatch, tmp_path):
+    false = shutil.which("false")
+    assert false is not None
+    monkeypatch.setenv("CC", false)  # a "compiler" that fails
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "_KERNEL", None)
+    with pytest.warns(UserWarning, match="could not be built"):
+        assert kernels.kernel() is None
+    assert not list(tmp_path.rglob("*.tmp"))  # nothing half-built is left behind
+    cell = torch.nn.GRUCell(4, 3)
+    y = fused_gru.gru_step(cell, torch.randn(2, 4), torch.zeros(2, 3, requires_grad=True))
+    assert type(y.grad_fn).__name__.startswith("GRUStepBackward")

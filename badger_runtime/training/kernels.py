@@ -58,8 +58,12 @@ def _build():
             tmp.touch()
         except OSError:  # a read-only home: the temporary folder
             continue
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True, timeout=300)
-        os.replace(tmp, so)  # atomic: processes that build at once each install a whole library
+        try:
+            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True, capture_output=True,
+                           timeout=300)
+            os.replace(tmp, so)  # atomic: processes that build at once each install a whole library
+        finally:
+            tmp.unlink(missing_ok=True)
         break
     else:
         return None
