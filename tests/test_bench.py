@@ -125,4 +125,7 @@ def test_train_bench_reports_the_limit_the_fraction_and_the_gru_path():
     assert out["matmul_gflops"] > 0 and ref["limit_episodes_per_s"] > 0
     assert out["fraction_of_limit"] == pytest.approx(ref["episodes_per_s"] / ref["limit_episodes_per_s"])
     assert 0 < out["cpu_fraction_of_limit"] and out["gru_kernel"] == (kernel() is not None)
+    assert out["best_matmul_gflops"] >= out["matmul_gflops"]  # the fastest matmul found, torch's default or oneDNN
+    assert out["fraction_of_best_limit"] == pytest.approx(out["fraction_of_limit"] * out["matmul_gflops"]
+                                                          / out["best_matmul_gflops"])
     assert out["growth"]["2"]["n"] == [3, 6]

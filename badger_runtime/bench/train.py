@@ -20,6 +20,7 @@ CPU time in place of its wall time (on a shared machine the wall time counts oth
 from __future__ import annotations
 
 import platform
+import math
 import time
 
 import numpy as np
@@ -44,16 +45,28 @@ def model_flops(spec, *, batch: int, experts: int, steps: int, dims: int, slots:
     return 3.0 * batch * steps * per_episode_step
 
 
-def matmul_gflops(threads: int = 1, size: int = 384, repeats: int = 30) -> float:
-    """GFLOP/s of a plain float32 matmul on this machine (the best of ``repeats``), torch, ``threads``."""
+def matmul_gflops(threads: int = 1, size: int = 384, repeats: int = 30, backend: str = "torch") -> float:
+    """GFLOP/s of a plain float32 matmul on this machine (the best of ``repeats``), ``threads``: torch's
+    default (``torch.mm``: MKL in the x86 wheels) or, with ``backend="onednn"``, torch's oneDNN linear
+    (``training.fused_gru.onednn_linear``, what the training step's policy products use where it exists;
+    on AMD CPUs ~2x the MKL rate, docs/benchmarks.md). NaN where that backend is missing."""
     import torch
 
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
+    if backend == "onednn":
+        from ..training.fused_gru import onednn_linear
+
+        op = onednn_linear()
+        if op is None:
+            return float("nan")
+        run = lambda: op(a, b, None, "none", [], "")  # noqa: E731
+    else:
+        run = lambda: torch.mm(a, b)  # noqa: E731
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        run()
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best / 1e9
 
@@ -130,12 +143,19 @@ def bench_train(experts=(5, 20, 40, 80), steps=(10, 20, 40), batch: int = 64, re
                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                      "gflop_per_batch": flops / 1e9, "gflops": flops / sec / 1e9})
     limit = matmul_gflops(threads)
+    onednn = matmul_gflops(threads, backend="onednn")
+    best = limit if math.isnan(onednn) else max(limit, onednn)
+    from ..training.fused_gru import onednn_linear
     from ..training.kernels import kernel
 
+    fused = kernel() is not None and ExpertPolicy.fused
     out = {"bench": "train", "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
            "processor": platform.processor() or None, "matmul_gflops": limit, "loadavg_at_end": os.getloadavg(),
-           # whether the GRU step ran with its gates compiled (training/kernels.py) or in torch ops
-           "gru_kernel": kernel() is not None and ExpertPolicy.fused,
+           # the fastest float32 matmul found here (torch's default or its oneDNN linear): the machine's limit
+           "best_matmul_gflops": best,
+           # whether the GRU step ran with its gates compiled (training/kernels.py) or in torch ops, and
+           # whether its products went through oneDNN
+           "gru_kernel": fused, "onednn_products": fused and onednn_linear() is not None,
            "rows": rows, "growth": growth(rows[:-1] if reference else rows)}
     if reference:
         ref = rows[-1] | {"setting": "2019 reference: batch 100, N = 20, 20 steps, hidden 64, d = 3, scalar"}
@@ -144,9 +164,14 @@ def bench_train(experts=(5, 20, 40, 80), steps=(10, 20, 40), batch: int = 64, re
         # the same by this thread's CPU time: leaves out what other processes took on a shared machine
         # (the limit is the best of repeated matmuls: it already leaves that out)
         ref["cpu_fraction_of_limit"] = ref["batch"] / ref["cpu_sec_per_batch"] / ref["limit_episodes_per_s"]
+        # against the fastest matmul found on this machine (where oneDNN outruns torch's default, as on AMD
+        # CPUs, this is the honest limit: the fraction above overstates how close training is to it)
+        ref["best_limit_episodes_per_s"] = best * 1e9 / (ref["gflop_per_batch"] * 1e9) * ref["batch"]
+        ref["fraction_of_best_limit"] = ref["episodes_per_s"] / ref["best_limit_episodes_per_s"]
         out["reference"] = ref
         out["fraction_of_limit"] = ref["fraction_of_limit"]
         out["cpu_fraction_of_limit"] = ref["cpu_fraction_of_limit"]
+        out["fraction_of_best_limit"] = ref["fraction_of_best_limit"]
     return out
 
 

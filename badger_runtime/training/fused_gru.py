@@ -20,6 +20,8 @@ exported graph keeps the GRU cell's own ops, which the deployment engines run.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .kernels import kernel, usable
@@ -76,11 +78,43 @@ class GRUStep(torch.autograd.Function):
         return grad_x, grad_h, grad_wih, grad_whh, grad_bih, grad_bhh
 
 
+_LINEAR = []  # [the oneDNN linear op or None], decided at first use
+
+
+def onednn_linear():
+    """torch's oneDNN linear (``torch.ops.mkldnn._linear_pointwise``: a @ w^T [+ b], strided inputs, no
+    autograd), or None where it is missing, gives another result, or ``BADGER_ONEDNN=0``. On this project's
+    machines it runs the policy's products ~2x faster than torch's default float32 matmul (MKL, which takes
+    a slower path on AMD CPUs; docs/benchmarks.md); it is an internal op of torch's, checked once here."""
+    if not _LINEAR:
+        op = None
+        if os.environ.get("BADGER_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available():
+            try:
+                op = torch.ops.mkldnn._linear_pointwise
+                a, w, b = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
+                if not torch.allclose(op(a.t().contiguous().t(), w, b, "none", [], ""), torch.addmm(b, a, w.t()),
+                                      rtol=1e-5, atol=1e-6):
+                    op = None
+            except (AttributeError, RuntimeError):
+                op = None
+        _LINEAR.append(op)
+    return _LINEAR[0]
+
+
+def _lin(a, w, b=None):
+    """a @ w^T (+ b) for 2-d float32 a [M, K], w [N, K] (either may be a transposed view)."""
+    op = onednn_linear()
+    if op is None:
+        return a @ w.t() if b is None else torch.addmm(b, a, w.t())
+    return op(a, w, b, "none", [], "")
+
+
 def _kernel_forward(x, h, w_ih, w_hh, b_ih, b_hh):
-    """h' and what the backward pass keeps: the gates' products by torch, their elementwise work by the kernel."""
+    """h' and what the backward pass keeps: the gates' products by torch (``_lin``), their elementwise
+    work by the kernel."""
     h = h.contiguous()
     M, H = h.shape
-    gi, gh = x @ w_ih.t(), h @ w_hh.t()  # the kernel adds the biases
+    gi, gh = _lin(x, w_ih), _lin(h, w_hh)  # the kernel adds the biases
     b_ih, b_hh = b_ih.contiguous(), b_hh.contiguous()
     out, n, hn, rz = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h), h.new_empty(M, 2 * H)
     kernel().gru_forward(M, H, gi.data_ptr(), gh.data_ptr(), h.data_ptr(), b_ih.data_ptr(), b_hh.data_ptr(),
@@ -96,10 +130,10 @@ def _kernel_backward(g, need, x, h, w_ih, w_hh, rz, n, hn):
     gz, b_i, b_h = torch.empty_like(g), g.new_empty(3 * H), g.new_empty(3 * H)
     kernel().gru_backward(M, H, g.data_ptr(), h.data_ptr(), rz.data_ptr(), n.data_ptr(), hn.data_ptr(),
                           gates_i.data_ptr(), gates_h.data_ptr(), gz.data_ptr(), b_i.data_ptr(), b_h.data_ptr())
-    # the input side's products as their transposes: MKL runs them ~20 % faster when the narrow
-    # dimension (the input's I columns) is the output's rows (docs/benchmarks.md)
-    return ((w_ih.t() @ gates_i.t()).t() if need[0] else None, gz.addmm_(gates_h, w_hh) if need[1] else None,
-            (x.t() @ gates_i).t() if need[2] else None, gates_h.t() @ h if need[3] else None,
+    # weight gradients G^T A as (A^T G)^T: the narrow side (the input's columns) as the product's rows runs
+    # faster (docs/benchmarks.md)
+    return (_lin(gates_i, w_ih.t()) if need[0] else None, gz.add_(_lin(gates_h, w_hh.t())) if need[1] else None,
+            _lin(x.t(), gates_i.t()).t() if need[2] else None, _lin(h.t(), gates_h.t()).t() if need[3] else None,
             b_i if need[4] else None, b_h if need[5] else None)
 
 
@@ -127,15 +161,15 @@ class PolicyStepKernel(torch.autograd.Function):
     def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh, w_o, b_o):
         out, saved = _kernel_forward(x, h, w_ih, w_hh, b_ih, b_hh)
         ctx.save_for_backward(*saved, w_o, out)
-        return out, torch.addmm(b_o, out, w_o.t())
+        return out, _lin(out, w_o, b_o)
 
     @staticmethod
     def backward(ctx, g_h, g_o):
         *saved, w_o, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g = torch.addmm(g_h, g_o, w_o)
+        g = _lin(g_o, w_o.t()).add_(g_h)
         grads = _kernel_backward(g, need, *saved)
-        return (*grads, g_o.t() @ out if need[6] else None, g_o.sum(0) if need[7] else None)
+        return (*grads, _lin(out.t(), g_o.t()).t() if need[6] else None, g_o.sum(0) if need[7] else None)
 
 
 def gru_step(cell: torch.nn.GRUCell, x: torch.Tensor, h: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
