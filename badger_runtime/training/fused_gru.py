@@ -7,14 +7,15 @@ per gate, and its ``tanh`` kernel runs ~7x slower per element than its ``sigmoid
 CPUs (docs/benchmarks.md). Two ways of the same math instead:
 
 - ``GRUStepKernel`` (float32 on the CPU, where the kernels are built, ``kernels.py``): the elementwise
-  work of the forward and of the backward pass is one loop each (``kernels.c``); the matmuls are torch's.
+  work of the forward and of the backward pass is one loop each (``kernels.c``).
   ``PolicyStepKernel`` adds the heads' linear layer to the same node (``policy_step``, what
   ``ExpertPolicy`` runs in training).
 - ``GRUStep`` (anywhere else): torch ops, fewer and in place: the backward writes the gate gradients
   into one [M, 3H] buffer and shares the r and z columns between the input and the hidden side;
   ``tanh`` is ``2 sigmoid(2x) - 1``.
 
-Only the training path uses it (``ExpertPolicy.forward`` outside an ONNX export or a trace); the
+Both compute their products with torch's oneDNN linear where it exists (``onednn_linear``: ~2x
+``torch.mm``'s rate on AMD CPUs), else with ``torch.mm``. Only the training path uses it (``ExpertPolicy.forward`` outside an ONNX export or a trace); the
 exported graph keeps the GRU cell's own ops, which the deployment engines run.
 """
 
@@ -30,52 +31,6 @@ from .kernels import kernel, usable
 def _tanh_(x: torch.Tensor) -> torch.Tensor:
     """tanh(x) in place, as 2 sigmoid(2x) - 1."""
     return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
-
-
-class GRUStep(torch.autograd.Function):
-    """h' = GRUCell(x, h) with weights (w_ih [3H, I], w_hh [3H, H], b_ih [3H], b_hh [3H])."""
-
-    @staticmethod
-    def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh):
-        H = h.shape[-1]
-        gi = torch.addmm(b_ih, x, w_ih.t())  # [M, 3H]
-        gh = torch.addmm(b_hh, h, w_hh.t())
-        rz = gi[:, :2 * H].add_(gh[:, :2 * H]).sigmoid_()  # in gi's own columns
-        r, z = rz[:, :H], rz[:, H:]
-        hn = gh[:, 2 * H:]
-        n = _tanh_(torch.addcmul(gi[:, 2 * H:], r, hn))
-        out = torch.lerp(n, h, z)  # (1 - z) n + z h
-        ctx.save_for_backward(x, h, w_ih, w_hh, rz, n, hn)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        x, h, w_ih, w_hh, rz, n, hn = ctx.saved_tensors
-        H = h.shape[-1]
-        r, z = rz[:, :H], rz[:, H:]
-        gates = torch.empty(g.shape[0], 3 * H, dtype=g.dtype, device=g.device)  # dL/d(gi), columns r, z, n
-        d_r, d_z, d_n = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:]
-        torch.addcmul(rz, rz, rz, value=-1.0, out=gates[:, :2 * H])  # both gates' sigmoid': rz (1 - rz)
-        gz = g * z
-        t = g - gz  # g (1 - z)
-        torch.addcmul(t, t * n, n, value=-1.0, out=d_n)  # n pre-activation: g (1 - z) (1 - n^2)
-        d_z.mul_(g).mul_(h - n)  # z pre-activation: g (h - n) z (1 - z)
-        d_r.mul_(d_n).mul_(hn)  # r pre-activation: dL/d(n_pre) hn r (1 - r)
-        grad_x = grad_h = grad_wih = grad_whh = grad_bih = grad_bhh = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gates @ w_ih
-        if ctx.needs_input_grad[2]:
-            grad_wih = gates.t() @ x
-        if ctx.needs_input_grad[4]:
-            grad_bih = gates.sum(0)
-        d_n.mul_(r)  # the hidden side's n columns: dL/d(hn) = dL/d(n_pre) r
-        if ctx.needs_input_grad[1]:
-            grad_h = torch.addmm(gz, gates, w_hh)
-        if ctx.needs_input_grad[3]:
-            grad_whh = gates.t() @ h
-        if ctx.needs_input_grad[5]:
-            grad_bhh = gates.sum(0)
-        return grad_x, grad_h, grad_wih, grad_whh, grad_bih, grad_bhh
 
 
 _LINEAR = []  # [the oneDNN linear op or None], decided at first use
@@ -102,11 +57,58 @@ def onednn_linear():
 
 
 def _lin(a, w, b=None):
-    """a @ w^T (+ b) for 2-d float32 a [M, K], w [N, K] (either may be a transposed view)."""
-    op = onednn_linear()
+    """a @ w^T (+ b) for 2-d a [M, K], w [N, K] (either may be a transposed view): oneDNN for float32 on
+    the CPU where ``onednn_linear`` has it, else torch's matmul."""
+    op = onednn_linear() if a.dtype == torch.float32 and a.device.type == "cpu" else None
     if op is None:
         return a @ w.t() if b is None else torch.addmm(b, a, w.t())
     return op(a, w, b, "none", [], "")
+
+
+class GRUStep(torch.autograd.Function):
+    """h' = GRUCell(x, h) with weights (w_ih [3H, I], w_hh [3H, H], b_ih [3H], b_hh [3H])."""
+
+    @staticmethod
+    def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh):
+        H = h.shape[-1]
+        gi = _lin(x, w_ih, b_ih)  # [M, 3H]
+        gh = _lin(h, w_hh, b_hh)
+        rz = gi[:, :2 * H].add_(gh[:, :2 * H]).sigmoid_()  # in gi's own columns
+        r, z = rz[:, :H], rz[:, H:]
+        hn = gh[:, 2 * H:]
+        n = _tanh_(torch.addcmul(gi[:, 2 * H:], r, hn))
+        out = torch.lerp(n, h, z)  # (1 - z) n + z h
+        ctx.save_for_backward(x, h, w_ih, w_hh, rz, n, hn)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h, w_ih, w_hh, rz, n, hn = ctx.saved_tensors
+        H = h.shape[-1]
+        r, z = rz[:, :H], rz[:, H:]
+        gates = torch.empty(g.shape[0], 3 * H, dtype=g.dtype, device=g.device)  # dL/d(gi), columns r, z, n
+        d_r, d_z, d_n = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:]
+        torch.addcmul(rz, rz, rz, value=-1.0, out=gates[:, :2 * H])  # both gates' sigmoid': rz (1 - rz)
+        gz = g * z
+        t = g - gz  # g (1 - z)
+        torch.addcmul(t, t * n, n, value=-1.0, out=d_n)  # n pre-activation: g (1 - z) (1 - n^2)
+        d_z.mul_(g).mul_(h - n)  # z pre-activation: g (h - n) z (1 - z)
+        d_r.mul_(d_n).mul_(hn)  # r pre-activation: dL/d(n_pre) hn r (1 - r)
+        grad_x = grad_h = grad_wih = grad_whh = grad_bih = grad_bhh = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _lin(gates, w_ih.t())
+        if ctx.needs_input_grad[2]:
+            grad_wih = _lin(x.t(), gates.t()).t()
+        if ctx.needs_input_grad[4]:
+            grad_bih = gates.sum(0)
+        d_n.mul_(r)  # the hidden side's n columns: dL/d(hn) = dL/d(n_pre) r
+        if ctx.needs_input_grad[1]:
+            grad_h = _lin(gates, w_hh.t()).add_(gz)
+        if ctx.needs_input_grad[3]:
+            grad_whh = _lin(h.t(), gates.t()).t()
+        if ctx.needs_input_grad[5]:
+            grad_bhh = gates.sum(0)
+        return grad_x, grad_h, grad_wih, grad_whh, grad_bih, grad_bhh
 
 
 def _kernel_forward(x, h, w_ih, w_hh, b_ih, b_hh):
