@@ -16,15 +16,13 @@ import numpy as np
 import torch
 
 import badger_runtime.engine as engine
-from badger_runtime.bench.train import reference_setup, training_step
-from badger_runtime.rollout import agent_step, sample_wiring
+from badger_runtime.bench.train import reference_batches, reference_setup, training_step
+from badger_runtime.rollout import agent_step
 from badger_runtime.training.model import ExpertPolicy
 
 
 def batches(cfg, task, n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [(task.sample(rng, 100, dims=3, experts=20, steps=20, addr_dim=cfg.policy.addr_dim),
-             sample_wiring(rng, cfg, 100, 20)) for _ in range(n)]
+    return reference_batches(cfg, task, np.random.default_rng(seed), n)
 
 
 def one_batch(ops, policy, opt, cfg, ep, w):

@@ -8,7 +8,6 @@ path on AMD CPUs), so the limit ``badger bench train`` measured with ``torch.mm`
     python demos/onednn_probe.py
 """
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,24 +17,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from badger_runtime.training.fused_gru import onednn_linear  # noqa: E402
+from gru_step_probe import best_ms  # noqa: E402  (demos/, this script's folder)
 
 #: (what, M, K, N): the products of one inner step at batch 100, N = 20 (M = 2,000 rows), hidden 64
 SHAPES = [("the limit's matmul", 384, 384, 384),
           ("forward: h W_hh^T", 2000, 64, 192), ("forward: x W_ih^T", 2000, 34, 192), ("forward: heads", 2000, 64, 66),
           ("backward: dx", 2000, 192, 34), ("backward: dh", 2000, 192, 64), ("backward: d heads", 2000, 66, 64),
           ("weight grad W_hh", 192, 2000, 64), ("weight grad W_ih", 192, 2000, 34), ("weight grad heads", 66, 2000, 64)]
-
-
-def best_ms(f, calls=40):
-    for _ in range(5):
-        f()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(calls):
-            f()
-        best = min(best, (time.perf_counter() - t) / calls)
-    return best * 1e3
 
 
 def main():

@@ -7,18 +7,19 @@ scalar feedback, d = 3, dense routing, 1 round, 1 thread): torch ops and autogra
     python demos/profile_train.py --batches 3
 """
 import argparse
+import math
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from badger_runtime.bench.train import matmul_gflops, model_flops, reference_setup, training_step
-from badger_runtime.rollout import sample_wiring
+from badger_runtime.bench.train import (matmul_gflops, reference_batches, reference_flops, reference_setup,
+                                        training_step)
 from badger_runtime.training.model import ExpertPolicy
 
 
-#: the ops whose self time is BLAS work
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+#: the ops whose self time is matmul work (torch's BLAS, and oneDNN's linear, which the fused GRU step uses)
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 
 
 def main(argv=None):
@@ -32,8 +33,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
 
     def batch():
-        ep = task.sample(rng, 100, dims=3, experts=20, steps=20, addr_dim=cfg.policy.addr_dim)
-        training_step(ops, policy, opt, cfg, ep, sample_wiring(rng, cfg, 100, 20), 20)
+        training_step(ops, policy, opt, cfg, *reference_batches(cfg, task, rng, 1)[0], 20)
 
     batch()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -54,10 +54,11 @@ def main(argv=None):
     # the ceiling of any fusion that keeps torch's matmuls: were every other op free, a batch would still
     # take its matmuls' time; against the limit (the batch's model FLOPs at a large matmul's rate)
     mm = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / args.batches / 1e6
-    flops = model_flops(cfg.policy, batch=100, experts=20, steps=20, dims=3, slots=3 + 1)  # as bench.train
-    limit = flops / (matmul_gflops(threads=1) * 1e9)
+    flops = reference_flops(cfg.policy)
+    onednn = matmul_gflops(threads=1, backend="onednn")  # the fastest matmul found: the limit (bench.train)
+    limit = flops / (max(matmul_gflops(threads=1), 0.0 if math.isnan(onednn) else onednn) * 1e9)
     per_batch = total / args.batches / 1e6
-    print(f"matmuls ({', '.join(m.replace('aten::', '') for m in MATMULS)}): {1e3 * mm:.0f} ms of "
+    print(f"matmuls ({', '.join(m.split('::')[1] for m in MATMULS)}): {1e3 * mm:.0f} ms of "
           f"{1e3 * per_batch:.0f} ms of self CPU time per batch ({100 * mm / per_batch:.0f}%); the batch at the "
           f"limit: {1e3 * limit:.0f} ms, so with every other op free: {100 * limit / mm:.0f}% of the limit")
 

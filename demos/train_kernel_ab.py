@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from badger_runtime import engine
-from badger_runtime.bench.train import matmul_gflops, model_flops, reference_setup, training_step
-from badger_runtime.rollout import AgentState, agent_step, sample_wiring
+from badger_runtime.bench.train import (matmul_gflops, reference_batches, reference_flops, reference_setup,
+                                        training_step)
+from badger_runtime.rollout import AgentState, agent_step
 from badger_runtime.training import kernels
 from badger_runtime.training.model import ExpertPolicy
 
@@ -37,8 +38,7 @@ def main(argv=None):
     policy = ExpertPolicy(cfg.policy)
     opt = torch.optim.Adam(policy.parameters(), 1e-4)
     rng = np.random.default_rng(0)
-    eps = [(task.sample(rng, 100, dims=3, experts=20, steps=20, addr_dim=cfg.policy.addr_dim),
-            sample_wiring(rng, cfg, 100, 20)) for _ in range(4)]
+    eps = reference_batches(cfg, task, rng, 4)
     lib = kernels.kernel()
     mode = ["kernel"]
 
@@ -62,7 +62,7 @@ def main(argv=None):
             res[k].append((time.thread_time() - t0) / 4)
         lim.append(matmul_gflops(threads=1))
         best.append(max(lim[-1], matmul_gflops(threads=1, backend="onednn")))
-    flops = model_flops(cfg.policy, batch=100, experts=20, steps=20, dims=3, slots=3 + 1)  # as bench.train
+    flops = reference_flops(cfg.policy)
     g, gb = sorted(lim)[len(lim) // 2], sorted(best)[len(best) // 2]
     at_limit, at_best = flops / (g * 1e9), flops / (gb * 1e9)
     print(f"torch.mm {min(lim):.0f}-{max(lim):.0f} GFLOP/s (median {g:.0f}), batch at that limit "

@@ -71,6 +71,25 @@ def matmul_gflops(threads: int = 1, size: int = 384, repeats: int = 30, backend:
     return 2 * size**3 / best / 1e9
 
 
+def reference_batches(cfg, task, rng: np.random.Generator, n: int) -> list:
+    """n (episode, wiring) pairs of the 2019 setting (``REFERENCE``: batch 100, N = 20, 20 steps, d = 3),
+    as the benchmark and the probes in demos/ time them."""
+    from ..rollout import sample_wiring
+
+    r = REFERENCE
+    return [(task.sample(rng, r["batch"], dims=r["dims"], experts=r["experts"], steps=r["steps"],
+                         addr_dim=cfg.policy.addr_dim), sample_wiring(rng, cfg, r["batch"], r["experts"]))
+            for _ in range(n)]
+
+
+def reference_flops(spec) -> float:
+    """The model FLOPs of one training batch of the 2019 setting (forward x 3), as ``bench_train``
+    counts its reference row."""
+    r = REFERENCE
+    return model_flops(spec, batch=r["batch"], experts=r["experts"], steps=r["steps"], dims=r["dims"],
+                       slots=r["dims"] + 1)
+
+
 def reference_setup(seed: int = 0, threads: int = 1):
     """The 2019 code's training setting (the limit's reference and the probes' in demos/): torch on
     ``threads`` threads, seeded; the default agent (dense attention, 1 round, hidden 64) and the
@@ -154,8 +173,8 @@ def bench_train(experts=(5, 20, 40, 80), steps=(10, 20, 40), batch: int = 64, re
            # the fastest float32 matmul found here (torch's default or its oneDNN linear): the machine's limit
            "best_matmul_gflops": best,
            # whether the GRU step ran with its gates compiled (training/kernels.py) or in torch ops, and
-           # whether its products went through oneDNN
-           "gru_kernel": fused, "onednn_products": fused and onednn_linear() is not None,
+           # whether its products went through oneDNN (either fused path uses it, fused_gru._lin)
+           "gru_kernel": fused, "onednn_products": ExpertPolicy.fused and onednn_linear() is not None,
            "rows": rows, "growth": growth(rows[:-1] if reference else rows)}
     if reference:
         ref = rows[-1] | {"setting": "2019 reference: batch 100, N = 20, 20 steps, hidden 64, d = 3, scalar"}

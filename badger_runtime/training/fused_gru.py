@@ -15,8 +15,9 @@ CPUs (docs/benchmarks.md). Two ways of the same math instead:
   ``tanh`` is ``2 sigmoid(2x) - 1``.
 
 Both compute their products with torch's oneDNN linear where it exists (``onednn_linear``: ~2x
-``torch.mm``'s rate on AMD CPUs), else with ``torch.mm``. Only the training path uses it (``ExpertPolicy.forward`` outside an ONNX export or a trace); the
-exported graph keeps the GRU cell's own ops, which the deployment engines run.
+``torch.mm``'s rate on AMD CPUs), else with ``torch.mm``. Only the training path uses them
+(``ExpertPolicy.forward`` outside an ONNX export, a trace or torch.compile); the exported graph keeps
+the GRU cell's own ops, which the deployment engines run.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def _lin(a, w, b=None):
     op = onednn_linear() if a.dtype == torch.float32 and a.device.type == "cpu" else None
     if op is None:
         return a @ w.t() if b is None else torch.addmm(b, a, w.t())
+    # a broadcast operand (a zero stride: the gradient of a plain sum arrives so) sends oneDNN down a path
+    # ~1,000x slower (200 ms for one [66 x 2000] x [2000 x 64] product; demos/gru_step_probe.py item 3 found
+    # it): copy it
+    a, w = (t.contiguous() if 0 in t.stride() else t for t in (a, w))
     return op(a, w, b, "none", [], "")
 
 

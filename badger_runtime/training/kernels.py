@@ -2,16 +2,15 @@
 
 The GRU cell's elementwise work (its gates, forward and backward) is ~30 small ops on tensors of a
 few thousand rows, each bound by memory traffic and per-op overhead; ``kernels.c`` does it in one
-loop per pass (``fused_gru``). The matmuls stay torch's (BLAS). (The same for the inner step's
-small attentions was tried and was slower than torch's batched matmuls: docs/benchmarks.md.)
+loop per pass (``fused_gru``). The matmuls stay torch's (``fused_gru._lin``). (The same for the inner
+step's small attentions was tried and was slower than torch's batched matmuls: docs/benchmarks.md.)
 
 Built with the system's C compiler (``$CC``, else ``cc`` or ``gcc``) as
 ``cc -O3 -march=native ... -shared`` into ``$XDG_CACHE_HOME/badger/kernels`` (``~/.cache``; where that
 cannot be written, the temporary folder), keyed by the source, the flags and the CPU, so a second
-process loads it at once; no Python headers,
-about a second to build. Where no compiler is found (or the build fails, or ``BADGER_KERNELS=0``)
-training runs the same functions with torch ops, slower. Only float32 tensors on the CPU take
-the kernels; the torch-free runtime never imports this module.
+process loads it at once; no Python headers, about a second to build. Where no compiler is found (or
+the build fails, or ``BADGER_KERNELS=0``) training runs the same functions with torch ops, slower. Only
+float32 tensors on the CPU take the kernels; the torch-free runtime never imports this module.
 """
 
 from __future__ import annotations
