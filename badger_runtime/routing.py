@@ -4,16 +4,20 @@ Topologies are masks ``[B, N_receivers, N_senders]`` (True = may hear), built in
 numpy when an episode starts. Weighting is either learned attention between the
 receiver's query and the senders' keys (dense, top-k, hardwired, random) or a
 uniform average (homogeneous). ``route`` is written once against ``xp`` ops and
-runs in numpy (deploy) and torch (training).
+runs in numpy (deploy) and torch (training). ``route_listed_compiled`` computes the
+sparse top-k case in one compiled loop (``routing_kernel.c``) for the sharded runtime.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from . import native
 from .config import ConfigError, RoutingConfig
 from .xp import NEG, scaled_dot, softmax
 
@@ -188,3 +192,58 @@ def in_degrees(topo, n: int, batch: int) -> np.ndarray:
     if isinstance(topo, Neighbors):
         return np.full((batch, n), topo.idx.shape[-1], np.int64)
     return np.asarray(topo, bool).sum(axis=-1).astype(np.int64)
+
+
+# -- the compiled sparse routing (routing_kernel.c) -----------------------------------------------
+_KERNEL = None  # the ctypes library; False once it could not be built; None before the first try
+_KERNEL_SOURCE = Path(__file__).with_name("routing_kernel.c")
+_L, _P = ctypes.c_long, ctypes.c_void_p
+_KERNEL_SIGNATURES = {"route_topk": ([_L] * 7 + [_P, _L, _L, _P, _P, _P, _L, _L, _P, _L, _L], _L)}
+_KERNEL_MAX = 1024  # listed senders per receiver and message width the kernel takes
+
+
+def route_kernel():
+    """The compiled routing library, or None (no C compiler, a failed build, ``BADGER_KERNELS=0``)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = native.load(_KERNEL_SOURCE, _KERNEL_SIGNATURES, "the routing kernel",
+                              "routing runs in numpy") or False
+    return _KERNEL or None
+
+
+def _rows(a: np.ndarray, itemsize: int):
+    """(batch stride, row stride) in elements where the last axis is contiguous, else None."""
+    if a.strides[-1] != itemsize or any(st % itemsize for st in a.strides):
+        return None
+    return a.strides[0] // itemsize, a.strides[1] // itemsize
+
+
+def route_listed_compiled(cfg: RoutingConfig, query, key, value, idx, out: np.ndarray) -> bool:
+    """``route``'s inbox over listed senders (a ``Neighbors`` topology), computed by the compiled
+    kernel into ``out`` [B, M, Dm]; True when it ran. False (nothing written) where it does not
+    apply: no kernel, a routing kind other than attention over the listed senders, an ablation,
+    float64, more than 1,024 senders listed or message entries, or arrays it cannot address.
+
+    The same math as the numpy path to float rounding (tests/test_routing_kernel.py): the scores'
+    sums run in another order, so a near-tie at the k-th score may keep another sender. Listed
+    senders outside [0, N) raise IndexError and leave ``out`` partly written."""
+    lib = route_kernel()
+    if lib is None or cfg.kind == "homogeneous" or cfg.ablation != "none":
+        return False
+    B, M, C = idx.shape
+    N, Dk, Dm = key.shape[1], key.shape[2], value.shape[2]
+    arrays = (query, key, value, out)
+    if (C > _KERNEL_MAX or Dm > _KERNEL_MAX or C < 1 or idx.dtype != np.int64
+            or any(not isinstance(a, np.ndarray) or a.dtype != np.float32 for a in arrays)
+            or not (key.flags.c_contiguous and value.flags.c_contiguous)
+            or query.shape != (B, M, Dk) or key.shape[0] != B or value.shape[:2] != (B, N) or out.shape != (B, M, Dm)):
+        return False
+    q, ix, o = _rows(query, 4), _rows(idx, 8), _rows(out, 4)
+    if q is None or ix is None or o is None:
+        return False
+    k = cfg.k if cfg.kind == "topk" and cfg.k < C else C
+    bad = lib.route_topk(B, M, N, C, Dk, Dm, k, query.ctypes.data, *q, key.ctypes.data, value.ctypes.data,
+                         idx.ctypes.data, *ix, out.ctypes.data, *o)
+    if bad:
+        raise IndexError(f"routing: a listed sender lies outside [0, {N})")
+    return True

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from badger_runtime import native
 from badger_runtime.bench.train import reference_setup
 from badger_runtime.rollout import rollout, sample_wiring
 from badger_runtime.training import fused_gru, kernels
@@ -161,7 +162,7 @@ def test_the_kernels_build_in_the_temporary_folder_where_the_cache_cannot_be_wri
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked / "cache"))  # mkdir under a file fails, even for root
-    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     monkeypatch.setattr(kernels, "_KERNEL", None)
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         assert kernels.kernel() is None

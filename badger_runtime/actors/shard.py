@@ -106,6 +106,9 @@ class ShardCore:
         self.B, self.N, self.n = B, N, self.hi - self.lo
         self.ids, self.visible, self.topo = part.ids, part.visible, part.topo
         self.tile = max(1, int(tile))
+        # route with the compiled kernel (routing.route_listed_compiled) where it applies; the owner
+        # (ShardedAgent) turns it on for large shards
+        self.compiled_routing = False
         self.needs = needs(bounds, self.topo)
         # [B] messages my experts hear per round (each of my n receivers: N senders, its C listed ones, or its mask row)
         if self.topo is None:
@@ -165,6 +168,9 @@ class ShardCore:
         """My receivers' inboxes this round: rows of ``routing.route`` over the senders heard."""
         q = split_heads(self.spec, self.heads)["query"]
         cfg = self.cfg.routing
+        if (self.compiled_routing and isinstance(self.topo, routing.Neighbors)
+                and routing.route_listed_compiled(cfg, q, self.keys, self.values, self.topo.idx, self.inbox_buf)):
+            return self.inbox_buf  # one pass over all my receivers, no temporaries to bound by tiles
         for a in range(0, self.n, self.tile):
             b = min(a + self.tile, self.n)
             if isinstance(self.topo, routing.Neighbors):

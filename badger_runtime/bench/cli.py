@@ -89,6 +89,7 @@ def cmd_bench_runtime(args):
             seed=args.seed, threads=args.threads, blas_threads=args.blas_threads, shards=args.shards, tile=args.tile,
             policy_chunk=args.policy_chunk, encode=args.encode,
             route_threads={"auto": None, "on": True, "off": False}[args.route_threads],
+            route_kernel={"auto": None, "on": True, "off": False}[args.route_kernel],
             actor_encode=not args.actor_no_encode,
             actor_max_n=args.actor_max_n, max_seconds=args.max_seconds, memory=not args.no_memory,
             isolate=not args.in_process, ray_nodes=args.ray_nodes, ray_address=args.ray,
@@ -133,6 +134,9 @@ def _add_runtime(bsub):
     r.add_argument("--encode", action="store_true", help="sharded: msgpack-encode the shard messages")
     r.add_argument("--route-threads", choices=("auto", "on", "off"), default="auto",
                    help="sharded: route each shard in a worker thread (auto: when a shard holds >= 16,384 rows)")
+    r.add_argument("--route-kernel", choices=("auto", "on", "off"), default="auto",
+                   help="sharded: route listed senders with the compiled kernel (auto: when a shard holds >= 16,384 "
+                        "experts and a C compiler is found)")
     r.add_argument("--actor-no-encode", action="store_true", help="per-expert actors: pass Message objects")
     r.add_argument("--actor-max-n", type=int, default=1000, help="per-expert actors only up to this N")
     r.add_argument("--max-seconds", type=float, default=60.0, help="per engine and N: stop timing after this")

@@ -81,6 +81,7 @@ class RuntimeBench:
     policy_chunk: int = 4096
     encode: bool = False  # sharded: msgpack-encode the shard messages
     route_threads: bool | None = None  # sharded: route each shard in a worker thread (None: by shard size)
+    route_kernel: bool | None = None  # sharded: route listed senders with the compiled kernel (None: by shard size)
     actor_encode: bool = True  # per-expert actors: msgpack frames (their default)
     actor_max_n: int = 1000
     max_seconds: float = 60.0  # per (engine, N): stop timing once this is spent
@@ -175,10 +176,12 @@ class _Sharded(_Engine):
         from ..actors.sharded import ShardedAgent
 
         return ShardedAgent(policy, cfg, ep.interface, wiring, shards=spec.shards, tile=spec.tile,
-                            policy_chunk=spec.policy_chunk, encode=spec.encode, route_threads=spec.route_threads)
+                            policy_chunk=spec.policy_chunk, encode=spec.encode, route_threads=spec.route_threads,
+                            compiled_routing=spec.route_kernel)
 
     def extra(self, a) -> dict:
-        return {"shards": a.shards, "route_threads": a.route_threads, "policy_calls_per_round": len(a.batcher.chunks),
+        return {"shards": a.shards, "route_threads": a.route_threads, "route_kernel": a.compiled_routing,
+                "policy_calls_per_round": len(a.batcher.chunks),
                 "shard_messages": a.counters.frames, "block_bytes": a.counters.block_bytes}
 
 

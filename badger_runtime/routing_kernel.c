@@ -1,0 +1,115 @@
+/* Sparse top-k routing for the deployment runtime (issue 16), the math of routing._route_sparse:
+ *
+ *   inbox[b, m] = sum over the k best-scoring listed senders j of softmax_j(q[b, m] . key[b, j] / sqrt(Dk)) value[b, j]
+ *
+ * one receiver at a time, with no temporaries: the C scores, a branch-free rank of each score (ties broken
+ * by position, NaN ranked last as numpy's argpartition does), the softmax over the kept k and the mix.
+ * The listed senders' keys are prefetched PF receivers ahead: with 10^5 senders the routing waits on random
+ * reads of keys and values. Built at first use by badger_runtime/native.py; routing.py calls it.
+ * Strides are in elements. Returns 0, or 1 when some listed sender lies outside [0, N) (nothing read there). */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAXC 1024
+#define PF 8
+
+static inline __attribute__((always_inline)) long route_rows(
+    long M, long N, long C, long Dk, long Dm, long k,
+    const float *query, long qs, const float *key, const float *value, const int64_t *idx, long is,
+    float *out, long os)
+{
+    float s[MAXC] __attribute__((aligned(64))), sr[MAXC] __attribute__((aligned(64)));
+    int r[MAXC] __attribute__((aligned(64)));
+    long keep[MAXC];
+    float w[MAXC], acc[MAXC] __attribute__((aligned(64)));
+    const float scale = 1.0f / sqrtf((float)Dk);
+    for (long m = 0; m < M; m++) {
+        const int64_t *ix = idx + m * is;
+        for (long c = 0; c < C; c++)
+            if (ix[c] < 0 || ix[c] >= N) return 1;
+        if (m + PF < M) {
+            const int64_t *ip = idx + (m + PF) * is;
+            for (long c = 0; c < C; c++) {
+                if (ip[c] >= 0 && ip[c] < N) {
+                    __builtin_prefetch(key + ip[c] * Dk);
+                    __builtin_prefetch(value + ip[c] * Dm);
+                }
+            }
+        }
+        const float *q = query + m * qs;
+        for (long c = 0; c < C; c++) {
+            const float *kr = key + ix[c] * Dk;
+            float a = 0.f;
+            if (Dk == 8) {  /* one vector product and a fixed-order sum */
+                typedef float v8 __attribute__((vector_size(32)));
+                v8 x, y;
+                memcpy(&x, kr, sizeof x);
+                memcpy(&y, q, sizeof y);
+                x *= y;
+                a = ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+            } else {
+                for (long d = 0; d < Dk; d++) a += kr[d] * q[d];
+            }
+            s[c] = a * scale;
+            sr[c] = s[c] == s[c] ? s[c] : -INFINITY;
+        }
+        long n = 0;
+        if (k >= C) {
+            for (long c = 0; c < C; c++) keep[n++] = c;
+        } else {
+            for (int c = 0; c < C; c++) r[c] = 0;
+            for (int c2 = 0; c2 < C; c2++) {  /* r[c]: how many listed senders score above c */
+                const float v = sr[c2];
+                for (int c = 0; c < C; c++) r[c] += (v > sr[c]);
+            }
+            for (long c = 0; c < C; c++) { keep[n] = c; n += (r[c] < k); }
+            if (n > k) {  /* ties at the k-th score: the earlier listed sender first */
+                for (int c2 = 0; c2 < C; c2++) {
+                    const float v = sr[c2];
+                    for (int c = 0; c < C; c++) r[c] += (v == sr[c]) & (c2 < c);
+                }
+                n = 0;
+                for (long c = 0; c < C; c++) { keep[n] = c; n += (r[c] < k); }
+                if (n > k) n = k;
+            }
+        }
+        float mx = s[keep[0]];
+        int nan = 0;
+        for (long t = 0; t < n; t++) {
+            nan |= s[keep[t]] != s[keep[t]];
+            mx = s[keep[t]] > mx ? s[keep[t]] : mx;
+        }
+        if (nan) mx = NAN;  /* a NaN score kept: every weight NaN, as numpy's softmax gives */
+        float z = 0.f;
+        for (long t = 0; t < n; t++) { w[t] = expf(s[keep[t]] - mx); z += w[t]; }
+        for (long d = 0; d < Dm; d++) acc[d] = 0.f;
+        for (long t = 0; t < n; t++) {
+            const float *vr = value + ix[keep[t]] * Dm;
+            const float wt = w[t] / z;
+            for (long d = 0; d < Dm; d++) acc[d] += wt * vr[d];
+        }
+        float *o = out + m * os;
+        for (long d = 0; d < Dm; d++) o[d] = acc[d];
+    }
+    return 0;
+}
+
+/* B agents (batch strides qb, kb = N Dk, vb = N Dm, ib, ob); C <= 1024, Dm <= 1024. */
+long route_topk(long B, long M, long N, long C, long Dk, long Dm, long k,
+                const float *query, long qb, long qs, const float *key, const float *value,
+                const int64_t *idx, long ib, long is, float *out, long ob, long os)
+{
+    for (long b = 0; b < B; b++) {
+        const float *q = query + b * qb, *ky = key + b * N * Dk, *vl = value + b * N * Dm;
+        const int64_t *ix = idx + b * ib;
+        float *o = out + b * ob;
+        long bad;
+        if (C == 32 && Dk == 8 && Dm == 16 && k == 8)  /* the runtime's default: constants let gcc unroll */
+            bad = route_rows(M, N, 32, 8, 16, 8, q, qs, ky, vl, ix, is, o, os);
+        else
+            bad = route_rows(M, N, C, Dk, Dm, k, q, qs, ky, vl, ix, is, o, os);
+        if (bad) return bad;
+    }
+    return 0;
+}
