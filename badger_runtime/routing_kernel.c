@@ -2,8 +2,9 @@
  *
  *   inbox[b, m] = sum over the k best-scoring listed senders j of softmax_j(q[b, m] . key[b, j] / sqrt(Dk)) value[b, j]
  *
- * one receiver at a time, with no temporaries: the C scores, a branch-free rank of each score (ties broken
- * by position, NaN ranked last as numpy's argpartition does), the softmax over the kept k and the mix.
+ * one receiver at a time, with no temporaries: the C scores (with AVX, eight at a time for keys 8 wide), a
+ * branch-free rank of each score (ties broken by position, NaN ranked last as numpy's argpartition does), the
+ * softmax over the kept k and the mix.
  * The listed senders' keys are prefetched PF receivers ahead: with 10^5 senders the routing waits on random
  * reads of keys and values. Built at first use by badger_runtime/native.py; routing.py calls it.
  * Strides are in elements. Returns 0, or 1 when some listed sender lies outside [0, N) (nothing read there). */
@@ -12,6 +13,26 @@
 #include <string.h>
 
 #define MAXC 1024
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+/* exp for the softmax's x <= 0, vectorisable without -ffast-math (training/kernels.c's, ~1 ulp): x is clamped
+ * to >= -87, so a weight that would underflow to 0 is ~1e-38 instead; a NaN stays a NaN. */
+static inline float exp_clamped(float x) {
+    x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
 #define PF 8
 
 static inline __attribute__((always_inline)) long route_rows(
@@ -38,7 +59,29 @@ static inline __attribute__((always_inline)) long route_rows(
             }
         }
         const float *q = query + m * qs;
-        for (long c = 0; c < C; c++) {
+        long c0 = 0;
+#if defined(__AVX__)
+        if (Dk == 8) {  /* eight listed senders at a time: eight products, then a tree of horizontal adds */
+            const __m256 qv = _mm256_loadu_ps(q), sc = _mm256_set1_ps(scale);
+            for (; c0 + 8 <= C; c0 += 8) {
+                const int64_t *j = ix + c0;
+                __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(key + j[0] * 8), qv);
+                __m256 p1 = _mm256_mul_ps(_mm256_loadu_ps(key + j[1] * 8), qv);
+                __m256 p2 = _mm256_mul_ps(_mm256_loadu_ps(key + j[2] * 8), qv);
+                __m256 p3 = _mm256_mul_ps(_mm256_loadu_ps(key + j[3] * 8), qv);
+                __m256 p4 = _mm256_mul_ps(_mm256_loadu_ps(key + j[4] * 8), qv);
+                __m256 p5 = _mm256_mul_ps(_mm256_loadu_ps(key + j[5] * 8), qv);
+                __m256 p6 = _mm256_mul_ps(_mm256_loadu_ps(key + j[6] * 8), qv);
+                __m256 p7 = _mm256_mul_ps(_mm256_loadu_ps(key + j[7] * 8), qv);
+                __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
+                __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(p4, p5), _mm256_hadd_ps(p6, p7));
+                __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+                _mm256_storeu_ps(s + c0, _mm256_mul_ps(sum, sc));
+            }
+            for (long c = 0; c < c0; c++) sr[c] = s[c] == s[c] ? s[c] : -INFINITY;
+        }
+#endif
+        for (long c = c0; c < C; c++) {
             const float *kr = key + ix[c] * Dk;
             float a = 0.f;
             if (Dk == 8) {  /* one vector product and a fixed-order sum */
@@ -82,7 +125,8 @@ static inline __attribute__((always_inline)) long route_rows(
         }
         if (nan) mx = NAN;  /* a NaN score kept: every weight NaN, as numpy's softmax gives */
         float z = 0.f;
-        for (long t = 0; t < n; t++) { w[t] = expf(s[keep[t]] - mx); z += w[t]; }
+        for (long t = 0; t < n; t++) w[t] = exp_clamped(s[keep[t]] - mx);
+        for (long t = 0; t < n; t++) z += w[t];
         for (long d = 0; d < Dm; d++) acc[d] = 0.f;
         for (long t = 0; t < n; t++) {
             const float *vr = value + ix[keep[t]] * Dm;

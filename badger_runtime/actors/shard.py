@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import agreement, membrane, routing
+from .. import agreement, membrane, native, routing
 from ..config import AgentConfig
 from ..rollout import Wiring, split_heads
 from ..xp import NumpyOps
@@ -117,8 +117,9 @@ class ShardCore:
             self.indeg = np.full(B, self.n * self.topo.idx.shape[-1], np.int64)
         else:
             self.indeg = self.topo.sum(axis=(1, 2)).astype(np.int64)
-        self.keys = np.zeros((B, N, spec.key_dim), np.float32)  # senders' keys and values, as heard
-        self.values = np.zeros((B, N, spec.msg_dim), np.float32)
+        # senders' keys and values, as heard; read at random by the routing (rows on cache-line boundaries)
+        self.keys = native.zeros_aligned((B, N, spec.key_dim), np.float32)
+        self.values = native.zeros_aligned((B, N, spec.msg_dim), np.float32)
         self.inbox_buf = np.zeros((B, self.n, spec.msg_dim), np.float32)
         self.sensed: np.ndarray | None = None
 
