@@ -41,11 +41,16 @@ def _cpu_identity() -> str:
     return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
 
 
+#: headers the kernels include (``#include "native_math.h"``): on the include path, and part of every build's key
+HEADERS = (Path(__file__).with_name("native_math.h"),)
+
+
 def _build(source: Path):
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc or not source.exists():
         return None
-    key = hashlib.sha256("\0".join([source.read_text(), cc, *FLAGS, platform.machine(), _cpu_identity()]).encode())
+    texts = [source.read_text(), *(h.read_text() for h in HEADERS if h.exists())]
+    key = hashlib.sha256("\0".join([*texts, cc, *FLAGS, platform.machine(), _cpu_identity()]).encode())
     name = f"{source.stem}-{key.hexdigest()[:16]}.so"
     home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "badger" / "kernels"
     for cache in (home, Path(tempfile.gettempdir()) / f"badger-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"):
@@ -59,8 +64,8 @@ def _build(source: Path):
         except OSError:  # a read-only home: the temporary folder
             continue
         try:
-            subprocess.run([cc, *FLAGS, str(source), "-o", str(tmp), "-lm"], check=True, capture_output=True,
-                           timeout=300)
+            subprocess.run([cc, *FLAGS, f"-I{HEADERS[0].parent}", str(source), "-o", str(tmp), "-lm"], check=True,
+                           capture_output=True, timeout=300)
             os.replace(tmp, so)  # atomic: processes that build at once each install a whole library
         finally:
             tmp.unlink(missing_ok=True)

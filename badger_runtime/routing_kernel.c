@@ -5,34 +5,20 @@
  * one receiver at a time, with no temporaries: the C scores (with AVX, eight at a time for keys 8 wide), a
  * branch-free rank of each score (ties broken by position, NaN ranked last as numpy's argpartition does), the
  * softmax over the kept k and the mix.
- * The listed senders' keys are prefetched PF receivers ahead: with 10^5 senders the routing waits on random
+ * The listed senders' keys and values are prefetched PF receivers ahead: with 10^5 senders the routing waits on random
  * reads of keys and values. Built at first use by badger_runtime/native.py; routing.py calls it.
  * Strides are in elements. Returns 0, or 1 when some listed sender lies outside [0, N) (nothing read there). */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#define MAXC 1024
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
-/* exp for the softmax's x <= 0, vectorisable without -ffast-math (training/kernels.c's, ~1 ulp): x is clamped
- * to >= -87, so a weight that would underflow to 0 is ~1e-38 instead; a NaN stays a NaN. */
-static inline float exp_clamped(float x) {
-    x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
-}
+#include "native_math.h"  /* exp_clamped: for the softmax's x <= 0, a weight that would underflow to 0 is ~1e-38 */
+
+#define MAXC 1024
 #define PF 8
 
 static inline __attribute__((always_inline)) long route_rows(
