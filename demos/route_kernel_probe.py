@@ -1,95 +1,71 @@
 #!/usr/bin/env python
-"""Issue 16 probe: the sharded runtime's sparse routing of one tile (4,096 receivers, top-8 of 32 listed
-senders, keys 8 wide, values 16) as numpy does it (``routing.route``: gather the candidates' keys, batched
-dot products, argpartition, take_along_axis, softmax, gather the kept values, mix) against one fused
-compiled loop per receiver (numba: the dot products, an insertion top-k, the softmax and the mix in
-registers, no temporaries). Checks the two agree, then times them interleaved (CPU time, one thread)
-with the senders' keys in cache (N = 1,000) and not (N = 100,000). numba is not a dependency of badger:
+"""Issue 16 probe: the sharded runtime's sparse routing (top-8 of 32 listed senders, keys 8 wide, values 16)
+as numpy computes it (``routing.route`` in tiles of 4,096 receivers: gather the candidates' keys, batched dot
+products, argpartition, take_along_axis, softmax, gather the kept values, mix) against the compiled kernel
+(``routing.route_listed_compiled``, ``badger_runtime/routing_kernel.c``: one loop per receiver), with the
+senders' keys and values on 64-byte boundaries (``native.zeros_aligned``, what ``ShardCore`` allocates) and
+16 bytes off them (where numpy's own large arrays start). Checks they agree, then times them interleaved
+(thread CPU time, one thread), streaming 32 MB through the caches before each pass as the policy calls
+between two rounds do. Prints ms per 4,096 receivers.
 
-    pip install numba && python demos/route_kernel_probe.py
+    python demos/route_kernel_probe.py [--rounds 7] [--experts 1000,100000,1000000]
 """
 import argparse
-import math
 import time
 
 import numpy as np
-from numba import njit
 
-from badger_runtime import routing
+from badger_runtime import native, routing
 from badger_runtime.config import RoutingConfig
 from badger_runtime.xp import NumpyOps
 
 
-@njit(nogil=True, fastmath=True, cache=False)
-def fused_route(query, key, value, idx, k, out):
-    """out[b, m] = sum over the k best-scoring listed senders j of softmax(q.k_j / sqrt(Dk)) value[b, j]."""
-    B, M, Dk = query.shape
-    C, Dm = idx.shape[2], value.shape[2]
-    scale = np.float32(1.0 / math.sqrt(Dk))
-    sc = np.empty(C, np.float32)
-    keep = np.empty(k, np.int64)
-    w = np.empty(k, np.float32)
-    for b in range(B):
-        for m in range(M):
-            for c in range(C):
-                j = idx[b, m, c]
-                s = np.float32(0.0)
-                for d in range(Dk):
-                    s += key[b, j, d] * query[b, m, d]
-                sc[c] = s * scale
-            n = 0  # keep[:n]: the best so far, in descending order
-            for c in range(C):
-                v = sc[c]
-                if n < k:
-                    p = n
-                    n += 1
-                elif v > sc[keep[k - 1]]:
-                    p = k - 1
-                else:
-                    continue
-                while p > 0 and sc[keep[p - 1]] < v:
-                    keep[p] = keep[p - 1]
-                    p -= 1
-                keep[p] = c
-            z = np.float32(0.0)
-            for t in range(k):
-                w[t] = math.exp(sc[keep[t]] - sc[keep[0]])
-                z += w[t]
-            out[b, m, :] = 0.0
-            for t in range(k):
-                j = idx[b, m, keep[t]]
-                for d in range(Dm):
-                    out[b, m, d] += (w[t] / z) * value[b, j, d]
+def placed(a: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of ``a`` whose data starts ``offset`` bytes past a 64-byte boundary."""
+    raw = np.zeros(a.nbytes + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + offset
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--reps", type=int, default=20)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--experts", default="1000,100000,1000000")
     args = p.parse_args(argv)
-    ops, rng = NumpyOps(), np.random.default_rng(0)
-    T, C, K, Dk, Dm = 4096, 32, 8, 8, 16
-    cfg = RoutingConfig(kind="topk", k=K, candidates=C)
-    for N in (1_000, 100_000):
-        key = rng.standard_normal((1, N, Dk)).astype(np.float32)
-        val = rng.standard_normal((1, N, Dm)).astype(np.float32)
-        q = rng.standard_normal((1, T, Dk)).astype(np.float32)
-        idx = np.stack([rng.choice(N, C, replace=False) for _ in range(T)])[None].astype(np.int64)
-        out = np.empty((1, T, Dm), np.float32)
-        ref, _ = routing.route(ops, cfg, q, key, val, routing.Neighbors(idx))
-        fused_route(q, key, val, idx, K, out)  # compiles
-        print(f"N = {N:,}: max difference {np.abs(out - ref).max():.1e}")
-        for r in range(args.rounds):
-            t0 = time.process_time()
-            for _ in range(args.reps):
-                routing.route(ops, cfg, q, key, val, routing.Neighbors(idx))
-            t1 = time.process_time()
-            for _ in range(args.reps):
-                fused_route(q, key, val, idx, K, out)
-            t2 = time.process_time()
-            ms = [1e3 * (t1 - t0) / args.reps, 1e3 * (t2 - t1) / args.reps]
-            print(f"  round {r}: numpy {ms[0]:.2f} ms, fused {ms[1]:.2f} ms per tile")
+    if routing.route_kernel() is None:
+        raise SystemExit("no routing kernel: a C compiler is needed (and BADGER_KERNELS must not be 0)")
+    ops, cfg = NumpyOps(), RoutingConfig(kind="topk", k=8, candidates=32)
+    junk = np.ones(8 << 20, np.float32)
+    for N in (int(x) for x in args.experts.split(",")):
+        rng = np.random.default_rng(0)
+        M = min(N, 65_536)  # receivers routed per pass (one shard's worth)
+        q = rng.standard_normal((1, M, 66), dtype=np.float32)[..., :8]  # a strided view, as the query heads
+        key0 = rng.standard_normal((1, N, 8), dtype=np.float32)
+        val0 = rng.standard_normal((1, N, 16), dtype=np.float32)
+        idx = routing._draw_senders(rng, 1, N, 32)[:, :M].copy()
+        out = np.zeros((1, M, 16), np.float32)
+        ways = {"numpy": (placed(key0, 0), placed(val0, 0)),
+                "kernel, aligned": (native.zeros_aligned(key0.shape), native.zeros_aligned(val0.shape)),
+                "kernel, 16 B off": (placed(key0, 16), placed(val0, 16))}
+        ways["kernel, aligned"][0][...], ways["kernel, aligned"][1][...] = key0, val0
+        ref = routing.route(ops, cfg, q, key0, val0, routing.Neighbors(idx))[0]
+        routing.route_listed_compiled(cfg, q, *ways["kernel, aligned"], idx, out)
+        print(f"N = {N:,} senders, {M:,} receivers: max difference kernel - numpy {np.abs(out - ref).max():.1e}")
+        times = {w: [] for w in ways}
+        for _ in range(args.rounds):
+            for way, (key, val) in ways.items():
+                junk += 1.0
+                t0 = time.thread_time()
+                if way == "numpy":
+                    for a in range(0, M, 4096):
+                        routing.route(ops, cfg, q[:, a:a + 4096], key, val, routing.Neighbors(idx[:, a:a + 4096]))
+                else:
+                    routing.route_listed_compiled(cfg, q, key, val, idx, out)
+                times[way].append((time.thread_time() - t0) / M * 4096 * 1e3)
+        for way, t in times.items():
+            print(f"  {way:17s} median {np.median(t):.2f} ms  ({' '.join(f'{x:.2f}' for x in t)})")
 
 
 if __name__ == "__main__":
