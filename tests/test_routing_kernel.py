@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from badger_runtime import routing
-from badger_runtime.actors import sharded
+from badger_runtime.actors import shard
 from badger_runtime.actors.sharded import ShardedAgent
 from badger_runtime.config import RoutingConfig
 from badger_runtime.engine import numpy_ops
@@ -130,7 +130,7 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
 
 def test_the_sharded_runtime_routes_large_shards_with_the_kernel_and_computes_the_same_rollout(tiny_policy,
                                                                                                 monkeypatch):
-    """compiled_routing=None (the default): the kernel once a shard holds ROUTE_KERNEL_MIN_EXPERTS experts
+    """compiled_routing=None (the default): the kernel once a shard holds shard.ROUTE_KERNEL_MIN_EXPERTS experts
     (never for a topology it does not take); the rollout equals numpy routing's to 1e-5."""
     from badger_runtime.policy_card import load_policy
 
@@ -157,7 +157,7 @@ def test_the_sharded_runtime_routes_large_shards_with_the_kernel_and_computes_th
         return ShardedAgent(pol, cfg, ep.interface, Agent(pol, cfg).start(ep.interface, w).wiring, shards=2, **k)
 
     assert not make(agent).compiled_routing  # 20 experts a shard
-    monkeypatch.setattr(sharded, "ROUTE_KERNEL_MIN_EXPERTS", 20)
+    monkeypatch.setattr(shard, "ROUTE_KERNEL_MIN_EXPERTS", 20)
     assert make(agent).compiled_routing == HAVE_CC
     assert not make(agent, compiled_routing=False).compiled_routing
     dense = dataclasses.replace(agent, routing=dataclasses.replace(agent.routing, candidates=0))

@@ -17,6 +17,22 @@ from .messages import MessageError
 
 OPS = NumpyOps()
 DEFAULT_TILE = 4096  # receivers routed at once inside a shard
+#: shards of at least this many experts route listed senders with the compiled kernel (routing_kernel.c) where it
+#: applies. Smaller shards keep numpy's routing: the kernel computes the same inboxes to float rounding, not bit
+#: for bit, and the published evaluations (docs/results.md, up to 1,280 experts) were made with numpy's.
+#: N = 100,000: -30 to -43 % CPU per step (docs/benchmarks.md)
+ROUTE_KERNEL_MIN_EXPERTS = 16_384
+
+
+def routes_compiled(cfg: AgentConfig, topo, n: int, force: bool | None = None) -> bool:
+    """Whether a shard of ``n`` experts routes with the compiled kernel: only attention over listed senders
+    (a ``Neighbors`` topology, no ablation) and where the kernel is built; then ``force``, or by default
+    when ``n >= ROUTE_KERNEL_MIN_EXPERTS``."""
+    r = cfg.routing
+    if (not isinstance(topo, routing.Neighbors) or r.kind == "homogeneous" or r.ablation != "none"
+            or routing.route_kernel() is None):
+        return False
+    return n >= ROUTE_KERNEL_MIN_EXPERTS if force is None else bool(force)
 
 
 @dataclass
@@ -84,18 +100,19 @@ class ShardCore:
     """
 
     def __init__(self, index: int, bounds: list[tuple[int, int]], policy, cfg: AgentConfig, wiring: Wiring,
-                 h, heads, visible, tile: int = DEFAULT_TILE):
-        self._setup(cut(index, bounds, wiring, h, heads, visible), cfg, tile)
+                 h, heads, visible, tile: int = DEFAULT_TILE, compiled_routing: bool | None = None):
+        self._setup(cut(index, bounds, wiring, h, heads, visible), cfg, tile, compiled_routing)
 
     @classmethod
-    def from_part(cls, part: "ShardPart", cfg: AgentConfig, tile: int = DEFAULT_TILE) -> "ShardCore":
+    def from_part(cls, part: "ShardPart", cfg: AgentConfig, tile: int = DEFAULT_TILE,
+                  compiled_routing: bool | None = None) -> "ShardCore":
         """A shard from its part, already cut from the agent's arrays (a shard living elsewhere:
         ``cluster.ray_shards`` sends each Ray actor only its part)."""
         core = cls.__new__(cls)
-        core._setup(part, cfg, tile)
+        core._setup(part, cfg, tile, compiled_routing)
         return core
 
-    def _setup(self, part: "ShardPart", cfg: AgentConfig, tile: int):
+    def _setup(self, part: "ShardPart", cfg: AgentConfig, tile: int, compiled_routing: bool | None = None):
         self.index = part.index
         self.lo, self.hi = part.bounds[part.index]
         bounds = part.bounds
@@ -106,9 +123,8 @@ class ShardCore:
         self.B, self.N, self.n = B, N, self.hi - self.lo
         self.ids, self.visible, self.topo = part.ids, part.visible, part.topo
         self.tile = max(1, int(tile))
-        # route with the compiled kernel (routing.route_listed_compiled) where it applies; the owner
-        # (ShardedAgent) turns it on for large shards
-        self.compiled_routing = False
+        # route with the compiled kernel (routing.route_listed_compiled): see routes_compiled
+        self.compiled_routing = routes_compiled(cfg, self.topo, self.n, compiled_routing)
         self.needs = needs(bounds, self.topo)
         # [B] messages my experts hear per round (each of my n receivers: N senders, its C listed ones, or its mask row)
         if self.topo is None:

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from .. import agreement, membrane, routing
+from .. import agreement, membrane
 from ..config import AgentConfig, ConfigError
 from ..engine import InputError, check_horizon, check_values, growth_init
 from ..membrane import Interface
@@ -72,11 +72,6 @@ OPS = NumpyOps()
 #: ``route_threads=None``: shards route in worker threads when one holds at least this many rows (B x n);
 #: measured at N = 100,000 on 2 idle cores: 0.74 -> 0.615 s per step (docs/benchmarks.md)
 ROUTE_THREAD_MIN_ROWS = 16_384
-#: ``compiled_routing=None``: shards route listed senders with the compiled kernel when one holds at least this
-#: many experts. Smaller agents keep numpy's routing: the kernel computes the same inboxes to float rounding, not
-#: bit for bit, and the published evaluations (docs/results.md, up to 1,280 experts) were made with numpy's.
-#: N = 100,000: -30 % CPU per step (docs/benchmarks.md)
-ROUTE_KERNEL_MIN_EXPERTS = 16_384
 
 
 def default_shards(n_experts: int) -> int:
@@ -266,7 +261,7 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
         # when some shard routes at least ROUTE_THREAD_MIN_ROWS rows (a thread hop costs ~0.1 ms)
         self._route_threads = route_threads
         # route listed senders (sparse top-k) with the compiled kernel, routing.route_listed_compiled;
-        # None: when some shard holds at least ROUTE_KERNEL_MIN_EXPERTS experts and the kernel can be built
+        # None: in shards of at least shard.ROUTE_KERNEL_MIN_EXPERTS experts (shard.routes_compiled)
         self._compiled_routing = compiled_routing
         self.step_timeout = step_timeout
         self._policy_chunk = policy_chunk
@@ -284,9 +279,9 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
         self.batcher = RowBatcher(self.policy, self.bounds, self.B, self._policy_chunk)
         self._shards: list[_Shard] = []
         for i in range(self.S):
-            core = ShardCore(i, self.bounds, self.policy, self.cfg, wiring, st.h, st.heads, self._vis, self._tile)
+            core = ShardCore(i, self.bounds, self.policy, self.cfg, wiring, st.h, st.heads, self._vis, self._tile,
+                             self._compiled_routing)
             core.inbox_buf = self.batcher.inbox_view(i)  # inboxes computed in place: no copy into the batcher
-            core.compiled_routing = self.compiled_routing
             send, recv = trio.open_memory_channel(math.inf)
             self._shards.append(_Shard(core, send, recv))
         for i, sh in enumerate(self._shards):
@@ -373,15 +368,8 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
 
     @property
     def compiled_routing(self) -> bool:
-        """Whether the shards route listed senders with the compiled kernel (see the constructor); False
-        where the kernel cannot be built or the routing is not attention over listed senders."""
-        routes = self.cfg.routing
-        if (not isinstance(self.wiring.route_mask, routing.Neighbors) or routes.kind == "homogeneous"
-                or routes.ablation != "none" or routing.route_kernel() is None):
-            return False
-        if self._compiled_routing is None:
-            return max(hi - lo for lo, hi in self.bounds) >= ROUTE_KERNEL_MIN_EXPERTS
-        return bool(self._compiled_routing)
+        """Whether the shards route listed senders with the compiled kernel (see the constructor)."""
+        return any(sh.core.compiled_routing for sh in self._shards)
 
     async def _shard_task(self, sh: _Shard):
         core, i = sh.core, sh.core.index
