@@ -33,15 +33,14 @@ static inline __attribute__((always_inline)) long route_rows(
     const float scale = 1.0f / sqrtf((float)Dk);
     for (long m = 0; m < M; m++) {
         const int64_t *ix = idx + m * is;
-        for (long c = 0; c < C; c++)
-            if (ix[c] < 0 || ix[c] >= N) return 1;
-        if (m + PF < M) {
+        int bad = 0;
+        for (long c = 0; c < C; c++) bad |= (uint64_t)ix[c] >= (uint64_t)N;  /* also catches ix < 0 */
+        if (bad) return 1;
+        if (m + PF < M) {  /* a prefetch never faults: the row ahead is checked when its turn comes */
             const int64_t *ip = idx + (m + PF) * is;
             for (long c = 0; c < C; c++) {
-                if (ip[c] >= 0 && ip[c] < N) {
-                    __builtin_prefetch(key + ip[c] * Dk);
-                    __builtin_prefetch(value + ip[c] * Dm);
-                }
+                __builtin_prefetch(key + ip[c] * Dk);
+                __builtin_prefetch(value + ip[c] * Dm);
             }
         }
         const float *q = query + m * qs;
