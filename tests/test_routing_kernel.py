@@ -162,3 +162,23 @@ def test_the_sharded_runtime_routes_large_shards_with_the_kernel_and_computes_th
     assert not make(agent, compiled_routing=False).compiled_routing
     dense = dataclasses.replace(agent, routing=dataclasses.replace(agent.routing, candidates=0))
     assert not make(dense, compiled_routing=True).compiled_routing  # a dense topology: numpy's routing
+
+
+def test_the_kernel_routes_through_hot_adds_and_removals_as_numpy_does(tiny_policy, monkeypatch):
+    """A membership change re-cuts the shards (new cores, a new sender list): with the kernel forced on,
+    the rollout across a hot-add of clones and a removal equals the engine's to 1e-5."""
+    from badger_runtime.episodes import schedule
+    from badger_runtime.policy_card import load_policy
+
+    pol = load_policy(tiny_policy)
+    a = pol.agent
+    agent = dataclasses.replace(a, routing=dataclasses.replace(a.routing, kind="topk", k=3, candidates=6))
+    ran = []
+    real = routing.route_listed_compiled
+    monkeypatch.setattr(routing, "route_listed_compiled", lambda *args: ran.append(real(*args)) or ran[-1])
+    kw = {"dims": 3, "experts": 30, "episodes": 2, "seed": 5, "steps": 8,
+          "changes": schedule(add_at=2, add=12, init="clone", remove_at=5, remove=20, allow_harmful=True)}
+    ref = run_episodes(numpy_ops(), pol, agent, pol.task, **kw)
+    got = run_episodes(numpy_ops(), pol, agent, pol.task, runtime="sharded", shards=2, compiled_routing=True, **kw)
+    assert np.abs(ref.outputs - got.outputs).max() <= 1e-5
+    assert ran == ([True] * 16 if HAVE_CC else [])  # 8 steps x 1 round x 2 shards, before and after each change
