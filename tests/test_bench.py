@@ -30,6 +30,9 @@ def test_runtime_bench_in_process(tiny_policy):
     for (n, engine), r in rows.items():
         assert ROW_KEYS <= r.keys(), engine
         assert r["steps_timed"] == 2 and r["expert_steps_per_s"] > 0
+        for limit, frac in (("limit_expert_steps_per_s", "fraction_of_limit"),
+                            ("rows_limit_expert_steps_per_s", "fraction_of_rows_limit")):
+            assert r[frac] == pytest.approx(r["expert_steps_per_s"] / r[limit])  # both limits, the same run
         if engine != "batched":
             assert r["max_diff_vs_batched"] <= 1e-5  # the same rollout
     # messages: every receiver hears its in-degree per round (N, or C + 1 with candidates)
@@ -129,3 +132,20 @@ def test_train_bench_reports_the_limit_the_fraction_and_the_gru_path():
     assert out["fraction_of_best_limit"] == pytest.approx(out["fraction_of_limit"] * out["matmul_gflops"]
                                                           / out["best_matmul_gflops"])
     assert out["growth"]["2"]["n"] == [3, 6]
+
+
+def test_the_policy_call_limit_over_distinct_rows_calls_every_row_once(tiny_policy):
+    """``policy_rates(distinct=True)`` makes the same calls over distinct rows (cycling past
+    DISTINCT_ROWS_MAX); ``distinct=False`` calls one hot chunk."""
+    from badger_runtime.bench import runtime
+    from badger_runtime.policy_card import load_policy
+
+    pol = load_policy(tiny_policy)
+    seen = []
+    real = pol.step
+    pol.step = lambda h, i, s: seen.append(h.copy()) or real(h, i, s)
+    runtime.policy_rates(pol, 40, chunk=8, repeats=1, distinct=True)
+    assert len(seen) == 5 and len({x.tobytes() for x in seen}) == 5
+    seen.clear()
+    runtime.policy_rates(pol, 40, chunk=8, repeats=1)
+    assert len(seen) == 5 and len({x.tobytes() for x in seen}) == 1

@@ -31,7 +31,10 @@ process, one after the other: ``warmup`` untimed steps, then up to ``steps`` tim
   rows/s of the policy alone in onnxruntime calls of 4,096 rows, over the rounds per step);
   ``cpu_seconds_per_step`` and ``cpu_fraction_of_limit``: the same with this process's CPU time
   (all its threads) for both, which leaves out the time other processes took on a shared machine
-  (a load-independent measure of the work: 1.0 = no work but the policy calls).
+  (a load-independent measure of the work: 1.0 = no work but the policy calls);
+  ``rows_limit_expert_steps_per_s``, ``fraction_of_rows_limit`` and ``cpu_fraction_of_rows_limit``: the same
+  against the policy over N distinct rows (``policy_rates(distinct=True)``), which reads the experts' state from
+  memory as a runtime must, where the limit above calls it on one chunk hot in the cache.
 
 Timing runs in a subprocess per N (``isolate``), with ``OPENBLAS_NUM_THREADS`` etc. set to
 ``blas_threads``: with the machine's 2 cores shared, a multi-threaded BLAS stalls in its thread
@@ -315,20 +318,33 @@ def policy_rows_per_s(policy, rows: int, chunk: int = 4096, repeats: int = 3) ->
     return policy_rates(policy, rows, chunk, repeats)[0]
 
 
-def policy_rates(policy, rows: int, chunk: int = 4096, repeats: int = 3) -> tuple[float, float]:
-    """``policy_rows_per_s`` by the wall clock and by this process's CPU time (the best of each)."""
+#: ``policy_rates(distinct=True)`` cycles through at most this many distinct rows (51 MB of policy inputs
+#: for the GRU-64 policies: past the last-level cache, as a runtime's rows are)
+DISTINCT_ROWS_MAX = 131_072
+
+
+def policy_rates(policy, rows: int, chunk: int = 4096, repeats: int = 3,
+                 distinct: bool = False) -> tuple[float, float]:
+    """``policy_rows_per_s`` by the wall clock and by this process's CPU time (the best of each).
+
+    ``distinct=False`` (the limit every fraction has been measured against): one chunk of rows, called
+    ``rows // chunk`` times, its inputs hot in the cache. ``distinct=True``: the same number of calls over
+    distinct rows (up to ``DISTINCT_ROWS_MAX``, then again from the first), as a runtime reads the
+    state of its N experts: the same work with its memory traffic, ~7 % slower here."""
     spec = policy.spec
     rng = np.random.default_rng(0)
     c = max(1, min(chunk, rows))
-    h = rng.uniform(-1, 1, (c, spec.hidden)).astype(np.float32)
-    inbox = rng.standard_normal((c, spec.msg_dim)).astype(np.float32)
-    sensed = rng.standard_normal((c, spec.sensed_dim)).astype(np.float32)
     calls = max(1, rows // c)
+    held = c * min(calls, max(1, DISTINCT_ROWS_MAX // c)) if distinct else c
+    h = rng.uniform(-1, 1, (held, spec.hidden)).astype(np.float32)
+    inbox = rng.standard_normal((held, spec.msg_dim)).astype(np.float32)
+    sensed = rng.standard_normal((held, spec.sensed_dim)).astype(np.float32)
+    starts = [(i * c) % held for i in range(calls)]
     best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(calls):
-            policy.step(h, inbox, sensed)
+        for a in starts:
+            policy.step(h[a:a + c], inbox[a:a + c], sensed[a:a + c])
         best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
     return calls * c / best, calls * c / max(best_cpu, 1e-9)
 
@@ -342,6 +358,7 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
     cfg = agent_config(policy, spec, n)
     ep, wiring = _base(policy, spec, n)
     limit, limit_cpu = (r / spec.rounds for r in policy_rates(policy, n))  # expert-steps/s the policy calls allow
+    rows_limit, rows_limit_cpu = (r / spec.rounds for r in policy_rates(policy, n, distinct=True))
     rows, ref = [], None
     for engine in sorted(spec.engines, key=ENGINES.index):  # the batched engine first: the reference
         row = {"experts": n, "engine": engine, "routing": cfg.routing.kind, "k": cfg.routing.k,
@@ -368,7 +385,11 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
                 "messages_per_step": msgs / len(timed), "messages_per_s": msgs / sec,
                 "limit_expert_steps_per_s": limit, "fraction_of_limit": n * len(timed) / sec / limit,
                 "cpu_seconds_per_step": cpu / len(timed), "cpu_limit_expert_steps_per_s": limit_cpu,
-                "cpu_fraction_of_limit": n * len(timed) / max(cpu, 1e-9) / limit_cpu, "loadavg": os.getloadavg()[0]}
+                "cpu_fraction_of_limit": n * len(timed) / max(cpu, 1e-9) / limit_cpu,
+                "rows_limit_expert_steps_per_s": rows_limit,
+                "fraction_of_rows_limit": n * len(timed) / sec / rows_limit,
+                "cpu_fraction_of_rows_limit": n * len(timed) / max(cpu, 1e-9) / rows_limit_cpu,
+                "loadavg": os.getloadavg()[0]}
         if ref is not None and engine != "batched":
             m = min(len(ref), len(outs))
             row["max_diff_vs_batched"] = float(np.abs(ref[:m] - outs[:m]).max())
