@@ -29,10 +29,10 @@ def routes_compiled(cfg: AgentConfig, topo, n: int, force: bool | None = None) -
     (a ``Neighbors`` topology, no ablation) and where the kernel is built; then ``force``, or by default
     when ``n >= ROUTE_KERNEL_MIN_EXPERTS``."""
     r = cfg.routing
-    if (not isinstance(topo, routing.Neighbors) or r.kind == "homogeneous" or r.ablation != "none"
-            or routing.route_kernel() is None):
+    wanted = n >= ROUTE_KERNEL_MIN_EXPERTS if force is None else bool(force)
+    if not wanted or not isinstance(topo, routing.Neighbors) or r.kind == "homogeneous" or r.ablation != "none":
         return False
-    return n >= ROUTE_KERNEL_MIN_EXPERTS if force is None else bool(force)
+    return routing.route_kernel() is not None  # (built at the first shard that wants it)
 
 
 @dataclass
