@@ -650,23 +650,26 @@ def plot_runtime(report: dict, path: str | Path):
 
 
 def markdown_table(report: dict) -> str:
-    head = ("| N | engine | routing | s / step | expert-steps/s | % of limit (wall / CPU) | messages/s | peak MiB | "
-            "KiB / expert | max diff vs batched |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| N | engine | routing | s / step | expert-steps/s | % of limit (wall / CPU) | % of distinct-rows limit | "
+            "messages/s | peak MiB | KiB / expert | max diff vs batched |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in report["rows"]:
         route = r.get("routing", "?") + (f" k={r['k']}" if r.get("routing") == "topk" else "") + (
             f" C={r['candidates']}" if r.get("candidates") else "")
         if "expert_steps_per_s" not in r:
             why = r.get("skipped") or r.get("error", "")
-            lines.append(f"| {r['experts']:,} | {r['engine']} | {route} | - | - | - | - | - | - | {why} |")
+            lines.append(f"| {r['experts']:,} | {r['engine']} | {route} | - | - | - | - | - | - | - | {why} |")
             continue
         mem = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
         per = f"{r['kib_per_expert']:.2f}" if r.get("kib_per_expert") is not None else "-"
         diff = f"{r['max_diff_vs_batched']:.1e}" if "max_diff_vs_batched" in r else "-"
         frac = (f"{100 * r['fraction_of_limit']:.0f}% / {100 * r['cpu_fraction_of_limit']:.0f}%"
                 if "cpu_fraction_of_limit" in r else "-")
+        rows = (f"{100 * r['fraction_of_rows_limit']:.0f}% / {100 * r['cpu_fraction_of_rows_limit']:.0f}%"
+                if "cpu_fraction_of_rows_limit" in r else "-")
         lines.append(f"| {r['experts']:,} | {r['engine']} | {route} | {r['seconds_per_step']:.4g} | "
-                     f"{r['expert_steps_per_s']:,.0f} | {frac} | {r['messages_per_s']:,.0f} | {mem} | {per} | {diff} |")
+                     f"{r['expert_steps_per_s']:,.0f} | {frac} | {rows} | {r['messages_per_s']:,.0f} | {mem} | {per} | "
+                     f"{diff} |")
     return "\n".join(lines)
 
 
