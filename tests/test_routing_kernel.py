@@ -8,6 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from badger_runtime import routing
 from badger_runtime.actors import shard
@@ -182,3 +184,21 @@ def test_the_kernel_routes_through_hot_adds_and_removals_as_numpy_does(tiny_poli
     got = run_episodes(numpy_ops(), pol, agent, pol.task, runtime="sharded", shards=2, compiled_routing=True, **kw)
     assert np.abs(ref.outputs - got.outputs).max() <= 1e-5
     assert ran == ([True] * 16 if HAVE_CC else [])  # 8 steps x 1 round x 2 shards, before and after each change
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 3), N=st.integers(1, 70), C=st.integers(1, 40), Dk=st.sampled_from([1, 3, 8, 16]),
+       Dm=st.integers(1, 20), k=st.integers(1, 12), kind=st.sampled_from(["topk", "dense", "random"]),
+       repeats=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_kernel_computes_numpy_routing_for_any_shape(B, N, C, Dk, Dm, k, kind, repeats, seed):
+    """Any batch, agent size, list length (senders listed more than once too), key and message width, k and
+    routing kind: the kernel's inboxes are numpy's (ties aside: scores drawn from a continuous law)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, N, Dk + 5), dtype=np.float32)[..., 2:2 + Dk]
+    key = rng.standard_normal((B, N, Dk), dtype=np.float32)
+    value = rng.standard_normal((B, N, Dm), dtype=np.float32)
+    idx = rng.integers(0, N, (B, N, C)) if repeats else np.sort(rng.random((B, N, N)).argsort(-1)[..., :C], -1)
+    cfg = RoutingConfig(kind=kind, k=k, candidates=C)
+    np.testing.assert_allclose(compiled(cfg, q, key, value, idx.astype(np.int64)),
+                               numpy_route(cfg, q, key, value, idx.astype(np.int64)), atol=3e-6, rtol=1e-5)
