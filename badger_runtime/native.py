@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def _cpu_identity() -> str:
     return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
 
 
+_BUILDING = threading.Lock()  # one build at a time in this process (shards may ask from worker threads)
 #: headers the kernels include (``#include "native_math.h"``): on the include path, and part of every build's key
 HEADERS = (Path(__file__).with_name("native_math.h"),)
 
@@ -82,7 +84,8 @@ def load(source: Path, signatures: dict, what: str, fallback: str):
     if not enabled():
         return None
     try:
-        lib = _build(source)
+        with _BUILDING:
+            lib = _build(source)
     except (OSError, subprocess.SubprocessError) as e:
         warnings.warn(f"badger: {what} could not be built ({e}); {fallback}", stacklevel=3)
         return None
