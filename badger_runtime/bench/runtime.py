@@ -28,7 +28,8 @@ process, one after the other: ``warmup`` untimed steps, then up to ``steps`` tim
 - ``max_diff_vs_batched``: the largest difference of its outputs from the batched engine's on
   the same steps (the engines compute the same rollout);
 - ``fraction_of_limit``: expert-steps/s over the policy-call limit measured in the same run (the
-  rows/s of the policy alone in onnxruntime calls of 4,096 rows, over the rounds per step);
+  rows/s of the policy alone in onnxruntime calls of 4,096 rows, over the rounds per step; the best of its
+  measurement before and after the engines);
   ``cpu_seconds_per_step`` and ``cpu_fraction_of_limit``: the same with this process's CPU time
   (all its threads) for both, which leaves out the time other processes took on a shared machine
   (a load-independent measure of the work: 1.0 = no work but the policy calls);
@@ -351,14 +352,18 @@ def policy_rates(policy, rows: int, chunk: int = 4096, repeats: int = 3,
 
 def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
     """Time every engine of ``spec`` at N = n in this process (same episode, same steps), and the
-    policy-call limit in the same run (``fraction_of_limit`` per row)."""
+    policy-call limits in the same run (``fraction_of_limit`` and ``fraction_of_rows_limit`` per row): each
+    the best of its measurement before and after the engines, as this machine's speed drifts over a run."""
     from ..policy_card import load_policy
 
     policy = load_policy(spec.policy, threads=spec.threads)
     cfg = agent_config(policy, spec, n)
     ep, wiring = _base(policy, spec, n)
-    limit, limit_cpu = (r / spec.rounds for r in policy_rates(policy, n))  # expert-steps/s the policy calls allow
-    rows_limit, rows_limit_cpu = (r / spec.rounds for r in policy_rates(policy, n, distinct=True))
+
+    def limits():  # expert-steps/s the policy calls allow: (hot chunk, distinct rows) x (wall, CPU)
+        return [r / spec.rounds for d in (False, True) for r in policy_rates(policy, n, distinct=d)]
+
+    before = limits()
     rows, ref = [], None
     for engine in sorted(spec.engines, key=ENGINES.index):  # the batched engine first: the reference
         row = {"experts": n, "engine": engine, "routing": cfg.routing.kind, "k": cfg.routing.k,
@@ -383,13 +388,7 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
         row |= {"setup_s": round(setup, 4), "steps_timed": len(timed), "warmup_used": len(res) <= spec.warmup,
                 "seconds_per_step": sec / len(timed), "expert_steps_per_s": n * len(timed) / sec,
                 "messages_per_step": msgs / len(timed), "messages_per_s": msgs / sec,
-                "limit_expert_steps_per_s": limit, "fraction_of_limit": n * len(timed) / sec / limit,
-                "cpu_seconds_per_step": cpu / len(timed), "cpu_limit_expert_steps_per_s": limit_cpu,
-                "cpu_fraction_of_limit": n * len(timed) / max(cpu, 1e-9) / limit_cpu,
-                "rows_limit_expert_steps_per_s": rows_limit,
-                "fraction_of_rows_limit": n * len(timed) / sec / rows_limit,
-                "cpu_fraction_of_rows_limit": n * len(timed) / max(cpu, 1e-9) / rows_limit_cpu,
-                "loadavg": os.getloadavg()[0]}
+                "cpu_seconds_per_step": cpu / len(timed), "loadavg": os.getloadavg()[0]}
         if ref is not None and engine != "batched":
             m = min(len(ref), len(outs))
             row["max_diff_vs_batched"] = float(np.abs(ref[:m] - outs[:m]).max())
@@ -397,6 +396,15 @@ def time_engines(spec: RuntimeBench, n: int) -> list[dict]:
         row |= kind.finish(runner, spec, warmed=len(res) > spec.warmup)
         rows.append(row)
         del runner
+    limit, limit_cpu, rows_limit, rows_limit_cpu = (max(a, b) for a, b in zip(before, limits()))
+    for row in rows:
+        if "expert_steps_per_s" not in row:
+            continue
+        rate, cpu_rate = row["expert_steps_per_s"], n / max(row["cpu_seconds_per_step"], 1e-9)
+        row |= {"limit_expert_steps_per_s": limit, "fraction_of_limit": rate / limit,
+                "cpu_limit_expert_steps_per_s": limit_cpu, "cpu_fraction_of_limit": cpu_rate / limit_cpu,
+                "rows_limit_expert_steps_per_s": rows_limit, "fraction_of_rows_limit": rate / rows_limit,
+                "cpu_fraction_of_rows_limit": cpu_rate / rows_limit_cpu}
     return rows
 
 
