@@ -20,7 +20,7 @@ DEFAULT_TILE = 4096  # receivers routed at once inside a shard
 #: shards of at least this many experts route listed senders with the compiled kernel (routing_kernel.c) where it
 #: applies. Smaller shards keep numpy's routing: the kernel computes the same inboxes to float rounding, not bit
 #: for bit, and the published evaluations (docs/results.md, up to 1,280 experts) were made with numpy's.
-#: N = 100,000: -30 to -43 % CPU per step (docs/benchmarks.md)
+#: N = 100,000: -32 to -35 % CPU per step (docs/benchmarks.md)
 ROUTE_KERNEL_MIN_EXPERTS = 16_384
 
 
