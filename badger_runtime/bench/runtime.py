@@ -659,7 +659,7 @@ def plot_runtime(report: dict, path: str | Path):
 
 def markdown_table(report: dict) -> str:
     head = ("| N | engine | routing | s / step | expert-steps/s | % of limit (wall / CPU) | % of distinct-rows limit | "
-            "messages/s | peak MiB | KiB / expert | max diff vs batched |\n|---|---|---|---|---|---|---|---|---|---|---|")
+            "messages/s | peak MiB | KiB / expert | max diff vs batched |\n" + "|---" * 11 + "|")
     lines = [head]
     for r in report["rows"]:
         route = r.get("routing", "?") + (f" k={r['k']}" if r.get("routing") == "topk" else "") + (
