@@ -7,15 +7,12 @@ scalar feedback, d = 3, dense routing, 1 round, 1 thread): torch ops and autogra
     python demos/profile_train.py --batches 3
 """
 import argparse
-import math
 
 import numpy as np
-import torch
 from torch.profiler import ProfilerActivity, profile
 
-from badger_runtime.bench.train import (matmul_gflops, reference_batches, reference_flops, reference_setup,
+from badger_runtime.bench.train import (matmul_limits, reference_batches, reference_flops, reference_trainer,
                                         training_step)
-from badger_runtime.training.model import ExpertPolicy
 
 
 #: the ops whose self time is matmul work (torch's BLAS, and oneDNN's linear, which the fused GRU step uses)
@@ -27,9 +24,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--top", type=int, default=10)
     args = p.parse_args(argv)
-    cfg, task, ops = reference_setup(seed=0, threads=1)
-    policy = ExpertPolicy(cfg.policy)
-    opt = torch.optim.Adam(policy.parameters(), 1e-4)
+    cfg, task, ops, policy, opt = reference_trainer(seed=0, threads=1)
     rng = np.random.default_rng(0)
 
     def batch():
@@ -55,8 +50,7 @@ def main(argv=None):
     # take its matmuls' time; against the limit (the batch's model FLOPs at a large matmul's rate)
     mm = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / args.batches / 1e6
     flops = reference_flops(cfg.policy)
-    onednn = matmul_gflops(threads=1, backend="onednn")  # the fastest matmul found: the limit (bench.train)
-    limit = flops / (max(matmul_gflops(threads=1), 0.0 if math.isnan(onednn) else onednn) * 1e9)
+    limit = flops / (matmul_limits(threads=1)[1] * 1e9)  # at the fastest matmul found: the limit (bench.train)
     per_batch = total / args.batches / 1e6
     print(f"matmuls ({', '.join(m.split('::')[1] for m in MATMULS)}): {1e3 * mm:.0f} ms of "
           f"{1e3 * per_batch:.0f} ms of self CPU time per batch ({100 * mm / per_batch:.0f}%); the batch at the "

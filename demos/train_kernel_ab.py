@@ -18,10 +18,9 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 from badger_runtime import engine
-from badger_runtime.bench.train import (matmul_gflops, reference_batches, reference_flops, reference_setup,
+from badger_runtime.bench.train import (matmul_limits, reference_batches, reference_flops, reference_trainer,
                                         training_step)
 from badger_runtime.rollout import AgentState, agent_step
 from badger_runtime.training import kernels
@@ -34,11 +33,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=8)
     args = p.parse_args(argv)
-    cfg, task, ops = reference_setup(seed=0, threads=1)
-    policy = ExpertPolicy(cfg.policy)
-    opt = torch.optim.Adam(policy.parameters(), 1e-4)
-    rng = np.random.default_rng(0)
-    eps = reference_batches(cfg, task, rng, 4)
+    cfg, task, ops, policy, opt = reference_trainer(seed=0, threads=1)
+    eps = reference_batches(cfg, task, np.random.default_rng(0), 4)
     lib = kernels.kernel()
     mode = ["kernel"]
 
@@ -60,8 +56,8 @@ def main(argv=None):
             for i in range(4):
                 training_step(ops, policy, opt, cfg, *eps[i], 20)
             res[k].append((time.thread_time() - t0) / 4)
-        lim.append(matmul_gflops(threads=1))
-        best.append(max(lim[-1], matmul_gflops(threads=1, backend="onednn")))
+        for acc, rate in zip((lim, best), matmul_limits(threads=1)):
+            acc.append(rate)
     flops = reference_flops(cfg.policy)
     g, gb = sorted(lim)[len(lim) // 2], sorted(best)[len(best) // 2]
     at_limit, at_best = flops / (g * 1e9), flops / (gb * 1e9)

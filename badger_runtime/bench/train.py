@@ -19,8 +19,8 @@ CPU time in place of its wall time (on a shared machine the wall time counts oth
 
 from __future__ import annotations
 
-import platform
 import math
+import platform
 import time
 
 import numpy as np
@@ -71,6 +71,13 @@ def matmul_gflops(threads: int = 1, size: int = 384, repeats: int = 30, backend:
     return 2 * size**3 / best / 1e9
 
 
+def matmul_limits(threads: int = 1) -> tuple[float, float]:
+    """(torch's default matmul GFLOP/s, the fastest float32 matmul found: that or torch's oneDNN linear):
+    the two limits ``bench_train`` reports (``matmul_gflops``, ``best_matmul_gflops``)."""
+    limit, onednn = matmul_gflops(threads), matmul_gflops(threads, backend="onednn")
+    return limit, limit if math.isnan(onednn) else max(limit, onednn)
+
+
 def reference_batches(cfg, task, rng: np.random.Generator, n: int) -> list:
     """n (episode, wiring) pairs of the 2019 setting (``REFERENCE``: batch 100, N = 20, 20 steps, d = 3),
     as the benchmark and the probes in demos/ time them."""
@@ -103,6 +110,18 @@ def reference_setup(seed: int = 0, threads: int = 1):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     return AgentConfig().validate(), make_task(default_config("guessing", feedback="scalar")), torch_ops()
+
+
+def reference_trainer(seed: int = 0, threads: int = 1):
+    """``reference_setup`` and a fresh policy with its optimizer (Adam, lr 1e-4, as ``bench_train``):
+    (agent config, task, torch ops, policy, optimizer), what the probes in demos/ train."""
+    import torch
+
+    from ..training.model import ExpertPolicy
+
+    cfg, task, ops = reference_setup(seed, threads)
+    policy = ExpertPolicy(cfg.policy)
+    return cfg, task, ops, policy, torch.optim.Adam(policy.parameters(), 1e-4)
 
 
 def training_step(ops, policy, opt, cfg, episode, wiring, steps: int):
@@ -161,9 +180,7 @@ def bench_train(experts=(5, 20, 40, 80), steps=(10, 20, 40), batch: int = 64, re
                      "cpu_us_per_expert_step": cpu_sec / (batch * n * T) * 1e6,
                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                      "gflop_per_batch": flops / 1e9, "gflops": flops / sec / 1e9})
-    limit = matmul_gflops(threads)
-    onednn = matmul_gflops(threads, backend="onednn")
-    best = limit if math.isnan(onednn) else max(limit, onednn)
+    limit, best = matmul_limits(threads)
     from ..training.fused_gru import onednn_linear
     from ..training.kernels import kernel
 
