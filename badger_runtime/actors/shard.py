@@ -185,8 +185,8 @@ class ShardCore:
         """My receivers' inboxes this round: rows of ``routing.route`` over the senders heard."""
         q = split_heads(self.spec, self.heads)["query"]
         cfg = self.cfg.routing
-        if (self.compiled_routing and isinstance(self.topo, routing.Neighbors)
-                and routing.route_listed_compiled(cfg, q, self.keys, self.values, self.topo.idx, self.inbox_buf)):
+        if self.compiled_routing and routing.route_listed_compiled(cfg, q, self.keys, self.values, self.topo.idx,
+                                                                   self.inbox_buf):  # (a Neighbors topology)
             return self.inbox_buf  # one pass over all my receivers, no temporaries to bound by tiles
         for a in range(0, self.n, self.tile):
             b = min(a + self.tile, self.n)

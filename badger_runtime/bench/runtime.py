@@ -331,7 +331,7 @@ def policy_rates(policy, rows: int, chunk: int = 4096, repeats: int = 3,
     ``distinct=False`` (the limit every fraction has been measured against): one chunk of rows, called
     ``rows // chunk`` times, its inputs hot in the cache. ``distinct=True``: the same number of calls over
     distinct rows (up to ``DISTINCT_ROWS_MAX``, then again from the first), as a runtime reads the
-    state of its N experts: the same work with its memory traffic, ~7 % slower here."""
+    state of its N experts: the same work with its memory traffic, 9-14 % slower here (docs/benchmarks.md)."""
     spec = policy.spec
     rng = np.random.default_rng(0)
     c = max(1, min(chunk, rows))
