@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Issue 16, tried in session 37 and not kept: the inner step's three small unmasked attentions (the
 router's, the membrane's reads, its push) as one compiled autograd node each, forward and backward in
-C (the same build as ``badger_runtime/training/kernels.py``), against torch's composition (``bmm``,
+C (the same build as the kept kernels, ``badger_runtime/native.py``), against torch's composition (``bmm``,
 fused softmax, ``bmm``) at the 2019 setting's shapes (B = 100, N = 20, 2 read heads over 4 slots, 3
 outputs), forward + backward, one thread, CPU time, interleaved.
 
@@ -14,7 +14,6 @@ rate. The GRU cell's gates, which are long elementwise passes, are what the kept
 """
 import ctypes
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,14 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from badger_runtime import membrane, routing  # noqa: E402
+from badger_runtime import membrane, native, routing  # noqa: E402
 from badger_runtime.config import AgentConfig  # noqa: E402
-from badger_runtime.training.kernels import FLAGS  # noqa: E402
 from badger_runtime.training.model import torch_ops  # noqa: E402
 
-KERNELS = (ROOT / "badger_runtime" / "training" / "kernels.c").read_text()
-#: the kept kernels' headers and exp, then the attention tried here
-SOURCE = KERNELS[:KERNELS.index("static inline float sigm")] + r"""
+#: the kept kernels' exp (native_math.h), then the attention tried here
+SOURCE = r"""#include <math.h>
+#include <stdint.h>
+
+#include "native_math.h"  /* exp_clamped */
+
 /* ---- attention without a mask, batched: O = softmax(scale Q K^T) V (the router's, the membrane's reads and
  * its push) ----
  * Q [B, n, D], K [B, m, D], V [B, m, E] -> O [B, n, E], W [B, n, m] (the weights, kept for the backward pass).
@@ -135,13 +136,13 @@ _LIB = []
 
 
 def build():
-    d = Path(tempfile.mkdtemp())
-    (d / "attn.c").write_text(SOURCE)
-    subprocess.run(["cc", *FLAGS, str(d / "attn.c"), "-o", str(d / "attn.so"), "-lm"], check=True)
-    lib = ctypes.CDLL(str(d / "attn.so"))
+    src = Path(tempfile.mkdtemp()) / "attn.c"
+    src.write_text(SOURCE)
     p, n, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-    lib.attn_forward.argtypes = [n] * 5 + [f] + [p] * 6
-    lib.attn_backward.argtypes = [n] * 5 + [f] + [p] * 10
+    lib = native.load(src, {"attn_forward": ([n] * 5 + [f] + [p] * 6, None),
+                            "attn_backward": ([n] * 5 + [f] + [p] * 10, None)}, "the attention probe", "")
+    if lib is None:
+        raise SystemExit("no C compiler (or BADGER_KERNELS=0): nothing to compare")
     _LIB.append(lib)
 
 
