@@ -222,6 +222,9 @@ class TrainConfig:
     lr_decay: list[tuple[int, float]] = field(default_factory=list)  # [(at_batch, lr), ...]
     clip: float = 1.0
     objective: str = "weighted"
+    # > 0: the objective weighs log(error + log_floor) per inner step instead of the error itself (scale-free: a
+    # step whose error is 1e-4 counts by its ratio, not its size, so the late steps of a converged agent still pull)
+    log_floor: float = 0.0
     rounds: tuple[int, int] = (1, 1)  # rounds per batch, drawn from [lo, hi] (the maximum for convergence/quorum)
     vote_weight: float = 0.0  # weight of the 'done'-vote loss: a vote predicts that the expert's message has settled
     horizon: tuple[int, int] = (0, 0)  # episode length drawn per batch from [lo, hi] (0 = task.steps)
@@ -249,6 +252,9 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be in [0, 2^63), got {self.seed}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not 0 <= self.log_floor < math.inf:
+            raise ConfigError(f"train.log_floor must be a finite number >= 0 (0: the error itself), "
+                              f"got {self.log_floor}")
         if self.batches < 0 or self.batch_size < 1 or self.lr <= 0 or self.adam_eps <= 0:
             raise ConfigError("train.batch_size, train.lr and train.adam_eps must be positive and train.batches >= 0 "
                               "(0: the initial weights, e.g. a handcrafted train.init, become the checkpoint)")

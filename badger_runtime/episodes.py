@@ -72,6 +72,17 @@ def objective_weights(kind: str, steps: int) -> np.ndarray:
     return w / w.sum()
 
 
+def objective_terms(errors, log_floor: float = 0.0):
+    """What the objective weighs at each inner step (numpy or torch, any shape): the errors themselves
+    or, with ``train.log_floor`` > 0, log(error + log_floor): each step then counts by its error's
+    ratio to the floor, so a harm of 1.5x at an error of 1e-4 weighs what it weighs at 1."""
+    if not log_floor:
+        return errors
+    if isinstance(errors, np.ndarray):
+        return np.log(errors + log_floor)
+    return (errors + log_floor).log()
+
+
 # ---- membership changes ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -228,5 +239,5 @@ async def adrive(runtime, driver: Driver) -> Trajectory:
     return driver.result()
 
 
-__all__ = ["CHUNK", "Change", "Driver", "Trajectory", "adrive", "drive", "episode_rngs", "objective_weights",
-           "sample_batches", "schedule"]
+__all__ = ["CHUNK", "Change", "Driver", "Trajectory", "adrive", "drive", "episode_rngs", "objective_terms",
+           "objective_weights", "sample_batches", "schedule"]

@@ -88,6 +88,20 @@ def test_numpy_policy_matches_torch_and_onnx(tiny_run, tiny_policy):
 
 # ---- evolution strategies in one process ----------------------------------------------------------
 
+def test_es_scores_the_log_objective_with_log_floor():
+    """ES weighs the same per-step terms as BPTT: with ``train.log_floor`` and the last step's weight only, a
+    candidate's objective is log(its last-step loss + floor)."""
+    cfg = es_experiment()
+    cfg.train.objective, cfg.train.log_floor = "last", 1e-3
+    job = generation(cfg.validate(), 0)
+    assert job.log_floor == 1e-3
+    theta = np.random.default_rng(0).normal(0, 0.3, n_params(cfg.agent.policy)).astype(np.float32)
+    scores = evaluate_members(job, theta, [CENTER, 1, 2])
+    np.testing.assert_allclose(scores[:, 0], np.log(scores[:, 1] + 1e-3), rtol=1e-6)
+    plain = evaluate_members(dataclasses.replace(job, log_floor=0.0), theta, [CENTER, 1, 2])
+    np.testing.assert_allclose(plain[:, 0], scores[:, 1], rtol=1e-6)
+
+
 def test_es_maths():
     r = centered_ranks(np.array([3.0, -1.0, np.nan, 10.0]))
     assert r.tolist() == [pytest.approx(1 / 6), pytest.approx(-1 / 6), -0.5, 0.5]

@@ -30,6 +30,8 @@ def test_toml_and_overrides(tmp_path):
         ("nonsense", "section.key=value"),
         ("train.grow_init=cloned", "train.grow_init"),
         ("train.grow_most=0", "train.grow_most"),
+        ("train.log_floor=-1e-6", "train.log_floor"),
+        ("train.log_floor=inf", "train.log_floor"),
     ],
 )
 def test_bad_settings_are_refused_clearly(override, message):

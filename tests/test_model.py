@@ -165,6 +165,19 @@ def test_training_with_growing_and_continued_agents(tmp_path):
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_log_floor_makes_the_objective_the_log_of_each_steps_error(tmp_path):
+    """``train.log_floor``: the batch's objective is log(error + floor) at each step, weighed as before (here the
+    last step only, so each batch's loss is log of its reported last-step error + floor); 0 keeps the error."""
+    for floor in (1e-3, 0.0):
+        cfg = tiny_experiment()
+        cfg.train.batches, cfg.train.objective, cfg.train.log_floor = 3, "last", floor
+        cfg.train.log_every = cfg.train.ckpt_every = 1
+        train(cfg.validate(), tmp_path / str(floor), progress=False, final_eval=False, log=lambda *a: None)
+        rows = [json.loads(l) for l in (tmp_path / str(floor) / "metrics.jsonl").read_text().splitlines()]
+        want = [np.log(r["final_loss"] + floor) if floor else r["final_loss"] for r in rows]
+        np.testing.assert_allclose([r["loss"] for r in rows], want, rtol=1e-5)
+
+
 def test_trainable_heads_by_name_train_those_rows_only(tmp_path):
     """``train.trainable = ["heads:push_value"]`` changes the push-value rows of the heads layer and
     nothing else; a prefix entry still trains whole parameters; an unknown head is refused."""

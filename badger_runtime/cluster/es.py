@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import AgentConfig, ConfigError, ExperimentConfig, TaskConfig, to_dict
-from ..episodes import Change, Driver, drive, episode_rngs, objective_weights, sample_batches
+from ..episodes import Change, Driver, drive, episode_rngs, objective_terms, objective_weights, sample_batches
 from .numpy_policy import NumpyPolicy, PopulationPolicy, flatten, n_params, unflatten
 
 CENTER = -1  # the member index of the unperturbed parameters
@@ -132,6 +132,7 @@ class Generation:
     noise_seed: int
     sigma: float
     weights: np.ndarray  # [steps] the objective's weight of each inner step
+    log_floor: float = 0.0  # train.log_floor: > 0 weighs log(error + floor) per step
     changes: tuple[Change, ...] = field(default_factory=tuple)
 
 
@@ -153,7 +154,8 @@ def generation(cfg: ExperimentConfig, gen: int) -> Generation:
         changes = (Change(int(rng.integers(1, steps)), "add", tr.newcomers(rng, n),
                           "clone" if tr.grows_clones(rng) else "fresh"),)
     return Generation(gen, cfg.agent, task, d, n, steps, rounds, es.episodes or tr.batch_size,
-                      int(rng.integers(2**31)), tr.seed, es.sigma, objective_weights(tr.objective, steps), changes)
+                      int(rng.integers(2**31)), tr.seed, es.sigma, objective_weights(tr.objective, steps),
+                      tr.log_floor, changes)
 
 
 def evaluate_members(job: Generation, center: np.ndarray, members) -> np.ndarray:
@@ -178,7 +180,7 @@ def evaluate_members(job: Generation, center: np.ndarray, members) -> np.ndarray
     traj = drive(agent, Driver(ops, ep, job.steps, rounds=job.rounds, changes=job.changes, with_metrics=False,
                                seed=job.seed))
     losses = np.asarray(traj.losses, np.float64).reshape(job.steps, P, E).mean(axis=2)  # [T, P]
-    return np.stack([job.weights @ losses, losses[-1]], axis=1)
+    return np.stack([job.weights @ objective_terms(losses, job.log_floor), losses[-1]], axis=1)
 
 
 class ESWorker:

@@ -90,7 +90,7 @@ def _episode_loss(cfg: ExperimentConfig, ops, agent: Agent, ep, steps: int, roun
         traj = drive(agent, Driver(ops, ep, t1 - t0, t0=start + t0, prev_output=prev, rounds=rounds,
                                    with_vote_loss=with_votes, with_metrics=False))
         errs = traj.losses.mean(dim=1)
-        loss = loss + (weights[t0:t1] * errs).sum()
+        loss = loss + (weights[t0:t1] * episodes.objective_terms(errs, cfg.train.log_floor)).sum()
         if with_votes:
             loss = loss + cfg.train.vote_weight * traj.vote_loss * (t1 - t0) / steps
         if reference is not None:
