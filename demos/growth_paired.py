@@ -9,6 +9,12 @@ difference with its standard error over the same episodes, for fresh experts and
     python demos/growth_paired.py --policy dimensions-v2 --episodes 256 --seeds 0,12345
     python demos/growth_paired.py --policy runs/x.onnx   # an exported candidate (its card beside it)
     python demos/growth_paired.py --policy dimensions-v5 --episodes 500 --seeds 0,12345 --add 15  # +15 to 5
+    python demos/growth_paired.py --policy guessing-quorum-v3 --episodes 64 --seeds 1000-1011  # 12 clone draws
+
+With more than one seed it ends with a summary over the seeds: the geometric mean and the range of each
+kind's ratio, and at how many seeds the cards' rule says it hurts. Each seed is one draw of the clone sources
+per batch of episodes (``episodes.CHUNK``): with 3 experts that draw decides whether the expert that hears
+the error is copied, so one seed's clone verdict is one draw, and only many seeds show what clones do.
 
 The unpaired means are those of the card's `badger eval` commands (the same episodes, the same code).
 """
@@ -27,14 +33,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", required=True, help="a shipped policy's name or an .onnx path")
     ap.add_argument("--episodes", type=int, default=256)
-    ap.add_argument("--seeds", default="0", help="comma-separated")
+    ap.add_argument("--seeds", default="0", help="comma-separated, or a range A-B (inclusive)")
     ap.add_argument("--add", type=int, default=None, help="experts joining (default: as many again, the card's)")
     args = ap.parse_args(argv)
     pol = load_policy(args.policy)
     s = growth_setting(pol)
     if s is None:
         raise SystemExit(f"{pol.name}: its task ({pol.task.name}) is not measured by an error")
-    for seed in (int(x) for x in args.seeds.split(",")):
+    ratios = {"fresh": [], "clone": []}
+    hurt = {"fresh": 0, "clone": 0}
+    seeds = parse_seeds(args.seeds)
+    for seed in seeds:
         base = final_errors(pol, s, episodes=args.episodes, seed=seed)
         n = base.size
         add = s.experts if args.add is None else args.add
@@ -44,9 +53,23 @@ def main(argv=None):
         for init in ("fresh", "clone"):
             g = final_errors(pol, s, episodes=args.episodes, seed=seed, init=init, add=args.add)
             d = g - base
+            ratios[init].append(g.mean() / max(base.mean(), 1e-12))
+            hurt[init] += worse(base, g.mean())
             print(f"  {init:5s} {g.mean():.4g} ({g.mean() / max(base.mean(), 1e-12):.3f}x; card rule: "
                   f"{'hurts' if worse(base, g.mean()) else 'ok'}), "
                   f"paired difference {d.mean():+.4g} +- {d.std(ddof=1) / np.sqrt(n):.2g}")
+    if len(seeds) > 1:
+        print(f"over {len(seeds)} seeds: " + "; ".join(
+            f"{init} {np.exp(np.mean(np.log(r))):.2f}x (geometric mean; {min(r):.2f}-{max(r):.2f}x), "
+            f"hurts at {hurt[init]} of {len(seeds)}" for init, r in ratios.items()))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,12345' or '1000-1011' (inclusive) -> the seeds."""
+    if "-" in text and "," not in text:
+        a, b = (int(x) for x in text.split("-"))
+        return list(range(a, b + 1))
+    return [int(x) for x in text.split(",")]
 
 
 if __name__ == "__main__":

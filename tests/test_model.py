@@ -379,3 +379,28 @@ def test_a_policy_trained_with_the_flag_gets_it_in_every_runtime():
     for out_addr in (a.interface.out_addr, m.sessions["s"].agent.interface.out_addr):
         assert out_addr.shape[-2] == 4 and (out_addr[..., KIND_OBSERVATION] == 1).all()
     assert (Agent(load_policy("dimensions-v5")).reset(2, 5, 4, seed=0).interface.out_addr[..., :2] == 0).all()
+
+
+def test_average_checkpoints_means_the_weights_and_refuses_other_policies(tiny_run, tmp_path):
+    """demos/average_checkpoints.py (how guessing-quorum-v4 was made): the output is a checkpoint whose policy
+    weights are the (weighted) mean of the inputs', loadable as any other; a checkpoint of another policy shape is
+    refused."""
+    import runpy
+    from pathlib import Path
+
+    avg = runpy.run_path(str(Path(__file__).parents[1] / "demos" / "average_checkpoints.py"))
+    run, _ = tiny_run
+    a = load_checkpoint(run / "checkpoint.pt")
+    b = dict(a, model={k: v + 1.0 for k, v in a["model"].items()})
+    torch.save(b, tmp_path / "b.pt")
+    out = tmp_path / "soup" / "checkpoint.pt"
+    avg["main"]([str(run / "checkpoint.pt"), str(tmp_path / "b.pt"), "--weights", "3,1", "--out", str(out)])
+    soup = load_checkpoint(out)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(soup["model"][k], v + 0.25)
+    assert soup["config"] == a["config"] and soup["averaged_from"][1] == str(tmp_path / "b.pt")
+    policy_from_checkpoint(soup)  # what badger export reads
+    wide = dict(a, model={k: torch.cat([v, v]) for k, v in a["model"].items()})
+    torch.save(wide, tmp_path / "wide.pt")
+    with pytest.raises(ConfigError, match="not the same policy"):
+        avg["average"]([str(run / "checkpoint.pt"), str(tmp_path / "wide.pt")])
