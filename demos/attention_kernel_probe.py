@@ -136,11 +136,12 @@ _LIB = []
 
 
 def build():
-    src = Path(tempfile.mkdtemp()) / "attn.c"
-    src.write_text(SOURCE)
     p, n, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-    lib = native.load(src, {"attn_forward": ([n] * 5 + [f] + [p] * 6, None),
-                            "attn_backward": ([n] * 5 + [f] + [p] * 10, None)}, "the attention probe", "")
+    with tempfile.TemporaryDirectory() as tmp:  # the built library lives in native's cache, not beside its source
+        src = Path(tmp) / "attn.c"
+        src.write_text(SOURCE)
+        lib = native.load(src, {"attn_forward": ([n] * 5 + [f] + [p] * 6, None),
+                                "attn_backward": ([n] * 5 + [f] + [p] * 10, None)}, "the attention probe", "")
     if lib is None:
         raise SystemExit("no C compiler (or BADGER_KERNELS=0): nothing to compare")
     _LIB.append(lib)
