@@ -192,7 +192,7 @@ class ESConfig:
     in the torch-free deploy engine; centered ranks of their losses give the ES gradient, and Adam
     (``lr``) steps on it. ``train.batches`` counts generations; ``train.seed``, ``objective``,
     ``horizon``, ``rounds``, ``stages``, ``grow_prob``, ``grow_init``, ``grow_most``, ``init_from`` and the logging
-    settings mean what they mean for BPTT; ``tbptt``, ``continue_prob``, ``clip``, ``vote_weight`` and ``lr`` are
+    settings mean what they mean for BPTT; ``tbptt``, ``continue_prob``, ``clip``, ``vote_weight``, ``spread_weight`` and ``lr`` are
     BPTT's only (ES scores whole episodes as deployed)."""
 
     population: int = 32  # perturbed candidates per generation (antithetic pairs: even)
@@ -225,6 +225,9 @@ class TrainConfig:
     # > 0: the objective weighs log(error + log_floor) per inner step instead of the error itself (scale-free: a
     # step whose error is 1e-4 counts by its ratio, not its size, so the late steps of a converged agent still pull)
     log_floor: float = 0.0
+    # > 0: each step's error in the objective gets + spread_weight x membrane.push_spread (how far the experts' own
+    # answers sit from the output): an agent whose experts agree is indifferent to which of them is copied (BPTT only)
+    spread_weight: float = 0.0
     rounds: tuple[int, int] = (1, 1)  # rounds per batch, drawn from [lo, hi] (the maximum for convergence/quorum)
     vote_weight: float = 0.0  # weight of the 'done'-vote loss: a vote predicts that the expert's message has settled
     horizon: tuple[int, int] = (0, 0)  # episode length drawn per batch from [lo, hi] (0 = task.steps)
@@ -255,6 +258,8 @@ class TrainConfig:
         if not 0 <= self.log_floor < math.inf:
             raise ConfigError(f"train.log_floor must be a finite number >= 0 (0: the error itself), "
                               f"got {self.log_floor}")
+        if not 0 <= self.spread_weight < math.inf:
+            raise ConfigError(f"train.spread_weight must be a finite number >= 0, got {self.spread_weight}")
         if self.batches < 0 or self.batch_size < 1 or self.lr <= 0 or self.adam_eps <= 0:
             raise ConfigError("train.batch_size, train.lr and train.adam_eps must be positive and train.batches >= 0 "
                               "(0: the initial weights, e.g. a handcrafted train.init, become the checkpoint)")

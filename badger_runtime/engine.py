@@ -161,6 +161,7 @@ class Agent:
         self.check_inputs = check_inputs
         self.record = False  # keep each step's attention weights and messages in its StepInfo
         self.vote_loss = False  # training: report the 'done' votes' loss in each StepInfo
+        self.push_spread = False  # training: report membrane.push_spread in each StepInfo
         self.state: AgentState | None = None
         self.wiring: Wiring | None = None
         self.interface: Interface | None = None
@@ -237,7 +238,7 @@ class Agent:
         self.state, out, info = agent_step(self.ops, self.policy, self.cfg, self.wiring, self.state, self.interface,
                                            slot_values, rounds=rounds,
                                            record=self.record if record is None else record,
-                                           vote_loss=0.0 if self.vote_loss else None)
+                                           vote_loss=0.0 if self.vote_loss else None, spread=self.push_spread)
         if self.ops is OPS:
             if self._indeg is None:
                 self._indeg = self.wiring.in_degrees().sum(axis=1)

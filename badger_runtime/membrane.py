@@ -104,10 +104,24 @@ def push(ops, push_key, push_value, out_addr, can_push=None):
     scores = scaled_dot(ops, out_addr, push_key)  # [B, d, N]
     mask = None if can_push is None else can_push[:, None, :]
     w = softmax(ops, scores, mask, axis=-1)
+    return ops.sum(w * answers(ops, push_value, out_addr), axis=-1), w
+
+
+def answers(ops, push_value, out_addr):
+    """Each expert's own answer for each output, [B, d, N]: c + <u, address> of its push value [B, N, 1+A]
+    (the output is their mix by the push weights)."""
     c = push_value[..., :1]  # [B, N, 1]
     u = push_value[..., 1:]  # [B, N, A]
-    per_expert = ops.swap(c) + ops.matmul(out_addr, ops.swap(u))  # [B, d, N]
-    return ops.sum(w * per_expert, axis=-1), w
+    return ops.swap(c) + ops.matmul(out_addr, ops.swap(u))
+
+
+def push_spread(ops, weights, push_value, out_addr, outputs):
+    """How far the experts' own answers sit from the agent's outputs: the push-weighted variance
+    sum_i w_i (answer_i - output)^2, averaged over the outputs, [B]. Zero when every pushing expert
+    gives the same answer; then reweighting the experts (a clone doubling one of them) moves no output.
+    (``push``'s weights [B, d, N] and outputs [B, d]; ``train.spread_weight`` trains it down.)"""
+    dev = answers(ops, push_value, out_addr) - outputs[..., None]
+    return ops.mean(ops.sum(weights * dev * dev, axis=-1), axis=-1)
 
 
 # ---- the membrane's view of a batch of episodes ------------------------------------------------

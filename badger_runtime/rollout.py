@@ -274,15 +274,16 @@ class StepInfo:
     push_weights: Any = None  # [B, d, N]
     messages_sent: Any = None  # [B, N, Dm] the experts' last message values (when recorded)
     vote_loss: Any = None  # summed 'done'-vote loss over rounds (when asked for)
+    push_spread: Any = None  # [B] the experts' answers' push-weighted variance (membrane.push_spread; when asked for)
 
 
 def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState, interface: Interface, slot_val,
-               rounds: int | None = None, record: bool = False, vote_loss=None):
+               rounds: int | None = None, record: bool = False, vote_loss=None, spread: bool = False):
     """One inner step of the agent. Returns (new state, outputs [B, d], StepInfo).
 
     ``interface`` is the membrane's view of the episodes (addresses, who reads which slot);
     ``slot_val`` [B, J] the input slot values. ``vote_loss`` (a number, e.g. 0.0) asks for the
-    votes' training loss in ``StepInfo``."""
+    votes' training loss in ``StepInfo``; ``spread`` its ``push_spread``."""
     spec = policy.spec
     B, N, H = state.h.shape
     acfg = cfg.agreement if rounds is None else type(cfg.agreement)(**{**cfg.agreement.__dict__, "rounds": rounds})
@@ -332,8 +333,11 @@ def agent_step(ops, policy, cfg: AgentConfig, wiring: Wiring, state: AgentState,
             break
 
     can_push = None if wiring.can_push.all() else ops.asbool(wiring.can_push[None, :])
-    out, w_push = membrane.push(ops, heads["push_key"], heads["push_value"], ops.asarray(interface.out_addr), can_push)
+    out_addr = ops.asarray(interface.out_addr)
+    out, w_push = membrane.push(ops, heads["push_key"], heads["push_value"], out_addr, can_push)
     info = StepInfo(used, experts=N, vote_loss=vote_loss)
+    if spread:
+        info.push_spread = membrane.push_spread(ops, w_push, heads["push_value"], out_addr, out)
     if record:
         info.route_weights, info.push_weights, info.messages_sent = w_route, w_push, heads["value"]
     return AgentState(h, hd, heads), out, info

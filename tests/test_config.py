@@ -32,6 +32,7 @@ def test_toml_and_overrides(tmp_path):
         ("train.grow_most=0", "train.grow_most"),
         ("train.log_floor=-1e-6", "train.log_floor"),
         ("train.log_floor=inf", "train.log_floor"),
+        ("train.spread_weight=-1", "train.spread_weight"),
     ],
 )
 def test_bad_settings_are_refused_clearly(override, message):

@@ -404,3 +404,36 @@ def test_average_checkpoints_means_the_weights_and_refuses_other_policies(tiny_r
     torch.save(wide, tmp_path / "wide.pt")
     with pytest.raises(ConfigError, match="not the same policy"):
         avg["average"]([str(run / "checkpoint.pt"), str(tmp_path / "wide.pt")])
+
+
+def test_push_spread_is_the_push_weighted_variance_of_the_experts_answers():
+    """membrane.push_spread: zero when every expert gives the same answer, else sum_i w_i (answer_i - output)^2
+    averaged over the outputs; training with train.spread_weight adds it to each step's error."""
+    from badger_runtime import membrane
+    from badger_runtime.engine import numpy_ops
+
+    ops = numpy_ops()
+    rng = np.random.default_rng(0)
+    B, N, d, A = 2, 4, 3, 5
+    key, val, addr = (rng.normal(size=s).astype(np.float32) for s in ((B, N, A), (B, N, 1 + A), (B, d, A)))
+    out, w = membrane.push(ops, key, val, addr)
+    ans = val[..., :1].transpose(0, 2, 1) + addr @ val[..., 1:].transpose(0, 2, 1)  # [B, d, N]
+    want = (w * (ans - out[..., None]) ** 2).sum(-1).mean(-1)
+    np.testing.assert_allclose(membrane.push_spread(ops, w, val, addr, out), want, rtol=1e-5)
+    same = np.repeat(val[:, :1], N, axis=1)  # every expert pushes expert 0's value
+    out2, w2 = membrane.push(ops, key, same, addr)
+    np.testing.assert_allclose(membrane.push_spread(ops, w2, same, addr, out2), 0.0, atol=1e-10)
+
+
+def test_spread_weight_adds_the_spread_to_each_steps_error(tmp_path):
+    """With the last step's weight only and no log, a batch's loss is its last-step error plus spread_weight
+    times the (positive) spread: above the error, by more with a larger weight."""
+    gaps = []
+    for weight in (0.0, 1.0, 4.0):
+        cfg = tiny_experiment()
+        cfg.train.batches, cfg.train.objective, cfg.train.spread_weight, cfg.train.lr = 1, "last", weight, 1e-9
+        cfg.train.log_every = cfg.train.ckpt_every = 1
+        train(cfg.validate(), tmp_path / str(weight), progress=False, final_eval=False, log=lambda *a: None)
+        row = json.loads((tmp_path / str(weight) / "metrics.jsonl").read_text().splitlines()[0])
+        gaps.append(row["loss"] - row["final_loss"])
+    assert abs(gaps[0]) < 1e-6 and 0 < gaps[1] and gaps[2] == pytest.approx(4 * gaps[1], rel=1e-4)

@@ -83,14 +83,16 @@ def _episode_loss(cfg: ExperimentConfig, ops, agent: Agent, ep, steps: int, roun
     bounds = sorted(cuts | ({grow[0]} if grow else set()) | {steps})
     per_step, total, loss, t0, guard = [], 0.0, 0.0, 0, 0.0
     with_votes = bool(cfg.train.vote_weight)
+    spread = cfg.train.spread_weight
     for t1 in bounds:
         if grow and t0 == grow[0]:  # add experts to the running agents (no retraining in deployment)
             n, sources = grow[1], grow[2]
             agent.add_experts(n, init="fresh" if sources is None else "clone", sources=sources)
         traj = drive(agent, Driver(ops, ep, t1 - t0, t0=start + t0, prev_output=prev, rounds=rounds,
-                                   with_vote_loss=with_votes, with_metrics=False))
+                                   with_vote_loss=with_votes, with_metrics=False, record=spread))
         errs = traj.losses.mean(dim=1)
-        loss = loss + (weights[t0:t1] * episodes.objective_terms(errs, cfg.train.log_floor)).sum()
+        scored = errs + spread * torch.stack([i.push_spread for i in traj.infos]).mean(dim=1) if spread else errs
+        loss = loss + (weights[t0:t1] * episodes.objective_terms(scored, cfg.train.log_floor)).sum()
         if with_votes:
             loss = loss + cfg.train.vote_weight * traj.vote_loss * (t1 - t0) / steps
         if reference is not None:
@@ -347,6 +349,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                 wiring = sample_wiring(rng, cfg.agent, cfg.train.batch_size, n)
                 agent = Agent(policy, cfg.agent, ops=ops, check_inputs=False).start(ep.interface, wiring, rng=rng)
                 agent.vote_loss = bool(cfg.train.vote_weight)
+                agent.push_spread = bool(cfg.train.spread_weight)
                 prev, ep_start = None, 0
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, b)
