@@ -191,9 +191,9 @@ class ESConfig:
     parameter vector on the same seeded episodes (``episodes`` each, default ``train.batch_size``),
     in the torch-free deploy engine; centered ranks of their losses give the ES gradient, and Adam
     (``lr``) steps on it. ``train.batches`` counts generations; ``train.seed``, ``objective``,
-    ``horizon``, ``rounds``, ``stages``, ``grow_prob``, ``grow_init``, ``grow_most``, ``init_from`` and the logging
-    settings mean what they mean for BPTT; ``tbptt``, ``continue_prob``, ``clip``, ``vote_weight``, ``spread_weight`` and ``lr`` are
-    BPTT's only (ES scores whole episodes as deployed)."""
+    ``horizon``, ``rounds``, ``stages``, ``grow_prob``, ``grow_init``, ``grow_most``, ``log_floor``, ``init_from`` and
+    the logging settings mean what they mean for BPTT; ``tbptt``, ``continue_prob``, ``clip``, ``vote_weight``,
+    ``spread_weight`` and ``lr`` are BPTT's only (ES scores whole episodes as deployed)."""
 
     population: int = 32  # perturbed candidates per generation (antithetic pairs: even)
     sigma: float = 0.02  # std of each parameter's perturbation
