@@ -4,7 +4,7 @@
 # error with the experts' disagreement added (train.spread_weight): fresh experts and clones both harmless.
 #
 #   bash demos/quorum_grown.sh runs/qg4     # ~30 min on one core; reproduces the session's runs bit for bit
-#   -> runs/qg4_f9 (Fig. 9 with experts joining), runs/qg4_q1 .. runs/qg4_q5 (export q5)
+#   -> runs/qg4_f9 (Fig. 9 with experts joining), runs/qg4_q1 .. runs/qg4_q6 (guessing-quorum-v4 is q5, v5 is q6)
 #
 # Every stage: fresh or cloned experts (even odds; train.grow_init = "mixed") join at a random inner step in a share
 # of the batches, except q4 (fresh only); the vote's target at eps 0.05 as guessing-quorum-v2/v3. q1-q4 weigh
@@ -13,6 +13,7 @@
 # guessing-quorum-v3, but each trades one kind of newcomer's harm for the other's (q3: fresh 1.35x; q4: clones 3x
 # over 12 clone draws). q5 scores each step's error plus the push-weighted variance of the experts' own answers
 # (membrane.push_spread): experts that agree make the output indifferent to which of them is copied or joins.
+# q6 (guessing-quorum-v5): q5 a little further on the log of the error with the same term: 9x lower final error.
 set -euo pipefail
 out=$1
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -34,3 +35,5 @@ stage q4 q3 --set train.batches=3000 --set train.lr=5e-5 --set 'train.lr_decay=[
     --set train.grow_prob=0.75 --set train.grow_init=fresh --set train.seed=15
 stage q5 q4 --set train.log_floor=0 --set train.spread_weight=1 --set train.batches=3000 --set train.lr=5e-5 \
     --set 'train.lr_decay=[[2000, 2.5e-5]]' --set train.grow_prob=0.75 --set train.grow_init=mixed --set train.seed=43
+stage q6 q5 --set train.spread_weight=1 --set train.batches=1500 --set train.lr=2.5e-5 --set train.grow_prob=0.75 \
+    --set train.grow_init=mixed --set train.seed=60
