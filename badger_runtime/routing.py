@@ -218,6 +218,12 @@ def _rows(a: np.ndarray, itemsize: int):
     return a.strides[0] // itemsize, a.strides[1] // itemsize
 
 
+def kernel_routes(cfg: RoutingConfig) -> bool:
+    """Whether the compiled kernel computes this routing over listed senders: attention (not the
+    homogeneous average) and no evaluation ablation."""
+    return cfg.kind != "homogeneous" and cfg.ablation == "none"
+
+
 def route_listed_compiled(cfg: RoutingConfig, query, key, value, idx, out: np.ndarray) -> bool:
     """``route``'s inbox over listed senders (a ``Neighbors`` topology), computed by the compiled
     kernel into ``out`` [B, M, Dm]; True when it ran. False (nothing written) where it does not
@@ -228,7 +234,7 @@ def route_listed_compiled(cfg: RoutingConfig, query, key, value, idx, out: np.nd
     sums run in another order, so a near-tie at the k-th score may keep another sender. Listed
     senders outside [0, N) raise IndexError and leave ``out`` partly written."""
     lib = route_kernel()
-    if lib is None or cfg.kind == "homogeneous" or cfg.ablation != "none":
+    if lib is None or not kernel_routes(cfg):
         return False
     B, M, C = idx.shape
     N, Dk, Dm = key.shape[1], key.shape[2], value.shape[2]

@@ -21,10 +21,6 @@ from badger_runtime.rollout import agent_step
 from badger_runtime.training.model import ExpertPolicy
 
 
-def batches(cfg, task, n, seed=0):
-    return reference_batches(cfg, task, np.random.default_rng(seed), n)
-
-
 def one_batch(ops, policy, opt, cfg, ep, w):
     c0 = time.thread_time()
     out = training_step(ops, policy, opt, cfg, ep, w, 20)
@@ -39,7 +35,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=3)
     args = p.parse_args(argv)
     cfg, task, ops = reference_setup(seed=0, threads=1)
-    data = batches(cfg, task, args.batches + 1)
+    data = reference_batches(cfg, task, np.random.default_rng(0), args.batches + 1)
     eager = ExpertPolicy(cfg.policy)
     comp = ExpertPolicy(cfg.policy)
     comp.load_state_dict(eager.state_dict())

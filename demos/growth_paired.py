@@ -11,8 +11,8 @@ difference with its standard error over the same episodes, for fresh experts and
     python demos/growth_paired.py --policy dimensions-v5 --episodes 500 --seeds 0,12345 --add 15  # +15 to 5
     python demos/growth_paired.py --policy guessing-quorum-v3 --episodes 64 --seeds 1000-1011  # 12 clone draws
 
-With more than one seed it ends with a summary over the seeds: the geometric mean and the range of each
-kind's ratio, and at how many seeds the cards' rule says it hurts. Each seed is one draw of the clone sources
+With more than one seed it ends with a summary over the seeds: the unchanged agent's mean error, the
+geometric mean and the range of each kind's ratio, and at how many seeds the cards' rule says it hurts. Each seed is one draw of the clone sources
 per batch of episodes (``episodes.CHUNK``): with 3 experts that draw decides whether the expert that hears
 the error is copied, so one seed's clone verdict is one draw, and only many seeds show what clones do.
 
@@ -42,9 +42,11 @@ def main(argv=None):
         raise SystemExit(f"{pol.name}: its task ({pol.task.name}) is not measured by an error")
     ratios = {"fresh": [], "clone": []}
     hurt = {"fresh": 0, "clone": 0}
+    unchanged = []
     seeds = parse_seeds(args.seeds)
     for seed in seeds:
         base = final_errors(pol, s, episodes=args.episodes, seed=seed)
+        unchanged.append(base.mean())
         n = base.size
         add = s.experts if args.add is None else args.add
         print(f"{args.policy}, seed {seed}, {n} episodes, d = {s.dims}, N = {s.experts} + {add} at step {s.at} "
@@ -52,14 +54,13 @@ def main(argv=None):
               f"{np.median(base):.2g}, 99th percentile {np.quantile(base, 0.99):.2g}, worst {base.max():.2g})")
         for init in ("fresh", "clone"):
             g = final_errors(pol, s, episodes=args.episodes, seed=seed, init=init, add=args.add)
-            d = g - base
-            ratios[init].append(g.mean() / max(base.mean(), 1e-12))
-            hurt[init] += worse(base, g.mean())
-            print(f"  {init:5s} {g.mean():.4g} ({g.mean() / max(base.mean(), 1e-12):.3f}x; card rule: "
-                  f"{'hurts' if worse(base, g.mean()) else 'ok'}), "
+            d, ratio, bad = g - base, g.mean() / max(base.mean(), 1e-12), worse(base, g.mean())
+            ratios[init].append(ratio)
+            hurt[init] += bad
+            print(f"  {init:5s} {g.mean():.4g} ({ratio:.3f}x; card rule: {'hurts' if bad else 'ok'}), "
                   f"paired difference {d.mean():+.4g} +- {d.std(ddof=1) / np.sqrt(n):.2g}")
     if len(seeds) > 1:
-        print(f"over {len(seeds)} seeds: " + "; ".join(
+        print(f"over {len(seeds)} seeds: unchanged {np.mean(unchanged):.3g} (mean); " + "; ".join(
             f"{init} {np.exp(np.mean(np.log(r))):.2f}x (geometric mean; {min(r):.2f}-{max(r):.2f}x), "
             f"hurts at {hurt[init]} of {len(seeds)}" for init, r in ratios.items()))
 

@@ -28,9 +28,8 @@ def routes_compiled(cfg: AgentConfig, topo, n: int, force: bool | None = None) -
     """Whether a shard of ``n`` experts routes with the compiled kernel: only attention over listed senders
     (a ``Neighbors`` topology, no ablation) and where the kernel is built; then ``force``, or by default
     when ``n >= ROUTE_KERNEL_MIN_EXPERTS``."""
-    r = cfg.routing
     wanted = n >= ROUTE_KERNEL_MIN_EXPERTS if force is None else bool(force)
-    if not wanted or not isinstance(topo, routing.Neighbors) or r.kind == "homogeneous" or r.ablation != "none":
+    if not wanted or not isinstance(topo, routing.Neighbors) or not routing.kernel_routes(cfg.routing):
         return False
     return routing.route_kernel() is not None  # (built at the first shard that wants it)
 

@@ -7,8 +7,8 @@ step's small attentions was tried and was slower than torch's batched matmuls: d
 
 Built with the system's C compiler at first use and cached (``badger_runtime/native.py``). Where no
 compiler is found (or the build fails, or ``BADGER_KERNELS=0``) training runs the same functions with
-torch ops, slower. Only
-float32 tensors on the CPU take the kernels; the torch-free runtime never imports this module.
+torch ops, slower. Only float32 tensors on the CPU take the kernels; the torch-free runtime never imports
+this module.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def _episode_loss(cfg: ExperimentConfig, ops, agent: Agent, ep, steps: int, roun
             n, sources = grow[1], grow[2]
             agent.add_experts(n, init="fresh" if sources is None else "clone", sources=sources)
         traj = drive(agent, Driver(ops, ep, t1 - t0, t0=start + t0, prev_output=prev, rounds=rounds,
-                                   with_vote_loss=with_votes, with_metrics=False, record=spread))
+                                   with_vote_loss=with_votes, with_metrics=False, record=bool(spread)))
         errs = traj.losses.mean(dim=1)
         scored = errs + spread * torch.stack([i.push_spread for i in traj.infos]).mean(dim=1) if spread else errs
         loss = loss + (weights[t0:t1] * episodes.objective_terms(scored, cfg.train.log_floor)).sum()
