@@ -18,6 +18,7 @@ import pytest
 from badger_runtime import tasks
 from badger_runtime.config import ConfigError, ExperimentConfig, TaskConfig, from_dict, to_dict
 from badger_runtime.engine import numpy_ops
+from badger_runtime.tasks.guessing import GuessingConfig
 from badger_runtime.episodes import Driver, sample_batches, schedule
 from badger_runtime.evaluation import evaluate, run_episodes
 from badger_runtime.membrane import KIND_FEEDBACK, KIND_OBSERVATION, Interface, Visibility
@@ -208,3 +209,10 @@ def test_guessing_task_keeps_its_numbers(pol):
     targets = rng.uniform(-1.0, 1.0, size=(2, 3)).astype(np.float32)
     assert np.array_equal(ep.targets, targets)
     assert ep.interface.parts == (("observation", 3), ("feedback", 1))
+
+
+@pytest.mark.parametrize("experts, n", [((3, 3), 3), ((5, 40), 20), ((3, 6), 6), ((30, 40), 30)])
+def test_default_experts_stay_in_the_trained_range(experts, n):
+    """Without --experts an agent gets Fig. 7's N = 20 only where the trained range holds it: a policy
+    trained on N in [3, 6] would otherwise run out of its range by default."""
+    assert tasks.make_task(GuessingConfig(experts=experts)).default_experts() == n

@@ -194,8 +194,10 @@ class Task:
         return self.cfg.dims[1]
 
     def default_experts(self) -> int:
+        """The number of experts when none is asked: Fig. 7's N = 20 where the trained range holds it,
+        else the range's nearest end (a policy trained on N in [3, 6] runs with 6, not 20)."""
         lo, hi = self.cfg.experts
-        return lo if lo == hi else 20
+        return min(max(20, lo), hi)
 
     def experts_for(self, dims: int) -> int:
         """The default number of experts at ``dims`` outputs (``badger eval`` and long runs without
