@@ -250,9 +250,11 @@ class Agent:
     def add_experts(self, n: int, init: str | None = None, source: int | None = None,
                     sources: np.ndarray | None = None, *, allow_harmful: bool = False) -> list[int]:
         """Add n experts; returns their indices. ``clone`` copies expert ``source`` (default: a
-        random living expert per new one; ``sources`` [n] names one per new expert), ``fresh``
-        draws a new initial state (refused where the card says it hurts, see ``check_growth``);
-        None: the kind the card does not refuse (``default_init``, checked by ``growth_init``)."""
+        living expert per new one, drawn in each episode on its own, ``rollout.clone_sources``;
+        ``sources`` [n] names one per new expert for every episode, [B, n] one per episode),
+        ``fresh`` draws a new initial state (refused where the card says it hurts, see
+        ``check_growth``); None: the kind the card does not refuse (``default_init``, checked by
+        ``growth_init``)."""
         if n < 1:
             raise InputError("add at least one expert")
         init = growth_init(self.policy, init, sources if source is None else source, allow_harmful)
@@ -262,7 +264,14 @@ class Agent:
                 raise InputError(f"no expert {source} to clone (the agent has {N})")
             if sources is None:
                 sources = (np.full(n, source) if source is not None
-                           else clone_sources(self._rng, self.interface, N, n, self.wiring.seats))
+                           else clone_sources(self._rng, self.interface, N, n, self.wiring.seats, batch=self.batch))
+            else:
+                sources = np.asarray(sources)
+                if sources.shape not in ((n,), (self.batch, n)) or sources.dtype.kind not in "iu":
+                    raise InputError(f"sources must be {n} or [{self.batch}, {n}] expert indices, got "
+                                     f"{sources.dtype} {list(sources.shape)}")
+                if sources.size and not (0 <= sources.min() and sources.max() < N):
+                    raise InputError(f"sources must be expert indices in [0, {N})")
         else:
             sources = None
         self.wiring, self.state = grow(self.ops, self.policy, self.cfg, self._rng, self.wiring, self.state, n, sources)

@@ -137,14 +137,23 @@ def clone_candidates(interface, N: int, n: int, seats: np.ndarray | None = None)
     return [np.asarray(by_row.get(packed[N + i].tobytes(), ()), np.int64) for i in range(n)]
 
 
-def clone_sources(rng: np.random.Generator, interface, N: int, n: int, seats: np.ndarray | None = None) -> np.ndarray:
+def clone_sources(rng: np.random.Generator, interface, N: int, n: int, seats: np.ndarray | None = None,
+                  batch: int | None = None) -> np.ndarray:
     """Whom n new experts clone in an agent of N at ``seats`` (every runtime's rule): with a
     partitioned membrane, for each an expert drawn among those that read the same slots
-    (``clone_candidates``; among all N when none does); otherwise ``rng.integers(0, N, size=n)``."""
+    (``clone_candidates``; among all N when none does); otherwise ``rng.integers(0, N, size=n)``.
+
+    ``batch`` B: [B, n], each episode's own draws (a batch of B episodes is B agents, each of which
+    copies whom it draws: what a served agent or an actor runtime's episode does). None: [n], one
+    draw for every episode (training's batches, whose recipes drew so)."""
+    shape = n if batch is None else (batch, n)
     cands = clone_candidates(interface, N, n, seats)
     if cands is None:
-        return rng.integers(0, N, size=n)
-    return np.array([int(rng.choice(c)) if c.size else int(rng.integers(0, N)) for c in cands], np.int64)
+        return rng.integers(0, N, size=shape)
+    if batch is None:
+        return np.array([int(rng.choice(c)) if c.size else int(rng.integers(0, N)) for c in cands], np.int64)
+    return np.stack([rng.choice(c, size=batch) if c.size else rng.integers(0, N, size=batch) for c in cands],
+                    axis=1).astype(np.int64)
 
 
 def rebalance_plan(interface, seats: np.ndarray | None, n: int) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
@@ -225,16 +234,18 @@ def grow(ops, policy, cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring
          sources: np.ndarray | None = None) -> tuple[Wiring, AgentState]:
     """Add n experts to running agents (the paper's growing, without retraining).
 
-    ``sources`` [n] clones those experts (their state, messages and initial noise);
-    None adds fresh experts (the policy's initial state, zero messages). New experts get
-    new identity features and the lowest free seats; the topology is redrawn for the new size.
+    ``sources`` [n] clones those experts in every episode, [B, n] each episode's own (their state,
+    messages and initial noise); None adds fresh experts (the policy's initial state, zero messages).
+    New experts get new identity features and the lowest free seats; the topology is redrawn for
+    the new size.
     """
     B, N = wiring.noise.shape[:2]
     spec = policy.spec
     ids = None if wiring.ids is None else rng.standard_normal((B, n, spec.id_dim)).astype(np.float32)
     if sources is not None:
-        noise = wiring.noise[:, sources]
-        h_new, heads_new = state.h[:, sources], state.heads[:, sources]
+        sources = np.asarray(sources, np.int64)
+        at = (slice(None), sources) if sources.ndim == 1 else (np.arange(B)[:, None], sources)  # [B, n]: per episode
+        noise, h_new, heads_new = wiring.noise[at], state.h[at], state.heads[at]
     else:
         noise = rng.standard_normal((B, n, spec.hidden)).astype(np.float32)
         fresh = fresh_state(ops, policy, noise)

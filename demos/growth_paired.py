@@ -12,9 +12,10 @@ difference with its standard error over the same episodes, for fresh experts and
     python demos/growth_paired.py --policy guessing-quorum-v3 --episodes 64 --seeds 1000-1011  # 12 clone draws
 
 With more than one seed it ends with a summary over the seeds: the unchanged agent's mean error, the
-geometric mean and the range of each kind's ratio, and at how many seeds the cards' rule says it hurts. Each seed is one draw of the clone sources
-per batch of episodes (``episodes.CHUNK``): with 3 experts that draw decides whether the expert that hears
-the error is copied, so one seed's clone verdict is one draw, and only many seeds show what clones do.
+geometric mean and the range of each kind's ratio, and at how many seeds the cards' rule says it hurts. Each
+episode draws whom its clones copy (``rollout.clone_sources``; until session 40 one draw served a batch of 250
+episodes, so one seed's clone verdict was one draw: with 3 experts, whether the expert that hears the error was
+copied); the seeds now add episodes and draws alike.
 
 The unpaired means are those of the card's `badger eval` commands (the same episodes, the same code).
 """

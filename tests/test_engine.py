@@ -221,6 +221,35 @@ def test_growing_and_shrinking_keep_the_agent_running(tiny_policy):
     assert a.n_experts == 6
 
 
+def test_each_episode_of_a_batch_draws_whom_its_clones_copy(tiny_policy):
+    """A batch of B episodes is B agents: clones added without a source copy, in each episode, an expert
+    that episode drew (not one index for the whole batch), so a measurement over the batch averages over
+    draws; ``sources`` [n] names the same experts in every episode, [B, n] each episode's own."""
+    pol = load_policy(tiny_policy)
+    a = Agent(pol).reset(batch=64, experts=3, dims=2, seed=0)
+    obs = np.zeros((64, a.slots), np.float32)
+    a.step(obs)
+    h = a.state.h.copy()
+    a.add_experts(2, init="clone")
+    # which incumbent each newcomer copies, episode by episode (the states of one episode's experts differ)
+    copied = np.array([[int(np.flatnonzero((h[b] == a.state.h[b, 3 + i]).all(axis=1))[0]) for i in range(2)]
+                       for b in range(64)])
+    assert set(np.unique(copied)) == {0, 1, 2}  # all three sources are drawn somewhere in the batch
+    assert len({tuple(r) for r in copied}) > 1  # and episodes differ in whom they copy
+    b = Agent(pol).reset(batch=64, experts=3, dims=2, seed=0)
+    b.step(obs)
+    named = np.tile([2, 0], (64, 1))
+    named[::2] = [1, 1]
+    b.add_experts(2, init="clone", sources=named)
+    assert np.array_equal(b.state.h[np.arange(64)[:, None], [3, 4]], h[np.arange(64)[:, None], named])
+    b.add_experts(1, init="clone", sources=np.array([4]))
+    assert np.array_equal(b.state.h[:, 5], b.state.h[:, 4])
+    for bad in (np.zeros((2, 1), np.int64), np.array([6]), np.array([0.5])):
+        with pytest.raises(InputError, match="sources"):
+            b.add_experts(1, init="clone", sources=bad)
+    assert b.n_experts == 6
+
+
 def test_every_shipped_policy_runs_an_episode_without_torch(tmp_path):
     """A base install (no torch) loads each shipped policy and runs episodes of its own task with it
     (the stationary evaluation setting): better than chance (guessing) or uniform random (bandit)."""

@@ -157,7 +157,7 @@ class ShardedMembrane:
             if source is not None and not 0 <= source < N:
                 raise InputError(f"no expert {source} to clone (the agent has {N})")
             sources = np.full(n, source) if source is not None else clone_sources(self._rng, self.interface, N, n,
-                                                                                          self.wiring.seats)
+                                                                                          self.wiring.seats, self.B)
         wiring, st = grow(OPS, self.policy, self.cfg, self._rng, self.wiring, self.state(), n, sources)
         self._resize(wiring, st)
         return list(range(N, N + n))
