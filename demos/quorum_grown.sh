@@ -3,8 +3,9 @@
 # with experts joining from its first batch, four stages on the log of the error (train.log_floor), then one on the
 # error with the experts' disagreement added (train.spread_weight): fresh experts and clones both harmless.
 #
-#   bash demos/quorum_grown.sh runs/qg4     # ~30 min on one core; reproduces the session's runs bit for bit
-#   -> runs/qg4_f9 (Fig. 9 with experts joining), runs/qg4_q1 .. runs/qg4_q6 (guessing-quorum-v4 is q5, v5 is q6)
+#   bash demos/quorum_grown.sh runs/qg4     # ~50 min on one core; reproduces the sessions' runs bit for bit
+#   -> runs/qg4_f9 (Fig. 9 with experts joining), runs/qg4_q1 .. runs/qg4_q11 (guessing-quorum-v4 is q5, v5 is q6,
+#      v6 is q11)
 #
 # Every stage: fresh or cloned experts (even odds; train.grow_init = "mixed") join at a random inner step in a share
 # of the batches, except q4 (fresh only); the vote's target at eps 0.05 as guessing-quorum-v2/v3. q1-q4 weigh
@@ -14,6 +15,8 @@
 # over 12 clone draws). q5 scores each step's error plus the push-weighted variance of the experts' own answers
 # (membrane.push_spread): experts that agree make the output indifferent to which of them is copied or joins.
 # q6 (guessing-quorum-v5): q5 a little further on the log of the error with the same term: 9x lower final error.
+# q7-q11 (session 40; q11 is guessing-quorum-v6): q6 with agents of 3 to 6 experts from the start (task.experts;
+# v5 had only ever started with 3, and an agent of 6 was 15x worse than one of 3), 18,500 batches at falling rates.
 set -euo pipefail
 out=$1
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -37,3 +40,14 @@ stage q5 q4 --set train.log_floor=0 --set train.spread_weight=1 --set train.batc
     --set 'train.lr_decay=[[2000, 2.5e-5]]' --set train.grow_prob=0.75 --set train.grow_init=mixed --set train.seed=43
 stage q6 q5 --set train.spread_weight=1 --set train.batches=1500 --set train.lr=2.5e-5 --set train.grow_prob=0.75 \
     --set train.grow_init=mixed --set train.seed=60
+grown() {  # the session-40 stages: agents of 3 to 6 experts, the log of the error with the disagreement term
+    local name=$1 from=$2
+    shift 2
+    stage "$name" "$from" --set 'task.experts=[3,6]' --set train.spread_weight=1 --set train.grow_prob=0.75 \
+        --set train.grow_init=mixed "$@"
+}
+grown q7 q6 --set train.batches=1500 --set train.lr=2.5e-5 --set train.seed=70
+grown q8 q7 --set train.batches=3000 --set train.lr=2.5e-5 --set 'train.lr_decay=[[2000, 1.25e-5]]' --set train.seed=71
+grown q9 q8 --set train.batches=4000 --set train.lr=1.5e-5 --set 'train.lr_decay=[[3000, 7.5e-6]]' --set train.seed=72
+grown q10 q9 --set train.batches=4000 --set train.lr=1e-5 --set 'train.lr_decay=[[3000, 5e-6]]' --set train.seed=73
+grown q11 q10 --set train.batches=6000 --set train.lr=1e-5 --set 'train.lr_decay=[[4000, 5e-6]]' --set train.seed=74

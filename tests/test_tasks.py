@@ -216,3 +216,11 @@ def test_default_experts_stay_in_the_trained_range(experts, n):
     """Without --experts an agent gets Fig. 7's N = 20 only where the trained range holds it: a policy
     trained on N in [3, 6] would otherwise run out of its range by default."""
     assert tasks.make_task(GuessingConfig(experts=experts)).default_experts() == n
+
+
+def test_a_guessing_card_is_evaluated_at_the_default_and_the_smallest_trained_n():
+    """A policy trained on N in [3, 6] gets card rows at N = 3 and 6 (the default), each trained d once."""
+    t = tasks.make_task(GuessingConfig(experts=(3, 6), dims=(3, 3), steps=20))
+    assert t.card_evaluations() == [(3, 3, 20), (3, 6, 20)]
+    t = tasks.make_task(GuessingConfig(experts=(3, 3), dims=(1, 6), steps=20))
+    assert t.card_evaluations() == [(1, 3, 20), (6, 3, 20)]

@@ -211,9 +211,11 @@ class GuessingTask(Task):
         return dataclasses.replace(cfg, jump_every=(0, 0))
 
     def card_evaluations(self) -> list[tuple[int, int, int]]:
-        """The smallest and largest trained d (20 steps for a policy trained with target jumps)."""
+        """The smallest and largest trained d, each with the default N and the smallest trained N where they
+        differ (20 steps for a policy trained with target jumps)."""
         steps = 20 if self.cfg.jump_every[1] else self.cfg.steps
-        return [(d, self.default_experts(), steps) for d in sorted({self.cfg.dims[0], self.cfg.dims[1]})]
+        ns = sorted({self.cfg.experts[0], self.default_experts()})
+        return [(d, n, steps) for d in sorted({self.cfg.dims[0], self.cfg.dims[1]}) for n in ns]
 
     def sample(self, rng: np.random.Generator, batch: int, *, dims: int, experts: int, steps: int,
                addr_dim: int) -> Episode:
