@@ -176,8 +176,9 @@ def main(argv=None) -> int:
         other = []
         for name, sp, et, dd, nn, steps, mid in shipped_settings(other):
             g = measure_growth(sp, episodes=E * 4, seed=S)  # what `badger export` writes into a card's growth
-            w(f"| {name} | {dd} | {nn} | {g['unchanged']:.4f} | {g['fresh_final']:.4f} | {g['ratio']:.2f} | "
-              f"{g['clone_final']:.4f} | {g['clone_ratio']:.2f} | {g['sem']:.4f} | `{g['command']}` |")
+            e = lambda x: f"{x:.4f}" if x >= 1e-3 else f"{x:.2g}"  # noqa: E731 (small errors: two digits)
+            w(f"| {name} | {dd} | {nn} | {e(g['unchanged'])} | {e(g['fresh_final'])} | {g['ratio']:.2f} | "
+              f"{e(g['clone_final'])} | {g['clone_ratio']:.2f} | {e(g['sem'])} | `{g['command']}` |")
         if other:
             w(f"\n(Not in this table, measured by their own task's metric: {', '.join(other)}; see README.)")
         w("")
