@@ -193,7 +193,8 @@ class ESConfig:
     (``lr``) steps on it. ``train.batches`` counts generations; ``train.seed``, ``objective``,
     ``horizon``, ``rounds``, ``stages``, ``grow_prob``, ``grow_init``, ``grow_most``, ``log_floor``, ``init_from`` and
     the logging settings mean what they mean for BPTT; ``tbptt``, ``continue_prob``, ``clip``, ``vote_weight``,
-    ``spread_weight`` and ``lr`` are BPTT's only (ES scores whole episodes as deployed)."""
+    ``spread_weight`` and ``lr`` are BPTT's only (ES scores whole episodes as deployed; a run says which of the
+    first it leaves out)."""
 
     population: int = 32  # perturbed candidates per generation (antithetic pairs: even)
     sigma: float = 0.02  # std of each parameter's perturbation

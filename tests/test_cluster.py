@@ -102,6 +102,21 @@ def test_es_scores_the_log_objective_with_log_floor():
     np.testing.assert_allclose(plain[:, 0], scores[:, 1], rtol=1e-6)
 
 
+def test_es_says_which_bptt_terms_it_leaves_out(tmp_path):
+    """``train.vote_weight`` and ``train.spread_weight`` are BPTT's terms: an ES run with them set says once that
+    it leaves them out (a quorum config sets vote_weight, so it is not refused); without them it says nothing."""
+    said = []
+    cfg = es_experiment(generations=1)
+    cfg.train.vote_weight, cfg.train.spread_weight = 0.1, 1.0
+    train_es(cfg, tmp_path / "a", final_eval=False, progress=False, log=said.append)
+    assert [m for m in said if "left out" in m] == [
+        "ES scores whole episodes by the task's loss: train.vote_weight = 0.1, train.spread_weight = 1.0 (BPTT's only) "
+        "left out"]
+    said.clear()
+    train_es(es_experiment(generations=1), tmp_path / "b", final_eval=False, progress=False, log=said.append)
+    assert not [m for m in said if "left out" in m]
+
+
 def test_es_maths():
     r = centered_ranks(np.array([3.0, -1.0, np.nan, 10.0]))
     assert r.tolist() == [pytest.approx(1 / 6), pytest.approx(-1 / 6), -0.5, 0.5]

@@ -281,6 +281,9 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     tr, es, spec = cfg.train, cfg.train.es, cfg.agent.policy
     if tr.trainable:
         raise ConfigError(f"train.trainable {tr.trainable} is for --outer bptt: ES perturbs every weight")
+    ignored = [f"train.{k} = {getattr(tr, k)}" for k in ("vote_weight", "spread_weight") if getattr(tr, k)]
+    if ignored:  # BPTT's terms (a quorum config sets vote_weight): said once, not refused, the score is the episode's
+        log(f"ES scores whole episodes by the task's loss: {', '.join(ignored)} (BPTT's only) left out")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ck_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
