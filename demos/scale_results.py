@@ -174,9 +174,9 @@ def main(argv=None) -> int:
           "| command |")
         w("|---|---|---|---|---|---|---|---|---|---|")
         other = []
+        e = lambda x: f"{x:.4f}" if x >= 1e-3 else f"{x:.2g}"  # noqa: E731 (errors under 0.001: two digits)
         for name, sp, et, dd, nn, steps, mid in shipped_settings(other):
             g = measure_growth(sp, episodes=E * 4, seed=S)  # what `badger export` writes into a card's growth
-            e = lambda x: f"{x:.4f}" if x >= 1e-3 else f"{x:.2g}"  # noqa: E731 (small errors: two digits)
             w(f"| {name} | {dd} | {nn} | {e(g['unchanged'])} | {e(g['fresh_final'])} | {g['ratio']:.2f} | "
               f"{e(g['clone_final'])} | {g['clone_ratio']:.2f} | {e(g['sem'])} | `{g['command']}` |")
         if other:
