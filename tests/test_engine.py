@@ -159,6 +159,9 @@ def test_eval_cli_same_json_for_checkpoint_and_policy(tiny_run, tiny_policy, cap
         assert key in a
     assert a["optimizer"]["name"] == "adam"  # per-dim feedback: Adam baseline
     assert main(["eval", "--policy", str(tiny_policy), "--dims", "0"]) == 2
+    assert main(["eval", "--policy", str(tiny_policy), *flags, "--no-baselines"]) == 0  # the agent's numbers only
+    c = json.loads(capsys.readouterr().out)
+    assert c["mse_by_step"] == a["mse_by_step"] and not {"chance", "mean_solution", "optimizer"} & set(c)
 
 
 def test_random_routing_of_degree_zero_has_each_expert_hear_only_itself(tiny_policy):

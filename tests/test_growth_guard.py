@@ -276,6 +276,46 @@ def test_every_cards_growth_verdict_is_what_its_measurement_gives(name):
             assert abs(float(text) - value) <= 0.5 * 10.0 ** -places + 1e-12, (g[key + "why"], card[key + "why"])
 
 
+def _own_metric_shipped():
+    from badger_runtime.growth import ERROR_TASKS
+    from badger_runtime.policy_card import shipped_dir, shipped_policies
+
+    return [n for n in shipped_policies()
+            if json.loads((shipped_dir() / f"{n}.json").read_text())["config"]["task"]["name"] not in ERROR_TASKS]
+
+
+#: what a hand-written growth entry quotes ("<metric> X unchanged -> Y"), read off ``badger eval``'s report
+OWN_METRICS = {"regret at T = 1,000": lambda r: r["regret_at"]["1000"],
+               "accuracy over steps 31-40": lambda r: float(np.mean(r["accuracy_by_step"][30:40]))}
+
+
+@pytest.mark.parametrize("name", _own_metric_shipped())
+def test_a_hand_written_growth_entry_quotes_what_its_command_gives(name, capsys):
+    """The bandit and few-shot cards' growth entries are written by hand (their own metric, their own setting), each
+    beginning with the ``badger eval`` command of the grown agent and quoting "<metric> X unchanged -> Y": that
+    command, and the same without the newcomers, give X and Y today to the digits written (as
+    ``test_every_cards_growth_verdict_is_what_its_measurement_gives`` holds the error-measured cards)."""
+    import re
+    import shlex
+
+    from badger_runtime.cli import main
+    from badger_runtime.policy_card import shipped_dir
+
+    why = json.loads((shipped_dir() / f"{name}.json").read_text())["growth"]["why"]
+    args = shlex.split(why[:why.index(" --json") + len(" --json")])
+    assert args[0] == "badger" and "--add" in args, why
+    metric = next(m for m in OWN_METRICS if why.count(m) == 1)
+    quoted = re.search(re.escape(metric) + r" ([\d.,]+) unchanged -> ([\d.,]+)", why).groups()
+    unchanged = [a for i, a in enumerate(args) if a != "--allow-harmful-growth"
+                 and not (a in ("--add-at", "--add", "--init") or args[i - 1] in ("--add-at", "--add", "--init"))]
+    for text, argv in zip(quoted, (unchanged, args)):
+        assert main([*argv[1:], "--no-baselines"]) == 0  # the agent's numbers are the same with the baselines
+        value = OWN_METRICS[metric](json.loads(capsys.readouterr().out))
+        text = text.replace(",", "")
+        places = len(text.split(".")[1]) if "." in text else 0  # as written: to its last digit
+        assert abs(float(text) - value) <= 0.5 * 10.0 ** -places + 1e-9, (name, metric, text, value, argv)
+
+
 def test_export_measures_what_fresh_experts_do(tiny_run, tmp_path):
     """`badger export --eval-episodes` writes the card's growth from growth.measure_growth, and the
     command it names gives the fresh arm's number."""

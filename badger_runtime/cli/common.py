@@ -86,6 +86,9 @@ def add_eval_flags(p: argparse.ArgumentParser, runtime_default: str = "engine"):
                         "a local Ray instance, or the cluster RAY_ADDRESS names)")
     p.add_argument("--past-horizon", action="store_true",
                    help="step an episodic policy past its horizon (its card's lifetime); refused otherwise")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="the agent's numbers only: skip the task's baselines (a classifier's online logistic "
+                        "regression is most of a few-shot evaluation's time)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -49,7 +49,8 @@ def cmd_eval(args):
         pol = load_policy(args.policy)
         agent, task, dims, experts, changes = resolve_eval(args, pol.agent, pol.task)
         report = evaluate(numpy_ops(), pol, agent, task, dims=dims, experts=experts, episodes=args.episodes,
-                          seed=args.seed, changes=changes, runtime=args.runtime, **_runtime_kw(args))
+                          seed=args.seed, changes=changes, runtime=args.runtime, baselines=args.baselines,
+                          **_runtime_kw(args))
         report["policy"] = pol.name if str(args.policy) == pol.name else str(args.policy)
         if args.runtime == "actors":
             report["micro_batch"] = not getattr(args, "per_expert_calls", False)
@@ -65,7 +66,7 @@ def cmd_eval(args):
         agent, task, dims, experts, changes = resolve_eval(args, cfg.agent, cfg.task)
         with torch.no_grad():
             report = evaluate(torch_ops(), pol, agent, task, dims=dims, experts=experts, episodes=args.episodes,
-                              seed=args.seed, changes=changes)
+                              seed=args.seed, changes=changes, baselines=args.baselines)
         report["checkpoint"] = str(args.checkpoint)
     print_report(report, args.json)
 
