@@ -164,6 +164,34 @@ def test_eval_cli_same_json_for_checkpoint_and_policy(tiny_run, tiny_policy, cap
     assert c["mse_by_step"] == a["mse_by_step"] and not {"chance", "mean_solution", "optimizer"} & set(c)
 
 
+def test_numpy_softmax_in_place_is_the_composed_one_bit_for_bit():
+    """NumpyOps.softmax (in place, one new array) computes softmax_composed's numbers exactly: masks that
+    broadcast, all-masked rows (zero weights), NaN inside and outside the mask, either axis, float32 and float64
+    scores alike; the scores are left as they were."""
+    from badger_runtime import xp
+
+    class Composed(xp.NumpyOps):
+        softmax = None
+
+    rng = np.random.default_rng(0)
+    scores = (rng.standard_normal((3, 5, 2, 9)) * 4).astype(np.float32)
+    scores[0, 0, 0, 3] = np.nan  # a NaN the mask hides (below) and one it shows
+    scores[1, 2, 1, 0] = np.nan
+    masks = [None, rng.random((3, 5, 2, 9)) > 0.3, rng.random((3, 5, 1, 9)) > 0.5]
+    masks[2][0, 0, 0] = False  # every entry of a row masked: zero weights
+    masks[2][0, 0, 0, 3] = False
+    for dtype in (np.float32, np.float64):
+        s = scores.astype(dtype)
+        before = s.copy()
+        for mask in masks:
+            for axis in (-1, 1):
+                fast = xp.softmax(xp.NumpyOps(), s, mask, axis=axis)
+                slow = xp.softmax(Composed(), s, mask, axis=axis)
+                assert fast.dtype == slow.dtype and np.array_equal(fast, slow, equal_nan=True), (dtype, axis)
+        assert np.array_equal(s, before, equal_nan=True)
+    assert not xp.softmax(xp.NumpyOps(), scores, masks[2])[0, 0].any()
+
+
 def test_random_routing_of_degree_zero_has_each_expert_hear_only_itself(tiny_policy):
     """routing.degree = 0 (``badger eval --routing random --degree 0``): every inbox is the expert's
     own message, the ablation that keeps each expert's messages to itself."""
