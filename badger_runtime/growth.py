@@ -13,6 +13,7 @@ experts (clones) where the card says they hurt.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -138,3 +139,62 @@ CARD_KEYS = ("fresh", "why", "instead", "clone", "clone_why", "clone_instead")
 def card_growth(measured: dict) -> dict:
     """The card's ``growth`` entry from ``measure_growth``'s result."""
     return {k: measured[k] for k in CARD_KEYS if k in measured}
+
+
+#: measure_growth's wording of a verdict's numbers (``why`` / ``clone_why``), SEM optional (some cards drop it)
+_QUOTED = re.compile(r"final error (\S+) unchanged -> (\S+) \((\S+?)x(?:, SEM (\S+?))?\)")
+#: the other arm's mean where an ``instead`` text offers it ("add clones (init 'clone': 0.1688, ...")
+_OFFERED = re.compile(r"\(init '(fresh|clone)': (\S+?),")
+
+
+def card_setting(growth: dict) -> tuple[int, int]:
+    """The (episodes, seed) of a card's growth measurement, read off its ``why`` command."""
+    return tuple(int(re.search(rf"--{k} (\d+)", growth["why"]).group(1)) for k in ("episodes", "seed"))
+
+
+def agrees_as_written(text: str, value: float) -> bool:
+    """Whether a number written in a card (``text``, "0.1675", "1.2e-05", "66.2", "1,000") is ``value`` to its
+    last written digit (scientific notation: to its mantissa's)."""
+    text = text.replace(",", "")
+    mant, _, exp = text.lower().partition("e")
+    places = len(mant.split(".")[1]) if "." in mant else 0
+    return abs(float(text) - value) <= 0.5 * 10.0 ** (-places + (int(exp) if exp else 0)) * (1 + 1e-9) + 1e-15
+
+
+def requote(growth: dict, measured: dict) -> tuple[dict, list[str]]:
+    """A card's ``growth`` with ``measure_growth``'s numbers (``measured``) in place of those it quotes: each
+    verdict's "final error U unchanged -> F (Rx, SEM S)" and the other arm's mean an ``instead`` text offers.
+    What the card says besides (paired differences, other seeds, what to use instead) is left as written.
+    Returns (the new entry, the changes as "key: old -> new"); a verdict the measurement no longer gives is not
+    rewritten but listed as "key: VERDICT old -> new" (its reasons and successors need a person)."""
+    out, changes = dict(growth), []
+    for init, key in (("fresh", ""), ("clone", "clone_")):
+        if key + "why" not in growth:
+            continue
+        if growth[init] != measured[init]:
+            changes.append(f"{init}: VERDICT {growth[init]} -> {measured[init]}")
+            continue
+        text = growth[key + "why"]
+        m = _QUOTED.search(text)
+        if m is None:
+            continue
+        ratio = measured["ratio" if init == "fresh" else "clone_ratio"]
+        values = (measured["unchanged"], measured[init + "_final"], ratio, measured["sem"])
+        if all(t is None or agrees_as_written(t, v) for t, v in zip(m.groups(), values)):
+            continue  # the card's numbers, as written
+        new = (f"final error {measured['unchanged']:.4g} unchanged -> {measured[init + '_final']:.4g} ({ratio:.2f}x"
+               + (f", SEM {measured['sem']:.2g})" if m.group(4) is not None else ")"))
+        if new != m.group(0):
+            changes.append(f"{key}why: {m.group(0)} -> {new}")
+            out[key + "why"] = text[:m.start()] + new + text[m.end():]
+    for key in ("instead", "clone_instead"):
+        text = out.get(key)
+        if not text:
+            continue
+        new_text = _OFFERED.sub(lambda m: m.group(0) if agrees_as_written(m.group(2), measured[m.group(1) + "_final"])
+                                else f"(init '{m.group(1)}': {measured[m.group(1) + '_final']:.4g},", text)
+        if new_text != text:
+            changes.append(f"{key}: {text} -> {new_text}")
+            out[key] = new_text
+    return out, changes
+

@@ -259,21 +259,16 @@ def test_every_cards_growth_verdict_is_what_its_measurement_gives(name):
     cards' rule gives today in the card's own setting (the episodes and seed of its command), and where the card quotes
     measure_growth's numbers they are today's to the digit: a change to the engine, the task or the rule
     that moved a verdict or a card's number would show."""
-    import re
-
-    from badger_runtime.growth import measure_growth
+    from badger_runtime.growth import card_setting, measure_growth, requote
     from badger_runtime.policy_card import shipped_dir
 
     card = json.loads((shipped_dir() / f"{name}.json").read_text())["growth"]
-    episodes, seed = (int(re.search(rf"--{k} (\d+)", card["why"]).group(1)) for k in ("episodes", "seed"))
-    pol = load_policy(name)
-    g = measure_growth(pol, episodes=episodes, seed=seed)
+    episodes, seed = card_setting(card)
+    g = measure_growth(load_policy(name), episodes=episodes, seed=seed)
     for init, key in (("fresh", ""), ("clone", "clone_")):  # every error-measured card states both verdicts
         assert g[init] == card[init], (name, g[key + "why"], card[key + "why"])
-        quoted = re.search(r"final error (\S+) unchanged -> (\S+) \(", card[key + "why"])  # measure_growth's wording
-        for text, value in zip(quoted.groups() if quoted else (), (g["unchanged"], g[f"{init}_final"])):
-            places = len(text.split(".")[1]) if "." in text else 0  # as written: to its last digit
-            assert abs(float(text) - value) <= 0.5 * 10.0 ** -places + 1e-12, (g[key + "why"], card[key + "why"])
+    # every number it quotes in measure_growth's wording, as written (demos/refresh_growth.py rewrites them)
+    assert requote(card, g) == (card, []), requote(card, g)[1]
 
 
 def _own_metric_shipped():
@@ -299,6 +294,7 @@ def test_a_hand_written_growth_entry_quotes_what_its_command_gives(name, capsys)
     import shlex
 
     from badger_runtime.cli import main
+    from badger_runtime.growth import agrees_as_written
     from badger_runtime.policy_card import shipped_dir
 
     why = json.loads((shipped_dir() / f"{name}.json").read_text())["growth"]["why"]
@@ -311,9 +307,50 @@ def test_a_hand_written_growth_entry_quotes_what_its_command_gives(name, capsys)
     for text, argv in zip(quoted, (unchanged, args)):
         assert main([*argv[1:], "--no-baselines"]) == 0  # the agent's numbers are the same with the baselines
         value = OWN_METRICS[metric](json.loads(capsys.readouterr().out))
-        text = text.replace(",", "")
-        places = len(text.split(".")[1]) if "." in text else 0  # as written: to its last digit
-        assert abs(float(text) - value) <= 0.5 * 10.0 ** -places + 1e-9, (name, metric, text, value, argv)
+        assert agrees_as_written(text, value), (name, metric, text, value, argv)
+
+
+def test_requote_rewrites_only_the_numbers_a_measurement_moved():
+    """``growth.requote`` (what demos/refresh_growth.py writes): each verdict's quoted numbers and an ``instead``'s
+    offered mean become the measurement's where they no longer agree as written; the rest of the text stays; a
+    verdict the measurement no longer gives is reported and its entry left alone."""
+    from badger_runtime.growth import agrees_as_written, requote
+
+    card = {"fresh": "hurts", "why": "badger eval ... --episodes 256 --seed 0 --json: final error 0.1675 unchanged -> "
+            "1.2831 (7.66x, SEM 0.01) when 5 fresh experts join 5; paired +0.1 +- 0.01",
+            "instead": "add clones (init 'clone': 0.1688, within the noise), or use dimensions-v3",
+            "clone": "ok", "clone_why": "...: final error 0.1675 unchanged -> 0.1687 (1.01x) when 5 clones join 5"}
+    measured = {"fresh": "hurts", "clone": "ok", "unchanged": 0.16751, "fresh_final": 1.28314, "clone_final": 0.17013,
+                "sem": 0.0103, "ratio": 7.6601, "clone_ratio": 1.0156}
+    new, changes = requote(card, measured)
+    assert new["why"] == card["why"]  # 0.1675, 1.2831, 7.66x and 0.01 are the measurement's as written
+    assert new["clone_why"] == "...: final error 0.1675 unchanged -> 0.1701 (1.02x) when 5 clones join 5"
+    assert new["instead"] == "add clones (init 'clone': 0.1701, within the noise), or use dimensions-v3"
+    assert len(changes) == 2 and requote(new, measured) == (new, [])
+    moved, changes = requote(card, measured | {"clone": "hurts"})
+    assert moved["clone_why"] == card["clone_why"] and changes[0] == "clone: VERDICT ok -> hurts"
+    assert agrees_as_written("2.2e-05", 2.24e-05) and not agrees_as_written("2.2e-05", 2.26e-05)
+    assert agrees_as_written("1,000", 1000.4) and not agrees_as_written("0.912", 0.9126)
+
+
+def test_refresh_growth_writes_what_the_measurement_gives(tiny_policy, tmp_path):
+    """demos/refresh_growth.py: a card whose quoted numbers no longer agree with its measurement gets them back
+    with --write (the rest of its text kept); a dry run changes nothing; a card that agrees has nothing to do."""
+    import runpy
+
+    from badger_runtime.growth import card_growth, measure_growth
+
+    pol = load_policy(tiny_policy)
+    right = card_growth(measure_growth(pol, name="p", episodes=8))
+    stale = dict(right, why=right["why"].replace("final error ", "final error 9") + "; a note kept")
+    path = _with_growth(tiny_policy, tmp_path, stale)
+    refresh = runpy.run_path(str(Path(__file__).parents[1] / "demos" / "refresh_growth.py"))["refresh"]
+    said = []
+    assert refresh(str(path), write=False, log=said.append) and json.loads(path.with_suffix(".json").read_text())[
+        "growth"] == stale
+    refresh(str(path), write=True, log=said.append)
+    assert json.loads(path.with_suffix(".json").read_text())["growth"] == dict(right, why=right["why"] + "; a note kept")
+    assert refresh(str(path), write=True, log=said.append) == []
 
 
 def test_export_measures_what_fresh_experts_do(tiny_run, tmp_path):
