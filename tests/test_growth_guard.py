@@ -349,7 +349,8 @@ def test_refresh_growth_writes_what_the_measurement_gives(tiny_policy, tmp_path)
     assert refresh(str(path), write=False, log=said.append) and json.loads(path.with_suffix(".json").read_text())[
         "growth"] == stale
     refresh(str(path), write=True, log=said.append)
-    assert json.loads(path.with_suffix(".json").read_text())["growth"] == dict(right, why=right["why"] + "; a note kept")
+    kept = dict(right, why=right["why"] + "; a note kept")
+    assert json.loads(path.with_suffix(".json").read_text())["growth"] == kept
     assert refresh(str(path), write=True, log=said.append) == []
 
 
