@@ -4,8 +4,8 @@
 # error with the experts' disagreement added (train.spread_weight): fresh experts and clones both harmless.
 #
 #   bash demos/quorum_grown.sh runs/qg4     # ~50 min on one core; reproduces the sessions' runs bit for bit
-#   -> runs/qg4_f9 (Fig. 9 with experts joining), runs/qg4_q1 .. runs/qg4_q11 (guessing-quorum-v4 is q5, v5 is q6,
-#      v6 is q11)
+#   -> runs/qg4_f9 (Fig. 9 with experts joining), runs/qg4_q1 .. runs/qg4_q14 (guessing-quorum-v4 is q5, v5 is q6,
+#      v6 is q11, v7 is q14)
 #
 # Every stage: fresh or cloned experts (even odds; train.grow_init = "mixed") join at a random inner step in a share
 # of the batches, except q4 (fresh only); the vote's target at eps 0.05 as guessing-quorum-v2/v3. q1-q4 weigh
@@ -17,6 +17,8 @@
 # q6 (guessing-quorum-v5): q5 a little further on the log of the error with the same term: 9x lower final error.
 # q7-q11 (session 40; q11 is guessing-quorum-v6): q6 with agents of 3 to 6 experts from the start (task.experts;
 # v5 had only ever started with 3, and an agent of 6 was 15x worse than one of 3), 18,500 batches at falling rates.
+# q12-q14 (session 40; q14 is guessing-quorum-v7): the log's floor raised 1e-6 -> 1e-4 -> 1e-3 -> 1e-2, so that the
+# late steps' tiny errors weigh less against the first steps': v4's first steps with a 15x lower final error.
 set -euo pipefail
 out=$1
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -51,3 +53,6 @@ grown q8 q7 --set train.batches=3000 --set train.lr=2.5e-5 --set 'train.lr_decay
 grown q9 q8 --set train.batches=4000 --set train.lr=1.5e-5 --set 'train.lr_decay=[[3000, 7.5e-6]]' --set train.seed=72
 grown q10 q9 --set train.batches=4000 --set train.lr=1e-5 --set 'train.lr_decay=[[3000, 5e-6]]' --set train.seed=73
 grown q11 q10 --set train.batches=6000 --set train.lr=1e-5 --set 'train.lr_decay=[[4000, 5e-6]]' --set train.seed=74
+grown q12 q11 --set train.log_floor=1e-4 --set train.batches=3000 --set train.lr=5e-6 --set train.seed=75
+grown q13 q12 --set train.log_floor=1e-3 --set train.batches=3000 --set train.lr=5e-6 --set train.seed=76
+grown q14 q13 --set train.log_floor=1e-2 --set train.batches=3000 --set train.lr=5e-6 --set train.seed=77
