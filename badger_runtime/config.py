@@ -194,7 +194,8 @@ class ESConfig:
     ``horizon``, ``rounds``, ``stages``, ``grow_prob``, ``grow_init``, ``grow_most``, ``log_floor``, ``init_from`` and
     the logging settings mean what they mean for BPTT; ``tbptt``, ``continue_prob``, ``clip``, ``vote_weight``,
     ``spread_weight`` and ``lr`` are BPTT's only (ES scores whole episodes as deployed; a run says which of the
-    first it leaves out)."""
+    first it leaves out). One difference in growing: ES's episodes are the deploy engine's, so each draws whom
+    its clones copy, where a BPTT batch draws once for all its episodes (the shipped recipes drew so)."""
 
     population: int = 32  # perturbed candidates per generation (antithetic pairs: even)
     sigma: float = 0.02  # std of each parameter's perturbation
