@@ -184,9 +184,8 @@ def requote(growth: dict, measured: dict) -> tuple[dict, list[str]]:
             continue  # the card's numbers, as written
         new = (f"final error {measured['unchanged']:.4g} unchanged -> {measured[init + '_final']:.4g} ({ratio:.2f}x"
                + (f", SEM {measured['sem']:.2g})" if m.group(4) is not None else ")"))
-        if new != m.group(0):
-            changes.append(f"{key}why: {m.group(0)} -> {new}")
-            out[key + "why"] = text[:m.start()] + new + text[m.end():]
+        changes.append(f"{key}why: {m.group(0)} -> {new}")
+        out[key + "why"] = text[:m.start()] + new + text[m.end():]
     for key in ("instead", "clone_instead"):
         text = out.get(key)
         if not text:

@@ -146,14 +146,11 @@ def clone_sources(rng: np.random.Generator, interface, N: int, n: int, seats: np
     ``batch`` B: [B, n], each episode's own draws (a batch of B episodes is B agents, each of which
     copies whom it draws: what a served agent or an actor runtime's episode does). None: [n], one
     draw for every episode (training's batches, whose recipes drew so)."""
-    shape = n if batch is None else (batch, n)
     cands = clone_candidates(interface, N, n, seats)
     if cands is None:
-        return rng.integers(0, N, size=shape)
-    if batch is None:
-        return np.array([int(rng.choice(c)) if c.size else int(rng.integers(0, N)) for c in cands], np.int64)
-    return np.stack([rng.choice(c, size=batch) if c.size else rng.integers(0, N, size=batch) for c in cands],
-                    axis=1).astype(np.int64)
+        return rng.integers(0, N, size=n if batch is None else (batch, n))
+    cols = [rng.choice(c, size=batch) if c.size else rng.integers(0, N, size=batch) for c in cands]  # size None: one
+    return np.array(cols, np.int64) if batch is None else np.stack(cols, axis=1).astype(np.int64)
 
 
 def rebalance_plan(interface, seats: np.ndarray | None, n: int) -> tuple[np.ndarray | None, list[tuple[int, int]]]:

@@ -72,14 +72,12 @@ class NumpyOps:
         """``softmax_composed``'s arithmetic, in place in one new array (the composition allocates four or five
         of the scores' size): the same numbers bit for bit (tests/test_engine.py)."""
         if mask is None:
-            e = scores - np.max(scores, axis=axis, keepdims=True)
-        else:
-            e = self.where(mask, scores, NEG)
-            e -= np.max(e, axis=axis, keepdims=True)
-        np.exp(e, out=e)
-        if mask is None:
+            e = np.exp(scores - np.max(scores, axis=axis, keepdims=True))
             e /= np.sum(e, axis=axis, keepdims=True)
             return e
+        e = self.where(mask, scores, NEG)
+        e -= np.max(e, axis=axis, keepdims=True)
+        np.exp(e, out=e)
         np.copyto(e, 0.0, where=~np.asarray(mask, bool))  # where(mask, e, 0): NaNs outside the mask vanish too
         e /= np.sum(e, axis=axis, keepdims=True) + 1e-30
         return e

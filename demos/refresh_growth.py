@@ -16,7 +16,6 @@ anything else a card says (paired differences, other seeds): the script names th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,14 +24,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from badger_runtime.growth import ERROR_TASKS, card_setting, measure_growth, requote  # noqa: E402
-from badger_runtime.policy_card import card_paths, load_policy, shipped_policies  # noqa: E402
+from badger_runtime.policy_card import card_paths, load_policy, shipped_policies, write_card  # noqa: E402
 
 
 def refresh(policy: str, write: bool = False, log=print) -> list[str]:
     """Measure one policy's card again; returns (and logs) its changes, written with ``write``."""
     pol = load_policy(policy)
-    card_path = card_paths(pol.path)[1]
-    card = json.loads(Path(card_path).read_text())
+    card = pol.card  # the card load_policy read (and checked)
     growth = card.get("growth") or {}
     if pol.task.name not in ERROR_TASKS or "why" not in growth:
         log(f"{policy}: not measured by an error (its growth entry is written by hand)")
@@ -44,8 +42,7 @@ def refresh(policy: str, write: bool = False, log=print) -> list[str]:
     if any(k in growth.get(w, "") for w in ("why", "clone_why") for k in ("paired", "seeds", "seed 12345")):
         log(f"{policy}: its card says more than the measurement (paired differences or other seeds): check by hand")
     if write and changes and not any("VERDICT" in c for c in changes):
-        card["growth"] = new
-        Path(card_path).write_text(json.dumps(card, indent=2) + "\n")
+        write_card({**card, "growth": new}, card_paths(pol.path)[1])
     return changes
 
 

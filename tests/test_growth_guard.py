@@ -245,15 +245,16 @@ def test_shipped_cards_say_what_fresh_experts_do():
         assert (g.get(default_init(pol)) == "hurts") == (g["fresh"] == g.get("clone") == "hurts"), name
 
 
-def _error_measured_shipped():
+def _shipped(error_measured: bool = True):
+    """The shipped policies whose task is measured by an error (``growth.ERROR_TASKS``), or the others."""
     from badger_runtime.growth import ERROR_TASKS
     from badger_runtime.policy_card import shipped_dir, shipped_policies
 
-    return [n for n in shipped_policies()
-            if json.loads((shipped_dir() / f"{n}.json").read_text())["config"]["task"]["name"] in ERROR_TASKS]
+    return [n for n in shipped_policies() if error_measured ==
+            (json.loads((shipped_dir() / f"{n}.json").read_text())["config"]["task"]["name"] in ERROR_TASKS)]
 
 
-@pytest.mark.parametrize("name", _error_measured_shipped())
+@pytest.mark.parametrize("name", _shipped())
 def test_every_cards_growth_verdict_is_what_its_measurement_gives(name):
     """The verdicts a shipped card states for fresh experts and for clones ("ok" / "hurts") are the ones the
     cards' rule gives today in the card's own setting (the episodes and seed of its command), and where the card quotes
@@ -268,15 +269,8 @@ def test_every_cards_growth_verdict_is_what_its_measurement_gives(name):
     for init, key in (("fresh", ""), ("clone", "clone_")):  # every error-measured card states both verdicts
         assert g[init] == card[init], (name, g[key + "why"], card[key + "why"])
     # every number it quotes in measure_growth's wording, as written (demos/refresh_growth.py rewrites them)
-    assert requote(card, g) == (card, []), requote(card, g)[1]
-
-
-def _own_metric_shipped():
-    from badger_runtime.growth import ERROR_TASKS
-    from badger_runtime.policy_card import shipped_dir, shipped_policies
-
-    return [n for n in shipped_policies()
-            if json.loads((shipped_dir() / f"{n}.json").read_text())["config"]["task"]["name"] not in ERROR_TASKS]
+    requoted, changes = requote(card, g)
+    assert requoted == card and not changes, changes
 
 
 #: what a hand-written growth entry quotes ("<metric> X unchanged -> Y"), read off ``badger eval``'s report
@@ -284,7 +278,7 @@ OWN_METRICS = {"regret at T = 1,000": lambda r: r["regret_at"]["1000"],
                "accuracy over steps 31-40": lambda r: float(np.mean(r["accuracy_by_step"][30:40]))}
 
 
-@pytest.mark.parametrize("name", _own_metric_shipped())
+@pytest.mark.parametrize("name", _shipped(error_measured=False))
 def test_a_hand_written_growth_entry_quotes_what_its_command_gives(name, capsys):
     """The bandit and few-shot cards' growth entries are written by hand (their own metric, their own setting), each
     beginning with the ``badger eval`` command of the grown agent and quoting "<metric> X unchanged -> Y": that
