@@ -174,22 +174,42 @@ def test_numpy_softmax_in_place_is_the_composed_one_bit_for_bit():
         softmax = None
 
     rng = np.random.default_rng(0)
-    scores = (rng.standard_normal((3, 5, 2, 9)) * 4).astype(np.float32)
-    scores[0, 0, 0, 3] = np.nan  # a NaN the mask hides (below) and one it shows
-    scores[1, 2, 1, 0] = np.nan
-    masks = [None, rng.random((3, 5, 2, 9)) > 0.3, rng.random((3, 5, 1, 9)) > 0.5]
-    masks[2][0, 0, 0] = False  # every entry of a row masked: zero weights
-    masks[2][0, 0, 0, 3] = False
-    for dtype in (np.float32, np.float64):
-        s = scores.astype(dtype)
-        before = s.copy()
-        for mask in masks:
-            for axis in (-1, 1):
-                fast = xp.softmax(xp.NumpyOps(), s, mask, axis=axis)
-                slow = xp.softmax(Composed(), s, mask, axis=axis)
-                assert fast.dtype == slow.dtype and np.array_equal(fast, slow, equal_nan=True), (dtype, axis)
-        assert np.array_equal(s, before, equal_nan=True)
-    assert not xp.softmax(xp.NumpyOps(), scores, masks[2])[0, 0].any()
+    for last in (9, 8, 7, 4, 2, 1):  # below xp.SMALL_AXIS the last axis is reduced slice by slice
+        scores = (rng.standard_normal((3, 5, 2, last)) * 4).astype(np.float32)
+        scores[0, 0, 0, last // 2] = np.nan  # a NaN the mask hides (below) and one it shows
+        scores[1, 2, 1, 0] = np.nan
+        scores[2, 1, 0] = -0.0
+        masks = [None, rng.random((3, 5, 2, last)) > 0.3, rng.random((3, 5, 1, last)) > 0.5]
+        masks[2][0, 0, 0] = False  # every entry of a row masked: zero weights
+        masks[2][0, 0, 0, last // 2] = False
+        for dtype in (np.float32, np.float64):
+            s = scores.astype(dtype)
+            before = s.copy()
+            for mask in masks:
+                for axis in (-1, 3, 1):
+                    fast = xp.softmax(xp.NumpyOps(), s, mask, axis=axis)
+                    slow = xp.softmax(Composed(), s, mask, axis=axis)
+                    assert fast.dtype == slow.dtype and np.array_equal(fast, slow, equal_nan=True), (dtype, axis)
+            assert np.array_equal(s, before, equal_nan=True)
+        assert not xp.softmax(xp.NumpyOps(), scores, masks[2])[0, 0].any()
+
+
+def test_the_small_axis_reductions_are_numpys_bit_for_bit():
+    """xp.sum_last / max_last (NumpyOps.softmax over a few entries): np.sum's and np.max's results to the bit,
+    the sign of a zero sum, NaN and inf included; 8 or more entries (numpy sums those pairwise) are refused."""
+    from badger_runtime.xp import max_last, sum_last
+
+    rng = np.random.default_rng(1)
+    for last in range(1, 8):
+        for dtype in (np.float32, np.float64):
+            x = (rng.standard_normal((40, 6, last)) * 10.0 ** rng.integers(-5, 6, (40, 6, last))).astype(dtype)
+            x[0, 0, 0], x[1, 1], x[2, 2, 0], x[3, 3, -1] = -0.0, -0.0, np.nan, np.inf
+            ref, got = np.sum(x, axis=-1, keepdims=True), sum_last(x)
+            assert got.shape == ref.shape and np.array_equal(got, ref, equal_nan=True)
+            assert np.array_equal(np.signbit(got), np.signbit(ref))
+            assert np.array_equal(max_last(x), np.max(x, axis=-1, keepdims=True), equal_nan=True)
+    with pytest.raises(ValueError, match="pairwise"):
+        sum_last(np.zeros((2, 8), np.float32))
 
 
 def test_random_routing_of_degree_zero_has_each_expert_hear_only_itself(tiny_policy):
