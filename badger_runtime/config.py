@@ -195,7 +195,13 @@ class ESConfig:
     the logging settings mean what they mean for BPTT; ``tbptt``, ``continue_prob``, ``clip``, ``vote_weight``,
     ``spread_weight`` and ``lr`` are BPTT's only (ES scores whole episodes as deployed; a run says which of the
     first it leaves out). One difference in growing: ES's episodes are the deploy engine's, so each draws whom
-    its clones copy, where a BPTT batch draws once for all its episodes (the shipped recipes drew so)."""
+    its clones copy, where a BPTT batch draws once for all its episodes (the shipped recipes drew so).
+
+    ``same_newcomers``: the experts a grown generation adds (a fresh one's noise, whom a clone copies, the
+    redrawn topology) are drawn once per episode and are the same for every candidate, as the episodes are,
+    so that an antithetic pair differs only by its perturbation (common random numbers). False: each
+    candidate's episodes draw their own, as every run before session 41 did (guessing-nonstationary-es-v2,
+    trained with fresh experts joining, reproduces only so)."""
 
     population: int = 32  # perturbed candidates per generation (antithetic pairs: even)
     sigma: float = 0.02  # std of each parameter's perturbation
@@ -203,6 +209,7 @@ class ESConfig:
     weight_decay: float = 0.0  # L2 pull of the parameters towards 0 (added to the ES gradient)
     episodes: int = 0  # episodes each candidate is scored on per generation (0: train.batch_size)
     workers: int = 0  # Ray workers that score the population (0: this process; `--workers W`)
+    same_newcomers: bool = True  # every candidate's episodes grow the same newcomers (False: before session 41)
 
     def validate(self):
         if self.population < 2 or self.population % 2:

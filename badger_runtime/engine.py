@@ -26,7 +26,7 @@ import numpy as np
 from .config import AgentConfig, TaskConfig
 from .membrane import KIND_FEEDBACK, KIND_OBSERVATION, Interface, Visibility, normal_seats
 from .rollout import (AgentState, StepInfo, Wiring, agent_step, clone_sources, grow, initial_state, rebalance,
-                      sample_wiring, shrink)
+                      repeated, sample_wiring, shrink)
 from .routing import Neighbors, membrane_masks
 from .xp import NumpyOps
 
@@ -168,15 +168,21 @@ class Agent:
         self.seed = 0
         self.t = 0
         self._rng = np.random.default_rng([0, 1])
+        self.copies = 1  # the batch is this many copies of the same episodes (``start``)
         self._indeg: np.ndarray | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, interface: Interface, wiring: Wiring, *, state: AgentState | None = None,
-              rng: np.random.Generator | None = None, t: int = 0) -> "Agent":
+              rng: np.random.Generator | None = None, t: int = 0, copies: int = 1) -> "Agent":
         """Run on the episodes of ``interface`` with ``wiring`` (and ``state``, default: each expert's
-        initial state). ``rng`` draws what growing needs (new experts, a new topology)."""
+        initial state). ``rng`` draws what growing needs (new experts, a new topology). ``copies``: the
+        batch is that many copies of the same B / copies episodes (ES scores its candidates so): growing
+        and shrinking draw for one copy and give every copy the same (``rollout.repeated``)."""
         if interface.batch != wiring.batch:
             raise ValueError(f"interface batch {interface.batch} != wiring batch {wiring.batch}")
+        if copies < 1 or wiring.batch % copies:
+            raise ValueError(f"a batch of {wiring.batch} episodes is not {copies} copies of the same episodes")
+        self.copies = copies
         self.interface, self.wiring, self.t = interface, wiring, t
         self.state = state if state is not None else initial_state(self.ops, self.policy, wiring)
         if rng is not None:
@@ -264,7 +270,8 @@ class Agent:
                 raise InputError(f"no expert {source} to clone (the agent has {N})")
             if sources is None:
                 sources = (np.full(n, source) if source is not None
-                           else clone_sources(self._rng, self.interface, N, n, self.wiring.seats, batch=self.batch))
+                           else repeated(clone_sources(self._rng, self.interface, N, n, self.wiring.seats,
+                                                       batch=self.batch // self.copies), self.copies))
             else:
                 sources = np.asarray(sources)
                 if sources.shape not in ((n,), (self.batch, n)) or sources.dtype.kind not in "iu":
@@ -274,7 +281,8 @@ class Agent:
                     raise InputError(f"sources must be expert indices in [0, {N})")
         else:
             sources = None
-        self.wiring, self.state = grow(self.ops, self.policy, self.cfg, self._rng, self.wiring, self.state, n, sources)
+        self.wiring, self.state = grow(self.ops, self.policy, self.cfg, self._rng, self.wiring, self.state, n, sources,
+                                       copies=self.copies)
         self._indeg = None
         return list(range(N, N + n))
 
@@ -288,8 +296,9 @@ class Agent:
         keep = np.array([i for i in range(N) if i not in gone], dtype=np.int64)
         if keep.size == 0:
             raise InputError("cannot remove every expert: an agent needs at least one")
-        self.wiring, self.state = shrink(self.cfg, self._rng, self.wiring, self.state, keep)
-        self.wiring, self.state = rebalance(self.ops, self.policy, self.interface, self._rng, self.wiring, self.state)
+        self.wiring, self.state = shrink(self.cfg, self._rng, self.wiring, self.state, keep, copies=self.copies)
+        self.wiring, self.state = rebalance(self.ops, self.policy, self.interface, self._rng, self.wiring, self.state,
+                                            copies=self.copies)
         self._indeg = None
         return int(keep.size)
 
@@ -312,6 +321,7 @@ class Agent:
         self.seed, self.t = snap["seed"], snap["t"]
         self._rng = np.random.default_rng()
         self._rng.bit_generator.state = snap["rng"]
+        self.copies = 1  # (copies of the same episodes live only inside an ES generation; never snapshotted)
         B, N, _ = h.shape
         can_sense, can_push = membrane_masks(self.cfg.routing, N)
         route = snap["route_mask"]

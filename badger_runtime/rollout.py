@@ -153,6 +153,23 @@ def clone_sources(rng: np.random.Generator, interface, N: int, n: int, seats: np
     return np.array(cols, np.int64) if batch is None else np.stack(cols, axis=1).astype(np.int64)
 
 
+def repeated(a, copies: int):
+    """``a`` (an array with the batch first, a ``Neighbors`` topology or None) drawn for B / ``copies`` episodes,
+    repeated ``copies`` times along the batch: a batch that is ``copies`` copies of the same episodes (ES's
+    candidates, each scored on the same episodes) gets the same draws in every copy."""
+    if copies == 1 or a is None:
+        return a
+    if isinstance(a, routing.Neighbors):
+        return routing.Neighbors(np.tile(a.idx, (copies, 1, 1)))
+    return np.tile(a, (copies,) + (1,) * (np.ndim(a) - 1))
+
+
+def _one_copy(B: int, copies: int) -> int:
+    if copies < 1 or B % copies:
+        raise ValueError(f"a batch of {B} episodes is not {copies} copies of the same episodes")
+    return B // copies
+
+
 def rebalance_plan(interface, seats: np.ndarray | None, n: int) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
     """After a removal from an agent whose membrane deals the slots out (``PARTITIONED_VISIBILITY``):
     which survivors change seat so that the n experts left read the parts an agent of n experts
@@ -206,21 +223,23 @@ def rebalance_plan(interface, seats: np.ndarray | None, n: int) -> tuple[np.ndar
     return membrane.normal_seats(new), moves
 
 
-def rebalance(ops, policy, interface, rng: np.random.Generator, wiring: Wiring, state: AgentState
-              ) -> tuple[Wiring, AgentState]:
+def rebalance(ops, policy, interface, rng: np.random.Generator, wiring: Wiring, state: AgentState,
+              copies: int = 1) -> tuple[Wiring, AgentState]:
     """Apply ``rebalance_plan`` to running agents after ``shrink``: the moved experts take their new
     seats and restart as clones of their new part's reader (state and initial noise) or fresh
-    (new noise, the policy's initial state); identities and everyone else are unchanged."""
+    (new noise, the policy's initial state); identities and everyone else are unchanged.
+    ``copies``: the batch is that many copies of the same episodes; each copy gets the same draws
+    (``repeated``)."""
     new_seats, moves = rebalance_plan(interface, wiring.seats, wiring.n_experts)
     if not moves:
         return wiring, state
     h, heads, noise = np.array(state.h), np.array(state.heads), np.array(wiring.noise)
-    B = noise.shape[0]
+    B0 = _one_copy(noise.shape[0], copies)
     for i, src in moves:
         if src >= 0:
             h[:, i], heads[:, i], noise[:, i] = h[:, src], heads[:, src], noise[:, src]
         else:
-            noise[:, i] = rng.standard_normal((B, noise.shape[2])).astype(np.float32)
+            noise[:, i] = repeated(rng.standard_normal((B0, noise.shape[2])).astype(np.float32), copies)
             fresh = fresh_state(ops, policy, noise[:, i:i + 1])
             h[:, i], heads[:, i] = np.asarray(fresh.h)[:, 0], np.asarray(fresh.heads)[:, 0]
     return (Wiring(noise, wiring.route_mask, wiring.can_sense, wiring.can_push, wiring.ids, new_seats),
@@ -228,42 +247,47 @@ def rebalance(ops, policy, interface, rng: np.random.Generator, wiring: Wiring, 
 
 
 def grow(ops, policy, cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring, state: AgentState, n: int,
-         sources: np.ndarray | None = None) -> tuple[Wiring, AgentState]:
+         sources: np.ndarray | None = None, copies: int = 1) -> tuple[Wiring, AgentState]:
     """Add n experts to running agents (the paper's growing, without retraining).
 
     ``sources`` [n] clones those experts in every episode, [B, n] each episode's own (their state,
     messages and initial noise); None adds fresh experts (the policy's initial state, zero messages).
     New experts get new identity features and the lowest free seats; the topology is redrawn for
-    the new size.
+    the new size. ``copies``: the batch is that many copies of the same episodes (ES's candidates);
+    what is drawn here (noise, identities, topology) is drawn once and repeated in every copy.
     """
     B, N = wiring.noise.shape[:2]
+    B0 = _one_copy(B, copies)
     spec = policy.spec
-    ids = None if wiring.ids is None else rng.standard_normal((B, n, spec.id_dim)).astype(np.float32)
+    ids = None if wiring.ids is None else repeated(rng.standard_normal((B0, n, spec.id_dim)).astype(np.float32),
+                                                   copies)
     if sources is not None:
         sources = np.asarray(sources, np.int64)
         at = (slice(None), sources) if sources.ndim == 1 else (np.arange(B)[:, None], sources)  # [B, n]: per episode
         noise, h_new, heads_new = wiring.noise[at], state.h[at], state.heads[at]
     else:
-        noise = rng.standard_normal((B, n, spec.hidden)).astype(np.float32)
+        noise = repeated(rng.standard_normal((B0, n, spec.hidden)).astype(np.float32), copies)
         fresh = fresh_state(ops, policy, noise)
         h_new, heads_new = fresh.h, fresh.heads
     cat = lambda a, b: None if a is None else np.concatenate([a, b], axis=1)  # noqa: E731
     total = N + n
     can_sense, can_push = routing.membrane_masks(cfg.routing, total)
-    new_wiring = Wiring(cat(wiring.noise, noise), routing.topology(cfg.routing, total, B, rng), can_sense, can_push,
+    topo = repeated(routing.topology(cfg.routing, total, B0, rng), copies)
+    new_wiring = Wiring(cat(wiring.noise, noise), topo, can_sense, can_push,
                         cat(wiring.ids, ids), membrane.seats_after_add(wiring.seats, N, n))
     return new_wiring, AgentState(ops.concat([state.h, h_new], axis=1), ops.concat([state.heads, heads_new], axis=1))
 
 
 def shrink(cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring, state: AgentState,
-           keep: np.ndarray) -> tuple[Wiring, AgentState]:
+           keep: np.ndarray, copies: int = 1) -> tuple[Wiring, AgentState]:
     """Keep only experts ``keep`` (indices, ascending) of running agents; the topology is redrawn
-    for the new size (the rule every runtime that removes by index follows); the survivors keep
-    their seats (``membrane.Visibility``)."""
+    for the new size (the rule every runtime that removes by index follows; once for all ``copies`` of
+    the same episodes); the survivors keep their seats (``membrane.Visibility``)."""
     sel = lambda a: None if a is None else a[:, keep]  # noqa: E731
-    n, B = len(keep), wiring.batch
+    n, B0 = len(keep), _one_copy(wiring.batch, copies)
     can_sense, can_push = routing.membrane_masks(cfg.routing, n)
-    new = Wiring(np.array(sel(wiring.noise)), routing.topology(cfg.routing, n, B, rng), can_sense, can_push,
+    topo = repeated(routing.topology(cfg.routing, n, B0, rng), copies)
+    new = Wiring(np.array(sel(wiring.noise)), topo, can_sense, can_push,
                  None if wiring.ids is None else np.array(sel(wiring.ids)),
                  membrane.seats_after_removal(wiring.seats, wiring.n_experts, keep))
     return new, AgentState(sel(state.h), sel(state.heads))

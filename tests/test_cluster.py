@@ -102,6 +102,23 @@ def test_es_scores_the_log_objective_with_log_floor():
     np.testing.assert_allclose(plain[:, 0], scores[:, 1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("init", ["fresh", "clone"])
+def test_every_candidate_grows_the_same_newcomers(init):
+    """The candidates of a grown generation are scored on the same episodes and, with ``train.es.same_newcomers``
+    (the default), on the same newcomers, so an antithetic pair differs only by its perturbation: candidates with
+    the same weights (sigma 0) score exactly alike. Off (every run before session 41), each candidate's episodes
+    drew their own newcomers and equal weights scored differently."""
+    cfg = es_experiment()
+    cfg.train.grow_prob, cfg.train.grow_init = 1.0, init
+    job = dataclasses.replace(generation(cfg.validate(), 0), sigma=0.0)
+    assert job.same_newcomers and [c.init for c in job.changes] == [init]
+    theta = np.random.default_rng(0).normal(0, 0.3, n_params(cfg.agent.policy)).astype(np.float32)
+    same = evaluate_members(job, theta, [CENTER, 1, 2, 3])
+    assert (same == same[0]).all()
+    own = evaluate_members(dataclasses.replace(job, same_newcomers=False), theta, [CENTER, 1, 2, 3])
+    assert len(np.unique(own[:, 0])) > 1
+
+
 def test_es_says_which_bptt_terms_it_leaves_out(tmp_path):
     """``train.vote_weight`` and ``train.spread_weight`` are BPTT's terms: an ES run with them set says once that
     it leaves them out (a quorum config sets vote_weight, so it is not refused); without them it says nothing."""

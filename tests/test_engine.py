@@ -13,6 +13,7 @@ from badger_runtime.config import AgentConfig
 from badger_runtime.engine import Agent, InputError, numpy_ops
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import PolicyError, load_policy
+from badger_runtime.routing import Neighbors
 from badger_runtime.training.model import torch_ops
 from badger_runtime.training.train import load_checkpoint, policy_from_checkpoint
 
@@ -299,6 +300,43 @@ def test_each_episode_of_a_batch_draws_whom_its_clones_copy(tiny_policy):
         with pytest.raises(InputError, match="sources"):
             b.add_experts(1, init="clone", sources=bad)
     assert b.n_experts == 6
+
+
+@pytest.mark.parametrize("routing", [{}, {"kind": "topk", "candidates": 2}, {"kind": "random", "degree": 2}])
+def test_copies_of_the_same_episodes_grow_and_shrink_alike(tiny_policy, routing):
+    """An agent started with ``copies`` = C (ES's candidates: C copies of the same B / C episodes) draws what
+    growing and shrinking need once per episode and repeats it in every copy: fresh experts' noise, whom clones
+    copy, a redrawn sparse topology; with copies = 1 the draws are those of before (one per episode)."""
+    import dataclasses
+
+    pol = load_policy(tiny_policy)
+    cfg = dataclasses.replace(pol.agent, routing=dataclasses.replace(pol.agent.routing, **routing))
+    one = Agent(pol, cfg).reset(batch=4, experts=5, dims=2, seed=3)
+    idx = np.tile(np.arange(4), 3)
+    a = Agent(pol, cfg).start(one.interface.select(idx), one.wiring.select(idx), rng=np.random.default_rng(7),
+                              copies=3)
+    b = Agent(pol, cfg).start(one.interface.select(idx), one.wiring.select(idx), rng=np.random.default_rng(7))
+    obs = np.tile(np.random.default_rng(0).standard_normal((4, a.slots)).astype(np.float32), (3, 1))
+    for ag in (a, b):
+        ag.step(obs)
+        ag.add_experts(3, init="fresh")
+        ag.step(obs)
+        ag.add_experts(4, init="clone")
+        ag.step(obs)
+        ag.remove_experts([0, 6])
+        ag.step(obs)
+
+    def per_copy(x):
+        x = np.asarray(x.idx if isinstance(x, Neighbors) else x)
+        return x.reshape(3, 4, *x.shape[1:])
+
+    for x in (a.state.h, a.wiring.noise, *([a.wiring.route_mask] if a.wiring.route_mask is not None else [])):
+        c = per_copy(x)
+        assert np.array_equal(c[0], c[1]) and np.array_equal(c[0], c[2])
+    c = per_copy(b.state.h)  # one copy each: their own newcomers
+    assert not np.array_equal(c[0], c[1])
+    with pytest.raises(ValueError, match="copies"):
+        Agent(pol, cfg).start(one.interface, one.wiring, copies=3)
 
 
 def test_every_shipped_policy_runs_an_episode_without_torch(tmp_path):

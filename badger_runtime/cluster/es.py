@@ -134,6 +134,7 @@ class Generation:
     weights: np.ndarray  # [steps] the objective's weight of each inner step
     log_floor: float = 0.0  # train.log_floor: > 0 weighs log(error + floor) per step
     changes: tuple[Change, ...] = field(default_factory=tuple)
+    same_newcomers: bool = True  # train.es.same_newcomers: every candidate's episodes grow the same newcomers
 
 
 def generation(cfg: ExperimentConfig, gen: int) -> Generation:
@@ -155,7 +156,7 @@ def generation(cfg: ExperimentConfig, gen: int) -> Generation:
                           "clone" if tr.grows_clones(rng) else "fresh"),)
     return Generation(gen, cfg.agent, task, d, n, steps, rounds, es.episodes or tr.batch_size,
                       int(rng.integers(2**31)), tr.seed, es.sigma, objective_weights(tr.objective, steps),
-                      tr.log_floor, changes)
+                      tr.log_floor, changes, es.same_newcomers)
 
 
 def evaluate_members(job: Generation, center: np.ndarray, members) -> np.ndarray:
@@ -176,7 +177,10 @@ def evaluate_members(job: Generation, center: np.ndarray, members) -> np.ndarray
     idx = np.tile(np.arange(E), P)  # member m: episodes [m E, (m + 1) E), the same E episodes each
     ep, wiring = ep.select(idx), wiring.select(idx)
     ops = NumpyOps()
-    agent = Agent(policy, job.agent, ops=ops, check_inputs=False).start(ep.interface, wiring, rng=rngs[1])
+    # the P candidates' episodes are P copies of the same E: their newcomers too (common random numbers)
+    copies = P if job.same_newcomers else 1
+    agent = Agent(policy, job.agent, ops=ops, check_inputs=False).start(ep.interface, wiring, rng=rngs[1],
+                                                                         copies=copies)
     traj = drive(agent, Driver(ops, ep, job.steps, rounds=job.rounds, changes=job.changes, with_metrics=False,
                                seed=job.seed))
     losses = np.asarray(traj.losses, np.float64).reshape(job.steps, P, E).mean(axis=2)  # [T, P]
