@@ -18,6 +18,7 @@ ABLATIONS = ("none", "cut", "shuffle")
 AGREEMENTS = ("fixed", "convergence", "quorum")
 OBJECTIVES = ("last", "mean", "weighted")
 GROW_INITS = ("mixed", "fresh", "clone")  # train.grow_init
+CLONE_DRAWS = ("batch", "episode")  # train.clone_draw
 
 
 class ConfigError(ValueError):
@@ -195,7 +196,8 @@ class ESConfig:
     the logging settings mean what they mean for BPTT; ``tbptt``, ``continue_prob``, ``clip``, ``vote_weight``,
     ``spread_weight`` and ``lr`` are BPTT's only (ES scores whole episodes as deployed; a run says which of the
     first it leaves out). One difference in growing: ES's episodes are the deploy engine's, so each draws whom
-    its clones copy, where a BPTT batch draws once for all its episodes (the shipped recipes drew so).
+    its clones copy, where a BPTT batch draws once for all its episodes (the shipped recipes drew so) unless
+    ``train.clone_draw = "episode"``.
 
     ``same_newcomers``: the experts a grown generation adds (a fresh one's noise, whom a clone copies, the
     redrawn topology) are drawn once per episode and are the same for every candidate, as the episodes are,
@@ -248,6 +250,9 @@ class TrainConfig:
     grow_prob: float = 0.0  # chance that a batch adds 1..N experts (fresh or cloned) at a random inner step
     grow_init: str = "mixed"  # what those experts are: 'mixed' (fresh or cloned, even odds), 'fresh' or 'clone'
     grow_most: float = 1.0  # a grown batch adds 1..round(grow_most x N) experts (1.0: up to as many again)
+    # whom clones copy in a grown batch: 'batch' (one draw for all its episodes, every shipped recipe) or
+    # 'episode' (each episode its own, as a deployed agent draws); ES's episodes always draw their own
+    clone_draw: str = "batch"
     # weight of the guard: sum over the task's loss groups (few-shot: shots of the true class seen before) of
     # relu(mean loss in the group - the initial policy's, on the same predictions): learn, but lose no group
     guard_weight: float = 0.0
@@ -288,6 +293,8 @@ class TrainConfig:
             raise ConfigError("train.grow_most must be > 0 (a grown batch adds 1..round(grow_most x N) experts)")
         if self.grow_init not in GROW_INITS:
             raise ConfigError(f"train.grow_init must be one of {GROW_INITS}, got {self.grow_init!r}")
+        if self.clone_draw not in CLONE_DRAWS:
+            raise ConfigError(f"train.clone_draw must be one of {CLONE_DRAWS}, got {self.clone_draw!r}")
         if not 0 <= self.guard_weight < math.inf:
             raise ConfigError(f"train.guard_weight must be a finite number >= 0, got {self.guard_weight}")
         if not 0 <= self.guard_smoothing < 1:

@@ -165,6 +165,36 @@ def test_training_with_growing_and_continued_agents(tmp_path):
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_clone_draw_per_episode_gives_each_episode_its_own_sources(tmp_path, monkeypatch):
+    """``train.clone_draw = "episode"``: a grown batch's clones copy, in each episode, an expert that episode drew
+    ([B, n] sources, as a deployed agent draws); the default "batch" draws one [n] for every episode (the shipped
+    recipes); anything else is refused."""
+    from badger_runtime.engine import Agent
+
+    seen = []
+    real = Agent.add_experts
+
+    def spy(self, n, init=None, source=None, sources=None, **kw):
+        seen.append(None if sources is None else np.asarray(sources))
+        return real(self, n, init, source, sources, **kw)
+
+    monkeypatch.setattr(Agent, "add_experts", spy)
+    for draw in ("episode", "batch"):
+        cfg = tiny_experiment()
+        cfg.train.batches, cfg.train.grow_prob, cfg.train.grow_init, cfg.train.clone_draw = 3, 1.0, "clone", draw
+        cfg.train.log_every = cfg.train.ckpt_every = 3
+        seen.clear()
+        train(cfg.validate(), tmp_path / draw, progress=False, final_eval=False, log=lambda *a: None)
+        assert len(seen) == 3
+        for s in seen:
+            assert s.ndim == (2 if draw == "episode" else 1)
+        if draw == "episode":
+            assert seen[0].shape[0] == cfg.train.batch_size and len({tuple(r) for r in seen[0]}) > 1
+    cfg.train.clone_draw = "agent"
+    with pytest.raises(ConfigError, match="clone_draw"):
+        cfg.validate()
+
+
 def test_log_floor_makes_the_objective_the_log_of_each_steps_error(tmp_path):
     """``train.log_floor``: the batch's objective is log(error + floor) at each step, weighed as before (here the
     last step only, so each batch's loss is log of its reported last-step error + floor); 0 keeps the error."""

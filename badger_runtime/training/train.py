@@ -359,8 +359,11 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
             if cfg.train.grow_prob and steps > 1 and rng.random() < cfg.train.grow_prob:
                 n_new = cfg.train.newcomers(rng, n)
                 # clones: deployment's rule (the same draws as rng.integers(0, n, n_new) unless the
-                # membrane deals its slots out to the experts, then an expert of the same part)
-                sources = clone_sources(rng, ep.interface, n, n_new) if cfg.train.grows_clones(rng) else None
+                # membrane deals its slots out to the experts, then an expert of the same part), one draw
+                # for the batch or (train.clone_draw = "episode") one per episode, [B, n_new]
+                per_episode = cfg.train.batch_size if cfg.train.clone_draw == "episode" else None
+                sources = (clone_sources(rng, ep.interface, n, n_new, batch=per_episode)
+                           if cfg.train.grows_clones(rng) else None)
                 grow = (int(rng.integers(1, steps)), n_new, sources)
             ref_losses = None
             if reference is not None:
