@@ -99,7 +99,7 @@ class NumpyOps:
         of the scores' size): the same numbers bit for bit (tests/test_engine.py). Over a last axis of fewer
         than ``SMALL_AXIS`` entries (the membrane's reads of a few slots) the max and the sum go slice by
         slice (``max_last`` / ``sum_last``: numpy's own additions in its order, several times faster there)."""
-        if scores.shape[axis] < SMALL_AXIS and axis in (-1, scores.ndim - 1):
+        if 0 < scores.shape[axis] < SMALL_AXIS and axis in (-1, scores.ndim - 1):
             amax, total = max_last, sum_last
         else:
             amax, total = partial(np.max, axis=axis, keepdims=True), partial(np.sum, axis=axis, keepdims=True)
