@@ -134,6 +134,26 @@ def test_es_says_which_bptt_terms_it_leaves_out(tmp_path):
     assert not [m for m in said if "left out" in m]
 
 
+def test_bench_es_reports_generations_per_second_and_memory_against_the_horizon():
+    """`badger bench es` at a tiny size: whole generations timed in this process (workers 0), and the peak
+    memory of one ES generation and one BPTT batch measured in fresh subprocesses, per horizon."""
+    from badger_runtime.bench.es import bench_es, horizon_memory
+
+    cfg = es_experiment(population=4, episodes=2)
+    rep = bench_es(cfg, workers=(0,), generations=2, warmup=1)
+    (row,) = rep["rows"]
+    assert rep["bench"] == "es" and rep["parameters"] == n_params(cfg.agent.policy)
+    assert row["workers"] == 0 and row["generations"] == 2 and row["population"] == 4 and row["episodes"] == 2
+    assert row["generations_per_s"] > 0
+    assert row["candidate_episodes_per_s"] == pytest.approx(5 * 2 * row["generations_per_s"], rel=0.01)
+    mem = horizon_memory(None, ["train.es.population=2", "train.batch_size=2", "agent.policy.hidden=8"],
+                         horizons=(4,), outers=("es", "bptt"))
+    rows = {r["outer"]: r for r in mem["rows"]}
+    assert set(rows) == {"es", "bptt"} and not any("error" in r for r in rows.values()), rows
+    assert rows["es"]["population"] == 2 and rows["bptt"]["batch"] == 2
+    assert all(r["steps"] == 4 and r["peak_mib"] >= 0 for r in rows.values())
+
+
 def test_es_maths():
     r = centered_ranks(np.array([3.0, -1.0, np.nan, 10.0]))
     assert r.tolist() == [pytest.approx(1 / 6), pytest.approx(-1 / 6), -0.5, 0.5]

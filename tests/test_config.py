@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from badger_runtime.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_experiment, to_dict
@@ -92,3 +94,34 @@ def test_retired_settings_in_old_configs_are_dropped_only_when_neutral():
     old["train"]["ponder_cost"] = 0.5  # a setting that did something: refuse rather than ignore
     with pytest.raises(ConfigError, match="ponder_cost"):
         from_dict(ExperimentConfig, old)
+
+
+def test_curriculum_stages_override_the_task_until_their_batch():
+    """``train.stages`` (both outer loops read them through ``curriculum.task_at``): each stage's ranges,
+    addresses and settings hold until its ``until`` batch, then the next stage's, then the task's own; fixed
+    addresses are redrawn every ``change_every`` batches of a stage; a stage's settings are checked against the
+    task's types, and a setting the task does not have (or its name) is refused."""
+    from badger_runtime.config import Stage
+    from badger_runtime.curriculum import stage_at, task_at
+
+    from .conftest import tiny_experiment
+
+    cfg = tiny_experiment()
+    cfg.task = dataclasses.replace(cfg.task, addresses="fixed", address_seed=7)
+    cfg.train.stages = [Stage(until=3, dims=(1, 1), experts=(2, 2), change_every=2, settings={"steps": 4}),
+                        Stage(until=5, addresses="random")]
+    seen = [task_at(cfg, b) for b in range(7)]
+    assert [s.until if s else None for _, s in seen] == [3, 3, 3, 5, 5, None, None]
+    assert [t.dims for t, _ in seen] == [(1, 1)] * 3 + [cfg.task.dims] * 4
+    assert [t.experts for t, _ in seen[:3]] == [(2, 2)] * 3 and seen[3][0].experts == cfg.task.experts
+    assert [t.steps for t, _ in seen] == [4] * 3 + [cfg.task.steps] * 4
+    assert [t.address_seed for t, _ in seen[:3]] == [7 + 1000, 7 + 1000, 7 + 1001]  # redrawn every 2 batches
+    assert [t.addresses for t, _ in seen] == ["fixed"] * 3 + ["random"] * 2 + ["fixed"] * 2
+    assert seen[5][0] == cfg.task and stage_at(cfg, 99) is None
+    for bad in ({"no_such_setting": 1}, {"name": "bandit"}):
+        cfg.train.stages = [Stage(until=3, settings=bad)]
+        with pytest.raises(ConfigError, match="has no settings"):
+            task_at(cfg, 0)
+    cfg.train.stages = [Stage(until=3, settings={"steps": "many"})]
+    with pytest.raises(ConfigError, match="steps"):
+        task_at(cfg, 0)

@@ -56,6 +56,29 @@ def test_longrun_cli_reports_recovery(capsys):
     assert set(h["error_at"]) == {"20", "100"} and h["finite"]
 
 
+def test_jump_traces_follow_each_agent_across_its_jumps_and_plot(tmp_path, capsys):
+    """`badger longrun --jump-every A B --plot P`: per episode, the never-reset agent's error, the same agent reset
+    at every jump and the tuned optimizer restarted at every jump, on the same targets, one value per step; the
+    never-reset trace is the long run's own (the same draws); the figure is written."""
+    from badger_runtime.cli import main
+    from badger_runtime.longrun import jump_traces
+
+    pol = load_policy("guessing-nonstationary-v2")
+    tr = jump_traces(pol, steps=60, seed=1, jump_every=(15, 25), episodes=2)
+    run = long_rollout(pol, steps=60, episodes=2, seed=1, jump_every=(15, 25))
+    assert tr["steps"] == 60 and tr["optimizer"] and len(tr["episodes"]) == 2
+    for e, ep in enumerate(tr["episodes"]):
+        assert ep["jumps"] == np.flatnonzero(run.jumps[:, e]).tolist() and 0 < ep["jumps"][0] < 60
+        for k in ("agent", "agent_reset_at_jumps", "optimizer_restarted"):
+            assert len(ep[k]) == 60 and np.isfinite(ep[k]).all(), k
+        np.testing.assert_allclose(ep["agent"], run.metrics["error"][:, e])
+    png = tmp_path / "jumps.png"
+    assert main(["longrun", "--policy", "guessing-nonstationary-v2", "--steps", "60", "--episodes", "2",
+                 "--jump-every", "15", "25", "--plot", str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_longrun_cli_runs_at_the_dims_and_experts_asked(capsys):
     """--dims / --experts reach the long run (they were once dropped on the way, silently)."""
     from badger_runtime.cli import main

@@ -1,6 +1,7 @@
 """The torch model: shapes, invariances, gradients, a tiny training run, checkpoints."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +194,47 @@ def test_clone_draw_per_episode_gives_each_episode_its_own_sources(tmp_path, mon
     cfg.train.clone_draw = "agent"
     with pytest.raises(ConfigError, match="clone_draw"):
         cfg.validate()
+
+
+def _handcrafted():
+    """Shipped policies with no outer-loop step (``train.batches = 0``: a structured ``train.init`` is the policy)."""
+    out = []
+    for card in sorted(Path(__file__).resolve().parents[1].joinpath("policies").glob("*.json")):
+        c = json.loads(card.read_text())
+        if c["config"]["train"].get("batches") == 0:
+            out.append(card)
+    return out
+
+
+@pytest.mark.parametrize("card", _handcrafted(), ids=lambda p: p.stem)
+def test_every_handcrafted_policy_is_remade_by_its_recorded_command(card, tmp_path):
+    """The training command a handcrafted policy's card records (a config, its ``--set`` overrides, no outer-loop
+    step) makes the shipped weights again, bit for bit: ``train.init`` (training/inits.py: prototypes, arm
+    indices, the seen gate, ...) still writes what was shipped."""
+    import re
+
+    import onnx
+    from onnx import numpy_helper
+
+    from badger_runtime.config import load_experiment
+    from badger_runtime.training.export import export
+
+    command = json.loads(card.read_text())["training_command"]
+    m = re.search(r"badger train (configs/\S+\.toml)((?: --\S+ \S+)*)", command)
+    assert m, command
+    sets = re.findall(r"--set (\S+)", m.group(2))
+    cfg = load_experiment(str(card.parents[1] / m.group(1)), sets)
+    assert cfg.train.batches == 0
+    train(cfg, tmp_path, progress=False, final_eval=False, log=lambda *a: None)
+    export(tmp_path / "checkpoint.pt", tmp_path / "remade.onnx")
+
+    def weights(path):
+        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+    remade, shipped = weights(tmp_path / "remade.onnx"), weights(card.with_suffix(".onnx"))
+    assert remade.keys() == shipped.keys()
+    for k in shipped:
+        assert np.array_equal(remade[k], shipped[k]), k
 
 
 def test_log_floor_makes_the_objective_the_log_of_each_steps_error(tmp_path):
