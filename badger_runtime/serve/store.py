@@ -179,9 +179,11 @@ def _parts(parts) -> list[tuple[str, int]]:
 def _visibility(vis, slots: int) -> dict:
     from ..membrane import Visibility
 
+    if not isinstance(vis, dict):
+        raise StoreError(f"agent.visibility must be a map, got {type(vis).__name__}")
     try:
         v = Visibility.from_dict(vis)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise StoreError(f"agent.visibility is not a visibility rule: {type(e).__name__}: {e}") from None
     if v.hi > slots:
         raise StoreError(f"agent.visibility covers slots up to {v.hi}, the agent has {slots}")
