@@ -434,6 +434,8 @@ def migrate(data: dict) -> dict:
 
 
 def from_dict(cls, data: dict):
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {cls.__name__} is a map of settings, got {type(data).__name__}")
     if cls is ExperimentConfig:
         data = migrate(data)
     return _build(cls, data)

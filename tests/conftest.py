@@ -59,6 +59,33 @@ def top_level_imports(path) -> set[str]:
     return mods
 
 
+def damaged_value(real):
+    """Strategies for what a damaged or hostile record may hold where ``real`` belongs."""
+    import numpy as np
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+
+    values = [st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.text(max_size=8),
+              st.lists(st.integers(-3, 3), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+              hnp.arrays(st.sampled_from([np.float32, np.float64, np.int64, np.int8, bool]),
+                         hnp.array_shapes(min_dims=0, max_dims=4, max_side=4))]
+    if isinstance(real, np.ndarray) and real.ndim:
+        def reshaped(args):  # the real array, one axis longer or shorter, or one entry NaN / out of range
+            axis, delta, how = args
+            a = real
+            if how == "resize":
+                size = max(0, a.shape[axis % a.ndim] + delta)
+                a = np.resize(a, a.shape[:axis % a.ndim] + (size,) + a.shape[axis % a.ndim + 1:])
+            else:
+                a = a.copy()
+                if a.size:
+                    a.reshape(-1)[0] = np.nan if a.dtype.kind == "f" else (-1 if a.dtype.kind in "iu" else a.flat[0])
+            return a
+        values.append(st.tuples(st.integers(0, 3), st.sampled_from([-1, 1, 5]),
+                                st.sampled_from(["resize", "poison"])).map(reshaped))
+    return st.one_of(values)
+
+
 def tiny_experiment(competitive_heads: int = 0, read_moments: bool = False, **task):
     from badger_runtime.config import AgentConfig, ExperimentConfig, PolicySpec, TrainConfig
     from badger_runtime.tasks.guessing import GuessingConfig

@@ -17,7 +17,7 @@ from badger_runtime.routing import Neighbors
 from badger_runtime.training.model import torch_ops
 from badger_runtime.training.train import load_checkpoint, policy_from_checkpoint
 
-from .conftest import copy_policy, run_without_torch
+from .conftest import copy_policy, damaged_value, run_without_torch
 
 ROUTINGS = ["dense", "topk", "hardwired", "homogeneous", "random"]
 RULES = ["fixed", "convergence", "quorum"]
@@ -90,12 +90,46 @@ def test_a_changed_onnx_file_is_refused(tiny_policy, tmp_path):
          "initial_state|shape"),
         (lambda c: c["config"]["agent"]["policy"].update(msg_dim=3), "shape"),
         (lambda c: c["config"]["agent"]["routing"].update(kind="star"), "bad config"),
+        (lambda c: c.update(config=None), "bad config.*map of settings"),
+        (lambda c: c.update(config=[1, 2]), "bad config.*map of settings"),
     ],
 )
 def test_a_card_that_does_not_match_is_refused(tiny_policy, tmp_path, edit, message):
     p = copy_policy(tiny_policy, tmp_path, edit=edit)
     with pytest.raises(PolicyError, match=message):
         load_policy(p)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_entry_of_a_card_damaged_is_refused_or_the_policy_runs(tiny_policy, tmp_path, data):
+    """One entry of a policy card, at any depth (a top-level field, a config section, one setting), replaced by
+    anything JSON can hold (wrong types, shapes, numbers out of range, NaN, null): ``load_policy`` raises
+    PolicyError naming the reason, or the policy loads and steps an agent (an entry only a person reads); nothing
+    else escapes (a card whose config was null raised AttributeError)."""
+    card = json.loads(tiny_policy.with_suffix(".json").read_text())
+    node, key = card, data.draw(st.sampled_from(sorted(card)), label="key")
+    while isinstance(node[key], dict) and node[key] and data.draw(st.booleans()):
+        node = node[key]
+        key = data.draw(st.sampled_from(sorted(node)), label="inner")
+    value = data.draw(damaged_value(node[key]), label="value")
+    value = value.tolist() if isinstance(value, np.ndarray) else value
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):  # not something a JSON card can hold
+        return
+    node[key] = value
+    p = copy_policy(tiny_policy, tmp_path, name=f"fuzz{abs(hash(key)) % 1000}", edit=lambda c: c.update(card))
+    try:
+        pol = load_policy(p)
+    except PolicyError:
+        return
+    a = Agent(pol).reset(batch=2, experts=3, dims=2, seed=0)
+    try:
+        out, _ = a.step(np.zeros((2, a.slots), np.float32))
+    except InputError:  # a lifetime or growth rule the runtime holds it to, with its reason
+        return
+    assert np.isfinite(out).all()
 
 
 def test_missing_card_or_file(tiny_policy, tmp_path):

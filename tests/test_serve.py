@@ -21,7 +21,7 @@ from badger_runtime.serve.server import Server
 from badger_runtime.serve.sessions import Limits, SessionManager, new_agent
 from badger_runtime.serve.store import SessionStore, StoreError
 
-from .conftest import copy_policy
+from .conftest import copy_policy, damaged_value
 
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -727,31 +727,6 @@ def test_malformed_records_are_rejected_not_crashed(policy, tmp_path, corrupt):
     assert err(m2, "open", "b", snapshot=rec) == "bad_input"
 
 
-def _bad_value(real):
-    """Strategies for what a damaged or hostile record may hold where ``real`` belongs."""
-    from hypothesis.extra import numpy as hnp
-
-    values = [st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.text(max_size=8),
-              st.lists(st.integers(-3, 3), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-              hnp.arrays(st.sampled_from([np.float32, np.float64, np.int64, np.int8, bool]),
-                         hnp.array_shapes(min_dims=0, max_dims=4, max_side=4))]
-    if isinstance(real, np.ndarray) and real.ndim:
-        def reshaped(args):  # the real array, one axis longer or shorter, or one entry NaN / out of range
-            axis, delta, how = args
-            a = real
-            if how == "resize":
-                size = max(0, a.shape[axis % a.ndim] + delta)
-                a = np.resize(a, a.shape[:axis % a.ndim] + (size,) + a.shape[axis % a.ndim + 1:])
-            else:
-                a = a.copy()
-                if a.size:
-                    a.reshape(-1)[0] = np.nan if a.dtype.kind == "f" else (-1 if a.dtype.kind in "iu" else a.flat[0])
-            return a
-        values.append(st.tuples(st.integers(0, 3), st.sampled_from([-1, 1, 5]),
-                                st.sampled_from(["resize", "poison"])).map(reshaped))
-    return st.one_of(values)
-
-
 @FUZZ
 @given(data=st.data())
 def test_any_field_of_an_agent_record_damaged_is_refused_or_restored_whole(policy, data):
@@ -765,14 +740,14 @@ def test_any_field_of_an_agent_record_damaged_is_refused_or_restored_whole(polic
     value = rec[key]
     if isinstance(value, dict) and data.draw(st.booleans(), label="inside"):  # one entry of a map (visibility)
         inner = data.draw(st.sampled_from(sorted(value)), label="entry")
-        value = {**value, inner: data.draw(_bad_value(value[inner]), label="value")}
+        value = {**value, inner: data.draw(damaged_value(value[inner]), label="value")}
     elif isinstance(value, list) and value and data.draw(st.booleans(), label="inside"):  # one pair of parts
         i, j = data.draw(st.integers(0, len(value) - 1)), data.draw(st.integers(0, 1))
         pair = list(value[i])
-        pair[j] = data.draw(_bad_value(pair[j]), label="value")
+        pair[j] = data.draw(damaged_value(pair[j]), label="value")
         value = [*value[:i], pair, *value[i + 1:]]
     else:
-        value = data.draw(_bad_value(value), label="value")
+        value = data.draw(damaged_value(value), label="value")
     bad = {**rec, key: value}
     try:
         b = store_mod.restore_agent(policy, bad)
