@@ -79,7 +79,8 @@ def damaged_value(real):
             else:
                 a = a.copy()
                 if a.size:
-                    a.reshape(-1)[0] = np.nan if a.dtype.kind == "f" else (-1 if a.dtype.kind in "iu" else a.flat[0])
+                    a.reshape(-1)[0] = (np.nan if a.dtype.kind == "f" else -1 if a.dtype.kind == "i"
+                                        else np.iinfo(a.dtype).max if a.dtype.kind == "u" else a.flat[0])
             return a
         values.append(st.tuples(st.integers(0, 3), st.sampled_from([-1, 1, 5]),
                                 st.sampled_from(["resize", "poison"])).map(reshaped))

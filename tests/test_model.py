@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from badger_runtime.config import ConfigError
 from badger_runtime.rollout import Wiring, rollout, sample_wiring
@@ -235,6 +237,60 @@ def test_every_handcrafted_policy_is_remade_by_its_recorded_command(card, tmp_pa
     assert remade.keys() == shipped.keys()
     for k in shipped:
         assert np.array_equal(remade[k], shipped[k]), k
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_damaged_checkpoint_is_refused_or_used_whole(tiny_run, tmp_path_factory, data):
+    """One entry of a training checkpoint, at any depth (its weights, optimizer state, generator states, counters,
+    config), replaced by a damaged value: ``policy_from_checkpoint`` (``badger export``) and a resumed run raise
+    ConfigError naming the entry, or go on as with the intact checkpoint; nothing else escapes (a null model
+    raised TypeError, a damaged optimizer state or generator state whatever torch or numpy raise)."""
+    import copy
+    import shutil
+
+    from badger_runtime.training.train import policy_from_checkpoint
+
+    from .conftest import damaged_value, tiny_experiment
+
+    ck = load_checkpoint(tiny_run[0] / "checkpoint.pt")
+    node, key = ck, data.draw(st.sampled_from(sorted(ck)), label="key")
+    ck = copy.deepcopy(ck)
+    node = ck
+    while isinstance(node[key], dict) and node[key] and data.draw(st.booleans()):
+        node = node[key]
+        key = data.draw(st.sampled_from(sorted(node, key=str)), label="inner")
+    real = node[key]
+    value = data.draw(damaged_value(real.numpy() if isinstance(real, torch.Tensor) else real), label="value")
+    if isinstance(real, torch.Tensor) and isinstance(value, np.ndarray) and data.draw(st.booleans()):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    node[key] = value
+    try:
+        policy_from_checkpoint(ck)
+    except ConfigError:
+        pass
+    run = tmp_path_factory.mktemp("resume")
+    shutil.copy(tiny_run[0] / "config.json", run / "config.json")
+    torch.save(ck, run / "checkpoint.pt")
+    try:
+        train(tiny_experiment(), run, resume=True, progress=False, final_eval=False, log=lambda *a: None)
+    except ConfigError:
+        pass
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model", None, "its model cannot be loaded"), ("batch", np.zeros(2), "batch count"),
+    ("wall_seconds", float("nan"), "wall_seconds"), ("outer", "sgd", "outer loop"),
+    ("format", np.zeros(2), "not a badger"), ("config", None, "map of settings")])
+def test_badger_export_refuses_a_damaged_checkpoint_with_the_reason(tiny_run, tmp_path, key, value, message):
+    from badger_runtime.training.export import export
+
+    ck = load_checkpoint(tiny_run[0] / "checkpoint.pt")
+    ck[key] = value
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=message):
+        export(tmp_path / "checkpoint.pt", tmp_path / "p.onnx")
+    assert not (tmp_path / "p.onnx").exists() and not (tmp_path / "p.json").exists()
 
 
 def test_log_floor_makes_the_objective_the_log_of_each_steps_error(tmp_path):

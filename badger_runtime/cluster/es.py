@@ -111,7 +111,11 @@ class Adam:
         return {"m": self.m, "v": self.v, "t": self.t, "lr": self.lr, "betas": list(self.betas)}
 
     def load_state_dict(self, d: dict):
-        self.m, self.v, self.t = np.asarray(d["m"], np.float32), np.asarray(d["v"], np.float32), int(d["t"])
+        m, v, t = np.asarray(d["m"], np.float32), np.asarray(d["v"], np.float32), d["t"]
+        if m.shape != self.m.shape or v.shape != self.v.shape or type(t) is not int or t < 0:
+            raise ValueError(f"Adam state of another size: m {m.shape}, v {v.shape}, t {t!r} (expected "
+                             f"{self.m.shape} and an int step >= 0)")
+        self.m, self.v, self.t = m, v, t
 
 
 # ---- one generation's work -----------------------------------------------------------------------------
@@ -277,7 +281,8 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     ``ray_address`` override ``train.es.workers`` (they do not change the result)."""
     import torch
 
-    from ..training.train import CHECKPOINT_FORMAT, _atomic_save, initial_policy, open_run, progress_bar
+    from ..training.train import (CHECKPOINT_FORMAT, _atomic_save, initial_policy, open_run, progress_bar,
+                                  checkpoint_counters, resuming)
 
     if workers is not None:
         cfg.train.es.workers = int(workers)
@@ -298,9 +303,13 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     first, wall = 0, 0.0
     ck = open_run(out, cfg, resume=resume, outer="es", ignore=("train.es.workers",))
     if ck is not None:
-        theta = np.asarray(ck["theta"], np.float32)
-        adam.load_state_dict(ck["optimizer"])
-        first, wall = ck["batch"], ck["wall_seconds"]
+        with resuming(ck_path, "theta"):
+            theta = np.asarray(ck.get("theta"), np.float32)
+            if theta.shape != (dim,) or not np.isfinite(theta).all():
+                raise ValueError(f"expected {dim} finite numbers, got shape {theta.shape}")
+        with resuming(ck_path, "optimizer"):
+            adam.load_state_dict(ck.get("optimizer"))
+        first, wall = checkpoint_counters(ck, ck_path, cfg)
         log(f"resumed from {ck_path} at generation {first}")
 
     def save(gen: int):

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import to_dict
+from ..config import ConfigError, to_dict
 from ..policy_card import CARD_FORMAT, INPUTS, OUTPUTS, card_paths, sha256_file, signature, write_card
-from .train import load_checkpoint, policy_from_checkpoint
+from .train import checkpoint_counters, load_checkpoint, policy_from_checkpoint
 
 OPSET = 17
 EXPORT_TOLERANCE = 1e-5
@@ -35,6 +35,10 @@ def export(checkpoint: str | Path, out: str | Path, *, name: str | None = None, 
 
     ck = load_checkpoint(checkpoint)
     policy, cfg = policy_from_checkpoint(ck)
+    batches, wall = checkpoint_counters(ck, checkpoint, cfg)
+    outer = ck.get("outer", "bptt")
+    if not isinstance(outer, str) or outer not in ("bptt", "es"):
+        raise ConfigError(f"{checkpoint}: its outer loop {str(outer)[:40]} is not 'bptt' or 'es'")
     spec = cfg.agent.policy
     onnx_path, card_path = card_paths(out)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,9 +78,8 @@ def export(checkpoint: str | Path, out: str | Path, *, name: str | None = None, 
         "initial_state": [float(v) for v in policy.h0.detach().numpy()],  # h0 = tanh(this + noise)
         "state_bound": STATE_BOUND,
         "config": to_dict(cfg),
-        "training": {"outer": ck.get("outer", "bptt"), "batches": ck["batch"],
-                     "wall_seconds": round(ck["wall_seconds"], 1),
-                     "sec_per_batch": round(ck["wall_seconds"] / max(1, ck["batch"]), 4),
+        "training": {"outer": outer, "batches": batches, "wall_seconds": round(wall, 1),
+                     "sec_per_batch": round(wall / max(1, batches), 4),
                      "checkpoint_sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()},
         "export": {"opset": OPSET, "exporter": "torch.onnx.export (TorchScript-based, dynamic batch axis)",
                    "max_rel_diff_vs_torch": worst},

@@ -9,6 +9,7 @@ resume; a seeded final evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -135,7 +136,7 @@ def load_checkpoint(path: str | Path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many kinds for a corrupt file
         raise ConfigError(f"{path} is not a readable checkpoint: {e}") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ck, dict) or not isinstance(ck.get("format"), str) or ck["format"] != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not a badger checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
     return ck
 
@@ -214,9 +215,9 @@ def check_resumable(ck: dict, path, cfg: ExperimentConfig, outer: str, ignore: t
     """Refuse to resume a checkpoint of another outer loop or another config (settings that older
     checkpoints lack count as their defaults; ``ignore``: train settings that do not change the
     run, e.g. ES's worker count)."""
-    if ck.get("outer", "bptt") != outer:
-        raise ConfigError(f"cannot resume {path} with --outer {outer}: it was trained by --outer "
-                          f"{ck.get('outer', 'bptt')}")
+    was = ck.get("outer", "bptt")
+    if not isinstance(was, str) or was != outer:
+        raise ConfigError(f"cannot resume {path} with --outer {outer}: it was trained by --outer {str(was)[:40]}")
 
     def norm(d):
         d = to_dict(from_dict(ExperimentConfig, d))
@@ -243,14 +244,43 @@ def progress_bar(name: str, total: int, completed: int):
 
 
 def policy_from_checkpoint(ck: dict) -> tuple[ExpertPolicy, ExperimentConfig]:
-    cfg = from_dict(ExperimentConfig, ck["config"]).validate()
+    """The policy a checkpoint holds and its config; ConfigError with the reason where they are damaged or do
+    not match (weights of other shapes, entries that are not tensors, NaN or inf)."""
+    cfg = from_dict(ExperimentConfig, ck.get("config")).validate()
     policy = ExpertPolicy(cfg.agent.policy)
-    try:
-        policy.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise ConfigError(f"checkpoint weights do not match its config: {e}") from None
+    load_weights(policy, ck.get("model"), "the checkpoint")
     policy.eval()
     return policy, cfg
+
+
+@contextlib.contextmanager
+def resuming(path, what: str):
+    """Load entry ``what`` of the checkpoint at ``path`` into a run: whatever a damaged entry raises becomes a
+    ConfigError naming it (the run stops before its first batch; the checkpoint is left as it is)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 (torch, numpy and the generators raise many kinds for bad values)
+        raise ConfigError(f"{path}: its {what} cannot be loaded ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def load_weights(policy: torch.nn.Module, weights, path):
+    """``policy.load_state_dict(weights)``, refusing non-finite weights (ConfigError)."""
+    with resuming(path, "model"):
+        policy.load_state_dict(weights)
+    if not all(torch.isfinite(v).all() for v in policy.state_dict().values() if v.is_floating_point()):
+        raise ConfigError(f"{path}: its model holds NaN or inf weights")
+
+
+def checkpoint_counters(ck: dict, path, cfg: ExperimentConfig) -> tuple[int, float]:
+    """(batches done, wall seconds) of a checkpoint (to resume, or to export), checked against ``cfg``."""
+    batch, wall = ck.get("batch"), ck.get("wall_seconds")
+    if type(batch) is not int or not 0 <= batch <= cfg.train.batches:
+        raise ConfigError(f"{path}: its batch count {str(batch)[:40]} is not an int in [0, {cfg.train.batches}]")
+    if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not 0 <= wall < math.inf:
+        raise ConfigError(f"{path}: its wall_seconds {str(wall)[:40]} is not a number >= 0")
+    return batch, float(wall)
 
 
 def trainable_parameters(policy: ExpertPolicy, names: list[str]) -> list[torch.nn.Parameter]:
@@ -308,11 +338,14 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     first_batch, wall = 0, 0.0
     ck = open_run(out, cfg, resume=resume, outer="bptt")
     if ck is not None:
-        policy.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        rng.bit_generator.state = ck["rng"]
-        torch.set_rng_state(ck["torch_rng"])
-        first_batch, wall = ck["batch"], ck["wall_seconds"]
+        load_weights(policy, ck.get("model"), ck_path)
+        with resuming(ck_path, "optimizer"):
+            opt.load_state_dict(ck.get("optimizer"))
+        with resuming(ck_path, "rng"):
+            rng.bit_generator.state = ck.get("rng")
+        with resuming(ck_path, "torch_rng"):
+            torch.set_rng_state(ck.get("torch_rng"))
+        first_batch, wall = checkpoint_counters(ck, ck_path, cfg)
         if smoothed is not None:
             smoothed.update({int(k): v for k, v in ck.get("guard_smoothed", {}).items()})
         log(f"resumed from {ck_path} at batch {first_batch}")
