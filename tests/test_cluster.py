@@ -212,6 +212,26 @@ def test_es_trains_resumes_and_exports(tmp_path, monkeypatch):
     assert np.abs(pol.step(*x)[1] - NumpyPolicy(pol.spec, b["theta"]).step(*x)[1]).max() < 1e-5
 
 
+@pytest.mark.parametrize("entry, damage", [
+    ("theta", lambda ck: ck.update(theta=ck["theta"][:-1])), ("theta", lambda ck: ck["theta"].__setitem__(0, np.nan)),
+    ("optimizer", lambda ck: ck["optimizer"].update(m=np.zeros(3, np.float32))),
+    ("optimizer", lambda ck: ck.update(optimizer=None)), ("batch", lambda ck: ck.update(batch=-1))])
+def test_es_refuses_to_resume_a_damaged_checkpoint(tmp_path, entry, damage):
+    """A resumed ES run whose checkpoint has a damaged entry stops with ConfigError naming it, before a
+    generation runs, and leaves the checkpoint as it was."""
+    import torch
+
+    cfg = es_experiment(generations=2)
+    train_es(cfg, tmp_path, final_eval=False, progress=False, log=lambda *a: None)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    damage(ck)
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match=entry):
+        train_es(cfg, tmp_path, resume=True, final_eval=False, progress=False, log=lambda *a: None)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
 def test_es_starts_where_bptt_starts_a_structured_init(tmp_path):
     """train.init (a handcrafted policy) is the starting point of both outer loops: with no step
     taken, the ES checkpoint holds the weights the BPTT trainer starts from, not the default init."""
