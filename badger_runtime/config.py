@@ -123,6 +123,8 @@ class AgreementConfig:
             raise ConfigError(f"agreement.rounds must be >= 1, got {self.rounds}")
         if not 0 < self.quorum <= 1:
             raise ConfigError("agreement.quorum must be in (0, 1]")
+        if not self.eps >= 0:
+            raise ConfigError(f"agreement.eps must be >= 0 (a message change below it ends the stage), got {self.eps}")
 
 
 @dataclass
@@ -274,6 +276,9 @@ class TrainConfig:
                               f"got {self.log_floor}")
         if not 0 <= self.spread_weight < math.inf:
             raise ConfigError(f"train.spread_weight must be a finite number >= 0, got {self.spread_weight}")
+        if not self.clip > 0 or not self.vote_weight >= 0:
+            raise ConfigError(f"train.clip must be > 0 (the gradient norm's bound) and train.vote_weight >= 0, got "
+                              f"{self.clip} and {self.vote_weight}")
         if self.batches < 0 or self.batch_size < 1 or self.lr <= 0 or self.adam_eps <= 0:
             raise ConfigError("train.batch_size, train.lr and train.adam_eps must be positive and train.batches >= 0 "
                               "(0: the initial weights, e.g. a handcrafted train.init, become the checkpoint)")
@@ -371,6 +376,8 @@ def _coerce(tp, value, where):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # no setting means anything at NaN or infinity
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +126,31 @@ def test_curriculum_stages_override_the_task_until_their_batch():
     cfg.train.stages = [Stage(until=3, settings={"steps": "many"})]
     with pytest.raises(ConfigError, match="steps"):
         task_at(cfg, 0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _float_settings(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _float_settings(v, prefix + k + ".")
+        elif isinstance(v, float):
+            yield prefix + k
+
+
+@pytest.mark.parametrize("config", [None, "configs/bandit_index.toml", "configs/fewshot.toml", "configs/scale.toml"])
+def test_no_setting_takes_nan_or_infinity(config):
+    """Every number setting of every task's config refuses NaN and +-inf with a ConfigError naming it (a NaN
+    learning rate or sigma was accepted and trained on), and the ones that are scales or bounds refuse
+    negatives (a negative train.clip flipped the gradient)."""
+    path = None if config is None else str(ROOT / config)
+    names = list(_float_settings(to_dict(load_experiment(path, []))))
+    assert {"train.lr", "train.clip", "agent.agreement.eps"} <= set(names)
+    for name in names:
+        for bad in ("nan", "inf", "-inf"):
+            with pytest.raises(ConfigError, match=name.split(".")[-1]):
+                load_experiment(path, [f"{name}={bad}"])
+    for name in ("train.clip", "train.vote_weight", "agent.agreement.eps", "train.lr", "agent.policy.init_noise"):
+        with pytest.raises(ConfigError, match=name.split(".")[-1]):
+            load_experiment(path, [f"{name}=-1.0"])
