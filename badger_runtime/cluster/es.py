@@ -282,7 +282,7 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     import torch
 
     from ..training.train import (CHECKPOINT_FORMAT, _atomic_save, initial_policy, open_run, progress_bar,
-                                  checkpoint_counters, resuming)
+                                  checkpoint_counters, checkpoint_entry)
 
     if workers is not None:
         cfg.train.es.workers = int(workers)
@@ -303,11 +303,11 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     first, wall = 0, 0.0
     ck = open_run(out, cfg, resume=resume, outer="es", ignore=("train.es.workers",))
     if ck is not None:
-        with resuming(ck_path, "theta"):
+        with checkpoint_entry(ck_path, "theta"):
             theta = np.asarray(ck.get("theta"), np.float32)
             if theta.shape != (dim,) or not np.isfinite(theta).all():
                 raise ValueError(f"expected {dim} finite numbers, got shape {theta.shape}")
-        with resuming(ck_path, "optimizer"):
+        with checkpoint_entry(ck_path, "optimizer"):
             adam.load_state_dict(ck.get("optimizer"))
         first, wall = checkpoint_counters(ck, ck_path, cfg)
         log(f"resumed from {ck_path} at generation {first}")

@@ -254,9 +254,9 @@ def policy_from_checkpoint(ck: dict) -> tuple[ExpertPolicy, ExperimentConfig]:
 
 
 @contextlib.contextmanager
-def resuming(path, what: str):
-    """Load entry ``what`` of the checkpoint at ``path`` into a run: whatever a damaged entry raises becomes a
-    ConfigError naming it (the run stops before its first batch; the checkpoint is left as it is)."""
+def checkpoint_entry(path, what: str):
+    """Load entry ``what`` of the checkpoint at ``path`` (to resume a run, or to export it): whatever a damaged
+    entry raises becomes a ConfigError naming it (a run stops before its first batch; the file is left as it is)."""
     try:
         yield
     except ConfigError:
@@ -267,7 +267,7 @@ def resuming(path, what: str):
 
 def load_weights(policy: torch.nn.Module, weights, path):
     """``policy.load_state_dict(weights)``, refusing non-finite weights (ConfigError)."""
-    with resuming(path, "model"):
+    with checkpoint_entry(path, "model"):
         policy.load_state_dict(weights)
     if not all(torch.isfinite(v).all() for v in policy.state_dict().values() if v.is_floating_point()):
         raise ConfigError(f"{path}: its model holds NaN or inf weights")
@@ -339,15 +339,16 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     ck = open_run(out, cfg, resume=resume, outer="bptt")
     if ck is not None:
         load_weights(policy, ck.get("model"), ck_path)
-        with resuming(ck_path, "optimizer"):
+        with checkpoint_entry(ck_path, "optimizer"):
             opt.load_state_dict(ck.get("optimizer"))
-        with resuming(ck_path, "rng"):
+        with checkpoint_entry(ck_path, "rng"):
             rng.bit_generator.state = ck.get("rng")
-        with resuming(ck_path, "torch_rng"):
+        with checkpoint_entry(ck_path, "torch_rng"):
             torch.set_rng_state(ck.get("torch_rng"))
         first_batch, wall = checkpoint_counters(ck, ck_path, cfg)
         if smoothed is not None:
-            smoothed.update({int(k): v for k, v in ck.get("guard_smoothed", {}).items()})
+            with checkpoint_entry(ck_path, "guard_smoothed"):
+                smoothed.update({int(k): float(v) for k, v in ck.get("guard_smoothed", {}).items()})
         log(f"resumed from {ck_path} at batch {first_batch}")
     ops = torch_ops()
     spec = cfg.agent.policy
