@@ -18,6 +18,7 @@ ABLATIONS = ("none", "cut", "shuffle")
 AGREEMENTS = ("fixed", "convergence", "quorum")
 OBJECTIVES = ("last", "mean", "weighted")
 GROW_INITS = ("mixed", "fresh", "clone")  # train.grow_init
+MAX_POLICY_WIDTH = 4096  # the largest policy.* size (hidden, message, key, address widths, heads)
 CLONE_DRAWS = ("batch", "episode")  # train.clone_draw
 
 
@@ -43,6 +44,9 @@ class PolicySpec:
         for name in ("hidden", "msg_dim", "key_dim", "addr_dim", "read_heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"policy.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("hidden", "msg_dim", "key_dim", "addr_dim", "read_heads", "id_dim", "competitive_heads"):
+            if getattr(self, name) > MAX_POLICY_WIDTH:  # a typo's 1e9 is a clear error, not a failed allocation
+                raise ConfigError(f"policy.{name} must be <= {MAX_POLICY_WIDTH}, got {getattr(self, name)}")
         if self.addr_dim < 3:
             raise ConfigError("policy.addr_dim must be >= 3 (2 kind flags + an address)")
         if self.id_dim < 0 or self.init_noise < 0:
@@ -288,6 +292,9 @@ class TrainConfig:
         lo, hi = self.horizon
         if not (lo == hi == 0 or 1 <= lo <= hi):
             raise ConfigError("train.horizon must be [0, 0] (the task's steps) or [lo, hi] with 1 <= lo <= hi")
+        if self.log_every < 1 or self.ckpt_every < 1 or self.threads < 1 or self.eval_episodes < 0:
+            raise ConfigError("train.log_every, train.ckpt_every and train.threads must be >= 1 and "
+                              "train.eval_episodes >= 0 (0: no final evaluation)")
         if self.tbptt < 0:
             raise ConfigError("train.tbptt must be >= 0")
         if not 0 <= self.continue_prob < 1:

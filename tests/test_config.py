@@ -154,3 +154,13 @@ def test_no_setting_takes_nan_or_infinity(config):
     for name in ("train.clip", "train.vote_weight", "agent.agreement.eps", "train.lr", "agent.policy.init_noise"):
         with pytest.raises(ConfigError, match=name.split(".")[-1]):
             load_experiment(path, [f"{name}=-1.0"])
+
+
+@pytest.mark.parametrize("setting", ["train.log_every=0", "train.ckpt_every=0", "train.threads=0",
+                                     "train.eval_episodes=-1", "agent.policy.hidden=1000000000",
+                                     "agent.policy.id_dim=1e9"])
+def test_counts_and_sizes_out_of_range_are_refused(setting):
+    """A zero logging or checkpoint interval (a modulo by zero in the training loop) and a policy of absurd size
+    (a failed allocation of terabytes) are ConfigErrors naming the setting."""
+    with pytest.raises(ConfigError, match=setting.split("=")[0].split(".")[-1]):
+        load_experiment(None, [setting])

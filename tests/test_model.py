@@ -293,6 +293,13 @@ def test_badger_export_refuses_a_damaged_checkpoint_with_the_reason(tiny_run, tm
     assert not (tmp_path / "p.onnx").exists() and not (tmp_path / "p.json").exists()
 
 
+def test_no_final_evaluation_with_eval_episodes_0(tmp_path):
+    cfg = tiny_experiment()
+    cfg.train.batches, cfg.train.eval_episodes = 1, 0
+    summary = train(cfg.validate(), tmp_path, progress=False, log=lambda *a: None)
+    assert "eval" not in summary and (tmp_path / "checkpoint.pt").exists()
+
+
 def test_log_floor_makes_the_objective_the_log_of_each_steps_error(tmp_path):
     """``train.log_floor``: the batch's objective is log(error + floor) at each step, weighed as before (here the
     last step only, so each batch's loss is log of its reported last-step error + floor); 0 keeps the error."""

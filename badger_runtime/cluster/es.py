@@ -359,7 +359,7 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     summary = {"name": cfg.name, "outer": "es", "batches": tr.batches, "generations": tr.batches,
                "population": es.population, "workers": pool.workers, "wall_seconds": round(wall, 1),
                "sec_per_batch": round(wall / tr.batches, 4) if trained > 0 else None, "seed": tr.seed}
-    if final_eval:
+    if final_eval and cfg.train.eval_episodes:
         summary["eval"] = final_evaluation(cfg, theta)
         shown = {k: v for k, v in summary["eval"].items() if k.startswith("final_") and isinstance(v, float)}
         log("final eval: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()))

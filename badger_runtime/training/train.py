@@ -447,7 +447,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     summary = {"name": cfg.name, "batches": cfg.train.batches, "wall_seconds": round(wall, 1),
                "sec_per_batch": round(wall / cfg.train.batches, 4) if trained > 0 else None,
                "seed": cfg.train.seed}
-    if final_eval:
+    if final_eval and cfg.train.eval_episodes:
         task = make_task(cfg.task)
         d, n = task.default_dims(), task.default_experts()
         with torch.no_grad():
