@@ -2,6 +2,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from badger_runtime.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_experiment, to_dict
 
@@ -164,3 +166,33 @@ def test_counts_and_sizes_out_of_range_are_refused(setting):
     (a failed allocation of terabytes) are ConfigErrors naming the setting."""
     with pytest.raises(ConfigError, match=setting.split("=")[0].split(".")[-1]):
         load_experiment(None, [setting])
+
+
+_CONFIGS = [None, "configs/bandit_index.toml", "configs/fewshot.toml", "configs/scale.toml", "configs/fig9_quorum.toml"]
+
+
+def _keys(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _keys(v, prefix + k + ".")
+        yield prefix + k
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_any_set_override_is_refused_or_gives_a_valid_config(data):
+    """``badger train CONFIG --set key=value``, any known key of five tasks' configs (a section too) set to any
+    TOML value (numbers of every sign and size, NaN, inf, strings, lists, tables): a ConfigError naming what is
+    wrong, or a config that validates again after a round trip through its dict."""
+    config = data.draw(st.sampled_from(_CONFIGS))
+    path = None if config is None else str(ROOT / config)
+    keys = sorted(set(_keys(to_dict(load_experiment(path, [])))))
+    value = data.draw(st.sampled_from(["0", "1", "-1", "3", "1e9", "0.5", "-0.5", "nan", "inf", "true", '"x"',
+                                       '"fixed"', "[1, 2]", "[2, 1]", "[0, 0]", "[-1, 3]", "[]", "{}", "[1, 2, 3]",
+                                       '"sample"', '"quorum"', '"topk"', '"clone"', '"bandit"', "1000000"]))
+    sets = [f"{data.draw(st.sampled_from(keys))}={value}"]
+    try:
+        cfg = load_experiment(path, sets)
+    except ConfigError:
+        return
+    assert from_dict(ExperimentConfig, to_dict(cfg)).validate() == cfg
