@@ -21,13 +21,15 @@ values. Bad inputs raise ``InputError`` and leave the agent as it was.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
-from .config import AgentConfig, TaskConfig
+from .config import AgentConfig, ConfigError, TaskConfig
 from .membrane import KIND_FEEDBACK, KIND_OBSERVATION, Interface, Visibility, normal_seats
 from .rollout import (AgentState, StepInfo, Wiring, agent_step, clone_sources, grow, initial_state, rebalance,
                       repeated, sample_wiring, shrink)
-from .routing import Neighbors, membrane_masks
+from .routing import Neighbors, check_size, membrane_masks
 from .xp import NumpyOps
 
 OPS = NumpyOps()
@@ -37,8 +39,38 @@ def numpy_ops() -> NumpyOps:
     return OPS
 
 
+#: the most experts one agent holds (the batched engine and the sharded runtime): a larger growth is refused
+MAX_EXPERTS = 1 << 24
+
+
 class InputError(ValueError):
     """An observation the agent refuses (wrong shape, NaN/inf, out of range); the agent is unchanged."""
+
+
+def check_add(cfg: AgentConfig, N: int, n: int, batch: int):
+    """Refuse adding ``n`` experts to agents of ``N`` (InputError) before anything is drawn, so a refused growth
+    leaves the agent and its generator as they were: n >= 1, at most ``MAX_EXPERTS`` in all, and routing that
+    scores every pair still fitting (``routing.check_size``)."""
+    if operator.index(n) < 1:
+        raise InputError("add at least one expert")
+    if N + n > MAX_EXPERTS:
+        raise InputError(f"an agent holds at most {MAX_EXPERTS:,} experts; it has {N:,}, asked to add {n:,}")
+    try:
+        check_size(cfg.routing, N + n, batch)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+
+
+def expert_indices(indices, N: int) -> list[int]:
+    """Sorted distinct indices in [0, N) from any iterable of integers (an array too); InputError otherwise."""
+    try:
+        items = indices.reshape(-1).tolist() if isinstance(indices, np.ndarray) else list(indices)
+        idx = sorted(set(operator.index(i) for i in items))
+    except (TypeError, ValueError):
+        raise InputError(f"expert indices must be integers, got {str(indices)[:80]}") from None
+    if any(i < 0 or i >= N for i in idx):
+        raise InputError(f"expert indices must be in [0, {N}), got {idx[:20]}")
+    return idx
 
 
 class HorizonError(InputError):
@@ -261,10 +293,9 @@ class Agent:
         ``fresh`` draws a new initial state (refused where the card says it hurts, see
         ``check_growth``); None: the kind the card does not refuse (``default_init``, checked by
         ``growth_init``)."""
-        if n < 1:
-            raise InputError("add at least one expert")
-        init = growth_init(self.policy, init, sources if source is None else source, allow_harmful)
         N = self.n_experts
+        check_add(self.cfg, N, n, self.batch)
+        init = growth_init(self.policy, init, sources if source is None else source, allow_harmful)
         if init == "clone":
             if source is not None and not 0 <= source < N:
                 raise InputError(f"no expert {source} to clone (the agent has {N})")
@@ -288,10 +319,8 @@ class Agent:
 
     def remove_experts(self, indices) -> int:
         """Remove experts by index; returns how many remain (at least one must)."""
-        idx = sorted(set(int(i) for i in indices))
         N = self.n_experts
-        if any(i < 0 or i >= N for i in idx):
-            raise InputError(f"expert indices must be in [0, {N}), got {idx[:20]}")
+        idx = expert_indices(indices, N)
         gone = set(idx)
         keep = np.array([i for i in range(N) if i not in gone], dtype=np.int64)
         if keep.size == 0:
@@ -341,6 +370,6 @@ class Agent:
         return self
 
 
-__all__ = ["Agent", "GrowthError", "HorizonError", "InputError", "StepInfo", "check_growth", "check_horizon",
-           "check_values", "default_init", "fresh_hurts", "growth_init", "draw_interface", "numpy_ops",
-           "KIND_FEEDBACK", "KIND_OBSERVATION"]
+__all__ = ["Agent", "GrowthError", "HorizonError", "InputError", "MAX_EXPERTS", "StepInfo", "check_add",
+           "check_growth", "check_horizon", "check_values", "default_init", "expert_indices", "fresh_hurts",
+           "growth_init", "draw_interface", "numpy_ops", "KIND_FEEDBACK", "KIND_OBSERVATION"]

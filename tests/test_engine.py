@@ -373,6 +373,65 @@ def test_copies_of_the_same_episodes_grow_and_shrink_alike(tiny_policy, routing)
         Agent(pol, cfg).start(one.interface, one.wiring, copies=3)
 
 
+_INT = st.one_of(st.integers(-5, 10), st.integers(-2**70, 2**70))
+_INTS = st.one_of(_INT, st.lists(_INT, max_size=4), damaged_value(np.zeros((2, 3), np.int64)),
+                  damaged_value(np.zeros(3, np.int64)))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_refused_call_leaves_the_agent_as_it_was(tiny_policy, data):
+    """The engine's calls with well-typed but damaged arguments (observations of other shapes, NaN, inf; counts
+    of any sign and size, 10^21 experts, more than dense routing holds; sources and indices out of range, of other
+    shapes, NaN): InputError, and the agent, its generator included, exactly as before (a huge count was a
+    MemoryError, too many for dense routing a ConfigError after the newcomers' draws); otherwise it steps on."""
+    pol = load_policy(tiny_policy)
+    a = Agent(pol).reset(batch=2, experts=4, dims=2, seed=0)
+    obs = np.zeros((2, a.slots), np.float32)
+    a.step(obs)
+    before = a.snapshot()
+    what = data.draw(st.sampled_from(["step", "add", "remove"]), label="call")
+    try:
+        if what == "step":
+            a.step(data.draw(st.one_of(damaged_value(obs), _INTS), label="observation"))
+        elif what == "add":
+            kw = {"init": data.draw(st.sampled_from(["fresh", "clone", None, "x"]), label="init")}
+            if data.draw(st.booleans()):
+                kw["sources"] = data.draw(_INTS, label="sources")
+            elif data.draw(st.booleans()):
+                kw["source"] = data.draw(_INT, label="source")
+            a.add_experts(data.draw(_INT, label="n"), **kw)
+        else:
+            a.remove_experts(data.draw(_INTS, label="indices"))
+    except InputError:
+        after = a.snapshot()
+        for k, v in before.items():
+            assert (np.array_equal(v, after[k]) if isinstance(v, np.ndarray) else v == after[k]), k
+        return
+    out, _ = a.step(obs)
+    assert np.isfinite(out).all()
+
+
+def test_the_sharded_runtime_refuses_what_the_engine_refuses(tiny_policy):
+    """The same growth and removal rules (``engine.check_add``, ``engine.expert_indices``) in the sharded runtime."""
+    import dataclasses
+
+    from badger_runtime.actors.sharded import ShardedAgent
+    from badger_runtime.engine import MAX_EXPERTS
+
+    pol = load_policy(tiny_policy)
+    ref = Agent(pol).reset(batch=1, experts=4, dims=2, seed=0)
+    dense = dataclasses.replace(pol.agent, routing=dataclasses.replace(pol.agent.routing, kind="dense"))
+    a = ShardedAgent(pol, dense, ref.interface, ref.wiring, shards=2)
+    for n in (0, -3, MAX_EXPERTS, 20_000):  # 20,000 dense experts would not fit
+        with pytest.raises(InputError):
+            a.add_experts(n, init="fresh")
+    for ids in ([7], [-1], ["a"], [1.5], None, [[0, 1]]):
+        with pytest.raises(InputError):
+            a.remove_experts(ids)
+    assert a.n_experts == 4 and a.remove_experts(np.array([0, 2])) == 2
+
+
 def test_every_shipped_policy_runs_an_episode_without_torch(tmp_path):
     """A base install (no torch) loads each shipped policy and runs episodes of its own task with it
     (the stationary evaluation setting): better than chance (guessing) or uniform random (bandit)."""

@@ -58,7 +58,7 @@ import trio
 
 from .. import agreement, membrane
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_horizon, check_values, growth_init
+from ..engine import InputError, check_add, check_horizon, check_values, expert_indices, growth_init
 from ..membrane import Interface
 from ..rollout import AgentState, StepInfo, Wiring, clone_sources, grow, initial_state, rebalance, shrink
 from ..xp import NumpyOps
@@ -148,10 +148,9 @@ class ShardedMembrane:
                     allow_harmful: bool = False) -> list[int]:
         """Add n experts by the batched engine's rule (``rollout.grow``), re-partitioned into shards
         (init None: the kind the card does not refuse, ``engine.default_init``)."""
-        if n < 1:
-            raise InputError("add at least one expert")
-        init = growth_init(self.policy, init, source, allow_harmful)
         N = self.N
+        check_add(self.cfg, N, n, self.B)
+        init = growth_init(self.policy, init, source, allow_harmful)
         sources = None
         if init == "clone":
             if source is not None and not 0 <= source < N:
@@ -164,9 +163,7 @@ class ShardedMembrane:
 
     def remove_experts(self, ids) -> int:
         """Remove experts by index (as ``engine.Agent.remove_experts``); returns how many remain."""
-        idx = sorted({int(i) for i in ids})
-        if any(i < 0 or i >= self.N for i in idx):
-            raise InputError(f"expert indices must be in [0, {self.N}), got {idx[:20]}")
+        idx = expert_indices(ids, self.N)
         keep = np.setdiff1d(np.arange(self.N), idx)
         if keep.size == 0:
             raise InputError("cannot remove every expert: an agent needs at least one")
