@@ -412,8 +412,9 @@ def test_a_refused_call_leaves_the_agent_as_it_was(tiny_policy, data):
     assert np.isfinite(out).all()
 
 
-def test_the_sharded_runtime_refuses_what_the_engine_refuses(tiny_policy):
-    """The same growth and removal rules (``engine.check_add``, ``engine.expert_indices``) in the sharded runtime."""
+def test_the_sharded_and_actor_runtimes_refuse_what_the_engine_refuses(tiny_policy):
+    """The same growth and removal rules (``engine.check_add``, ``engine.expert_indices``) in the sharded runtime,
+    and the same growth rule and integer ids in the per-expert actor runtime."""
     import dataclasses
 
     from badger_runtime.actors.sharded import ShardedAgent
@@ -430,6 +431,16 @@ def test_the_sharded_runtime_refuses_what_the_engine_refuses(tiny_policy):
         with pytest.raises(InputError):
             a.remove_experts(ids)
     assert a.n_experts == 4 and a.remove_experts(np.array([0, 2])) == 2
+    from badger_runtime.actors.runtime import ActorAgent
+
+    act = ActorAgent(pol, dense, ref.interface, ref.wiring)  # per-expert actors, not started: the calls are sync
+    for n in (0, -3, MAX_EXPERTS):
+        with pytest.raises(InputError):
+            act.add_experts(n, init="fresh")
+    for ids in ([7], ["a"], [1.5], None):
+        with pytest.raises(InputError):
+            act.remove_experts(ids)
+    assert len(act.live_ids()) == 4 and act.remove_experts(np.array([0])) == 3
 
 
 def test_every_shipped_policy_runs_an_episode_without_torch(tmp_path):

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ import trio
 
 from .. import routing
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_horizon, check_values, growth_init
+from ..engine import InputError, check_add, check_horizon, check_values, growth_init
 from ..membrane import Interface, normal_seats, seat_array
 from ..rollout import StepInfo, Wiring, clone_candidates, fresh_state, initial_state, rebalance_plan
 from ..xp import NumpyOps
@@ -244,8 +245,7 @@ class ActorAgent(Lifecycle):
         as ``rollout.grow`` does; None: the kind the card does not refuse (``engine.default_init``).
         Unlike ``rollout.grow``, nobody else is rewired: the newcomer gets edges by the directory's
         growing rule (see ``directory``)."""
-        if n < 1:
-            raise InputError("add at least one expert")
+        check_add(self.cfg, len(self._records), n, 1)
         init = growth_init(self.policy, init, source, allow_harmful)
         if source is not None and source not in self._records:
             raise InputError(f"no expert {source} to clone")
@@ -287,7 +287,11 @@ class ActorAgent(Lifecycle):
 
     def remove_experts(self, ids, reason: str = "removed") -> int:
         """Remove experts at once, even mid-step; returns how many remain (at least one must)."""
-        ids = sorted({int(i) for i in ids})
+        try:
+            items = ids.reshape(-1).tolist() if isinstance(ids, np.ndarray) else ids
+            ids = sorted({operator.index(i) for i in items})
+        except (TypeError, ValueError):
+            raise InputError(f"expert ids must be integers, got {str(ids)[:80]}") from None
         unknown = [i for i in ids if i not in self._records]
         if unknown:
             raise InputError(f"no experts {unknown} (live: {self.live_ids()})")
