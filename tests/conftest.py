@@ -87,6 +87,25 @@ def damaged_value(real):
     return st.one_of(values)
 
 
+def damage_one_entry(data, root: dict, *, to_value=None, from_value=None) -> list:
+    """Replace one entry of the nested map ``root``, in place, at any depth (a top-level field, a section, one
+    setting) by a ``damaged_value`` drawn from ``data`` (hypothesis ``st.data()``); ``to_value`` turns the real
+    entry into what the strategies know (a tensor into an array), ``from_value(real, value)`` the drawn value into
+    what the map may hold. Returns the entry's path."""
+    from hypothesis import strategies as st
+
+    node, key = root, data.draw(st.sampled_from(sorted(root, key=str)), label="key")
+    path = [key]
+    while isinstance(node[key], dict) and node[key] and data.draw(st.booleans(), label="deeper"):
+        node = node[key]
+        key = data.draw(st.sampled_from(sorted(node, key=str)), label="inner")
+        path.append(key)
+    real = node[key]
+    value = data.draw(damaged_value(to_value(real) if to_value else real), label="value")
+    node[key] = from_value(real, value) if from_value else value
+    return path
+
+
 def tiny_experiment(competitive_heads: int = 0, read_moments: bool = False, **task):
     from badger_runtime.config import AgentConfig, ExperimentConfig, PolicySpec, TrainConfig
     from badger_runtime.tasks.guessing import GuessingConfig

@@ -17,7 +17,7 @@ from badger_runtime.routing import Neighbors
 from badger_runtime.training.model import torch_ops
 from badger_runtime.training.train import load_checkpoint, policy_from_checkpoint
 
-from .conftest import copy_policy, damaged_value, run_without_torch
+from .conftest import copy_policy, damage_one_entry, damaged_value, run_without_torch
 
 ROUTINGS = ["dense", "topk", "hardwired", "homogeneous", "random"]
 RULES = ["fixed", "convergence", "quorum"]
@@ -108,18 +108,12 @@ def test_any_entry_of_a_card_damaged_is_refused_or_the_policy_runs(tiny_policy, 
     PolicyError naming the reason, or the policy loads and steps an agent (an entry only a person reads); nothing
     else escapes (a card whose config was null raised AttributeError)."""
     card = json.loads(tiny_policy.with_suffix(".json").read_text())
-    node, key = card, data.draw(st.sampled_from(sorted(card)), label="key")
-    while isinstance(node[key], dict) and node[key] and data.draw(st.booleans()):
-        node = node[key]
-        key = data.draw(st.sampled_from(sorted(node)), label="inner")
-    value = data.draw(damaged_value(node[key]), label="value")
-    value = value.tolist() if isinstance(value, np.ndarray) else value
+    path = damage_one_entry(data, card, from_value=lambda real, v: v.tolist() if isinstance(v, np.ndarray) else v)
     try:
-        json.dumps(value)
+        json.dumps(card)
     except (TypeError, ValueError):  # not something a JSON card can hold
         return
-    node[key] = value
-    p = copy_policy(tiny_policy, tmp_path, name=f"fuzz{abs(hash(key)) % 1000}", edit=lambda c: c.update(card))
+    p = copy_policy(tiny_policy, tmp_path, name=f"fuzz{abs(hash(str(path))) % 1000}", edit=lambda c: c.update(card))
     try:
         pol = load_policy(p)
     except PolicyError:

@@ -251,20 +251,18 @@ def test_a_damaged_checkpoint_is_refused_or_used_whole(tiny_run, tmp_path_factor
 
     from badger_runtime.training.train import policy_from_checkpoint
 
-    from .conftest import damaged_value, tiny_experiment
+    from .conftest import damage_one_entry, tiny_experiment
 
     ck = load_checkpoint(tiny_run[0] / "checkpoint.pt")
-    node, key = ck, data.draw(st.sampled_from(sorted(ck)), label="key")
     ck = copy.deepcopy(ck)
-    node = ck
-    while isinstance(node[key], dict) and node[key] and data.draw(st.booleans()):
-        node = node[key]
-        key = data.draw(st.sampled_from(sorted(node, key=str)), label="inner")
-    real = node[key]
-    value = data.draw(damaged_value(real.numpy() if isinstance(real, torch.Tensor) else real), label="value")
-    if isinstance(real, torch.Tensor) and isinstance(value, np.ndarray) and data.draw(st.booleans()):
-        value = torch.from_numpy(np.ascontiguousarray(value))
-    node[key] = value
+
+    def as_stored(real, value):  # an array where a tensor was stored is sometimes a tensor itself
+        if isinstance(real, torch.Tensor) and isinstance(value, np.ndarray) and data.draw(st.booleans()):
+            return torch.from_numpy(np.ascontiguousarray(value))
+        return value
+
+    damage_one_entry(data, ck, to_value=lambda r: r.numpy() if isinstance(r, torch.Tensor) else r,
+                     from_value=as_stored)
     try:
         policy_from_checkpoint(ck)
     except ConfigError:

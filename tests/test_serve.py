@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import struct
 
@@ -21,7 +22,7 @@ from badger_runtime.serve.server import Server
 from badger_runtime.serve.sessions import Limits, SessionManager, new_agent
 from badger_runtime.serve.store import SessionStore, StoreError
 
-from .conftest import copy_policy, damaged_value
+from .conftest import copy_policy, damage_one_entry, damaged_value
 
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -736,19 +737,15 @@ def test_any_field_of_an_agent_record_damaged_is_refused_or_restored_whole(polic
     a = new_agent(policy, 5, 3, 2)
     a.step(np.zeros((1, a.slots), np.float32))
     rec = store_mod.agent_record(a)
-    key = data.draw(st.sampled_from(sorted(rec)), label="key")
-    value = rec[key]
-    if isinstance(value, dict) and data.draw(st.booleans(), label="inside"):  # one entry of a map (visibility)
-        inner = data.draw(st.sampled_from(sorted(value)), label="entry")
-        value = {**value, inner: data.draw(damaged_value(value[inner]), label="value")}
-    elif isinstance(value, list) and value and data.draw(st.booleans(), label="inside"):  # one pair of parts
-        i, j = data.draw(st.integers(0, len(value) - 1)), data.draw(st.integers(0, 1))
-        pair = list(value[i])
-        pair[j] = data.draw(damaged_value(pair[j]), label="value")
-        value = [*value[:i], pair, *value[i + 1:]]
-    else:
-        value = data.draw(damaged_value(value), label="value")
-    bad = {**rec, key: value}
+    with pytest.raises(StoreError, match="visibility must be a map"):  # an array there raised IndexError
+        store_mod.restore_agent(policy, {**rec, "visibility": np.zeros(2, np.float32)})
+    bad = copy.deepcopy(rec)
+    if data.draw(st.booleans(), label="a pair of parts"):  # one name or size of the named input parts
+        i, j = data.draw(st.integers(0, len(bad["parts"]) - 1)), data.draw(st.integers(0, 1))
+        bad["parts"][i] = list(bad["parts"][i])
+        bad["parts"][i][j] = data.draw(damaged_value(bad["parts"][i][j]), label="value")
+    else:  # any field, or one entry of the visibility rule
+        damage_one_entry(data, bad)
     try:
         b = store_mod.restore_agent(policy, bad)
     except StoreError:
