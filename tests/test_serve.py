@@ -739,6 +739,11 @@ def test_any_field_of_an_agent_record_damaged_is_refused_or_restored_whole(polic
     rec = store_mod.agent_record(a)
     with pytest.raises(StoreError, match="visibility must be a map"):  # an array there raised IndexError
         store_mod.restore_agent(policy, {**rec, "visibility": np.zeros(2, np.float32)})
+    for key, big in (("slot_addr", 3e38), ("out_addr", 1e4), ("h", 1.5)):  # a huge address made outputs NaN
+        x = rec[key].copy()
+        x.reshape(-1)[0] = big
+        with pytest.raises(StoreError, match=f"{key} has values beyond"):
+            store_mod.restore_agent(policy, {**rec, key: x})
     bad = copy.deepcopy(rec)
     if data.draw(st.booleans(), label="a pair of parts"):  # one name or size of the named input parts
         i, j = data.draw(st.integers(0, len(bad["parts"]) - 1)), data.draw(st.integers(0, 1))

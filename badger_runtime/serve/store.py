@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..codec import CodecError, packb, unpackb
-from ..engine import Agent
+from ..engine import MAX_ABS_INPUT, Agent
 
 MAGIC = b"BADGERSS"
 FORMAT = "badger-serve-session"
@@ -61,7 +61,10 @@ def agent_record(agent: Agent) -> dict:
     return snap
 
 
-def _array(rec: dict, key: str, shape: tuple, dtype=np.float32, optional: bool = False) -> np.ndarray | None:
+def _array(rec: dict, key: str, shape: tuple, dtype=np.float32, optional: bool = False,
+           bound: float | None = MAX_ABS_INPUT) -> np.ndarray | None:
+    """Entry ``key``: an array of ``shape`` and ``dtype``, finite and (``bound``) within +-bound where it holds
+    numbers: an address of 3e38 made the agent's outputs NaN."""
     a = rec.get(key)
     if a is None and optional:
         return None
@@ -73,6 +76,8 @@ def _array(rec: dict, key: str, shape: tuple, dtype=np.float32, optional: bool =
         raise StoreError(f"agent.{key} has shape {a.shape}, expected {shape}")
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise StoreError(f"agent.{key} contains NaN or inf")
+    if bound is not None and a.dtype.kind == "f" and a.size and np.abs(a).max() > bound:
+        raise StoreError(f"agent.{key} has values beyond +-{bound:g}")
     return np.array(a, dtype=dtype)  # a writable copy of its own
 
 
@@ -129,8 +134,8 @@ def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 20, max_dims: int
         raise StoreError("agent.t and agent.seed must be non-negative ints (below 2^62 / 2^63)")
     snap = {
         "t": t, "seed": seed,
-        "h": _array(rec, "h", (1, n, spec.hidden)),
-        "heads": _array(rec, "heads", (1, n, spec.heads_dim)),
+        "h": _array(rec, "h", (1, n, spec.hidden), bound=1.001),  # the card's state bound, [-1, 1], and rounding
+        "heads": _array(rec, "heads", (1, n, spec.heads_dim), bound=None),  # linear in h: any finite size
         "noise": _array(rec, "noise", (1, n, spec.hidden)),
         "ids": _array(rec, "ids", (1, n, spec.id_dim)) if spec.id_dim else None,
         "route_mask": _array(rec, "route_mask", (1, n, n), bool, optional=True),
