@@ -52,3 +52,6 @@ def test_bad_environments_are_refused(pol):
                                                                    steps=2, addr_dim=6)
     with pytest.raises(ConfigError, match="obs_scale"):
         default_config("gym", obs_scale=0.0)
+    for env, why in (("NoSuchEnv-v0", "NameNotFound"), ("CartPole-v99", "cannot make it")):  # a traceback before
+        with pytest.raises(ConfigError, match=f"task.env '{env}'.*{why}"):
+            make_task(default_config("gym", env=env))

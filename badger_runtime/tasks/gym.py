@@ -130,7 +130,10 @@ class GymTask(Task):
 
     def __init__(self, cfg: GymConfig):
         gym = _gym()
-        probe = gym.make(cfg.env)
+        try:
+            probe = gym.make(cfg.env)
+        except gym.error.Error as e:  # an unknown id, a missing extra (box2d, mujoco), a deprecated version
+            raise ConfigError(f"task.env {cfg.env!r}: Gymnasium cannot make it ({type(e).__name__}: {e})") from None
         obs_space, act_space = probe.observation_space, probe.action_space
         probe.close()
         if not isinstance(obs_space, gym.spaces.Box):
