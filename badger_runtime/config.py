@@ -268,7 +268,7 @@ class TrainConfig:
     threads: int = 1
     log_every: int = 50
     ckpt_every: int = 500
-    eval_episodes: int = 500
+    eval_episodes: int = 500  # the final evaluation's episodes (0: none)
 
     def validate(self):
         if not 0 <= self.seed < 2**63:
