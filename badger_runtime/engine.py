@@ -27,8 +27,8 @@ import numpy as np
 
 from .config import AgentConfig, ConfigError, TaskConfig
 from .membrane import KIND_FEEDBACK, KIND_OBSERVATION, Interface, Visibility, normal_seats
-from .rollout import (AgentState, StepInfo, Wiring, agent_step, clone_sources, grow, initial_state, rebalance,
-                      repeated, sample_wiring, shrink)
+from .rollout import (AgentState, StepInfo, Wiring, agent_step, clone_sources, episodes_per_copy, grow, initial_state,
+                      rebalance, repeated, sample_wiring, shrink)
 from .routing import Neighbors, check_size, membrane_masks
 from .xp import NumpyOps
 
@@ -61,13 +61,18 @@ def check_add(cfg: AgentConfig, N: int, n: int, batch: int):
         raise InputError(str(e)) from None
 
 
+def integers(values, what: str = "expert indices") -> list[int]:
+    """Sorted distinct integers from any iterable of them (an array too); InputError otherwise."""
+    try:
+        items = values.reshape(-1).tolist() if isinstance(values, np.ndarray) else list(values)
+        return sorted(set(operator.index(i) for i in items))
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be integers, got {str(values)[:80]}") from None
+
+
 def expert_indices(indices, N: int) -> list[int]:
     """Sorted distinct indices in [0, N) from any iterable of integers (an array too); InputError otherwise."""
-    try:
-        items = indices.reshape(-1).tolist() if isinstance(indices, np.ndarray) else list(indices)
-        idx = sorted(set(operator.index(i) for i in items))
-    except (TypeError, ValueError):
-        raise InputError(f"expert indices must be integers, got {str(indices)[:80]}") from None
+    idx = integers(indices)
     if any(i < 0 or i >= N for i in idx):
         raise InputError(f"expert indices must be in [0, {N}), got {idx[:20]}")
     return idx
@@ -212,8 +217,7 @@ class Agent:
         and shrinking draw for one copy and give every copy the same (``rollout.repeated``)."""
         if interface.batch != wiring.batch:
             raise ValueError(f"interface batch {interface.batch} != wiring batch {wiring.batch}")
-        if copies < 1 or wiring.batch % copies:
-            raise ValueError(f"a batch of {wiring.batch} episodes is not {copies} copies of the same episodes")
+        episodes_per_copy(wiring.batch, copies)
         self.copies = copies
         self.interface, self.wiring, self.t = interface, wiring, t
         self.state = state if state is not None else initial_state(self.ops, self.policy, wiring)
@@ -371,5 +375,5 @@ class Agent:
 
 
 __all__ = ["Agent", "GrowthError", "HorizonError", "InputError", "MAX_EXPERTS", "StepInfo", "check_add",
-           "check_growth", "check_horizon", "check_values", "default_init", "expert_indices", "fresh_hurts",
+           "check_growth", "check_horizon", "check_values", "default_init", "expert_indices", "fresh_hurts", "integers",
            "growth_init", "draw_interface", "numpy_ops", "KIND_FEEDBACK", "KIND_OBSERVATION"]

@@ -164,7 +164,9 @@ def repeated(a, copies: int):
     return np.tile(a, (copies,) + (1,) * (np.ndim(a) - 1))
 
 
-def _one_copy(B: int, copies: int) -> int:
+def episodes_per_copy(B: int, copies: int) -> int:
+    """B / ``copies``: the episodes of one copy in a batch of B that is ``copies`` copies of the same episodes
+    (ValueError where it is not)."""
     if copies < 1 or B % copies:
         raise ValueError(f"a batch of {B} episodes is not {copies} copies of the same episodes")
     return B // copies
@@ -234,7 +236,7 @@ def rebalance(ops, policy, interface, rng: np.random.Generator, wiring: Wiring, 
     if not moves:
         return wiring, state
     h, heads, noise = np.array(state.h), np.array(state.heads), np.array(wiring.noise)
-    B0 = _one_copy(noise.shape[0], copies)
+    B0 = episodes_per_copy(noise.shape[0], copies)
     for i, src in moves:
         if src >= 0:
             h[:, i], heads[:, i], noise[:, i] = h[:, src], heads[:, src], noise[:, src]
@@ -257,7 +259,7 @@ def grow(ops, policy, cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring
     what is drawn here (noise, identities, topology) is drawn once and repeated in every copy.
     """
     B, N = wiring.noise.shape[:2]
-    B0 = _one_copy(B, copies)
+    B0 = episodes_per_copy(B, copies)
     spec = policy.spec
     ids = None if wiring.ids is None else repeated(rng.standard_normal((B0, n, spec.id_dim)).astype(np.float32),
                                                    copies)
@@ -284,7 +286,7 @@ def shrink(cfg: AgentConfig, rng: np.random.Generator, wiring: Wiring, state: Ag
     for the new size (the rule every runtime that removes by index follows; once for all ``copies`` of
     the same episodes); the survivors keep their seats (``membrane.Visibility``)."""
     sel = lambda a: None if a is None else a[:, keep]  # noqa: E731
-    n, B0 = len(keep), _one_copy(wiring.batch, copies)
+    n, B0 = len(keep), episodes_per_copy(wiring.batch, copies)
     can_sense, can_push = routing.membrane_masks(cfg.routing, n)
     topo = repeated(routing.topology(cfg.routing, n, B0, rng), copies)
     new = Wiring(np.array(sel(wiring.noise)), topo, can_sense, can_push,

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -74,7 +73,7 @@ import trio
 
 from .. import routing
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_add, check_horizon, check_values, growth_init
+from ..engine import InputError, check_add, check_horizon, check_values, growth_init, integers
 from ..membrane import Interface, normal_seats, seat_array
 from ..rollout import StepInfo, Wiring, clone_candidates, fresh_state, initial_state, rebalance_plan
 from ..xp import NumpyOps
@@ -287,11 +286,7 @@ class ActorAgent(Lifecycle):
 
     def remove_experts(self, ids, reason: str = "removed") -> int:
         """Remove experts at once, even mid-step; returns how many remain (at least one must)."""
-        try:
-            items = ids.reshape(-1).tolist() if isinstance(ids, np.ndarray) else ids
-            ids = sorted({operator.index(i) for i in items})
-        except (TypeError, ValueError):
-            raise InputError(f"expert ids must be integers, got {str(ids)[:80]}") from None
+        ids = integers(ids, "expert ids")
         unknown = [i for i in ids if i not in self._records]
         if unknown:
             raise InputError(f"no experts {unknown} (live: {self.live_ids()})")
