@@ -212,6 +212,34 @@ def test_es_trains_resumes_and_exports(tmp_path, monkeypatch):
     assert np.abs(pol.step(*x)[1] - NumpyPolicy(pol.spec, b["theta"]).step(*x)[1]).max() < 1e-5
 
 
+@pytest.mark.parametrize("grow_prob", [0.5, 0.0])
+def test_es_resumes_a_checkpoint_from_before_same_newcomers_as_it_was_trained(tmp_path, grow_prob):
+    """A grown ES run's checkpoint from before ``train.es.same_newcomers`` existed (its config lacks it) was
+    trained with each candidate drawing its own newcomers: resuming it under today's default is refused,
+    naming the setting and the flag that continues it as trained (which resumes it); without growth the
+    setting changes nothing and it resumes as before. The refusal names the setting that differs."""
+    import torch
+
+    quiet = {"final_eval": False, "progress": False, "log": lambda *a: None}
+    cfg = es_experiment(generations=2)
+    cfg.train.grow_prob = grow_prob
+    train_es(cfg, tmp_path, **quiet)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del ck["config"]["train"]["es"]["same_newcomers"]  # as a checkpoint of session 40 was
+    ck["batch"] = 1  # one generation left to run
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    if grow_prob:
+        with pytest.raises(ConfigError, match=r"train.es.same_newcomers = False there, True here.*"
+                                              r"--set train.es.same_newcomers=false"):
+            train_es(cfg, tmp_path, resume=True, **quiet)
+        cfg.train.es = dataclasses.replace(cfg.train.es, same_newcomers=False)
+    with pytest.raises(ConfigError, match=r"another config: train.lr = 0.01 there, 0.002 here$"):
+        train_es(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.002)), tmp_path, resume=True,
+                 **quiet)
+    train_es(cfg, tmp_path, resume=True, **quiet)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["batch"] == 2
+
+
 @pytest.mark.parametrize("entry, damage", [
     ("theta", lambda ck: ck.update(theta=ck["theta"][:-1])), ("theta", lambda ck: ck["theta"].__setitem__(0, np.nan)),
     ("optimizer", lambda ck: ck["optimizer"].update(m=np.zeros(3, np.float32))),

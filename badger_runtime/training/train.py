@@ -211,26 +211,49 @@ def open_run(out: Path, cfg: ExperimentConfig, *, resume: bool, outer: str,
     return ck
 
 
+# Settings whose default is not what a run did before the setting existed: a checkpoint of the outer loop
+# named that lacks one, and whose config makes the setting matter, was trained with the value here (the
+# default applies only to runs started since). Session 41: each candidate of a grown ES generation had drawn
+# its own newcomers.
+BEFORE_IT_EXISTED = {"train.es.same_newcomers": ("es", lambda cfg: cfg.train.grow_prob > 0, False)}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_resumable(ck: dict, path, cfg: ExperimentConfig, outer: str, ignore: tuple[str, ...] = ()):
-    """Refuse to resume a checkpoint of another outer loop or another config (settings that older
-    checkpoints lack count as their defaults; ``ignore``: train settings that do not change the
-    run, e.g. ES's worker count)."""
+    """Refuse to resume a checkpoint of another outer loop or another config, naming the settings that
+    differ (settings that older checkpoints lack count as their defaults, or as ``BEFORE_IT_EXISTED`` says;
+    ``ignore``: train settings that do not change the run, e.g. ES's worker count)."""
     was = ck.get("outer", "bptt")
     if not isinstance(was, str) or was != outer:
         raise ConfigError(f"cannot resume {path} with --outer {outer}: it was trained by --outer {str(was)[:40]}")
 
-    def norm(d):
-        d = to_dict(from_dict(ExperimentConfig, d))
-        for key in ignore:  # "train.es.workers"
-            *path, name = key.split(".")
-            node = d
-            for k in path:
-                node = node[k]
-            node.pop(name, None)
-        return d
+    def norm(d, saved=False):
+        c = from_dict(ExperimentConfig, d)
+        flat = _flat(to_dict(c))
+        if saved:
+            given = _flat(d)
+            flat.update({k: value for k, (loop, matters, value) in BEFORE_IT_EXISTED.items()
+                         if k not in given and loop == outer and matters(c)})
+        return {k: v for k, v in flat.items() if k not in ignore}  # "train.es.workers"
 
-    if norm(ck["config"]) != norm(to_dict(cfg)):
-        raise ConfigError(f"cannot resume {path}: it was trained with another config")
+    then, now = norm(ck["config"], saved=True), norm(to_dict(cfg))
+    if then != now:
+        differ = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+        shown = ", ".join(f"{k} = {then.get(k)!r} there, {now.get(k)!r} here" for k in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        hint = " ".join(f"--set {k}={str(then.get(k)).lower()}" for k in differ if k in BEFORE_IT_EXISTED)
+        raise ConfigError(f"cannot resume {path}: it was trained with another config: {shown}{more}"
+                          + (f"; it predates {', '.join(k for k in differ if k in BEFORE_IT_EXISTED)}: resume it as "
+                             f"it was trained with {hint}" if hint else ""))
 
 
 def progress_bar(name: str, total: int, completed: int):
