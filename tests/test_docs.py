@@ -271,3 +271,24 @@ def test_tutorial_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
             report = json.loads(out.strip().splitlines()[-1])
             assert 0 <= report["final_mse"] < 10, (line, report["final_mse"])
     assert (tmp_path / "policies" / "my-task-v1.json").exists()
+
+
+def test_readme_counts_the_policies_its_cards_count():
+    """README's product-rule sentence ("not yet met by ten of these thirty-six") counts what the cards say:
+    the shipped policies, and those whose card says fresh experts hurt them."""
+    from badger_runtime.policy_card import shipped_dir, shipped_policies
+
+    words = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
+    words |= {f"{t}{'-' + u if u else ''}": 10 * n + words.get(u, 0)
+              for t, n in (("twenty", 2), ("thirty", 3), ("forty", 4), ("fifty", 5))
+              for u in [""] + list(words)[1:10]}
+    m = re.search(r"not yet met by (\S+) of these (\S+)\*\*", _read("README.md"))
+    assert m, "README's product-rule sentence changed: update this test"
+    cards = [json.loads((shipped_dir() / f"{n}.json").read_text()) for n in shipped_policies()]
+    hurt = [c["name"] for c in cards if c["growth"].get("fresh") == "hurts"]
+    assert (words[m.group(1)], words[m.group(2)]) == (len(hurt), len(cards)), hurt
+    # and the policies it lists as meeting the rule are those whose card says fresh experts are ok
+    m = re.search(r"\(((?:[a-z0-9-]+-v\d+, )+[a-z0-9-]+-v\d+ and [a-z0-9-]+-v\d+) meet it;", _read("README.md"))
+    assert m, "README's list of the policies that meet the rule changed: update this test"
+    listed = set(re.findall(r"[a-z0-9-]+-v\d+", m.group(1)))
+    assert listed == {c["name"] for c in cards if c["growth"].get("fresh") == "ok"}

@@ -18,12 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ..bench.cli import register as register_bench
     from ..demo.cli import register as register_demo
     from ..serve.cli import register as register_serve
-    from . import evaluate, longrun, train
+    from . import evaluate, longrun, policies, train
 
     p = argparse.ArgumentParser(prog="badger", description="Badger agents: many experts, one shared policy.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for register in (train.register, evaluate.register, longrun.register, register_serve, register_demo,
-                     register_bench):
+    for register in (train.register, evaluate.register, longrun.register, policies.register, register_serve,
+                     register_demo, register_bench):
         register(sub)
     return p
 

@@ -1,0 +1,182 @@
+"""`badger policies`: which policies are shipped and what their cards say (task, trained ranges, lifetime,
+what newcomers do to them, what to use instead, the headline number and its command).
+
+Reads the cards only (JSON): no onnxruntime session is opened, so it answers at once and works on a base
+install. A card that cannot be read is listed with its reason, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..config import ConfigError
+
+
+def register(sub):
+    p = sub.add_parser("policies", help="list the shipped policies and what their cards say; NAME: one card")
+    p.add_argument("names", nargs="*", metavar="NAME", help="show these policies' cards (a shipped name or a path)")
+    p.add_argument("--task", default=None, metavar="NAME", help="only the policies of this task")
+    p.add_argument("--json", action="store_true", help="print JSON (the list's rows, or with NAME the cards)")
+    p.set_defaults(fn=cmd_policies)
+
+
+def _headline(card: dict) -> dict | None:
+    """The first evaluation's headline number: its first ``final_*`` entry (and standard error), setting and
+    command."""
+    evals = card.get("evaluation")
+    first = evals[0] if isinstance(evals, list) and evals and isinstance(evals[0], dict) else None
+    if first is None:
+        return None
+    for key, value in first.items():
+        if key.startswith("final_") and not key.endswith("_sem") and isinstance(value, (int, float)):
+            sem = first.get(f"{key}_sem")
+            return {"metric": key[len("final_"):], "value": value,
+                    "sem": sem if isinstance(sem, (int, float)) else None,
+                    "dims": first.get("dims"), "experts": first.get("experts"), "command": first.get("command")}
+    return None
+
+
+def _successor(text, names: set[str], own: str) -> str | None:
+    """The first shipped policy other than ``own`` that a card's advice names."""
+    if not isinstance(text, str):
+        return None
+    for word in re.findall(r"[a-z][a-z0-9-]*-v\d+", text):
+        if word in names and word != own:
+            return word
+    return None
+
+
+def _map(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def summary(card: dict, names: set[str]) -> dict:
+    """One row of the list: what a user picks a policy by."""
+    task = _map(_map(card.get("config")).get("task"))
+    life, growth = _map(card.get("lifetime")), _map(card.get("growth"))
+    name = str(card.get("name", "?"))
+    fresh, clone = growth.get("fresh"), growth.get("clone")
+    advice = []  # where a kind of newcomer hurts: the kind that does not, and the successor the card names
+    if fresh == "hurts" and clone == "ok":
+        advice.append("clones")
+    if clone == "hurts" and fresh == "ok":
+        advice.append("fresh")
+    if fresh == "hurts":
+        advice += [s for s in [_successor(growth.get("instead"), names, name)] if s]
+    elif clone == "hurts" and fresh != "ok":
+        advice += [s for s in [_successor(growth.get("clone_instead"), names, name)] if s]
+    return {"name": name, "task": task.get("name"), "dims": task.get("dims"), "experts": task.get("experts"),
+            "lifetime": life.get("kind"), "horizon": life.get("horizon"), "fresh": fresh, "clone": clone,
+            "instead": ", or ".join(advice) or None, "headline": _headline(card)}
+
+
+def _cards(names: list[str]) -> list[tuple[str, dict | None, str | None]]:
+    """(name, card or None, why not) for the given names, or for every shipped policy."""
+    from ..policy_card import PolicyError, card_paths, resolve_policy, shipped_dir, shipped_policies
+
+    if not names:
+        d = shipped_dir()
+        paths = [(n, d / f"{n}.json") for n in shipped_policies()] if d else []
+    else:
+        paths = []
+        for n in names:
+            try:
+                paths.append((n, card_paths(resolve_policy(n))[1]))
+            except PolicyError as e:
+                raise ConfigError(str(e)) from None
+    out = []
+    for n, path in paths:
+        try:
+            card = json.loads(Path(path).read_text())
+            if not isinstance(card, dict):
+                raise ValueError("not a JSON object")
+            out.append((n, card, None))
+        except (OSError, ValueError) as e:
+            if names:  # asked for by name: an error, as every command that loads a policy
+                raise ConfigError(f"cannot read the card {path}: {e}"[:300]) from None
+            out.append((n, None, f"card unreadable: {e}"[:200]))
+    return out
+
+
+def _range(r) -> str:
+    if isinstance(r, list) and len(r) == 2:
+        return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
+    return "?"
+
+
+def _number(x) -> str:
+    return f"{x:.4g}" if isinstance(x, (int, float)) else "?"
+
+
+def cmd_policies(args):
+    from ..policy_card import shipped_policies
+
+    cards = _cards(args.names)
+    known = set(shipped_policies())
+    rows = []
+    for n, card, why in cards:
+        row = summary(card, known) if card is not None else {"name": n, "error": why}
+        if args.task is None or row.get("task") == args.task:
+            rows.append((row, card))
+    if args.task is not None and not rows:
+        tasks = sorted({str(r.get("task")) for r, _ in (((summary(c, known), c) for _, c, _ in cards if c))})
+        raise ConfigError(f"no shipped policy of task {args.task!r} (tasks: {', '.join(tasks)})")
+    if args.json:
+        print(json.dumps([card if args.names and card is not None else row for row, card in rows], indent=1))
+        return
+    if args.names:
+        for row, card in rows:
+            _show(row, card)
+        return
+    _table([row for row, _ in rows])
+
+
+def _table(rows: list[dict]):
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="shipped policies (badger policies NAME: one card; --json for scripts)")
+    for col in ("name", "task", "d", "N", "lifetime", "fresh", "clone", "newcomers: instead",
+                "headline (first evaluation)"):
+        t.add_column(col)
+    for r in rows:
+        if "error" in r:
+            t.add_row(r["name"], "", "", "", "", "", "", "", r["error"])
+            continue
+        life = "continual" if r["lifetime"] == "continual" else f"episodic {r['horizon']}"
+        h = r["headline"]
+        head = "" if h is None else (f"{h['metric']} {_number(h['value'])}" + (f" ± {_number(h['sem'])}" if h["sem"]
+                                                                                else "")
+                                     + f" (d {h['dims']}, N {h['experts']})")
+        t.add_row(r["name"], str(r["task"]), _range(r["dims"]), _range(r["experts"]), life, str(r["fresh"] or "-"),
+                  str(r["clone"] or "-"), r["instead"] or "", head)
+    Console(width=200).print(t)
+
+
+def _show(row: dict, card: dict | None):
+    if card is None:
+        print(f"{row['name']}: {row['error']}")
+        return
+    life, growth, training = (_map(card.get(k)) for k in ("lifetime", "growth", "training"))
+    lines = [f"{row['name']}  (task {row['task']}; trained d {_range(row['dims'])}, N {_range(row['experts'])})",
+             f"  lifetime: {life.get('kind')}" + (f", horizon {life.get('horizon')}" if life.get("horizon") else "")
+             + (f"  [{life.get('why')}]" if life.get("why") else "")]
+    for kind, why, instead in (("fresh", "why", "instead"), ("clone", "clone_why", "clone_instead")):
+        if growth.get(kind):
+            lines.append(f"  {kind} experts: {growth[kind]}  [{growth.get(why, '')}]")
+            if growth.get(instead):
+                lines.append(f"    instead: {growth[instead]}")
+    if card.get("training_command"):
+        lines.append(f"  trained by: {card['training_command']}")
+    if isinstance(training.get("wall_seconds"), (int, float)):
+        lines.append(f"  training: {training.get('batches')} batches, {training['wall_seconds']:.0f} s")
+    for ev in card.get("evaluation") if isinstance(card.get("evaluation"), list) else []:
+        if isinstance(ev, dict):
+            nums = ", ".join(f"{k} {_number(v)}" for k, v in ev.items() if isinstance(v, (int, float))
+                             and not isinstance(v, bool) and k not in ("dims", "experts"))
+            lines.append(f"  evaluation (d {ev.get('dims')}, N {ev.get('experts')}): {nums}")
+            if ev.get("command"):
+                lines.append(f"    {ev['command']}")
+    print("\n".join(lines))
