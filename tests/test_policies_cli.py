@@ -107,3 +107,28 @@ def test_without_torch_or_onnxruntime(argv, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "scale-v1" in r.stdout
+
+
+def test_verify_loads_every_policy_and_names_the_ones_that_fail(tmp_path, capsys, monkeypatch):
+    """--verify loads each policy as the runtimes do: every shipped one is ok; a file that is not the one its
+    card describes, or a graph onnxruntime cannot load, is named with the reason, and the command exits 2."""
+    rc, out, _ = cli(capsys, "policies", "--verify", "--json")
+    assert rc == 0 and {r["verified"] for r in json.loads(out)} == {"ok"}
+    for name in ("scale-v1", "bandit-v2", "fewshot-v2"):
+        shutil.copy(shipped_dir() / f"{name}.onnx", tmp_path)
+        shutil.copy(shipped_dir() / f"{name}.json", tmp_path)
+    data = bytearray((tmp_path / "bandit-v2.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "bandit-v2.onnx").write_bytes(bytes(data))
+    (tmp_path / "fewshot-v2.onnx").write_bytes(b"not a graph")
+    c = json.loads((tmp_path / "fewshot-v2.json").read_text())
+    c["sha256"] = __import__("hashlib").sha256(b"not a graph").hexdigest()
+    (tmp_path / "fewshot-v2.json").write_text(json.dumps(c))
+    monkeypatch.setattr("badger_runtime.policy_card.shipped_dir", lambda: tmp_path)
+    rc, out, err = cli(capsys, "policies", "--verify", "--json")
+    rows = {r["name"]: r["verified"] for r in json.loads(out)}
+    assert rc == 2 and "2 of 3 policies failed to load: bandit-v2, fewshot-v2" in err
+    assert rows["scale-v1"] == "ok" and "sha256" in rows["bandit-v2"]
+    assert "onnxruntime cannot load" in rows["fewshot-v2"]
+    rc, out, _ = cli(capsys, "policies", "--verify")
+    assert rc == 2 and "sha256" in out

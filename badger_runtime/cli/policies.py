@@ -19,6 +19,9 @@ def register(sub):
     p.add_argument("names", nargs="*", metavar="NAME", help="show these policies' cards (a shipped name or a path)")
     p.add_argument("--task", default=None, metavar="NAME", help="only the policies of this task")
     p.add_argument("--json", action="store_true", help="print JSON (the list's rows, or with NAME the cards)")
+    p.add_argument("--verify", action="store_true",
+                   help="also load each policy as every runtime does (its file's sha256 against the card, the config, "
+                        "the graph's inputs and outputs in onnxruntime) and step it once; exit 2 if any fails")
     p.set_defaults(fn=cmd_policies)
 
 
@@ -119,18 +122,42 @@ def cmd_policies(args):
     for n, card, why in cards:
         row = summary(card, known) if card is not None else {"name": n, "error": why}
         if args.task is None or row.get("task") == args.task:
+            if args.verify:
+                row["verified"] = verify(n)
             rows.append((row, card))
     if args.task is not None and not rows:
-        tasks = sorted({str(r.get("task")) for r, _ in (((summary(c, known), c) for _, c, _ in cards if c))})
+        tasks = sorted({str(summary(c, known)["task"]) for _, c, _ in cards if c is not None})
         raise ConfigError(f"no shipped policy of task {args.task!r} (tasks: {', '.join(tasks)})")
     if args.json:
-        print(json.dumps([card if args.names and card is not None else row for row, card in rows], indent=1))
-        return
-    if args.names:
+        print(json.dumps([card if args.names and card is not None and not args.verify else row
+                          for row, card in rows], indent=1))
+    elif args.names:
         for row, card in rows:
             _show(row, card)
-        return
-    _table([row for row, _ in rows])
+    else:
+        _table([row for row, _ in rows])
+    failed = [row["name"] for row, _ in rows if row.get("verified", "ok") != "ok"]
+    if failed:
+        raise ConfigError(f"{len(failed)} of {len(rows)} policies failed to load: {', '.join(failed)}")
+
+
+def verify(name: str) -> str:
+    """"ok" if the policy loads as every runtime loads it and one step of its graph on the initial state gives
+    finite numbers; else the reason."""
+    import numpy as np
+
+    from ..policy_card import PolicyError, load_policy
+
+    try:
+        pol = load_policy(name)
+        spec = pol.spec
+        h = np.tile(np.tanh(np.asarray(pol.h0, np.float32)), (2, 1))  # the state with zero noise
+        state, heads = pol.step(h, np.zeros((2, spec.msg_dim), np.float32), np.zeros((2, spec.sensed_dim), np.float32))
+        if not (np.isfinite(state).all() and np.isfinite(heads).all()):
+            return "its step on the initial state is not finite"
+    except PolicyError as e:
+        return str(e)[:300]
+    return "ok"
 
 
 def _table(rows: list[dict]):
@@ -138,12 +165,14 @@ def _table(rows: list[dict]):
     from rich.table import Table
 
     t = Table(title="shipped policies (badger policies NAME: one card; --json for scripts)")
+    verified = any("verified" in r for r in rows)
     for col in ("name", "task", "d", "N", "lifetime", "fresh", "clone", "newcomers: instead",
-                "headline (first evaluation)"):
+                "headline (first evaluation)") + (("verified",) if verified else ()):
         t.add_column(col)
     for r in rows:
+        check = (r.get("verified", ""),) if verified else ()
         if "error" in r:
-            t.add_row(r["name"], "", "", "", "", "", "", "", r["error"])
+            t.add_row(r["name"], "", "", "", "", "", "", "", r["error"], *check)
             continue
         life = "continual" if r["lifetime"] == "continual" else f"episodic {r['horizon']}"
         h = r["headline"]
@@ -151,7 +180,7 @@ def _table(rows: list[dict]):
                                                                                 else "")
                                      + f" (d {h['dims']}, N {h['experts']})")
         t.add_row(r["name"], str(r["task"]), _range(r["dims"]), _range(r["experts"]), life, str(r["fresh"] or "-"),
-                  str(r["clone"] or "-"), r["instead"] or "", head)
+                  str(r["clone"] or "-"), r["instead"] or "", head, *check)
     Console(width=200).print(t)
 
 
