@@ -248,7 +248,7 @@ def check_resumable(ck: dict, path, cfg: ExperimentConfig, outer: str, ignore: t
     then, now = norm(ck["config"], saved=True), norm(to_dict(cfg))
     if then != now:
         differ = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
-        shown = ", ".join(f"{k} = {then.get(k)!r} there, {now.get(k)!r} here" for k in differ[:4])
+        shown = ", ".join(f"{k} = {repr(then.get(k))[:80]} there, {repr(now.get(k))[:80]} here" for k in differ[:4])
         more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
         hint = " ".join(f"--set {k}={str(then.get(k)).lower()}" for k in differ if k in BEFORE_IT_EXISTED)
         raise ConfigError(f"cannot resume {path}: it was trained with another config: {shown}{more}"
