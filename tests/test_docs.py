@@ -292,3 +292,18 @@ def test_readme_counts_the_policies_its_cards_count():
     assert m, "README's list of the policies that meet the rule changed: update this test"
     listed = set(re.findall(r"[a-z0-9-]+-v\d+", m.group(1)))
     assert listed == {c["name"] for c in cards if c["growth"].get("fresh") == "ok"}
+
+
+def test_every_demo_script_loads_without_running(monkeypatch):
+    """The scripts under demos/ (quoted by the pages for the numbers they made) still import what they use:
+    each is loaded as a module (its top level only; each keeps its work under ``if __name__ == "__main__"``),
+    so an API they call that moved or was renamed fails here, not in a reader's run."""
+    import runpy
+
+    scripts = sorted(glob.glob(os.path.join(ROOT, "demos", "*.py")))
+    assert len(scripts) > 20
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "demos"))  # scripts that import their neighbours
+    unguarded = [os.path.basename(p) for p in scripts if 'if __name__ == "__main__":' not in _read(p)]
+    assert not unguarded, f"demo scripts that run on import: {unguarded}"
+    for path in scripts:
+        runpy.run_path(path, run_name="loaded_by_test_docs")
