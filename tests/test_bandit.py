@@ -3,6 +3,7 @@ runtimes and with a served session, the eval/longrun commands, the shipped polic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -374,6 +375,52 @@ def test_the_arm_routing_init_sends_each_expert_score_to_its_own_arm():
     for K, N in ((3, 7), (10, 10)):
         assert own_mass(pol, K, N).min() >= 0.9
     assert own_mass(ExpertPolicy(spec), 10, 10).min() < 0.5  # the default init mixes every expert into every arm
+
+
+def test_the_count_wiring_init_keeps_the_wiring_and_counter_and_leaves_the_rule_random():
+    """train.init = "arm_count_wiring" (configs/bandit_rule.toml): the units of the arm's address (both copies)
+    and of its pull counter (``seen`` and the thermometer) are the handcrafted cell's (arm_index), as are the
+    read queries and the push key; the running mean's unit and the free units keep the same seed's default
+    random rows; the push value is zero, so every arm scores 0 (a uniform choice) until the outer loop learns
+    the rule; messages stay silent."""
+    import os
+
+    import torch
+
+    from badger_runtime.config import load_experiment
+    from badger_runtime.training.inits import ARM_RATES
+    from badger_runtime.training.train import initial_policy
+
+    cfg = load_experiment(os.path.join(os.path.dirname(__file__), "..", "configs", "bandit_rule.toml"))
+    assert cfg.train.init == "arm_count_wiring" and cfg.train.trainable == ["cell.", "h0", "heads:push_value"]
+    wired = initial_policy(cfg)
+    cfg.train.init = ""
+    rand = initial_policy(cfg)
+    cfg.train.init = "arm_index"
+    hand = initial_policy(cfg)
+    spec, H, J = wired.spec, wired.spec.hidden, len(ARM_RATES)
+    kept = [0] + list(range(2, 2 + J + 2 * (spec.addr_dim - N_KIND_FLAGS)))
+    learn = [u for u in range(H) if u not in kept]
+    assert 1 in learn and len(learn) == H - len(kept)
+    for units, ref in ((kept, hand), (learn, rand)):
+        rows = [g * H + u for g in range(3) for u in units]
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            torch.testing.assert_close(getattr(wired.cell, name)[rows], getattr(ref.cell, name)[rows])
+        torch.testing.assert_close(wired.h0[units], ref.h0[units])
+    where = spec.head_slices
+    for head in ("read_query", "push_key", "query", "key", "value"):
+        torch.testing.assert_close(wired.heads.weight[where[head]], hand.heads.weight[where[head]])
+    assert not wired.heads.weight[where["push_value"]].any() and not wired.heads.bias[where["push_value"]].any()
+    assert hand.heads.weight[where["push_value"]].abs().sum() > 0
+    # every arm scores 0 at first: the outputs of a short rollout are all equal
+    pol = load_policy("bandit-v2")  # any arms policy's task settings
+    task = dataclasses.replace(pol.task, steps=5)
+    from badger_runtime.training.model import torch_ops
+
+    with torch.no_grad():
+        r = run_episodes(torch_ops(), wired, cfg.agent, task, dims=4, experts=8, episodes=2, seed=0, steps=5)
+    out = np.asarray(r.outputs)
+    assert np.allclose(out, out[..., :1])
 
 
 @pytest.mark.parametrize("name", ["bandit-v2", "bandit-v5"])

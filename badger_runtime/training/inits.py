@@ -579,6 +579,36 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
     return policy
 
 
+def arm_count_wiring(policy, **kw):
+    """``arm_index``'s wiring and its pull counter, with its learning rule left to the outer loop (what
+    ``prototype_wiring`` is to the few-shot cell): who reads what (head 0 the arm's ``pulled`` slot, head 1
+    its ``feedback`` slot), the arm's address copied into the state and the push key made of it (both
+    copies: the graded join), and the ``seen`` and count units (a thermometer of the arm's pulls, rates
+    ``ARM_RATES``) are the handcrafted cell's; the running mean's unit and every free unit keep the default
+    random rows and initial state (the draw ``train.seed`` made), the push value starts at zero (every arm
+    scores 0: the choice uniform) and messages are silent. An outer loop that trains ``cell.``, ``h0`` and
+    ``heads:push_value`` has to find what to remember of the rewards, how to update it on a pull and how to
+    score an arm from it and the counts: the rule the hand-written cell writes as a 1 / n running mean and
+    beta (mean + kappa / sqrt(n + 1))."""
+    spec = policy.spec
+    H, J, Aa = spec.hidden, len(ARM_RATES), spec.addr_dim - N_KIND_FLAGS
+    with torch.no_grad():
+        random = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    arm_index(policy, **kw)
+    keep = {0} | set(range(2, 2 + J)) | set(range(2 + J, 2 + J + 2 * Aa))  # seen, counts, both address copies
+    learn = [u for u in range(H) if u not in keep]  # the running mean's unit (1) and the free units
+    rows = torch.tensor([g * H + u for g in range(3) for u in learn])  # reset, update, candidate rows
+    with torch.no_grad():
+        cell = policy.cell
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name)[rows] = random[f"cell.{name}"][rows]
+        policy.h0[learn] = random["h0"][learn]
+        pv = spec.head_slices["push_value"]
+        policy.heads.weight[pv] = 0.0
+        policy.heads.bias[pv] = 0.0
+    return policy
+
+
 #: bandit-v4's settings of ``arm_index`` (bandit-v5 adds its change alarm to them)
 ARM_INDEX_SHARP = dict(beta=48.0, kappa=0.8, n_cap=400, join_after=2, join_more=((20, 8.0), (100, 8.0)))
 
@@ -599,6 +629,8 @@ INITS = {"prototypes": prototypes,
          # one policy for stationary arms (K = 2 within 1.2x of Thompson) and changing ones (the 10,000-step check)
          "arm_index_alarm": lambda policy: arm_index(policy, **ARM_INDEX_SHARP, detect=(20, 0.16), share_alarm=True),
          "arm_routing": arm_routing,
+         # arm_index's wiring and pull counter; the running mean, its update and the score to be learned
+         "arm_count_wiring": arm_count_wiring,
          # measured (docs/results.md, fewshot-v2): gain 8 after two examples keeps a hot-add of as many
          # fresh experts again within 0.005 of the unchanged agent; gated after one example, 0.016 below
          "prototypes_joinable": lambda policy: prototypes(policy, seen_key_gain=8.0, seen_after="n2"),
