@@ -132,3 +132,7 @@ def test_verify_loads_every_policy_and_names_the_ones_that_fail(tmp_path, capsys
     assert "onnxruntime cannot load" in rows["fewshot-v2"]
     rc, out, _ = cli(capsys, "policies", "--verify")
     assert rc == 2 and "sha256" in out
+    rc, out, _ = cli(capsys, "policies", "scale-v1", "--verify")
+    assert rc == 0 and out.splitlines()[0].endswith("[verified: ok]")
+    rc, out, _ = cli(capsys, "policies", "bandit-v2", "--verify")
+    assert rc == 2 and "[verified: " in out.splitlines()[0] and "sha256" in out.splitlines()[0]

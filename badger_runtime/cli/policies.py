@@ -18,7 +18,8 @@ def register(sub):
     p = sub.add_parser("policies", help="list the shipped policies and what their cards say; NAME: one card")
     p.add_argument("names", nargs="*", metavar="NAME", help="show these policies' cards (a shipped name or a path)")
     p.add_argument("--task", default=None, metavar="NAME", help="only the policies of this task")
-    p.add_argument("--json", action="store_true", help="print JSON (the list's rows, or with NAME the cards)")
+    p.add_argument("--json", action="store_true", help="print JSON (the list's rows; with NAME and no --verify, "
+                                                       "the cards themselves)")
     p.add_argument("--verify", action="store_true",
                    help="also load each policy as every runtime does (its file's sha256 against the card, the config, "
                         "the graph's inputs and outputs in onnxruntime) and step it once; exit 2 if any fails")
@@ -189,7 +190,8 @@ def _show(row: dict, card: dict | None):
         print(f"{row['name']}: {row['error']}")
         return
     life, growth, training = (_map(card.get(k)) for k in ("lifetime", "growth", "training"))
-    lines = [f"{row['name']}  (task {row['task']}; trained d {_range(row['dims'])}, N {_range(row['experts'])})",
+    lines = [f"{row['name']}  (task {row['task']}; trained d {_range(row['dims'])}, N {_range(row['experts'])})"
+             + (f"  [verified: {row['verified']}]" if "verified" in row else ""),
              f"  lifetime: {life.get('kind')}" + (f", horizon {life.get('horizon')}" if life.get("horizon") else "")
              + (f"  [{life.get('why')}]" if life.get("why") else "")]
     for kind, why, instead in (("fresh", "why", "instead"), ("clone", "clone_why", "clone_instead")):
