@@ -4,8 +4,10 @@ Every number in README.md, docs/ and the policy cards names the command that mad
 setting removed would leave those commands wrong without any test noticing. These tests read the
 commands out of the text and hold them to the command line (every `--flag` of a `badger SUBCOMMAND`
 exists), the code blocks of the guides to the parser (each complete line parses), every documented
-`badger train CONFIG --set ...` to the config loader (the config exists and its overrides are valid), and
-run the tutorial's Python as written.
+`badger train CONFIG --set ...` to the config loader (the config exists and its overrides are valid), every
+quoted demo script to the checkout (it exists, its quoted flags are its own, it loads); they run the
+tutorial's Python and its walkthrough as written, and hold README's counts of the policies that meet the
+product rule to the cards.
 """
 
 from __future__ import annotations
