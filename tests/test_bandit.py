@@ -388,7 +388,7 @@ def test_the_count_wiring_init_keeps_the_wiring_and_counter_and_leaves_the_rule_
     import torch
 
     from badger_runtime.config import load_experiment
-    from badger_runtime.training.inits import ARM_RATES
+    from badger_runtime.training.inits import _arm_layout
     from badger_runtime.training.train import initial_policy
 
     cfg = load_experiment(os.path.join(os.path.dirname(__file__), "..", "configs", "bandit_rule.toml"))
@@ -398,10 +398,10 @@ def test_the_count_wiring_init_keeps_the_wiring_and_counter_and_leaves_the_rule_
     rand = initial_policy(cfg)
     cfg.train.init = "arm_index"
     hand = initial_policy(cfg)
-    spec, H, J = wired.spec, wired.spec.hidden, len(ARM_RATES)
-    kept = [0] + list(range(2, 2 + J + 2 * (spec.addr_dim - N_KIND_FLAGS)))
+    spec, H, lay = wired.spec, wired.spec.hidden, _arm_layout(wired.spec)
+    kept = [lay["seen"]] + lay["counts"] + lay["addr"] + lay["joined"]
     learn = [u for u in range(H) if u not in kept]
-    assert 1 in learn and len(learn) == H - len(kept)
+    assert learn == [lay["m"]] + lay["free"] and len(lay["free"]) == H - 2 - 7 - 2 * (spec.addr_dim - N_KIND_FLAGS)
     for units, ref in ((kept, hand), (learn, rand)):
         rows = [g * H + u for g in range(3) for u in units]
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):

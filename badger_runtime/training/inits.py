@@ -243,14 +243,9 @@ def prototype_wiring(policy, **kw):
     prototypes(policy, **kw)
     lay = _layout(spec.addr_dim, H, seen_addr=kw.get("seen_key_gain", 0.0) > 0, counts=kw.get("counts", 3))
     keep = set(lay["addr"]) | set(lay.get("addr_seen", ()))  # the wiring's own units
-    learn = [u for u in range(H) if u not in keep]
-    rows = torch.tensor([g * H + u for g in range(3) for u in learn])  # reset, update, candidate rows
+    _restore_rows(policy, random, [u for u in range(H) if u not in keep])
     where = spec.head_slices
     with torch.no_grad():
-        cell = policy.cell
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(cell, name)[rows] = random[f"cell.{name}"][rows]
-        policy.h0[learn] = random["h0"][learn]
         pv = where["push_value"]  # zero: every score 0, the loss at chance; its gradient reaches the GRU at once
         policy.heads.weight[pv] = 0.0
         policy.heads.bias[pv] = 0.0
@@ -427,6 +422,26 @@ def count_readout(target, *, first: float) -> np.ndarray:
     return np.concatenate([cw, [ws, bias - ws]])
 
 
+def _arm_layout(spec) -> dict:
+    """``arm_index``'s hidden units: ``seen`` and ``m`` (the running mean) one each, the count units
+    (``ARM_RATES``), the arm's address and its joined copy (``addr_dim - 2`` each), then the free units
+    (``join_more``'s copies first, then units that keep their state)."""
+    J, Aa = len(ARM_RATES), spec.addr_dim - N_KIND_FLAGS
+    return {"seen": 0, "m": 1, "counts": list(range(2, 2 + J)), "addr": list(range(2 + J, 2 + J + Aa)),
+            "joined": list(range(2 + J + Aa, 2 + J + 2 * Aa)), "free": list(range(2 + J + 2 * Aa, spec.hidden))}
+
+
+def _restore_rows(policy, random: dict, units: list[int]):
+    """Give ``units`` back the GRU rows (reset, update, candidate) and initial state of ``random`` (the
+    parameters as the seed drew them, before a handcrafted init wrote them)."""
+    H = policy.spec.hidden
+    rows = torch.tensor([g * H + u for g in range(3) for u in units])
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(policy.cell, name)[rows] = random[f"cell.{name}"][rows]
+        policy.h0[units] = random["h0"][units]
+
+
 def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | None = 100, w: float = 0.5,
               key_gain: float = 16.0, join_gain: float = 8.0, join_after: int = 5, kind_bias: float = 8.0,
               gate: float = 12.0, join_more: tuple[tuple[int, float], ...] = (),
@@ -481,11 +496,8 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
         raise ConfigError("arm_index: share_alarm needs detect")
     if H < need:
         raise ConfigError(f"train.init = 'arm_index' needs policy.hidden >= {need}, got {H}")
-    seen, m = 0, 1
-    counts = list(range(2, 2 + J))
-    addr = list(range(2 + J, 2 + J + Aa))
-    joined = list(range(2 + J + Aa, 2 + J + 2 * Aa))
-    free = list(range(2 + J + 2 * Aa, H))  # join_more's copies first, then units that keep their state
+    lay = _arm_layout(spec)
+    seen, m, counts, addr, joined, free = (lay[k] for k in ("seen", "m", "counts", "addr", "joined", "free"))
     p_in, x_in = Dm, Dm + spec.read_width  # input index of head 0's and head 1's read values
     a_in = Dm + 1 + N_KIND_FLAGS  # head 0's read address (past its kind flags)
     G = gate
@@ -591,18 +603,12 @@ def arm_count_wiring(policy, **kw):
     score an arm from it and the counts: the rule the hand-written cell writes as a 1 / n running mean and
     beta (mean + kappa / sqrt(n + 1))."""
     spec = policy.spec
-    H, J, Aa = spec.hidden, len(ARM_RATES), spec.addr_dim - N_KIND_FLAGS
     with torch.no_grad():
         random = {n: p.detach().clone() for n, p in policy.named_parameters()}
     arm_index(policy, **kw)
-    keep = {0} | set(range(2, 2 + J)) | set(range(2 + J, 2 + J + 2 * Aa))  # seen, counts, both address copies
-    learn = [u for u in range(H) if u not in keep]  # the running mean's unit (1) and the free units
-    rows = torch.tensor([g * H + u for g in range(3) for u in learn])  # reset, update, candidate rows
+    lay = _arm_layout(spec)
+    _restore_rows(policy, random, [lay["m"]] + lay["free"])  # the running mean's unit and the free units
     with torch.no_grad():
-        cell = policy.cell
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(cell, name)[rows] = random[f"cell.{name}"][rows]
-        policy.h0[learn] = random["h0"][learn]
         pv = spec.head_slices["push_value"]
         policy.heads.weight[pv] = 0.0
         policy.heads.bias[pv] = 0.0
