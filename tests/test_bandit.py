@@ -423,6 +423,46 @@ def test_the_count_wiring_init_keeps_the_wiring_and_counter_and_leaves_the_rule_
     assert np.allclose(out, out[..., :1])
 
 
+def test_the_routing_counts_init_counts_each_experts_pulls_as_the_index_cell_does():
+    """train.init = "arm_routing_counts": arm_routing's reads and address, plus arm_index's pull counter in its
+    first units. Stepped on the same pulls, its ``seen`` and count units equal the index cell's (a unit j at
+    1 - 2 (1 - alpha_j)^n after n pulls of the expert's arm, unmoved by anything else), while its other units
+    keep arm_routing's random rows."""
+    import torch
+
+    from badger_runtime.config import PolicySpec
+    from badger_runtime.training.inits import ARM_RATES, _arm_layout, apply_init
+    from badger_runtime.training.model import ExpertPolicy
+
+    spec = PolicySpec(hidden=64, msg_dim=16, key_dim=8, addr_dim=24, read_heads=2, id_dim=8, init_noise=0.0)
+    torch.manual_seed(3)
+    counted = apply_init("arm_routing_counts", ExpertPolicy(spec))
+    torch.manual_seed(3)
+    routed = apply_init("arm_routing", ExpertPolicy(spec))
+    hand = apply_init("arm_index", ExpertPolicy(spec))
+    J, H = len(ARM_RATES), spec.hidden
+    lay = _arm_layout(spec)
+    mine, theirs = list(range(1 + J)), [lay["seen"]] + lay["counts"]
+    others = [g * H + u for g in range(3) for u in range(1 + J, H)]
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        torch.testing.assert_close(getattr(counted.cell, name)[others], getattr(routed.cell, name)[others])
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        h_c, h_h = torch.tanh(counted.h0).expand(4, H).clone(), torch.tanh(hand.h0).expand(4, H).clone()
+        pulls = np.zeros(4)
+        for t in range(60):
+            x = torch.as_tensor(rng.standard_normal((4, spec.sensed_dim)), dtype=torch.float32)
+            p = torch.as_tensor(rng.random(4) < 0.3, dtype=torch.float32)
+            x[:, 0] = p  # head 0's read value: 1 on a pull of the expert's arm
+            pulls += p.numpy()
+            inbox = torch.zeros(4, spec.msg_dim)
+            h_c = counted.cell(torch.cat([inbox, x], 1), h_c)
+            h_h = hand.cell(torch.cat([inbox, x], 1), h_h)
+            torch.testing.assert_close(h_c[:, mine], h_h[:, theirs], atol=2e-5, rtol=0)
+    expected = 1 - 2 * (1 - np.asarray(ARM_RATES))[None, :] ** pulls[:, None]
+    assert np.abs(h_c[:, 1:1 + J].numpy() - expected).max() < 1e-3 and pulls.min() > 5
+
+
 @pytest.mark.parametrize("name", ["bandit-v2", "bandit-v5"])
 def test_a_served_session_on_the_arms_membrane_matches_the_engine(name):
     """bandit-v2 and v5 (layout = arms; v5's experts also exchange messages): a served step sends the

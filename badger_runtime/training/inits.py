@@ -442,6 +442,21 @@ def _restore_rows(policy, random: dict, units: list[int]):
         policy.h0[units] = random["h0"][units]
 
 
+def _write_pull_counter(policy, seen: int, counts: list[int], p_in: int, G: float):
+    """``seen`` and the count units (``ARM_RATES``), on rows the caller has zeroed with the reset gate open and
+    the update gate shut (``bi[Z + u] = G``): each goes -1 -> +1, ``seen`` at the first pull (input ``p_in``,
+    1 on a pull of the expert's arm), count unit j by a fraction alpha_j of the way at each pull."""
+    H, Wi, bi = policy.spec.hidden, policy.cell.weight_ih, policy.cell.bias_ih
+    Z, N = H, 2 * H
+    with torch.no_grad():
+        for u in [seen] + counts:  # -1 -> +1: candidate +1, taken at rate alpha on a pull
+            policy.h0[u], bi[N + u] = -G, G
+        bi[Z + seen], Wi[Z + seen, p_in] = G, -2 * G  # p = 1: z = sigma(-G), takes +1 at once
+        for u, a in zip(counts, ARM_RATES):
+            lg = float(np.log((1 - a) / a))
+            bi[Z + u], Wi[Z + u, p_in] = lg + 2 * G, -2 * G
+
+
 def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | None = 100, w: float = 0.5,
               key_gain: float = 16.0, join_gain: float = 8.0, join_after: int = 5, kind_bias: float = 8.0,
               gate: float = 12.0, join_more: tuple[tuple[int, float], ...] = (),
@@ -514,12 +529,7 @@ def arm_index(policy, *, beta: float = 12.0, kappa: float = 0.5, n_cap: int | No
             x.zero_()
         bi[R:R + H] = G  # r = 1
         bi[Z:Z + H] = G  # by default a unit keeps its state (free units, and everything off a pull)
-        for u in [seen] + counts:  # -1 -> +1: candidate +1, taken at rate alpha on a pull
-            policy.h0[u], bi[N + u] = -G, G
-        bi[Z + seen], Wi[Z + seen, p_in] = G, -2 * G  # p = 1: z = sigma(-G), takes +1 at once
-        for u, a in zip(counts, ARM_RATES):
-            lg = float(np.log((1 - a) / a))
-            bi[Z + u], Wi[Z + u, p_in] = lg + 2 * G, -2 * G
+        _write_pull_counter(policy, seen, counts, p_in, G)
         def running_mean(u: int, logit: np.ndarray):
             """Unit u: candidate tanh(-w x); on a pull z = sigma(logit(n)) (ln n: 1 / (n + 1) of the
             new value, a running mean), off a pull z = sigma(2G + ...) ~ 1."""
@@ -615,6 +625,26 @@ def arm_count_wiring(policy, **kw):
     return policy
 
 
+def arm_routing_counts(policy, *, gate: float = 12.0):
+    """``arm_routing`` (the arm's reads and address by hand, every other weight random and learned) with
+    ``arm_index``'s pull counter written into its first units (``seen`` and the seven count units): the
+    random units can read how often their arm was pulled, up to ~2,000 pulls, which the outer loop's gradients
+    over truncated lives never showed them how to count."""
+    spec, G = policy.spec, gate
+    arm_routing(policy, gate=G)
+    units = list(range(1 + len(ARM_RATES)))  # arm_routing's address units are the last ones
+    H = spec.hidden
+    rows = [g * H + u for g in range(3) for u in units]
+    with torch.no_grad():
+        cell = policy.cell
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name)[rows] = 0.0
+        cell.bias_ih[[u for u in units]] = G  # reset gate open
+        cell.bias_ih[[H + u for u in units]] = G  # update gate shut but on a pull
+    _write_pull_counter(policy, units[0], units[1:], spec.msg_dim, G)
+    return policy
+
+
 #: bandit-v4's settings of ``arm_index`` (bandit-v5 adds its change alarm to them)
 ARM_INDEX_SHARP = dict(beta=48.0, kappa=0.8, n_cap=400, join_after=2, join_more=((20, 8.0), (100, 8.0)))
 
@@ -637,6 +667,8 @@ INITS = {"prototypes": prototypes,
          "arm_routing": arm_routing,
          # arm_index's wiring and pull counter; the running mean, its update and the score to be learned
          "arm_count_wiring": arm_count_wiring,
+         # arm_routing with arm_index's pull counter in its first units
+         "arm_routing_counts": arm_routing_counts,
          # measured (docs/results.md, fewshot-v2): gain 8 after two examples keeps a hot-add of as many
          # fresh experts again within 0.005 of the unchanged agent; gated after one example, 0.016 below
          "prototypes_joinable": lambda policy: prototypes(policy, seen_key_gain=8.0, seen_after="n2"),
