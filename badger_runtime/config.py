@@ -447,6 +447,17 @@ def migrate(data: dict) -> dict:
     return data
 
 
+def flat_settings(data: dict, prefix: str = "") -> dict:
+    """A nested map of settings as ``{"section.key": value}`` (the names ``--set`` takes); lists stay values."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flat_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def from_dict(cls, data: dict):
     if not isinstance(data, dict):
         raise ConfigError(f"a {cls.__name__} is a map of settings, got {type(data).__name__}")

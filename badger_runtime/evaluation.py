@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import routing
 from .config import AgentConfig, ConfigError, TaskConfig
 from .episodes import CHUNK, Change, Driver, drive, episode_rngs, growth_rng, sample_batches
 
@@ -30,8 +31,7 @@ def fit_chunk(chunk: int, agent: AgentConfig, *, dims: int, experts: int, slots:
     agents are cut into smaller batches; every evaluation small enough keeps its batches of ``chunk``."""
     spec, r = agent.policy, agent.routing
     n = experts
-    sparse = r.kind == "random" or (r.kind == "topk" and 0 < r.candidates < n)
-    route = n * (r.candidates + 1) * (spec.key_dim + spec.msg_dim) if sparse else n * n
+    route = n * (r.candidates + 1) * (spec.key_dim + spec.msg_dim) if routing.is_sparse(r, n) else n * n
     per_episode = max(n * spec.read_heads * slots, dims * n, route)
     return max(1, min(chunk, MEMORY_BUDGET // max(1, per_episode)))
 

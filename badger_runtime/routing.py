@@ -94,11 +94,16 @@ def _neighbors(cfg: RoutingConfig, rng, batch: int, n: int, c: int) -> Neighbors
     return Neighbors(idx.astype(np.int64))
 
 
+def is_sparse(cfg: RoutingConfig, n: int) -> bool:
+    """Whether each of ``n`` receivers scores a list of senders (a random graph, top-k over C < n candidates)
+    rather than every expert."""
+    return cfg.kind == "random" or (cfg.kind == "topk" and 0 < cfg.candidates < n)
+
+
 def check_size(cfg: RoutingConfig, n: int, batch: int):
     """ConfigError where routing that scores every pair of experts (no sparse lists) would not fit: ``batch`` x
     ``n``^2 scores above ``MAX_DENSE_ENTRIES``. ``topology`` checks it; a runtime about to grow checks it first."""
-    sparse = (cfg.kind == "random") or (cfg.kind == "topk" and 0 < cfg.candidates < n)
-    if not sparse and n * n * batch > MAX_DENSE_ENTRIES:
+    if not is_sparse(cfg, n) and n * n * batch > MAX_DENSE_ENTRIES:
         raise ConfigError(
             f"{cfg.kind} routing scores every pair of experts: batch {batch} x {n}^2 = {batch * n * n:,} "
             f"scores exceeds the limit of {MAX_DENSE_ENTRIES:,}; use top-k routing with candidates "
@@ -108,8 +113,7 @@ def check_size(cfg: RoutingConfig, n: int, batch: int):
 
 def topology(cfg: RoutingConfig, n: int, batch: int, rng: np.random.Generator | None = None):
     """Who may hear whom: None (everyone hears everyone), a bool mask [B, N, N], or Neighbors."""
-    sparse = (cfg.kind == "random") or (cfg.kind == "topk" and 0 < cfg.candidates < n)
-    if sparse:
+    if is_sparse(cfg, n):
         if rng is None:
             raise ConfigError(f"{cfg.kind} routing needs a random generator to draw its graph")
         return _neighbors(cfg, rng, batch, n, cfg.degree if cfg.kind == "random" else cfg.candidates)

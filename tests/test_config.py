@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from badger_runtime.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_experiment, to_dict
+from badger_runtime.config import (ConfigError, ExperimentConfig, apply_overrides, flat_settings, from_dict,
+                                   load_experiment, to_dict)
 
 
 def test_defaults_round_trip():
@@ -133,21 +134,13 @@ def test_curriculum_stages_override_the_task_until_their_batch():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _float_settings(d, prefix=""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _float_settings(v, prefix + k + ".")
-        elif isinstance(v, float):
-            yield prefix + k
-
-
 @pytest.mark.parametrize("config", [None, "configs/bandit_index.toml", "configs/fewshot.toml", "configs/scale.toml"])
 def test_no_setting_takes_nan_or_infinity(config):
     """Every number setting of every task's config refuses NaN and +-inf with a ConfigError naming it (a NaN
     learning rate or sigma was accepted and trained on), and the ones that are scales or bounds refuse
     negatives (a negative train.clip flipped the gradient)."""
     path = None if config is None else str(ROOT / config)
-    names = list(_float_settings(to_dict(load_experiment(path, []))))
+    names = [k for k, v in flat_settings(to_dict(load_experiment(path, []))).items() if isinstance(v, float)]
     assert {"train.lr", "train.clip", "agent.agreement.eps"} <= set(names)
     for name in names:
         for bad in ("nan", "inf", "-inf"):

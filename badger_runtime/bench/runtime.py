@@ -118,12 +118,10 @@ def check_sizes(spec: RuntimeBench):
             raise ConfigError(f"--experts must be >= 1, got {n}")
         cfg = RoutingConfig(**spec.routing_for(n))
         cfg.validate()
-        sparse = cfg.kind == "random" or (cfg.kind == "topk" and 0 < cfg.candidates < n)
-        if not sparse and n * n > routing.MAX_DENSE_ENTRIES:
-            try:
-                routing.topology(cfg, n, 1, np.random.default_rng(0))  # raises before allocating
-            except ConfigError as e:
-                raise ConfigError(f"bench runtime: N = {n:,}: {e}") from None
+        try:
+            routing.check_size(cfg, n, 1)
+        except ConfigError as e:
+            raise ConfigError(f"bench runtime: N = {n:,}: {e}") from None
     for e in spec.engines:
         if e not in ENGINES:
             raise ConfigError(f"unknown engine {e!r} (engines: {', '.join(ENGINES)})")

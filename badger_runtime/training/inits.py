@@ -443,13 +443,19 @@ def _restore_rows(policy, random: dict, units: list[int]):
 
 
 def _write_pull_counter(policy, seen: int, counts: list[int], p_in: int, G: float):
-    """``seen`` and the count units (``ARM_RATES``), on rows the caller has zeroed with the reset gate open and
-    the update gate shut (``bi[Z + u] = G``): each goes -1 -> +1, ``seen`` at the first pull (input ``p_in``,
-    1 on a pull of the expert's arm), count unit j by a fraction alpha_j of the way at each pull."""
+    """``seen`` and the count units (``ARM_RATES``), written over whatever their GRU rows held (reading nothing
+    but input ``p_in``, 1 on a pull of the expert's arm): each goes -1 -> +1, ``seen`` at the first pull, count
+    unit j by a fraction alpha_j of the way at each pull, and keeps its value off a pull."""
     H, Wi, bi = policy.spec.hidden, policy.cell.weight_ih, policy.cell.bias_ih
-    Z, N = H, 2 * H
+    R, Z, N = 0, H, 2 * H
+    units = [seen] + counts
+    rows = [g * H + u for g in range(3) for u in units]
     with torch.no_grad():
-        for u in [seen] + counts:  # -1 -> +1: candidate +1, taken at rate alpha on a pull
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(policy.cell, name)[rows] = 0.0
+        for u in units:
+            bi[R + u] = bi[Z + u] = G  # reset gate open; update gate shut (the state kept) but on a pull
+        for u in units:  # -1 -> +1: candidate +1, taken at rate alpha on a pull
             policy.h0[u], bi[N + u] = -G, G
         bi[Z + seen], Wi[Z + seen, p_in] = G, -2 * G  # p = 1: z = sigma(-G), takes +1 at once
         for u, a in zip(counts, ARM_RATES):
@@ -630,18 +636,9 @@ def arm_routing_counts(policy, *, gate: float = 12.0):
     ``arm_index``'s pull counter written into its first units (``seen`` and the seven count units): the
     random units can read how often their arm was pulled, up to ~2,000 pulls, which the outer loop's gradients
     over truncated lives never showed them how to count."""
-    spec, G = policy.spec, gate
-    arm_routing(policy, gate=G)
-    units = list(range(1 + len(ARM_RATES)))  # arm_routing's address units are the last ones
-    H = spec.hidden
-    rows = [g * H + u for g in range(3) for u in units]
-    with torch.no_grad():
-        cell = policy.cell
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(cell, name)[rows] = 0.0
-        cell.bias_ih[[u for u in units]] = G  # reset gate open
-        cell.bias_ih[[H + u for u in units]] = G  # update gate shut but on a pull
-    _write_pull_counter(policy, units[0], units[1:], spec.msg_dim, G)
+    arm_routing(policy, gate=gate)
+    # its first units (arm_routing's address units are the last ones); head 0's read value is input msg_dim
+    _write_pull_counter(policy, 0, list(range(1, 1 + len(ARM_RATES))), policy.spec.msg_dim, gate)
     return policy
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import episodes
-from ..config import ConfigError, ExperimentConfig, from_dict, to_dict
+from ..config import ConfigError, ExperimentConfig, flat_settings, from_dict, to_dict
 from ..curriculum import task_at
 from ..engine import Agent
 from ..episodes import Driver, drive
@@ -218,16 +218,6 @@ def open_run(out: Path, cfg: ExperimentConfig, *, resume: bool, outer: str,
 BEFORE_IT_EXISTED = {"train.es.same_newcomers": ("es", lambda cfg: cfg.train.grow_prob > 0, False)}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resumable(ck: dict, path, cfg: ExperimentConfig, outer: str, ignore: tuple[str, ...] = ()):
     """Refuse to resume a checkpoint of another outer loop or another config, naming the settings that
     differ (settings that older checkpoints lack count as their defaults, or as ``BEFORE_IT_EXISTED`` says;
@@ -238,9 +228,9 @@ def check_resumable(ck: dict, path, cfg: ExperimentConfig, outer: str, ignore: t
 
     def norm(d, saved=False):
         c = from_dict(ExperimentConfig, d)
-        flat = _flat(to_dict(c))
+        flat = flat_settings(to_dict(c))
         if saved:
-            given = _flat(d)
+            given = flat_settings(d)
             flat.update({k: value for k, (loop, matters, value) in BEFORE_IT_EXISTED.items()
                          if k not in given and loop == outer and matters(c)})
         return {k: v for k, v in flat.items() if k not in ignore}  # "train.es.workers"
@@ -250,10 +240,11 @@ def check_resumable(ck: dict, path, cfg: ExperimentConfig, outer: str, ignore: t
         differ = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
         shown = ", ".join(f"{k} = {repr(then.get(k))[:80]} there, {repr(now.get(k))[:80]} here" for k in differ[:4])
         more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
-        hint = " ".join(f"--set {k}={str(then.get(k)).lower()}" for k in differ if k in BEFORE_IT_EXISTED)
+        legacy = [k for k in differ if k in BEFORE_IT_EXISTED]
+        hint = " ".join(f"--set {k}={str(then.get(k)).lower()}" for k in legacy)
         raise ConfigError(f"cannot resume {path}: it was trained with another config: {shown}{more}"
-                          + (f"; it predates {', '.join(k for k in differ if k in BEFORE_IT_EXISTED)}: resume it as "
-                             f"it was trained with {hint}" if hint else ""))
+                          + (f"; it predates {', '.join(legacy)}: resume it as it was trained with {hint}"
+                             if legacy else ""))
 
 
 def progress_bar(name: str, total: int, completed: int):
