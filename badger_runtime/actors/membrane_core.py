@@ -113,8 +113,11 @@ class MembraneCore:
     # -- what the experts say ----------------------------------------------------------
     def on_frame(self, msg: Message, from_membrane: bool):
         """Take a frame addressed to the membrane. Raises MessageError for one it refuses."""
-        if msg.kind == "control" and from_membrane:
-            return  # a membership change: the questions above re-read the directory
+        if msg.kind == "control" and from_membrane:  # a membership change: the questions above re-read
+            if msg.payload.get("op") == "remove":     # the directory; what removed experts said is dropped
+                for e in np.asarray(msg.payload["ids"]).tolist():
+                    self._finished.pop(e, None), self._pushes.pop(e, None), self._read_query.pop(e, None)
+            return
         if msg.sender not in self.directory.members:
             return  # a frame from an expert removed since it was sent
         A = self.spec.addr_dim

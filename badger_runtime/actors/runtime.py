@@ -78,7 +78,7 @@ from ..membrane import Interface, normal_seats, seat_array
 from ..rollout import StepInfo, Wiring, clone_candidates, fresh_state, initial_state, rebalance_plan
 from ..xp import NumpyOps
 from .batcher import PolicyBatcher
-from .lifecycle import Lifecycle
+from .lifecycle import AgentClosed, Lifecycle
 from .supervisor import Supervision
 from .transport import MEMBRANE, Counters, Envelope, Fault, Frame, Lost
 from .directory import Directory
@@ -210,6 +210,7 @@ class ActorAgent(Lifecycle):
             self.counters.drop("shutdown", self._drain(rec) + rec.core.discard_all())
         self._records.clear()
         self._nursery = None
+        self._mb_send.close()  # a step still waiting for its experts ends (AgentClosed) instead of hanging
 
     def _drain(self, rec: _Record) -> int:
         n = 0
@@ -235,6 +236,10 @@ class ActorAgent(Lifecycle):
     def n_experts(self) -> int:
         return len(self.directory.members)
 
+    def _check_open(self):
+        if self._closed.is_set():
+            raise RuntimeError("the agent is closed: its experts are gone")
+
     def add_experts(self, n: int, init: str | None = None, source: int | None = None, *,
                     allow_harmful: bool = False) -> list[int]:
         """Add n experts while the agent runs (they join at the next inner step); returns their ids.
@@ -244,6 +249,7 @@ class ActorAgent(Lifecycle):
         as ``rollout.grow`` does; None: the kind the card does not refuse (``engine.default_init``).
         Unlike ``rollout.grow``, nobody else is rewired: the newcomer gets edges by the directory's
         growing rule (see ``directory``)."""
+        self._check_open()
         check_add(self.cfg, len(self._records), n, 1)
         init = growth_init(self.policy, init, source, allow_harmful)
         if source is not None and source not in self._records:
@@ -286,6 +292,7 @@ class ActorAgent(Lifecycle):
 
     def remove_experts(self, ids, reason: str = "removed") -> int:
         """Remove experts at once, even mid-step; returns how many remain (at least one must)."""
+        self._check_open()
         ids = integers(ids, "expert ids")
         unknown = [i for i in ids if i not in self._records]
         if unknown:
@@ -294,6 +301,8 @@ class ActorAgent(Lifecycle):
             raise InputError("cannot remove every expert: an agent needs at least one")
         for e in ids:
             rec = self._records.pop(e)
+            if self._nursery is None and e in self._spawn_order:  # not started yet: never will be
+                self._spawn_order.remove(e)
             self.directory.remove(e)
             rec.removed = True
             rec.scope.cancel()
@@ -432,12 +441,16 @@ class ActorAgent(Lifecycle):
 
     # -- an expert ---------------------------------------------------------------------
     async def _supervise(self, eid: int, rec: _Record):
+        if rec.removed:  # removed before its task first ran (its mailbox is closed): nothing to do
+            return
         with rec.scope:
             while True:
                 try:
                     await self._expert(eid, rec)
                     return
                 except Exception as exc:  # the supervision boundary: an expert's failure stays its own
+                    if rec.removed:  # it failed on its way out (a closed mailbox): not a crash
+                        return
                     self.counters.crashes += 1
                     self.events.append(("crash", eid, repr(exc)))
                     log.warning("expert %d crashed at step %d round %d: %r", eid, rec.core.t, rec.core.r, exc)
@@ -451,6 +464,8 @@ class ActorAgent(Lifecycle):
                         self.events.append(("restart", eid, rec.restarts))
                         log.warning("expert %d restarted from its last state (restart %d)", eid, rec.restarts)
                         continue
+                    if self._closed.is_set():  # closing: every expert goes anyway
+                        return
                     self.counters.removed_on_crash += 1
                     self.remove_experts([eid], reason="crashed")
                     return
@@ -575,14 +590,15 @@ class ActorAgent(Lifecycle):
 
     async def _membrane_wait(self, ready: Callable[[], bool]):
         while not ready():
-            self._membrane_handle(await self._mb_recv.receive())
+            try:
+                item = await self._mb_recv.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                raise AgentClosed(f"the agent was closed while step {self.t} ran") from None
+            self._membrane_handle(item)
 
     async def step(self, slot_values, rounds: int | None = None) -> tuple[np.ndarray, StepInfo]:
         """One inner step: slot values [1, J] (``interface.parts``) -> outputs [1, d]."""
-        if self._nursery is None:
-            raise RuntimeError("the agent is not running: use `async with agent.running():`")
-        if self._stepping:
-            raise RuntimeError("a step is already running: the membrane feeds one observation at a time")
+        self._check_steppable()
         check_horizon(self.policy, self.t, self.past_horizon)
         vals = check_values("observation", slot_values, (1, self.slot_addr.shape[0]))[0]
         R = self.cfg.agreement.rounds if rounds is None else int(rounds)
@@ -591,17 +607,14 @@ class ActorAgent(Lifecycle):
         scope = trio.fail_after(self.step_timeout) if self.step_timeout else nullcontext()
         if self._rebalance_due:  # a removal during a step that did not finish
             self._rebalance()
-        self._stepping = True
         try:
-            with scope:
+            with self._one_step(), scope:
                 return await self._step(vals, R)
         except trio.TooSlowError:
             waiting = {e: (r.core.phase, r.core.t, r.core.r, r.core.missing())
                        for e, r in self._records.items() if r.core.phase != IDLE}
             raise StepTimeout(f"step {self.t} did not finish in {self.step_timeout}s; experts not idle "
                               f"(phase, step, round, waiting for): {waiting}") from None
-        finally:
-            self._stepping = False
 
     async def _step(self, vals: np.ndarray, R: int) -> tuple[np.ndarray, StepInfo]:
         t, core = self.t, self.membrane

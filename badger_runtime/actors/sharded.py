@@ -63,7 +63,7 @@ from ..membrane import Interface
 from ..rollout import AgentState, StepInfo, Wiring, clone_sources, grow, initial_state, rebalance, shrink
 from ..xp import NumpyOps
 from .batcher import DEFAULT_POLICY_CHUNK, RowBatcher
-from .lifecycle import Lifecycle
+from .lifecycle import AgentClosed, Lifecycle
 from .messages import Message, MessageError, encode
 from .shard import DEFAULT_TILE, ShardCore, ShardCounters
 from .transport import MEMBRANE, Frame
@@ -148,6 +148,7 @@ class ShardedMembrane:
                     allow_harmful: bool = False) -> list[int]:
         """Add n experts by the batched engine's rule (``rollout.grow``), re-partitioned into shards
         (init None: the kind the card does not refuse, ``engine.default_init``)."""
+        self._check_between_steps()
         N = self.N
         check_add(self.cfg, N, n, self.B)
         init = growth_init(self.policy, init, source, allow_harmful)
@@ -163,6 +164,7 @@ class ShardedMembrane:
 
     def remove_experts(self, ids) -> int:
         """Remove experts by index (as ``engine.Agent.remove_experts``); returns how many remain."""
+        self._check_between_steps()
         idx = expert_indices(ids, self.N)
         keep = np.setdiff1d(np.arange(self.N), idx)
         if keep.size == 0:
@@ -171,6 +173,14 @@ class ShardedMembrane:
         wiring, st = rebalance(OPS, self.policy, self.interface, self._rng, wiring, st)
         self._resize(wiring, st)
         return int(keep.size)
+
+    _stepping = False  # True while a step awaits its shards (ShardedAgent): experts join or leave between steps
+
+    def _check_between_steps(self):
+        """Refuse a membership change during a step, before anything is drawn (the agent and its
+        generator are unchanged)."""
+        if self._stepping:
+            raise RuntimeError("experts join or leave a sharded agent between inner steps")
 
     # -- the membrane's side of a step ----------------------------------------------------
     def _checked(self, slot_values, rounds: int | None) -> tuple[np.ndarray, int]:
@@ -289,13 +299,16 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
     # -- lifecycle --------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         """Own the shard tasks until ``close()`` (use with ``nursery.start``)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._start_shards()
-            task_status.started()
-            await self._closed.wait()
-            nursery.cancel_scope.cancel()
-        self._nursery = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._start_shards()
+                task_status.started()
+                await self._closed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            self._mb_send.close()  # a step still waiting for its shards ends (AgentClosed) instead of hanging
 
     def _start_shards(self):
         """Start this partition's shard tasks as one group (a later resize cancels the group)."""
@@ -311,8 +324,6 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
         self._nursery.start_soon(group)
 
     def _resize(self, wiring: Wiring, st: AgentState):
-        if self._stepping:
-            raise RuntimeError("experts join or leave a sharded agent between inner steps")
         if self._shard_scope is not None:
             self._shard_scope.cancel()  # the shards wait for the next observation: nothing is lost
         self._partition(wiring, st)
@@ -343,7 +354,10 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
         if stash.get(key):
             return stash[key].pop()
         while True:
-            frame = await recv.receive()
+            try:
+                frame = await recv.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                raise AgentClosed(f"the agent was closed while step {self.t} ran") from None
             self.counters.frames += 1
             try:
                 msg = frame.message()
@@ -412,18 +426,11 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
     # -- the membrane -----------------------------------------------------------------
     async def step(self, slot_values, rounds: int | None = None) -> tuple[np.ndarray, StepInfo]:
         """One inner step: observation [B, J] (previous outputs, then feedback) -> outputs [B, d]."""
-        if self._nursery is None:
-            raise RuntimeError("the agent is not running: use `async with agent.running():`")
-        if self._stepping:
-            raise RuntimeError("a step is already running: the membrane feeds one observation at a time")
+        self._check_steppable()
         vals, R = self._checked(slot_values, rounds)
-        self._stepping = True
         scope = trio.fail_after(self.step_timeout) if self.step_timeout else nullcontext()
-        try:
-            with scope:
-                return await self._step(vals, R)
-        finally:
-            self._stepping = False
+        with self._one_step(), scope:
+            return await self._step(vals, R)
 
     async def _step(self, vals: np.ndarray, R: int):
         t = self.t

@@ -1,0 +1,208 @@
+"""The rules of a step and of membership in both actor runtimes, at their edges: a step cancelled
+by its caller or cut by ``close()``, membership changed before the agent runs or while a step is
+in flight, and an agent used after it was closed (actors/lifecycle.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import trio
+
+from badger_runtime.actors.lifecycle import AgentClosed
+from badger_runtime.actors.runtime import ActorAgent
+from badger_runtime.actors.sharded import ShardedAgent
+from badger_runtime.actors.supervisor import Supervision
+from badger_runtime.engine import numpy_ops
+from badger_runtime.episodes import Driver, sample_batches
+from badger_runtime.policy_card import load_policy
+
+
+@pytest.fixture(scope="module")
+def pol(tiny_policy):
+    return load_policy(tiny_policy)
+
+
+def cfg_with(pol, rule="fixed", rounds=3):
+    a = pol.agent
+    return dataclasses.replace(a, agreement=dataclasses.replace(a.agreement, rule=rule, rounds=rounds, eps=1e-3))
+
+
+def make(pol, runtime, rule="fixed", n=6, steps=6, **kw):
+    """(agent, driver) of one batch: an ActorAgent (1 episode) or a ShardedAgent (2 episodes, 3 shards)."""
+    agent = cfg_with(pol, rule)
+    episodes = 1 if runtime == "actors" else 2
+    _, ep, w = next(sample_batches(pol.task, agent, dims=3, experts=n, episodes=episodes, seed=0, steps=steps))
+    a = (ActorAgent(pol, agent, ep.interface, w, **kw) if runtime == "actors"
+         else ShardedAgent(pol, agent, ep.interface, w, shards=3, **kw))
+    return a, Driver(numpy_ops(), ep, steps)
+
+
+async def cancelled_step(a, obs, passes: int):
+    """Start a step and cancel it from outside after ``passes`` scheduler passes."""
+    with trio.CancelScope() as cs:
+        async def cancel():
+            for _ in range(passes):
+                await trio.sleep(0)
+            cs.cancel()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(cancel)
+            await a.step(obs)
+    return cs.cancelled_caught
+
+
+@pytest.mark.parametrize("runtime", ["actors", "sharded"])
+@pytest.mark.parametrize("rule", ["fixed", "quorum"])
+@pytest.mark.parametrize("passes", [0, 3])
+def test_a_step_that_did_not_finish_is_never_followed_by_another(pol, runtime, rule, passes):
+    """A cancelled step leaves experts mid-step with its messages in flight: stepping on mixed the two
+    steps' traffic (stale outputs, wrong numbers, or a hang). The agent refuses instead, saying why."""
+    a, drv = make(pol, runtime, rule)
+
+    async def main():
+        async with a.running():
+            with trio.fail_after(30):
+                assert await cancelled_step(a, drv.observation(), passes)
+                assert a.t == 0
+                with pytest.raises(RuntimeError, match="step 0 did not finish .cancelled.*cannot step again"):
+                    await a.step(drv.observation())
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("runtime", ["actors", "sharded"])
+def test_a_timed_out_step_is_named_so(pol, runtime, monkeypatch):
+    a, drv = make(pol, runtime, "quorum", step_timeout=0.2)
+
+    async def stall(*args, **kw):  # the policy never answers
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(a.batcher, "step", stall)
+
+    async def main():
+        async with a.running():
+            with pytest.raises(Exception):  # ActorAgent: StepTimeout; ShardedAgent: trio.TooSlowError
+                await a.step(drv.observation())
+            with pytest.raises(RuntimeError, match="step 0 did not finish .timed out"):
+                await a.step(drv.observation())
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("runtime", ["actors", "sharded"])
+def test_closing_the_agent_ends_a_step_in_flight(pol, runtime):
+    """close() from another task while a step waits for its experts: the step raises AgentClosed
+    (it waited forever before: no one closed the membrane's mailbox)."""
+    a, drv = make(pol, runtime, "quorum", step_timeout=None)
+    got = []
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(a.run)
+
+            async def stepper():
+                try:
+                    await a.step(drv.observation())
+                    got.append("returned")
+                except AgentClosed as e:
+                    got.append(str(e))
+
+            n.start_soon(stepper)
+            for _ in range(3):
+                await trio.sleep(0)
+            a.close()
+            with trio.fail_after(10):
+                while len(n.child_tasks):
+                    await trio.sleep(0.01)
+
+    trio.run(main)
+    assert got == ["the agent was closed while step 0 ran"]
+
+
+@pytest.mark.parametrize("rule", ["restart", "remove"])
+def test_an_expert_removed_before_its_task_ran_is_not_a_crash(pol, rule):
+    """Added and removed between two steps (its task not yet started): the task found its mailbox
+    closed, supervision took that for a crash and removed it again, which killed the agent."""
+    a, drv = make(pol, "actors", supervision=Supervision(rule))
+
+    async def main():
+        async with a.running():
+            drv.record(*await a.step(drv.observation()))
+            live = a.live_ids()
+            new = a.add_experts(2, init="fresh", allow_harmful=True)
+            a.remove_experts(new)
+            assert a.live_ids() == live
+            drv.record(*await a.step(drv.observation()))
+            drv.record(*await a.step(drv.observation()))
+
+    trio.run(main)
+    assert a.counters.crashes == 0 and a.counters.added == 2 and a.counters.removed == 2
+
+
+def test_experts_removed_before_the_agent_runs_are_never_started(pol):
+    a, drv = make(pol, "actors")
+    assert a.remove_experts([2]) == 5
+
+    async def main():
+        async with a.running():
+            out, info = await a.step(drv.observation())
+            assert info.experts == 5 and np.isfinite(out).all()
+
+    trio.run(main)
+
+
+def test_a_refused_resize_during_a_step_draws_nothing(pol, monkeypatch):
+    """The sharded agent refuses a membership change mid-step before it draws (clone sources, noise,
+    edges), so a later legal change is the one an agent that never asked would make."""
+    a, drv = make(pol, "sharded", "quorum")
+    policy_step, seen = a.batcher.step, []
+
+    async def step_and_try(*args, **kw):  # a membership change asked for while the shards step
+        before = a._rng.bit_generator.state
+        for change in (lambda: a.add_experts(2, init="clone"), lambda: a.remove_experts([1])):
+            with pytest.raises(RuntimeError, match="between inner steps"):
+                change()
+        seen.append(a._rng.bit_generator.state == before and a.N == 6)
+        return await policy_step(*args, **kw)
+
+    monkeypatch.setattr(a.batcher, "step", step_and_try)
+
+    async def main():
+        async with a.running():
+            await a.step(drv.observation())
+
+    trio.run(main)
+    assert seen and all(seen)
+
+
+def test_a_closed_agent_refuses_membership_changes(pol):
+    a, drv = make(pol, "actors")
+
+    async def main():
+        async with a.running():
+            await a.step(drv.observation())
+
+    trio.run(main)
+    for change in (lambda: a.add_experts(1, init="clone"), lambda: a.remove_experts([0])):
+        with pytest.raises(RuntimeError, match="the agent is closed"):
+            change()
+
+
+def test_the_membrane_forgets_removed_experts(pol):
+    """What a removed expert last pushed and its read query are dropped with it (they piled up
+    under add / remove churn)."""
+    a, drv = make(pol, "actors")
+
+    async def main():
+        async with a.running():
+            for _ in range(2):
+                await a.step(drv.observation())
+            assert {0, 1} <= set(a.membrane._finished)
+            a.remove_experts([0, 1])
+            await a.step(drv.observation())
+            m = a.membrane
+            assert not {0, 1} & (set(m._finished) | set(m._pushes) | set(m._read_query))
+
+    trio.run(main)
