@@ -335,6 +335,11 @@ class Agent:
         self._indeg = None
         return int(keep.size)
 
+    def state_is_finite(self) -> bool:
+        """Whether every expert's state (h and heads) is finite (a served step refuses one that is not)."""
+        st = self.state
+        return st is None or bool(np.isfinite(np.asarray(st.h)).all() and np.isfinite(np.asarray(st.heads)).all())
+
     # -- snapshots --------------------------------------------------------------------
     def snapshot(self) -> dict:
         """Everything needed to continue this agent exactly (numpy arrays + small metadata)."""

@@ -353,9 +353,17 @@ def test_restore_moves_unusable_checkpoints_aside(policy, tmp_path):
     (st_.dir / "f.ckpt.tmp").write_bytes(b"half a write")
     m2 = make(policy, tmp_path)
     assert list(m2.sessions) == ["a"]
-    assert sorted(p.name for p in st_.rejected_dir.iterdir()) == ["b.ckpt", "c.ckpt", "d.ckpt", "e.ckpt"]
+    assert sorted(p.name for p in st_.rejected_dir.iterdir()) == ["b.ckpt", "c.ckpt", "e.ckpt"]
     assert not (st_.dir / "f.ckpt.tmp").exists()
-    assert m2.metrics.to_dict()["counters"]["restore.rejected"] == 4
+    counters = m2.metrics.to_dict()["counters"]
+    assert counters["restore.rejected"] == 3 and counters["restore.other_policy"] == 1
+    # another policy's session is intact: left where it is, its name taken, restored by a server of that policy
+    # (a restart with the wrong --policy moved every session to rejected/, where none was restored again)
+    assert m2.other_policy == {"d": "0" * 64} and st_.path("d").exists()
+    assert err(m2, "open", "d", experts=3, dims=2) == "session_exists"
+    rec["policy"]["sha256"] = policy.card["sha256"]
+    st_.write("d", rec)
+    assert sorted(make(policy, tmp_path).sessions) == ["a", "d"]
     with pytest.raises(StoreError, match="version 99"):
         store_mod.decode(raw[:8] + struct.pack(">I", 99) + raw[12:])
 
@@ -783,3 +791,55 @@ def test_sessions_belong_to_whoever_opened_them(policy, tmp_path):
     r = m2.handle({"id": 1, "kind": "stats", "session": "mine", "token": None, "body": {}})
     assert r["error"]["code"] == "forbidden"
     assert ok(m2, "stats", "mine", secret=secret)["t"] == 1
+
+
+def test_every_session_the_server_accepts_survives_a_snapshot_and_a_restart(policy, tmp_path):
+    """What open and step accept, the store restores: a seed up to 2^63 - 1 (restore asked < 2^62), a bandit
+    step with a large feedback value (its pointer is the arm's address times 1 - 2 x the feedback, which the
+    store refused as an address beyond +-1000), the counters of a snapshot opened near the bounds."""
+    m = make(policy, tmp_path / "one")
+    ok(m, "open", "bigseed", experts=3, dims=2, seed=(1 << 63) - 1)
+    info = ok(m, "open", "bandit", experts=4, dims=3, task="bandit")
+    assert info["pointer"] == "arm"
+    ok(m, "step", "bandit", slots=np.full(info["slots"], 1000.0, np.float32), arm=0)
+    for name in ("bigseed", "bandit"):
+        ok(m, "open", name + "-twin", snapshot=ok(m, "snapshot", name)["record"])
+    rec = ok(m, "snapshot", "bigseed")["record"]
+    rec["agent"]["t"] = rec["episode"] = rec["steps_total"] = 1 << 62
+    assert err(m, "open", "near", snapshot=rec) == "bad_input"  # beyond a snapshot's bound (2^62 steps of headroom)
+    rec["agent"]["t"] = rec["episode"] = rec["steps_total"] = (1 << 62) - 1  # accepted, then stepped past it
+    ok(m, "open", "near", snapshot=rec)
+    ok(m, "step", "near", observation=[0, 0], feedback=[0, 0])
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    m2 = make(policy, tmp_path / "two")
+    assert sorted(m2.sessions) == sorted(m.sessions) and not list(m2.store.rejected_dir.glob("*"))
+    assert ok(m2, "stats", "near")["t"] == 1 << 62
+
+
+def test_a_snapshot_with_extreme_heads_is_refused(policy):
+    m = make(policy)
+    ok(m, "open", "a", experts=3, dims=2)
+    rec = ok(m, "snapshot", "a")["record"]
+    rec["agent"]["heads"] = np.full_like(rec["agent"]["heads"], 1e30)
+    assert err(m, "open", "b", snapshot=rec) == "bad_input"  # it opened, and the next step's outputs were NaN
+
+
+def test_a_step_that_makes_the_agent_non_finite_is_refused_and_changes_nothing(policy, monkeypatch):
+    m = make(policy)
+    ok(m, "open", "a", experts=3, dims=2)
+    ok(m, "step", "a", observation=[0.5, -0.5], feedback=[1, 1])
+    before = state_of(m, "a")
+    a = m.sessions["a"].agent
+    real = a.step
+
+    def poisoned(*args, **kw):  # as extreme inputs or state would
+        out, info = real(*args, **kw)
+        a.state.h[...] = np.nan
+        return out, info
+
+    monkeypatch.setattr(a, "step", poisoned)
+    r = call(m, "step", "a", observation=[0.5, -0.5], feedback=[1, 1])
+    assert r["error"]["code"] == "bad_input" and "NaN or inf" in r["error"]["message"]
+    monkeypatch.undo()
+    assert state_of(m, "a") == before and np.isfinite(ok(m, "step", "a", observation=[0, 0], feedback=[0, 0])
+                                                     ["outputs"]).all()

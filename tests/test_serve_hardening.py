@@ -310,6 +310,46 @@ def test_budget_reservation_lifecycle_in_the_decoder():
     assert budget.in_use == 0
 
 
+def test_one_address_holds_at_most_its_share_of_the_budget():
+    """Sixteen header-only connections of one address held the whole budget for the frame timeout, and
+    every other peer's large frame was refused (and counted against that peer)."""
+    budget = BufferBudget(total=1 * MiB, small=1 * KiB)  # share: a quarter
+    frame = lambda n: encode_frame({"x": b"y" * n})[:10]  # noqa: E731 (a header and a few bytes)
+    a1, a2, b = (FrameDecoder(max_frame_bytes=1 * MiB, budget=budget, owner=o) for o in ("A", "A", "B"))
+    a1.feed(frame(200 * KiB))  # its first large frame is let in
+    with pytest.raises(ProtocolError) as e:
+        a2.feed(frame(100 * KiB))  # 300 KiB would be over A's share of 256 KiB
+    assert e.value.code == "busy" and e.value.peer_fault and "share" in str(e.value)
+    b.feed(frame(700 * KiB))  # another address is not held back by A
+    with pytest.raises(ProtocolError) as e:
+        FrameDecoder(max_frame_bytes=1 * MiB, budget=budget, owner="C").feed(frame(200 * KiB))
+    assert e.value.code == "busy" and not e.value.peer_fault  # the budget is full: not C's doing
+    a1.close(), b.close()
+    assert budget.in_use == 0 and budget.by_owner == {}
+
+
+def test_a_full_budget_is_not_counted_against_the_peer_it_refuses(policy):
+    m = make(policy)
+
+    async def test(port, server):
+        try:
+            victim = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+        except OSError:
+            pytest.skip("this machine does not route 127.0.0.2 to loopback")
+        a = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.1")
+        await a.send_all(header(900 * KiB) + b"\x80" * 100)  # holds the budget (its first large frame)
+        await wait_for(lambda: server.budget.in_use == 900 * KiB)
+        await victim.send_all(header(300 * KiB) + b"\x80" * 100)
+        assert [r["error"]["code"] for r in await read_replies(victim)] == ["busy"]
+        assert "127.0.0.2" not in server.abuse._events
+        a2 = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.1")
+        await a2.send_all(header(300 * KiB) + b"\x80" * 100)  # over its own share: its doing
+        assert [r["error"]["code"] for r in await read_replies(a2)] == ["busy"]
+        assert len(server.abuse._events["127.0.0.1"]) == 1
+        await a.aclose()
+    run_server(m, test, max_frame_bytes=1 * MiB, buffer_budget=1 * MiB)
+
+
 # ---- 1. availability: decode bombs ---------------------------------------------------------------
 
 def _bombs():

@@ -119,10 +119,14 @@ class ProtocolError(ValueError):
     when it could be read (so the server can still answer that request), else None.
     """
 
-    def __init__(self, message: str, *, code: str = E_BAD_FRAME, request_id: int | None = None):
+    def __init__(self, message: str, *, code: str = E_BAD_FRAME, request_id: int | None = None,
+                 peer_fault: bool | None = None):
         super().__init__(message)
         self.code = code
         self.request_id = request_id
+        # whether the peer caused it (counted against its address): every code but busy, and busy when the peer
+        # went over its own share of a resource rather than finding the server full
+        self.peer_fault = code != E_BUSY if peer_fault is None else peer_fault
 
 
 # ---- frames --------------------------------------------------------------------------------
@@ -221,27 +225,43 @@ class BufferBudget:
     gives it back when the caller is done with that frame (or the connection ends). Frames up
     to ``small`` need no reservation: each connection may buffer about ``small`` bytes on its
     own (a 64 KiB read), so the server's buffers are bounded by ``total`` plus
-    ``small`` per connection. Not thread-safe: one event loop owns it (reading the numbers from
-    another thread is fine)."""
+    ``small`` per connection. One ``owner`` (a peer's address) may hold at most ``share`` of
+    ``total`` (its first large frame is always let in, within ``total``): sixteen connections of
+    one address that sent only 4-byte headers of 16 MiB frames held the whole budget for the
+    frame timeout, refusing everyone else's large frames. Not thread-safe: one event loop owns it
+    (reading the numbers from another thread is fine)."""
 
-    def __init__(self, total: int = DEFAULT_BUFFER_BUDGET, small: int = SMALL_FRAME_BYTES):
-        if total < 0 or small < 0:
-            raise ValueError("budget sizes must be >= 0")
+    def __init__(self, total: int = DEFAULT_BUFFER_BUDGET, small: int = SMALL_FRAME_BYTES, share: float = 0.25):
+        if total < 0 or small < 0 or not 0 < share <= 1:
+            raise ValueError("budget sizes must be >= 0 and the share in (0, 1]")
         self.total = total
         self.small = small
+        self.share = share
         self.in_use = 0
         self.refused = 0
+        self.by_owner: dict = {}
 
-    def reserve(self, n: int) -> bool:
-        if self.in_use + n > self.total:
+    def reserve(self, n: int, owner=None) -> str | None:
+        """Reserve n bytes for ``owner``: None if reserved, else why not: ``"share"`` (the owner already holds
+        its share: its own doing) or ``"total"`` (the budget is full: the server's state)."""
+        held = self.by_owner.get(owner, 0) if owner is not None else 0
+        why = ("share" if held and held + n > self.share * self.total else
+               "total" if self.in_use + n > self.total else None)
+        if why is not None:
             self.refused += 1
-            return False
+            return why
         self.in_use += n
-        return True
+        if owner is not None:
+            self.by_owner[owner] = held + n
+        return None
 
-    def release(self, n: int):
+    def release(self, n: int, owner=None):
         self.in_use -= n
         assert self.in_use >= 0, "released more than was reserved"
+        if owner is not None:
+            left = self.by_owner.pop(owner) - n
+            if left:
+                self.by_owner[owner] = left
 
 
 class FrameDecoder:
@@ -270,7 +290,7 @@ class FrameDecoder:
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, *, max_buffer_bytes: int | None = None,
                  allow_nonfinite: bool = False, copy_arrays: bool = False,
                  max_array_bytes: int = MAX_ARRAY_BYTES, limits: DecodeLimits = DEFAULT_LIMITS,
-                 budget: BufferBudget | None = None, untrusted_limit: int | None = None):
+                 budget: BufferBudget | None = None, untrusted_limit: int | None = None, owner=None):
         if not 0 < max_frame_bytes <= 0xFFFFFFFF:
             raise ValueError("max_frame_bytes must be in 1..2**32-1")
         self.max_frame_bytes = max_frame_bytes
@@ -282,6 +302,7 @@ class FrameDecoder:
         self.max_array_bytes = max_array_bytes
         self.limits = limits
         self.budget = budget
+        self.owner = owner  # whose share of the budget this connection's large frames count against
         self.untrusted_limit = untrusted_limit
         self._buf = bytearray()
         self._error: ProtocolError | None = None
@@ -310,14 +331,14 @@ class FrameDecoder:
 
     def _release_held(self):
         if self._held_reserved:
-            self.budget.release(self._held_reserved)
+            self.budget.release(self._held_reserved, self.owner)
             self._held_reserved = 0
 
     def close(self):
         """Give back every reservation (the connection ended). Idempotent."""
         self._release_held()
         if self._pending_reserved:
-            self.budget.release(self._pending_reserved)
+            self.budget.release(self._pending_reserved, self.owner)
             self._pending_reserved = 0
         self._buf = bytearray()
 
@@ -325,14 +346,14 @@ class FrameDecoder:
         # Keep a copy without a traceback: the raised error's traceback holds the frames that
         # called the decoder (and their locals: a frame body of up to 16 MiB), and storing it here
         # would make a reference cycle through the decoder, freed only by a garbage collection.
-        self._error = ProtocolError(str(err), code=err.code, request_id=err.request_id)
+        self._error = ProtocolError(str(err), code=err.code, request_id=err.request_id, peer_fault=err.peer_fault)
         self.close()
         return err
 
     def _failed(self) -> ProtocolError:
         """A fresh copy of the error that failed this decoder (raised again on each later call)."""
         e = self._error
-        return ProtocolError(str(e), code=e.code, request_id=e.request_id)
+        return ProtocolError(str(e), code=e.code, request_id=e.request_id, peer_fault=e.peer_fault)
 
     def _check_header(self) -> int | None:
         """Length of the pending frame's body, or None while the header is incomplete."""
@@ -348,7 +369,13 @@ class FrameDecoder:
                 code=E_UNAUTHORIZED))
         b = self.budget
         if b is not None and n > b.small and not self._pending_reserved:
-            if not b.reserve(n):
+            why = b.reserve(n, self.owner)
+            if why == "share":
+                raise self._fail(ProtocolError(
+                    f"a frame of {n} bytes: this address already holds {b.by_owner[self.owner]} bytes of large "
+                    f"frames, its share of the server's buffer budget is {int(b.share * b.total)}; send large "
+                    "frames one after another", code=E_BUSY, peer_fault=True))
+            if why is not None:
                 raise self._fail(ProtocolError(
                     f"a frame of {n} bytes does not fit the server's buffer budget now "
                     f"({b.in_use} of {b.total} bytes held by other large frames); try again later",

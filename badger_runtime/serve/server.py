@@ -422,7 +422,8 @@ class Server:
         # a peer without it never gets a large frame decoded (the costly part of a frame).
         decoder = conn.decoder = FrameDecoder(self.max_frame_bytes, allow_nonfinite=True,
                                               limits=self.decode_limits, budget=self.budget,
-                                              untrusted_limit=SMALL_FRAME_BYTES if self.token else None)
+                                              untrusted_limit=SMALL_FRAME_BYTES if self.token else None,
+                                              owner=conn.host)
         reason = "closed"
         frame_deadline = None  # set while a frame is in progress: when it must be complete
         try:
@@ -474,7 +475,8 @@ class Server:
                                }.get(e.code, ("bad_frame", "frames.bad"))
             self.metrics.inc(counter)
             self.metrics.inc(f"errors.{e.code}")
-            self._abused(conn.host, reason)
+            if e.peer_fault:  # not a full budget: other peers' frames filled it (the victim was blocked for it)
+                self._abused(conn.host, reason)
             self._log_peer(reason, peer=conn.peer, error=str(e)[:300])
             await self._send_quietly(stream, reply_error(e.request_id, e.code, str(e)))
         except _SendTimeout:

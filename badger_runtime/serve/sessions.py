@@ -31,7 +31,8 @@ from ..config import ConfigError
 from ..engine import Agent, GrowthError, HorizonError, InputError
 from ..membrane import seat_array, seats_after_removal
 from .protocol import reply_error, reply_ok, some_names
-from .store import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, SessionStore, StoreError, agent_record, restore_agent
+from .store import (FORMAT, FORMAT_VERSION, MAX_COUNT, READABLE_VERSIONS, OtherPolicy, SessionStore, StoreError,
+                    agent_record, restore_agent)
 from .telemetry import Metrics, no_log
 
 # error codes (besides protocol's bad_frame / bad_request / unknown_kind)
@@ -174,6 +175,7 @@ class SessionManager:
         self.metrics = metrics or Metrics()
         self._tasks: dict = {}  # task name -> its Task (settings as _task_config gives them), built once
         self.sessions: dict[str, Session] = {}
+        self.other_policy: dict[str, str] = {}  # checkpoints of another policy, left in place: name -> its sha256
         self._lock = threading.Lock()
         self.started = time.time()
         self.ready = store is None  # a store-backed manager is ready once restore_all() ran
@@ -297,14 +299,22 @@ class SessionManager:
 
     def restore_all(self) -> dict:
         """Load every checkpoint in the store. A file that cannot be used (corrupt, another
-        version, another policy) is moved to ``rejected/`` and logged; the rest are served."""
-        restored, rejected = [], []
+        version) is moved to ``rejected/`` and logged; an intact one of another policy is left where
+        it is (a restart with the wrong ``--policy`` loses nothing: the right one restores it) and its
+        name stays taken; the rest are served."""
+        restored, rejected, skipped = [], [], []
         if self.store is not None:
             for name, rec in self.store.load_all():
                 try:
                     if isinstance(rec, StoreError):
                         raise rec
                     s = self._session_from_record(name, rec, restoring=True)
+                except OtherPolicy as e:
+                    self.other_policy[name] = e.sha256
+                    self.log("warning", "restore_skipped_other_policy", session=name, error=str(e))
+                    self.metrics.inc("restore.other_policy")
+                    skipped.append({"session": name, "policy_sha256": e.sha256})
+                    continue
                 except StoreError as e:
                     where = self.store.reject(name)
                     self.log("error", "restore_rejected", session=name, error=str(e), moved_to=str(where))
@@ -317,7 +327,7 @@ class SessionManager:
                          experts=s.agent.n_experts, dims=s.dims)
                 restored.append(name)
         self.ready = True
-        return {"restored": restored, "rejected": rejected}
+        return {"restored": restored, "rejected": rejected, "other_policy": skipped}
 
     def _session_from_record(self, name: str, rec: Any, restoring: bool = False) -> Session:
         """A session from a record (a checkpoint at start, or ``open`` with a snapshot). Any problem
@@ -341,15 +351,21 @@ class SessionManager:
         sha = self.policy.card.get("sha256")
         if not isinstance(pol, dict) or pol.get("sha256") != sha:
             got = pol.get("sha256") if isinstance(pol, dict) else None
-            raise StoreError(f"record was made with policy sha256 {str(got)[:16]}..., this server runs "
-                             f"{str(sha)[:16]}...")
-        lim = (1 << 20, 1 << 16) if restoring else (self.limits.max_experts, self.limits.max_dims)
+            msg = f"record was made with policy sha256 {str(got)[:16]}..., this server runs {str(sha)[:16]}..."
+            if isinstance(got, str) and len(got) == 64:
+                raise OtherPolicy(msg, got)
+            raise StoreError(msg)
+        # a snapshot opened anew is held to today's limits and leaves 2^62 steps of headroom; a checkpoint this
+        # server wrote is restored as it is (it may have been opened at the bounds and stepped since)
+        lim = (1 << 20, 1 << 16, 1 << 63) if restoring else (self.limits.max_experts, self.limits.max_dims, MAX_COUNT)
         agent = restore_agent(self.policy, rec.get("agent"), max_experts=lim[0], max_dims=lim[1],
-                              agent_config=self.agent_config)
-        ints = {k: rec.get(k) for k in ("seed", "episode", "steps_total")}
-        if any(type(v) is not int or not 0 <= v < (1 << 62) for v in ints.values()):
-            raise StoreError(f"record fields seed, episode, steps_total must be ints in [0, 2^62): "
+                              agent_config=self.agent_config, max_count=lim[2])
+        ints = {k: rec.get(k) for k in ("episode", "steps_total")}
+        if any(type(v) is not int or not 0 <= v < lim[2] for v in ints.values()):
+            raise StoreError(f"record fields episode, steps_total must be ints in [0, {lim[2]:,}): "
                              f"{str(ints)[:200]}")
+        if type(rec.get("seed")) is not int or not 0 <= rec["seed"] <= MAX_SEED:
+            raise StoreError(f"record field seed must be an int in [0, 2^63): {str(rec.get('seed'))[:40]}")
         rounds = rec.get("rounds")
         if rounds is not None and (type(rounds) is not int or not 1 <= rounds <= self.limits.max_rounds):
             raise StoreError(f"record field rounds must be nil or in [1, {self.limits.max_rounds}]")
@@ -369,7 +385,7 @@ class SessionManager:
         owner = rec.get("owner") if restoring else None  # a snapshot opened anew gets a new owner
         if owner is not None and (not isinstance(owner, str) or len(owner) != 64):
             raise StoreError("record field owner must be nil or a sha256 hex digest")
-        return Session(name, self._place(agent), ints["seed"], rounds, float(times[0]), float(times[1]), task, owner,
+        return Session(name, self._place(agent), rec["seed"], rounds, float(times[0]), float(times[1]), task, owner,
                        episode=ints["episode"], steps_total=ints["steps_total"],
                        last_outputs=None if last is None else np.array(last, np.float32))
 
@@ -456,6 +472,10 @@ class SessionManager:
             with self._lock:
                 if name in self.sessions:
                     raise ServeError(E_SESSION_EXISTS, f"session {name!r} exists (open with resume=true to attach)")
+                if name in self.other_policy:
+                    raise ServeError(E_SESSION_EXISTS, f"session {name!r} is a checkpoint of another policy (sha256 "
+                                                       f"{self.other_policy[name][:16]}...) kept in the state dir: "
+                                                       "serve that policy to continue it, or pick another name")
                 if len(self.sessions) >= L.max_sessions:
                     raise ServeError(E_LIMIT, f"the server holds its limit of {L.max_sessions} sessions")
                 self.sessions[name] = s
@@ -514,6 +534,10 @@ class SessionManager:
                 if pointer:  # the feedback slot points at output `index` (none when the field is left out)
                     a.interface = self._task(s.task).point(a.interface, index, vals)
                 out, info = a.step(vals, rounds=s.rounds)
+                if not (np.isfinite(out).all() and a.state_is_finite()):
+                    raise ServeError(E_BAD_INPUT, f"step {a.t - 1} made the agent's outputs or state NaN or inf "
+                                                  "(extreme inputs or state, e.g. from a snapshot): refused, the "
+                                                  "session is as it was")
                 s.last_outputs = np.asarray(out[0], np.float32)
                 s.steps_total += 1
                 return info

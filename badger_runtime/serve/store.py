@@ -51,6 +51,24 @@ class StoreError(ValueError):
     """A checkpoint that cannot be read or used (bad magic, version, checksum, contents)."""
 
 
+class OtherPolicy(StoreError):
+    """An intact record made with another policy (a restart with the wrong ``--policy`` must not lose it)."""
+
+    def __init__(self, message: str, sha256: str):
+        super().__init__(message)
+        self.sha256 = sha256
+
+
+# What a served agent can hold, so that the store accepts every record the server writes and refuses
+# absurd ones (an address of 3e38 made the outputs NaN): inputs within +-MAX_ABS_INPUT; a bandit's feedback
+# slot points at the pulled arm's address times 1 - 2 x the step's feedback (tasks.bandit.pointer_scale), up to
+# (1 + 2 MAX_ABS_INPUT) times an address; heads are linear in h (|h| <= 1), far below MAX_ABS_HEADS for any
+# trained or handcrafted policy, where heads of 1e30 made the next step NaN.
+MAX_ABS_SLOT_ADDR = (1 + 2 * MAX_ABS_INPUT) * MAX_ABS_INPUT
+MAX_ABS_HEADS = 1e6
+MAX_COUNT = 1 << 62  # a step count, episode or seed opened from a snapshot: 2^62 steps of headroom below 2^63
+
+
 # ---- records ----------------------------------------------------------------------------------
 
 def agent_record(agent: Agent) -> dict:
@@ -106,9 +124,11 @@ def _seats(rec: dict, n: int) -> np.ndarray | None:
 
 
 def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 20, max_dims: int = 1 << 16,
-                  agent_config=None) -> Agent:
+                  agent_config=None, max_count: int = MAX_COUNT) -> Agent:
     """An ``engine.Agent`` (batch 1) continued from ``agent_record`` output; everything is
-    checked against the policy first, so a bad record raises StoreError, never a crash later."""
+    checked against the policy first, so a bad record raises StoreError, never a crash later.
+    ``max_count``: the step count's bound (a checkpoint the server wrote may have stepped past a
+    snapshot's ``MAX_COUNT``)."""
     if not isinstance(rec, dict):
         raise StoreError(f"agent record must be a map, got {type(rec).__name__}")
     spec = policy.spec
@@ -130,19 +150,19 @@ def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 20, max_dims: int
     visibility = _visibility(rec.get("visibility"), slots)
     A = spec.addr_dim
     t, seed = rec.get("t"), rec.get("seed")
-    if type(t) is not int or not 0 <= t < 2**62 or type(seed) is not int or not 0 <= seed < 2**63:
-        raise StoreError("agent.t and agent.seed must be non-negative ints (below 2^62 / 2^63)")
+    if type(t) is not int or not 0 <= t < max_count or type(seed) is not int or not 0 <= seed < 2**63:
+        raise StoreError(f"agent.t and agent.seed must be non-negative ints (below {max_count:,} / 2^63)")
     snap = {
         "t": t, "seed": seed,
         "h": _array(rec, "h", (1, n, spec.hidden), bound=1.001),  # the card's state bound, [-1, 1], and rounding
-        "heads": _array(rec, "heads", (1, n, spec.heads_dim), bound=None),  # linear in h: any finite size
+        "heads": _array(rec, "heads", (1, n, spec.heads_dim), bound=MAX_ABS_HEADS),
         "noise": _array(rec, "noise", (1, n, spec.hidden)),
         "ids": _array(rec, "ids", (1, n, spec.id_dim)) if spec.id_dim else None,
         "route_mask": _array(rec, "route_mask", (1, n, n), bool, optional=True),
         "route_neighbors": _neighbors(rec, n),
         "seats": _seats(rec, n),
         "out_addr": _array(rec, "out_addr", (1, d, A)),
-        "slot_addr": _array(rec, "slot_addr", (1, slots, A)),
+        "slot_addr": _array(rec, "slot_addr", (1, slots, A), bound=MAX_ABS_SLOT_ADDR),
         "visibility": visibility, "parts": parts,
     }
     rng = rec.get("rng")
