@@ -217,6 +217,7 @@ def test_client_commands(tiny_policy, tmp_path, capsys, monkeypatch):
         monkeypatch.delenv(k)
     srv = ServerProcess(tiny_policy, tmp_path / "s", tmp_path / "server.log")
     monkeypatch.setenv("BADGER_CONNECT", srv.address)
+    monkeypatch.setenv("BADGER_SECRETS_FILE", str(tmp_path / "state" / "secrets.json"))  # not the user's own
 
     def client(*argv, rc=None):
         with pytest.raises(SystemExit) if rc else contextlib.nullcontext():
@@ -243,4 +244,16 @@ def test_client_commands(tiny_policy, tmp_path, capsys, monkeypatch):
     assert client("stats", "c2")["episode"] == 1
     assert client("stats")["sessions"] == 2
     assert client("close", "c2")["closed"]
+    # the walkthrough as the tutorial writes it: no secret passed by hand (the client kept it at open)
+    monkeypatch.delenv("BADGER_SESSION_SECRET")
+    assert client("open", "--session", "demo", "--dims", "2", "--experts", "3")["t"] == 0
+    assert (tmp_path / "state" / "secrets.json").stat().st_mode & 0o777 == 0o600
+    assert client("step", "demo", "--slots", "0,0,0,0")["t"] == 1
+    assert client("add", "demo", "--n", "1")["experts"] == 4
+    assert client("open", "--session", "demo", "--resume")["resumed"]
+    assert client("close", "demo")["closed"]
+    assert "demo" not in (tmp_path / "state" / "secrets.json").read_text()  # forgotten at close
+    assert client("open", "--session", "d2", "--dims", "2", "--no-keep-secret")["t"] == 0
+    err = client("stats", "d2", rc=1)["error"]
+    assert err["code"] == "forbidden" and "--secret" in err["message"]
     assert srv.stop(signal.SIGTERM) == 0

@@ -197,7 +197,9 @@ def register(sub):
     c.add_argument("--token", default=_env("BADGER_TOKEN"))
     c.add_argument("--secret", default=_env("BADGER_SESSION_SECRET"),
                    help="the session's secret (printed by `client open`; env BADGER_SESSION_SECRET): every "
-                        "request on a session but health must carry it")
+                        "request on a session but health must carry it. Default: the one `client open` kept for "
+                        "this server and session (in BADGER_SECRETS_FILE, or ~/.local/state/badger/"
+                        "session-secrets.json, 0600)")
     c.add_argument("--timeout", type=positive_seconds, default=30.0)
     cs = c.add_subparsers(dest="op", required=True)
     o = cs.add_parser("open", help="open a session")
@@ -209,6 +211,10 @@ def register(sub):
     o.add_argument("--resume", action="store_true", help="attach to the session if it exists")
     o.add_argument("--from-snapshot", default=None, help="a file written by `client snapshot --out`")
     o.add_argument("--task", default=None, help="the task whose interface the session gets (default: the policy's)")
+    o.add_argument("--no-keep-secret", action="store_true",
+                   help="do not keep the new session's secret in the secrets file (it is printed either way)")
+    o.add_argument("--past-horizon", action="store_true",
+                   help="let the session step an episodic policy past its horizon (the card's lifetime)")
     r = cs.add_parser("reset", help="start a new episode")
     r.add_argument("session")
     r.add_argument("--seed", type=int, default=None)
@@ -399,8 +405,17 @@ def _jsonable(x):
     return str(x)
 
 
+def _keep(kept, address: str, session: str, secret: str):
+    try:
+        kept.put(address, session, secret)
+    except OSError as e:  # the session is open either way: its secret is in the printed reply
+        print(f"badger: warning: could not keep the session's secret in {kept.path}: {e}; pass it with --secret",
+              file=sys.stderr)
+
+
 def cmd_client(args):
     from .client import Client, ServerError
+    from .client_secrets import SecretsFile
     from .store import StoreError, decode, encode
 
     try:
@@ -410,8 +425,10 @@ def cmd_client(args):
         raise SystemExit(3)
     op = args.op
     session = getattr(args, "session", None)
-    if args.secret and session:
-        client.secrets[session] = args.secret
+    kept = SecretsFile()
+    secret = args.secret or (kept.get(args.connect, session) if session and (op != "open" or args.resume) else None)
+    if secret and session:
+        client.secrets[session] = secret
     try:
         with client:
             if op == "open":
@@ -423,7 +440,10 @@ def cmd_client(args):
                         print(f"badger: error: --from-snapshot {args.from_snapshot}: {e}", file=sys.stderr)
                         raise SystemExit(2) from None
                 out = client.open(args.dims, args.experts, args.seed, session=args.session, rounds=args.rounds,
-                                  resume=args.resume, snapshot=snap, task=args.task)
+                                  resume=args.resume, snapshot=snap, task=args.task, past_horizon=args.past_horizon,
+                                  secret=secret if args.resume else None)
+                if out.get("secret") and not args.no_keep_secret:
+                    _keep(kept, args.connect, out["session"], out["secret"])
             elif op == "reset":
                 out = client.reset(args.session, seed=args.seed, experts=args.experts, dims=args.dims)
             elif op == "step":
@@ -446,6 +466,7 @@ def cmd_client(args):
                 out = client.stats(args.session)
             elif op == "close":
                 out = client.close_session(args.session)
+                kept.forget(args.connect, args.session)
             else:
                 out = client.health()
     except ServerError as e:

@@ -231,7 +231,9 @@ class SessionManager:
                 if not hmac.compare_digest(given, s.owner):
                     self.metrics.inc("sessions.forbidden")
                     raise ServeError(E_FORBIDDEN, f"session {name[:80]!r} belongs to the client that opened it: "
-                                                  f"send its 'secret' (from the open reply)")
+                                                  "send its 'secret' (from the open reply; `badger client` keeps "
+                                                  "the secrets of the sessions it opened, or takes --secret or "
+                                                  "BADGER_SESSION_SECRET)")
             return fn(s)
 
     # -- checkpoints -----------------------------------------------------------------------------
