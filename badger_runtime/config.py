@@ -497,6 +497,8 @@ def load_experiment(path: str | None = None, overrides: list[str] | None = None)
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:  # a folder, a file it may not read
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from None
     apply_overrides(data, overrides or [])

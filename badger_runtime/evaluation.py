@@ -89,6 +89,10 @@ def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int
     else:
         from .actors.episodes import actor_batch as run_batch
     steps = steps or task.steps
+    for c in changes:  # one that never happens was reported as if it had
+        if c.at >= steps:
+            raise ConfigError(f"a change before step {c.at} ({c.kind} {c.n}) would never happen: the episodes have "
+                              f"steps 0..{steps - 1} (--{c.kind}-at T needs T < --steps)")
     metrics, outputs, used, eps, traces, counters = {}, [], [], [], [], {}
     messages = 0
     rngs = episode_rngs(seed)

@@ -371,6 +371,10 @@ def test_badger_run_prints_evals_report_plus_message_counts(tiny_policy, capsys)
     run2 = json.loads(capsys.readouterr().out)
     assert np.allclose(run2["mse_by_step"], ev["mse_by_step"], atol=1e-5)
     assert run2["policy_calls"] == 6 * 4 * 2 * 4
+    # the text report too (it printed only the float fields: no message counts, no changes)
+    assert main(["run", *args[:-1], "--add-at", "2", "--add", "1", "--init", "clone"]) == 0
+    text = capsys.readouterr().out
+    assert "runtime actors: messages sent" in text and "before step 2: add 1 (clone)" in text
 
 
 def test_growing_demo_writes_its_figure(tiny_policy, tmp_path, capsys):

@@ -36,10 +36,15 @@ def run(capsys, *argv) -> tuple[int, str]:
     (["run", "--policy", "guessing-converge-v1", "--concurrency", "0"], "--concurrency"),
     (["serve", "--policy", "guessing-converge-v1", "--state-dir", "FILE", "--listen", "127.0.0.1:0"], "--state-dir"),
     (["eval", "--checkpoint", "FILE"], "not a readable checkpoint"),
+    (["eval", "--policy", "guessing-converge-v2", "--add-at", "20", "--add", "3"], "steps 0..19"),
+    (["eval", "--policy", "guessing-converge-v2", "--remove-at", "50", "--remove", "1"], "--remove-at T needs"),
+    (["train", "DIR", "--out", "OUT"], "cannot read config file"),
+    (["train", "--out", "FILE/run"], "cannot make the run folder"),
 ])
 def test_bad_command_lines_exit_2_with_a_reason(argv, says, tmp_path, capsys):
     (tmp_path / "FILE").write_text("not a folder, not a checkpoint")
-    argv = [str(tmp_path / a) if a in ("FILE", "OUT") else a for a in argv]
+    (tmp_path / "DIR").mkdir()
+    argv = [str(tmp_path / a) if a.split("/")[0] in ("FILE", "OUT", "DIR") else a for a in argv]
     rc, err = run(capsys, *argv)
     assert rc == 2 and says in err and "Traceback" not in err, err
 
@@ -70,3 +75,18 @@ def test_large_d_skips_the_quadratic_baseline_instead_of_exhausting_memory(capsy
                "--steps", "3", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["optimizer"] is None and "skipped" in out["notes"][0]
+
+
+@pytest.mark.parametrize("argv", [["train", "--out", "OUT"], ["eval", "--checkpoint", "OUT/checkpoint.pt"],
+                                  ["bench", "train", "--repeats", "1"]])
+def test_a_missing_extra_is_named_not_a_traceback(argv, tmp_path):
+    """On the base install (no torch) the training commands ended in a ModuleNotFoundError traceback."""
+    import subprocess
+    import sys
+
+    argv = [a.replace("OUT", str(tmp_path)) for a in argv]
+    code = ("import sys; sys.modules['torch'] = None; from badger_runtime.cli import main; "
+            f"sys.exit(main({argv!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "needs the 'train' extra" in r.stderr and "torch" in r.stderr

@@ -150,6 +150,28 @@ def test_growing_demo(tmp_path, capsys, dims_policy):
         assert f["agent"] < f["mean-solution"]
 
 
+@pytest.mark.parametrize("argv, field", [
+    (["growing", "--policy", "X"], "grow_policy"), (["growing", "--dims-policy", "X"], "grow_policy"),
+    (["growing", "--grow-policy", "X", "--dims-policy", "Y"], "grow_policy"), (["dimensions", "--policy", "X"],
+                                                                             "dims_policy"),
+    (["--policy", "X"], "policy"), (["communication", "--policy", "X"], "one_expert_policy")])
+def test_the_policy_flags_choose_the_demos_policy(argv, field):
+    """`badger demo growing --policy P` (and the tutorial's `--dims-policy P`) ran scale-v2 whatever P was."""
+    from badger_runtime.cli import build_parser
+    from badger_runtime.demo.cli import options_from_args
+
+    assert getattr(options_from_args(build_parser().parse_args(["demo", *argv])), field) == "X"
+
+
+def test_a_policy_is_demoed_at_an_n_it_was_trained_with():
+    from types import SimpleNamespace
+
+    from badger_runtime.demo.run import _default_experts
+
+    assert [_default_experts(SimpleNamespace(experts=e)) for e in ((3, 3), (5, 40), (4, 12), (30, 64))] == \
+        [3, 20, 12, 30]  # (4, 12) ran at N = 20
+
+
 def test_demo_rejects_bad_flags(tmp_path, capsys):
     assert main(["demo", "--episodes", "0", "--out", str(tmp_path)]) == 2
     assert main(["demo", "--policy", str(tmp_path / "missing.onnx"), "--out", str(tmp_path)]) == 2

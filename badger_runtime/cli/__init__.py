@@ -47,11 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"badger: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # an optional extra that is not installed
-        if "pip install" not in str(e):
+        extra = EXTRAS.get((getattr(e, "name", None) or "").split(".")[0])
+        if "pip install" not in str(e) and extra is None:
             raise
-        print(f"badger: error: {e}", file=sys.stderr)
+        hint = "" if extra is None else (f": `badger {args.cmd}` needs the '{extra}' extra "
+                                         f"(pip install -e \".[{extra}]\" in a checkout)")
+        print(f"badger: error: {e}{hint}", file=sys.stderr)
         return 2
     return 0
+
+
+# an optional dependency's top-level module -> the extra (pyproject.toml) that installs it
+EXTRAS = {"torch": "train", "onnx": "train", "sklearn": "data", "gymnasium": "gym", "prometheus_client": "serve",
+          "ray": "cluster"}
 
 
 if __name__ == "__main__":

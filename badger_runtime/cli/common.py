@@ -181,10 +181,35 @@ def print_report(report: dict, as_json: bool):
     T = max(len(v) for v in curves.values()) if curves else 0
     stride = max(1, T // 40)
     for i in range(0, T, stride):
-        row = [str(i)] + [f"{v[i]:.4f}" for v in curves.values()]
+        row = [str(i)] + [_num(v[i]) for v in curves.values()]
         if opt:
-            row.append(f"{opt['mse_by_step'][i]:.4f}")
+            row.append(_num(opt['mse_by_step'][i]))
         t.add_row(*row)
     Console().print(t)
     summary = {k: v for k, v in report.items() if isinstance(v, float) and k != "seconds"}
     print("  ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    for line in _report_lines(report):
+        print(line)
+
+
+def _num(v: float) -> str:
+    """Four significant digits (a 0.0000073 error printed as 0.0000 at four decimals)."""
+    return f"{v:.4f}" if 1e-3 <= abs(v) < 1e4 or v == 0 else f"{v:.4g}"
+
+
+def _report_lines(report: dict) -> list[str]:
+    """What the table and the summary leave out: the runtime and its messages, the membership changes, the
+    baselines' numbers (the JSON report has them all)."""
+    lines = []
+    if "runtime" in report:
+        msg = report.get("messages")
+        counts = ", ".join(f"{k} {v:,}" for k, v in msg.items()) if isinstance(msg, dict) else \
+            f"{msg:,}" if isinstance(msg, int) else None
+        lines.append(f"runtime {report['runtime']}" + (f": messages {counts}" if counts else ""))
+    for c in report.get("changes", []):
+        lines.append(f"before step {c['at']}: {c['kind']} {c['n']}" + (f" ({c['init']})" if c["kind"] == "add" else ""))
+    regrets = [("agent", report.get("regret_at")), *(report.get("baselines_regret_at") or {}).items()]
+    for name, at in regrets:
+        if isinstance(at, dict) and at:
+            lines.append(f"regret {name}: " + ", ".join(f"T={t} {v:.4g}" for t, v in at.items()))
+    return lines

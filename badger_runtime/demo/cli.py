@@ -33,14 +33,16 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=None, help="episodes per evaluation (default: per demo)")
     p.add_argument("--policy", default=None,
                    help="the chosen demo's policy: main / guessing (Fig. 9): "
-                        f"{DEFAULT_POLICY}; dimensions / growing: {DEFAULT_DIMS_POLICY}; "
+                        f"{DEFAULT_POLICY}; dimensions: {DEFAULT_DIMS_POLICY}; growing: {DEFAULT_GROW_POLICY}; "
                         f"communication: {DEFAULT_ONE_EXPERT_POLICY}; fewshot: {DEFAULT_FEWSHOT_POLICY}")
     p.add_argument("--one-expert-policy", default=DEFAULT_ONE_EXPERT_POLICY,
                    help="the Fig. 6 policy (last-step trained) used by guessing and communication")
-    p.add_argument("--dims-policy", default=DEFAULT_DIMS_POLICY,
-                   help="the Fig. 7 policy (scalar feedback, trained d in [3, 6]) used by dimensions")
-    p.add_argument("--grow-policy", default=DEFAULT_GROW_POLICY,
-                   help="the policy grown by the growing demo (trained with experts added mid-episode)")
+    p.add_argument("--dims-policy", default=None,
+                   help=f"the Fig. 7 policy (scalar feedback, trained d in [3, 6]) used by dimensions (default "
+                        f"{DEFAULT_DIMS_POLICY}); growing takes it too when --grow-policy is not given")
+    p.add_argument("--grow-policy", default=None,
+                   help=f"the policy grown by the growing demo (default {DEFAULT_GROW_POLICY}, trained with experts "
+                        "added mid-episode)")
     p.add_argument("--runtime", choices=("actors", "engine"), default="actors",
                    help="the main demo's runtime: actors (experts as trio tasks exchanging msgpack messages) or "
                         "engine (batched numpy + onnxruntime, ~20x faster); sub-demos use the engine")
@@ -53,11 +55,15 @@ def options_from_args(args):
     from .run import DemoOptions
 
     o = DemoOptions(out=Path(args.out), quick=args.quick, seed=args.seed, one_expert_policy=args.one_expert_policy,
-                    dims_policy=args.dims_policy, grow_policy=args.grow_policy, episodes=args.episodes, runtime=args.runtime)
+                    dims_policy=args.dims_policy or DEFAULT_DIMS_POLICY,
+                    grow_policy=args.grow_policy or args.dims_policy or DEFAULT_GROW_POLICY, episodes=args.episodes,
+                    runtime=args.runtime)
     which = args.which or "main"
-    if args.policy:
-        if which in ("dimensions", "growing"):
+    if args.policy:  # (the growing demo ran its default whatever --policy or --dims-policy named)
+        if which == "dimensions":
             o.dims_policy = args.policy
+        elif which == "growing":
+            o.grow_policy = args.policy
         elif which == "communication":
             o.one_expert_policy = args.policy
         elif which == "fewshot":

@@ -82,7 +82,9 @@ def _load(path: str | Path) -> OnnxPolicy:
 
 
 def _default_experts(task) -> int:
-    return task.experts[0] if task.experts[0] == task.experts[1] else 20
+    """The paper's N = 20 where the policy was trained with it, else the nearest trained N."""
+    lo, hi = task.experts
+    return min(max(20, lo), hi)
 
 
 # --- the switch: actor runtime or batched engine -------------------------------------------
@@ -321,7 +323,7 @@ def demo_dimensions(o: DemoOptions) -> dict:
         return _finish("dimensions", t0, skipped=_missing_dims(o))
     pol = load_policy(path)
     task = dataclasses.replace(pol.task, addresses="random")  # new addresses every episode
-    experts = 20 if pol.task.experts[0] <= 20 <= pol.task.experts[1] else _default_experts(pol.task)
+    experts = _default_experts(pol.task)
     T, E = task.steps, o.n(500, 48)
     ds = list(range(1, 11))
     rows = []
@@ -360,11 +362,7 @@ def demo_dimensions(o: DemoOptions) -> dict:
 def demo_growing(o: DemoOptions) -> dict:
     t0 = time.perf_counter()
     notes = []
-    path = find_policy(o.grow_policy) or find_policy(o.dims_policy)
-    if path is None:
-        notes.append(_missing_dims(o) + f"; growing {Path(o.policy).stem} (trained at N=3) instead")
-        path = find_policy(o.policy) or o.policy
-    pol = load_policy(path)
+    pol = _load(o.grow_policy)
     from ..tasks import task_class
 
     task = task_class(pol.task.name).evaluation_config(pol.task)  # e.g. without the target jumps of training

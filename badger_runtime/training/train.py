@@ -337,7 +337,10 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     """Train; writes ``out_dir/{checkpoint.pt, metrics.jsonl, config.json, summary.json}``."""
     cfg.validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot make the run folder {out}: {e.strerror or e}") from None
     ck_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     torch.set_num_threads(cfg.train.threads)
     random.seed(cfg.train.seed)
