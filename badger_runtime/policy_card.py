@@ -12,6 +12,7 @@ No torch here: this is the deploy path.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -75,7 +76,12 @@ def resolve_policy(path: str | Path) -> Path:
     d = shipped_dir()
     if d is not None and (d / onnx.name).is_file():
         return d / onnx.name
-    known = ", ".join(shipped_policies()) or "none installed"
+    names = shipped_policies()
+    close = difflib.get_close_matches(onnx.stem, names, n=3, cutoff=0.6)
+    if close:
+        raise PolicyError(f"policy file not found: {onnx}; did you mean {' or '.join(close)}? "
+                          "(`badger policies` lists the shipped ones)")
+    known = ", ".join(names) or "none installed"
     raise PolicyError(f"policy file not found: {onnx} (shipped policies, usable by name: {known})")
 
 

@@ -23,6 +23,7 @@ def run(capsys, *argv) -> tuple[int, str]:
     (["eval", "--policy", "guessing-converge-v1", "--rounds", "1000"], "--rounds"),
     (["eval", "--policy", "guessing-converge-v1", "--dims", "0"], "--dims"),
     (["eval", "--policy", "no-such-policy"], "shipped policies"),
+    (["eval", "--policy", "guessing-converge-v9"], "did you mean guessing-converge-v2 or guessing-converge-v1"),
     (["eval", "--policy", "guessing-converge-v1", "--task", "nope"], "registered tasks"),
     (["eval", "--policy", "guessing-converge-v1", "--add-at", "3"], "--add-at T and --add M"),
     (["longrun", "--policy", "guessing-converge-v1", "--seed", "-3"], "--seed"),
@@ -90,3 +91,10 @@ def test_a_missing_extra_is_named_not_a_traceback(argv, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "needs the 'train' extra" in r.stderr and "torch" in r.stderr
+
+
+def test_eval_notes_a_d_or_n_outside_the_trained_ranges(capsys):
+    assert main(["eval", "--policy", "guessing-converge-v2", "--dims", "5", "--episodes", "2", "--no-baselines",
+                 "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "d = 5 is outside the trained 3..3" in err and "N = " not in err

@@ -191,8 +191,12 @@ def test_es_trains_resumes_and_exports(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_es(es_experiment(generations=20), tmp_path / "twice", final_eval=False, **quiet)
     monkeypatch.setattr(es, "generation", real)
+    other = es_experiment(generations=20)
+    other.train.seed += 1
     with pytest.raises(ConfigError, match="another config"):  # another config: refused
-        train_es(es_experiment(generations=30), tmp_path / "twice", resume=True, **quiet)
+        train_es(other, tmp_path / "twice", resume=True, **quiet)
+    with pytest.raises(ConfigError, match="holds a run.*--resume"):  # nor is a run overwritten without --resume
+        train_es(es_experiment(generations=20), tmp_path / "twice", **quiet)
     summary = train_es(es_experiment(generations=20), tmp_path / "twice", resume=True, workers=0, **quiet)
     a = torch.load(tmp_path / "once" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=False)
@@ -210,6 +214,8 @@ def test_es_trains_resumes_and_exports(tmp_path, monkeypatch):
     x = (np.zeros((4, pol.spec.hidden), np.float32), np.ones((4, pol.spec.msg_dim), np.float32),
          np.ones((4, pol.spec.sensed_dim), np.float32))
     assert np.abs(pol.step(*x)[1] - NumpyPolicy(pol.spec, b["theta"]).step(*x)[1]).max() < 1e-5
+    train_es(es_experiment(generations=22), tmp_path / "twice", resume=True, final_eval=False, **quiet)  # longer
+    assert torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=False)["batch"] == 22
 
 
 @pytest.mark.parametrize("grow_prob", [0.5, 0.0])

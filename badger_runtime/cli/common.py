@@ -52,8 +52,10 @@ def add_eval_flags(p: argparse.ArgumentParser, runtime_default: str = "engine"):
                    help="any other setting of the task, e.g. --option feedback=per_dim")
     p.add_argument("--experts", type=int_in(1, 1_000_000, "--experts"), default=None,
                    help="N, the number of experts (default: as trained)")
-    p.add_argument("--episodes", type=int_in(1, 10_000_000, "--episodes"), default=1000)
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--episodes", type=int_in(1, 10_000_000, "--episodes"), default=1000,
+                   help="episodes to evaluate (default 1000), drawn from --seed")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="seed of the episodes (targets, addresses, wiring, noise): the same seed, the same episodes")
     p.add_argument("--steps", type=int_in(1, 10_000_000, "--steps"), default=None,
                    help="inner steps (default: the task's episode length)")
     p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS, "--rounds"), default=None,

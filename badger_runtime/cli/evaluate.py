@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .common import add_eval_flags, int_in, print_report, resolve_eval
 
@@ -36,6 +37,17 @@ def _runtime_kw(args) -> dict:
                  "encode": not getattr(args, "no_encode", False), "concurrency": getattr(args, "concurrency", 4)}
 
 
+def _note_untrained(pol, task, dims: int, experts: int):
+    """Say on stderr when d or N is outside what the policy was trained with (its card's ranges): the numbers
+    then measure how it generalises, which a user asking for d = 50 of a d = 3 policy may not expect."""
+    if task.name != pol.task.name:
+        return
+    out = [f"{name} = {v} is outside the trained {lo}..{hi}" for name, v, (lo, hi) in
+           (("d", dims, pol.task.dims), ("N", experts, pol.task.experts)) if not lo <= v <= hi]
+    if out:
+        print(f"badger: note: {pol.name}: {'; '.join(out)} (its card's ranges)", file=sys.stderr)
+
+
 def cmd_eval(args):
     from ..config import ConfigError
     from ..evaluation import evaluate
@@ -48,6 +60,7 @@ def cmd_eval(args):
 
         pol = load_policy(args.policy)
         agent, task, dims, experts, changes = resolve_eval(args, pol.agent, pol.task)
+        _note_untrained(pol, task, dims, experts)
         report = evaluate(numpy_ops(), pol, agent, task, dims=dims, experts=experts, episodes=args.episodes,
                           seed=args.seed, changes=changes, runtime=args.runtime, baselines=args.baselines,
                           **_runtime_kw(args))

@@ -12,7 +12,9 @@ def register(sub):
     t.add_argument("config", nargs="?", default=None, help="TOML config (see configs/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4")
     t.add_argument("--out", required=True, help="run folder: checkpoint, metrics, summary")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (the same config; a larger train.batches trains longer). "
+                        "Without it, an OUT that holds a run is refused, never overwritten")
     t.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--outer", choices=("bptt", "es"), default="bptt",

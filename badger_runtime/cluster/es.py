@@ -301,7 +301,7 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     dim = n_params(spec)
     adam = Adam(dim, es.lr)
     first, wall = 0, 0.0
-    ck = open_run(out, cfg, resume=resume, outer="es", ignore=("train.es.workers",))
+    ck = open_run(out, cfg, resume=resume, outer="es", ignore=("train.es.workers",), log=log)
     if ck is not None:
         with checkpoint_entry(ck_path, "theta"):
             theta = np.asarray(ck.get("theta"), np.float32)

@@ -196,12 +196,17 @@ def source_policy(init_from: str) -> ExpertPolicy:
 
 
 def open_run(out: Path, cfg: ExperimentConfig, *, resume: bool, outer: str,
-             ignore: tuple[str, ...] = ()) -> dict | None:
+             ignore: tuple[str, ...] = (), log=print) -> dict | None:
     """A run folder, for either outer loop: the checkpoint to resume from (checked against ``cfg``
     by ``check_resumable``), or None for a fresh run (whose old metrics are removed); writes
-    config.json."""
+    config.json. A folder that holds a run is not overwritten without ``resume``."""
     ck_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     ck = None
+    if not resume and ck_path.exists():
+        raise ConfigError(f"{out} holds a run ({ck_path.name}): --resume continues it (a larger train.batches "
+                          f"trains it longer); to start again, give another --out or delete {ck_path}")
+    if resume and not ck_path.exists():
+        log(f"--resume: no checkpoint in {out}: starting a new run")
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
         check_resumable(ck, ck_path, cfg, outer, ignore=ignore)
@@ -233,7 +238,9 @@ def check_resumable(ck: dict, path, cfg: ExperimentConfig, outer: str, ignore: t
             given = flat_settings(d)
             flat.update({k: value for k, (loop, matters, value) in BEFORE_IT_EXISTED.items()
                          if k not in given and loop == outer and matters(c)})
-        return {k: v for k, v in flat.items() if k not in ignore}  # "train.es.workers"
+        # ignore: e.g. "train.es.workers"; train.batches says where a run stops, not what it computes (a larger
+        # value trains it longer; a smaller one than the checkpoint's count is refused by its batch check)
+        return {k: v for k, v in flat.items() if k not in ignore and k != "train.batches"}
 
     then, now = norm(ck["config"], saved=True), norm(to_dict(cfg))
     if then != now:
@@ -353,7 +360,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
     params = trainable_parameters(policy, cfg.train.trainable)
     opt = torch.optim.Adam(params, lr=cfg.train.lr, eps=cfg.train.adam_eps)
     first_batch, wall = 0, 0.0
-    ck = open_run(out, cfg, resume=resume, outer="bptt")
+    ck = open_run(out, cfg, resume=resume, outer="bptt", log=log)
     if ck is not None:
         load_weights(policy, ck.get("model"), ck_path)
         with checkpoint_entry(ck_path, "optimizer"):
