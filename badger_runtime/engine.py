@@ -127,6 +127,8 @@ def growth_init(policy, init: str | None, source, allow_harmful: bool) -> str:
     init = default_init(policy, init, source)
     if init not in ("clone", "fresh"):
         raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
+    if init == "fresh" and source is not None:  # it was ignored: the caller meant a clone, or nothing
+        raise InputError(f"source names the expert a clone copies; fresh experts copy none (source={source})")
     check_growth(policy, init, allow_harmful)
     return init
 

@@ -98,3 +98,10 @@ def test_eval_notes_a_d_or_n_outside_the_trained_ranges(capsys):
                  "--json"]) == 0
     err = capsys.readouterr().err
     assert "d = 5 is outside the trained 3..3" in err and "N = " not in err
+
+
+def test_longrun_says_when_it_runs_an_episodic_policy_past_its_horizon(capsys):
+    assert main(["longrun", "--policy", "guessing-converge-v2", "--steps", "30", "--episodes", "2", "--json"]) == 0
+    assert "episodic (horizon 20" in capsys.readouterr().err
+    assert main(["longrun", "--policy", "guessing-converge-v2", "--steps", "20", "--episodes", "2", "--json"]) == 0
+    assert "horizon" not in capsys.readouterr().err

@@ -205,6 +205,7 @@ BAD_OTHER = [
     ("add_experts", "a", {"n": 1, "source": -1}, "bad_request"),
     ("add_experts", "a", {"n": 1, "init": 3}, "bad_request"),
     ("add_experts", "a", {"n": 1, "source": 99}, "bad_input"),
+    ("add_experts", "a", {"n": 1, "init": "fresh", "source": 1}, "bad_input"),  # a source was ignored
     ("remove_experts", "a", {"indices": []}, "bad_request"),
     ("remove_experts", "a", {"indices": [7]}, "bad_input"),
     ("remove_experts", "a", {"indices": [0, 1, 2, 3]}, "bad_input"),  # every expert
@@ -843,3 +844,26 @@ def test_a_step_that_makes_the_agent_non_finite_is_refused_and_changes_nothing(p
     monkeypatch.undo()
     assert state_of(m, "a") == before and np.isfinite(ok(m, "step", "a", observation=[0, 0], feedback=[0, 0])
                                                      ["outputs"]).all()
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda r: r.update(task="chess"), "registered task"),  # opened, then could never reset
+    (lambda r: r["agent"].update(parts=[["observation", 2], ["observation", 2]]), "distinct"),
+    (lambda r: r["agent"].update(parts=[["slots", 2], ["feedback", 2]]), "distinct and not"),
+])
+def test_a_snapshot_a_session_could_not_use_is_refused(policy, damage, says):
+    m = make(policy)
+    ok(m, "open", "a", experts=3, dims=2)
+    rec = ok(m, "snapshot", "a")["record"]
+    damage(rec)
+    r = call(m, "open", "b", snapshot=rec)
+    assert r["error"]["code"] == "bad_input" and says in r["error"]["message"], r
+
+
+def test_a_nil_field_is_named_as_such(policy):
+    m = make(policy)
+    ok(m, "open", "a", experts=3, dims=2)
+    r = call(m, "reset", "a", seed=None, dims=None)  # optional fields: nil is their default
+    assert r["ok"]
+    r = call(m, "open", "b", dims=None)
+    assert r["error"]["code"] == "bad_request" and "got nil" in r["error"]["message"], r

@@ -350,6 +350,51 @@ def test_a_full_budget_is_not_counted_against_the_peer_it_refuses(policy):
     run_server(m, test, max_frame_bytes=1 * MiB, buffer_budget=1 * MiB)
 
 
+def test_the_client_takes_a_busy_reply_as_the_end_of_its_connection():
+    """After busy the server closes the connection (docs/protocol.md): the next request went out on the closed
+    one and failed with ConnectionLost; the client now opens a new connection for it, as after a lost reply."""
+    from trio.testing import memory_stream_pair
+
+    async def main():
+        mine, theirs = memory_stream_pair()
+        c = AsyncClient(mine, reconnect=True, address="unused")
+        opened = []
+
+        async def reopen(address):  # the new connection, answered ok
+            a, b = memory_stream_pair()
+            opened.append(b)
+            return a
+
+        c._open = reopen
+
+        async def server():
+            dec = FrameDecoder()
+            while (f := dec.next_frame()) is None:
+                dec.feed(await theirs.receive_some(1 << 16))
+            await theirs.send_all(encode_frame(reply_error(f["id"], "busy", "at capacity: try again later")))
+            await theirs.aclose()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(server)
+            with pytest.raises(ServerError, match="busy"):
+                await c.health()
+        assert c._broken  # so the next request reconnects
+
+        async def answer():
+            while not opened:
+                await trio.sleep(0)
+            dec = FrameDecoder()
+            while (f := dec.next_frame()) is None:
+                dec.feed(await opened[0].receive_some(1 << 16))
+            await opened[0].send_all(encode_frame({"id": f["id"], "ok": True, "body": {"ready": True}}))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(answer)
+            assert (await c.health())["ready"] and c.reconnects == 1
+
+    trio.run(main)
+
+
 # ---- 1. availability: decode bombs ---------------------------------------------------------------
 
 def _bombs():

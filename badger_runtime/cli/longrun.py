@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from .common import SEED, int_in
 
@@ -55,6 +56,9 @@ def cmd_longrun(args):
     from ..tasks import task_class
 
     pol = load_policy(args.policy)
+    if pol.horizon is not None and (args.steps or 0) > pol.horizon:  # (the long run's point: a stress check)
+        print(f"badger: note: {pol.name} is episodic (horizon {pol.horizon}, its card's lifetime): this runs it "
+              f"past its horizon; the runtimes refuse that unless asked", file=sys.stderr)
     name = args.task or pol.task.name
     cls = task_class(name)
     for flag, v in (("--change-every", args.change_every), ("--jump-every", args.jump_every)):

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from .protocol import (CLIENT_LIMITS, HEADER_BYTES, MAX_FRAME_BYTES, SMALL_FRAME_BYTES, FrameDecoder,
+from .protocol import (CLIENT_LIMITS, E_BUSY, HEADER_BYTES, MAX_FRAME_BYTES, SMALL_FRAME_BYTES, FrameDecoder,
                        ProtocolError, encode_frame, validate_reply)
 
 DEFAULT_ADDRESS = "127.0.0.1:7878"
@@ -154,6 +154,15 @@ class _Codec:
             req["token"] = self.token
         return rid, encode_frame(req)
 
+    @staticmethod
+    def closes(frame: dict) -> bool:
+        """Whether this reply is ``busy``, after which the server closes the connection and the documented remedy
+        is to try again later: the next request goes out on a new connection. (After ``bad_frame`` or
+        ``unauthorized`` the connection is closed too, and the next request fails: those are not fixed by
+        trying again.)"""
+        err = frame.get("error") if isinstance(frame, dict) and frame.get("ok") is False else None
+        return isinstance(err, dict) and err.get("code") == E_BUSY
+
     def unwrap(self, rid: int, frame: dict) -> dict:
         reply = validate_reply(frame)
         if reply["id"] is not None and reply["id"] != rid:
@@ -213,7 +222,7 @@ class Client(_Requests):
                 if not chunk:
                     raise ConnectionLost(f"{self.address} closed the connection before replying to {kind}")
                 dec.feed(chunk)
-            done = True
+            done = not self._codec.closes(frame)  # busy: the server closed the connection after it
         except (ConnectionResetError, BrokenPipeError) as e:
             raise ConnectionLost(f"{self.address}: {e}") from None
         finally:
@@ -288,7 +297,7 @@ class AsyncClient(_Requests):
                 if not chunk:
                     raise ConnectionLost(f"{self.address} closed the connection before replying to {kind}")
                 dec.feed(chunk)
-            done = True
+            done = not self._codec.closes(frame)  # busy: the server closed the connection after it
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             raise ConnectionLost(f"{self.address}: {e}") from None
         finally:

@@ -111,7 +111,8 @@ def _int(body: dict, key: str, default: Any = ..., lo: int = 0, hi: int = MAX_SE
     ``hi`` is ``code``: ``limit`` where ``hi`` is a limit of this server, else ``bad_request``."""
     if key not in body or body[key] is None:
         if default is ...:
-            raise ServeError(E_BAD_REQUEST, f"body field {key!r} is required")
+            raise ServeError(E_BAD_REQUEST, f"body field {key!r} is required" if key not in body else
+                             f"body field {key!r} must be an int, got nil")
         return default
     v = body[key]
     if type(v) is not int:
@@ -378,8 +379,11 @@ class SessionManager:
         now = time.time()
         times = [rec.get(k) if type(rec.get(k)) in (int, float) else now for k in ("created", "updated")]
         task = rec.get("task", self.policy.task.name)
-        if not isinstance(task, str) or len(task) > 64:
-            raise StoreError("record field task must be a task name")
+        from ..tasks import task_names
+
+        if not isinstance(task, str) or task not in task_names():  # a session of 'chess' could never reset
+            raise StoreError(f"record field task must be a registered task ({', '.join(task_names())}), got "
+                             f"{str(task)[:64]!r}")
         past = rec.get("past_horizon", False)
         if type(past) is not bool:
             raise StoreError("record field past_horizon must be a bool")

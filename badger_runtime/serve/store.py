@@ -198,7 +198,14 @@ def _parts(parts) -> list[tuple[str, int]]:
         and type(p[1]) is int and 1 <= p[1] <= 1 << 20 for p in parts)
     if not ok:
         raise StoreError("agent.parts must be a list of [name, size] pairs (names of 1-64 characters, sizes >= 1)")
+    names = [p[0] for p in parts]
+    taken = set(names) & RESERVED_PART_NAMES
+    if len(set(names)) != len(names) or taken:  # a step names its parts beside these fields
+        raise StoreError(f"agent.parts names must be distinct and not {sorted(RESERVED_PART_NAMES)}: {names[:8]}")
     return [(p[0], p[1]) for p in parts]
+
+
+RESERVED_PART_NAMES = {"slots", "t", "episode", "secret", "arm"}  # the step request's other fields
 
 
 def _visibility(vis, slots: int) -> dict:
