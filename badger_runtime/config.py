@@ -342,6 +342,11 @@ class ExperimentConfig:
         self.agent.validate()
         self.task.validate()
         self.train.validate()
+        r, (lo, hi) = self.agent.agreement.rounds, self.train.rounds
+        if not lo <= r <= hi:  # training draws its rounds from train.rounds; the card deploys agreement.rounds
+            raise ConfigError(f"agent.agreement.rounds = {r} is outside train.rounds = [{lo}, {hi}]: the policy would "
+                              f"be trained with {lo}..{hi} rounds and deployed with {r}; set train.rounds = [{r}, {r}] "
+                              "(or a range that holds it)")
         for st in self.train.stages:  # every stage's task settings must be valid for this task
             fields_ = {f.name for f in fields(self.task)}
             bad = set(st.settings) - fields_ | ({"name"} & set(st.settings))

@@ -127,8 +127,8 @@ def test_es_says_which_bptt_terms_it_leaves_out(tmp_path):
     cfg.train.vote_weight, cfg.train.spread_weight = 0.1, 1.0
     train_es(cfg, tmp_path / "a", final_eval=False, progress=False, log=said.append)
     assert [m for m in said if "left out" in m] == [
-        "ES scores whole episodes by the task's loss: train.vote_weight = 0.1, train.spread_weight = 1.0 (BPTT's only) "
-        "left out"]
+        "ES scores whole episodes by the task's loss and steps by train.es: train.vote_weight = 0.1, "
+        "train.spread_weight = 1.0 (BPTT's only) left out"]
     said.clear()
     train_es(es_experiment(generations=1), tmp_path / "b", final_eval=False, progress=False, log=said.append)
     assert not [m for m in said if "left out" in m]
@@ -521,3 +521,23 @@ def test_bench_runtime_has_ray_rows(ray_local):
     assert ray_row["max_diff_vs_batched"] <= 1e-5 and ray_row["shards"] == 2
     # the shards timed their own compute, and the blocks went through Ray (what the overhead is measured from)
     assert ray_row["shard_compute_s_per_step"] > 0 and ray_row["shard_blocks"] > 0
+
+
+def test_es_names_every_bptt_setting_it_leaves_out(tmp_path):
+    """lr_decay, tbptt, guard_weight and the like were ignored by ES without a word."""
+    cfg = es_experiment(generations=1)
+    cfg.train.lr_decay, cfg.train.tbptt = [(1, 1e-9)], 2
+    said = []
+    train_es(cfg, tmp_path / "run", final_eval=False, progress=False, log=said.append)
+    left_out = next(line for line in said if "left out" in line)
+    assert "train.lr_decay" in left_out and "train.tbptt = 2" in left_out and "train.clip" not in left_out
+
+
+def test_the_card_says_the_horizon_training_ran():
+    from badger_runtime.training.export import trained_horizon
+
+    cfg = es_experiment(generations=1)
+    cfg.task.steps, cfg.train.horizon = 6, (2, 3)
+    assert trained_horizon(cfg) == 3  # the card said 6: max(task.steps, horizon)
+    cfg.train.horizon = (0, 0)
+    assert trained_horizon(cfg) == 6

@@ -189,3 +189,13 @@ def test_any_set_override_is_refused_or_gives_a_valid_config(data):
     except ConfigError:
         return
     assert from_dict(ExperimentConfig, to_dict(cfg)).validate() == cfg
+
+
+def test_a_policy_is_never_deployed_with_rounds_it_was_not_trained_with():
+    """agreement.rounds = 3 with train.rounds at its default [1, 1] trained one round and exported a card that
+    runs three."""
+    data = {"agent": {"agreement": {"rule": "fixed", "rounds": 3}}}
+    with pytest.raises(ConfigError, match=r"agreement.rounds = 3 is outside train.rounds = \[1, 1\]"):
+        from_dict(ExperimentConfig, data).validate()
+    data["train"] = {"rounds": [1, 3]}
+    assert from_dict(ExperimentConfig, data).validate().train.rounds == (1, 3)

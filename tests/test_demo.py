@@ -164,12 +164,14 @@ def test_the_policy_flags_choose_the_demos_policy(argv, field):
 
 
 def test_a_policy_is_demoed_at_an_n_it_was_trained_with():
-    from types import SimpleNamespace
+    import dataclasses
 
     from badger_runtime.demo.run import _default_experts
+    from badger_runtime.policy_card import load_policy
 
-    assert [_default_experts(SimpleNamespace(experts=e)) for e in ((3, 3), (5, 40), (4, 12), (30, 64))] == \
-        [3, 20, 12, 30]  # (4, 12) ran at N = 20
+    task = load_policy("guessing-converge-v2").task
+    assert [_default_experts(dataclasses.replace(task, experts=e)) for e in ((3, 3), (5, 40), (4, 12), (30, 64))] \
+        == [3, 20, 12, 30]  # (4, 12) ran at N = 20
 
 
 def test_demo_rejects_bad_flags(tmp_path, capsys):

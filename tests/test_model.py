@@ -112,12 +112,17 @@ def test_checkpoint_round_trip_and_resume(tiny_run, tmp_path):
         train(cfg2, run, resume=True, progress=False, final_eval=False, log=lambda *a: None)
 
 
-def test_resume_gives_the_same_weights_as_one_run(tmp_path):
+@pytest.mark.parametrize("continue_prob", [0.0, 0.9])
+def test_resume_gives_the_same_weights_as_one_run(tmp_path, continue_prob):
+    """Bit for bit, agents kept alive between batches included (with continue_prob the resumed run started fresh
+    agents where the other went on, and every later draw shifted: 0.045 apart after 6 batches)."""
     cfg = tiny_experiment()
     cfg.train.batches, cfg.train.ckpt_every, cfg.train.log_every = 8, 4, 4
+    cfg.train.continue_prob = continue_prob
     train(cfg, tmp_path / "one", progress=False, final_eval=False, log=lambda *a: None)
     cfg_half = tiny_experiment()
     cfg_half.train.batches, cfg_half.train.ckpt_every, cfg_half.train.log_every = 8, 4, 4
+    cfg_half.train.continue_prob = continue_prob
     # stop after 4 batches by training a copy whose checkpoint we then resume
     import badger_runtime.training.train as T
 
@@ -137,11 +142,15 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path):
             train(cfg_half, tmp_path / "two", progress=False, final_eval=False, log=lambda *a: None)
     finally:
         T._atomic_save = orig
+    with open(tmp_path / "two" / "metrics.jsonl", "a") as f:  # what a run that stopped at batch 6 had logged
+        f.write('{"batch": 6, "loss": 0.5}\n')
     train(cfg_half, tmp_path / "two", resume=True, progress=False, final_eval=False, log=lambda *a: None)
     a = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["model"]
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in rows] == [4, 8]  # the row logged after the checkpoint is not repeated
 
 
 def test_bad_checkpoints_are_refused(tmp_path):

@@ -274,6 +274,13 @@ def step_generation(pool, cfg: ExperimentConfig, gen: int, theta: np.ndarray, ad
     return adam.step(theta, -grad), job, scores, grad  # descend the loss = ascend the fitness
 
 
+# train settings only the BPTT outer loop reads (its loss terms, optimizer, truncation, carried agents): ES says
+# which of them a run sets, rather than leave them silently unused (its own are under train.es; train.lr, which
+# every config derived from a BPTT one sets, is named in train.es's docs instead)
+BPTT_ONLY = ("adam_eps", "lr_decay", "clip", "vote_weight", "spread_weight", "tbptt", "continue_prob",
+             "guard_weight", "guard_smoothing")
+
+
 def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
              final_eval: bool = True, log=print, workers: int | None = None, ray_address: str | None = None) -> dict:
     """Train by evolution strategies; writes ``out_dir/{checkpoint.pt, metrics.jsonl, config.json,
@@ -290,9 +297,11 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
     tr, es, spec = cfg.train, cfg.train.es, cfg.agent.policy
     if tr.trainable:
         raise ConfigError(f"train.trainable {tr.trainable} is for --outer bptt: ES perturbs every weight")
-    ignored = [f"train.{k} = {getattr(tr, k)}" for k in ("vote_weight", "spread_weight") if getattr(tr, k)]
-    if ignored:  # BPTT's terms (a quorum config sets vote_weight): said once, not refused, the score is the episode's
-        log(f"ES scores whole episodes by the task's loss: {', '.join(ignored)} (BPTT's only) left out")
+    default = type(tr)()
+    ignored = [f"train.{k} = {getattr(tr, k)}" for k in BPTT_ONLY if getattr(tr, k) != getattr(default, k)]
+    if ignored:  # BPTT's settings (a quorum config sets vote_weight): said once, not refused
+        log(f"ES scores whole episodes by the task's loss and steps by train.es: {', '.join(ignored)} "
+            "(BPTT's only) left out")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ck_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"

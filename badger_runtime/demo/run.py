@@ -82,9 +82,11 @@ def _load(path: str | Path) -> OnnxPolicy:
 
 
 def _default_experts(task) -> int:
-    """The paper's N = 20 where the policy was trained with it, else the nearest trained N."""
-    lo, hi = task.experts
-    return min(max(20, lo), hi)
+    """The paper's N = 20 where the policy was trained with it, else the nearest trained N (``Task.default_experts``,
+    what `badger eval` runs)."""
+    from ..tasks import make_task
+
+    return make_task(task).default_experts()
 
 
 # --- the switch: actor runtime or batched engine -------------------------------------------

@@ -167,8 +167,7 @@ class SessionManager:
         self.agent_config = agent_config or policy.agent
         self.store = store
         self.limits = limits or Limits()
-        t = policy.task
-        self.default_experts = default_experts or (t.experts[0] if t.experts[0] == t.experts[1] else 20)
+        self.default_experts = default_experts  # None: the task's own default for the session's d (open)
         if checkpoint_every < 0:
             raise ValueError("checkpoint_every must be >= 0")
         self.checkpoint_every = checkpoint_every
@@ -462,13 +461,15 @@ class SessionManager:
             s.created = s.updated = now
             s.agent.past_horizon = s.agent.past_horizon or past_horizon
         else:
-            experts = _int(body, "experts", self.default_experts, 1, L.max_experts, E_LIMIT)
             dims = _int(body, "dims", ..., 1, L.max_dims, E_LIMIT)
-            seed = _int(body, "seed", 0)
-            rounds = _int(body, "rounds", None, 1, L.max_rounds, E_LIMIT)
             task = body.get("task", self.policy.task.name)
             if not isinstance(task, str):
                 raise ServeError(E_BAD_REQUEST, "body field 'task' must be a task name (str)")
+            experts = _int(body, "experts", None, 1, L.max_experts, E_LIMIT)
+            if experts is None:  # --experts, else what `badger eval` runs at this d (20 within the trained range)
+                experts = self.default_experts or min(self._task(task).experts_for(dims), L.max_experts)
+            seed = _int(body, "seed", 0)
+            rounds = _int(body, "rounds", None, 1, L.max_rounds, E_LIMIT)
             agent = self._place(new_agent(self.policy, experts, dims, seed, self._task_config(task), past_horizon,
                                           self.agent_config))
             s = Session(name, agent, seed, rounds, now, now, task)

@@ -28,6 +28,15 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def trained_horizon(cfg) -> int:
+    """The longest episode the outer loop ran: train.horizon's upper end where it is set (task.steps is then
+    unused), else the task's steps or a curriculum stage's own (the card said max(task.steps, horizon), longer
+    than training went where the horizon was the shorter)."""
+    if cfg.train.horizon[1]:
+        return int(cfg.train.horizon[1])
+    return max([int(cfg.task.steps)] + [int(st.settings["steps"]) for st in cfg.train.stages if "steps" in st.settings])
+
+
 def export(checkpoint: str | Path, out: str | Path, *, name: str | None = None, extra: dict | None = None) -> dict:
     """Write ``out`` (.onnx) and its card; returns the card. Raises if the check fails."""
     import onnx
@@ -83,7 +92,7 @@ def export(checkpoint: str | Path, out: str | Path, *, name: str | None = None, 
                      "checkpoint_sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()},
         "export": {"opset": OPSET, "exporter": "torch.onnx.export (TorchScript-based, dynamic batch axis)",
                    "max_rel_diff_vs_torch": worst},
-        "lifetime": {"kind": "episodic", "horizon": max(cfg.task.steps, cfg.train.horizon[1]),
+        "lifetime": {"kind": "episodic", "horizon": trained_horizon(cfg),
                      "why": "its training horizon: not checked for long runs (badger export --continual EVIDENCE)"},
         "versions": {"torch": torch.__version__, "onnx": _version("onnx"), "onnxruntime": ort.__version__,
                      "numpy": np.__version__, "badger-runtime": _version("badger-runtime"),

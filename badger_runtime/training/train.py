@@ -27,7 +27,7 @@ from ..curriculum import task_at
 from ..engine import Agent
 from ..episodes import Driver, drive
 from ..evaluation import evaluate
-from ..rollout import clone_sources, sample_wiring
+from ..rollout import AgentState, clone_sources, sample_wiring
 from ..tasks import make_task
 from .model import ExpertPolicy, torch_ops
 
@@ -66,6 +66,26 @@ def guard_loss(losses: torch.Tensor, reference: torch.Tensor, groups: np.ndarray
         if smoothed[k] > 0:
             total = total + d
     return total
+
+
+def _carry_record(carry: dict | None) -> dict | None:
+    """What the agents a run keeps alive between batches (``train.continue_prob``) need to go on after a resume:
+    without it a resumed run started fresh agents where the uninterrupted one continued, and every later draw
+    of the generator shifted (the two runs parted)."""
+    if carry is None:
+        return None
+    a = carry["agent"]
+    return {**{k: carry[k] for k in ("task", "ep", "t", "d", "rounds")}, "prev": carry["prev"].detach(),
+            "interface": a.interface, "wiring": a.wiring, "agent_t": a.t, "h": a.state.h.detach(),
+            "heads": a.state.heads.detach()}
+
+
+def _carry_from(rec: dict, policy, cfg: ExperimentConfig, ops, rng) -> dict:
+    agent = Agent(policy, cfg.agent, ops=ops, check_inputs=False).start(
+        rec["interface"], rec["wiring"], state=AgentState(rec["h"], rec["heads"]), rng=rng, t=rec["agent_t"])
+    agent.vote_loss = bool(cfg.train.vote_weight)
+    agent.push_spread = bool(cfg.train.spread_weight)
+    return {**{k: rec[k] for k in ("task", "ep", "prev", "t", "d", "rounds")}, "agent": agent}
 
 
 def _episode_loss(cfg: ExperimentConfig, ops, agent: Agent, ep, steps: int, rounds: int, prev=None, start: int = 0,
@@ -210,10 +230,28 @@ def open_run(out: Path, cfg: ExperimentConfig, *, resume: bool, outer: str,
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
         check_resumable(ck, ck_path, cfg, outer, ignore=ignore)
+        _drop_rows_after(metrics_path, ck.get("batch"))
     elif metrics_path.exists():
         metrics_path.unlink()
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return ck
+
+
+def _drop_rows_after(metrics_path: Path, batch):
+    """Rows a run logged after its last checkpoint (it stopped in between): the resumed run logs those batches
+    again, and kept they appeared twice."""
+    if not metrics_path.exists() or type(batch) is not int:
+        return
+    kept = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            at = row.get("batch", row.get("generation"))
+        except (ValueError, AttributeError):
+            at = None
+        if not isinstance(at, int) or at <= batch:
+            kept.append(line)
+    metrics_path.write_text("".join(line + "\n" for line in kept))
 
 
 # Settings whose default is not what a run did before the setting existed: a checkpoint of the outer loop
@@ -376,17 +414,21 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
         log(f"resumed from {ck_path} at batch {first_batch}")
     ops = torch_ops()
     spec = cfg.agent.policy
+    carry = None
+    if ck is not None and ck.get("carry") is not None:  # the agents a continued run had alive (continue_prob)
+        with checkpoint_entry(ck_path, "carry"):
+            carry = _carry_from(ck["carry"], policy, cfg, ops, rng)
 
     def save(batch):
         _atomic_save({"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "model": policy.state_dict(),
                       "optimizer": opt.state_dict(), "rng": rng.bit_generator.state,
                       "torch_rng": torch.get_rng_state(), "batch": batch, "wall_seconds": wall,
-                      "guard_smoothed": dict(smoothed or {})}, ck_path)
+                      "guard_smoothed": dict(smoothed or {}), "carry": _carry_record(carry)}, ck_path)
 
     bar = None
     if progress:
         bar, tid = progress_bar(cfg.name, cfg.train.batches, first_batch)
-    window, t_last, carry = [], time.perf_counter(), None
+    window, t_last = [], time.perf_counter()
     with open(metrics_path, "a") as mf:
         for b in range(first_batch, cfg.train.batches):
             t0 = time.perf_counter()
