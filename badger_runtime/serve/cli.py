@@ -371,7 +371,8 @@ def cmd_serve(args):
             ready = {"event": "ready", "listen": f"[{h}]:{p}" if ":" in h else f"{h}:{p}",
                      "pid": os.getpid(), "policy": policy.name, "state_dir": str(args.state_dir),
                      "sessions": len(manager.sessions), "restored": restored["restored"],
-                     "rejected": [r["session"] for r in restored["rejected"]]}
+                     "rejected": [r["session"] for r in restored["rejected"]],
+                     "other_policy": [r["session"] for r in restored["other_policy"]]}
             if endpoint is not None:
                 ready["metrics"] = endpoint.address
             print(json.dumps(ready), flush=True)
