@@ -23,6 +23,8 @@ def run(capsys, *argv) -> tuple[int, str]:
     (["eval", "--policy", "guessing-converge-v1", "--rounds", "1000"], "--rounds"),
     (["eval", "--policy", "guessing-converge-v1", "--dims", "0"], "--dims"),
     (["eval", "--policy", "no-such-policy"], "shipped policies"),
+    (["eval", "--policy", "guessing-converge-v2", "--degree", "2"], "--degree: not read by 'dense' routing"),
+    (["eval", "--policy", "guessing-converge-v2", "--routing", "random", "--candidates", "2"], "--candidates: not"),
     (["eval", "--policy", "guessing-converge-v9"], "did you mean guessing-converge-v2 or guessing-converge-v1"),
     (["eval", "--policy", "guessing-converge-v1", "--task", "nope"], "registered tasks"),
     (["eval", "--policy", "guessing-converge-v1", "--add-at", "3"], "--add-at T and --add M"),

@@ -147,6 +147,14 @@ def resolve_agent(args, agent: AgentConfig) -> AgentConfig:
         agent.agreement.rule = args.agreement
     if args.rounds is not None:
         agent.agreement.rounds = args.rounds
+    kind = agent.routing.kind  # a flag the routing does not read was ignored without a word
+    unread = [flag for flag, v, reads in (("--candidates", args.candidates, kind == "topk"),
+                                          ("--k", args.k, kind == "topk"),
+                                          ("--degree", getattr(args, "degree", None), kind == "random"))
+              if v is not None and not reads]
+    if unread:
+        raise ConfigError(f"{' and '.join(unread)}: not read by {kind!r} routing (--candidates and --k are top-k's, "
+                          "--degree the random graph's: add --routing topk or --routing random)")
     return agent.validate()
 
 
