@@ -414,10 +414,10 @@ def _coerce(tp, value, where):
 
 def task_config_class(name, where: str = "task") -> type:
     """The settings class of the registered task ``name`` (a ConfigError names the known ones)."""
-    from .tasks import config_class, task_names
+    from .tasks import config_class, task_names, unknown_task
 
     if not isinstance(name, str) or name not in task_names():
-        raise ConfigError(f"{where}.name: unknown task {name!r}; registered tasks: {task_names()}")
+        raise ConfigError(f"{where}.name: {unknown_task(name)}")
     return config_class(name)
 
 

@@ -22,9 +22,12 @@ from .episodes import schedule
 from .evaluation import run_episodes
 from .tasks import task_class
 
-#: the tasks whose report is an error (lower is better) at every step; the others are measured by
-#: their own metric (a bandit's regret, a classifier's accuracy) and their cards say it by hand
-ERROR_TASKS = ("guessing", "scale")
+def growth_metric(task_name: str) -> str | None:
+    """The metric (lower is better) a task's policies' growth is measured by (``Task.growth_metric``: the guessing
+    game's and scale's error, a plugin task's own); None for a task measured by its own report (a bandit's regret,
+    a classifier's accuracy), whose cards say it by hand."""
+    return task_class(task_name).growth_metric
+
 #: "hurts": the grown agent's final error is above the unchanged agent's by more than this many
 #: standard errors of the unchanged agent's (the rule tests/test_horizon.py holds policies to). Not a paired
 #: test on purpose: harm is heavy-tailed (a few episodes blow up), which inflates the SEM of the paired
@@ -57,7 +60,7 @@ class GrowthSetting:
 def growth_setting(pol) -> GrowthSetting | None:
     """The setting ``measure_growth`` uses for ``pol``; None for a task not measured by an error."""
     own = pol.task
-    if own.name not in ERROR_TASKS:
+    if growth_metric(own.name) is None:
         return None
     task, flags = evaluation_setting(pol)
     n = own.experts[0] if own.experts[0] == own.experts[1] else max(2, own.experts[0])
@@ -85,8 +88,9 @@ def final_errors(pol, s: GrowthSetting, *, episodes: int, seed: int, init: str |
     before step ``s.at``. A measurement, so a card that says they hurt does not refuse them here; the same
     episodes for every ``init`` (paired)."""
     changes = schedule(s.at, s.experts if add is None else add, init, allow_harmful=True) if init else ()
-    return run_episodes(numpy_ops(), pol, pol.agent, s.task, dims=s.dims, experts=s.experts, episodes=episodes,
-                        seed=seed, steps=s.steps, changes=changes).errors[-1]
+    run = run_episodes(numpy_ops(), pol, pol.agent, s.task, dims=s.dims, experts=s.experts, episodes=episodes,
+                       seed=seed, steps=s.steps, changes=changes)
+    return run.metrics[growth_metric(s.task.name)][-1]
 
 
 def worse(base: np.ndarray, grown: float) -> bool:

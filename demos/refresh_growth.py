@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from badger_runtime.growth import ERROR_TASKS, card_setting, measure_growth, requote  # noqa: E402
+from badger_runtime.growth import card_setting, growth_metric, measure_growth, requote  # noqa: E402
 from badger_runtime.policy_card import card_paths, load_policy, shipped_policies, write_card  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def refresh(policy: str, write: bool = False, log=print) -> list[str]:
     pol = load_policy(policy)
     card = pol.card  # the card load_policy read (and checked)
     growth = card.get("growth") or {}
-    if pol.task.name not in ERROR_TASKS or "why" not in growth:
+    if growth_metric(pol.task.name) is None or "why" not in growth:
         log(f"{policy}: not measured by an error (its growth entry is written by hand)")
         return []
     episodes, seed = card_setting(growth)

@@ -206,3 +206,16 @@ def test_the_membrane_forgets_removed_experts(pol):
             assert not {0, 1} & (set(m._finished) | set(m._pushes) | set(m._read_query))
 
     trio.run(main)
+
+
+def test_the_sharded_counts_survive_a_membership_change(pol):
+    """The policy's calls and rounds were counted from the last resize on (an eval with --add-at 10 reported 10
+    rounds of 20)."""
+    from badger_runtime.evaluation import run_episodes
+    from badger_runtime.episodes import schedule
+
+    agent = cfg_with(pol, "fixed", rounds=2)
+    for changes in ((), schedule(3, 2, "clone", allow_harmful=True)):
+        run = run_episodes(numpy_ops(), pol, agent, pol.task, dims=3, experts=6, episodes=2, seed=0, steps=6,
+                           changes=changes, runtime="sharded", shards=2)
+        assert run.runtime["policy_rounds"] == 6 * 2, changes

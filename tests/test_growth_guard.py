@@ -246,12 +246,12 @@ def test_shipped_cards_say_what_fresh_experts_do():
 
 
 def _shipped(error_measured: bool = True):
-    """The shipped policies whose task is measured by an error (``growth.ERROR_TASKS``), or the others."""
-    from badger_runtime.growth import ERROR_TASKS
+    """The shipped policies whose task is measured by an error (``growth.growth_metric``), or the others."""
+    from badger_runtime.growth import growth_metric
     from badger_runtime.policy_card import shipped_dir, shipped_policies
 
-    return [n for n in shipped_policies() if error_measured ==
-            (json.loads((shipped_dir() / f"{n}.json").read_text())["config"]["task"]["name"] in ERROR_TASKS)]
+    return [n for n in shipped_policies() if error_measured == (growth_metric(
+        json.loads((shipped_dir() / f"{n}.json").read_text())["config"]["task"]["name"]) is not None)]
 
 
 @pytest.mark.parametrize("name", _shipped())

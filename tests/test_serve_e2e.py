@@ -250,6 +250,7 @@ def test_client_commands(tiny_policy, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "state" / "secrets.json").stat().st_mode & 0o777 == 0o600
     assert client("step", "demo", "--slots", "0,0,0,0")["t"] == 1
     assert client("add", "demo", "--n", "1")["experts"] == 4
+    assert client("step", "demo", "--part", "observation=0,0", "--part", "feedback=0.5,-0.5")["t"] == 2  # by name
     assert client("open", "--session", "demo", "--resume")["resumed"]
     assert client("close", "demo")["closed"]
     assert "demo" not in (tmp_path / "state" / "secrets.json").read_text()  # forgotten at close

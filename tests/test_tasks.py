@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -189,6 +190,32 @@ def test_cli_task_flag_lists_and_uses_registered_tasks(toy, tiny_policy, capsys)
     assert "has no setting 'feedback'" in capsys.readouterr().err
 
 
+def test_a_task_of_another_package_reaches_every_command(tiny_policy, tmp_path):
+    """A plugin author's task, registered by its own module, in a fresh `badger` process: BADGER_TASKS names the
+    module (nothing told the CLI, `badger export` or a server about a task registered outside the package)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "my_tasks.py").write_text("from badger_runtime import tasks\nfrom tests.test_tasks import ToyTask\n"
+                                          "tasks.register(ToyTask)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+
+    def badger(*argv, **extra):
+        return subprocess.run([sys.executable, "-m", "badger_runtime.cli", *argv], env={**env, **extra},
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    args = ["eval", "--policy", str(tiny_policy), "--task", "toy", "--dims", "2", "--episodes", "2", "--steps", "3",
+            "--no-baselines", "--json"]
+    r = badger(*args)
+    assert r.returncode == 2 and "BADGER_TASKS" in r.stderr and "badger.tasks" in r.stderr, r.stderr
+    r = badger(*args, BADGER_TASKS="my_tasks")
+    assert r.returncode == 0 and json.loads(r.stdout)["task"]["name"] == "toy", r.stderr
+    r = badger(*args, BADGER_TASKS="no_such_module")
+    assert r.returncode == 2 and "cannot import task module 'no_such_module'" in r.stderr, r.stderr
+
+
 def test_visibility_rules_hold_for_any_number_of_experts():
     v = Visibility("fraction", 2, 6, 0.5, seed=3)
     m5, m9 = v.mask(5, 6), v.mask(9, 6)
@@ -224,3 +251,21 @@ def test_a_guessing_card_is_evaluated_at_the_default_and_the_smallest_trained_n(
     assert t.card_evaluations() == [(3, 3, 20), (3, 6, 20)]
     t = tasks.make_task(GuessingConfig(experts=(3, 3), dims=(1, 6), steps=20))
     assert t.card_evaluations() == [(1, 3, 20), (6, 3, 20)]
+
+
+def test_a_task_says_by_which_metric_growth_is_measured(toy):
+    """growth.py measured the guessing game and scale only (a fixed list): a task opts in with growth_metric."""
+    from badger_runtime.growth import growth_metric
+
+    assert [growth_metric(n) for n in ("guessing", "scale", "bandit", "fewshot", "toy")] == \
+        ["error", "error", None, None, None]
+
+    class Measured(ToyTask):
+        name = "toy_measured"
+        growth_metric = "error"
+
+    tasks.register(Measured)
+    try:
+        assert growth_metric("toy_measured") == "error"
+    finally:
+        tasks.unregister("toy_measured")

@@ -283,7 +283,10 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
 
     def _build_shards(self, wiring: Wiring, st: AgentState):
         """One trio shard per range of experts, and the batcher of their policy rows."""
+        old = getattr(self, "batcher", None)
         self.batcher = RowBatcher(self.policy, self.bounds, self.B, self._policy_chunk)
+        if old is not None:  # the agent's counts, not those since its last membership change
+            self.batcher.calls, self.batcher.rounds = old.calls, old.rounds
         self._shards: list[_Shard] = []
         for i in range(self.S):
             core = ShardCore(i, self.bounds, self.policy, self.cfg, wiring, st.h, st.heads, self._vis, self._tile,

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse printed the usage error (or --help)
         return e.code if isinstance(e.code, int) else 2
+    except ConfigError as e:  # e.g. a task module BADGER_TASKS names that does not import (the parser lists tasks)
+        print(f"badger: error: {e}", file=sys.stderr)
+        return 2
     from ..engine import InputError
     from ..policy_card import PolicyError
 

@@ -57,8 +57,9 @@ def cmd_train(args):
         raise ConfigError("--workers and --ray go with --outer es")
     else:
         summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, final_eval=not args.no_eval)
+    ev = summary.get("eval") or {}  # the final evaluation's headline numbers: final_mse, final_regret, final_error...
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"} |
-                     ({"final_mse": summary["eval"].get("final_mse")} if "eval" in summary else {})))
+                     {k: v for k, v in ev.items() if k.startswith("final_") and isinstance(v, (int, float))}))
 
 
 def cmd_export(args):

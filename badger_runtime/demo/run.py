@@ -117,6 +117,14 @@ def _run_guessing(policy: OnnxPolicy, task, *, dims: int, experts: int, episodes
     engine (numpy + onnxruntime, one call per round for every expert of every episode), ~20x
     faster. Both are ``evaluation.run_episodes``: the same episodes and wiring from the seed,
     the same errors (to float rounding)."""
+    from ..config import ConfigError
+    from ..tasks import task_class
+    from ..tasks.guessing import GuessingTask
+
+    if not issubclass(task_class(task.name), GuessingTask):  # (an AttributeError deep in the demo, before)
+        raise ConfigError(f"badger demo draws the paper's guessing-game figures: {policy.name} is a {task.name!r} "
+                          f"policy; evaluate it with `badger eval --policy {policy.path}` (`badger demo fewshot` "
+                          "shows a few-shot policy)")
     which = ACTORS if runtime == ACTORS and not record else ENGINE
     res = run_episodes(numpy_ops(), policy, policy.agent, task, dims=dims, experts=experts, episodes=episodes,
                        seed=seed, record=record, runtime=which)

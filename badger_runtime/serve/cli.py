@@ -227,6 +227,9 @@ def register(sub):
     st.add_argument("--slots", default=None, help="comma-separated: observation and feedback in one")
     st.add_argument("--expect-t", type=int, default=None, help="refuse unless the session is at this step t")
     st.add_argument("--arm", type=int, default=None, help="bandit sessions: the arm the feedback is about")
+    st.add_argument("--part", action="append", default=[], metavar="NAME=V1,V2,...",
+                    help="an input part by its name (the session's `parts`: e.g. a bandit's pulled=..., a task of "
+                         "your own's); repeat for each")
     a = cs.add_parser("add", help="add experts")
     a.add_argument("session")
     a.add_argument("--n", type=int, default=1)
@@ -406,6 +409,19 @@ def _jsonable(x):
     return str(x)
 
 
+def _parts(items: list[str]) -> dict:
+    """--part NAME=V1,V2,... (repeated) as {NAME: [floats]}."""
+    from ..config import ConfigError
+
+    out = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--part {item!r} is not of the form NAME=V1,V2,...")
+        out[name] = _floats(values)
+    return out
+
+
 def _keep(kept, address: str, session: str, secret: str):
     try:
         kept.put(address, session, secret)
@@ -449,7 +465,7 @@ def cmd_client(args):
                 out = client.reset(args.session, seed=args.seed, experts=args.experts, dims=args.dims)
             elif op == "step":
                 out = client.step(args.session, _floats(args.observation), _floats(args.feedback),
-                                  slots=_floats(args.slots), t=args.expect_t, arm=args.arm)
+                                  slots=_floats(args.slots), t=args.expect_t, arm=args.arm, parts=_parts(args.part))
             elif op == "add":
                 out = client.add_experts(args.session, args.n, args.init, args.source, args.allow_harmful_growth)
             elif op == "remove":

@@ -400,12 +400,12 @@ class SessionManager:
 
     def _task_config(self, name: str):
         """The settings of task ``name`` for a new session: the policy's own, or that task's defaults."""
-        from ..tasks import default_config, task_names
+        from ..tasks import default_config, task_names, unknown_task
 
         if name == self.policy.task.name:
             return self.policy.task
-        if name not in task_names():
-            raise ServeError(E_BAD_INPUT, f"unknown task {name[:64]!r}; registered: {task_names()}")
+        if name not in task_names():  # (a task of your own: registered in the server's process)
+            raise ServeError(E_BAD_INPUT, unknown_task(name) + "; the server's process must know it")
         return default_config(name)
 
     def _task(self, name: str):

@@ -1,7 +1,12 @@
 """Task families behind one interface, and the registry that names them.
 
 A task family is one module plus one line in ``REGISTRY`` (or a ``register`` call from your
-own code). The inner loop never imports a task: ``rollout``, ``engine``, the actor runtimes
+own code). A task of your own package reaches every ``badger`` command, ``badger export`` and a
+served session (the process that runs it must know the task) by an entry point in the
+``badger.tasks`` group (``name = "module:TaskClass"`` in your pyproject.toml's
+``[project.entry-points."badger.tasks"]``), or, without packaging, by naming its module in the
+environment variable ``BADGER_TASKS`` (comma-separated; each module registers its tasks when
+imported, e.g. with ``@register``). The inner loop never imports a task: ``rollout``, ``engine``, the actor runtimes
 and ``serve`` see an episode only through its ``interface`` (``membrane.Interface``: slot and
 output addresses, who reads which slot) and the slot values the driver (``episodes.Driver``)
 hands them; the driver calls the task.
@@ -30,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
+import os
 from typing import Any, ClassVar
 
 import numpy as np
@@ -69,13 +76,41 @@ def unregister(name: str):
     REGISTRY.pop(name, None)
 
 
+PLUGIN_GROUP = "badger.tasks"  # entry points: task name -> "module:TaskClass" (imported when first used)
+PLUGIN_ENV = "BADGER_TASKS"  # modules to import, comma-separated: each registers its tasks
+_plugins: list[str] = []  # the BADGER_TASKS value whose modules were imported (once per value)
+
+
+def _load_plugins():
+    """The tasks of other packages (entry points) and of the modules BADGER_TASKS names."""
+    env = os.environ.get(PLUGIN_ENV, "")
+    if _plugins and _plugins[0] == env:
+        return
+    _plugins[:] = [env]
+    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        REGISTRY.setdefault(ep.name, ep.value)
+    for module in filter(None, (m.strip() for m in env.split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"{PLUGIN_ENV}: cannot import task module {module!r}: {e}") from None
+
+
+def unknown_task(name: str) -> str:
+    """The error for a task name nobody registered, saying how one is."""
+    return (f"unknown task {str(name)[:64]!r}; registered tasks: {task_names()} (a task of your own: name its "
+            f"module in {PLUGIN_ENV}, or give your package an entry point in the '{PLUGIN_GROUP}' group)")
+
+
 def task_names() -> list[str]:
+    _load_plugins()
     return sorted(REGISTRY)
 
 
 def task_class(name: str) -> type["Task"]:
+    _load_plugins()
     if name not in REGISTRY:
-        raise ConfigError(f"unknown task {name!r}; registered tasks: {task_names()}")
+        raise ConfigError(unknown_task(name))
     if name not in _loaded:
         module, cls = REGISTRY[name].split(":")
         _loaded[name] = getattr(importlib.import_module(module), cls)
@@ -162,6 +197,10 @@ class Task:
     config_class: ClassVar[type[TaskConfig]] = TaskConfig
     size_name: ClassVar[str] = "dims"  # what d is called in this task (dims, classes, arms)
     loss_name: ClassVar[str] = "error"  # the metric the training loss follows (names a metrics() key)
+    # The metrics() key, lower is better, by which `badger export` measures what fresh experts and clones joining
+    # mid-episode do to a policy (the card's growth verdicts, which every runtime then holds it to: growth.py).
+    # None: not measured (a task judged by its own report, e.g. a bandit's regret; its cards say it by hand).
+    growth_metric: ClassVar[str | None] = None
     # A task whose feedback slot points at one of the outputs (the bandit's pulled arm) names the
     # field a served step gives that output's index in, and ``point`` sets it (see ``point``).
     pointer_field: ClassVar[str | None] = None
@@ -232,5 +271,5 @@ class Task:
         return {f"{k}_by_step": v.mean(axis=1).tolist() for k, v in metrics.items()}
 
 
-__all__ = ["REGISTRY", "Task", "TaskEpisode", "config_class", "default_config", "make_task", "register",
+__all__ = ["PLUGIN_ENV", "PLUGIN_GROUP", "REGISTRY", "Task", "TaskEpisode", "config_class", "default_config", "make_task", "register",
            "task_class", "task_names", "unregister"]

@@ -202,6 +202,7 @@ class GuessingTask(Task):
 
     name = "guessing"
     config_class = GuessingConfig
+    growth_metric = "error"  # (and scale's, a subclass)
 
     @classmethod
     def evaluation_config(cls, cfg: GuessingConfig) -> GuessingConfig:
