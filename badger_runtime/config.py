@@ -262,7 +262,8 @@ class TrainConfig:
     # weight of the guard: sum over the task's loss groups (few-shot: shots of the true class seen before) of
     # relu(mean loss in the group - the initial policy's, on the same predictions): learn, but lose no group
     guard_weight: float = 0.0
-    guard_smoothing: float = 0.0  # 0: each batch's relu; b in (0, 1): a group counts while its moving average is > 0
+    guard_smoothing: float = 0.0  # 0: each batch's relu; b in (0, 1): a group counts while its moving average (over
+    # the loss computations: batches, or with tbptt each chunk of a batch) is > 0
     stages: list[Stage] = field(default_factory=list)
     es: ESConfig = field(default_factory=ESConfig)  # `badger train --outer es` (evolution strategies)
     threads: int = 1

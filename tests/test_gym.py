@@ -55,3 +55,16 @@ def test_bad_environments_are_refused(pol):
     for env, why in (("NoSuchEnv-v0", "NameNotFound"), ("CartPole-v99", "cannot make it")):  # a traceback before
         with pytest.raises(ConfigError, match=f"task.env '{env}'.*{why}"):
             make_task(default_config("gym", env=env))
+
+
+def test_backpropagation_through_an_environment_is_refused_with_the_outer_loop_that_works(tmp_path):
+    """BPTT on a gym task ended in torch's 'element 0 of tensors does not require grad' traceback."""
+    pytest.importorskip("torch")
+    from badger_runtime.config import ExperimentConfig, from_dict
+    from badger_runtime.training.train import train
+
+    cfg = from_dict(ExperimentConfig, {"task": {"name": "gym", "env": "CartPole-v1", "dims": [2, 2], "experts": [3, 3],
+                                                "steps": 4}, "train": {"batches": 1, "batch_size": 2}})
+    with pytest.raises(ConfigError, match="no differentiable loss.*--outer es"):
+        train(cfg, tmp_path / "run", progress=False, final_eval=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

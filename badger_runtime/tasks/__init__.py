@@ -201,6 +201,9 @@ class Task:
     # mid-episode do to a policy (the card's growth verdicts, which every runtime then holds it to: growth.py).
     # None: not measured (a task judged by its own report, e.g. a bandit's regret; its cards say it by hand).
     growth_metric: ClassVar[str | None] = None
+    # Whether loss() is differentiable in the outputs (BPTT trains through it); False: train with --outer es
+    # (an environment the agent acts in is a black box)
+    differentiable: ClassVar[bool] = True
     # A task whose feedback slot points at one of the outputs (the bandit's pulled arm) names the
     # field a served step gives that output's index in, and ``point`` sets it (see ``point``).
     pointer_field: ClassVar[str | None] = None

@@ -127,6 +127,7 @@ class GymTask(Task):
 
     name = "gym"
     config_class = GymConfig
+    differentiable = False  # loss() is zeros: no gradient through an environment
 
     def __init__(self, cfg: GymConfig):
         gym = _gym()

@@ -28,7 +28,7 @@ from ..engine import Agent
 from ..episodes import Driver, drive
 from ..evaluation import evaluate
 from ..rollout import AgentState, clone_sources, sample_wiring
-from ..tasks import make_task
+from ..tasks import make_task, task_class
 from .model import ExpertPolicy, torch_ops
 
 CHECKPOINT_FORMAT = "badger-checkpoint/1"
@@ -51,8 +51,8 @@ def guard_loss(losses: torch.Tensor, reference: torch.Tensor, groups: np.ndarray
                smoothing: float = 0.0) -> torch.Tensor:
     """Sum over groups g of relu(d_g), d_g the mean over the predictions in g of (losses - reference):
     zero while the policy does at least as well as the reference in every group (``groups`` [T, B],
-    -1: none). With ``smoothed`` (a dict it updates: group -> moving average of d_g over batches,
-    ``smoothing`` its decay) a group's d_g counts while its average is above 0: the batch's own noise
+    -1: none). With ``smoothed`` (a dict it updates: group -> moving average of d_g over the calls, i.e. batches, or
+    with ``train.tbptt`` the chunks of each batch; ``smoothing`` its decay per call) a group's d_g counts while its average is above 0: the batch's own noise
     no longer decides, so groups the policy does not lose stop pulling (a per-batch relu of a noisy
     mean is positive on average even where the policy loses nothing)."""
     diff, g = losses - reference, torch.from_numpy(np.asarray(groups))
@@ -381,6 +381,9 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
           final_eval: bool = True, log=print) -> dict:
     """Train; writes ``out_dir/{checkpoint.pt, metrics.jsonl, config.json, summary.json}``."""
     cfg.validate()
+    if not task_class(cfg.task.name).differentiable:  # (backward() failed on a loss without a gradient)
+        raise ConfigError(f"task {cfg.task.name!r} has no differentiable loss (the agent acts in an environment, a "
+                          "black box to back-propagation): train it with --outer es")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
