@@ -41,6 +41,26 @@ def numpy_ops() -> NumpyOps:
 
 #: the most experts one agent holds (the batched engine and the sharded runtime): a larger growth is refused
 MAX_EXPERTS = 1 << 24
+#: the most communication rounds of one inner step a caller may ask (the CLI's and the server's bound too): 10^5
+#: rounds blocked an actor agent's event loop for seconds and then left it unable to step
+MAX_ROUNDS = 64
+
+
+def check_rounds(rounds) -> int | None:
+    """A step's ``rounds``: None (the agent's own) or an int in 1..MAX_ROUNDS; InputError otherwise (the runtimes
+    truncated 2.9 to 2 and parsed '2')."""
+    if rounds is None:
+        return None
+    return int_arg(rounds, "rounds", 1, MAX_ROUNDS)
+
+
+def int_arg(value, what: str, lo: int = 0, hi: int | None = None) -> int:
+    """An int argument (not a bool, a float or a str) in [lo, hi]; InputError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < lo or (
+            hi is not None and value > hi):
+        bound = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise InputError(f"{what} must be an int {bound}, got {str(value)[:40]}")
+    return int(value)
 
 
 class InputError(ValueError):
@@ -51,7 +71,7 @@ def check_add(cfg: AgentConfig, N: int, n: int, batch: int):
     """Refuse adding ``n`` experts to agents of ``N`` (InputError) before anything is drawn, so a refused growth
     leaves the agent and its generator as they were: n >= 1, at most ``MAX_EXPERTS`` in all, and routing that
     scores every pair still fitting (``routing.check_size``)."""
-    if operator.index(n) < 1:
+    if int_arg(n, "the number of experts to add") < 1:
         raise InputError("add at least one expert")
     if N + n > MAX_EXPERTS:
         raise InputError(f"an agent holds at most {MAX_EXPERTS:,} experts; it has {N:,}, asked to add {n:,}")
@@ -64,7 +84,11 @@ def check_add(cfg: AgentConfig, N: int, n: int, batch: int):
 def integers(values, what: str = "expert indices") -> list[int]:
     """Sorted distinct integers from any iterable of them (an array too); InputError otherwise."""
     try:
+        if isinstance(values, (dict, str, bytes)) or (isinstance(values, np.ndarray) and values.dtype == bool):
+            raise TypeError  # a boolean mask removed experts 0 and 1 (True and False as indices), a dict its keys
         items = values.reshape(-1).tolist() if isinstance(values, np.ndarray) else list(values)
+        if any(isinstance(i, (bool, np.bool_)) for i in items):
+            raise TypeError
         return sorted(set(operator.index(i) for i in items))
     except (TypeError, ValueError):
         raise InputError(f"{what} must be integers, got {str(values)[:80]}") from None
@@ -124,6 +148,8 @@ def growth_init(policy, init: str | None, source, allow_harmful: bool) -> str:
     """What every runtime's ``add_experts`` does before it adds anything: the kind of newcomer
     (``default_init``), checked to be 'clone' or 'fresh' (``InputError``) and allowed by the card
     (``check_growth``: ``GrowthError``)."""
+    if source is not None and not isinstance(source, np.ndarray):  # (1.9 cloned expert 1)
+        int_arg(source, "source (the expert a clone copies)", 0)
     init = default_init(policy, init, source)
     if init not in ("clone", "fresh"):
         raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
@@ -231,15 +257,20 @@ class Agent:
     def reset(self, batch: int, experts: int, dims: int, seed: int, *, task: TaskConfig | None = None) -> "Agent":
         """Fresh agents on fresh episodes of ``task`` (default: the policy's own task), seeded:
         the interface from the task stream of ``seed``, the wiring from its agent stream."""
-        if batch < 1 or experts < 1 or dims < 1:
-            raise InputError("batch, experts and dims must be >= 1")
+        batch, dims, seed = int_arg(batch, "batch", 1), int_arg(dims, "dims", 1), int_arg(seed, "seed", 0, 2**63 - 1)
+        experts = int_arg(experts, "experts", 1, MAX_EXPERTS)
         interface = draw_interface(self.policy, task, batch, experts, dims, seed)
         rng = np.random.default_rng([seed, 1])
         self.seed = seed
         return self.start(interface, sample_wiring(rng, self.cfg, batch, experts), rng=rng)
 
+    def _started(self):
+        if self.wiring is None:
+            raise RuntimeError("start() or reset() the agent first")
+
     @property
     def n_experts(self) -> int:
+        self._started()
         return self.wiring.n_experts
 
     @property
@@ -259,6 +290,9 @@ class Agent:
 
     def observation(self, parts: dict) -> np.ndarray:
         """Slot values [B, J] from the interface's named parts {name: [B, size]} (checked)."""
+        self._started()
+        if not isinstance(parts, dict):
+            raise InputError(f"the input parts are a dict {{name: values}}, got {type(parts).__name__}")
         unknown = set(parts) - {p for p, _ in self.interface.parts}
         if unknown:
             raise InputError(f"unknown input parts {sorted(unknown)}; this agent takes "
@@ -275,10 +309,9 @@ class Agent:
         if self.state is None:
             raise RuntimeError("start() or reset() the agent before stepping it")
         check_horizon(self.policy, self.t, self.past_horizon)
+        rounds = check_rounds(rounds)  # (also unchecked runs: rounds=0 evaluated an agent that never ran its policy)
         if self.check_inputs:
             slot_values = check_values("observation", slot_values, (self.batch, self.slots))
-            if rounds is not None and rounds < 1:
-                raise InputError("rounds must be >= 1")
         self.state, out, info = agent_step(self.ops, self.policy, self.cfg, self.wiring, self.state, self.interface,
                                            slot_values, rounds=rounds,
                                            record=self.record if record is None else record,
@@ -301,6 +334,8 @@ class Agent:
         ``growth_init``)."""
         N = self.n_experts
         check_add(self.cfg, N, n, self.batch)
+        if source is not None and sources is not None:
+            raise InputError("give source (one expert every newcomer copies) or sources (one per newcomer), not both")
         init = growth_init(self.policy, init, sources if source is None else source, allow_harmful)
         if init == "clone":
             if source is not None and not 0 <= source < N:
@@ -345,6 +380,7 @@ class Agent:
     # -- snapshots --------------------------------------------------------------------
     def snapshot(self) -> dict:
         """Everything needed to continue this agent exactly (numpy arrays + small metadata)."""
+        self._started()
         w, st, itf = self.wiring, self.state, self.interface
         return {"t": self.t, "seed": self.seed, "h": np.asarray(st.h), "heads": np.asarray(st.heads),
                 "noise": w.noise, "ids": w.ids, "seats": w.seats,
@@ -354,32 +390,71 @@ class Agent:
                 "parts": [[p, n] for p, n in itf.parts], "rng": self._rng.bit_generator.state}
 
     def restore(self, snap: dict) -> "Agent":
+        """Continue the agent a ``snapshot()`` describes. Everything is checked first (shapes against the policy and
+        each other, finite values, the counters, the generator's state), so a refused snapshot (InputError) leaves
+        this agent as it was: a snapshot missing ``heads`` left it half restored and unable to step, one with NaN
+        in its state stepped to NaN outputs."""
         spec = self.cfg.policy
-        h = np.asarray(snap["h"], np.float32)
-        if h.ndim != 3 or h.shape[2] != spec.hidden:
-            raise InputError(f"snapshot state has shape {h.shape}; this policy's experts hold {spec.hidden} values")
-        self.seed, self.t = snap["seed"], snap["t"]
-        self._rng = np.random.default_rng()
-        self._rng.bit_generator.state = snap["rng"]
-        self.copies = 1  # (copies of the same episodes live only inside an ES generation; never snapshotted)
-        B, N, _ = h.shape
+        if not isinstance(snap, dict):
+            raise InputError(f"a snapshot is a dict (Agent.snapshot()), got {type(snap).__name__}")
+        try:
+            h, heads, noise = (np.asarray(snap[k], np.float32) for k in ("h", "heads", "noise"))
+            if h.ndim != 3 or h.shape[2] != spec.hidden:
+                raise InputError(f"snapshot state has shape {h.shape}; this policy's experts hold {spec.hidden} values")
+            B, N, _ = h.shape
+            for name, a, shape in (("heads", heads, (B, N, spec.heads_dim)), ("noise", noise, (B, N, spec.hidden))):
+                if a.shape != shape:
+                    raise InputError(f"snapshot {name} has shape {a.shape}, expected {shape}")
+            ids = None if snap.get("ids") is None else np.asarray(snap["ids"], np.float32)
+            if (ids is None) != (not spec.id_dim) or (ids is not None and ids.shape != (B, N, spec.id_dim)):
+                raise InputError(f"snapshot ids must be [{B}, {N}, {spec.id_dim}]" if spec.id_dim else
+                                 "snapshot ids must be None for this policy")
+            slot_addr, out_addr = (np.asarray(snap[k], np.float32) for k in ("slot_addr", "out_addr"))
+            for name, a in (("slot_addr", slot_addr), ("out_addr", out_addr)):
+                if a.ndim != 3 or a.shape[0] != B or a.shape[2] != spec.addr_dim:
+                    raise InputError(f"snapshot {name} has shape {a.shape}, expected [{B}, *, {spec.addr_dim}]")
+            for name, a in (("h", h), ("heads", heads), ("noise", noise), ("ids", ids), ("slot_addr", slot_addr),
+                            ("out_addr", out_addr)):
+                if a is not None and not np.isfinite(a).all():
+                    raise InputError(f"snapshot {name} contains NaN or inf")
+            t, seed = snap["t"], snap["seed"]
+            if type(t) is not int or t < 0 or isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+                raise InputError(f"snapshot t must be an int >= 0 and seed an int, got {t!r:.40} / {seed!r:.40}")
+            route = snap.get("route_mask")
+            if snap.get("route_neighbors") is not None:
+                idx = np.asarray(snap["route_neighbors"])
+                if idx.dtype.kind not in "iu" or idx.ndim != 3 or idx.shape[:2] != (B, N) or (
+                        idx.size and (idx.min() < 0 or idx.max() >= N)):
+                    raise InputError(f"snapshot route_neighbors must be indices [{B}, {N}, C] in 0..{N - 1}")
+                route = Neighbors(idx.astype(np.int64))
+            elif route is not None:
+                route = np.asarray(route)
+                if route.dtype != bool or route.shape != (B, N, N):
+                    raise InputError(f"snapshot route_mask must be bool [{B}, {N}, {N}]")
+            seats = snap.get("seats")  # snapshots before seats: 0 .. N - 1
+            if seats is not None:
+                seats = np.asarray(seats, np.int64).reshape(-1)
+                if seats.shape != (N,) or seats.min() < 0 or len(np.unique(seats)) != N:
+                    raise InputError(f"snapshot seats must be {N} distinct numbers >= 0")
+                seats = normal_seats(seats)
+            interface = Interface(slot_addr, out_addr, Visibility.from_dict(snap["visibility"]),
+                                  tuple((str(p), int(n)) for p, n in snap["parts"]))
+            if sum(n for _, n in interface.parts) != slot_addr.shape[1]:
+                raise InputError(f"snapshot parts {list(interface.parts)} do not add up to its {slot_addr.shape[1]} "
+                                 "slots")
+            rng = np.random.default_rng()
+            rng.bit_generator.state = snap["rng"]
+        except InputError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of another kind
+            raise InputError(f"not a snapshot of this policy's agents: {type(e).__name__}: {str(e)[:160]}") from None
         can_sense, can_push = membrane_masks(self.cfg.routing, N)
-        route = snap["route_mask"]
-        if snap.get("route_neighbors") is not None:
-            route = Neighbors(np.asarray(snap["route_neighbors"], np.int64))
-        seats = snap.get("seats")  # snapshots before seats: 0 .. N - 1
-        if seats is not None:
-            seats = np.asarray(seats, np.int64).reshape(-1)
-            if seats.shape != (N,) or seats.min() < 0 or len(np.unique(seats)) != N:
-                raise InputError(f"snapshot seats must be {N} distinct numbers >= 0")
-            seats = normal_seats(seats)
-        self.wiring = Wiring(np.asarray(snap["noise"], np.float32), route, can_sense, can_push, snap["ids"], seats)
-        self.interface = Interface(np.asarray(snap["slot_addr"], np.float32), np.asarray(snap["out_addr"], np.float32),
-                                   Visibility.from_dict(snap["visibility"]), tuple(map(tuple, snap["parts"])))
-        self.state = AgentState(h, np.asarray(snap["heads"], np.float32))
+        self.seed, self.t, self._rng, self.copies = int(seed), t, rng, 1  # (copies live only inside an ES generation)
+        self.wiring = Wiring(noise, route, can_sense, can_push, ids, seats)
+        self.interface = interface
+        self.state = AgentState(h, heads)
         self._indeg = None
         return self
-
 
 __all__ = ["Agent", "GrowthError", "HorizonError", "InputError", "MAX_EXPERTS", "StepInfo", "check_add",
            "check_growth", "check_horizon", "check_values", "default_init", "expert_indices", "fresh_hurts", "integers",

@@ -75,8 +75,15 @@ def run_episodes(ops, policy, agent: AgentConfig, task: TaskConfig, *, dims: int
     """Roll out ``episodes`` seeded episodes of ``task`` through ``runtime`` (see the module doc)."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    from .engine import check_growth
+    from .engine import MAX_EXPERTS, check_growth, check_rounds, int_arg
 
+    # (checked here: the runtimes run these agents unchecked, and rounds=0 reported an agent that never called its
+    # policy as if it had; steps=0 ran the task's default)
+    episodes, dims = int_arg(episodes, "episodes", 1), int_arg(dims, "dims", 1)
+    experts = int_arg(experts, "experts", 1, MAX_EXPERTS)
+    steps, rounds = None if steps is None else int_arg(steps, "steps", 1), check_rounds(rounds)
+    if not isinstance(changes, (tuple, list)) or not all(isinstance(c, Change) for c in changes):
+        raise ConfigError("changes must be a tuple of episodes.Change (episodes.schedule makes one)")
     for c in changes:  # a refused hot-add is refused before any step is run, not halfway through
         if c.kind == "add":
             check_growth(policy, c.init, c.allow_harmful)

@@ -69,6 +69,8 @@ def shipped_policies() -> list[str]:
 def resolve_policy(path: str | Path) -> Path:
     """A policy file from a path (``policies/NAME.onnx``, ``NAME.json``) or a shipped policy's name
     (``dimensions-v2``). A path that exists wins; then a shipped policy of that name (or file name)."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise PolicyError(f"a policy is a path or a shipped policy's name (`badger policies`), got {str(path)[:40]!r}")
     p = Path(path)
     onnx = p if p.suffix == ".onnx" else (p.with_suffix(".onnx") if p.suffix == ".json" else Path(f"{p}.onnx"))
     if onnx.is_file():
@@ -165,8 +167,8 @@ def load_policy(path: str | Path, threads: int = 1) -> OnnxPolicy:
         raise PolicyError(f"policy card not found: {card_path} (every .onnx policy ships with its card)")
     try:
         card = json.loads(card_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PolicyError(f"{card_path} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (a 100k-deep card: RecursionError)
+        raise PolicyError(f"{card_path} is not valid JSON: {type(e).__name__}: {str(e)[:160]}") from None
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
         got = card.get("format") if isinstance(card, dict) else type(card).__name__
         raise PolicyError(f"{card_path}: card format {got!r} is not {CARD_FORMAT!r}")

@@ -73,7 +73,7 @@ import trio
 
 from .. import routing
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_add, check_horizon, check_values, growth_init, integers
+from ..engine import InputError, check_add, check_horizon, check_rounds, check_values, growth_init, integers
 from ..membrane import Interface, normal_seats, seat_array
 from ..rollout import StepInfo, Wiring, clone_candidates, fresh_state, initial_state, rebalance_plan
 from ..xp import NumpyOps
@@ -601,9 +601,7 @@ class ActorAgent(Lifecycle):
         self._check_steppable()
         check_horizon(self.policy, self.t, self.past_horizon)
         vals = check_values("observation", slot_values, (1, self.slot_addr.shape[0]))[0]
-        R = self.cfg.agreement.rounds if rounds is None else int(rounds)
-        if R < 1:
-            raise InputError("rounds must be >= 1")
+        R = check_rounds(rounds) or self.cfg.agreement.rounds
         scope = trio.fail_after(self.step_timeout) if self.step_timeout else nullcontext()
         if self._rebalance_due:  # a removal during a step that did not finish
             self._rebalance()

@@ -58,7 +58,7 @@ import trio
 
 from .. import agreement, membrane
 from ..config import AgentConfig, ConfigError
-from ..engine import InputError, check_add, check_horizon, check_values, expert_indices, growth_init
+from ..engine import InputError, check_add, check_horizon, check_rounds, check_values, expert_indices, growth_init
 from ..membrane import Interface
 from ..rollout import AgentState, StepInfo, Wiring, clone_sources, grow, initial_state, rebalance, shrink
 from ..xp import NumpyOps
@@ -187,9 +187,7 @@ class ShardedMembrane:
         """The observation [B, J] and the rounds of a step, checked (the agent is unchanged if refused)."""
         check_horizon(self.policy, self.t, self.past_horizon)
         vals = check_values("observation", slot_values, (self.B, self.slot_addr.shape[1]))
-        R = self.cfg.agreement.rounds if rounds is None else int(rounds)
-        if R < 1:
-            raise InputError("rounds must be >= 1")
+        R = check_rounds(rounds) or self.cfg.agreement.rounds
         return vals, R
 
     def _observations(self, vals: np.ndarray, R: int) -> list[dict]:
@@ -432,8 +430,13 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
         self._check_steppable()
         vals, R = self._checked(slot_values, rounds)
         scope = trio.fail_after(self.step_timeout) if self.step_timeout else nullcontext()
-        with self._one_step(), scope:
-            return await self._step(vals, R)
+        try:
+            with self._one_step(), scope:
+                return await self._step(vals, R)
+        except trio.TooSlowError:  # as ActorAgent says it
+            from .runtime import StepTimeout
+
+            raise StepTimeout(f"step {self.t} did not finish in {self.step_timeout}s") from None
 
     async def _step(self, vals: np.ndarray, R: int):
         t = self.t

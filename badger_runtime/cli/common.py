@@ -10,8 +10,8 @@ import dataclasses
 import json
 
 from ..config import AgentConfig, ConfigError, TaskConfig
+from ..engine import MAX_ROUNDS  # one bound for the library, the CLI and the server
 
-MAX_ROUNDS = 64
 MAX_SEED = 2**63 - 1
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import ConfigError
-from ..engine import Agent, GrowthError, HorizonError, InputError
+from ..engine import MAX_ROUNDS, Agent, GrowthError, HorizonError, InputError
 from ..membrane import seat_array, seats_after_removal
 from .protocol import reply_error, reply_ok, some_names
 from .store import (FORMAT, FORMAT_VERSION, MAX_COUNT, READABLE_VERSIONS, OtherPolicy, SessionStore, StoreError,
@@ -63,7 +63,7 @@ class Limits:
     max_sessions: int = 1024
     max_experts: int = 1024  # per session (dense routing scores N^2 pairs)
     max_dims: int = 256
-    max_rounds: int = 64
+    max_rounds: int = MAX_ROUNDS
 
 
 @dataclass
