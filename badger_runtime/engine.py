@@ -221,6 +221,11 @@ class Agent:
                  past_horizon: bool = False):
         self.policy = policy
         self.past_horizon = past_horizon  # step an episodic policy past its horizon (asked for explicitly)
+        spec = getattr(policy, "spec", None)
+        if agent is not None and spec is not None and agent.policy != spec:  # (it ran, then failed in a step)
+            raise ConfigError("the agent config's policy settings (agent.policy) are not this policy's: take them "
+                              "from the policy (dataclasses.replace(policy.agent, ...)) and change the routing or "
+                              "the agreement only")
         self.cfg = agent or policy.agent
         self.ops = ops or OPS
         self.check_inputs = check_inputs

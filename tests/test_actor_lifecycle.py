@@ -177,8 +177,9 @@ def test_a_refused_resize_during_a_step_draws_nothing(pol, monkeypatch):
     assert seen and all(seen)
 
 
-def test_a_closed_agent_refuses_membership_changes(pol):
-    a, drv = make(pol, "actors")
+@pytest.mark.parametrize("runtime", ["actors", "sharded"])
+def test_a_closed_agent_refuses_membership_changes(pol, runtime):
+    a, drv = make(pol, runtime)
 
     async def main():
         async with a.running():

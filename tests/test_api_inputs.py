@@ -156,3 +156,11 @@ def test_a_deeply_nested_card_is_refused(tmp_path):
     (tmp_path / "p.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(PolicyError, match="not valid JSON"):
         load_policy(tmp_path / "p.onnx")
+
+
+def test_an_agent_config_of_another_policy_is_refused(pol):
+    """Agent(policy, other_policy.agent) was accepted and failed inside its first step."""
+    from badger_runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not this policy's"):
+        Agent(pol, load_policy("scale-v4").agent)
