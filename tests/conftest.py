@@ -18,6 +18,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_k, "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_secrets_file(tmp_path_factory):
+    """`badger client open` keeps session secrets in the user's state folder: the tests' go to a folder of theirs
+    (a test that wants to see the file sets BADGER_SECRETS_FILE itself)."""
+    old = os.environ.get("BADGER_SECRETS_FILE")
+    os.environ["BADGER_SECRETS_FILE"] = str(tmp_path_factory.mktemp("secrets") / "session-secrets.json")
+    yield
+    if old is None:
+        os.environ.pop("BADGER_SECRETS_FILE", None)
+    else:
+        os.environ["BADGER_SECRETS_FILE"] = old
+
+
 def run_without_torch(code: str, tmp_path, timeout: int = 120) -> subprocess.CompletedProcess:
     """Run ``code`` (dedented) in a fresh interpreter where ``import torch`` fails; asserts it exits 0."""
     blocker = tmp_path / "blocker"
