@@ -274,5 +274,5 @@ class Task:
         return {f"{k}_by_step": v.mean(axis=1).tolist() for k, v in metrics.items()}
 
 
-__all__ = ["PLUGIN_ENV", "PLUGIN_GROUP", "REGISTRY", "Task", "TaskEpisode", "config_class", "default_config", "make_task", "register",
-           "task_class", "task_names", "unregister"]
+__all__ = ["PLUGIN_ENV", "PLUGIN_GROUP", "REGISTRY", "Task", "TaskEpisode", "config_class", "default_config",
+           "make_task", "register", "task_class", "task_names", "unknown_task", "unregister"]

@@ -51,10 +51,10 @@ def guard_loss(losses: torch.Tensor, reference: torch.Tensor, groups: np.ndarray
                smoothing: float = 0.0) -> torch.Tensor:
     """Sum over groups g of relu(d_g), d_g the mean over the predictions in g of (losses - reference):
     zero while the policy does at least as well as the reference in every group (``groups`` [T, B],
-    -1: none). With ``smoothed`` (a dict it updates: group -> moving average of d_g over the calls, i.e. batches, or
-    with ``train.tbptt`` the chunks of each batch; ``smoothing`` its decay per call) a group's d_g counts while its average is above 0: the batch's own noise
-    no longer decides, so groups the policy does not lose stop pulling (a per-batch relu of a noisy
-    mean is positive on average even where the policy loses nothing)."""
+    -1: none). With ``smoothed`` (a dict it updates: group -> moving average of d_g over the calls, i.e. batches,
+    or with ``train.tbptt`` the chunks of each batch; ``smoothing`` its decay per call) a group's d_g counts while
+    its average is above 0: the batch's own noise no longer decides, so groups the policy does not lose stop
+    pulling (a per-batch relu of a noisy mean is positive on average even where the policy loses nothing)."""
     diff, g = losses - reference, torch.from_numpy(np.asarray(groups))
     total = losses.new_zeros(())
     for k in map(int, np.unique(groups[groups >= 0])):
