@@ -199,9 +199,10 @@ class ESConfig:
     in the torch-free deploy engine; centered ranks of their losses give the ES gradient, and Adam
     (``lr``) steps on it. ``train.batches`` counts generations; ``train.seed``, ``objective``,
     ``horizon``, ``rounds``, ``stages``, ``grow_prob``, ``grow_init``, ``grow_most``, ``log_floor``, ``init_from`` and
-    the logging settings mean what they mean for BPTT; ``tbptt``, ``continue_prob``, ``clip``, ``vote_weight``,
-    ``spread_weight`` and ``lr`` are BPTT's only (ES scores whole episodes as deployed; a run says which of the
-    first it leaves out). One difference in growing: ES's episodes are the deploy engine's, so each draws whom
+    the logging settings mean what they mean for BPTT; ``lr`` and those in ``cluster.es.BPTT_ONLY`` (``tbptt``,
+    ``continue_prob``, ``clip``, ``lr_decay``, ``adam_eps``, ``vote_weight``, ``spread_weight``, ``guard_weight``,
+    ``guard_smoothing``) are BPTT's only (ES scores whole episodes as deployed; a run names the ones its config
+    sets). One difference in growing: ES's episodes are the deploy engine's, so each draws whom
     its clones copy, where a BPTT batch draws once for all its episodes (the shipped recipes drew so) unless
     ``train.clone_draw = "episode"``.
 
@@ -343,16 +344,31 @@ class ExperimentConfig:
         self.agent.validate()
         self.task.validate()
         self.train.validate()
-        r, (lo, hi) = self.agent.agreement.rounds, self.train.rounds
-        if not lo <= r <= hi:  # training draws its rounds from train.rounds; the card deploys agreement.rounds
-            raise ConfigError(f"agent.agreement.rounds = {r} is outside train.rounds = [{lo}, {hi}]: the policy would "
-                              f"be trained with {lo}..{hi} rounds and deployed with {r}; set train.rounds = [{r}, {r}] "
-                              "(or a range that holds it)")
         for st in self.train.stages:  # every stage's task settings must be valid for this task
             fields_ = {f.name for f in fields(self.task)}
             bad = set(st.settings) - fields_ | ({"name"} & set(st.settings))
             if bad:
                 raise ConfigError(f"train.stages: task {self.task.name!r} has no settings {sorted(bad)}")
+        return self
+
+    def check_new_run(self):
+        """What a new training run must hold beyond ``validate`` (a card or checkpoint made before these rules still
+        loads): the rounds it trains with are the rounds its card deploys, within the runtimes' bound, and its
+        episodes reach the task's steps (the card's evaluations run them)."""
+        from .engine import MAX_ROUNDS
+
+        r, (lo, hi) = self.agent.agreement.rounds, self.train.rounds
+        if not lo <= r <= hi:  # training draws its rounds from train.rounds; the card deploys agreement.rounds
+            raise ConfigError(f"agent.agreement.rounds = {r} is outside train.rounds = [{lo}, {hi}]: the policy would "
+                              f"be trained with {lo}..{hi} rounds and deployed with {r}; set train.rounds = [{r}, {r}] "
+                              "(or a range that holds it)")
+        if max(r, hi) > MAX_ROUNDS:
+            raise ConfigError(f"agent.agreement.rounds and train.rounds must be at most {MAX_ROUNDS} (a step's bound in "
+                              "every runtime)")
+        h = self.train.horizon[1]
+        if h and h < self.task.steps:  # (the card then claimed task.steps, and its evaluations run them)
+            raise ConfigError(f"train.horizon's longest episode ({h} steps) is shorter than task.steps "
+                              f"({self.task.steps}), which the card's evaluations run: set task.steps <= {h}")
         return self
 
 

@@ -148,8 +148,8 @@ def growth_init(policy, init: str | None, source, allow_harmful: bool) -> str:
     """What every runtime's ``add_experts`` does before it adds anything: the kind of newcomer
     (``default_init``), checked to be 'clone' or 'fresh' (``InputError``) and allowed by the card
     (``check_growth``: ``GrowthError``)."""
-    if source is not None and not isinstance(source, np.ndarray):  # (1.9 cloned expert 1)
-        int_arg(source, "source (the expert a clone copies)", 0)
+    if source is not None and not isinstance(source, (np.ndarray, list, tuple)):  # (1.9 cloned expert 1; lists:
+        int_arg(source, "source (the expert a clone copies)", 0)                  # Agent's `sources`, checked there)
     init = default_init(policy, init, source)
     if init not in ("clone", "fresh"):
         raise InputError(f"init must be 'clone' or 'fresh', got {init!r}")
@@ -422,9 +422,7 @@ class Agent:
                             ("out_addr", out_addr)):
                 if a is not None and not np.isfinite(a).all():
                     raise InputError(f"snapshot {name} contains NaN or inf")
-            t, seed = snap["t"], snap["seed"]
-            if type(t) is not int or t < 0 or isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-                raise InputError(f"snapshot t must be an int >= 0 and seed an int, got {t!r:.40} / {seed!r:.40}")
+            t, seed = int_arg(snap["t"], "snapshot t", 0), int_arg(snap["seed"], "snapshot seed", 0, 2**63 - 1)
             route = snap.get("route_mask")
             if snap.get("route_neighbors") is not None:
                 idx = np.asarray(snap["route_neighbors"])
@@ -454,7 +452,7 @@ class Agent:
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of another kind
             raise InputError(f"not a snapshot of this policy's agents: {type(e).__name__}: {str(e)[:160]}") from None
         can_sense, can_push = membrane_masks(self.cfg.routing, N)
-        self.seed, self.t, self._rng, self.copies = int(seed), t, rng, 1  # (copies live only inside an ES generation)
+        self.seed, self.t, self._rng, self.copies = seed, t, rng, 1  # (copies live only inside an ES generation)
         self.wiring = Wiring(noise, route, can_sense, can_push, ids, seats)
         self.interface = interface
         self.state = AgentState(h, heads)

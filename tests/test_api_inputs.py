@@ -44,7 +44,7 @@ def _with(**kw):
 @pytest.mark.parametrize("damage, says", [
     (_drop("heads"), "KeyError"),  # left the agent half restored, unable to step
     (lambda s: {**s, "h": np.full_like(s["h"], np.nan)}, "NaN"),  # stepped to NaN outputs
-    (_with(t=-1000), "t must be an int >= 0"),  # ran an episodic policy 1,020 steps without a horizon error
+    (_with(t=-1000), "snapshot t must be an int >= 0"),  # ran an episodic policy 1,020 steps without a horizon error
     (lambda s: {**s, "heads": s["heads"][..., :-1]}, "heads has shape"),
     (lambda s: {**s, "noise": s["noise"][:, :2]}, "noise has shape"),  # broke the next add_experts
     (lambda s: {**s, "h": np.concatenate([s["h"], s["h"]])}, "heads has shape"),  # another batch

@@ -537,7 +537,8 @@ def test_the_card_says_the_horizon_training_ran():
     from badger_runtime.training.export import trained_horizon
 
     cfg = es_experiment(generations=1)
-    cfg.task.steps, cfg.train.horizon = 6, (2, 3)
-    assert trained_horizon(cfg) == 3  # the card said 6: max(task.steps, horizon)
+    cfg.task.steps, cfg.train.horizon = 6, (2, 8)
+    assert trained_horizon(cfg) == 8
     cfg.train.horizon = (0, 0)
-    assert trained_horizon(cfg) == 6
+    cfg.train.stages = [dataclasses.replace(s, settings={"steps": 9}) for s in cfg.train.stages] or cfg.train.stages
+    assert trained_horizon(cfg) == (9 if cfg.train.stages else 6)  # a stage's longer episodes

@@ -195,7 +195,17 @@ def test_a_policy_is_never_deployed_with_rounds_it_was_not_trained_with():
     """agreement.rounds = 3 with train.rounds at its default [1, 1] trained one round and exported a card that
     runs three."""
     data = {"agent": {"agreement": {"rule": "fixed", "rounds": 3}}}
+    cfg = from_dict(ExperimentConfig, data).validate()  # a card or checkpoint made so still loads
     with pytest.raises(ConfigError, match=r"agreement.rounds = 3 is outside train.rounds = \[1, 1\]"):
-        from_dict(ExperimentConfig, data).validate()
+        cfg.check_new_run()  # a new run does not start
     data["train"] = {"rounds": [1, 3]}
-    assert from_dict(ExperimentConfig, data).validate().train.rounds == (1, 3)
+    assert from_dict(ExperimentConfig, data).validate().check_new_run().train.rounds == (1, 3)
+    data["train"] = {"rounds": [1, 100]}  # it started and failed at its first batch (a step's bound is 64)
+    with pytest.raises(ConfigError, match="at most 64"):
+        from_dict(ExperimentConfig, data).validate().check_new_run()
+
+
+def test_a_new_run_reaches_the_steps_its_card_evaluates():
+    cfg = from_dict(ExperimentConfig, {"task": {"steps": 6}, "train": {"horizon": [2, 3]}}).validate()
+    with pytest.raises(ConfigError, match="shorter than task.steps"):
+        cfg.check_new_run()

@@ -357,10 +357,10 @@ def test_restore_moves_unusable_checkpoints_aside(policy, tmp_path):
     assert sorted(p.name for p in st_.rejected_dir.iterdir()) == ["b.ckpt", "c.ckpt", "e.ckpt"]
     assert not (st_.dir / "f.ckpt.tmp").exists()
     counters = m2.metrics.to_dict()["counters"]
-    assert counters["restore.rejected"] == 3 and counters["restore.other_policy"] == 1
+    assert counters["restore.rejected"] == 3 and counters["restore.kept"] == 1
     # another policy's session is intact: left where it is, its name taken, restored by a server of that policy
     # (a restart with the wrong --policy moved every session to rejected/, where none was restored again)
-    assert m2.other_policy == {"d": "0" * 64} and st_.path("d").exists()
+    assert m2.kept == {"d": "policy sha256 0000000000000000..."} and st_.path("d").exists()
     assert err(m2, "open", "d", experts=3, dims=2) == "session_exists"
     rec["policy"]["sha256"] = policy.card["sha256"]
     st_.write("d", rec)
@@ -867,3 +867,35 @@ def test_a_nil_field_is_named_as_such(policy):
     assert r["ok"]
     r = call(m, "open", "b", dims=None)
     assert r["error"]["code"] == "bad_request" and "got nil" in r["error"]["message"], r
+
+
+def test_a_checkpoint_of_a_task_the_server_does_not_know_is_kept_in_place(policy, tmp_path):
+    """A plugin task's session, restored by a server started without the plugin (BADGER_TASKS unset), went to
+    rejected/ and was lost to the next start that had it."""
+    m = make(policy, tmp_path)
+    ok(m, "open", "p", experts=3, dims=2)
+    rec = store_mod.decode(m.store.path("p").read_bytes())
+    rec["task"] = "plugin_task"
+    m.store.write("p", rec)
+    m2 = make(policy, tmp_path)
+    assert "p" not in m2.sessions and m2.kept == {"p": "task 'plugin_task': name its module in BADGER_TASKS"}
+    assert m2.store.path("p").exists() and not list(m2.store.rejected_dir.glob("*"))
+
+
+def test_the_client_secrets_file_keeps_every_concurrent_secret(tmp_path):
+    """Two scripts opening sessions at once read, changed and wrote the file over each other: a secret was lost
+    and the later commands on that session were refused."""
+    import threading
+
+    from badger_runtime.serve.client_secrets import SecretsFile
+
+    f = SecretsFile(tmp_path / "s" / "secrets.json")
+
+    def put(i):
+        for j in range(25):
+            SecretsFile(f.path).put("h:1", f"s{i}-{j}", f"x{i}{j}")
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(4)]
+    [t.start() for t in threads], [t.join() for t in threads]
+    assert all(f.get("h:1", f"s{i}-{j}") == f"x{i}{j}" for i in range(4) for j in range(25))
+    assert f.path.stat().st_mode & 0o777 == 0o600

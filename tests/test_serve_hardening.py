@@ -319,11 +319,11 @@ def test_one_address_holds_at_most_its_share_of_the_budget():
     a1.feed(frame(200 * KiB))  # its first large frame is let in
     with pytest.raises(ProtocolError) as e:
         a2.feed(frame(100 * KiB))  # 300 KiB would be over A's share of 256 KiB
-    assert e.value.code == "busy" and e.value.peer_fault and "share" in str(e.value)
+    assert e.value.code == "busy" and "share" in str(e.value)
     b.feed(frame(700 * KiB))  # another address is not held back by A
     with pytest.raises(ProtocolError) as e:
         FrameDecoder(max_frame_bytes=1 * MiB, budget=budget, owner="C").feed(frame(200 * KiB))
-    assert e.value.code == "busy" and not e.value.peer_fault  # the budget is full: not C's doing
+    assert e.value.code == "busy" and "does not fit" in str(e.value)  # the budget is full
     a1.close(), b.close()
     assert budget.in_use == 0 and budget.by_owner == {}
 
@@ -343,9 +343,9 @@ def test_a_full_budget_is_not_counted_against_the_peer_it_refuses(policy):
         assert [r["error"]["code"] for r in await read_replies(victim)] == ["busy"]
         assert "127.0.0.2" not in server.abuse._events
         a2 = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.1")
-        await a2.send_all(header(300 * KiB) + b"\x80" * 100)  # over its own share: its doing
-        assert [r["error"]["code"] for r in await read_replies(a2)] == ["busy"]
-        assert len(server.abuse._events["127.0.0.1"]) == 1
+        await a2.send_all(header(300 * KiB) + b"\x80" * 100)  # over its own share: refused, and the share is the
+        assert [r["error"]["code"] for r in await read_replies(a2)] == ["busy"]  # bound (not counted: behind a NAT
+        assert "127.0.0.1" not in server.abuse._events  # an address is many honest clients)
         await a.aclose()
     run_server(m, test, max_frame_bytes=1 * MiB, buffer_budget=1 * MiB)
 

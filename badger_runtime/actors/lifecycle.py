@@ -37,6 +37,11 @@ class Lifecycle:
     def close(self):
         self._closed.set()
 
+    def _check_open(self):
+        """Refuse a membership change of a closed agent (its experts or shards are gone)."""
+        if self._closed.is_set():
+            raise RuntimeError("the agent is closed: its experts are gone")
+
     def _check_steppable(self):
         """Refuse a step the agent cannot take now (nothing is changed)."""
         if self._nursery is None:

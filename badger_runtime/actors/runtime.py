@@ -236,10 +236,6 @@ class ActorAgent(Lifecycle):
     def n_experts(self) -> int:
         return len(self.directory.members)
 
-    def _check_open(self):
-        if self._closed.is_set():
-            raise RuntimeError("the agent is closed: its experts are gone")
-
     def add_experts(self, n: int, init: str | None = None, source: int | None = None, *,
                     allow_harmful: bool = False) -> list[int]:
         """Add n experts while the agent runs (they join at the next inner step); returns their ids.

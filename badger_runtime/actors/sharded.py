@@ -181,9 +181,8 @@ class ShardedMembrane:
         generator are unchanged)."""
         if self._stepping:
             raise RuntimeError("experts join or leave a sharded agent between inner steps")
-        closed = getattr(self, "_closed", None)
-        if closed is not None and closed.is_set():
-            raise RuntimeError("the agent is closed: its shards are gone")
+        if isinstance(self, Lifecycle):  # (RayShardedAgent's shards are Ray actors: it has no event loop to close)
+            self._check_open()
 
     # -- the membrane's side of a step ----------------------------------------------------
     def _checked(self, slot_values, rounds: int | None) -> tuple[np.ndarray, int]:

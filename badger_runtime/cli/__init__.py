@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         if "pip install" not in str(e) and extra is None:
             raise
         hint = "" if extra is None else (f": `badger {args.cmd}` needs the '{extra}' extra "
-                                         f"(pip install -e \".[{extra}]\" in a checkout)")
+                                         f"(pip install \"badger-runtime[{extra}]\", or pip install -e \".[{extra}]\" "
+                                         "in a checkout)")
         print(f"badger: error: {e}{hint}", file=sys.stderr)
         return 2
     return 0

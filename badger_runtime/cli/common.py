@@ -63,10 +63,13 @@ def add_eval_flags(p: argparse.ArgumentParser, runtime_default: str = "engine"):
     p.add_argument("--routing", default=None, help="override the routing kind (dense, topk, hardwired, homogeneous, "
                                                    "random)")
     p.add_argument("--candidates", type=int_in(0, 1_000_000, "--candidates"), default=None,
-                   help="top-k routing: senders each receiver scores (0: all; C > 0: O(N C) sparse)")
-    p.add_argument("--k", type=int_in(1, 1_000_000, "--k"), default=None, help="top-k routing: senders kept")
+                   help="top-k routing: senders each receiver scores (0: all; C > 0: O(N C) sparse); without "
+                        "--routing it selects top-k, as `badger serve --candidates` does")
+    p.add_argument("--k", type=int_in(1, 1_000_000, "--k"), default=None,
+                   help="top-k routing: senders kept (without --routing it selects top-k)")
     p.add_argument("--degree", type=int_in(0, 1_000_000, "--degree"), default=None,
-                   help="random routing: senders each receiver hears besides itself (0: only itself)")
+                   help="random routing: senders each receiver hears besides itself (0: only itself); without "
+                        "--routing it selects random routing")
     p.add_argument("--agreement", default=None, help="override the agreement rule (fixed, convergence, quorum)")
     p.add_argument("--ablate", choices=("none", "cut", "shuffle"), default=None,
                    help="messages ablation (batched engine): cut = every inbox empty, shuffle = each expert "
@@ -133,8 +136,14 @@ def resolve_task(args, own: TaskConfig) -> TaskConfig:
 def resolve_agent(args, agent: AgentConfig) -> AgentConfig:
     agent = dataclasses.replace(agent, routing=dataclasses.replace(agent.routing),
                                 agreement=dataclasses.replace(agent.agreement))
+    topk_flags = args.candidates is not None or args.k is not None
+    degree = getattr(args, "degree", None)
     if args.routing:
         agent.routing.kind = args.routing
+    elif topk_flags and degree is not None:
+        raise ConfigError("--candidates / --k are top-k routing's and --degree the random graph's: give --routing")
+    elif topk_flags or degree is not None:  # as `badger serve --candidates C` does: the flag names its routing
+        agent.routing.kind = "topk" if topk_flags else "random"
     if args.candidates is not None:
         agent.routing.candidates = args.candidates
     if args.k is not None:

@@ -293,7 +293,7 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
 
     if workers is not None:
         cfg.train.es.workers = int(workers)
-    cfg.validate()
+    cfg.validate().check_new_run()
     tr, es, spec = cfg.train, cfg.train.es, cfg.agent.policy
     if tr.trainable:
         raise ConfigError(f"train.trainable {tr.trainable} is for --outer bptt: ES perturbs every weight")

@@ -375,7 +375,7 @@ def cmd_serve(args):
                      "pid": os.getpid(), "policy": policy.name, "state_dir": str(args.state_dir),
                      "sessions": len(manager.sessions), "restored": restored["restored"],
                      "rejected": [r["session"] for r in restored["rejected"]],
-                     "other_policy": [r["session"] for r in restored["other_policy"]]}
+                     "kept": [r["session"] for r in restored["kept"]]}
             if endpoint is not None:
                 ready["metrics"] = endpoint.address
             print(json.dumps(ready), flush=True)

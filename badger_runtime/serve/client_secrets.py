@@ -7,9 +7,15 @@ the entry. The file: ``BADGER_SECRETS_FILE``, else ``$XDG_STATE_HOME/badger/sess
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: changes are not serialised between processes
+    fcntl = None
 
 MAX_ENTRIES = 4096  # the oldest entries go first past this (sessions a script opened and never closed)
 
@@ -45,18 +51,32 @@ class SecretsFile:
             json.dump(data, f, indent=1)
         os.replace(tmp, self.path)
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """One change at a time across processes (two scripts opening sessions at once lost one's secret)."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # (releases the lock)
+
     def get(self, address: str, session: str) -> str | None:
         return self._read().get(self.key(address, session))
 
     def put(self, address: str, session: str, secret: str):
-        data = self._read()
-        data.pop(self.key(address, session), None)
-        data[self.key(address, session)] = secret  # the newest last
-        while len(data) > MAX_ENTRIES:
-            del data[next(iter(data))]
-        self._write(data)
+        with self._locked():
+            data = self._read()
+            data.pop(self.key(address, session), None)
+            data[self.key(address, session)] = secret  # the newest last
+            while len(data) > MAX_ENTRIES:
+                del data[next(iter(data))]
+            self._write(data)
 
     def forget(self, address: str, session: str):
-        data = self._read()
-        if data.pop(self.key(address, session), None) is not None:
-            self._write(data)
+        with self._locked():
+            data = self._read()
+            if data.pop(self.key(address, session), None) is not None:
+                self._write(data)

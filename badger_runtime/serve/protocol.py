@@ -119,14 +119,10 @@ class ProtocolError(ValueError):
     when it could be read (so the server can still answer that request), else None.
     """
 
-    def __init__(self, message: str, *, code: str = E_BAD_FRAME, request_id: int | None = None,
-                 peer_fault: bool | None = None):
+    def __init__(self, message: str, *, code: str = E_BAD_FRAME, request_id: int | None = None):
         super().__init__(message)
         self.code = code
         self.request_id = request_id
-        # whether the peer caused it (counted against its address): every code but busy, and busy when the peer
-        # went over its own share of a resource rather than finding the server full
-        self.peer_fault = code != E_BUSY if peer_fault is None else peer_fault
 
 
 # ---- frames --------------------------------------------------------------------------------
@@ -346,14 +342,14 @@ class FrameDecoder:
         # Keep a copy without a traceback: the raised error's traceback holds the frames that
         # called the decoder (and their locals: a frame body of up to 16 MiB), and storing it here
         # would make a reference cycle through the decoder, freed only by a garbage collection.
-        self._error = ProtocolError(str(err), code=err.code, request_id=err.request_id, peer_fault=err.peer_fault)
+        self._error = ProtocolError(str(err), code=err.code, request_id=err.request_id)
         self.close()
         return err
 
     def _failed(self) -> ProtocolError:
         """A fresh copy of the error that failed this decoder (raised again on each later call)."""
         e = self._error
-        return ProtocolError(str(e), code=e.code, request_id=e.request_id, peer_fault=e.peer_fault)
+        return ProtocolError(str(e), code=e.code, request_id=e.request_id)
 
     def _check_header(self) -> int | None:
         """Length of the pending frame's body, or None while the header is incomplete."""
@@ -374,7 +370,7 @@ class FrameDecoder:
                 raise self._fail(ProtocolError(
                     f"a frame of {n} bytes: this address already holds {b.by_owner[self.owner]} bytes of large "
                     f"frames, its share of the server's buffer budget is {int(b.share * b.total)}; send large "
-                    "frames one after another", code=E_BUSY, peer_fault=True))
+                    "frames one after another", code=E_BUSY))
             if why is not None:
                 raise self._fail(ProtocolError(
                     f"a frame of {n} bytes does not fit the server's buffer budget now "

@@ -475,7 +475,7 @@ class Server:
                                }.get(e.code, ("bad_frame", "frames.bad"))
             self.metrics.inc(counter)
             self.metrics.inc(f"errors.{e.code}")
-            if e.peer_fault:  # not a full budget: other peers' frames filled it (the victim was blocked for it)
+            if e.code != E_BUSY:  # the budget, or an address's share of it (many clients behind one NAT): not abuse
                 self._abused(conn.host, reason)
             self._log_peer(reason, peer=conn.peer, error=str(e)[:300])
             await self._send_quietly(stream, reply_error(e.request_id, e.code, str(e)))

@@ -31,7 +31,8 @@ from ..config import ConfigError
 from ..engine import MAX_ROUNDS, Agent, GrowthError, HorizonError, InputError
 from ..membrane import seat_array, seats_after_removal
 from .protocol import reply_error, reply_ok, some_names
-from .store import (FORMAT, FORMAT_VERSION, MAX_COUNT, READABLE_VERSIONS, OtherPolicy, SessionStore, StoreError,
+from .store import (FORMAT, FORMAT_VERSION, MAX_COUNT, READABLE_VERSIONS, NotServedHere, SessionStore,
+                    StoreError,
                     agent_record, restore_agent)
 from .telemetry import Metrics, no_log
 
@@ -175,7 +176,7 @@ class SessionManager:
         self.metrics = metrics or Metrics()
         self._tasks: dict = {}  # task name -> its Task (settings as _task_config gives them), built once
         self.sessions: dict[str, Session] = {}
-        self.other_policy: dict[str, str] = {}  # checkpoints of another policy, left in place: name -> its sha256
+        self.kept: dict[str, str] = {}  # intact checkpoints this server cannot serve, left in place: name -> why
         self._lock = threading.Lock()
         self.started = time.time()
         self.ready = store is None  # a store-backed manager is ready once restore_all() ran
@@ -311,11 +312,11 @@ class SessionManager:
                     if isinstance(rec, StoreError):
                         raise rec
                     s = self._session_from_record(name, rec, restoring=True)
-                except OtherPolicy as e:
-                    self.other_policy[name] = e.sha256
-                    self.log("warning", "restore_skipped_other_policy", session=name, error=str(e))
-                    self.metrics.inc("restore.other_policy")
-                    skipped.append({"session": name, "policy_sha256": e.sha256})
+                except NotServedHere as e:
+                    self.kept[name] = e.why
+                    self.log("warning", "restore_kept_in_place", session=name, error=str(e))
+                    self.metrics.inc("restore.kept")
+                    skipped.append({"session": name, "why": e.why})
                     continue
                 except StoreError as e:
                     where = self.store.reject(name)
@@ -329,7 +330,7 @@ class SessionManager:
                          experts=s.agent.n_experts, dims=s.dims)
                 restored.append(name)
         self.ready = True
-        return {"restored": restored, "rejected": rejected, "other_policy": skipped}
+        return {"restored": restored, "rejected": rejected, "kept": skipped}
 
     def _session_from_record(self, name: str, rec: Any, restoring: bool = False) -> Session:
         """A session from a record (a checkpoint at start, or ``open`` with a snapshot). Any problem
@@ -355,7 +356,7 @@ class SessionManager:
             got = pol.get("sha256") if isinstance(pol, dict) else None
             msg = f"record was made with policy sha256 {str(got)[:16]}..., this server runs {str(sha)[:16]}..."
             if isinstance(got, str) and len(got) == 64:
-                raise OtherPolicy(msg, got)
+                raise NotServedHere(msg, f"policy sha256 {got[:16]}...")
             raise StoreError(msg)
         # a snapshot opened anew is held to today's limits and leaves 2^62 steps of headroom; a checkpoint this
         # server wrote is restored as it is (it may have been opened at the bounds and stepped since)
@@ -380,9 +381,13 @@ class SessionManager:
         task = rec.get("task", self.policy.task.name)
         from ..tasks import task_names
 
-        if not isinstance(task, str) or task not in task_names():  # a session of 'chess' could never reset
-            raise StoreError(f"record field task must be a registered task ({', '.join(task_names())}), got "
-                             f"{str(task)[:64]!r}")
+        if not isinstance(task, str) or len(task) > 64:
+            raise StoreError("record field task must be a task name")
+        if task not in task_names():  # a session of 'chess' could never reset; a plugin's, with its module loaded, can
+            if restoring:
+                raise NotServedHere(f"record of task {task!r}, which this server's process does not know",
+                                    f"task {task!r}: name its module in BADGER_TASKS")
+            raise StoreError(f"record field task must be a registered task ({', '.join(task_names())}), got {task!r}")
         past = rec.get("past_horizon", False)
         if type(past) is not bool:
             raise StoreError("record field past_horizon must be a bool")
@@ -479,10 +484,10 @@ class SessionManager:
             with self._lock:
                 if name in self.sessions:
                     raise ServeError(E_SESSION_EXISTS, f"session {name!r} exists (open with resume=true to attach)")
-                if name in self.other_policy:
-                    raise ServeError(E_SESSION_EXISTS, f"session {name!r} is a checkpoint of another policy (sha256 "
-                                                       f"{self.other_policy[name][:16]}...) kept in the state dir: "
-                                                       "serve that policy to continue it, or pick another name")
+                if name in self.kept:
+                    raise ServeError(E_SESSION_EXISTS, f"session {name!r} is a checkpoint kept in the state dir for "
+                                                       f"another server ({self.kept[name]}): serve it there, or pick "
+                                                       "another name")
                 if len(self.sessions) >= L.max_sessions:
                     raise ServeError(E_LIMIT, f"the server holds its limit of {L.max_sessions} sessions")
                 self.sessions[name] = s

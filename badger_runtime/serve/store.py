@@ -51,12 +51,14 @@ class StoreError(ValueError):
     """A checkpoint that cannot be read or used (bad magic, version, checksum, contents)."""
 
 
-class OtherPolicy(StoreError):
-    """An intact record made with another policy (a restart with the wrong ``--policy`` must not lose it)."""
+class NotServedHere(StoreError):
+    """An intact record this server cannot serve: another policy's, or a task its process does not know (a plugin's
+    module not named in BADGER_TASKS). A restart with the wrong ``--policy`` or environment must not lose it:
+    ``why`` says which."""
 
-    def __init__(self, message: str, sha256: str):
+    def __init__(self, message: str, why: str):
         super().__init__(message)
-        self.sha256 = sha256
+        self.why = why
 
 
 # What a served agent can hold, so that the store accepts every record the server writes and refuses

@@ -29,12 +29,11 @@ def _version(pkg: str) -> str | None:
 
 
 def trained_horizon(cfg) -> int:
-    """The longest episode the outer loop ran: train.horizon's upper end where it is set (task.steps is then
-    unused), else the task's steps or a curriculum stage's own (the card said max(task.steps, horizon), longer
-    than training went where the horizon was the shorter)."""
-    if cfg.train.horizon[1]:
-        return int(cfg.train.horizon[1])
-    return max([int(cfg.task.steps)] + [int(st.settings["steps"]) for st in cfg.train.stages if "steps" in st.settings])
+    """The card's horizon: the longest episode of the outer loop, train.horizon's upper end or the task's steps or a
+    curriculum stage's own, and at least task.steps (the card's evaluations run them; a new run whose horizon is
+    shorter is refused, ``ExperimentConfig.check_new_run``)."""
+    stages = [int(st.settings["steps"]) for st in cfg.train.stages if "steps" in st.settings]
+    return max([int(cfg.task.steps), int(cfg.train.horizon[1])] + ([] if cfg.train.horizon[1] else stages))
 
 
 def export(checkpoint: str | Path, out: str | Path, *, name: str | None = None, extra: dict | None = None) -> dict:

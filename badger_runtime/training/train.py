@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from .model import ExpertPolicy, torch_ops
 
 CHECKPOINT_FORMAT = "badger-checkpoint/1"
 MAX_AGE = 5000  # continued agents (train.continue_prob) are reset past this many inner steps
+MAX_CARRY_BYTES = 64 << 20  # the carried agents' episode is checkpointed up to this size (resume bit for bit)
 
 
 def objective_weights(kind: str, steps: int) -> torch.Tensor:
@@ -251,7 +253,9 @@ def _drop_rows_after(metrics_path: Path, batch):
             at = None
         if not isinstance(at, int) or at <= batch:
             kept.append(line)
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, metrics_path)
 
 
 # Settings whose default is not what a run did before the setting existed: a checkpoint of the outer loop
@@ -380,7 +384,7 @@ def trainable_parameters(policy: ExpertPolicy, names: list[str]) -> list[torch.n
 def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
           final_eval: bool = True, log=print) -> dict:
     """Train; writes ``out_dir/{checkpoint.pt, metrics.jsonl, config.json, summary.json}``."""
-    cfg.validate()
+    cfg.validate().check_new_run()
     if not task_class(cfg.task.name).differentiable:  # (backward() failed on a loss without a gradient)
         raise ConfigError(f"task {cfg.task.name!r} has no differentiable loss (the agent acts in an environment, a "
                           "black box to back-propagation): train it with --outer es")
@@ -422,11 +426,20 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
         with checkpoint_entry(ck_path, "carry"):
             carry = _carry_from(ck["carry"], policy, cfg, ops, rng)
 
+    said_carry = []
+
     def save(batch):
+        kept = _carry_record(carry)
+        if kept is not None and len(pickle.dumps(kept["ep"], protocol=pickle.HIGHEST_PROTOCOL)) > MAX_CARRY_BYTES:
+            if not said_carry:  # (a long-lived agent's episode grows with its life: MAX_AGE steps of targets)
+                log(f"the carried agents' episode is over {MAX_CARRY_BYTES >> 20} MiB: not checkpointed, so a resume "
+                    "starts fresh agents where this run continues them")
+                said_carry.append(True)
+            kept = None
         _atomic_save({"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "model": policy.state_dict(),
                       "optimizer": opt.state_dict(), "rng": rng.bit_generator.state,
                       "torch_rng": torch.get_rng_state(), "batch": batch, "wall_seconds": wall,
-                      "guard_smoothed": dict(smoothed or {}), "carry": _carry_record(carry)}, ck_path)
+                      "guard_smoothed": dict(smoothed or {}), "carry": kept}, ck_path)
 
     bar = None
     if progress:
@@ -481,7 +494,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
                 guard = sum(max(v, 0.0) for v in smoothed.values())
             n = agent.n_experts
             carry = ({"task": task_cfg, "ep": ep, "agent": agent, "prev": prev, "t": ep_start + steps, "d": d,
-                      "rounds": rounds} if cfg.train.continue_prob else None)
+                      "rounds": rounds} if cfg.train.continue_prob else None)  # (guard_weight refuses continue_prob)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
             if not math.isfinite(float(gnorm)):
                 log(f"batch {b}: non-finite gradient, step skipped")
