@@ -22,6 +22,9 @@ MAX_POLICY_WIDTH = 4096  # the largest policy.* size (hidden, message, key, addr
 CLONE_DRAWS = ("batch", "episode")  # train.clone_draw
 
 
+
+MAX_SEED = 2**63 - 1  # the largest seed anywhere (an int64: numpy's generators, msgpack, the server)
+
 class ConfigError(ValueError):
     """A setting that cannot be used, with the reason."""
 
@@ -273,7 +276,7 @@ class TrainConfig:
     eval_episodes: int = 500  # the final evaluation's episodes (0: none)
 
     def validate(self):
-        if not 0 <= self.seed < 2**63:
+        if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"train.seed must be in [0, 2^63), got {self.seed}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")

@@ -25,7 +25,7 @@ import operator
 
 import numpy as np
 
-from .config import AgentConfig, ConfigError, TaskConfig
+from .config import MAX_SEED, AgentConfig, ConfigError, TaskConfig
 from .membrane import KIND_FEEDBACK, KIND_OBSERVATION, Interface, Visibility, normal_seats
 from .rollout import (AgentState, StepInfo, Wiring, agent_step, clone_sources, episodes_per_copy, grow, initial_state,
                       rebalance, repeated, sample_wiring, shrink)
@@ -262,7 +262,7 @@ class Agent:
     def reset(self, batch: int, experts: int, dims: int, seed: int, *, task: TaskConfig | None = None) -> "Agent":
         """Fresh agents on fresh episodes of ``task`` (default: the policy's own task), seeded:
         the interface from the task stream of ``seed``, the wiring from its agent stream."""
-        batch, dims, seed = int_arg(batch, "batch", 1), int_arg(dims, "dims", 1), int_arg(seed, "seed", 0, 2**63 - 1)
+        batch, dims, seed = int_arg(batch, "batch", 1), int_arg(dims, "dims", 1), int_arg(seed, "seed", 0, MAX_SEED)
         experts = int_arg(experts, "experts", 1, MAX_EXPERTS)
         interface = draw_interface(self.policy, task, batch, experts, dims, seed)
         rng = np.random.default_rng([seed, 1])
@@ -422,7 +422,7 @@ class Agent:
                             ("out_addr", out_addr)):
                 if a is not None and not np.isfinite(a).all():
                     raise InputError(f"snapshot {name} contains NaN or inf")
-            t, seed = int_arg(snap["t"], "snapshot t", 0), int_arg(snap["seed"], "snapshot seed", 0, 2**63 - 1)
+            t, seed = int_arg(snap["t"], "snapshot t", 0), int_arg(snap["seed"], "snapshot seed", 0, MAX_SEED)
             route = snap.get("route_mask")
             if snap.get("route_neighbors") is not None:
                 idx = np.asarray(snap["route_neighbors"])

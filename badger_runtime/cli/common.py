@@ -9,10 +9,8 @@ import argparse
 import dataclasses
 import json
 
-from ..config import AgentConfig, ConfigError, TaskConfig
+from ..config import MAX_SEED, AgentConfig, ConfigError, TaskConfig
 from ..engine import MAX_ROUNDS  # one bound for the library, the CLI and the server
-
-MAX_SEED = 2**63 - 1
 
 
 def int_in(lo: int, hi: int | None = None, what: str = "a value"):

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config import ConfigError
+from ..config import MAX_SEED, ConfigError
 from ..engine import MAX_ROUNDS, Agent, GrowthError, HorizonError, InputError
 from ..membrane import seat_array, seats_after_removal
 from .protocol import reply_error, reply_ok, some_names
@@ -50,7 +50,6 @@ E_GROWTH = "growth"  # fresh experts (or clones) for a policy whose card says th
 E_FORBIDDEN = "forbidden"  # the session belongs to another client (its secret is missing or wrong)
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-MAX_SEED = (1 << 63) - 1
 
 
 class ServeError(Exception):

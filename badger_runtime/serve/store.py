@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..codec import CodecError, packb, unpackb
+from ..config import MAX_SEED
 from ..engine import MAX_ABS_INPUT, Agent
 
 MAGIC = b"BADGERSS"
@@ -152,7 +153,7 @@ def restore_agent(policy, rec: Any, *, max_experts: int = 1 << 20, max_dims: int
     visibility = _visibility(rec.get("visibility"), slots)
     A = spec.addr_dim
     t, seed = rec.get("t"), rec.get("seed")
-    if type(t) is not int or not 0 <= t < max_count or type(seed) is not int or not 0 <= seed < 2**63:
+    if type(t) is not int or not 0 <= t < max_count or type(seed) is not int or not 0 <= seed <= MAX_SEED:
         raise StoreError(f"agent.t and agent.seed must be non-negative ints (below {max_count:,} / 2^63)")
     snap = {
         "t": t, "seed": seed,
