@@ -270,6 +270,44 @@ def test_restart_intensity_escalates_to_removal(pol):
     assert 0 not in a.live_ids() and np.isfinite(g).all()
 
 
+@pytest.mark.parametrize("rule", ["restart", "remove"])
+def test_a_failed_policy_call_is_retried_not_blamed_on_the_experts(pol, rule):
+    """A transient failure of the round's shared policy call: every expert waiting on it restarts and the step
+    completes as if nothing happened (under 'remove' the waiting experts were removed, down to one); a persistent
+    failure escalates out of the agent instead of emptying it."""
+    agent = cfg_with(pol, "dense", rounds=2)
+    ep, w = one_episode(pol, agent, n=4, steps=4)
+    ref = reference(pol, agent, ep, w, 4)
+    real, failures = pol.step, []
+
+    def flaky(*args):
+        if len(failures) < 1 and args[0].shape[0] > 1:  # the first micro-batched call fails once
+            failures.append(1)
+            raise RuntimeError("onnxruntime: a transient failure")
+        return real(*args)
+
+    async def hook(a, t, nursery):
+        if t == 1:
+            a.batcher.policy = type("Flaky", (), {"step": staticmethod(flaky)})()
+
+    g, a = drive(pol, agent, ep, w, 4, hook, supervision=Supervision(rule))
+    assert failures and a.n_experts == 4 and a.counters.removed_on_crash == 0
+    assert np.abs(g - ref).max() <= 1e-5
+
+    def broken(*args):
+        raise RuntimeError("onnxruntime: the session is gone")
+
+    async def hook2(a, t, nursery):
+        if t == 1:
+            a.batcher.policy = type("Broken", (), {"step": staticmethod(broken)})()
+
+    from badger_runtime.actors.batcher import PolicyCallError
+
+    with pytest.raises(BaseExceptionGroup) as info:  # (the agent's nursery: the escalated error, and the step it ended)
+        drive(pol, agent, ep, w, 4, hook2, supervision=Supervision(rule))
+    assert info.value.subgroup(PolicyCallError) is not None, info.value
+
+
 # -- growing and shrinking while the agent runs ------------------------------------------------
 @pytest.mark.parametrize("kind,extra", ROUTINGS, ids=[k + ("-C" if "candidates" in e else "") for k, e in ROUTINGS])
 def test_add_and_remove_from_another_task_mid_step(pol, kind, extra):

@@ -22,6 +22,11 @@ import numpy as np
 import trio
 
 
+class PolicyCallError(RuntimeError):
+    """The policy call failed (onnxruntime raised): a failure every expert waiting on the call shares, not one of
+    them (``supervisor.Supervision.decide``'s ``shared``); the original error is its ``__cause__``."""
+
+
 @dataclass
 class _Request:
     h: np.ndarray
@@ -49,7 +54,10 @@ class PolicyBatcher:
             await trio.lowlevel.checkpoint()
             self.calls += 1
             self.rows += 1
-            h2, hd = self.policy.step(h[None], inbox[None], sensed[None])
+            try:
+                h2, hd = self.policy.step(h[None], inbox[None], sensed[None])
+            except Exception as e:
+                raise PolicyCallError(f"the policy call failed: {type(e).__name__}: {str(e)[:200]}") from e
             return h2[0], hd[0]
         if eid in self._pending:
             raise RuntimeError(f"expert {eid} already has a policy request in this round")
@@ -83,8 +91,10 @@ class PolicyBatcher:
             h2, hd = self.policy.step(np.stack([r.h for r in reqs]), np.stack([r.inbox for r in reqs]),
                                       np.stack([r.sensed for r in reqs]))
         except Exception as e:  # every waiter gets the error; its supervisor decides
+            err = PolicyCallError(f"the policy call of {len(reqs)} experts failed: {type(e).__name__}: {str(e)[:200]}")
+            err.__cause__ = e
             for r in reqs:
-                r.error = e
+                r.error = err
                 r.done.set()
             return
         for i, r in enumerate(reqs):

@@ -77,7 +77,7 @@ from ..engine import InputError, check_add, check_horizon, check_rounds, check_v
 from ..membrane import Interface, normal_seats, seat_array
 from ..rollout import StepInfo, Wiring, clone_candidates, fresh_state, initial_state, rebalance_plan
 from ..xp import NumpyOps
-from .batcher import PolicyBatcher
+from .batcher import PolicyBatcher, PolicyCallError
 from .lifecycle import AgentClosed, Lifecycle
 from .supervisor import Supervision
 from .transport import MEMBRANE, Counters, Envelope, Fault, Frame, Lost
@@ -450,7 +450,8 @@ class ActorAgent(Lifecycle):
                     self.counters.crashes += 1
                     self.events.append(("crash", eid, repr(exc)))
                     log.warning("expert %d crashed at step %d round %d: %r", eid, rec.core.t, rec.core.r, exc)
-                    action = self.supervision.decide(rec.restarts, alone=len(self._records) == 1)
+                    action = self.supervision.decide(rec.restarts, alone=len(self._records) == 1,
+                                                     shared=isinstance(exc, PolicyCallError))
                     if action == "escalate":
                         raise
                     if action == "restart":
