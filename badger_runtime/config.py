@@ -20,10 +20,8 @@ OBJECTIVES = ("last", "mean", "weighted")
 GROW_INITS = ("mixed", "fresh", "clone")  # train.grow_init
 MAX_POLICY_WIDTH = 4096  # the largest policy.* size (hidden, message, key, address widths, heads)
 CLONE_DRAWS = ("batch", "episode")  # train.clone_draw
-
-
-
 MAX_SEED = 2**63 - 1  # the largest seed anywhere (an int64: numpy's generators, msgpack, the server)
+
 
 class ConfigError(ValueError):
     """A setting that cannot be used, with the reason."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 _EXPORTS = {
     "ActorAgent": "runtime", "Counters": "runtime", "Supervision": "runtime",
-    "StepTimeout": "runtime", "ExpertCrash": "runtime", "MEMBRANE": "runtime", "AgentClosed": "lifecycle",
+    "StepTimeout": "lifecycle", "ExpertCrash": "runtime", "MEMBRANE": "runtime", "AgentClosed": "lifecycle",
     "ExpertCore": "expert", "Directory": "directory", "PolicyBatcher": "batcher", "ShardedAgent": "sharded",
     "actor_batch": "episodes", "sharded_batch": "episodes",
 }

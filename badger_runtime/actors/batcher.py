@@ -26,6 +26,13 @@ class PolicyCallError(RuntimeError):
     """The policy call failed (onnxruntime raised): a failure every expert waiting on the call shares, not one of
     them (``supervisor.Supervision.decide``'s ``shared``); the original error is its ``__cause__``."""
 
+    @classmethod
+    def of(cls, e: Exception, experts: int) -> "PolicyCallError":
+        err = cls(f"the policy call of {experts} expert{'s' * (experts != 1)} failed: {type(e).__name__}: "
+                  f"{str(e)[:200]}")
+        err.__cause__ = e
+        return err
+
 
 @dataclass
 class _Request:
@@ -57,7 +64,7 @@ class PolicyBatcher:
             try:
                 h2, hd = self.policy.step(h[None], inbox[None], sensed[None])
             except Exception as e:
-                raise PolicyCallError(f"the policy call failed: {type(e).__name__}: {str(e)[:200]}") from e
+                raise PolicyCallError.of(e, 1) from e
             return h2[0], hd[0]
         if eid in self._pending:
             raise RuntimeError(f"expert {eid} already has a policy request in this round")
@@ -91,8 +98,7 @@ class PolicyBatcher:
             h2, hd = self.policy.step(np.stack([r.h for r in reqs]), np.stack([r.inbox for r in reqs]),
                                       np.stack([r.sensed for r in reqs]))
         except Exception as e:  # every waiter gets the error; its supervisor decides
-            err = PolicyCallError(f"the policy call of {len(reqs)} experts failed: {type(e).__name__}: {str(e)[:200]}")
-            err.__cause__ = e
+            err = PolicyCallError.of(e, len(reqs))
             for r in reqs:
                 r.error = err
                 r.done.set()

@@ -18,6 +18,11 @@ class AgentClosed(RuntimeError):
     """The agent was closed while a step waited for its experts."""
 
 
+class StepTimeout(RuntimeError):
+    """An inner step did not finish in ``step_timeout`` seconds (both runtimes): a runtime bug (the text says who
+    waits for whom). The agent is then mid-step: close it."""
+
+
 class Lifecycle:
     """``async with agent.running():`` the agent's tasks live inside the block (a nursery owns
     them); ``close()`` ends them. The class provides ``run(task_status=...)``, ``_closed``,

@@ -78,7 +78,7 @@ from ..membrane import Interface, normal_seats, seat_array
 from ..rollout import StepInfo, Wiring, clone_candidates, fresh_state, initial_state, rebalance_plan
 from ..xp import NumpyOps
 from .batcher import PolicyBatcher, PolicyCallError
-from .lifecycle import AgentClosed, Lifecycle
+from .lifecycle import AgentClosed, Lifecycle, StepTimeout
 from .supervisor import Supervision
 from .transport import MEMBRANE, Counters, Envelope, Fault, Frame, Lost
 from .directory import Directory
@@ -93,11 +93,6 @@ OPS = NumpyOps()
 
 class ExpertCrash(RuntimeError):
     """Raised inside an expert by ``ActorAgent.crash`` (fault injection)."""
-
-
-class StepTimeout(RuntimeError):
-    """An inner step did not finish in ``step_timeout`` seconds: a runtime bug (the text says who
-    waits for whom). The agent is then mid-step: close it."""
 
 
 @dataclass

@@ -63,7 +63,7 @@ from ..membrane import Interface
 from ..rollout import AgentState, StepInfo, Wiring, clone_sources, grow, initial_state, rebalance, shrink
 from ..xp import NumpyOps
 from .batcher import DEFAULT_POLICY_CHUNK, RowBatcher
-from .lifecycle import AgentClosed, Lifecycle
+from .lifecycle import AgentClosed, Lifecycle, StepTimeout
 from .messages import Message, MessageError, encode
 from .shard import DEFAULT_TILE, ShardCore, ShardCounters
 from .transport import MEMBRANE, Frame
@@ -435,9 +435,7 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
         try:
             with self._one_step(), scope:
                 return await self._step(vals, R)
-        except trio.TooSlowError:  # as ActorAgent says it
-            from .runtime import StepTimeout
-
+        except trio.TooSlowError:
             raise StepTimeout(f"step {self.t} did not finish in {self.step_timeout}s") from None
 
     async def _step(self, vals: np.ndarray, R: int):

@@ -303,7 +303,6 @@ def train_es(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False
         log(f"ES scores whole episodes by the task's loss and steps by train.es: {', '.join(ignored)} "
             "(BPTT's only) left out")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ck_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     policy = initial_policy(cfg)  # the BPTT trainer's starting point: same seed, train.init or train.init_from
     theta = flatten(policy.state_dict())

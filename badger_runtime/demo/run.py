@@ -39,7 +39,10 @@ from ..engine import numpy_ops
 from ..episodes import schedule
 from ..evaluation import run_episodes
 from ..policy_card import OnnxPolicy, PolicyError, load_policy, resolve_policy
+from ..config import ConfigError
 from ..tasks import baselines as bl
+from ..tasks import make_task, task_class
+from ..tasks.guessing import GuessingTask
 from . import (DEFAULT_DIMS_POLICY, DEFAULT_FEWSHOT_POLICY, DEFAULT_GROW_POLICY, DEFAULT_ONE_EXPERT_POLICY,
                DEFAULT_POLICY, DEMOS, figures)
 
@@ -84,8 +87,6 @@ def _load(path: str | Path) -> OnnxPolicy:
 def _default_experts(task) -> int:
     """The paper's N = 20 where the policy was trained with it, else the nearest trained N (``Task.default_experts``,
     what `badger eval` runs)."""
-    from ..tasks import make_task
-
     return make_task(task).default_experts()
 
 
@@ -117,10 +118,6 @@ def _run_guessing(policy: OnnxPolicy, task, *, dims: int, experts: int, episodes
     engine (numpy + onnxruntime, one call per round for every expert of every episode), ~20x
     faster. Both are ``evaluation.run_episodes``: the same episodes and wiring from the seed,
     the same errors (to float rounding)."""
-    from ..config import ConfigError
-    from ..tasks import task_class
-    from ..tasks.guessing import GuessingTask
-
     if not issubclass(task_class(task.name), GuessingTask):  # (an AttributeError deep in the demo, before)
         raise ConfigError(f"badger demo draws the paper's guessing-game figures: {policy.name} is a {task.name!r} "
                           f"policy; evaluate it with `badger eval --policy {policy.path}` (`badger demo fewshot` "

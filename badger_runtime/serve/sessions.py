@@ -31,9 +31,8 @@ from ..config import MAX_SEED, ConfigError
 from ..engine import MAX_ROUNDS, Agent, GrowthError, HorizonError, InputError
 from ..membrane import seat_array, seats_after_removal
 from .protocol import reply_error, reply_ok, some_names
-from .store import (FORMAT, FORMAT_VERSION, MAX_COUNT, READABLE_VERSIONS, NotServedHere, SessionStore,
-                    StoreError,
-                    agent_record, restore_agent)
+from .store import (FORMAT, FORMAT_VERSION, MAX_COUNT, READABLE_VERSIONS, STEP_FIELDS, NotServedHere, SessionStore,
+                    StoreError, agent_record, restore_agent)
 from .telemetry import Metrics, no_log
 
 # error codes (besides protocol's bad_frame / bad_request / unknown_kind)
@@ -522,7 +521,7 @@ class SessionManager:
             a = s.agent
             parts = s.parts
             pointer = self._pointer(s)  # e.g. the bandit's "arm"
-            _check_keys(body, set(parts) | {"slots", "t", "episode", "secret"} | ({pointer} if pointer else set()))
+            _check_keys(body, set(parts) | STEP_FIELDS | ({pointer} if pointer else set()))
             if "t" in body and _int(body, "t", code=E_BAD_REQUEST) != a.t:
                 raise ServeError(E_WRONG_STEP, f"session {s.name!r} is at step t={a.t} of episode {s.episode}; "
                                                f"this request is for t={body['t']}")

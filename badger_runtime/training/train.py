@@ -34,7 +34,7 @@ from .model import ExpertPolicy, torch_ops
 
 CHECKPOINT_FORMAT = "badger-checkpoint/1"
 MAX_AGE = 5000  # continued agents (train.continue_prob) are reset past this many inner steps
-MAX_CARRY_BYTES = 64 << 20  # the carried agents' episode is checkpointed up to this size (resume bit for bit)
+MAX_CARRY_BYTES = 64 << 20  # the carried agents are checkpointed up to this size, pickled (resume bit for bit)
 
 
 def objective_weights(kind: str, steps: int) -> torch.Tensor:
@@ -70,19 +70,20 @@ def guard_loss(losses: torch.Tensor, reference: torch.Tensor, groups: np.ndarray
     return total
 
 
-def _carry_record(carry: dict | None) -> dict | None:
-    """What the agents a run keeps alive between batches (``train.continue_prob``) need to go on after a resume:
-    without it a resumed run started fresh agents where the uninterrupted one continued, and every later draw
-    of the generator shifted (the two runs parted)."""
+def _carry_record(carry: dict | None) -> bytes | None:
+    """What the agents a run keeps alive between batches (``train.continue_prob``) need to go on after a resume,
+    pickled once (its length is the size the checkpoint limits): without it a resumed run started fresh agents
+    where the uninterrupted one continued, and every later draw of the generator shifted (the two runs parted)."""
     if carry is None:
         return None
     a = carry["agent"]
-    return {**{k: carry[k] for k in ("task", "ep", "t", "d", "rounds")}, "prev": carry["prev"].detach(),
-            "interface": a.interface, "wiring": a.wiring, "agent_t": a.t, "h": a.state.h.detach(),
-            "heads": a.state.heads.detach()}
+    return pickle.dumps({**{k: carry[k] for k in ("task", "ep", "t", "d", "rounds")}, "prev": carry["prev"].detach(),
+                         "interface": a.interface, "wiring": a.wiring, "agent_t": a.t, "h": a.state.h.detach(),
+                         "heads": a.state.heads.detach()}, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _carry_from(rec: dict, policy, cfg: ExperimentConfig, ops, rng) -> dict:
+def _carry_from(blob: bytes, policy, cfg: ExperimentConfig, ops, rng) -> dict:
+    rec = pickle.loads(blob)
     agent = Agent(policy, cfg.agent, ops=ops, check_inputs=False).start(
         rec["interface"], rec["wiring"], state=AgentState(rec["h"], rec["heads"]), rng=rng, t=rec["agent_t"])
     agent.vote_loss = bool(cfg.train.vote_weight)
@@ -221,7 +222,11 @@ def open_run(out: Path, cfg: ExperimentConfig, *, resume: bool, outer: str,
              ignore: tuple[str, ...] = (), log=print) -> dict | None:
     """A run folder, for either outer loop: the checkpoint to resume from (checked against ``cfg``
     by ``check_resumable``), or None for a fresh run (whose old metrics are removed); writes
-    config.json. A folder that holds a run is not overwritten without ``resume``."""
+    config.json (making the folder). A folder that holds a run is not overwritten without ``resume``."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot make the run folder {out}: {e.strerror or e}") from None
     ck_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     ck = None
     if not resume and ck_path.exists():
@@ -389,10 +394,6 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
         raise ConfigError(f"task {cfg.task.name!r} has no differentiable loss (the agent acts in an environment, a "
                           "black box to back-propagation): train it with --outer es")
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot make the run folder {out}: {e.strerror or e}") from None
     ck_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     torch.set_num_threads(cfg.train.threads)
     random.seed(cfg.train.seed)
@@ -430,10 +431,10 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, p
 
     def save(batch):
         kept = _carry_record(carry)
-        if kept is not None and len(pickle.dumps(kept["ep"], protocol=pickle.HIGHEST_PROTOCOL)) > MAX_CARRY_BYTES:
+        if kept is not None and len(kept) > MAX_CARRY_BYTES:
             if not said_carry:  # (a long-lived agent's episode grows with its life: MAX_AGE steps of targets)
-                log(f"the carried agents' episode is over {MAX_CARRY_BYTES >> 20} MiB: not checkpointed, so a resume "
-                    "starts fresh agents where this run continues them")
+                log(f"the carried agents (their episode included) are over {MAX_CARRY_BYTES >> 20} MiB: not "
+                    "checkpointed, so a resume starts fresh agents where this run continues them")
                 said_carry.append(True)
             kept = None
         _atomic_save({"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "model": policy.state_dict(),
