@@ -60,26 +60,45 @@ def shipped_dir() -> Path | None:
     return None
 
 
-def shipped_policies() -> list[str]:
-    """Names of the shipped policies (``badger eval --policy NAME`` finds them from any folder)."""
+#: the subfolder of the shipped folder that holds the retired policies: superseded ones that break a product
+#: rule (fresh experts hurt them), kept for the results they made (docs/policies.md, "Retired policies")
+RETIRED = "retired"
+
+
+def retired_dir() -> Path | None:
+    """The folder of the retired policies (``policies/retired/``), or None if it is not there."""
     d = shipped_dir()
+    return d / RETIRED if d is not None and (d / RETIRED).is_dir() else None
+
+
+def shipped_policies(retired: bool = False) -> list[str]:
+    """Names of the shipped policies (``badger eval --policy NAME`` finds them from any folder); with
+    ``retired``, the names of the retired ones instead (found by name too, never listed as shipped)."""
+    d = retired_dir() if retired else shipped_dir()
     return sorted(p.stem for p in d.glob("*.onnx")) if d else []
+
+
+def is_retired(path: str | Path) -> bool:
+    """Whether a policy file is one of the retired policies (it lies in ``retired_dir()``)."""
+    r = retired_dir()
+    return r is not None and Path(path).resolve().parent == r.resolve()
 
 
 def resolve_policy(path: str | Path) -> Path:
     """A policy file from a path (``policies/NAME.onnx``, ``NAME.json``) or a shipped policy's name
-    (``dimensions-v2``). A path that exists wins; then a shipped policy of that name (or file name)."""
+    (``dimensions-v6``). A path that exists wins; then a shipped policy of that name (or file name); then a
+    retired one (``policies/retired/``), so the commands that made their results still run."""
     if not isinstance(path, (str, Path)) or not str(path):
         raise PolicyError(f"a policy is a path or a shipped policy's name (`badger policies`), got {str(path)[:40]!r}")
     p = Path(path)
     onnx = p if p.suffix == ".onnx" else (p.with_suffix(".onnx") if p.suffix == ".json" else Path(f"{p}.onnx"))
     if onnx.is_file():
         return onnx
-    d = shipped_dir()
-    if d is not None and (d / onnx.name).is_file():
-        return d / onnx.name
+    for d in (shipped_dir(), retired_dir()):
+        if d is not None and (d / onnx.name).is_file():
+            return d / onnx.name
     names = shipped_policies()
-    close = difflib.get_close_matches(onnx.stem, names, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(onnx.stem, names + shipped_policies(retired=True), n=3, cutoff=0.6)
     if close:
         raise PolicyError(f"policy file not found: {onnx}; did you mean {' or '.join(close)}? "
                           "(`badger policies` lists the shipped ones)")
@@ -139,6 +158,16 @@ class OnnxPolicy:
         "clone_why", "clone_instead" alike} from the card: what adding fresh experts (clones) to a running
         agent was measured to do. A card without one says nothing (nothing is refused; ``engine.check_growth``)."""
         return self.card.get("growth") or {}
+
+    @property
+    def retired(self) -> str | None:
+        """None for a policy that is not retired; for a retired one (``policies/retired/``), the note the
+        commands print: why, and what to use instead (its card's growth advice)."""
+        if not is_retired(self.path):
+            return None
+        instead = self.growth.get("instead")
+        return (f"{self.name} is retired: fresh experts hurt it, which breaks a product rule; it is kept in "
+                f"policies/retired/ for the results it made" + (f". Instead: {instead}" if instead else ""))
 
 
 def _check_graph(session, spec: PolicySpec, path: Path):

@@ -30,7 +30,7 @@ from badger_runtime.episodes import schedule
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import load_policy
 
-DEFAULT_POLICIES = ("policies/dimensions-v1.onnx", "policies/guessing-one-expert-v1.onnx")
+DEFAULT_POLICIES = ("policies/retired/dimensions-v1.onnx", "policies/retired/guessing-one-expert-v1.onnx")  # clones
 
 
 def run_arm(pol, agent_cfg, task, *, dims, experts, episodes, seed, steps, add_at=None, add_n=0, init="clone",
@@ -64,8 +64,9 @@ def plot(path: Path, curves: dict, add_at: int, title: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--policy", default=None, help="default: policies/dimensions-v1.onnx (trained over a range "
-                                                   "of N) if present, else policies/guessing-one-expert-v1.onnx")
+    p.add_argument("--policy", default=None, help="default: policies/retired/dimensions-v1.onnx (trained over a "
+                                                   "range of N; it adds clones, harmless to it) if present, else "
+                                                   "policies/retired/guessing-one-expert-v1.onnx")
     p.add_argument("--out", required=True, help="folder for growing.png and growing.json")
     p.add_argument("--experts", type=int, default=None, help="N0 (default: the trained N, or 5)")
     p.add_argument("--add", type=int, default=None, help="K experts to add (default: N0)")

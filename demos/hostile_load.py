@@ -24,7 +24,7 @@ connections do not (the issue's attacker): their frames over 64 KiB are refused 
 Reports client-side p50/p99 of steps and probes (ms), probe failures, and the server's RSS
 (VmRSS sampled every 0.25 s: max; VmHWM at the end), plus the server's refusal counters.
 
-    python demos/hostile_load.py --policy policies/guessing-converge-v1.onnx --hostile 1024 --seconds 15
+    python demos/hostile_load.py --policy policies/guessing-converge-v2.onnx --hostile 1024 --seconds 15
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ async def measure(address: str, client: AsyncClient, session: str, seconds: floa
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", default=str(ROOT / "policies" / "guessing-converge-v1.onnx"))
+    p.add_argument("--policy", default=str(ROOT / "policies" / "guessing-converge-v2.onnx"))
     p.add_argument("--hostile", type=int, default=1024, help="hostile connections in all")
     p.add_argument("--mix", default="idle=0.4,slow=0.25,nonreading=0.15,bigframe=0.15,bomb=0.05",
                    help="fractions of the hostile connections per kind")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Load test for `badger serve` (the module lives in the package: badger_runtime/serve/load.py).
 
-    python demos/load.py --policy guessing-converge-v1 --clients 4 --steps 500 --experts 32 --dims 3 --rounds 4
+    python demos/load.py --policy guessing-converge-v2 --clients 4 --steps 500 --experts 32 --dims 3 --rounds 4
 """
 
 from badger_runtime.serve.load import main

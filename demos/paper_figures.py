@@ -7,8 +7,10 @@
 Runs every sub-demo of `badger demo` (main, guessing = Fig. 6 + 9, communication = Fig. 8,
 dimensions = Fig. 7, growing) at full size and higher resolution, and prints one JSON object:
 {"seed", "episodes", "out", "demos": {name: {policy, runtime, figures, numbers, seconds}}}.
-Fig. 7 needs policies/dimensions-v1.onnx and the growing curve policies/dimensions-v2.onnx; without
-them Fig. 7 is skipped (reported under "skipped") and growing uses the Fig. 9 policy. torch is never imported.
+The policies are `badger demo`'s defaults (Fig. 6 / 8: guessing-one-expert-v2, Fig. 7: dimensions-v6, Fig. 9:
+guessing-converge-v2, growing: scale-v2; docs/figures/ was made before session 44 with the v1 policies, now in
+policies/retired/). Without the Fig. 7 policy Fig. 7 is skipped (reported under "skipped"). torch is never
+imported.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="write the new numbers into the cards")
     args = ap.parse_args(argv)
     verdicts = 0
-    for name in args.policy or shipped_policies():
+    for name in args.policy or shipped_policies() + shipped_policies(retired=True):  # the retired cards' verdicts too
         verdicts += sum("VERDICT" in c for c in refresh(name, args.write))
     return 1 if verdicts else 0
 

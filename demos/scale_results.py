@@ -50,8 +50,9 @@ def shipped_settings(other: list):
     """Each shipped policy measured by an error (the guessing and scale tasks; the others' names go to
     ``other``: a bandit's regret, a classifier's accuracy are measured elsewhere), with the setting
     its rows use (``growth.growth_setting``): (name, policy, task, d = the trained max, N = the trained
-    min (>= 2 unless fixed), steps within its horizon, the mid-episode step of a change)."""
-    for name in shipped_policies():
+    min (>= 2 unless fixed), steps within its horizon, the mid-episode step of a change). The retired policies
+    (policies/retired/) keep their rows: the table is where their verdicts were measured."""
+    for name in sorted(shipped_policies() + shipped_policies(retired=True)):
         sp = load_policy(name)
         g = growth_setting(sp)
         if g is None:

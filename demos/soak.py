@@ -33,7 +33,7 @@ bounds the whole run (the phases stop early, ``"stopped_early": true``).
 
     python demos/soak.py --plot docs/figures/soak.png --markdown
 
-(defaults: policies/guessing-nonstationary-v1.onnx, 1 x 100,000 steps then 4 x 25,000.)
+(defaults: policies/guessing-nonstationary-v2.onnx, 1 x 100,000 steps then 4 x 25,000.)
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from badger_runtime.serve.load import start_server
 from badger_runtime.serve.client import AsyncClient
 from badger_runtime.serve.protocol import encode_frame
 
-DEFAULT_POLICY = "policies/guessing-nonstationary-v1.onnx"
+DEFAULT_POLICY = "policies/guessing-nonstationary-v2.onnx"
 CHECKPOINT_EVERY = 100
 JUMP_EVERY = (20, 60)
 WARMUP_FRACTION = 0.10

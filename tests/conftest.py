@@ -31,6 +31,23 @@ def _own_secrets_file(tmp_path_factory):
         os.environ["BADGER_SECRETS_FILE"] = old
 
 
+def every_policy() -> list[str]:
+    """The names of every policy the repository carries: the shipped ones and the retired ones (policies/retired/:
+    they still load by name, and the numbers their cards and docs/results.md quote still stand)."""
+    from badger_runtime.policy_card import shipped_policies
+
+    return shipped_policies() + shipped_policies(retired=True)
+
+
+def card_of(name: str) -> dict:
+    """A shipped or retired policy's card, by name."""
+    import json
+
+    from badger_runtime.policy_card import card_paths, resolve_policy
+
+    return json.loads(card_paths(resolve_policy(name))[1].read_text())
+
+
 def run_without_torch(code: str, tmp_path, timeout: int = 120) -> subprocess.CompletedProcess:
     """Run ``code`` (dedented) in a fresh interpreter where ``import torch`` fails; asserts it exits 0."""
     blocker = tmp_path / "blocker"

@@ -59,7 +59,7 @@ def test_malformed_cards_whose_hash_matches_are_refused(tmp_path, capsys, change
     """The card is JSON the hash does not cover: whatever is in it, loading says what is wrong."""
     from badger_runtime.policy_card import shipped_dir
 
-    src = shipped_dir() / "guessing-converge-v1"
+    src = shipped_dir() / "guessing-converge-v2"
     shutil.copy(src.with_suffix(".onnx"), tmp_path / "p.onnx")
     card = json.loads(src.with_suffix(".json").read_text())
     if change == "initial_state_strings":

@@ -275,25 +275,20 @@ def test_tutorial_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "policies" / "my-task-v1.json").exists()
 
 
-def test_readme_counts_the_policies_its_cards_count():
-    """README's product-rule sentence ("not yet met by ten of these thirty-six") counts what the cards say:
-    the shipped policies, and those whose card says fresh experts hurt them."""
-    from badger_runtime.policy_card import shipped_dir, shipped_policies
+def test_readme_counts_the_retired_policies_and_each_names_a_shipped_successor():
+    """README's "**Ten retired policies**" counts policies/retired/; each retired card says fresh experts hurt it (why
+    it was retired) and its advice names a shipped policy to use instead (what the load note prints)."""
+    from badger_runtime.policy_card import card_paths, resolve_policy, shipped_policies
 
-    words = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
-    words |= {f"{t}{'-' + u if u else ''}": 10 * n + words.get(u, 0)
-              for t, n in (("twenty", 2), ("thirty", 3), ("forty", 4), ("fifty", 5))
-              for u in [""] + list(words)[1:10]}
-    m = re.search(r"not yet met by (\S+) of these (\S+)\*\*", _read("README.md"))
-    assert m, "README's product-rule sentence changed: update this test"
-    cards = [json.loads((shipped_dir() / f"{n}.json").read_text()) for n in shipped_policies()]
-    hurt = [c["name"] for c in cards if c["growth"].get("fresh") == "hurts"]
-    assert (words[m.group(1)], words[m.group(2)]) == (len(hurt), len(cards)), hurt
-    # and the policies it lists as meeting the rule are those whose card says fresh experts are ok
-    m = re.search(r"\(((?:[a-z0-9-]+-v\d+, )+[a-z0-9-]+-v\d+ and [a-z0-9-]+-v\d+) meet it;", _read("README.md"))
-    assert m, "README's list of the policies that meet the rule changed: update this test"
-    listed = set(re.findall(r"[a-z0-9-]+-v\d+", m.group(1)))
-    assert listed == {c["name"] for c in cards if c["growth"].get("fresh") == "ok"}
+    words = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen".split()
+    m = re.search(r"\*\*(\S+) retired policies\*\*", _read("README.md"))
+    assert m, "README's retired-policies sentence changed: update this test"
+    retired, shipped = shipped_policies(retired=True), set(shipped_policies())
+    assert words.index(m.group(1).lower()) == len(retired) and retired and not shipped & set(retired)
+    for name in retired:
+        growth = json.loads(card_paths(resolve_policy(name))[1].read_text())["growth"]
+        assert growth["fresh"] == "hurts", name
+        assert shipped & set(re.findall(r"[a-z][a-z0-9-]*-v\d+", growth["instead"])), (name, growth["instead"])
 
 
 def test_every_demo_script_loads_without_running(monkeypatch):

@@ -21,7 +21,8 @@ from badger_runtime.tasks import classification_data as cd  # noqa: E402
 from badger_runtime.tasks import fewshot as fs  # noqa: E402
 from .conftest import run_without_torch  # noqa: E402
 
-SHIPPED = Path(__file__).resolve().parents[1] / "policies" / "fewshot-v1.onnx"
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "policies" / "retired" / "fewshot-v1.onnx"  # retired (session 44): the handcrafted cell's reference
 OPS = numpy_ops()
 
 
@@ -233,7 +234,7 @@ def test_the_shipped_policy_is_the_handcrafted_init(tmp_path):
     from badger_runtime.config import load_experiment
     from badger_runtime.training.train import load_checkpoint, policy_from_checkpoint, train
 
-    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot.toml"))
+    cfg = load_experiment(str(ROOT / "configs" / "fewshot.toml"))
     assert cfg.train.batches == 0 and cfg.train.init == "prototypes"
     summary = train(cfg, tmp_path, progress=False, final_eval=False, log=lambda *a: None)
     policy, _ = policy_from_checkpoint(load_checkpoint(tmp_path / "checkpoint.pt"))
@@ -286,7 +287,7 @@ def test_a_learned_readout_on_the_joinable_cell(name, config, init):
     from badger_runtime.config import load_experiment
     from badger_runtime.training.train import initial_policy
 
-    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / config))
+    cfg = load_experiment(str(ROOT / "configs" / config))
     assert cfg.train.trainable == ["heads:push_value"] and cfg.train.init == init
     start = initial_policy(cfg)
     pol = load_policy(name)
@@ -316,7 +317,7 @@ def test_fewshot_v4_learned_a_graded_prior_over_a_class_count():
     steps = count_prior(load_policy("fewshot-v4"))  # what one more example costs a class's score
     assert np.all(steps[:5] > 0), steps
     assert steps[0] > steps[2] > steps[4], steps
-    init = initial_policy(load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_counts.toml")))
+    init = initial_policy(load_experiment(str(ROOT / "configs" / "fewshot_counts.toml")))
     handcrafted = NumpyPolicy(init.spec, flatten(init.state_dict()))
     np.testing.assert_allclose(count_prior(handcrafted), 0.0, atol=1e-5)
 
@@ -350,7 +351,7 @@ def test_the_count_units_go_on_counting_and_change_nothing_else():
     from badger_runtime.training.inits import _layout, count_units
     from badger_runtime.training.train import initial_policy
 
-    root = SHIPPED.parents[1] / "configs"
+    root = ROOT / "configs"
     counts = initial_policy(load_experiment(str(root / "fewshot_counts.toml")))
     joinable = initial_policy(load_experiment(str(root / "fewshot_joinable.toml")))
     sp = counts.spec
@@ -414,7 +415,7 @@ def test_the_guard_starts_at_zero_and_holds_the_policy_to_the_initial_one_per_gr
     assert smoothed == pytest.approx({1: 0.25, 2: -3.75}) and float(g.detach()) == pytest.approx(-0.5)
     assert float(guard_loss(losses, ref, groups, {1: -1.0, 2: -9.0}, 0.9).detach()) == 0.0
 
-    c = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_counts.toml"))
+    c = load_experiment(str(ROOT / "configs" / "fewshot_counts.toml"))
     c.task.experts, c.task.steps, c.task.classes_pool = [16, 16], 12, "train"
     c.train.batches, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 2, 4, 1, 2
     c.train.guard_weight, c.train.lr = 1.0, 3e-2
@@ -439,7 +440,7 @@ def test_the_wiring_init_keeps_the_cells_wiring_and_leaves_its_rule_random():
     from badger_runtime.training.inits import _layout
     from badger_runtime.training.train import initial_policy
 
-    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_rule.toml"))
+    cfg = load_experiment(str(ROOT / "configs" / "fewshot_rule.toml"))
     assert cfg.train.init == "prototype_wiring"
     wired = initial_policy(cfg)
     cfg.train.init = ""
@@ -476,7 +477,7 @@ def test_the_seen_gate_surgery_keeps_the_rule_and_gates_the_push_key_on_two_exam
     from badger_runtime.training.model import ExpertPolicy
     from badger_runtime.training.train import initial_policy
 
-    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_rule.toml"))
+    cfg = load_experiment(str(ROOT / "configs" / "fewshot_rule.toml"))
     source = initial_policy(cfg)  # the wiring, its rule random: any weights on it will do
     src = source.spec
     with pytest.raises(ConfigError, match="hidden = 52 \\+ 17"):
@@ -534,7 +535,7 @@ def test_fewshot_v5_is_the_wiring_with_a_learned_rule_and_beats_ncm_at_one_shot(
     pol = load_policy("fewshot-v5")
     assert "fewshot_rule.toml" in pol.card["training_command"]
     assert "fewshot_rule_continual.toml" in pol.card["training_command"]
-    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_rule.toml"))
+    cfg = load_experiment(str(ROOT / "configs" / "fewshot_rule.toml"))
     wired = initial_policy(cfg)
     cfg.train.init = "prototypes"
     hand = initial_policy(cfg)
@@ -568,7 +569,7 @@ def test_fewshot_v6_is_fewshot_v5_with_the_seen_gate():
     from badger_runtime.config import load_experiment
     from badger_runtime.training.train import initial_policy, source_policy
 
-    cfg = load_experiment(str(SHIPPED.parents[1] / "configs" / "fewshot_rule_gated.toml"))
+    cfg = load_experiment(str(ROOT / "configs" / "fewshot_rule_gated.toml"))
     assert (cfg.train.init, cfg.train.init_from, cfg.train.batches) == ("seen_gate", "fewshot-v5", 0)
     made, shipped = initial_policy(cfg).state_dict(), source_policy("fewshot-v6").state_dict()
     for k in made:

@@ -14,7 +14,7 @@ from badger_runtime.episodes import schedule
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import PolicyError, load_policy
 
-from .conftest import copy_policy
+from .conftest import card_of, copy_policy, every_policy
 
 HURTS = {"fresh": "hurts", "why": "a test: 0.1 -> 0.2", "instead": "add clones"}
 
@@ -233,10 +233,8 @@ def test_eval_cli_refuses_fresh_experts_unless_asked(harmed, capsys):
 
 def test_shipped_cards_say_what_fresh_experts_do():
     """Every shipped policy's card says it, with a command; where they hurt, what to do instead."""
-    from badger_runtime.policy_card import shipped_dir, shipped_policies
-
-    for name in shipped_policies():
-        g = json.loads((shipped_dir() / f"{name}.json").read_text())["growth"]
+    for name in every_policy():
+        g = card_of(name)["growth"]
         assert g["fresh"] in ("ok", "hurts") and "--policy " in g["why"] and name in g["why"], name
         if g["fresh"] == "hurts":
             assert g["instead"] and "--allow-harmful-growth" in g["why"], name
@@ -248,10 +246,9 @@ def test_shipped_cards_say_what_fresh_experts_do():
 def _shipped(error_measured: bool = True):
     """The shipped policies whose task is measured by an error (``growth.growth_metric``), or the others."""
     from badger_runtime.growth import growth_metric
-    from badger_runtime.policy_card import shipped_dir, shipped_policies
 
-    return [n for n in shipped_policies() if error_measured == (growth_metric(
-        json.loads((shipped_dir() / f"{n}.json").read_text())["config"]["task"]["name"]) is not None)]
+    return [n for n in every_policy() if error_measured == (growth_metric(card_of(n)["config"]["task"]["name"])
+                                                             is not None)]
 
 
 @pytest.mark.parametrize("name", _shipped())
@@ -261,9 +258,7 @@ def test_every_cards_growth_verdict_is_what_its_measurement_gives(name):
     measure_growth's numbers they are today's to the digit: a change to the engine, the task or the rule
     that moved a verdict or a card's number would show."""
     from badger_runtime.growth import card_setting, measure_growth, requote
-    from badger_runtime.policy_card import shipped_dir
-
-    card = json.loads((shipped_dir() / f"{name}.json").read_text())["growth"]
+    card = card_of(name)["growth"]
     episodes, seed = card_setting(card)
     g = measure_growth(load_policy(name), episodes=episodes, seed=seed)
     for init, key in (("fresh", ""), ("clone", "clone_")):  # every error-measured card states both verdicts
@@ -289,9 +284,7 @@ def test_a_hand_written_growth_entry_quotes_what_its_command_gives(name, capsys)
 
     from badger_runtime.cli import main
     from badger_runtime.growth import agrees_as_written
-    from badger_runtime.policy_card import shipped_dir
-
-    why = json.loads((shipped_dir() / f"{name}.json").read_text())["growth"]["why"]
+    why = card_of(name)["growth"]["why"]
     args = shlex.split(why[:why.index(" --json") + len(" --json")])
     assert args[0] == "badger" and "--add" in args, why
     metric = next(m for m in OWN_METRICS if why.count(m) == 1)
@@ -380,12 +373,13 @@ def test_the_measured_command_carries_the_flag_the_card_asks_for(harmed):
     assert "--init fresh --allow-harmful-growth" in g["command"]
 
 
-def test_readme_counts_the_shipped_policies_and_names_those_fresh_experts_do_not_hurt():
-    """README's product-rule paragraph: the count of shipped policies, how many fresh experts still hurt, and the
-    list of those they do not hurt, are what the cards in policies/ say (the count was stale for a while)."""
+def test_every_shipped_policy_meets_the_product_rules_and_readme_counts_them():
+    """The product rules hold for every shipped policy (policies/, not policies/retired/): its card says fresh
+    experts do not hurt it, and it is continual or episodic (every runtime enforces an episodic horizon). README's
+    product-rule paragraph counts them and lists them, as the cards say (the count was stale for a while)."""
     import re
 
-    from badger_runtime.policy_card import shipped_dir, shipped_policies
+    from badger_runtime.policy_card import card_paths, resolve_policy, shipped_policies
 
     ones = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
             "seventeen eighteen nineteen").split()
@@ -396,9 +390,10 @@ def test_readme_counts_the_shipped_policies_and_names_those_fresh_experts_do_not
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     names = shipped_policies()
-    verdict = {n: json.loads((shipped_dir() / f"{n}.json").read_text())["growth"]["fresh"] for n in names}
-    hurt = sum(v == "hurts" for v in verdict.values())
-    assert f"**done for all {words(len(names))}**" in readme
-    assert f"**not yet met by {words(hurt)} of these {words(len(names))}**" in readme
+    cards = {n: json.loads(card_paths(resolve_policy(n))[1].read_text()) for n in names}
+    assert {n: c["growth"]["fresh"] for n, c in cards.items() if c["growth"]["fresh"] != "ok"} == {}
+    assert all(c["lifetime"]["kind"] in ("continual", "episodic") for c in cards.values())
+    assert readme.count(f"**done for all {words(len(names))}**") == 2  # both rules
+    assert f"`badger policies` lists all {words(len(names))} from their cards" in readme
     listed = re.search(r"\(((?:[a-z0-9-]+, )+[a-z0-9-]+(?:, [a-z0-9-]+)* and [a-z0-9-]+) meet it;", readme).group(1)
-    assert set(re.split(r", | and ", listed)) == {n for n, v in verdict.items() if v == "ok"}
+    assert set(re.split(r", | and ", listed)) == set(names)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -11,7 +9,7 @@ from badger_runtime.engine import Agent, HorizonError, numpy_ops
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import load_policy
 
-from .conftest import copy_policy
+from .conftest import card_of, copy_policy, every_policy
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +112,8 @@ def test_export_cli_records_a_horizon_given(tiny_run, tmp_path, capsys):
 
 
 def test_shipped_cards_say_continual_or_episodic():
-    from badger_runtime.policy_card import shipped_dir, shipped_policies
-
-    for name in shipped_policies():
-        life = json.loads((shipped_dir() / f"{name}.json").read_text())["lifetime"]
+    for name in every_policy():
+        life = card_of(name)["lifetime"]
         assert life["kind"] in ("continual", "episodic") and life["why"]
         assert (life["horizon"] is None) == (life["kind"] == "continual")
 

@@ -10,7 +10,7 @@ from badger_runtime.longrun import fresh_recovery, long_rollout, recovery_times
 from badger_runtime.policy_card import load_policy
 from badger_runtime.tasks import make_task
 
-SHIPPED = sorted(Path(__file__).resolve().parents[1].joinpath("policies").glob("*.onnx"))
+SHIPPED = sorted(Path(__file__).resolve().parents[1].joinpath("policies").rglob("*.onnx"))  # and policies/retired/
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -132,6 +132,6 @@ def trained_horizon(path) -> str:
 def test_the_trained_horizon_of_a_card():
     """Episodic training: its episode length (20 steps); never-reset training (40-step batches,
     p = 0.95, a mean life of 800 steps): the last checkpoint inside that life, 100."""
-    policies = Path(__file__).resolve().parents[1] / "policies"
+    policies = Path(__file__).resolve().parents[1] / "policies" / "retired"
     assert trained_horizon(policies / "guessing-converge-v1.onnx") == "20"
     assert trained_horizon(policies / "guessing-nonstationary-v1.onnx") == "100"

@@ -210,7 +210,7 @@ def test_clone_draw_per_episode_gives_each_episode_its_own_sources(tmp_path, mon
 def _handcrafted():
     """Shipped policies with no outer-loop step (``train.batches = 0``: a structured ``train.init`` is the policy)."""
     out = []
-    for card in sorted(Path(__file__).resolve().parents[1].joinpath("policies").glob("*.json")):
+    for card in sorted(Path(__file__).resolve().parents[1].joinpath("policies").rglob("*.json")):  # the retired too
         c = json.loads(card.read_text())
         if c["config"]["train"].get("batches") == 0:
             out.append(card)
@@ -234,7 +234,7 @@ def test_every_handcrafted_policy_is_remade_by_its_recorded_command(card, tmp_pa
     m = re.search(r"badger train (configs/\S+\.toml)((?: --\S+ \S+)*)", command)
     assert m, command
     sets = re.findall(r"--set (\S+)", m.group(2))
-    cfg = load_experiment(str(card.parents[1] / m.group(1)), sets)
+    cfg = load_experiment(str(Path(__file__).resolve().parents[1] / m.group(1)), sets)
     assert cfg.train.batches == 0
     train(cfg, tmp_path, progress=False, final_eval=False, log=lambda *a: None)
     export(tmp_path / "checkpoint.pt", tmp_path / "remade.onnx")

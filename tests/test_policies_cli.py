@@ -10,6 +10,8 @@ import pytest
 from badger_runtime.cli import main
 from badger_runtime.policy_card import shipped_dir, shipped_policies
 
+from .conftest import card_of
+
 
 def cli(capsys, *argv):
     rc = main(list(argv))
@@ -18,7 +20,7 @@ def cli(capsys, *argv):
 
 
 def card(name: str) -> dict:
-    return json.loads((shipped_dir() / f"{name}.json").read_text())
+    return card_of(name)
 
 
 def test_the_list_is_every_shipped_card_as_it_reads(capsys):
@@ -41,18 +43,53 @@ def test_the_list_is_every_shipped_card_as_it_reads(capsys):
             for advice in r["instead"].split(", or "):
                 assert advice in ("clones", "fresh") or advice in shipped_policies(), r
     by = {r["name"]: r for r in rows}
+    assert by["guessing-converge-v2"]["instead"] == "fresh"
+    assert {r["fresh"] for r in rows} == {"ok"} and not any(r["retired"] for r in rows)  # the product rule
+
+
+def test_the_retired_policies_are_listed_apart_and_still_load_by_name(capsys):
+    """policies/retired/ (superseded: fresh experts hurt them) is not in the shipped list; `--retired` lists it, each
+    row naming a shipped successor; a retired policy still loads by name (the commands of docs/results.md), and
+    the commands that run it say it is retired and what to use instead."""
+    rc, out, _ = cli(capsys, "policies", "--retired", "--json")
+    rows = json.loads(out)
+    retired = shipped_policies(retired=True)
+    assert rc == 0 and [r["name"] for r in rows] == retired and len(retired) == 10
+    assert not set(retired) & set(shipped_policies()) and all(r["retired"] and r["fresh"] == "hurts" for r in rows)
+    by = {r["name"]: r for r in rows}
     assert by["guessing-converge-v1"]["instead"] == "guessing-converge-v2"
     assert by["dimensions-v1"]["instead"] == "clones, or dimensions-v3"
-    assert by["guessing-converge-v2"]["instead"] == "fresh"
+    rc, out, _ = cli(capsys, "policies")
+    assert rc == 0 and "guessing-converge-v1" not in out and "and 10 retired policies" in out
+    rc, out, _ = cli(capsys, "policies", "--retired")
+    assert rc == 0 and "retired policies" in out and all(name in out for name in retired)
+    rc, out, _ = cli(capsys, "policies", "dimensions-v1")
+    assert rc == 0 and out.splitlines()[0].endswith("[retired: superseded, kept in policies/retired/ for the results "
+                                                    "it made]")
+    rc, _, err = cli(capsys, "policies", "dimensions-v1", "--retired")
+    assert rc == 2 and "not both" in err
+    rc, out, err = cli(capsys, "eval", "--policy", "guessing-converge-v1", "--episodes", "4", "--json")
+    assert rc == 0 and json.loads(out)["final_mse"] >= 0
+    assert "guessing-converge-v1 is retired" in err and "Instead: use guessing-converge-v2" in err
+    rc, _, err = cli(capsys, "eval", "--policy", "guessing-converge-v2", "--episodes", "4", "--json")
+    assert rc == 0 and "retired" not in err
+    from badger_runtime.policy_card import is_retired, load_policy, resolve_policy, retired_dir
+
+    # the paths docs/results.md's commands use (`policies/NAME.onnx`, from a checkout's root or anywhere) find them
+    for given in ("policies/dimensions-v1.onnx", "dimensions-v1.json", "dimensions-v1"):
+        assert resolve_policy(given) == retired_dir() / "dimensions-v1.onnx" and is_retired(resolve_policy(given))
+    assert load_policy("fewshot-v5").retired.startswith("fewshot-v5 is retired")
+    assert load_policy("fewshot-v6").retired is None
+    assert "did you mean dimensions-v1" in str(pytest.raises(Exception, resolve_policy, "dimensions-v1x").value)
 
 
 def test_the_table_and_one_card(capsys):
     rc, out, _ = cli(capsys, "policies")
     assert rc == 0 and all(name in out for name in shipped_policies())
-    rc, out, _ = cli(capsys, "policies", "guessing-converge-v1", "scale-v4")
-    c = card("guessing-converge-v1")
+    rc, out, _ = cli(capsys, "policies", "guessing-converge-v2", "scale-v4")
+    c = card("guessing-converge-v2")
     assert rc == 0 and "lifetime: episodic, horizon 20" in out and c["evaluation"][0]["command"] in out
-    assert c["growth"]["instead"] in out and c["training_command"] in out
+    assert c["growth"]["clone_instead"] in out and c["training_command"] in out
     assert "scale-v4  (task scale; trained d 16-512, N 4-128)" in out and "lifetime: continual" in out
     rc, out, _ = cli(capsys, "policies", "scale-v4", "--json")
     assert rc == 0 and json.loads(out) == [card("scale-v4")]

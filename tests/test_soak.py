@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICY = ROOT / "policies" / "guessing-nonstationary-v1.onnx"
+POLICY = ROOT / "policies" / "guessing-nonstationary-v2.onnx"
 
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status"),
               pytest.mark.skipif(not POLICY.exists(), reason="needs the shipped policy")]

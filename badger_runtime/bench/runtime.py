@@ -60,7 +60,7 @@ import numpy as np
 
 ENGINES = ("batched", "sharded", "actors", "ray")
 DEFAULT_ENGINES = ("batched", "sharded", "actors")  # ray only when asked for (an optional extra)
-DEFAULT_POLICY = "policies/guessing-converge-v1.onnx"
+DEFAULT_POLICY = "policies/guessing-converge-v2.onnx"
 
 
 @dataclass

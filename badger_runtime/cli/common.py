@@ -8,9 +8,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 from ..config import MAX_SEED, AgentConfig, ConfigError, TaskConfig
 from ..engine import MAX_ROUNDS  # one bound for the library, the CLI and the server
+
+
+def note_retired(pol) -> None:
+    """Say on stderr when a command runs a retired policy (``OnnxPolicy.retired``): it still runs, for the results
+    it made, but the shipped policy its card names is the one to use."""
+    if pol.retired:
+        print(f"badger: note: {pol.retired}", file=sys.stderr)
 
 
 def int_in(lo: int, hi: int | None = None, what: str = "a value"):

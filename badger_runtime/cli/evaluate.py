@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_eval_flags, int_in, print_report, resolve_eval
+from .common import add_eval_flags, int_in, note_retired, print_report, resolve_eval
 
 
 def register(sub):
@@ -59,6 +59,7 @@ def cmd_eval(args):
         from ..policy_card import load_policy
 
         pol = load_policy(args.policy)
+        note_retired(pol)
         agent, task, dims, experts, changes = resolve_eval(args, pol.agent, pol.task)
         _note_untrained(pol, task, dims, experts)
         report = evaluate(numpy_ops(), pol, agent, task, dims=dims, experts=experts, episodes=args.episodes,

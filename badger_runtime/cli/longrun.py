@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import SEED, int_in
+from .common import SEED, int_in, note_retired
 
 
 def register(sub):
@@ -56,6 +56,7 @@ def cmd_longrun(args):
     from ..tasks import task_class
 
     pol = load_policy(args.policy)
+    note_retired(pol)
     if pol.horizon is not None and (args.steps or 0) > pol.horizon:  # (the long run's point: a stress check)
         print(f"badger: note: {pol.name} is episodic (horizon {pol.horizon}, its card's lifetime): this runs it "
               f"past its horizon; the runtimes refuse that unless asked", file=sys.stderr)

@@ -18,6 +18,9 @@ def register(sub):
     p = sub.add_parser("policies", help="list the shipped policies and what their cards say; NAME: one card")
     p.add_argument("names", nargs="*", metavar="NAME", help="show these policies' cards (a shipped name or a path)")
     p.add_argument("--task", default=None, metavar="NAME", help="only the policies of this task")
+    p.add_argument("--retired", action="store_true",
+                   help="list the retired policies instead (superseded ones that fresh experts hurt, kept in "
+                        "policies/retired/ for the results they made; still loadable by name)")
     p.add_argument("--json", action="store_true", help="print JSON (the list's rows; with NAME and no --verify, "
                                                        "the cards themselves)")
     p.add_argument("--verify", action="store_true",
@@ -76,13 +79,13 @@ def summary(card: dict, names: set[str]) -> dict:
             "instead": ", or ".join(advice) or None, "headline": _headline(card)}
 
 
-def _cards(names: list[str]) -> list[tuple[str, dict | None, str | None]]:
-    """(name, card or None, why not) for the given names, or for every shipped policy."""
-    from ..policy_card import PolicyError, card_paths, resolve_policy, shipped_dir, shipped_policies
+def _cards(names: list[str], retired: bool = False) -> list[tuple[str, dict | None, str | None]]:
+    """(name, card or None, why not) for the given names, or for every shipped (``retired``: retired) policy."""
+    from ..policy_card import PolicyError, card_paths, resolve_policy, retired_dir, shipped_dir, shipped_policies
 
     if not names:
-        d = shipped_dir()
-        paths = [(n, d / f"{n}.json") for n in shipped_policies()] if d else []
+        d = retired_dir() if retired else shipped_dir()
+        paths = [(n, d / f"{n}.json") for n in shipped_policies(retired)] if d else []
     else:
         paths = []
         for n in names:
@@ -115,20 +118,24 @@ def _number(x) -> str:
 
 
 def cmd_policies(args):
-    from ..policy_card import shipped_policies
+    from ..policy_card import card_paths, is_retired, resolve_policy, shipped_policies
 
-    cards = _cards(args.names)
+    if args.names and args.retired:
+        raise ConfigError("give policy names or --retired, not both (a retired policy's card shows by its name)")
+    cards = _cards(args.names, args.retired)
     known = set(shipped_policies())
     rows = []
     for n, card, why in cards:
         row = summary(card, known) if card is not None else {"name": n, "error": why}
+        row["retired"] = args.retired or bool(args.names and is_retired(card_paths(resolve_policy(n))[0]))
         if args.task is None or row.get("task") == args.task:
             if args.verify:
                 row["verified"] = verify(n)
             rows.append((row, card))
     if args.task is not None and not rows:
         tasks = sorted({str(summary(c, known)["task"]) for _, c, _ in cards if c is not None})
-        raise ConfigError(f"no shipped policy of task {args.task!r} (tasks: {', '.join(tasks)})")
+        raise ConfigError(f"no {'retired' if args.retired else 'shipped'} policy of task {args.task!r} "
+                          f"(tasks: {', '.join(tasks)})")
     if args.json:
         print(json.dumps([card if args.names and card is not None and not args.verify else row
                           for row, card in rows], indent=1))
@@ -136,7 +143,11 @@ def cmd_policies(args):
         for row, card in rows:
             _show(row, card)
     else:
-        _table([row for row, _ in rows])
+        _table([row for row, _ in rows], args.retired)
+        old = len(shipped_policies(retired=True))
+        if old and not args.retired:
+            print(f"and {old} retired policies (superseded; fresh experts hurt them), still loadable by name: "
+                  "badger policies --retired")
     failed = [row["name"] for row, _ in rows if row.get("verified", "ok") != "ok"]
     if failed:
         raise ConfigError(f"{len(failed)} of {len(rows)} policies failed to load: {', '.join(failed)}")
@@ -161,11 +172,12 @@ def verify(name: str) -> str:
     return "ok"
 
 
-def _table(rows: list[dict]):
+def _table(rows: list[dict], retired: bool = False):
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="shipped policies (badger policies NAME: one card; --json for scripts)")
+    t = Table(title=("retired policies: superseded, fresh experts hurt them (use the one in 'newcomers: instead')"
+                     if retired else "shipped policies") + " (badger policies NAME: one card; --json for scripts)")
     verified = any("verified" in r for r in rows)
     for col in ("name", "task", "d", "N", "lifetime", "fresh", "clone", "newcomers: instead",
                 "headline (first evaluation)") + (("verified",) if verified else ()):
@@ -191,7 +203,8 @@ def _show(row: dict, card: dict | None):
         return
     life, growth, training = (_map(card.get(k)) for k in ("lifetime", "growth", "training"))
     lines = [f"{row['name']}  (task {row['task']}; trained d {_range(row['dims'])}, N {_range(row['experts'])})"
-             + (f"  [verified: {row['verified']}]" if "verified" in row else ""),
+             + ("  [retired: superseded, kept in policies/retired/ for the results it made]" if row.get("retired")
+                else "") + (f"  [verified: {row['verified']}]" if "verified" in row else ""),
              f"  lifetime: {life.get('kind')}" + (f", horizon {life.get('horizon')}" if life.get("horizon") else "")
              + (f"  [{life.get('why')}]" if life.get("why") else "")]
     for kind, why, instead in (("fresh", "why", "instead"), ("clone", "clone_why", "clone_instead")):

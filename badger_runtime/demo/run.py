@@ -319,8 +319,8 @@ def demo_guessing(o: DemoOptions) -> dict:
 
 
 def _missing_dims(o: DemoOptions) -> str:
-    return (f"dimension policy {o.dims_policy} not found: the Fig. 7 policy (dimensions-v1, scalar feedback, "
-            "trained d in [3, 6], N in [5, 40]) has not been shipped yet; pass --dims-policy PATH to use another")
+    return (f"dimension policy {o.dims_policy} not found: the Fig. 7 policy (dimensions-v6, scalar feedback, "
+            "trained d in [3, 6], N in [5, 40]) is not installed; pass --dims-policy PATH to use another")
 
 
 def demo_dimensions(o: DemoOptions) -> dict:

@@ -322,6 +322,8 @@ def cmd_serve(args):
     route_python_logs(log)  # numpy warnings and library logging become JSON lines too
     _raise_open_files_limit(args.max_connections + PROBE_SLOTS + 64, log)
     policy = load_policy(args.policy, threads=args.threads)  # PolicyError: exit 2 with the reason
+    if policy.retired:
+        log("warning", "policy_retired", policy=policy.name, note=policy.retired)
     agent_config = policy.agent
     if args.candidates is not None:
         import dataclasses

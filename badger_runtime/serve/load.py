@@ -6,7 +6,7 @@ observation = the previous outputs, feedback = their error against a fixed targe
 throughput (steps/s over all clients) and client-side step latency (p50/p99, ms), plus the
 server's own step and checkpoint histograms.
 
-    python -m badger_runtime.serve.load --policy guessing-converge-v1 --clients 4 --steps 500 \\
+    python -m badger_runtime.serve.load --policy guessing-converge-v2 --clients 4 --steps 500 \\
         --experts 32 --dims 3 --rounds 4     (or: python demos/load.py ...)
 
 Options --no-fsync and --checkpoint-every K are passed to the server (to measure what
