@@ -235,6 +235,44 @@ def test_limits(policy):
     ok(m, "add_experts", "a", n=1)
 
 
+def test_a_session_queues_at_most_max_waiting_requests_and_checks_the_secret_before_any_wait(policy):
+    """While a request of a session runs, at most ``Limits.max_waiting`` more wait for it (each holds one of the
+    server's worker threads); the next gets ``busy`` at once, a request without the session's secret is refused at
+    once instead of waiting, other sessions are not held up, and the waiting requests then run in turn."""
+    import threading
+    import time
+
+    def in_thread(*args, **body):
+        out = []
+        t = threading.Thread(target=lambda: out.append(call(m, *args, **body)), daemon=True)
+        t.start()
+        return t, out
+
+    m = make(policy, limits=Limits(max_waiting=2))
+    obs, fb = drive(np.random.default_rng(0), 3, 3)
+    for name in ("a", "b"):
+        ok(m, "open", name, experts=4, dims=3)
+    s = m.sessions["a"]
+    s.lock.acquire()  # one of a's requests is running
+    try:
+        waiting = [in_thread("step", "a", observation=obs, feedback=fb) for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while s.waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert s.waiting == 2
+        for body, code in (({}, "busy"), ({"secret": "not-it"}, "forbidden")):
+            t, out = in_thread("step", "a", observation=obs, feedback=fb, **body)
+            t.join(5)
+            assert out and out[0]["error"]["code"] == code, (code, out)
+        ok(m, "step", "b", observation=obs, feedback=fb)
+    finally:
+        s.lock.release()
+    for t, out in waiting:
+        t.join(10)
+        assert out and out[0]["ok"], out
+    assert s.waiting == 0 and s.steps_total == 2 and m.metrics.to_dict()["counters"]["sessions.busy"] == 1
+
+
 def test_sessions_are_isolated(policy):
     """Session a's outputs are those of a lone agent, whatever happens to b meanwhile."""
     m = make(policy)

@@ -179,7 +179,8 @@ class Server:
                 "abuse_limit": self.abuse.limit, "abuse_window_s": self.abuse.window,
                 "abuse_cooldown_s": self.abuse.cooldown, "peer_request_rate": self.pacer.rate,
                 "peer_request_burst": self.pacer.burst, "decode": self.decode_limits.to_dict(),
-                "gc_gen0": gc.get_threshold()[0]}  # the process's (badger serve --gc-gen0)
+                "gc_gen0": gc.get_threshold()[0],  # the process's (badger serve --gc-gen0)
+                "max_waiting_per_session": self.manager.limits.max_waiting}
 
     def gauges(self) -> dict:
         """Plain numbers about connections and buffers; safe to call from another thread (the
@@ -573,4 +574,6 @@ class Server:
             if reply["ok"]:
                 reply["body"] |= self.gauges() | {"tasks": count_tasks(), "limits": self.limits()}
             return reply, False
-        return await trio.to_thread.run_sync(self.manager.handle, req), False
+        reply = await trio.to_thread.run_sync(self.manager.handle, req)
+        # busy (requests already waiting for that session): closed after it, as every busy is (the clients reconnect)
+        return reply, not reply["ok"] and reply["error"]["code"] == E_BUSY

@@ -30,7 +30,7 @@ import numpy as np
 from ..config import MAX_SEED, ConfigError
 from ..engine import MAX_ROUNDS, Agent, GrowthError, HorizonError, InputError
 from ..membrane import seat_array, seats_after_removal
-from .protocol import reply_error, reply_ok, some_names
+from .protocol import E_BUSY, reply_error, reply_ok, some_names
 from .store import (FORMAT, FORMAT_VERSION, MAX_COUNT, READABLE_VERSIONS, STEP_FIELDS, NotServedHere, SessionStore,
                     StoreError, agent_record, restore_agent)
 from .telemetry import Metrics, no_log
@@ -63,6 +63,11 @@ class Limits:
     max_experts: int = 1024  # per session (dense routing scores N^2 pairs)
     max_dims: int = 256
     max_rounds: int = MAX_ROUNDS
+    #: requests that may wait for one session while another of its requests runs; past it, ``busy``. Requests run
+    #: in the server's worker threads (trio's 40), and a request waiting for its session holds one: without the
+    #: bound, one client stepping one session over many connections held them all, and every other session
+    #: waited behind it
+    max_waiting: int = 4
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Session:
     writes: int = 0
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    waiting: int = 0  # requests waiting for ``lock`` (under the manager's lock)
 
     @property
     def dims(self) -> int:
@@ -219,21 +225,37 @@ class SessionManager:
 
     def _locked(self, name: str | None, fn: Callable[[Session], dict], body: dict) -> dict:
         """Run ``fn`` on the session under its lock, if the request proves it owns it (its body's
-        ``secret``, the one ``open`` returned)."""
+        ``secret``, the one ``open`` returned). The proof is checked before the request waits for the session
+        (``owner`` never changes once the session is listed), and at most ``Limits.max_waiting`` requests wait
+        for one session: past that, ``busy``."""
         s = self._get(name)
-        with s.lock:
+        if s.owner is not None:
+            secret = body.get("secret")
+            given = hashlib.sha256(secret.encode()).hexdigest() if isinstance(secret, str) else ""
+            if not hmac.compare_digest(given, s.owner):
+                self.metrics.inc("sessions.forbidden")
+                raise ServeError(E_FORBIDDEN, f"session {name[:80]!r} belongs to the client that opened it: "
+                                              "send its 'secret' (from the open reply; `badger client` keeps "
+                                              "the secrets of the sessions it opened, or takes --secret or "
+                                              "BADGER_SESSION_SECRET)")
+        if not s.lock.acquire(blocking=False):
+            with self._lock:
+                if s.waiting >= self.limits.max_waiting:
+                    self.metrics.inc("sessions.busy")
+                    raise ServeError(E_BUSY, f"session {name[:80]!r} has {s.waiting} requests waiting for it "
+                                             "already: try again later")
+                s.waiting += 1
+            try:
+                s.lock.acquire()
+            finally:
+                with self._lock:
+                    s.waiting -= 1
+        try:
             if s.closed:
                 raise ServeError(E_NO_SESSION, f"no session {name[:80]!r} (closed)")
-            if s.owner is not None:
-                secret = body.get("secret")
-                given = hashlib.sha256(secret.encode()).hexdigest() if isinstance(secret, str) else ""
-                if not hmac.compare_digest(given, s.owner):
-                    self.metrics.inc("sessions.forbidden")
-                    raise ServeError(E_FORBIDDEN, f"session {name[:80]!r} belongs to the client that opened it: "
-                                                  "send its 'secret' (from the open reply; `badger client` keeps "
-                                                  "the secrets of the sessions it opened, or takes --secret or "
-                                                  "BADGER_SESSION_SECRET)")
             return fn(s)
+        finally:
+            s.lock.release()
 
     # -- checkpoints -----------------------------------------------------------------------------
     def record(self, s: Session) -> dict:
