@@ -183,10 +183,18 @@ MAX_ABS_INPUT = 1e3
 
 
 def check_values(name: str, x, shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` as float32 of ``shape``, or InputError: real numbers (ints or floats), finite, within
+    ``MAX_ABS_INPUT``. Complex numbers, booleans and strings are refused, not cast (numpy would drop an imaginary
+    part with a warning, read True as 1 and parse '1.5')."""
     try:
-        a = np.asarray(x, dtype=np.float32)
+        a = np.asarray(x)
+        kind = a.dtype.kind
+        if kind in "fiuO":
+            a = np.asarray(a, dtype=np.float32)  # an object array: Python numbers, or a TypeError
     except (TypeError, ValueError):
         raise InputError(f"{name} must be numbers, got {type(x).__name__}") from None
+    if kind not in "fiuO":
+        raise InputError(f"{name} must be real numbers (ints or floats), got {a.dtype} values")
     if a.shape != shape:
         raise InputError(f"{name} must have shape {shape}, got {a.shape}")
     if not np.all(np.isfinite(a)):

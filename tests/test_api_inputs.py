@@ -95,6 +95,36 @@ def test_rounds_are_an_int_in_range_in_every_runtime(pol, rounds):
     trio.run(main)
 
 
+@pytest.mark.parametrize("kind", ["complex", "bool", "str"])
+def test_inputs_are_real_numbers_not_cast(pol, kind):
+    """Complex values (numpy dropped the imaginary part with only a warning), booleans (read as 1 and 0) and strings
+    (parsed: '0.5' was 0.5) are refused as inputs with an InputError, in the batched engine and the sharded runtime,
+    and the agent is as it was; Python ints and object arrays of numbers are still numbers."""
+    agent = fresh(pol)
+    good = np.full((1, agent.slots), 0.5, np.float32)
+    bad = {"complex": good + 1j, "bool": good > 0, "str": good.astype(str)}[kind]
+    before = agent.snapshot()
+    with pytest.raises(InputError, match="must be real numbers"):
+        agent.step(bad)
+    with pytest.raises(InputError, match="must be real numbers"):
+        agent.observation({"observation": bad[:, :3], "feedback": good[:, :3]})
+    assert same(agent.snapshot(), before)
+    agent.step(good.astype(object))
+    agent.step(np.ones((1, agent.slots), np.int64))
+
+    from badger_runtime.actors.sharded import ShardedAgent
+
+    sh = ShardedAgent(pol, pol.agent, agent.interface, agent.wiring, shards=1)
+
+    async def main():
+        async with sh.running():
+            with pytest.raises(InputError, match="must be real numbers"):
+                await sh.step(bad)
+            await sh.step(good)  # still steps
+
+    trio.run(main)
+
+
 @pytest.mark.parametrize("kw, says", [({"episodes": 0}, "episodes must be"), ({"steps": 0}, "steps must be"),
                                       ({"dims": 0}, "dims must be"), ({"experts": 1.5}, "experts must be")])
 def test_an_evaluation_refuses_what_it_cannot_run(pol, kw, says):
