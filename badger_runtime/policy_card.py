@@ -97,8 +97,9 @@ def resolve_policy(path: str | Path) -> Path:
     for d in (shipped_dir(), retired_dir()):
         if d is not None and (d / onnx.name).is_file():
             return d / onnx.name
-    names = shipped_policies()
-    close = difflib.get_close_matches(onnx.stem, names + shipped_policies(retired=True), n=3, cutoff=0.6)
+    names, retired = shipped_policies(), set(shipped_policies(retired=True))
+    close = [f"{n} (retired)" if n in retired else n
+             for n in difflib.get_close_matches(onnx.stem, names + sorted(retired), n=3, cutoff=0.6)]
     if close:
         raise PolicyError(f"policy file not found: {onnx}; did you mean {' or '.join(close)}? "
                           "(`badger policies` lists the shipped ones)")
@@ -125,6 +126,7 @@ class OnnxPolicy:
     card: dict
     path: Path
     session: object
+    from_retired: bool = False  # loaded from ``retired_dir()`` (decided at load: ``path`` may be relative)
 
     def step(self, h, inbox, sensed):
         feeds = {"state": np.ascontiguousarray(h, np.float32), "inbox": np.ascontiguousarray(inbox, np.float32),
@@ -163,7 +165,7 @@ class OnnxPolicy:
     def retired(self) -> str | None:
         """None for a policy that is not retired; for a retired one (``policies/retired/``), the note the
         commands print: why, and what to use instead (its card's growth advice)."""
-        if not is_retired(self.path):
+        if not self.from_retired:
             return None
         instead = self.growth.get("instead")
         return (f"{self.name} is retired: fresh experts hurt it, which breaks a product rule; it is kept in "
@@ -241,7 +243,7 @@ def load_policy(path: str | Path, threads: int = 1) -> OnnxPolicy:
     except Exception as e:  # onnxruntime raises its own exception types for bad graphs
         raise PolicyError(f"{onnx_path}: onnxruntime cannot load it: {e}") from None
     _check_graph(session, spec, onnx_path)
-    return OnnxPolicy(spec, h0, exp.agent, exp.task, card, onnx_path, session)
+    return OnnxPolicy(spec, h0, exp.agent, exp.task, card, onnx_path, session, is_retired(onnx_path))
 
 
 def write_card(card: dict, card_path: Path):

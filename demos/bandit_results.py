@@ -148,7 +148,8 @@ def main(argv=None):
         w("")
 
     if "others" not in skip:
-        w(f"### Never trained on bandits: the shipped guessing and dimension policies (K = 10, T = 500, {E} episodes)\n")
+        w(f"### Never trained on bandits: the first wave's guessing and dimension policies (retired since session 44; "
+          f"K = 10, T = 500, {E} episodes)\n")
         w("| policy | arm choice | regret at 100 / 500 | uniform random | UCB1 | agent / random at 500 | command |")
         w("|---|---|---|---|---|---|---|")
         for name in OTHER_POLICIES:

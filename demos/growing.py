@@ -8,7 +8,7 @@
    with N0 + K experts throughout.
 
     python demos/growing.py --out demo-output --episodes 100
-    python demos/growing.py --policy policies/guessing-one-expert-v1.onnx --out demo-output --add 3 --at 10
+    python demos/growing.py --policy guessing-one-expert-v2 --out demo-output --add 3 --at 10
 
 Writes OUT/growing.png and OUT/growing.json (the numbers plotted, the command, message counts)
 and prints the JSON summary. The add lands while step ``--at`` is running (a few scheduler
@@ -30,7 +30,7 @@ from badger_runtime.episodes import schedule
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.policy_card import load_policy
 
-DEFAULT_POLICIES = ("policies/retired/dimensions-v1.onnx", "policies/retired/guessing-one-expert-v1.onnx")  # clones
+DEFAULT_POLICY = "dimensions-v6"  # trained over a range of N; clones are harmless to it (its card)
 
 
 def run_arm(pol, agent_cfg, task, *, dims, experts, episodes, seed, steps, add_at=None, add_n=0, init="clone",
@@ -64,9 +64,8 @@ def plot(path: Path, curves: dict, add_at: int, title: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--policy", default=None, help="default: policies/retired/dimensions-v1.onnx (trained over a "
-                                                   "range of N; it adds clones, harmless to it) if present, else "
-                                                   "policies/retired/guessing-one-expert-v1.onnx")
+    p.add_argument("--policy", default=None, help=f"default: {DEFAULT_POLICY} (trained over a range of N; clones are "
+                                                   "harmless to it)")
     p.add_argument("--out", required=True, help="folder for growing.png and growing.json")
     p.add_argument("--experts", type=int, default=None, help="N0 (default: the trained N, or 5)")
     p.add_argument("--add", type=int, default=None, help="K experts to add (default: N0)")
@@ -80,9 +79,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    if args.policy is None:
-        args.policy = next((c for c in DEFAULT_POLICIES if Path(c).is_file()), DEFAULT_POLICIES[-1])
-    pol = load_policy(args.policy)
+    pol = load_policy(args.policy or DEFAULT_POLICY)
     task, agent_cfg = pol.task, pol.agent
     n0 = args.experts or (task.experts[0] if task.experts[0] == task.experts[1] else 5)
     k = args.add or n0
@@ -108,7 +105,7 @@ def main(argv=None) -> int:
     plot(png, curves, at, f"{pol.name}: growing during inference (actor runtime), d={dims}, "
                           f"{args.episodes} episodes, seed {args.seed}")
     summary = {
-        "demo": "growing", "policy": str(args.policy), "dims": dims, "experts": n0, "added": k, "add_step": at,
+        "demo": "growing", "policy": pol.name, "dims": dims, "experts": n0, "added": k, "add_step": at,
         "steps": steps, "episodes": args.episodes, "seed": args.seed, "png": str(png),
         "command": "python demos/growing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "arms": {label: {"before_add": float(err[at].mean()), "final": float(err[-1].mean()),

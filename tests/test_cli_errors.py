@@ -27,7 +27,7 @@ def run(capsys, *argv) -> tuple[int, str]:
      "--degree: not read by 'topk' routing"),
     (["eval", "--policy", "guessing-converge-v2", "--degree", "2", "--k", "1"], "give --routing"),
     (["eval", "--policy", "guessing-converge-v2", "--routing", "random", "--candidates", "2"], "--candidates: not"),
-    (["eval", "--policy", "guessing-converge-v9"], "did you mean guessing-converge-v2 or guessing-converge-v1"),
+    (["eval", "--policy", "guessing-converge-v9"], "did you mean guessing-converge-v2 or guessing-converge-v1 (retired)"),
     (["eval", "--policy", "guessing-converge-v1", "--task", "nope"], "registered tasks"),
     (["eval", "--policy", "guessing-converge-v1", "--add-at", "3"], "--add-at T and --add M"),
     (["longrun", "--policy", "guessing-converge-v1", "--seed", "-3"], "--seed"),

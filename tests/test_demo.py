@@ -3,7 +3,7 @@
 Checks the PNGs (written, non-empty, PNG signature), the printed numbers (finite, and the
 agent beats the mean solution at the final step where the policy is a trained one),
 results.json, and that the demo never imports torch. The dimension policy
-(policies/dimensions-v1) is used when it is shipped; otherwise the tests fall back to the
+(policies/dimensions-v6) is used when it is shipped; otherwise the tests fall back to the
 tiny test policy for the code paths (and check the skip message of the default).
 """
 

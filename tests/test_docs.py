@@ -28,7 +28,8 @@ from badger_runtime.cli import build_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
-CARDS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "policies", "*.json")))
+CARDS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "policies", "**", "*.json"),
+                                                            recursive=True))  # the retired cards' commands too
 # a word that ends the command in a sentence ("... --json, then badger export ...", "(8,000 batches)")
 _PROSE = {"then", "and", "or", "with", "python", "bash", "badger", "&&", "|", ";"}
 
@@ -285,10 +286,15 @@ def test_readme_counts_the_retired_policies_and_each_names_a_shipped_successor()
     assert m, "README's retired-policies sentence changed: update this test"
     retired, shipped = shipped_policies(retired=True), set(shipped_policies())
     assert words.index(m.group(1).lower()) == len(retired) and retired and not shipped & set(retired)
+    named = re.compile(r"[a-z][a-z0-9-]*-v\d+")
     for name in retired:
         growth = json.loads(card_paths(resolve_policy(name))[1].read_text())["growth"]
         assert growth["fresh"] == "hurts", name
-        assert shipped & set(re.findall(r"[a-z][a-z0-9-]*-v\d+", growth["instead"])), (name, growth["instead"])
+        assert shipped & set(named.findall(growth["instead"])), (name, growth["instead"])
+    for name in sorted(shipped):  # and no shipped card's advice sends its users to a retired policy
+        growth = json.loads(card_paths(resolve_policy(name))[1].read_text())["growth"]
+        for key in ("instead", "clone_instead"):
+            assert not set(named.findall(growth.get(key, ""))) & set(retired), (name, key, growth[key])
 
 
 def test_every_demo_script_loads_without_running(monkeypatch):

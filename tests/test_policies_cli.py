@@ -63,6 +63,8 @@ def test_the_retired_policies_are_listed_apart_and_still_load_by_name(capsys):
     assert rc == 0 and "guessing-converge-v1" not in out and "and 10 retired policies" in out
     rc, out, _ = cli(capsys, "policies", "--retired")
     assert rc == 0 and "retired policies" in out and all(name in out for name in retired)
+    rc, out, _ = cli(capsys, "policies", "--retired", "--verify", "--json")
+    assert rc == 0 and [(r["name"], r["verified"]) for r in json.loads(out)] == [(n, "ok") for n in retired]
     rc, out, _ = cli(capsys, "policies", "dimensions-v1")
     assert rc == 0 and out.splitlines()[0].endswith("[retired: superseded, kept in policies/retired/ for the results "
                                                     "it made]")
@@ -80,7 +82,8 @@ def test_the_retired_policies_are_listed_apart_and_still_load_by_name(capsys):
         assert resolve_policy(given) == retired_dir() / "dimensions-v1.onnx" and is_retired(resolve_policy(given))
     assert load_policy("fewshot-v5").retired.startswith("fewshot-v5 is retired")
     assert load_policy("fewshot-v6").retired is None
-    assert "did you mean dimensions-v1" in str(pytest.raises(Exception, resolve_policy, "dimensions-v1x").value)
+    missed = pytest.raises(Exception, resolve_policy, "dimensions-v1x").value
+    assert "did you mean dimensions-v1 (retired) or" in str(missed)
 
 
 def test_the_table_and_one_card(capsys):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ..cli.common import note_retired
+
 
 def _ints(text: str) -> list[int]:
     return [int(float(v)) for v in text.replace("_", "").split(",") if v]
@@ -82,6 +84,7 @@ def cmd_bench_runtime(args):
             report = json.load(f)
         report.setdefault("growth", growth(report["rows"]))
     else:
+        note_retired(args.policy)
         spec = RuntimeBench(
             policy=args.policy, experts=_ints(args.experts), engines=[e for e in args.engines.split(",") if e],
             routing=args.routing, k=args.k, candidates=args.candidates, candidates_above=args.candidates_above,
@@ -237,6 +240,7 @@ def cmd_bench_serve(args):
             report = json.load(f)
     else:
         log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        note_retired(args.policy)
         report = bench_serve(args.policy, _ints(args.experts), clients=args.clients, steps=args.steps, dims=args.dims,
                              rounds=args.rounds, checkpoint_every=args.checkpoint_every, fsync=not args.no_fsync,
                              threads=args.threads, blas_threads=args.blas_threads, log=log)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from ..config import MAX_SEED, AgentConfig, ConfigError, TaskConfig
@@ -15,8 +16,15 @@ from ..engine import MAX_ROUNDS  # one bound for the library, the CLI and the se
 
 
 def note_retired(pol) -> None:
-    """Say on stderr when a command runs a retired policy (``OnnxPolicy.retired``): it still runs, for the results
-    it made, but the shipped policy its card names is the one to use."""
+    """Say on stderr when a command runs a retired policy (``OnnxPolicy.retired``; or a policy's name or path, loaded
+    here): it still runs, for the results it made, but the shipped policy its card names is the one to use."""
+    if isinstance(pol, (str, os.PathLike)):
+        from ..policy_card import PolicyError, load_policy
+
+        try:
+            pol = load_policy(pol)
+        except PolicyError:
+            return  # the command itself says why it cannot load it
     if pol.retired:
         print(f"badger: note: {pol.retired}", file=sys.stderr)
 

@@ -145,7 +145,7 @@ def cmd_policies(args):
     else:
         _table([row for row, _ in rows], args.retired)
         old = len(shipped_policies(retired=True))
-        if old and not args.retired:
+        if old and not args.retired and args.task is None:
             print(f"and {old} retired policies (superseded; fresh experts hurt them), still loadable by name: "
                   "badger policies --retired")
     failed = [row["name"] for row, _ in rows if row.get("verified", "ok") != "ok"]

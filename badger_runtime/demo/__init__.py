@@ -11,7 +11,7 @@
 # Defaults live here (not in run.py) so that registering the CLI imports no matplotlib.
 DEFAULT_POLICY = "policies/guessing-converge-v2.onnx"  # paper Fig. 9 setting (v1 + grown experts in training): the main demo
 DEFAULT_ONE_EXPERT_POLICY = "policies/guessing-one-expert-v2.onnx"  # paper Fig. 6 / 8 setting (v1 + grown experts)
-DEFAULT_DIMS_POLICY = "policies/dimensions-v6.onnx"  # paper Fig. 7 setting (scalar feedback, trained d in [3, 6])
+DEFAULT_DIMS_POLICY = "policies/dimensions-v6.onnx"  # paper Fig. 7 (scalar feedback, trained d in [1, 6])
 DEFAULT_GROW_POLICY = "policies/scale-v2.onnx"  # issue 13: error falls as experts join (trained N in [4, 32], d in [16, 128])
 DEFAULT_FEWSHOT_POLICY = "policies/fewshot-v6.onnx"  # online few-shot classification (issue 14; learned rule, safe to grow)
 DEMOS = ("main", "guessing", "dimensions", "growing", "communication", "fewshot")

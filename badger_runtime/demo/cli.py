@@ -38,7 +38,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--one-expert-policy", default=DEFAULT_ONE_EXPERT_POLICY,
                    help="the Fig. 6 policy (last-step trained) used by guessing and communication")
     p.add_argument("--dims-policy", default=None,
-                   help=f"the Fig. 7 policy (scalar feedback, trained d in [3, 6]) used by dimensions (default "
+                   help=f"the Fig. 7 policy (scalar feedback, trained d in [1, 6]) used by dimensions (default "
                         f"{DEFAULT_DIMS_POLICY}); growing takes it too when --grow-policy is not given")
     p.add_argument("--grow-policy", default=None,
                    help=f"the policy grown by the growing demo (default {DEFAULT_GROW_POLICY}, trained with experts "

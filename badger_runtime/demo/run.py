@@ -80,8 +80,13 @@ def find_policy(path: str | Path) -> Path | None:
 
 
 def _load(path: str | Path) -> OnnxPolicy:
+    """The policy at ``path`` (or the shipped or retired one of that name), with a note on stderr if it is retired."""
+    from ..cli.common import note_retired
+
     found = find_policy(path)
-    return load_policy(found if found is not None else path)  # load_policy explains a missing file
+    pol = load_policy(found if found is not None else path)  # load_policy explains a missing file
+    note_retired(pol)
+    return pol
 
 
 def _default_experts(task) -> int:
@@ -320,7 +325,7 @@ def demo_guessing(o: DemoOptions) -> dict:
 
 def _missing_dims(o: DemoOptions) -> str:
     return (f"dimension policy {o.dims_policy} not found: the Fig. 7 policy (dimensions-v6, scalar feedback, "
-            "trained d in [3, 6], N in [5, 40]) is not installed; pass --dims-policy PATH to use another")
+            "trained d in [1, 6], N in [5, 40]) is not installed; pass --dims-policy PATH to use another")
 
 
 def demo_dimensions(o: DemoOptions) -> dict:
@@ -328,7 +333,7 @@ def demo_dimensions(o: DemoOptions) -> dict:
     path = find_policy(o.dims_policy)
     if path is None:
         return _finish("dimensions", t0, skipped=_missing_dims(o))
-    pol = load_policy(path)
+    pol = _load(path)
     task = dataclasses.replace(pol.task, addresses="random")  # new addresses every episode
     experts = _default_experts(pol.task)
     T, E = task.steps, o.n(500, 48)
@@ -480,7 +485,7 @@ def demo_fewshot(o: DemoOptions) -> dict:
     from ..evaluation import evaluate
     from ..tasks import fewshot
 
-    pol = load_policy(path)
+    pol = _load(path)
     C, T = 3, 50
     task = dataclasses.replace(fewshot.FewShotTask.evaluation_config(pol.task), dataset="iris", steps=T,
                                baselines="fast" if o.quick else "all").validate()
