@@ -414,7 +414,7 @@ def test_a_decode_bomb_is_refused_cheaply(name):
     body = _bombs()[name]
     # without limits each of these builds ~10^6..10^7 objects (hundreds of MB, ~1 s)
     t0 = time.perf_counter()
-    with pytest.raises(ProtocolError, match="max_|elements"):
+    with pytest.raises(ProtocolError, match="max_|elements|arrays and maps"):
         decode_frame_body(body)
     elapsed = time.perf_counter() - t0
     tracemalloc.start()  # (slows decoding ~20x: measured apart from the time)
@@ -434,6 +434,20 @@ def test_decode_limits_leave_real_requests_alone():
     assert out["body"]["snapshot"]["agent"]["route_mask"].shape == (1, 1024, 1024)
     with pytest.raises(ProtocolError, match="elements"):
         decode_frame_body(msgpack.packb([list(range(10))] * 100), limits=DecodeLimits(max_items=500))
+
+
+def test_a_small_frame_of_many_empty_containers_is_refused_early():
+    """64 KiB of empty lists (65,500 containers, within every length and element limit) cost a Python call each to
+    decode, ~14 ms on the event loop; a frame holds at most ``max_containers`` arrays and maps (a request has tens),
+    so decoding stops after 4,096 of them."""
+    body = msgpack.packb({"id": 1, "kind": "health", "body": {"x": [[]] * 65000}})
+    assert len(body) < 65536
+    real = DecodeLimits()
+    with pytest.raises(ProtocolError, match="more than 4096 arrays and maps"):
+        decode_frame_body(body, limits=real)
+    assert real.max_containers == 4096
+    ok_body = msgpack.packb({"id": 1, "kind": "health", "body": {"x": [[]] * 4000}})
+    assert len(decode_frame_body(ok_body)["body"]["x"]) == 4000
 
 
 def test_a_decode_bomb_does_not_stall_other_connections(policy):
