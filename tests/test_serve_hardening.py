@@ -436,6 +436,14 @@ def test_decode_limits_leave_real_requests_alone():
         decode_frame_body(msgpack.packb([list(range(10))] * 100), limits=DecodeLimits(max_items=500))
 
 
+def test_map_keys_are_strings():
+    """A bin map key (bytes) was decoded, then refused as an unknown field named b'...'; the frame is refused as
+    what it is, wherever the map is."""
+    for obj in ({b"id": 1, "kind": "health", "body": {}}, {"id": 1, "kind": "step", "body": {b"observation": [0.0]}}):
+        with pytest.raises(ProtocolError, match="map keys must be msgpack strings"):
+            decode_frame_body(msgpack.packb(obj, use_bin_type=True))
+
+
 def test_a_small_frame_of_many_empty_containers_is_refused_early():
     """64 KiB of empty lists (65,500 containers, within every length and element limit) cost a Python call each to
     decode, ~14 ms on the event loop; a frame holds at most ``max_containers`` arrays and maps (a request has tens),

@@ -199,6 +199,8 @@ def decode_frame_body(body: bytes | bytearray, *, allow_nonfinite: bool = False,
 
     def object_hook(m: dict) -> Any:
         count(len(m) + 1)
+        if any(type(k) is not str for k in m):  # (strict_map_key lets a bin key through as bytes)
+            raise CodecError("map keys must be msgpack strings (str), not bin")
         if len(m) == 3 and m.keys() == ARRAY_KEYS:
             return unpack_array(m, allow_nonfinite=allow_nonfinite, max_bytes=max_array_bytes, copy=copy,
                                 field="array")
