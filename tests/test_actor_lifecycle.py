@@ -227,3 +227,31 @@ def test_the_sharded_counts_survive_a_membership_change(pol):
         run = run_episodes(numpy_ops(), pol, agent, pol.task, dims=3, experts=6, episodes=2, seed=0, steps=6,
                            changes=changes, runtime="sharded", shards=2)
         assert run.runtime["policy_rounds"] == 6 * 2, changes
+
+
+@pytest.mark.parametrize("runtime", ["actors", "sharded"])
+def test_a_second_step_while_one_runs_is_refused(pol, runtime):
+    """The membrane feeds one observation at a time: a step started while another runs (here from inside the first
+    step's first policy call: deterministic) is refused at once with a RuntimeError, and the first step finishes
+    (two steps at once hung until the step timeout before the rule)."""
+    a, drv = make(pol, runtime, "quorum", step_timeout=None)
+    refused, done, policy_step = [], [], a.batcher.step
+    obs = drv.observation()
+
+    async def hooked(*args, **kw):
+        if not refused:
+            try:
+                await a.step(obs)
+                refused.append("not refused")
+            except RuntimeError as e:
+                refused.append(str(e))
+        return await policy_step(*args, **kw)
+
+    async def main():
+        async with a.running():
+            a.batcher.step = hooked
+            with trio.fail_after(10):
+                done.append(await a.step(obs))
+
+    trio.run(main)
+    assert refused == ["a step is already running: the membrane feeds one observation at a time"] and len(done) == 1

@@ -4,6 +4,8 @@ traceback, a silently different meaning, or a corrupted agent before.)"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import trio
@@ -93,6 +95,24 @@ def test_rounds_are_an_int_in_range_in_every_runtime(pol, rounds):
             await sh.step(np.zeros((1, agent.slots), np.float32))  # still steps
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("bad", ["N", -1])
+def test_route_neighbors_outside_the_agent_are_refused(pol, bad):
+    """A snapshot's sparse routing may name only experts 0..N-1: an index of N (or -1) is refused and the agent
+    steps on as it was (an index of N was accepted, and the next step failed with an IndexError)."""
+    routing = dataclasses.replace(pol.agent.routing, kind="topk", candidates=2, k=1)
+    agent = Agent(pol, dataclasses.replace(pol.agent, routing=routing).validate()).reset(batch=1, experts=4, dims=3,
+                                                                                         seed=0)
+    step(agent)
+    snap, before = agent.snapshot(), agent.snapshot()
+    idx = np.array(snap["route_neighbors"])
+    idx[0, 0, 0] = 4 if bad == "N" else -1
+    with pytest.raises(InputError, match="route_neighbors"):
+        agent.restore({**snap, "route_neighbors": idx})
+    assert same(agent.snapshot(), before) and np.array_equal(agent.snapshot()["route_neighbors"],
+                                                             before["route_neighbors"])
+    step(agent)
 
 
 @pytest.mark.parametrize("kind", ["complex", "bool", "str"])

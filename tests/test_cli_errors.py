@@ -54,7 +54,8 @@ def test_bad_command_lines_exit_2_with_a_reason(argv, says, tmp_path, capsys):
     assert rc == 2 and says in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("change", ["initial_state_strings", "config_wrong_type", "lifetime_bad", "nested_config"])
+@pytest.mark.parametrize("change", ["initial_state_strings", "config_wrong_type", "lifetime_bad", "nested_config",
+                                    "horizon_0", "horizon_negative", "horizon_bool", "continual_with_horizon"])
 def test_malformed_cards_whose_hash_matches_are_refused(tmp_path, capsys, change):
     """The card is JSON the hash does not cover: whatever is in it, loading says what is wrong."""
     from badger_runtime.policy_card import shipped_dir
@@ -68,6 +69,11 @@ def test_malformed_cards_whose_hash_matches_are_refused(tmp_path, capsys, change
         card["config"]["agent"]["policy"]["hidden"] = [64]
     elif change == "lifetime_bad":
         card["lifetime"] = {"kind": "episodic", "horizon": "twenty"}
+    elif change.startswith("horizon_"):  # an episodic horizon is an int >= 1 (0 loaded, then refused every step)
+        card["lifetime"] = {"kind": "episodic", "horizon": {"horizon_0": 0, "horizon_negative": -1,
+                                                            "horizon_bool": True}[change]}
+    elif change == "continual_with_horizon":
+        card["lifetime"] = {"kind": "continual", "horizon": 20}
     else:
         card["config"] = {"task": {"name": {"nested": [[[]]]}}}
     (tmp_path / "p.json").write_text(json.dumps(card))

@@ -173,6 +173,12 @@ def test_seats_survive_a_snapshot_and_the_stores_checks(tmp_path):
     for bad in (np.array([0, 0, 1, 2, 3, 4]), np.array([-1, 1, 2, 3, 4, 5]), np.array([1, 2, 3])):
         with pytest.raises(StoreError, match="seats"):
             restore_agent(pol, {**rec, "seats": bad})
+    high = np.array(rec["seats"], np.int64)
+    high[-1] = (1 << 40) - 1  # the store's bound on a seat: below 2^40
+    restore_agent(pol, {**rec, "seats": high})
+    high[-1] = 1 << 40
+    with pytest.raises(StoreError, match="2\\^40"):
+        restore_agent(pol, {**rec, "seats": high})
     with pytest.raises(InputError, match="seats"):
         Agent(pol).restore({**a.snapshot(), "seats": np.array([0, 1])})
 

@@ -273,6 +273,32 @@ def test_a_session_queues_at_most_max_waiting_requests_and_checks_the_secret_bef
     assert s.waiting == 0 and s.steps_total == 2 and m.metrics.to_dict()["counters"]["sessions.busy"] == 1
 
 
+def test_a_request_that_waited_for_a_session_closed_meanwhile_finds_it_closed(policy, tmp_path):
+    """A step waiting for its session while the request ahead of it closes the session gets ``no_session`` once it
+    has the session: it never steps the closed agent, and no checkpoint of it reappears in the store."""
+    import threading
+    import time
+
+    m = make(policy, tmp_path)
+    obs, fb = drive(np.random.default_rng(0), 3, 3)
+    ok(m, "open", "a", experts=4, dims=3)
+    s = m.sessions["a"]
+    out = []
+    with s.lock:  # the close below runs here as `close` does, under the session's lock
+        t = threading.Thread(target=lambda: out.append(call(m, "step", "a", observation=obs, feedback=fb)))
+        t.start()
+        deadline = time.monotonic() + 10
+        while s.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert s.waiting == 1
+        m.store.delete("a")
+        s.closed = True
+        m.sessions.pop("a")
+    t.join(10)
+    assert out and out[0]["error"]["code"] == "no_session" and "closed" in out[0]["error"]["message"]
+    assert s.steps_total == 0 and s.agent.t == 0 and m.store.names() == []
+
+
 def test_sessions_are_isolated(policy):
     """Session a's outputs are those of a lone agent, whatever happens to b meanwhile."""
     m = make(policy)

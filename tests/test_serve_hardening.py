@@ -454,8 +454,14 @@ def test_a_small_frame_of_many_empty_containers_is_refused_early():
     with pytest.raises(ProtocolError, match="more than 4096 arrays and maps"):
         decode_frame_body(body, limits=real)
     assert real.max_containers == 4096
-    ok_body = msgpack.packb({"id": 1, "kind": "health", "body": {"x": [[]] * 4000}})
-    assert len(decode_frame_body(ok_body)["body"]["x"]) == 4000
+    # at the bound: the frame's own map, its body map and the list x are 3 of the 4,096; empty maps count alike
+    for empty in ([], {}):
+        at = msgpack.packb({"id": 1, "kind": "health", "body": {"x": [empty] * 4093}})
+        assert len(decode_frame_body(at)["body"]["x"]) == 4093
+        with pytest.raises(ProtocolError, match="more than 4096 arrays and maps"):
+            decode_frame_body(msgpack.packb({"id": 1, "kind": "health", "body": {"x": [empty] * 4094}}))
+    with pytest.raises(ProtocolError, match="more than 4096 arrays and maps"):
+        decode_frame_body(msgpack.packb({"id": 1, "kind": "health", "body": {"x": [{"a": {}}] * 20000}}))
 
 
 def test_a_decode_bomb_does_not_stall_other_connections(policy):
