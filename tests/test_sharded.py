@@ -146,6 +146,41 @@ def test_one_episode_step_by_step_matches_engine_agent(pol, route_threads):
     assert sh.batcher.copies_skipped == 3 * (8 + 7)
 
 
+def test_an_engine_snapshot_continues_in_the_sharded_runtime(pol):
+    """``ShardedAgent.from_agent`` of a restored snapshot (what a served session checkpoints) steps on as the engine
+    agent that made the snapshot does (1e-5), keeps its step count, draws the same newcomers, and leaves the agent
+    it was made from as it was."""
+    agent = cfg_with(pol, "topk", rounds=2, k=4, candidates=6)
+    ep, eng = engine_episode(pol, agent, 1, 40, 3, seed=2, steps=8)
+    driver = Driver(numpy_ops(), ep, 8)
+    for _ in range(3):
+        out, info = eng.step(driver.observation())
+        driver.record(out, info)
+    restored = Agent(pol, agent).restore(eng.snapshot())
+    before = restored.snapshot()
+    sh = ShardedAgent.from_agent(restored, shards=3, tile=16)
+    assert sh.t == eng.t == 3
+    diffs = []
+
+    async def main():
+        async with sh.running():
+            for t in range(5):
+                if t == 2:
+                    assert sh.add_experts(2, init="fresh") == eng.add_experts(2, init="fresh")
+                obs = driver.observation()
+                ref, info = eng.step(obs)
+                got, _ = await sh.step(obs)
+                driver.record(ref, info)
+                diffs.append(float(np.abs(ref - got).max()))
+
+    trio.run(main)
+    assert max(diffs) <= 1e-5 and sh.t == eng.t == 8
+    after = restored.snapshot()
+    assert all(np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in ("h", "heads", "noise", "t"))
+    with pytest.raises(RuntimeError, match="reset"):
+        ShardedAgent.from_agent(Agent(pol, agent))
+
+
 def test_membrane_refuses_bad_use(pol):
     agent = cfg_with(pol, "dense", rounds=1)
     eng = Agent(pol, agent).reset(2, 5, 2, seed=0)

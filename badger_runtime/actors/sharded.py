@@ -281,6 +281,22 @@ class ShardedAgent(ShardedMembrane, Lifecycle):
         self._stepping = False
         self._partition(wiring, state if state is not None else initial_state(OPS, policy, wiring))
 
+    @classmethod
+    def from_agent(cls, agent, **kw) -> "ShardedAgent":
+        """The sharded runtime continuing an engine ``Agent`` where it is: its episodes (interface), experts and
+        wiring, state, step count (its horizon) and growth generator, copied (the engine agent is left as it was).
+        With ``Agent(policy).restore(snapshot)`` this continues a snapshot, a served session's included. ``kw``:
+        the runtime's own settings (``shards``, ``tile``, ...)."""
+        import copy
+
+        if agent.state is None:
+            raise RuntimeError("start() or reset() the agent before handing it to the sharded runtime")
+        st = AgentState(np.array(agent.state.h, np.float32), np.array(agent.state.heads, np.float32))
+        sh = cls(agent.policy, agent.cfg, agent.interface, copy.deepcopy(agent.wiring), state=st,
+                 rng=copy.deepcopy(agent._rng), past_horizon=agent.past_horizon, **kw)
+        sh.t = agent.t
+        return sh
+
     def _build_shards(self, wiring: Wiring, st: AgentState):
         """One trio shard per range of experts, and the batcher of their policy rows."""
         old = getattr(self, "batcher", None)
