@@ -76,3 +76,24 @@ def test_the_client_secrets_file_keeps_its_folder_private_and_its_newest_entries
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
     f.forget("127.0.0.1:1", "s2")
     assert f.get("127.0.0.1:1", "s2") is None
+
+
+def test_the_bandit_reports_the_standard_error_of_its_episodes_final_regret():
+    from badger_runtime.tasks import default_config, make_task
+
+    task = make_task(default_config("bandit"))
+    regret = np.array([[1.0, 0.0]] * 3)  # [T = 3, E = 2]: final regrets 3 and 0
+    r = task.report({"regret": regret, "best": np.zeros((3, 2))}, [], steps=3, seed=0, baselines=False)
+    assert r["final_regret"] == 1.5 and r["final_regret_sem"] == pytest.approx(1.5 / np.sqrt(2))
+
+
+def test_the_client_forgets_a_session_secret_when_the_session_is_closed():
+    from badger_runtime.serve.client import _Codec
+
+    c = _Codec(None, 1 << 20)
+    rid, _ = c.encode("open", "s", {})
+    c.unwrap(rid, {"id": rid, "ok": True, "body": {"session": "s", "secret": "x"}})
+    assert c.secrets == {"s": "x"}
+    rid, _ = c.encode("close", "s", {})
+    c.unwrap(rid, {"id": rid, "ok": True, "body": {"session": "s", "closed": True}})
+    assert c.secrets == {}
