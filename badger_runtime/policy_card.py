@@ -78,10 +78,24 @@ def shipped_policies(retired: bool = False) -> list[str]:
     return sorted(p.stem for p in d.glob("*.onnx")) if d else []
 
 
+def every_policy() -> list[str]:
+    """The names of every policy the package carries: the shipped ones, then the retired ones (which still load by
+    name, and whose cards' numbers still stand)."""
+    return shipped_policies() + shipped_policies(retired=True)
+
+
 def is_retired(path: str | Path) -> bool:
-    """Whether a policy file is one of the retired policies (it lies in ``retired_dir()``)."""
+    """Whether a policy file (its .onnx or its card) is one of the retired policies (it lies in ``retired_dir()``)."""
     r = retired_dir()
     return r is not None and Path(path).resolve().parent == r.resolve()
+
+
+def retired_note(card: dict) -> str:
+    """What the commands say of a retired policy: why, and what to use instead (its card's growth advice)."""
+    growth = card.get("growth") if isinstance(card.get("growth"), dict) else {}
+    instead = growth.get("instead")
+    return (f"{card.get('name', '?')} is retired: fresh experts hurt it, which breaks a product rule; it is kept in "
+            f"policies/retired/ for the results it made" + (f". Instead: {instead}" if instead else ""))
 
 
 def resolve_policy(path: str | Path) -> Path:
@@ -165,11 +179,7 @@ class OnnxPolicy:
     def retired(self) -> str | None:
         """None for a policy that is not retired; for a retired one (``policies/retired/``), the note the
         commands print: why, and what to use instead (its card's growth advice)."""
-        if not self.from_retired:
-            return None
-        instead = self.growth.get("instead")
-        return (f"{self.name} is retired: fresh experts hurt it, which breaks a product rule; it is kept in "
-                f"policies/retired/ for the results it made" + (f". Instead: {instead}" if instead else ""))
+        return retired_note({"name": self.name, "growth": self.growth}) if self.from_retired else None
 
 
 def _check_graph(session, spec: PolicySpec, path: Path):

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from badger_runtime.growth import card_setting, growth_metric, measure_growth, requote  # noqa: E402
-from badger_runtime.policy_card import card_paths, load_policy, shipped_policies, write_card  # noqa: E402
+from badger_runtime.policy_card import card_paths, every_policy, load_policy, write_card  # noqa: E402
 
 
 def refresh(policy: str, write: bool = False, log=print) -> list[str]:
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="write the new numbers into the cards")
     args = ap.parse_args(argv)
     verdicts = 0
-    for name in args.policy or shipped_policies() + shipped_policies(retired=True):  # the retired cards' verdicts too
+    for name in args.policy or every_policy():  # the retired cards' verdicts too
         verdicts += sum("VERDICT" in c for c in refresh(name, args.write))
     return 1 if verdicts else 0
 

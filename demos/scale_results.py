@@ -25,7 +25,7 @@ from badger_runtime.episodes import schedule
 from badger_runtime.evaluation import run_episodes
 from badger_runtime.growth import evaluation_setting, growth_setting, measure_growth
 from badger_runtime.longrun import horizon_report
-from badger_runtime.policy_card import load_policy, shipped_policies
+from badger_runtime.policy_card import every_policy, load_policy
 
 OPS = numpy_ops()
 
@@ -52,7 +52,7 @@ def shipped_settings(other: list):
     its rows use (``growth.growth_setting``): (name, policy, task, d = the trained max, N = the trained
     min (>= 2 unless fixed), steps within its horizon, the mid-episode step of a change). The retired policies
     (policies/retired/) keep their rows: the table is where their verdicts were measured."""
-    for name in sorted(shipped_policies() + shipped_policies(retired=True)):
+    for name in sorted(every_policy()):
         sp = load_policy(name)
         g = growth_setting(sp)
         if g is None:

@@ -31,14 +31,6 @@ def _own_secrets_file(tmp_path_factory):
         os.environ["BADGER_SECRETS_FILE"] = old
 
 
-def every_policy() -> list[str]:
-    """The names of every policy the repository carries: the shipped ones and the retired ones (policies/retired/:
-    they still load by name, and the numbers their cards and docs/results.md quote still stand)."""
-    from badger_runtime.policy_card import shipped_policies
-
-    return shipped_policies() + shipped_policies(retired=True)
-
-
 def card_of(name: str) -> dict:
     """A shipped or retired policy's card, by name."""
     import json

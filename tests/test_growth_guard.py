@@ -12,9 +12,9 @@ import pytest
 from badger_runtime.engine import Agent, GrowthError, default_init, numpy_ops
 from badger_runtime.episodes import schedule
 from badger_runtime.evaluation import run_episodes
-from badger_runtime.policy_card import PolicyError, load_policy
+from badger_runtime.policy_card import PolicyError, every_policy, load_policy
 
-from .conftest import card_of, copy_policy, every_policy
+from .conftest import card_of, copy_policy
 
 HURTS = {"fresh": "hurts", "why": "a test: 0.1 -> 0.2", "instead": "add clones"}
 

@@ -7,9 +7,9 @@ import pytest
 
 from badger_runtime.engine import Agent, HorizonError, numpy_ops
 from badger_runtime.evaluation import run_episodes
-from badger_runtime.policy_card import load_policy
+from badger_runtime.policy_card import every_policy, load_policy
 
-from .conftest import card_of, copy_policy, every_policy
+from .conftest import card_of, copy_policy
 
 
 @pytest.fixture(scope="module")

@@ -444,6 +444,17 @@ def test_map_keys_are_strings():
             decode_frame_body(msgpack.packb(obj, use_bin_type=True))
 
 
+def test_real_requests_hold_tens_of_containers(policy):
+    """The container bound's margin: an `open` carrying the snapshot of a 1,000-expert session (the largest request)
+    decodes within 64 lists and maps, against the bound of 4,096."""
+    m = make(policy)
+    secret = m.handle({"id": 1, "kind": "open", "session": "a", "token": None,
+                       "body": {"experts": 1000, "dims": 3}})["body"]["secret"]
+    snap = m.handle({"id": 2, "kind": "snapshot", "session": "a", "token": None, "body": {"secret": secret}})["body"]
+    body = encode_frame({"id": 3, "kind": "open", "session": "b", "body": {"snapshot": snap}})[4:]
+    assert decode_frame_body(body, limits=DecodeLimits(max_containers=64))["kind"] == "open"
+
+
 def test_a_small_frame_of_many_empty_containers_is_refused_early():
     """64 KiB of empty lists (65,500 containers, within every length and element limit) cost a Python call each to
     decode, ~14 ms on the event loop; a frame holds at most ``max_containers`` arrays and maps (a request has tens),

@@ -16,17 +16,22 @@ from ..engine import MAX_ROUNDS  # one bound for the library, the CLI and the se
 
 
 def note_retired(pol) -> None:
-    """Say on stderr when a command runs a retired policy (``OnnxPolicy.retired``; or a policy's name or path, loaded
-    here): it still runs, for the results it made, but the shipped policy its card names is the one to use."""
+    """Say on stderr when a command runs a retired policy (``OnnxPolicy.retired``; or a policy's name or path, whose
+    card alone is read here): it still runs, for the results it made, but the shipped policy its card names is the
+    one to use."""
+    note = None
     if isinstance(pol, (str, os.PathLike)):
-        from ..policy_card import PolicyError, load_policy
+        from ..policy_card import PolicyError, card_paths, is_retired, resolve_policy, retired_note
 
         try:
-            pol = load_policy(pol)
-        except PolicyError:
+            onnx, card = card_paths(resolve_policy(pol))
+            note = retired_note(json.loads(card.read_text())) if is_retired(onnx) else None
+        except (PolicyError, OSError, ValueError):
             return  # the command itself says why it cannot load it
-    if pol.retired:
-        print(f"badger: note: {pol.retired}", file=sys.stderr)
+    elif pol.retired:
+        note = pol.retired
+    if note:
+        print(f"badger: note: {note}", file=sys.stderr)
 
 
 def int_in(lo: int, hi: int | None = None, what: str = "a value"):

@@ -79,8 +79,9 @@ def summary(card: dict, names: set[str]) -> dict:
             "instead": ", or ".join(advice) or None, "headline": _headline(card)}
 
 
-def _cards(names: list[str], retired: bool = False) -> list[tuple[str, dict | None, str | None]]:
-    """(name, card or None, why not) for the given names, or for every shipped (``retired``: retired) policy."""
+def _cards(names: list[str], retired: bool = False) -> list[tuple[str, Path, dict | None, str | None]]:
+    """(name, card path, card or None, why not) for the given names, or for every shipped (``retired``: retired)
+    policy."""
     from ..policy_card import PolicyError, card_paths, resolve_policy, retired_dir, shipped_dir, shipped_policies
 
     if not names:
@@ -99,11 +100,11 @@ def _cards(names: list[str], retired: bool = False) -> list[tuple[str, dict | No
             card = json.loads(Path(path).read_text())
             if not isinstance(card, dict):
                 raise ValueError("not a JSON object")
-            out.append((n, card, None))
+            out.append((n, path, card, None))
         except (OSError, ValueError) as e:
             if names:  # asked for by name: an error, as every command that loads a policy
                 raise ConfigError(f"cannot read the card {path}: {e}"[:300]) from None
-            out.append((n, None, f"card unreadable: {e}"[:200]))
+            out.append((n, path, None, f"card unreadable: {e}"[:200]))
     return out
 
 
@@ -118,22 +119,22 @@ def _number(x) -> str:
 
 
 def cmd_policies(args):
-    from ..policy_card import card_paths, is_retired, resolve_policy, shipped_policies
+    from ..policy_card import is_retired, shipped_policies
 
     if args.names and args.retired:
         raise ConfigError("give policy names or --retired, not both (a retired policy's card shows by its name)")
     cards = _cards(args.names, args.retired)
     known = set(shipped_policies())
     rows = []
-    for n, card, why in cards:
+    for n, path, card, why in cards:
         row = summary(card, known) if card is not None else {"name": n, "error": why}
-        row["retired"] = args.retired or bool(args.names and is_retired(card_paths(resolve_policy(n))[0]))
+        row["retired"] = is_retired(path)
         if args.task is None or row.get("task") == args.task:
             if args.verify:
                 row["verified"] = verify(n)
             rows.append((row, card))
     if args.task is not None and not rows:
-        tasks = sorted({str(summary(c, known)["task"]) for _, c, _ in cards if c is not None})
+        tasks = sorted({str(summary(c, known)["task"]) for _, _, c, _ in cards if c is not None})
         raise ConfigError(f"no {'retired' if args.retired else 'shipped'} policy of task {args.task!r} "
                           f"(tasks: {', '.join(tasks)})")
     if args.json:

@@ -158,8 +158,9 @@ class DecodeLimits:
     max_map_len: int = 1024            # one msgpack map (keys)
     max_ext_len: int = 16              # the timestamp ext (4, 8 or 12 bytes) is the only ext allowed
     max_items: int = 1 << 17           # elements of all arrays and maps of one frame together
-    #: arrays and maps of one frame (a request has tens: a snapshot of 1,000 experts 22). Each costs a Python
-    #: call while decoding, on the event loop for a small frame: 64 KiB of empty lists (65,500 of them) took ~14 ms
+    #: arrays and maps of one frame (a request has tens: an open with a 1,000-expert snapshot fits in 64, a test
+    #: holds). Each costs a Python call while decoding, on the event loop for a small frame: 64 KiB of empty lists
+    #: (65,500 of them) took ~14 ms
     max_containers: int = 4096
 
     def to_dict(self) -> dict:
